@@ -1,0 +1,238 @@
+"""Configuration: embedded YAML defaults + overlays + ``--set key=value`` overrides, validated.
+
+Every key that exists is in ``retrieval/conf/defaults.yaml``. An overlay may only change
+existing keys; values keep the type of the default (``null`` defaults are typed in
+``NULLABLE``); ``CHECKS`` holds the value rules. Any violation raises :class:`ConfigError`
+naming the key and the value, before any work starts.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from importlib import resources
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+from retrieval import fsio
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (the message names the key)."""
+
+
+# keys whose default is null: the type a non-null value must have
+NULLABLE: dict[str, type] = {
+    "model.checkpoint": str,
+    "extract.key_column": str,
+    "extract.bytes_column": str,
+}
+
+# keys that hold free-form mappings (any sub-keys allowed)
+FREE_MAPPINGS = {"spark.conf"}
+
+
+def _choice(*options: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "model.backbone": _choice("mobilenet_v2", "resnet18", "resnet50"),
+    "model.device": _choice("auto", "cpu", "cuda"),
+    "model.fine_dim": _positive,
+    "model.coarse_dim": _positive,
+    "model.gem_p": _positive,
+    "preprocess.size_hi": lambda v: None if 32 <= v <= 4096 else "must be in [32, 4096]",
+    "preprocess.size_lo": lambda v: None if 32 <= v <= 4096 else "must be in [32, 4096]",
+    "preprocess.resize": _choice("squash", "letterbox"),
+    "preprocess.max_bytes": _positive,
+    "preprocess.max_pixels": _positive,
+    "preprocess.min_side": _positive,
+    "preprocess.max_aspect": lambda v: None if v >= 1 else "must be >= 1",
+    "extract.role": _choice("gallery", "query"),
+    "extract.input_format": _choice("auto", "dir", "manifest", "parquet"),
+    "extract.num_shards": lambda v: None if 1 <= v <= 99999 else "must be in [1, 99999]",
+    "extract.batch_size": _positive,
+    "extract.storage": _choice("float32", "int8"),
+    "extract.mode": _choice("incremental", "overwrite"),
+    "extract.threads": _non_negative,
+    "extract.row_group_size": _positive,
+    "extract.progress_seconds": _positive,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults_text() -> str:
+    return resources.files("retrieval.conf").joinpath("defaults.yaml").read_text()
+
+
+def defaults() -> dict:
+    """The embedded defaults, as a fresh nested dict."""
+    return yaml.safe_load(_defaults_text())
+
+
+class Config(Mapping[str, Any]):
+    """Read-only nested configuration with dotted access: ``cfg["extract.batch_size"]``
+    or ``cfg.extract.batch_size``."""
+
+    def __init__(self, data: dict, _prefix: str = "") -> None:
+        self._data = data
+        self._prefix = _prefix
+
+    def __getitem__(self, key: str) -> Any:
+        node: Any = self._data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise KeyError(f"no config key {self._prefix + key!r}")
+            node = node[part]
+        if isinstance(node, dict) and (self._prefix + key) not in FREE_MAPPINGS:
+            return Config(node, self._prefix + key + ".")
+        return copy.deepcopy(node) if isinstance(node, (dict, list)) else node
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(str(exc)) from None
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self._data)
+
+    def to_json(self) -> str:
+        return json.dumps(self._data, sort_keys=True)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
+        data = self.to_dict()
+        for key, value in overrides.items():
+            _set(data, key, value, source="override")
+        validate(data)
+        return Config(data)
+
+
+def _flatten(d: Mapping, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for k, v in d.items():
+        key = prefix + str(k)
+        if isinstance(v, Mapping) and key not in FREE_MAPPINGS:
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def _default_of(key: str, base: dict) -> Any:
+    node: Any = base
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    if value is None:
+        if default is None:
+            return None
+        raise ConfigError(f"{source}: config key {key!r} must not be null")
+    want: type = NULLABLE.get(key, type(default)) if default is None else type(default)
+    if key in FREE_MAPPINGS:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: config key {key!r} must be a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is bool or isinstance(value, bool):
+        if isinstance(value, bool) and want is bool:
+            return value
+        raise ConfigError(f"{source}: config key {key!r} must be {want.__name__}, got {value!r}")
+    if not isinstance(value, want):
+        raise ConfigError(f"{source}: config key {key!r} must be {want.__name__}, got {value!r}")
+    return value
+
+
+def _set(data: dict, key: str, value: Any, source: str) -> None:
+    base = defaults()
+    try:
+        default = _default_of(key, base)
+    except (KeyError, TypeError):
+        raise ConfigError(f"{source}: unknown config key {key!r}") from None
+    if isinstance(default, dict) and key not in FREE_MAPPINGS:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: config key {key!r} is a section, got {value!r}")
+        for sub, v in value.items():
+            _set(data, f"{key}.{sub}", v, source)
+        return
+    value = _coerce(key, value, default, source)
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    if key in FREE_MAPPINGS:
+        node.setdefault(parts[-1], {}).update(value)
+    else:
+        node[parts[-1]] = value
+
+
+def validate(data: Mapping) -> None:
+    for key, value in _flatten(data):
+        check = CHECKS.get(key)
+        if check is not None and value is not None:
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"config key {key!r} = {value!r}: {problem}")
+    if data["preprocess"]["size_lo"] > data["preprocess"]["size_hi"]:
+        raise ConfigError(
+            f"config key 'preprocess.size_lo' = {data['preprocess']['size_lo']!r}: "
+            f"must be <= preprocess.size_hi ({data['preprocess']['size_hi']})")
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``key=value`` with the value parsed as YAML (``extract.num_shards=4``, ``model.checkpoint=null``)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+    return key.strip(), value
+
+
+def load(conf_files: Iterable[str] = (), sets: Iterable[str] = (),
+         overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults, then each overlay file (any fsspec URL) in order, then ``--set`` items, then
+    ``overrides`` (already-typed values from CLI flags)."""
+    data = defaults()
+    for url in conf_files:
+        try:
+            text = fsio.read_text(url)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {url}") from None
+        try:
+            overlay = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {url}: not valid YAML: {exc}") from None
+        if not isinstance(overlay, Mapping):
+            raise ConfigError(f"config file {url}: top level must be a mapping of sections")
+        for key, value in overlay.items():
+            _set(data, str(key), value, source=url)
+    for item in sets:
+        key, value = parse_set(item)
+        _set(data, key, value, source=f"--set {item}")
+    for key, value in (overrides or {}).items():
+        _set(data, key, value, source=f"--{key.split('.')[-1]}")
+    validate(data)
+    return Config(data)

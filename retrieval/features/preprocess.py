@@ -1,0 +1,156 @@
+"""Image decoding and resizing, hardened for untrusted input.
+
+Policy (README "Preprocessing"):
+- Formats: JPEG, PNG, WebP, BMP, TIFF, GIF (first frame), MPO (first frame). Anything else is an
+  error row ("unsupported format"); PIL is never allowed to pick other decoders (EPS, PSD...).
+- Caps: more than ``max_bytes`` bytes, or more than ``max_pixels`` pixels (read from the header,
+  before any pixel is decoded), is an error row: no decompression bomb is ever decoded.
+- EXIF orientation is applied; grayscale, palette, CMYK, 16-bit and alpha images become RGB
+  (alpha is composited on white; 16-bit is scaled, not clipped).
+- Degenerate sizes: a smaller side under ``min_side`` px (e.g. 1x1) or an aspect ratio above
+  ``max_aspect`` (e.g. 2000x3) is an error row: such an image carries no content a 224 x 224
+  descriptor can describe, and reporting it beats a meaningless match.
+- Aspect ratio: ``squash`` (default) resizes the WHOLE image to R x R, bilinear; nothing is cropped,
+  so a copy that keeps any part of the content keeps it in the descriptor's field of view.
+  ``letterbox`` keeps the aspect ratio and pads to a square with grey.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+Image.MAX_IMAGE_PIXELS = None   # we enforce our own cap from the header, before decoding
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; the message is the error row's reason."""
+
+
+@dataclass(frozen=True)
+class DecodePolicy:
+    max_bytes: int = 50 * 1024 * 1024
+    max_pixels: int = 89_478_485
+    min_side: int = 8
+    max_aspect: float = 25.0
+
+    @classmethod
+    def from_config(cls, pre: dict) -> "DecodePolicy":
+        return cls(max_bytes=int(pre["max_bytes"]), max_pixels=int(pre["max_pixels"]),
+                   min_side=int(pre["min_side"]), max_aspect=float(pre["max_aspect"]))
+
+
+def _sniff(data: bytes) -> str:
+    head = data[:512].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<svg")) or b"<html" in head:
+        return "not an image: looks like HTML/XML text"
+    try:
+        data[:512].decode("utf-8")
+        return "not an image: looks like text"
+    except UnicodeDecodeError:
+        return "unsupported or unrecognised image format"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        if mode in ("I", "F") and arr.max() <= 255:
+            top = 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, policy: DecodePolicy = DecodePolicy(),
+                 draft_size: int | None = None) -> tuple[Image.Image, int, int]:
+    """Bytes -> (RGB PIL image, original width, original height), after EXIF orientation.
+
+    ``draft_size`` lets the JPEG decoder skip resolution it does not need (DCT scaling); the result
+    is never smaller than ``draft_size`` on either side. Raises :class:`ImageError`."""
+    if len(data) == 0:
+        raise ImageError("empty file (0 bytes)")
+    if len(data) > policy.max_bytes:
+        raise ImageError(f"file too large: {len(data)} bytes > max_bytes {policy.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        try:
+            fmt = Image.open(io.BytesIO(data)).format
+        except Exception:
+            fmt = None
+        if fmt:
+            raise ImageError(f"unsupported format {fmt} (allowed: {', '.join(ALLOWED_FORMATS)})") from None
+        raise ImageError(_sniff(data)) from None
+    except Exception as exc:
+        raise ImageError(f"corrupt image header: {exc}") from None
+    w, h = img.size
+    if w * h > policy.max_pixels:
+        raise ImageError(f"too many pixels: {w}x{h} > max_pixels {policy.max_pixels} "
+                         "(decompression bomb cap)")
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:
+        orientation = 1
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    if min(w, h) < policy.min_side:
+        raise ImageError(f"degenerate size {w}x{h}: smaller side < min_side {policy.min_side} px")
+    if max(w, h) / min(w, h) > policy.max_aspect:
+        raise ImageError(f"degenerate size {w}x{h}: aspect ratio {max(w, h) / min(w, h):.1f} > "
+                         f"max_aspect {policy.max_aspect}")
+    try:
+        if draft_size and img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "YCbCr"):
+            img.draft("RGB", (draft_size, draft_size))
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img) if orientation != 1 else img
+        img = _to_rgb(img)
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"corrupt or truncated image: {exc.__class__.__name__}: {exc}") from None
+    return img, w, h
+
+
+def resize(img: Image.Image, size: int, mode: str = "squash") -> Image.Image:
+    """Whole image -> size x size (bilinear, antialiased). ``letterbox`` pads instead of squashing."""
+    if mode == "squash":
+        return img.resize((size, size), Image.BILINEAR)
+    if mode == "letterbox":
+        w, h = img.size
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        canvas = Image.new("RGB", (size, size), (124, 116, 104))
+        canvas.paste(img.resize((nw, nh), Image.BILINEAR), ((size - nw) // 2, (size - nh) // 2))
+        return canvas
+    raise ValueError(f"unknown resize mode {mode!r}")
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor 3 x H x W in [0, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def prepare(data: bytes, sizes: tuple[int, ...], mode: str = "squash",
+            policy: DecodePolicy = DecodePolicy()) -> tuple[list[torch.Tensor], int, int]:
+    """Bytes -> one tensor per requested size, plus the original width and height."""
+    img, w, h = decode_image(data, policy, draft_size=max(sizes))
+    return [to_tensor(resize(img, s, mode)) for s in sizes], w, h

@@ -1,0 +1,142 @@
+"""Filesystem helpers over fsspec: every path is a URL (local path, file://, s3://, memory://...).
+
+Writes are atomic at the file level: data goes to a temporary name beside the target and is
+renamed into place, so a reader never sees a half-written file (on object stores the final key
+appears only once the upload is complete).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+__all__ = ["url_to_fs", "join", "exists", "read_bytes", "read_text", "write_bytes", "write_json",
+           "read_json", "atomic_open", "sha256_file", "sha256_bytes", "safe_relpath",
+           "UnsafePathError", "ensure_writable", "protocol_of", "strip_protocol", "to_url"]
+
+
+class UnsafePathError(ValueError):
+    """A relative path from input data would escape its root (``..``, absolute, or a scheme)."""
+
+
+def protocol_of(url: str) -> str:
+    fs, _ = url_to_fs(url)
+    proto = fs.protocol
+    return proto[0] if isinstance(proto, (tuple, list)) else proto
+
+
+def strip_protocol(url: str) -> str:
+    return url_to_fs(url)[1]
+
+
+def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Inverse of url_to_fs: a URL that resolves to ``path`` on ``fs``."""
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if proto in ("file", "local"):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for p in parts:
+        out = out + "/" + p.strip("/")
+    return out
+
+
+def safe_relpath(rel: str) -> str:
+    """Normalise a relative path taken from input data and refuse anything that could escape
+    the directory it is joined to."""
+    if not rel or "\x00" in rel:
+        raise UnsafePathError(f"empty or NUL-containing path {rel!r}")
+    if "://" in rel or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        raise UnsafePathError(f"path {rel!r} is absolute or has a scheme")
+    norm = posixpath.normpath(rel.replace("\\", "/"))
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        raise UnsafePathError(f"path {rel!r} escapes its root")
+    return norm
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = url_to_fs(url)
+    return fs.cat_file(path)
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_text(url))
+
+
+@contextmanager
+def atomic_open(url: str, mode: str = "wb") -> Iterator[Any]:
+    """Open ``url`` for writing through a temporary sibling; renamed into place on success,
+    removed on failure."""
+    fs, path = url_to_fs(url)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}" if parent else \
+        f".tmp-{uuid.uuid4().hex}-{path}"
+    try:
+        with fs.open(tmp, mode) as fh:
+            yield fh
+        fs.mv(tmp, path)
+    except BaseException:
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except Exception:  # pragma: no cover - best effort cleanup
+            pass
+        raise
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with atomic_open(url, "wb") as fh:
+        fh.write(data)
+
+
+def write_json(url: str, obj: Any) -> None:
+    write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(url: str, chunk: int = 1 << 22) -> str:
+    fs, path = url_to_fs(url)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def ensure_writable(url: str) -> None:
+    """Fail early, with the URL in the message, if ``url`` (a directory) cannot be written."""
+    fs, path = url_to_fs(url)
+    probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex}"
+    try:
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(probe, "wb") as fh:
+            fh.write(b"ok")
+        fs.rm(probe)
+    except Exception as exc:
+        raise PermissionError(f"output {url} is not writable: {exc}") from exc

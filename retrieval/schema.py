@@ -1,0 +1,95 @@
+"""Parquet schemas of the pipeline's outputs and the vector storage codecs.
+
+Feature shards (``part-NNNNN.parquet``), one row per image, sorted by ``image_id``:
+
+=============  ======================================  ===========================================
+column         type                                    meaning
+=============  ======================================  ===========================================
+image_id       string                                  unique id (path relative to the input dir,
+                                                       or the manifest / Parquet key)
+uri            string                                  where the image was read from
+coarse         fixed_size_list<float32>[128]           L2-normalised coarse code (always float32)
+fine           fixed_size_list<float32|int8>[512]      L2-normalised fine descriptor
+fine_scale     float32 (only with storage=int8)        ``fine_float = fine_int8 * fine_scale``
+width, height  int32                                   original size, after EXIF orientation
+model_version  string                                  fingerprint of the encoder
+role           string                                  gallery | query
+=============  ======================================  ===========================================
+
+``int8`` storage quantises each fine vector symmetrically with its own scale
+(``max|x| / 127``): 516 bytes instead of 2,048 per vector, readable by Spark (array<tinyint>) and
+pyarrow alike (Spark cannot read Parquet FLOAT16). Use :func:`fine_matrix` to read either form.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("error", pa.string())])
+
+
+def feature_schema(coarse_dim: int = 128, fine_dim: int = 512, storage: str = "float32") -> pa.Schema:
+    fine_type = pa.int8() if storage == "int8" else pa.float32()
+    fields = [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("coarse", pa.list_(pa.float32(), coarse_dim)),
+        ("fine", pa.list_(fine_type, fine_dim)),
+    ]
+    if storage == "int8":
+        fields.append(("fine_scale", pa.float32()))
+    fields += [("width", pa.int32()), ("height", pa.int32()), ("model_version", pa.string()),
+               ("role", pa.string())]
+    return pa.schema(fields)
+
+
+def vectors_to_arrow(x: np.ndarray, value_type: pa.DataType | None = None) -> pa.FixedSizeListArray:
+    """N x D array -> fixed_size_list<D> Arrow array (zero-copy for contiguous float32)."""
+    x = np.ascontiguousarray(x)
+    flat = pa.array(x.reshape(-1), type=value_type) if value_type is not None else pa.array(x.reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, x.shape[1])
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8: returns (codes int8 N x D, scales float32 N)."""
+    x = np.asarray(x, dtype=np.float32)
+    scale = np.abs(x).max(axis=1) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(x / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * scale.astype(np.float32)[:, None]
+
+
+def column_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """fixed_size_list (or list) column -> N x D numpy array (float32 or int8 as stored)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if len(column) == 0:
+        size = getattr(column.type, "list_size", 0)
+        return np.zeros((0, size), dtype=column.type.value_type.to_pandas_dtype())
+    if pa.types.is_fixed_size_list(column.type):
+        dim = column.type.list_size
+    else:  # variable lists (e.g. written by Spark): all rows must have the same length
+        lengths = column.value_lengths().to_numpy(zero_copy_only=False)
+        dim = int(lengths[0])
+        if not (lengths == dim).all():
+            raise ValueError("vector column has rows of different lengths")
+    if column.null_count:
+        raise ValueError("vector column has null rows")
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(column), dim)
+
+
+def fine_matrix(table: pa.Table) -> np.ndarray:
+    """The float32 fine vectors of a feature table, whatever the storage."""
+    fine = column_matrix(table.column("fine"))
+    if fine.dtype == np.int8:
+        return dequantize_int8(fine, table.column("fine_scale").to_numpy())
+    return fine.astype(np.float32, copy=False)
+
+
+def coarse_matrix(table: pa.Table) -> np.ndarray:
+    return column_matrix(table.column("coarse")).astype(np.float32, copy=False)

