@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")
+Image.init()   # register every plugin so that formats=ALLOWED_FORMATS resolves (MPO...)
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = None   # we enforce our own cap from the header, before decoding
 
