@@ -27,6 +27,7 @@ NULLABLE: dict[str, type] = {
     "model.checkpoint": str,
     "extract.key_column": str,
     "extract.bytes_column": str,
+    "train.eval_input": str,
 }
 
 # keys that hold free-form mappings (any sub-keys allowed)
@@ -67,6 +68,45 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "extract.threads": _non_negative,
     "extract.row_group_size": _positive,
     "extract.progress_seconds": _positive,
+    "report.threshold": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
+    "report.bands": lambda v: None if all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                          and -1.0 <= b <= 1.0 for b in v) and list(v) == sorted(set(v))
+    else "must be a strictly ascending list of numbers in [-1, 1]",
+    "report.top_queries": _non_negative,
+    "report.matches_per_query": _positive,
+    "report.thumbnails": _choice("embed", "files", "none"),
+    "report.thumbnail_size": lambda v: None if 16 <= v <= 1024 else "must be in [16, 1024]",
+    "report.thumbnail_threads": _positive,
+    "report.histogram_bins": lambda v: None if 1 <= v <= 1000 else "must be in [1, 1000]",
+    "report.histogram_min": lambda v: None if -1.0 <= v < 1.0 else "must be in [-1, 1)",
+    "report.batch_rows": _positive,
+    "report.errors_shown": _non_negative,
+    "report.progress_seconds": _positive,
+    "train.stages": lambda v: None if v and all(s in (1, 2, 3) for s in v) and list(v) == sorted(set(v))
+    else "must be a non-empty ascending list drawn from 1, 2, 3",
+    "train.batch_size": lambda v: None if v >= 2 else "must be >= 2 (the other images are the negatives)",
+    "train.temperature": _positive,
+    "train.augment_strength": lambda v: None if 0.0 <= v <= 1.0 else "must be in [0, 1]",
+    "train.augmentations": lambda v: None if set(v) <= {
+        "crop", "scale", "shift", "rotate", "flip", "color", "grayscale", "text", "lines", "overlay", "blur",
+        "noise", "jpeg"} else "unknown augmentation; choose from crop, scale, shift, rotate, flip, color, "
+                              "grayscale, text, lines, overlay, blur, noise, jpeg",
+    "train.max_side": lambda v: None if v >= 32 else "must be >= 32",
+    "train.backbone_blocks": _non_negative,
+    "train.cache_views": _non_negative,
+    "train.weight_decay": _non_negative,
+    "train.stage1.steps": _non_negative,
+    "train.stage2.steps": _non_negative,
+    "train.stage3.steps": _non_negative,
+    "train.stage1.lr": _positive,
+    "train.stage2.lr": _positive,
+    "train.stage3.lr": _positive,
+    "train.checkpoint_every": _positive,
+    "train.processes": _positive,
+    "train.threads": _non_negative,
+    "train.progress_seconds": _positive,
+    "train.eval_copies": _positive,
+    "train.eval_shortlist": _positive,
 }
 
 

@@ -217,7 +217,8 @@ def _arrow_task(job: ExtractJob, batches: Iterable[pa.RecordBatch]) -> Iterator[
             by_shard.setdefault(s, []).append((i, u, e))
     for shard, rows in by_shard.items():
         stats = run_shard(job, shard, rows)
-        yield pa.RecordBatch.from_pydict({"shard": [shard], "stats": [json.dumps(stats)]})
+        yield pa.RecordBatch.from_pydict({"shard": pa.array([shard], pa.int32()),
+                                          "stats": pa.array([json.dumps(stats)], pa.string())})
 
 
 def _run_spark(spark, job: ExtractJob, todo: dict[int, list]) -> list[dict]:

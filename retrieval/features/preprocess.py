@@ -1,7 +1,7 @@
 """Image decoding and resizing, hardened for untrusted input.
 
 Policy (README "Preprocessing"):
-- Formats: JPEG, PNG, WebP, BMP, TIFF, GIF (first frame), MPO (first frame). Anything else is an
+- Formats: JPEG (incl. MPO), PNG, WebP, BMP, TIFF, GIF (first frame). Anything else is an
   error row ("unsupported format"); PIL is never allowed to pick other decoders (EPS, PSD...).
 - Caps: more than ``max_bytes`` bytes, or more than ``max_pixels`` pixels (read from the header,
   before any pixel is decoded), is an error row: no decompression bomb is ever decoded.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")   # MPO opens through JPEG
 Image.init()   # register every plugin so that formats=ALLOWED_FORMATS resolves (MPO...)
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = None   # we enforce our own cap from the header, before decoding
@@ -68,7 +68,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         if mode in ("I", "F") and arr.max() <= 255:
             top = 255.0
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
