@@ -1,0 +1,15 @@
+"""Audit reports over search results (``retrieval report`` / ``jobs/audit_report.py``).
+
+- :mod:`retrieval.audit.runinfo`: the search manifest and the manifests of the stages behind it
+  (query extraction, index, gallery extraction), read defensively;
+- :mod:`retrieval.audit.scan`: ONE streaming pass over the result Parquet (pyarrow record
+  batches, bounded memory): score histogram, threshold bands, flagged matches written to
+  ``flagged.parquet`` / ``flagged.csv``, the top-N flagged queries, ground-truth figures;
+- :mod:`retrieval.audit.thumbs`: small JPEG thumbnails of the shown images;
+- :mod:`retrieval.audit.html`: the self-contained, escaped HTML page;
+- :mod:`retrieval.audit.report`: :func:`build_report`, which wires them and writes
+  ``summary.json`` last.
+"""
+from retrieval.audit.report import build_report
+
+__all__ = ["build_report"]
