@@ -28,6 +28,9 @@ NULLABLE: dict[str, type] = {
     "extract.key_column": str,
     "extract.bytes_column": str,
     "train.eval_input": str,
+    "search.nprobe": int,
+    "search.coarse_threshold": float,
+    "search.match_threshold": float,
 }
 
 # keys that hold free-form mappings (any sub-keys allowed)
@@ -65,6 +68,25 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "extract.batch_size": _positive,
     "extract.storage": _choice("float32", "int8"),
     "extract.mode": _choice("incremental", "overwrite"),
+    "search.shortlist": _positive,
+    "search.k": _positive,
+    "search.nprobe": _positive,
+    "search.coarse_threshold": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
+    "search.match_threshold": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
+    "search.query_chunk": _positive,
+    "search.rerank_rows": _positive,
+    "search.shard_cache": _positive,
+    "search.threads": _non_negative,
+    "search.progress_seconds": _positive,
+    "evaluate.recall_at": lambda v: None if v and all(isinstance(k, int) and not isinstance(k, bool)
+                                                      and k > 0 for k in v) else "must be a list of ints > 0",
+    "evaluate.precision_at_recall": lambda v: None if all(isinstance(r, (int, float)) and 0 < r <= 1
+                                                          for r in v) else "must be a list in (0, 1]",
+    "evaluate.recall_at_precision": lambda v: None if all(isinstance(r, (int, float)) and 0 < r <= 1
+                                                          for r in v) else "must be a list in (0, 1]",
+    "evaluate.exact_k": _positive,
+    "evaluate.exact_batch_rows": _positive,
+    "evaluate.exact_query_chunk": _positive,
     "extract.threads": _non_negative,
     "extract.row_group_size": _positive,
     "extract.progress_seconds": _positive,

@@ -1,0 +1,334 @@
+"""The bulk two-stage search job (``retrieval search``): plan, run locally or on Spark, commit.
+
+Work units, the same in both engines:
+
+- a **query chunk** is up to ``search.query_chunk`` consecutive rows of one query feature file;
+  it is the unit of memory (its ``nq x S`` shortlist) and of output (``part-NNNNN.parquet`` with
+  NNNNN = chunk number);
+- :func:`coarse_task` searches one index shard for one chunk (the shard comes from a per-process
+  cache, so an executor loads it once) and returns the shard-local top S;
+- :func:`chunk_task` merges the per-shard lists of one chunk into the global top S
+  (:func:`~retrieval.search.coarse.merge_shortlists`), reranks them exactly in 512-d
+  (:func:`~retrieval.search.rerank.rerank`), maps ids back to ``image_id``/``uri`` and writes the
+  chunk's part file atomically.
+
+Spark: one task per (shard x chunk), shard-major so consecutive tasks reuse the cached shard;
+their outputs are shuffled by chunk (``partitionBy``) to one task per chunk. The local path
+runs the same two functions in a loop. ``_manifest.json`` is removed when a run starts and
+written when it ends: its presence means the output is complete.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval import fsio
+from retrieval.index import idmap
+from retrieval.schema import coarse_matrix, fine_matrix
+from retrieval.search import coarse as coarse_mod
+from retrieval.search import rerank as rerank_mod
+
+log = logging.getLogger(__name__)
+MANIFEST = "_manifest.json"
+QUERY_FEATURES = "query_features"
+
+RESULT_SCHEMA = pa.schema([
+    ("query_id", pa.string()), ("rank", pa.int32()), ("gallery_id", pa.string()),
+    ("score", pa.float32()), ("coarse_score", pa.float32()),
+    ("query_uri", pa.string()), ("gallery_uri", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class Chunk:
+    chunk: int
+    file_no: int      # index into SearchJob.query_files
+    start: int        # first row in that file
+    stop: int         # one past the last row
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """Plain, picklable values a task needs (shards are loaded on the executor, never shipped)."""
+    output: str
+    index_url: str
+    index_manifest: dict
+    query_files: tuple[str, ...]
+    feature_files: tuple[str, ...]
+    feature_rows: tuple[int | None, ...]
+    n_shards: int
+    nprobe: int
+    shortlist: int = 500
+    k: int = 10
+    coarse_threshold: float | None = None
+    match_threshold: float | None = None
+    rerank_rows: int = 131072
+    shard_cache: int = 2
+    threads: int = 0
+    verify: bool = True
+    chunks: tuple[Chunk, ...] = field(default_factory=tuple)
+
+
+def part_name(chunk: int) -> str:
+    return f"part-{chunk:05d}.parquet"
+
+
+def _set_threads(job: SearchJob) -> None:
+    import faiss
+
+    from retrieval.sparkutil import task_threads
+
+    faiss.omp_set_num_threads(task_threads(job.threads))
+
+
+def load_shard(job: SearchJob, shard_no: int):
+    """The searchable shard, from this process's cache (loaded and verified at most once)."""
+    from retrieval.index import store
+
+    entry = job.index_manifest["shards"][shard_no]
+    key = (job.index_url, shard_no, entry.get("sha256"))
+    index = coarse_mod.cached_shard(
+        key, lambda: store.load_shard(job.index_url, shard_no, job.index_manifest, verify=job.verify),
+        job.shard_cache)
+    store.set_nprobe(index, job.nprobe)
+    return index
+
+
+def query_rows(job: SearchJob, chunk: Chunk, columns: Sequence[str]) -> pa.Table:
+    ids = idmap.encode_ids(chunk.file_no, np.arange(chunk.start, chunk.stop))
+    return idmap.fetch_rows(list(job.query_files), ids, columns)
+
+
+# ---------------------------------------------------------------------------------------------
+# the two task bodies
+def coarse_task(job: SearchJob, shard_no: int, chunk: Chunk) -> tuple[np.ndarray, np.ndarray, float]:
+    """Shard-local top S of one chunk: ``(scores, ids, seconds)``."""
+    t0 = time.monotonic()
+    _set_threads(job)
+    xq = coarse_matrix(query_rows(job, chunk, ["coarse"]))
+    index = load_shard(job, shard_no)
+    scores, ids = coarse_mod.search_shard(index, xq, job.shortlist)
+    return scores, ids, time.monotonic() - t0
+
+
+def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, np.ndarray]],
+               coarse_s: float = 0.0) -> dict:
+    """Merge the shards' lists of one chunk (``parts`` in shard order), rerank, write its part
+    file; returns the chunk's stats."""
+    _set_threads(job)
+    t0 = time.monotonic()
+    c_scores, c_ids = coarse_mod.merge_shortlists(parts, job.shortlist, job.coarse_threshold)
+    t1 = time.monotonic()
+    q = query_rows(job, chunk, ["image_id", "uri", "fine"] + (
+        ["fine_scale"] if _has_scale(job.query_files[chunk.file_no]) else []))
+    scores, ids, coarse = rerank_mod.rerank(fine_matrix(q), c_ids, c_scores, job.feature_files, job.k,
+                                            job.match_threshold, job.rerank_rows,
+                                            job.feature_rows if job.verify else None)
+    t2 = time.monotonic()
+    table = result_table(job, q, scores, ids, coarse)
+    url = fsio.join(job.output, part_name(chunk.chunk))
+    with fsio.atomic_open(url, "wb") as fh:
+        pq.write_table(table, fh, compression="zstd")
+    t3 = time.monotonic()
+    n_with = int((ids[:, 0] >= 0).sum()) if ids.size else 0
+    return {"chunk": chunk.chunk, "file": part_name(chunk.chunk), "rows": table.num_rows,
+            "sha256": fsio.sha256_file(url), "queries": chunk.stop - chunk.start,
+            "queries_with_results": n_with,
+            "queries_with_shortlist": int((c_ids[:, 0] >= 0).sum()) if c_ids.size else 0,
+            "coarse_s": round(coarse_s, 4), "merge_s": round(t1 - t0, 4),
+            "rerank_s": round(t2 - t1, 4), "write_s": round(t3 - t2, 4)}
+
+
+def _has_scale(url: str) -> bool:
+    return rerank_mod._has_scale(url)
+
+
+def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.ndarray,
+                 coarse: np.ndarray) -> pa.Table:
+    """Rows (query, rank) for every kept match, in query order then rank."""
+    rows, ranks = np.nonzero(ids >= 0)
+    gids = ids[rows, ranks]
+    gal = idmap.fetch_rows(list(job.feature_files), gids, ["image_id", "uri"]) if len(gids) else None
+    take = pa.array(rows.astype(np.int64))
+    return pa.table({
+        "query_id": queries.column("image_id").take(take),
+        "rank": pa.array((ranks + 1).astype(np.int32)),
+        "gallery_id": gal.column("image_id") if gal is not None else pa.array([], pa.string()),
+        "score": pa.array(scores[rows, ranks].astype(np.float32)),
+        "coarse_score": pa.array(coarse[rows, ranks].astype(np.float32)),
+        "query_uri": queries.column("uri").take(take),
+        "gallery_uri": gal.column("uri") if gal is not None else pa.array([], pa.string()),
+    }, schema=RESULT_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# engines
+def run_local(job: SearchJob) -> list[dict]:
+    """Shard-major: each shard is loaded once and searched for every chunk, folding into the
+    running per-chunk shortlists; then each chunk is reranked and written."""
+    from retrieval.progress import Progress
+
+    running: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    coarse_s: dict[int, float] = {c.chunk: 0.0 for c in job.chunks}
+    merge_s: dict[int, float] = {c.chunk: 0.0 for c in job.chunks}
+    progress = Progress("search coarse", total=job.n_shards * len(job.chunks), unit="tasks")
+    for shard_no in range(job.n_shards):
+        for c in job.chunks:
+            s, i, secs = coarse_task(job, shard_no, c)
+            coarse_s[c.chunk] += secs
+            t = time.monotonic()
+            prev = running.get(c.chunk)
+            running[c.chunk] = (s, i) if prev is None else \
+                coarse_mod.merge_shortlists([prev, (s, i)], job.shortlist, job.coarse_threshold)
+            merge_s[c.chunk] += time.monotonic() - t
+            progress.update(1)
+    progress.finish()
+    stats = []
+    progress = Progress("search rerank", total=len(job.chunks), unit="chunks")
+    for c in job.chunks:
+        st = chunk_task(job, c, [running.pop(c.chunk)], coarse_s[c.chunk])
+        st["merge_s"] = round(st["merge_s"] + merge_s[c.chunk], 4)
+        stats.append(st)
+        progress.update(1)
+    progress.finish()
+    return stats
+
+
+def _coarse_record(job: SearchJob, task: tuple[int, int]) -> tuple[int, tuple]:
+    shard_no, chunk_no = task
+    s, i, secs = coarse_task(job, shard_no, job.chunks[chunk_no])
+    return chunk_no, (shard_no, s, i, secs)
+
+
+def _chunk_partition(job: SearchJob, records: Iterable[tuple[int, tuple]]) -> Iterator[dict]:
+    by_chunk: dict[int, dict[int, tuple]] = {}
+    for chunk_no, (shard_no, s, i, secs) in records:
+        by_chunk.setdefault(chunk_no, {})[shard_no] = (s, i, secs)
+    for chunk_no, shards in sorted(by_chunk.items()):
+        if sorted(shards) != list(range(job.n_shards)):
+            raise RuntimeError(f"chunk {chunk_no}: results of shards {sorted(shards)} arrived, "
+                               f"expected all {job.n_shards}")
+        parts = [(shards[n][0], shards[n][1]) for n in range(job.n_shards)]
+        yield chunk_task(job, job.chunks[chunk_no], parts, sum(v[2] for v in shards.values()))
+
+
+def run_spark(spark, job: SearchJob, progress_seconds: float = 10.0) -> list[dict]:
+    from retrieval.sparkutil import ProgressMonitor
+
+    sc = spark.sparkContext
+    n_chunks = len(job.chunks)
+    tasks = [(s, c) for s in range(job.n_shards) for c in range(n_chunks)]   # shard-major
+    rdd = sc.parallelize(tasks, len(tasks)) \
+        .map(functools.partial(_coarse_record, job)) \
+        .partitionBy(n_chunks, lambda c: c) \
+        .mapPartitions(functools.partial(_chunk_partition, job))
+    with ProgressMonitor(spark, "search", total_tasks=len(tasks) + n_chunks, every=progress_seconds):
+        return rdd.collect()
+
+
+# ---------------------------------------------------------------------------------------------
+def _clean_output(output_url: str) -> None:
+    """Remove the manifest first (the output is incomplete from now on), then old result parts."""
+    fs, root = fsio.url_to_fs(output_url)
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/{MANIFEST}"):
+        fs.rm(f"{root}/{MANIFEST}")
+    for p in fs.glob(f"{root}/part-*.parquet") + fs.glob(f"{root}/.tmp-*"):
+        fs.rm(p)
+
+
+def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -> dict:
+    """Run the two-stage search; returns the manifest. ``spark=None`` runs locally (no JVM)."""
+    from retrieval.index import store
+    from retrieval.search import queries as q_mod
+
+    t0 = time.monotonic()
+    sc = cfg.search
+    fsio.ensure_writable(output_url)
+    index_manifest = store.read_index_manifest(index_url)
+    _clean_output(output_url)
+    qf_url, qman, encode_s = q_mod.resolve_queries(queries_url, output_url, index_url, index_manifest,
+                                                   cfg, spark)
+    qfiles, qrows = q_mod.query_files(qf_url, qman, sc.verify)
+    chunks = q_mod.plan_chunks(qrows, sc.query_chunk)
+    ffiles = [f for f in index_manifest["feature_files"]]
+    job = SearchJob(
+        output=output_url, index_url=index_url, index_manifest=index_manifest,
+        query_files=tuple(qfiles), feature_files=tuple(store.feature_file_urls(index_manifest)),
+        feature_rows=tuple(f.get("rows") for f in ffiles), n_shards=len(index_manifest["shards"]),
+        nprobe=int(sc.nprobe if sc.nprobe is not None else index_manifest.get("nprobe", 1)),
+        shortlist=sc.shortlist, k=sc.k, coarse_threshold=sc.coarse_threshold,
+        match_threshold=sc.match_threshold, rerank_rows=sc.rerank_rows, shard_cache=sc.shard_cache,
+        threads=sc.threads, verify=sc.verify, chunks=tuple(chunks))
+    log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, k %d)",
+             qf_url, sum(qrows), len(chunks), index_url, job.n_shards, job.nprobe, job.shortlist, job.k)
+    t1 = time.monotonic()
+    if not chunks:
+        stats = []
+        url = fsio.join(output_url, part_name(0))
+        with fsio.atomic_open(url, "wb") as fh:
+            pq.write_table(RESULT_SCHEMA.empty_table(), fh)
+        stats.append({"chunk": 0, "file": part_name(0), "rows": 0, "sha256": fsio.sha256_file(url),
+                      "queries": 0, "queries_with_results": 0, "queries_with_shortlist": 0})
+    elif spark is None:
+        stats = run_local(job)
+    else:
+        stats = run_spark(spark, job, sc.progress_seconds)
+    t_search = time.monotonic() - t1
+    stats = sorted(stats, key=lambda s: s["chunk"])
+    counts = {"queries": sum(qrows), "query_errors": int(qman.get("counts", {}).get("errors", 0)),
+              "queries_with_results": sum(s["queries_with_results"] for s in stats),
+              "queries_with_shortlist": sum(s["queries_with_shortlist"] for s in stats),
+              "rows": sum(s["rows"] for s in stats), "chunks": len(chunks), "shards": job.n_shards}
+    if sum(s["queries"] for s in stats) != counts["queries"]:
+        raise AssertionError(f"chunks cover {sum(s['queries'] for s in stats)} queries, "
+                             f"expected {counts['queries']}")
+    timings = {"encode_s": round(encode_s, 3)}
+    for key in ("coarse_s", "merge_s", "rerank_s", "write_s"):
+        timings[key] = round(sum(s.get(key, 0.0) for s in stats), 3)
+    timings["search_s"] = round(t_search, 3)
+    timings["total_s"] = round(time.monotonic() - t0, 3)
+    timings["queries_per_s"] = round(counts["queries"] / t_search, 1) if t_search > 0 and counts["queries"] else None
+    manifest = {
+        "stage": "search", "model_version": index_manifest.get("model_version"),
+        "index": index_url, "queries": queries_url, "query_features": qf_url, "output": output_url,
+        "engine": "spark" if spark is not None else "local",
+        "schema": RESULT_SCHEMA.to_string(), "counts": counts,
+        "params": {"shortlist": job.shortlist, "k": job.k, "nprobe": job.nprobe,
+                   "coarse_threshold": job.coarse_threshold, "match_threshold": job.match_threshold,
+                   "query_chunk": sc.query_chunk},
+        "files": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"], "chunk": s["chunk"],
+                   "queries": s["queries"]} for s in stats],
+        "config": cfg.to_dict(), "timings": timings,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    fsio.write_json(fsio.join(output_url, MANIFEST), manifest)
+    log.info("search done: %d queries, %d with results, %d rows in %.1fs -> %s", counts["queries"],
+             counts["queries_with_results"], counts["rows"], timings["total_s"], output_url)
+    return manifest
+
+
+def read_results(output_url: str) -> pa.Table:
+    """All result rows of a COMPLETE search output (files checked against the manifest)."""
+    murl = fsio.join(output_url, MANIFEST)
+    if not fsio.exists(murl):
+        raise FileNotFoundError(f"{output_url} has no {MANIFEST}: not a (complete) search output")
+    m = fsio.read_json(murl)
+    if m.get("stage") != "search":
+        raise ValueError(f"{murl}: stage is {m.get('stage')!r}, expected 'search'")
+    tables = []
+    for f in m.get("files", []):
+        url = fsio.join(output_url, f["file"])
+        if f.get("sha256") and fsio.sha256_file(url) != f["sha256"]:
+            raise ValueError(f"result file {url} does not match the sha256 in {murl}")
+        fs, p = fsio.url_to_fs(url)
+        with fs.open(p, "rb") as fh:
+            tables.append(pq.read_table(fh, schema=RESULT_SCHEMA))
+    return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()

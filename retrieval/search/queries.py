@@ -1,0 +1,101 @@
+"""Query input of the search: images (encoded here with the QUERY role) or query features, the
+model_version compatibility check, and the query chunks."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from retrieval import fsio
+from retrieval.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class IncompatibleModelError(ValueError):
+    """Queries, index and gallery features were not all encoded by the same model."""
+
+
+def extraction_manifest(url: str) -> dict | None:
+    """The ``_manifest.json`` of an extraction output at ``url``, or None if ``url`` is not one."""
+    murl = fsio.join(url, "_manifest.json")
+    try:
+        if not fsio.exists(murl):
+            return None
+        m = fsio.read_json(murl)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError as exc:
+        raise ValueError(f"{murl} is not valid JSON: {exc}") from None
+    return m if isinstance(m, dict) and m.get("stage") == "extract" else None
+
+
+def check_compatible(query_version: str, index_url: str, index_manifest: dict, where: str) -> None:
+    """Refuse (clear error) unless the queries, the index and every gallery feature file share one
+    model_version."""
+    iv = index_manifest.get("model_version")
+    if iv != query_version:
+        raise IncompatibleModelError(
+            f"model_version mismatch: the queries ({where}) were encoded by {query_version!r} but the "
+            f"index {index_url} by {iv!r}; re-extract the queries with the index's model "
+            "(model.checkpoint / model.* settings) or rebuild the index")
+    for f in index_manifest.get("feature_files", []):
+        fv = f.get("model_version", iv)
+        if fv != query_version:
+            raise IncompatibleModelError(
+                f"model_version mismatch: gallery feature file {f.get('url')} (file_no {f.get('file_no')}) "
+                f"was encoded by {fv!r}, the queries ({where}) by {query_version!r}")
+
+
+def config_model_version(cfg: Config) -> str:
+    from retrieval.features.model import model_from_config
+
+    return model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict()).model_version()
+
+
+def resolve_queries(queries_url: str, output_url: str, index_url: str, index_manifest: dict,
+                    cfg: Config, spark=None) -> tuple[str, dict, float]:
+    """``(query_features_url, its manifest, encode seconds)``. Query features are used as they
+    are; anything else is an extraction input, encoded with role=query into
+    ``<output>/query_features`` (incremental: a rerun reuses finished shards) - but only after the
+    configured model is checked against the index, so nothing is encoded in vain."""
+    import time
+
+    from retrieval.features.extract import extract
+
+    m = extraction_manifest(queries_url)
+    if m is not None:
+        if m.get("role") != "query":
+            raise ValueError(f"{queries_url} holds {m.get('role')!r} features; the search needs "
+                             "features extracted with --role query (low-resolution adapter-2 coarse "
+                             "codes), or pass the query images themselves")
+        check_compatible(m.get("model_version"), index_url, index_manifest, queries_url)
+        return queries_url, m, 0.0
+    check_compatible(config_model_version(cfg), index_url, index_manifest, "the configured model")
+    t0 = time.monotonic()
+    qf_url = fsio.join(output_url, "query_features")
+    m = extract(queries_url, qf_url, cfg.with_overrides({"extract.role": "query"}), spark)
+    check_compatible(m["model_version"], index_url, index_manifest, qf_url)
+    return qf_url, m, time.monotonic() - t0
+
+
+def query_files(qf_url: str, manifest: dict, verify: bool) -> tuple[list[str], list[int]]:
+    """URLs and row counts of the query feature files (sha256-checked when ``verify``)."""
+    urls, rows = [], []
+    for s in manifest.get("shards", []):
+        url = fsio.join(qf_url, s["file"])
+        if verify and s.get("sha256") and fsio.sha256_file(url) != s["sha256"]:
+            raise ValueError(f"query feature file {url} does not match the sha256 in its manifest "
+                             "(truncated or altered)")
+        urls.append(url)
+        rows.append(int(s.get("ok", 0)))
+    return urls, rows
+
+
+def plan_chunks(rows: list[int], chunk_size: int) -> list[Any]:
+    from retrieval.search.job import Chunk
+
+    chunks = []
+    for f, n in enumerate(rows):
+        for a in range(0, n, chunk_size):
+            chunks.append(Chunk(len(chunks), f, a, min(n, a + chunk_size)))
+    return chunks

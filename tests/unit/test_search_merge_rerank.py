@@ -1,0 +1,204 @@
+"""Coarse merge and exact rerank on real faiss indexes and real feature Parquet (no Spark)."""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from retrieval import synthetic
+from retrieval.features.extract import read_features
+from retrieval.index import idmap
+from retrieval.schema import fine_matrix
+from retrieval.search import coarse, rerank
+from retrieval.search.job import Chunk, SearchJob, chunk_task
+
+N, NQ = 6000, 300
+SPEC = synthetic.SyntheticSpec(n_clusters=200, seed=7)
+
+
+@pytest.fixture(scope="module")
+def data():
+    g_coarse, g_fine = synthetic.gallery(N, SPEC)
+    q_coarse, q_fine, source = synthetic.queries(N, NQ // 2, NQ - NQ // 2, SPEC)
+    return (g_coarse, g_fine, q_coarse.astype(np.float32), q_fine.astype(np.float32), source)
+
+
+@pytest.fixture(scope="module")
+def gallery_output(tmp_path_factory, data):
+    g_coarse, g_fine, *_ = data
+    url = str(tmp_path_factory.mktemp("gal") / "features")
+    # 3 files, small row groups: the rerank must pick the right rows from the right groups
+    synthetic.write_feature_output(url, g_coarse, g_fine, num_files=3, storage="int8", row_group_size=256)
+    return url
+
+
+def gallery_ids(n: int = N, files: int = 3) -> np.ndarray:
+    """The int64 id of each gallery row as written by write_feature_output (contiguous files)."""
+    bounds = np.linspace(0, n, files + 1).astype(int)
+    out = np.empty(n, np.int64)
+    for f in range(files):
+        out[bounds[f]:bounds[f + 1]] = idmap.encode_ids(f, np.arange(bounds[f + 1] - bounds[f]))
+    return out
+
+
+def feature_urls(url: str, files: int = 3) -> list[str]:
+    return [f"{url}/part-{f:05d}.parquet" for f in range(files)]
+
+
+def _ivfpq(train: np.ndarray) -> faiss.Index:
+    index = faiss.index_factory(128, "IVF32,PQ16x4", faiss.METRIC_INNER_PRODUCT)  # 4-bit: fast to train
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)   # k-means under a loaded machine: one thread is the quickest
+    try:
+        index.train(train)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return index
+
+
+@pytest.mark.parametrize("kind", ["ivfpq", "flat"])
+def test_merged_shortlist_equals_single_index(data, kind):
+    g_coarse, _, q_coarse, _, _ = data
+    ids = gallery_ids()
+    if kind == "ivfpq":
+        trained = _ivfpq(g_coarse[:4000])
+        make = lambda: faiss.clone_index(trained)  # noqa: E731 - same codebooks in every shard
+    else:
+        make = lambda: faiss.IndexIDMap2(faiss.IndexFlatIP(128))  # noqa: E731
+    single = make()
+    single.add_with_ids(g_coarse, ids)
+    cut = [0, 1000, 3500, N]   # uneven shards
+    shards = []
+    for a, b in zip(cut[:-1], cut[1:]):
+        s = make()
+        s.add_with_ids(g_coarse[a:b], ids[a:b])
+        shards.append(s)
+    for ix in [single, *shards]:
+        if kind == "ivfpq":
+            faiss.extract_index_ivf(ix).nprobe = 8
+    S = 50
+    ref_s, ref_i = single.search(q_coarse, S)
+    parts = [coarse.search_shard(s, q_coarse, S) for s in shards]
+    got_s, got_i = coarse.merge_shortlists(parts, S)
+    assert got_i.shape == (NQ, S)
+    for r in range(NQ):
+        # equal sets; ties at the S-th score may be cut at a different id, so compare above it
+        kth = ref_s[r, -1]
+        assert set(ref_i[r][ref_s[r] > kth]) == set(got_i[r][got_s[r] > kth])
+        np.testing.assert_allclose(np.sort(got_s[r]), np.sort(ref_s[r]), rtol=0, atol=1e-6)
+    # the order the shards are merged in does not matter
+    rev_s, rev_i = coarse.merge_shortlists(parts[::-1], S)
+    assert all(set(a) == set(b) for a, b in zip(rev_i, got_i))
+    # folding one shard at a time (the local engine) keeps the same set
+    run = parts[0]
+    for p in parts[1:]:
+        run = coarse.merge_shortlists([run, p], S)
+    assert all(set(a) == set(b) for a, b in zip(run[1], got_i))
+
+
+def test_merge_threshold_and_padding():
+    s = np.array([[0.9, 0.5, 0.1], [0.2, 0.1, 0.0]], np.float32)
+    i = np.array([[5, 6, 7], [8, 9, -1]], np.int64)
+    got_s, got_i = coarse.merge_shortlists([(s, i)], 4, threshold=0.3)
+    assert sorted(got_i[0][got_i[0] >= 0].tolist()) == [5, 6]
+    assert (got_i[1] == -1).all() and np.isneginf(got_s[1]).all()   # nothing passed: no shortlist
+    # ties at the cut are resolved by the smaller id, whatever the input order
+    s = np.array([[0.5, 0.7, 0.5, 0.5]], np.float32)
+    for perm in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
+        i = np.array([[30, 10, 20, 40]], np.int64)[:, perm]
+        ts, ti = coarse.topk_rows(s[:, perm], i, 2, ordered=True)
+        assert ti.tolist() == [[10, 20]] and ts.tolist() == [[pytest.approx(0.7), 0.5]]
+
+
+def test_rerank_equals_brute_force_on_shortlist(data, gallery_output):
+    _, g_fine, _, q_fine, _ = data
+    ids = gallery_ids()
+    rng = np.random.default_rng(0)
+    S, k = 40, 10
+    pos = np.stack([rng.choice(N, S, replace=False) for _ in range(NQ)])
+    short = ids[pos]
+    short[:5, 30:] = -1                            # some short lists
+    short[5] = -1                                  # a query with no candidates at all
+    coarse_s = rng.random(short.shape).astype(np.float32)
+    # the stored (int8) gallery vectors, as the rerank must see them
+    stored = fine_matrix(read_features(gallery_output, ["fine", "fine_scale"]))
+    top_s, top_i, top_c = rerank.rerank(q_fine, short, coarse_s, feature_urls(gallery_output), k,
+                                        batch_rows=700)   # several fetch batches per file
+    brute = np.einsum("qd,qsd->qs", q_fine, stored[pos])
+    brute[short < 0] = -np.inf
+    for r in range(NQ):
+        order = np.lexsort((short[r], -brute[r]))[:k]
+        valid = np.isfinite(brute[r][order])
+        np.testing.assert_array_equal(top_i[r][:valid.sum()], short[r][order][valid])
+        np.testing.assert_allclose(top_s[r][:valid.sum()], brute[r][order][valid], atol=1e-5)
+        assert (top_i[r][valid.sum():] == -1).all()
+        # coarse score travels with its candidate
+        col = [list(short[r]).index(g) for g in top_i[r][:valid.sum()]]
+        np.testing.assert_array_equal(top_c[r][:valid.sum()], coarse_s[r][col])
+    assert (top_i[5] == -1).all()
+    assert (np.diff(top_s[0]) <= 0).all()
+    # threshold keeps only matches at or above it
+    th_s, th_i, _ = rerank.rerank(q_fine, short, coarse_s, feature_urls(gallery_output), k,
+                                  match_threshold=0.5)
+    assert (th_s[th_i >= 0] >= 0.5).all()
+    assert ((top_s >= 0.5) == (th_i >= 0)).all()
+
+
+def test_rerank_refuses_a_changed_feature_file(data, gallery_output):
+    _, _, _, q_fine, _ = data
+    short = gallery_ids()[:10][None, :].repeat(2, axis=0)
+    with pytest.raises(ValueError, match="rows but the index manifest says"):
+        rerank.rerank(q_fine[:2], short, np.zeros(short.shape, np.float32), feature_urls(gallery_output),
+                      5, expected_rows=[1234, None, None])
+
+
+def test_chunk_task_maps_ids_to_image_ids_and_uris(tmp_path, data, gallery_output):
+    g_coarse, g_fine, q_coarse, q_fine, source = data
+    ids = gallery_ids()
+    qurl = str(tmp_path / "qf")
+    synthetic.write_feature_output(qurl, q_coarse, q_fine, num_files=2, storage="float32",
+                                   role="query", id_prefix="q")
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(128))
+    index.add_with_ids(g_coarse, ids)
+    out = str(tmp_path / "out")
+    job = SearchJob(output=out, index_url="unused", index_manifest={}, n_shards=1, nprobe=1,
+                    query_files=tuple(feature_urls(qurl, 2)), feature_files=tuple(feature_urls(gallery_output)),
+                    feature_rows=(2000, 2000, 2000), shortlist=100, k=3)
+    half = NQ // 2   # file 0 of the queries holds the matching half
+    chunk = Chunk(chunk=7, file_no=0, start=10, stop=half)
+    part = coarse.search_shard(index, q_coarse[10:half], 100)
+    stats = chunk_task(job, chunk, [part])
+    assert stats["file"] == "part-00007.parquet" and stats["queries"] == half - 10
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(f"{out}/part-00007.parquet").to_pydict()
+    assert stats["rows"] == len(t["query_id"]) == 3 * (half - 10)
+    assert t["rank"][:3] == [1, 2, 3]
+    assert t["query_id"][0] == "q0000000010" and t["query_uri"][0] == "synthetic://query/q0000000010"
+    # each matching query's rank-1 is its source (small noise) and the URI is that image's
+    first = [i for i, r in enumerate(t["rank"]) if r == 1]
+    hits = sum(t["gallery_id"][i] == synthetic.image_id(int(source[10 + n])) for n, i in enumerate(first))
+    assert hits / len(first) > 0.95
+    for i in first[:20]:
+        assert t["gallery_uri"][i] == f"synthetic://gallery/{t['gallery_id'][i]}"
+    # scores are the stored-vector cosines of the named image
+    stored = fine_matrix(read_features(gallery_output, ["fine", "fine_scale"]))
+    row = int(t["gallery_id"][0][3:])
+    assert t["score"][0] == pytest.approx(float(q_fine[10] @ stored[row]), abs=1e-5)
+
+
+def test_shard_cache_loads_once_and_evicts():
+    coarse.clear_cache()
+    calls = []
+
+    def loader(name):
+        return lambda: calls.append(name) or name
+
+    assert coarse.cached_shard(("a",), loader("a"), 2) == "a"
+    assert coarse.cached_shard(("a",), loader("a"), 2) == "a"
+    coarse.cached_shard(("b",), loader("b"), 2)
+    coarse.cached_shard(("a",), loader("a"), 2)          # a is now the most recent
+    coarse.cached_shard(("c",), loader("c"), 2)          # evicts b
+    assert calls == ["a", "b", "c"]
+    assert coarse.cache_keys() == [("a",), ("c",)]
+    coarse.clear_cache()
