@@ -68,6 +68,9 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "extract.batch_size": _positive,
     "extract.storage": _choice("float32", "int8"),
     "extract.mode": _choice("incremental", "overwrite"),
+    "extract.threads": _non_negative,
+    "extract.row_group_size": _positive,
+    "extract.progress_seconds": _positive,
     "search.shortlist": _positive,
     "search.k": _positive,
     "search.nprobe": _positive,
@@ -87,9 +90,6 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "evaluate.exact_k": _positive,
     "evaluate.exact_batch_rows": _positive,
     "evaluate.exact_query_chunk": _positive,
-    "extract.threads": _non_negative,
-    "extract.row_group_size": _positive,
-    "extract.progress_seconds": _positive,
     "report.threshold": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
     "report.bands": lambda v: None if all(isinstance(b, (int, float)) and not isinstance(b, bool)
                                           and -1.0 <= b <= 1.0 for b in v) and list(v) == sorted(set(v))
