@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval import fsio
+from retrieval import faults, fsio
 from retrieval.config import Config
 from retrieval.features import inputs as inputs_mod
 from retrieval.features.preprocess import DecodePolicy, ImageError, prepare
@@ -50,6 +50,7 @@ class ExtractJob:
     progress_seconds: float = 10.0
     key_column: str | None = None
     bytes_column: str | None = None
+    faults: dict | None = None
 
     def fingerprint(self) -> str:
         d = {k: v for k, v in asdict(self).items()
@@ -162,6 +163,7 @@ def run_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None
             n_ok += len(batch)
             progress.update(len(batch))
             batch.clear()
+            faults.maybe_fail(job.faults, "extract", shard, n_ok + len(errors))
 
         t = time.monotonic()
         for image_id, uri, data, err in inputs_mod.read_items(
@@ -195,7 +197,7 @@ def run_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None
         "shard": shard, "file": f"{name}.parquet", "errors_file": f"errors/{name}.parquet",
         "inputs": len(rows), "ok": n_ok, "errors": len(errors),
         "sha256": fsio.sha256_file(part_url), "errors_sha256": fsio.sha256_file(err_url),
-        "fingerprint": _shard_fingerprint(job, rows), "device": device,
+        "fingerprint": _shard_fingerprint(job, rows), "device": device, "attempt": _attempt(),
         "seconds": round(time.monotonic() - t0, 3),
         **{k: round(v, 3) for k, v in timing.items()},
     }
@@ -204,6 +206,13 @@ def run_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None
         raise AssertionError(f"shard {shard}: {n_ok} ok + {len(errors)} errors != {len(rows)} inputs")
     progress.finish()
     return stats
+
+
+def _attempt() -> int:
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    return ctx.attemptNumber() if ctx is not None else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,8 +246,8 @@ def _run_spark(spark, job: ExtractJob, todo: dict[int, list]) -> list[dict]:
     return [json.loads(r["stats"]) for r in rows]
 
 
-def _clean(output: str, keep: set[int], everything: bool) -> None:
-    """Remove shards that are not part of this run's layout (or all, for overwrite)."""
+def _clean(output: str, keep: set[int], temp_only: bool = False) -> None:
+    """Remove shards that are not part of this run's layout, and temporary files of dead attempts."""
     fs, root = fsio.url_to_fs(output)
     for sub in ("", "errors/", "_shards/"):
         d = f"{root.rstrip('/')}/{sub}"
@@ -246,12 +255,14 @@ def _clean(output: str, keep: set[int], everything: bool) -> None:
             continue
         for p in fs.ls(d, detail=False):
             base = p.rsplit("/", 1)[-1]
-            if base.startswith("part-") or base.startswith(".tmp-"):
+            if base.startswith(".tmp-"):
+                fs.rm(p)
+            elif base.startswith("part-") and not temp_only:
                 try:
-                    shard = int(base[5:10]) if base.startswith("part-") else -1
+                    shard = int(base[5:10])
                 except ValueError:
                     continue
-                if everything or shard not in keep:
+                if shard not in keep:
                     fs.rm(p)
 
 
@@ -292,13 +303,13 @@ def extract(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
                      num_shards=ex.num_shards, batch_size=ex.batch_size, storage=ex.storage,
                      threads=ex.threads, row_group_size=ex.row_group_size,
                      progress_seconds=ex.progress_seconds, key_column=ex.key_column,
-                     bytes_column=ex.bytes_column)
+                     bytes_column=ex.bytes_column, faults=cfg["faults"].to_dict())
     manifest_url = fsio.join(output_url, MANIFEST)
     if fsio.exists(manifest_url):
         fs, p = fsio.url_to_fs(manifest_url)
         fs.rm(p)
     todo, done = plan(listing, job, ex.mode)
-    _clean(output_url, keep=set(todo) | set(done), everything=False)
+    _clean(output_url, keep=set(todo) | set(done))
     log.info("extract %s -> %s: %d images, %d shards to run, %d already complete",
              input_url, output_url, listing.num_rows, len(todo), len(done))
     t1 = time.monotonic()
@@ -309,6 +320,7 @@ def extract(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
     else:
         results = _run_spark(spark, job, todo)
     t_run = time.monotonic() - t1
+    _clean(output_url, keep=set(), temp_only=True)   # leftovers of killed attempts
     shards = sorted([*done.values(), *results], key=lambda s: s["shard"])
     counts = {"inputs": listing.num_rows, "ok": sum(s["ok"] for s in shards),
               "errors": sum(s["errors"] for s in shards), "shards": len(shards),

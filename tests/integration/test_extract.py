@@ -164,3 +164,17 @@ def test_clear_errors_before_any_work(zoo_dir, tmp_path):
     with pytest.raises(config.ConfigError):
         cfg(**{"extract.batch_size": -1})
     assert not (tmp_path / "o1").exists() or not list((tmp_path / "o1").glob("part-*"))
+
+
+@pytest.mark.parametrize("kind", ["raise", "kill"])
+def test_task_failure_mid_shard_is_retried_to_an_identical_output(spark, zoo_dir, local_out, tmp_path, kind):
+    out = str(tmp_path / f"fault_{kind}")
+    m = extract(zoo_dir, out, cfg(**{"faults.stage": "extract", "faults.task": 1, "faults.kind": kind,
+                                     "faults.after_items": 4}), spark)
+    ref = read_manifest(local_out)
+    assert [s["attempt"] for s in m["shards"]] == [0, 1, 0]   # shard 1 failed once and was retried
+    assert m["counts"]["ok"] == ref["counts"]["ok"] and m["counts"]["errors"] == ref["counts"]["errors"]
+    a, b = read_features(local_out), read_features(out)
+    assert a["image_id"].to_pylist() == b["image_id"].to_pylist()     # no duplicate, no missing row
+    assert np.abs(fine_matrix(a) - fine_matrix(b)).max() < 1e-4
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
