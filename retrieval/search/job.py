@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval import fsio
+from retrieval import faults, fsio
 from retrieval.index import idmap
 from retrieval.schema import coarse_matrix, fine_matrix
 from retrieval.search import coarse as coarse_mod
@@ -74,6 +74,7 @@ class SearchJob:
     threads: int = 0
     verify: bool = True
     chunks: tuple[Chunk, ...] = field(default_factory=tuple)
+    faults: dict | None = None
 
 
 def part_name(chunk: int) -> str:
@@ -123,6 +124,7 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
     """Merge the shards' lists of one chunk (``parts`` in shard order), rerank, write its part
     file; returns the chunk's stats."""
     _set_threads(job)
+    faults.maybe_fail(job.faults, "search", chunk.chunk, 0)
     t0 = time.monotonic()
     c_scores, c_ids = coarse_mod.merge_shortlists(parts, job.shortlist, job.coarse_threshold)
     t1 = time.monotonic()
@@ -132,6 +134,7 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
                                             job.match_threshold, job.rerank_rows,
                                             job.feature_rows if job.verify else None)
     t2 = time.monotonic()
+    faults.maybe_fail(job.faults, "search", chunk.chunk, chunk.stop - chunk.start)
     table = result_table(job, q, scores, ids, coarse)
     url = fsio.join(job.output, part_name(chunk.chunk))
     with fsio.atomic_open(url, "wb") as fh:
@@ -266,7 +269,7 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
         nprobe=int(sc.nprobe if sc.nprobe is not None else index_manifest.get("nprobe", 1)),
         shortlist=sc.shortlist, k=sc.k, coarse_threshold=sc.coarse_threshold,
         match_threshold=sc.match_threshold, rerank_rows=sc.rerank_rows, shard_cache=sc.shard_cache,
-        threads=sc.threads, verify=sc.verify, chunks=tuple(chunks))
+        threads=sc.threads, verify=sc.verify, chunks=tuple(chunks), faults=cfg["faults"].to_dict())
     log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, k %d)",
              qf_url, sum(qrows), len(chunks), index_url, job.n_shards, job.nprobe, job.shortlist, job.k)
     t1 = time.monotonic()

@@ -1,0 +1,345 @@
+"""``retrieval evaluate``: search results + ground truth -> recall@k, micro-AP, precision/recall
+operating points, a precision-recall plot; optionally the same queries by exact 512-d search.
+
+Definitions (docs/search.md):
+
+- ground truth: CSV ``query_id,gallery_id``, one row per true pair; a query with an empty
+  ``gallery_id`` has no true match (a distractor). Queries absent from the CSV are left out.
+- ``recall@k``: over the queries with at least one true match, the fraction with a true match
+  at rank <= k.
+- ``micro_ap`` (2021 Image Similarity Challenge): every (query, gallery, score) prediction of every
+  query is pooled and ranked by score (ties: wrong predictions first, the pessimistic order);
+  precision and recall are taken after each prediction (recall = true pairs found / all true
+  pairs in the truth, found or not) and ``micro_ap = sum_i (recall_i - recall_{i-1}) *
+  precision_i``. Predictions for distractor queries are false positives, so a low score threshold
+  on them matters.
+- ``precision_at_recall[r]``: the best precision at any cut reaching recall >= r (with the score
+  of that cut); ``recall_at_precision[p]``: the best recall at precision >= p.
+- ``--exact INDEX``: the queries are scored by brute force against every gallery vector of the
+  index's feature files (faiss inner product, in batches); ``exact.kept_at_k`` is the mean fraction
+  of each query's exact top-k that the evaluated results also return in their top k.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval import fsio
+
+log = logging.getLogger(__name__)
+METRICS = "metrics.json"
+PLOT = "pr_curve.png"
+
+
+@dataclass
+class Truth:
+    """query_id -> set of true gallery_ids (empty set: a distractor query)."""
+    matches: dict[str, set[str]] = field(default_factory=dict)
+
+    @property
+    def n_pairs(self) -> int:
+        return sum(len(v) for v in self.matches.values())
+
+    @property
+    def matching_queries(self) -> list[str]:
+        return [q for q, g in self.matches.items() if g]
+
+
+def read_truth(url: str) -> Truth:
+    """Parse the ground-truth CSV (clear error naming the file and line on bad input)."""
+    try:
+        text = fsio.read_text(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"ground truth {url} not found") from None
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header[:2]] != ["query_id", "gallery_id"]:
+        raise ValueError(f"ground truth {url}: the first line must be the header 'query_id,gallery_id', "
+                         f"got {header!r}")
+    truth = Truth()
+    for line_no, row in enumerate(reader, start=2):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) > 2 and any(c.strip() for c in row[2:]):
+            raise ValueError(f"ground truth {url} line {line_no}: expected 2 columns, got {len(row)}")
+        qid = row[0].strip()
+        gid = row[1].strip() if len(row) > 1 else ""
+        if not qid:
+            raise ValueError(f"ground truth {url} line {line_no}: empty query_id")
+        entry = truth.matches.setdefault(qid, set())
+        if gid:
+            entry.add(gid)
+    return truth
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+def precision_recall(scores: np.ndarray, correct: np.ndarray, n_positives: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ISC 2021: predictions ranked by score desc, wrong ones first among equal scores.
+    Returns ``(precisions, recalls, scores)`` after each prediction."""
+    scores = np.asarray(scores, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    order = np.lexsort((correct, -scores))   # score desc; among ties False (wrong) first
+    y = correct[order]
+    tp = np.cumsum(y)
+    precisions = tp / np.arange(1, len(y) + 1)
+    recalls = tp / max(n_positives, 1)
+    return precisions, recalls, scores[order]
+
+
+def micro_ap(precisions: np.ndarray, recalls: np.ndarray) -> float:
+    if len(recalls) == 0:
+        return 0.0
+    return float(((recalls - np.concatenate([[0.0], recalls[:-1]])) * precisions).sum())
+
+
+def _operating_points(precisions, recalls, thresholds, at_recall: Sequence[float],
+                      at_precision: Sequence[float]) -> tuple[dict, dict]:
+    p_at_r, r_at_p = {}, {}
+    for r in at_recall:
+        ok = np.nonzero(recalls >= r - 1e-12)[0]
+        if len(ok):
+            best = ok[np.argmax(precisions[ok])]
+            p_at_r[str(r)] = {"precision": round(float(precisions[best]), 6),
+                              "threshold": round(float(thresholds[best]), 6)}
+        else:
+            p_at_r[str(r)] = None   # that recall is never reached
+    for p in at_precision:
+        ok = np.nonzero(precisions >= p - 1e-12)[0]
+        if len(ok):
+            best = ok[np.argmax(recalls[ok])]
+            r_at_p[str(p)] = {"recall": round(float(recalls[best]), 6),
+                              "threshold": round(float(thresholds[best]), 6)}
+        else:
+            r_at_p[str(p)] = {"recall": 0.0, "threshold": None}
+    return p_at_r, r_at_p
+
+
+def evaluate_results(query_ids: Sequence[str], ranks: Sequence[int], gallery_ids: Sequence[str],
+                     scores: Sequence[float], truth: Truth, recall_at: Sequence[int] = (1, 10),
+                     precision_at_recall: Sequence[float] = (0.5, 0.75, 0.9),
+                     recall_at_precision: Sequence[float] = (0.9,)) -> tuple[dict, dict]:
+    """Metrics of result rows against ``truth``; also returns the PR curve arrays."""
+    best_rank: dict[str, int] = {}
+    pairs: dict[tuple[str, str], float] = {}
+    not_in_truth: set[str] = set()
+    for q, r, g, s in zip(query_ids, ranks, gallery_ids, scores):
+        t = truth.matches.get(q)
+        if t is None:
+            not_in_truth.add(q)
+            continue
+        key = (q, g)
+        if key not in pairs or s > pairs[key]:
+            pairs[key] = float(s)
+        if g in t and r < best_rank.get(q, 1 << 30):
+            best_rank[q] = int(r)
+    matching = truth.matching_queries
+    recall = {f"recall@{k}": round(sum(1 for q in matching if best_rank.get(q, 1 << 30) <= k)
+                                   / max(len(matching), 1), 6) for k in recall_at}
+    keys = list(pairs)
+    p_scores = np.array([pairs[k] for k in keys], dtype=np.float64)
+    correct = np.array([k[1] in truth.matches[k[0]] for k in keys], dtype=bool)
+    precisions, recalls, thresholds = precision_recall(p_scores, correct, truth.n_pairs)
+    p_at_r, r_at_p = _operating_points(precisions, recalls, thresholds, precision_at_recall,
+                                       recall_at_precision)
+    queries_in_results = {q for q in query_ids}
+    distractors = [q for q, g in truth.matches.items() if not g]
+    metrics = {
+        **recall,
+        "micro_ap": round(micro_ap(precisions, recalls), 6),
+        "precision_at_recall": p_at_r,
+        "recall_at_precision": r_at_p,
+        "counts": {"truth_queries": len(truth.matches), "matching_queries": len(matching),
+                   "distractor_queries": len(distractors), "true_pairs": truth.n_pairs,
+                   "predictions": len(keys), "correct_predictions": int(correct.sum()),
+                   "queries_in_results": len(queries_in_results),
+                   "matching_queries_without_results": sum(1 for q in matching if q not in queries_in_results),
+                   "queries_not_in_truth": len(not_in_truth)},
+    }
+    return metrics, {"precision": precisions, "recall": recalls, "threshold": thresholds}
+
+
+def plot_pr(curve: dict, url: str, title: str, extra: dict | None = None) -> None:
+    """Precision-recall curve as a PNG (matplotlib, Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    ax.plot(curve["recall"], curve["precision"], lw=2, label="two-stage search")
+    if extra is not None and len(extra["recall"]):
+        ax.plot(extra["recall"], extra["precision"], lw=1.5, ls="--", label="exact 512-d")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.0)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="lower left")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    fsio.write_bytes(url, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# exact search
+def exact_search(query_fine: np.ndarray, feature_files: Sequence[str], k: int,
+                 batch_rows: int = 65536, query_chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top ``k`` (scores, int64 gallery ids) of every query against every fine vector
+    of ``feature_files`` (read in row batches, never all at once)."""
+    import faiss
+
+    from retrieval.index import idmap
+    from retrieval.schema import fine_matrix
+
+    nq = len(query_fine)
+    out_s = np.full((nq, k), -np.inf, np.float32)
+    out_i = np.full((nq, k), -1, np.int64)
+    for a in range(0, nq, query_chunk):
+        xq = np.ascontiguousarray(query_fine[a:a + query_chunk], dtype=np.float32)
+        heap = faiss.ResultHeap(len(xq), k, keep_max=True)
+        for file_no, url in enumerate(feature_files):
+            fs, path = fsio.url_to_fs(url)
+            with fs.open(path, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                cols = ["fine", "fine_scale"] if "fine_scale" in pf.schema_arrow.names else ["fine"]
+                row0 = 0
+                for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+                    xb = fine_matrix(pa.Table.from_batches([batch]))
+                    kk = min(k, len(xb))
+                    d, i = faiss.knn(xq, np.ascontiguousarray(xb), kk, metric=faiss.METRIC_INNER_PRODUCT)
+                    if kk < k:
+                        d = np.pad(d, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+                        i = np.pad(i, ((0, 0), (0, k - kk)), constant_values=-1)
+                    ids = np.where(i >= 0, idmap.encode_ids(file_no, row0 + np.maximum(i, 0)), -1)
+                    heap.add_result(d.astype(np.float32), ids.astype(np.int64))
+                    row0 += len(xb)
+        heap.finalize()
+        out_s[a:a + len(xq)], out_i[a:a + len(xq)] = heap.D, heap.I
+    return out_s, out_i
+
+
+def compare_with_exact(results: pa.Table, query_ids: Sequence[str], exact_gallery_ids: list[list[str]],
+                       k: int) -> dict:
+    """How much of each query's exact top-k the results keep (in their own top k)."""
+    got: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    d = results.select(["query_id", "rank", "gallery_id"]).to_pydict()
+    for q, r, g in zip(d["query_id"], d["rank"], d["gallery_id"]):
+        got[q].append((r, g))
+    kept, rank1 = [], []
+    for q, exact in zip(query_ids, exact_gallery_ids):
+        if not exact:
+            continue
+        mine = [g for _, g in sorted(got.get(q, []))[:k]]
+        kept.append(len(set(mine) & set(exact)) / len(exact))
+        rank1.append(bool(mine) and mine[0] == exact[0])
+    return {"k": k, "queries": len(kept), "kept_at_k": round(float(np.mean(kept)) if kept else 0.0, 6),
+            "rank1_agreement": round(float(np.mean(rank1)) if rank1 else 0.0, 6)}
+
+
+def exact_results(query_features_url: str, index_url: str, cfg) -> tuple[pa.Table, float]:
+    """The exact 512-d top ``evaluate.exact_k`` of every query, as a result table (same columns
+    as the search output that matter here: query_id, rank, gallery_id, score)."""
+    from retrieval.features.extract import read_features
+    from retrieval.index import idmap, store
+    from retrieval.schema import fine_matrix
+
+    ev = cfg.evaluate
+    manifest = store.read_index_manifest(index_url)
+    qt = read_features(query_features_url, ["image_id", "fine", "fine_scale"]
+                       if _is_int8(query_features_url) else ["image_id", "fine"])
+    t0 = time.monotonic()
+    files = store.feature_file_urls(manifest)
+    s, i = exact_search(fine_matrix(qt), files, ev.exact_k, ev.exact_batch_rows, ev.exact_query_chunk)
+    seconds = time.monotonic() - t0
+    rows, ranks = np.nonzero(i >= 0)
+    gal = idmap.fetch_rows(files, i[rows, ranks], ["image_id"]) if len(rows) else None
+    qids = qt.column("image_id").take(pa.array(rows.astype(np.int64)))
+    table = pa.table({"query_id": qids, "rank": pa.array((ranks + 1).astype(np.int32)),
+                      "gallery_id": gal.column("image_id") if gal is not None else pa.array([], pa.string()),
+                      "score": pa.array(s[rows, ranks].astype(np.float32))})
+    return table, seconds
+
+
+def _is_int8(features_url: str) -> bool:
+    from retrieval.features.extract import read_manifest
+
+    return read_manifest(features_url).get("storage") == "int8"
+
+
+# ---------------------------------------------------------------------------------------------
+def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exact_index: str | None = None
+             ) -> dict:
+    """Write ``metrics.json`` and ``pr_curve.png`` under ``output_url`` (default
+    ``<results>/eval``); returns the metrics."""
+    from retrieval.search import read_results
+
+    t0 = time.monotonic()
+    ev = cfg.evaluate
+    output_url = output_url or fsio.join(results_url, "eval")
+    fsio.ensure_writable(output_url)
+    results = read_results(results_url)
+    truth = read_truth(truth_url)
+    d = results.select(["query_id", "rank", "gallery_id", "score"]).to_pydict()
+    metrics, curve = evaluate_results(d["query_id"], d["rank"], d["gallery_id"], d["score"], truth,
+                                      ev.recall_at, ev.precision_at_recall, ev.recall_at_precision)
+    search_manifest = fsio.read_json(fsio.join(results_url, "_manifest.json"))
+    out: dict[str, Any] = {"stage": "evaluate", "results": results_url, "truth": truth_url,
+                           "model_version": search_manifest.get("model_version"),
+                           "search_params": search_manifest.get("params"), **metrics}
+    exact_curve = None
+    if exact_index:
+        qf = search_manifest.get("query_features")
+        if not qf:
+            raise ValueError(f"{results_url}: the search manifest names no query_features for --exact")
+        exact, seconds = exact_results(qf, exact_index, cfg)
+        e = exact.to_pydict()
+        e_metrics, exact_curve = evaluate_results(e["query_id"], e["rank"], e["gallery_id"], e["score"],
+                                                  truth, ev.recall_at, ev.precision_at_recall,
+                                                  ev.recall_at_precision)
+        per_query: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        for q, r, g in zip(e["query_id"], e["rank"], e["gallery_id"]):
+            per_query[q].append((r, g))
+        qids = sorted(per_query)
+        cmp = compare_with_exact(results, qids, [[g for _, g in sorted(per_query[q])] for q in qids],
+                                 ev.exact_k)
+        # of the matching queries the exact search ranks right, how many the two-stage search does
+        exact_hits = {q for q in truth.matching_queries if per_query.get(q) and
+                      sorted(per_query[q])[0][1] in truth.matches[q]}
+        ts_hits = {q for q, r, g in zip(d["query_id"], d["rank"], d["gallery_id"])
+                   if r == 1 and g in truth.matches.get(q, ())}
+        out["exact"] = {"index": exact_index, "seconds": round(seconds, 3), **cmp,
+                        "rank1_correct_exact": len(exact_hits),
+                        "rank1_correct_two_stage_of_exact": len(exact_hits & ts_hits),
+                        "rank1_retained": round(len(exact_hits & ts_hits) / max(len(exact_hits), 1), 6),
+                        "metrics": e_metrics}
+    out["timings"] = {"total_s": round(time.monotonic() - t0, 3)}
+    plot_pr(curve, fsio.join(output_url, PLOT),
+            f"micro-AP {metrics['micro_ap']:.3f}, recall@1 {metrics.get('recall@1', float('nan')):.3f}",
+            exact_curve)
+    out["plot"] = fsio.join(output_url, PLOT)
+    fsio.write_json(fsio.join(output_url, METRICS), out)
+    return out
+
+
+def run_cli(args, cfg, spark) -> dict:
+    """``retrieval evaluate`` (runs on the driver: results and truth are small; ``spark`` unused)."""
+    m = evaluate(args.results, args.truth, args.output, cfg, args.exact)
+    keep = ("micro_ap", "precision_at_recall", "recall_at_precision", "counts", "plot")
+    out = {k: v for k, v in m.items() if k.startswith("recall@") or k in keep}
+    if "exact" in m:
+        out["exact"] = {k: v for k, v in m["exact"].items() if k != "metrics"}
+        out["exact"]["micro_ap"] = m["exact"]["metrics"]["micro_ap"]
+    return out
