@@ -33,8 +33,8 @@ NULLABLE: dict[str, type] = {
     "search.match_threshold": float,
 }
 
-# keys that hold free-form mappings (any sub-keys allowed)
-FREE_MAPPINGS = {"spark.conf"}
+# keys that hold free-form mappings (any sub-keys allowed); spark.conf values become strings
+FREE_MAPPINGS = {"spark.conf", "io.storage_options"}
 
 
 def _choice(*options: str) -> Callable[[Any], str | None]:
@@ -217,7 +217,12 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
     if key in FREE_MAPPINGS:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: config key {key!r} must be a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
+        if key == "spark.conf":
+            return {str(k): str(v) for k, v in value.items()}
+        if not all(isinstance(v, Mapping) for v in value.values()):
+            raise ConfigError(f"{source}: config key {key!r} must map a protocol to its options, "
+                              f"e.g. {{s3: {{endpoint_url: ...}}}}; got {value!r}")
+        return copy.deepcopy(dict(value))
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if want is bool or isinstance(value, bool):

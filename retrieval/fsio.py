@@ -16,13 +16,24 @@ from typing import Any, Iterator
 import fsspec
 from fsspec.core import url_to_fs
 
-__all__ = ["url_to_fs", "join", "exists", "read_bytes", "read_text", "write_bytes", "write_json",
+__all__ = ["configure", "url_to_fs", "join", "exists", "read_bytes", "read_text", "write_bytes", "write_json",
            "read_json", "atomic_open", "sha256_file", "sha256_bytes", "safe_relpath",
            "UnsafePathError", "ensure_writable", "protocol_of", "strip_protocol", "to_url"]
 
 
 class UnsafePathError(ValueError):
     """A relative path from input data would escape its root (``..``, absolute, or a scheme)."""
+
+
+def configure(storage_options: dict | None) -> None:
+    """Apply per-protocol fsspec options (config ``io.storage_options``) in this process: the driver
+    and every Spark task call this, since executors do not share the driver's environment."""
+    for protocol, options in (storage_options or {}).items():
+        current = fsspec.config.conf.setdefault(protocol, {})
+        if any(current.get(k) != v for k, v in options.items()):
+            current.update(options)
+            cls = fsspec.get_filesystem_class(protocol)
+            cls.clear_instance_cache()
 
 
 def protocol_of(url: str) -> str:

@@ -27,3 +27,33 @@ def sample(tmp_path_factory):
     from retrieval.sample import make_sample
 
     return make_sample(str(tmp_path_factory.mktemp("sample")), seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3-compatible server (moto) on 127.0.0.1, wired into fsspec for this process and for Spark's
+    Python workers (they inherit the environment); stopped at the end of the session."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = endpoint
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("retrieval-test")
+    try:
+        yield {"endpoint": endpoint, "bucket": "s3://retrieval-test", "fs": fs}
+    finally:
+        fsspec.config.conf.get("s3", {}).pop("endpoint_url", None)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

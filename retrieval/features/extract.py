@@ -51,6 +51,7 @@ class ExtractJob:
     key_column: str | None = None
     bytes_column: str | None = None
     faults: dict | None = None
+    storage_options: dict | None = None
 
     def fingerprint(self) -> str:
         d = {k: v for k, v in asdict(self).items()
@@ -108,6 +109,7 @@ def run_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None
     from retrieval.sparkutil import task_device, task_threads
 
     t0 = time.monotonic()
+    fsio.configure(job.storage_options)
     rows = sorted(rows, key=lambda r: (r[0], r[1]))
     device = device or task_device(job.model_cfg.get("device", "auto"))
     torch.set_num_threads(task_threads(job.threads))
@@ -293,6 +295,7 @@ def extract(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
 
     t0 = time.monotonic()
     ex = cfg.extract
+    fsio.configure(cfg["io.storage_options"])
     fsio.ensure_writable(output_url)
     model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict())
     listing = inputs_mod.list_inputs(input_url, ex.input_format, ex.num_shards,
@@ -303,7 +306,8 @@ def extract(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
                      num_shards=ex.num_shards, batch_size=ex.batch_size, storage=ex.storage,
                      threads=ex.threads, row_group_size=ex.row_group_size,
                      progress_seconds=ex.progress_seconds, key_column=ex.key_column,
-                     bytes_column=ex.bytes_column, faults=cfg["faults"].to_dict())
+                     bytes_column=ex.bytes_column, faults=cfg["faults"].to_dict(),
+                     storage_options=cfg["io.storage_options"])
     manifest_url = fsio.join(output_url, MANIFEST)
     if fsio.exists(manifest_url):
         fs, p = fsio.url_to_fs(manifest_url)
