@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("plan", help="capacity plan for N images from measured rates")
-    p.add_argument("--images", required=True, type=float)
+    p.add_argument("--images", required=True, type=float, help="gallery images, e.g. 1e9")
+    p.add_argument("--queries", type=float, default=10_000_000, help="queries per search run")
     p.add_argument("--executors", type=int, default=100)
     p.add_argument("--executor-memory", default="16g")
     p.add_argument("--executor-cores", type=int, default=4)
