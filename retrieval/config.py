@@ -101,6 +101,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "report.matches_per_query": _positive,
     "report.thumbnails": _choice("embed", "files", "none"),
     "report.thumbnail_size": lambda v: None if 16 <= v <= 1024 else "must be in [16, 1024]",
+    "search.vector_cache_mb": _non_negative,
     "report.thumbnail_threads": _positive,
     "report.histogram_bins": lambda v: None if 1 <= v <= 1000 else "must be in [1, 1000]",
     "report.histogram_min": lambda v: None if -1.0 <= v < 1.0 else "must be in [-1, 1)",

@@ -288,6 +288,7 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
 
     t0 = time.monotonic()
     ev = cfg.evaluate
+    fsio.configure(cfg["io.storage_options"])
     output_url = output_url or fsio.join(results_url, "eval")
     fsio.ensure_writable(output_url)
     results = read_results(results_url)

@@ -34,6 +34,7 @@ from retrieval.index import idmap
 from retrieval.schema import coarse_matrix, fine_matrix
 from retrieval.search import coarse as coarse_mod
 from retrieval.search import rerank as rerank_mod
+from retrieval.search import vectors
 
 log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
@@ -70,11 +71,14 @@ class SearchJob:
     coarse_threshold: float | None = None
     match_threshold: float | None = None
     rerank_rows: int = 131072
+    vector_cache_mb: int = 1024
     shard_cache: int = 2
     threads: int = 0
     verify: bool = True
+    feature_versions: tuple[str | None, ...] | None = None
     chunks: tuple[Chunk, ...] = field(default_factory=tuple)
     faults: dict | None = None
+    storage_options: dict | None = None
 
 
 def part_name(chunk: int) -> str:
@@ -82,10 +86,12 @@ def part_name(chunk: int) -> str:
 
 
 def _set_threads(job: SearchJob) -> None:
+    """Per-task process setup: faiss threads, fsspec storage options."""
     import faiss
 
     from retrieval.sparkutil import task_threads
 
+    fsio.configure(job.storage_options)
     faiss.omp_set_num_threads(task_threads(job.threads))
 
 
@@ -130,9 +136,10 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
     t1 = time.monotonic()
     q = query_rows(job, chunk, ["image_id", "uri", "fine"] + (
         ["fine_scale"] if _has_scale(job.query_files[chunk.file_no]) else []))
-    scores, ids, coarse = rerank_mod.rerank(fine_matrix(q), c_ids, c_scores, job.feature_files, job.k,
-                                            job.match_threshold, job.rerank_rows,
-                                            job.feature_rows if job.verify else None)
+    scores, ids, coarse = rerank_mod.rerank(
+        fine_matrix(q), c_ids, c_scores, job.feature_files, job.k, job.match_threshold, job.rerank_rows,
+        job.feature_rows if job.verify else None, vectors.process_cache(job.vector_cache_mb),
+        job.feature_versions)
     t2 = time.monotonic()
     faults.maybe_fail(job.faults, "search", chunk.chunk, chunk.stop - chunk.start)
     table = result_table(job, q, scores, ids, coarse)
@@ -149,8 +156,16 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
             "rerank_s": round(t2 - t1, 4), "write_s": round(t3 - t2, 4)}
 
 
+_SCALE: dict[str, bool] = {}
+
+
 def _has_scale(url: str) -> bool:
-    return rerank_mod._has_scale(url)
+    """Whether a feature file stores int8 fine vectors (with a ``fine_scale`` column)."""
+    if url not in _SCALE:
+        fs, path = fsio.url_to_fs(url)
+        with fs.open(path, "rb") as fh:
+            _SCALE[url] = "fine_scale" in pq.ParquetFile(fh).schema_arrow.names
+    return _SCALE[url]
 
 
 def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.ndarray,
@@ -254,6 +269,7 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
 
     t0 = time.monotonic()
     sc = cfg.search
+    fsio.configure(cfg["io.storage_options"])
     fsio.ensure_writable(output_url)
     index_manifest = store.read_index_manifest(index_url)
     _clean_output(output_url)
@@ -265,11 +281,14 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
     job = SearchJob(
         output=output_url, index_url=index_url, index_manifest=index_manifest,
         query_files=tuple(qfiles), feature_files=tuple(store.feature_file_urls(index_manifest)),
-        feature_rows=tuple(f.get("rows") for f in ffiles), n_shards=len(index_manifest["shards"]),
+        feature_rows=tuple(f.get("rows") for f in ffiles),
+        feature_versions=tuple(f.get("sha256") for f in ffiles), n_shards=len(index_manifest["shards"]),
         nprobe=int(sc.nprobe if sc.nprobe is not None else index_manifest.get("nprobe", 1)),
         shortlist=sc.shortlist, k=sc.k, coarse_threshold=sc.coarse_threshold,
-        match_threshold=sc.match_threshold, rerank_rows=sc.rerank_rows, shard_cache=sc.shard_cache,
-        threads=sc.threads, verify=sc.verify, chunks=tuple(chunks), faults=cfg["faults"].to_dict())
+        match_threshold=sc.match_threshold, rerank_rows=sc.rerank_rows,
+        vector_cache_mb=sc.vector_cache_mb, shard_cache=sc.shard_cache,
+        threads=sc.threads, verify=sc.verify, chunks=tuple(chunks), faults=cfg["faults"].to_dict(),
+        storage_options=cfg["io.storage_options"])
     log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, k %d)",
              qf_url, sum(qrows), len(chunks), index_url, job.n_shards, job.nprobe, job.shortlist, job.k)
     t1 = time.monotonic()

@@ -202,3 +202,31 @@ def test_shard_cache_loads_once_and_evicts():
     assert calls == ["a", "b", "c"]
     assert coarse.cache_keys() == [("a",), ("c",)]
     coarse.clear_cache()
+
+
+def test_vector_cache_reads_only_needed_groups_once(gallery_output):
+    from retrieval.schema import column_matrix
+    from retrieval.search.vectors import VectorCache
+
+    url = feature_urls(gallery_output)[1]            # 2000 rows in groups of 256
+    table = read_features(gallery_output, ["fine", "fine_scale"]).slice(2000, 2000)
+    codes_all, scale_all = column_matrix(table.column("fine")), table.column("fine_scale").to_numpy()
+    cache = VectorCache(1 << 30)
+    rows = np.array([3, 4, 300, 1999])               # groups 0, 1, 7
+    codes, scale = cache.rows(url, rows, "v1")
+    assert codes.dtype == np.int8
+    np.testing.assert_array_equal(codes, codes_all[rows])
+    np.testing.assert_array_equal(scale, scale_all[rows])
+    assert cache.reads == 3
+    cache.rows(url, np.array([5, 1990]), "v1")        # groups 0 and 7: cached
+    assert cache.reads == 3
+    cache.rows(url, np.array([5]), "v2")             # another version of the file: not served stale
+    assert cache.reads == 4
+    small = VectorCache(2 * 256 * 516)               # room for two groups
+    small.rows(url, np.array([0, 300, 600]), None)   # 3 groups: the oldest is evicted
+    small.rows(url, np.array([600]), None)
+    assert small.reads == 3
+    small.rows(url, np.array([0]), None)
+    assert small.reads == 4
+    with pytest.raises(KeyError, match="beyond the 2000 rows"):
+        cache.rows(url, np.array([2000]), "v1")

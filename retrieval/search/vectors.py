@@ -1,0 +1,134 @@
+"""Fine vectors of gallery rows, read by Parquet row group and kept in a per-process LRU cache.
+
+The rerank of one query chunk needs the 512-d vectors of its shortlist rows. They are located the
+way :mod:`retrieval.index.idmap` defines (file, row -> row group); only the row groups holding
+wanted rows are read, and each group is decoded once per process and kept (int8 codes + scales as
+stored, or float32) while it fits in ``budget_bytes``: the next chunk that touches the same group
+(on the same executor, or in the local engine) does not read or decode it again. Decoding a
+``fixed_size_list<int8>[512]`` column costs about as much as the whole rerank, so this matters
+whenever chunks share gallery rows, which at S = 500 they mostly do.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from retrieval import fsio
+from retrieval.schema import column_matrix
+
+
+class _Footer:
+    def __init__(self, url: str) -> None:
+        fs, path = fsio.url_to_fs(url)
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            md = pf.metadata
+            self.num_rows = md.num_rows
+            self.starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
+            self.has_scale = "fine_scale" in pf.schema_arrow.names
+
+
+class VectorCache:
+    """LRU of decoded row groups: ``(url, group) -> (codes, scales or None)``."""
+
+    def __init__(self, budget_bytes: int = 1 << 30) -> None:
+        self.budget = budget_bytes
+        self._groups: "OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]]" = OrderedDict()
+        self._footers: dict[str, _Footer] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.reads = 0          # row groups read from storage (for tests and logs)
+
+    def footer(self, url: str, version: str | None = None) -> _Footer:
+        key = f"{url}#{version}"
+        if key not in self._footers:
+            self._footers[key] = _Footer(url)
+        return self._footers[key]
+
+    def _put(self, key: tuple[str, int], value: tuple[np.ndarray, np.ndarray | None]) -> None:
+        size = value[0].nbytes + (value[1].nbytes if value[1] is not None else 0)
+        with self._lock:
+            if key in self._groups:
+                return
+            self._groups[key] = value
+            self._bytes += size
+            while self._bytes > self.budget and len(self._groups) > 1:
+                _, (c, s) = self._groups.popitem(last=False)
+                self._bytes -= c.nbytes + (s.nbytes if s is not None else 0)
+
+    def _get(self, key: tuple[str, int]):
+        with self._lock:
+            v = self._groups.get(key)
+            if v is not None:
+                self._groups.move_to_end(key)
+            return v
+
+    def rows(self, url: str, rows: np.ndarray, version: str | None = None
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Stored fine codes (int8 or float32, ``len(rows) x D``) and scales (or None) of the
+        given SORTED, distinct rows of one feature file. ``version`` (e.g. the file's sha256 in
+        the index manifest) is part of the cache key, so a replaced file is never served stale."""
+        ft = self.footer(url, version)
+        key = f"{url}#{version}"
+        if len(rows) and (rows[0] < 0 or rows[-1] >= ft.num_rows):
+            raise KeyError(f"row {int(rows[-1])} beyond the {ft.num_rows} rows of {url}")
+        groups = np.searchsorted(ft.starts, rows, side="right") - 1
+        bounds = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1], True])
+        wanted = groups[bounds[:-1]].tolist()
+        got: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        missing = []
+        for g in wanted:
+            v = self._get((key, g))
+            if v is None:
+                missing.append(g)
+            else:
+                got[g] = v
+        if missing:
+            got.update(self._read(url, key, ft, missing))
+        codes, scales = [], []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            g = int(groups[a])
+            c, s = got[g]
+            local = rows[a:b] - ft.starts[g]
+            codes.append(c[local])
+            if s is not None:
+                scales.append(s[local])
+        if not codes:
+            return np.zeros((0, 0), np.float32), None
+        return np.concatenate(codes), (np.concatenate(scales) if ft.has_scale else None)
+
+    def _read(self, url: str, key: str, ft: _Footer, groups: list[int]) -> dict[int, tuple]:
+        cols = ["fine", "fine_scale"] if ft.has_scale else ["fine"]
+        fs, path = fsio.url_to_fs(url)
+        with fs.open(path, "rb") as fh:
+            table = pq.ParquetFile(fh).read_row_groups(groups, columns=cols)
+        codes = column_matrix(table.column("fine"))
+        scales = table.column("fine_scale").to_numpy() if ft.has_scale else None
+        out, pos = {}, 0
+        for g in groups:
+            n = int(ft.starts[g + 1] - ft.starts[g])
+            value = (codes[pos:pos + n].copy(), scales[pos:pos + n].copy() if scales is not None else None)
+            self._put((key, g), value)
+            out[g] = value
+            pos += n
+        self.reads += len(groups)
+        return out
+
+    def clear(self) -> None:
+        with self._lock:
+            self._groups.clear()
+            self._footers.clear()
+            self._bytes = 0
+
+
+_CACHES: dict[int, VectorCache] = {}
+
+
+def process_cache(budget_mb: int) -> VectorCache:
+    """The per-process cache (one per budget setting)."""
+    if budget_mb not in _CACHES:
+        _CACHES[budget_mb] = VectorCache(budget_mb << 20)
+    return _CACHES[budget_mb]
