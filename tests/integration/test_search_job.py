@@ -1,0 +1,161 @@
+"""The search job end to end on real Parquet, a real faiss index (built by the index stage) and
+real Spark: library and Spark paths agree, ids map back, bad input is refused, evaluate runs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from retrieval import config, fsio, synthetic
+from retrieval.search import read_results, search
+from retrieval.search.queries import IncompatibleModelError
+
+N, MATCH, NOMATCH = 6000, 150, 150
+SPEC = synthetic.SyntheticSpec(n_clusters=300, seed=11)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from retrieval.index.build import build_index
+
+    root = tmp_path_factory.mktemp("search")
+    g_coarse, g_fine = synthetic.gallery(N, SPEC)
+    gal = str(root / "gallery")
+    synthetic.write_feature_output(gal, g_coarse, g_fine, num_files=3, storage="int8", row_group_size=256)
+    qc, qfine, source = synthetic.queries(N, MATCH, NOMATCH, SPEC)
+    qf = str(root / "queries")
+    synthetic.write_feature_output(qf, qc.astype(np.float32), qfine.astype(np.float32), num_files=2,
+                                   storage="int8", role="query", id_prefix="q")
+    idx = str(root / "index")
+    # a quick-to-train index (4-bit PQ) in 3 shards: the merge across shards is exercised
+    build_index([gal], idx, config.load(sets=["index.index_key=IVF32,PQ16x4", "index.vectors_per_shard=2000",
+                                              "index.quality_queries=100"]), spark=None)
+    return {"root": root, "gallery": gal, "queries": qf, "index": idx, "source": source}
+
+
+def _cfg(**sets):
+    # small chunks: several chunks per query file, several tasks per shard
+    base = {"search.query_chunk": 64, "search.shortlist": 100, "search.k": 5}
+    base.update(sets)
+    return config.load(sets=[f"{k}={v}" for k, v in base.items()])
+
+
+def _rows(url):
+    t = read_results(str(url)).to_pydict()
+    return list(zip(t["query_id"], t["rank"], t["gallery_id"], t["score"], t["coarse_score"],
+                    t["query_uri"], t["gallery_uri"]))
+
+
+def test_library_and_spark_give_the_same_results(world, spark, tmp_path):
+    cfg = _cfg()
+    lib = search(world["queries"], world["index"], str(tmp_path / "lib"), cfg, spark=None)
+    spk = search(world["queries"], world["index"], str(tmp_path / "spark"), cfg, spark=spark)
+    assert lib["counts"] == spk["counts"]
+    assert lib["counts"]["queries"] == MATCH + NOMATCH and lib["counts"]["chunks"] == 6
+    assert lib["counts"]["shards"] == 3
+    assert _rows(tmp_path / "lib") == _rows(tmp_path / "spark")
+    # schema and manifest the audit report codes against
+    t = pq.read_table(tmp_path / "lib" / "part-00000.parquet")
+    assert [f"{f.name}:{f.type}" for f in t.schema] == [
+        "query_id:string", "rank:int32", "gallery_id:string", "score:float", "coarse_score:float",
+        "query_uri:string", "gallery_uri:string"]
+    m = json.loads((tmp_path / "lib" / "_manifest.json").read_text())
+    assert m["stage"] == "search" and m["model_version"] == "synthetic-v1"
+    assert m["index"] == world["index"] and m["query_features"] == world["queries"]
+    assert set(m["timings"]) >= {"encode_s", "coarse_s", "merge_s", "rerank_s", "total_s"}
+    assert m["counts"]["rows"] == sum(f["rows"] for f in m["files"]) == len(_rows(tmp_path / "lib"))
+    assert m["params"]["shortlist"] == 100 and m["params"]["k"] == 5
+
+
+def test_results_find_sources_and_map_back(world, tmp_path):
+    search(world["queries"], world["index"], str(tmp_path / "out"), _cfg(), spark=None)
+    rows = _rows(tmp_path / "out")
+    top = {q: (g, s, c, qu, gu) for q, r, g, s, c, qu, gu in rows if r == 1}
+    src = world["source"]
+    hits = sum(top.get(f"q{i:010d}", (None,))[0] == synthetic.image_id(int(src[i])) for i in range(MATCH))
+    assert hits / MATCH >= 0.95
+    for q, (g, s, c, qu, gu) in list(top.items())[:50]:
+        assert qu == f"synthetic://query/{q}" and gu == f"synthetic://gallery/{g}"
+        assert -1.0 <= s <= 1.0 + 1e-5 and np.isfinite(c)
+    # per query: ranks 1..k, scores non-increasing
+    by_q = {}
+    for q, r, g, s, *_ in rows:
+        by_q.setdefault(q, []).append((r, s))
+    for v in by_q.values():
+        assert [r for r, _ in v] == list(range(1, len(v) + 1))
+        assert all(a[1] >= b[1] for a, b in zip(v, v[1:]))
+
+
+def test_no_match_and_thresholds(world, tmp_path):
+    # coarse threshold above every score: no shortlist, no match, still a complete output
+    m = search(world["queries"], world["index"], str(tmp_path / "none"), _cfg(**{"search.coarse_threshold": 0.999}))
+    assert m["counts"]["queries_with_results"] == 0 and m["counts"]["rows"] == 0
+    assert m["counts"]["queries"] == MATCH + NOMATCH
+    # match threshold: exactly the unthresholded results at or above it
+    search(world["queries"], world["index"], str(tmp_path / "all"), _cfg())
+    full = _rows(tmp_path / "all")
+    th = float(np.median([r[3] for r in full if r[1] == 1]))
+    m = search(world["queries"], world["index"], str(tmp_path / "th"), _cfg(**{"search.match_threshold": th}))
+    rows = _rows(tmp_path / "th")
+    assert rows == [r for r in full if r[3] >= th]
+    assert 0 < m["counts"]["queries_with_results"] < MATCH + NOMATCH
+    assert m["counts"]["queries_with_results"] == len({r[0] for r in rows})
+
+
+def test_empty_query_set(world, tmp_path):
+    qf = str(tmp_path / "empty_q")
+    synthetic.write_feature_output(qf, np.zeros((0, 128), np.float32), np.zeros((0, 512), np.float32),
+                                   num_files=1, role="query")
+    m = search(qf, world["index"], str(tmp_path / "out"), _cfg(), spark=None)
+    assert m["counts"]["queries"] == 0 and m["counts"]["rows"] == 0
+    assert read_results(str(tmp_path / "out")).num_rows == 0
+
+
+def test_model_version_mismatch_is_refused(world, tmp_path):
+    qf = str(tmp_path / "other_q")
+    qc, qfine, _ = synthetic.queries(N, 5, 0, SPEC)
+    synthetic.write_feature_output(qf, qc.astype(np.float32), qfine.astype(np.float32), num_files=1,
+                                   role="query", model_version="other-model")
+    with pytest.raises(IncompatibleModelError, match="other-model.*synthetic-v1|synthetic-v1.*other-model"):
+        search(qf, world["index"], str(tmp_path / "out"), _cfg())
+    assert not fsio.exists(str(tmp_path / "out" / "_manifest.json"))
+    # gallery-role features are not queries
+    with pytest.raises(ValueError, match="role query"):
+        search(world["gallery"], world["index"], str(tmp_path / "out"), _cfg())
+    # query IMAGES with the configured (real) model are refused before anything is encoded
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(img_dir / "a.jpg")
+    with pytest.raises(IncompatibleModelError, match="configured model"):
+        search(str(img_dir), world["index"], str(tmp_path / "out2"), _cfg())
+    assert not fsio.exists(str(tmp_path / "out2" / "query_features" / "_manifest.json"))
+
+
+def test_cli_search_then_evaluate_with_exact(world, tmp_path):
+    from retrieval.cli import main
+
+    out = str(tmp_path / "cli")
+    assert main(["search", "--engine", "local", "--queries", world["queries"], "--index", world["index"],
+                 "--output", out, "--set", "search.shortlist=100", "--set", "search.k=10"]) == 0
+    truth = tmp_path / "truth.csv"
+    src = world["source"]
+    lines = ["query_id,gallery_id"] + [
+        f"q{i:010d},{synthetic.image_id(int(s)) if s >= 0 else ''}" for i, s in enumerate(src)]
+    truth.write_text("\n".join(lines) + "\n")
+    assert main(["evaluate", "--engine", "local", "--results", out, "--truth", str(truth),
+                 "--exact", world["index"]]) == 0
+    m = json.loads(fsio.read_text(f"{out}/eval/metrics.json"))
+    assert m["recall@1"] >= 0.95 and m["recall@10"] >= m["recall@1"]
+    assert 0 < m["micro_ap"] <= m["recall@10"]   # AP never exceeds the recall finally reached
+    assert m["counts"]["matching_queries"] == MATCH and m["counts"]["distractor_queries"] == NOMATCH
+    assert m["exact"]["queries"] == MATCH + NOMATCH and m["exact"]["kept_at_k"] > 0.8
+    assert m["exact"]["rank1_retained"] >= 0.97
+    assert fsio.read_bytes(f"{out}/eval/pr_curve.png")[:4] == b"\x89PNG"
+    # a bad truth file is a clear error (exit 2), not a traceback
+    bad = tmp_path / "bad.csv"
+    bad.write_text("q,g\n")
+    assert main(["evaluate", "--engine", "local", "--results", out, "--truth", str(bad)]) == 2
