@@ -127,6 +127,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "train.stage1.lr": _positive,
     "train.stage2.lr": _positive,
     "train.stage3.lr": _positive,
+    "train.stage3.init": _choice("adapter1", "keep"),
     "train.checkpoint_every": _positive,
     "train.keep_checkpoints": _positive,
     "train.processes": _positive,

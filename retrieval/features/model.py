@@ -177,13 +177,20 @@ class DescriptorModel(nn.Module):
         for lin in (self.fine_head, self.adapter1):
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / k ** 0.5)
             lin.bias.zero_()
+        self.adapter2_from_adapter1()
+        self.spec.heads = f"seed:{int(seed)}"
+
+    @torch.no_grad()
+    def adapter2_from_adapter1(self) -> None:
+        """Make adapter 2 compute exactly adapter 1's function (``W1 relu(x) - W1 relu(-x) = W1 x``):
+        the seeded initialisation, and the starting point of training stage 3."""
+        k = self.spec.channels
         first, last = self.adapter2[0], self.adapter2[2]
-        eye = torch.eye(k)
+        eye = torch.eye(k, dtype=first.weight.dtype, device=first.weight.device)
         first.weight.copy_(torch.cat([eye, -eye], dim=0))
         first.bias.zero_()
         last.weight.copy_(torch.cat([self.adapter1.weight, -self.adapter1.weight], dim=1))
         last.bias.copy_(self.adapter1.bias)
-        self.spec.heads = f"seed:{int(seed)}"
 
     # -- encoding -------------------------------------------------------------------------------
     def pooled(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,14 @@
+"""Three-stage training of the descriptor model (``retrieval train``).
+
+    spark-submit --master 'local[2]' jobs/train.py --input IMAGES_URL --output CHECKPOINT_DIR_URL \
+        [--set train.processes=2] [--set train.stages=[2,3]] [--conf conf/local.yaml]
+
+``train.processes > 1`` trains data parallel through ``pyspark.ml.torch.distributor.TorchDistributor``
+(``train.local_mode``: processes on the driver, else on executors; gloo on CPU).
+"""
+import sys
+
+from retrieval.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

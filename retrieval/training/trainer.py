@@ -1,0 +1,499 @@
+"""The three training stages of METHOD.md, resumable and data-parallel.
+
+1. ``backbone``: InfoNCE (temperature ``train.temperature``) between the L2-normalised GeM-pooled
+   features of an anchor view at R_hi and a positive view at R_lo of the same image; the other images
+   of the global batch are the negatives. Trainable: the last ``train.backbone_blocks`` blocks of the
+   backbone (0 = all) and GeM's p; BatchNorm statistics stay frozen (eval mode). Heads frozen.
+2. ``adapter1``: backbone + pooling frozen; the same loss on adapter-1 outputs (anchor R_hi, positive
+   R_lo). With ``train.fine_head`` the fine head is trained by the same loss on two R_hi views.
+3. ``adapter2``: everything else frozen; ``mean(1 - cos(adapter2(pooled(lo)), adapter1(pooled(hi))))``
+   where lo/hi are the SAME augmented picture at R_lo and R_hi (a distillation). Adapter 2 starts as an
+   exact copy of (the trained) adapter 1's function (``train.stage3.init: adapter1``; ``keep`` starts
+   from its current weights).
+
+Stages 2-3 read GeM-pooled features from a cache of ``train.cache_views`` views per image (view 0 is
+the clean image; each view is one augmentation encoded at R_hi and R_lo), computed once per backbone
+and stored under ``<output>/_cache/``; ``cache_views: 0`` draws fresh views every step instead.
+
+Every ``checkpoint_every`` steps and at the end of each stage the main process writes
+``checkpoints/stage<S>-step<NNNNNN>.pt`` (a model checkpoint with metadata and ``model_version``),
+its optimiser state ``.optim.pt`` and model card ``.card.json``, then ``_train_state.json`` LAST;
+a rerun with ``train.resume`` continues from there. At the end: ``model.pt``, ``model_card.json``,
+``model_card.md``. Views, batches and learning rates are functions of (seed, stage, step), so a rerun,
+a resumed run and a data-parallel run draw the same batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrieval import fsio
+from retrieval.features.model import DescriptorModel, load_checkpoint, model_from_config, save_checkpoint
+from retrieval.features.preprocess import DecodePolicy
+from retrieval.progress import Progress
+from retrieval.training import card as card_mod
+from retrieval.training.data import ImageSet, load_images, make_view, same_view, view_rng
+from retrieval.training.dist import Dist
+
+log = logging.getLogger(__name__)
+
+STAGES = {1: "backbone", 2: "adapter1", 3: "adapter2"}
+STATE = "_train_state.json"
+CACHE_KEY = 9  # view-key namespace of the cached views
+
+
+class TrainError(RuntimeError):
+    """The training job cannot go on (the message says why and what to change)."""
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Plain values (picklable: shipped to TorchDistributor processes)."""
+    input: str
+    output: str
+    model_cfg: dict
+    preprocess_cfg: dict
+    train_cfg: dict
+    input_format: str = "auto"
+    key_column: str | None = None
+    bytes_column: str | None = None
+
+    @classmethod
+    def from_config(cls, input_url: str, output_url: str, cfg) -> "TrainJob":
+        return cls(input_url, output_url, cfg["model"].to_dict(), cfg["preprocess"].to_dict(),
+                   cfg["train"].to_dict(), cfg["extract.input_format"], cfg["extract.key_column"],
+                   cfg["extract.bytes_column"])
+
+    @property
+    def t(self) -> dict:
+        return self.train_cfg
+
+    def stage_cfg(self, stage: int) -> dict:
+        return self.train_cfg[f"stage{stage}"]
+
+    def fingerprint(self) -> dict:
+        """What a resumed run must share with the run that wrote the checkpoints."""
+        keep = ("seed", "batch_size", "temperature", "augment_strength", "augmentations", "max_side",
+                "backbone_blocks", "fine_head", "cache_views", "stage1", "stage2", "stage3")
+        return {"input": self.input, "model": self.model_cfg, "preprocess": self.preprocess_cfg,
+                "train": {k: self.train_cfg[k] for k in keep}}
+
+
+# ---------------------------------------------------------------------------------------------
+# what each stage trains, and the losses
+def trainable_names(model: DescriptorModel, stage: int, backbone_blocks: int = 0,
+                    fine_head: bool = True) -> list[str]:
+    """Names of the parameters stage ``stage`` updates (all others are frozen)."""
+    if stage == 1:
+        bb = model.backbone
+        if not isinstance(bb, nn.Sequential):
+            raise TrainError(f"backbone {type(bb).__name__} is not an nn.Sequential of blocks")
+        start = 0 if backbone_blocks <= 0 or backbone_blocks >= len(bb) else len(bb) - backbone_blocks
+        return [f"backbone.{i}.{n}" for i in range(start, len(bb)) for n, _ in bb[i].named_parameters()] \
+            + ["pool.p"]
+    if stage == 2:
+        return [f"adapter1.{n}" for n, _ in model.adapter1.named_parameters()] + \
+            ([f"fine_head.{n}" for n, _ in model.fine_head.named_parameters()] if fine_head else [])
+    if stage == 3:
+        return [f"adapter2.{n}" for n, _ in model.adapter2.named_parameters()]
+    raise TrainError(f"unknown training stage {stage} (1, 2 or 3)")
+
+
+def set_trainable(model: DescriptorModel, names: list[str]) -> list[nn.Parameter]:
+    wanted = set(names)
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in wanted)
+        if name in wanted:
+            params.append(p)
+    missing = wanted - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise TrainError(f"no such parameters: {sorted(missing)[:5]}")
+    model.eval()  # BatchNorm statistics stay frozen; no dropout in the trunk or heads
+    return params
+
+
+def pooled_partly_trainable(model: DescriptorModel, x: torch.Tensor, backbone_blocks: int) -> torch.Tensor:
+    """``model.pooled(x)`` with the frozen leading blocks run without autograd (the CPU saving)."""
+    bb = model.backbone
+    z = (x - model.mean) / model.std
+    if 0 < backbone_blocks < len(bb):
+        with torch.no_grad():
+            z = bb[:len(bb) - backbone_blocks](z)
+        z = bb[len(bb) - backbone_blocks:](z)
+    else:
+        z = bb(z)
+    return model.pool(z)
+
+
+def info_nce(anchor: torch.Tensor, positive: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Row i's positive is ``positive[i]``; every other row of ``positive`` is a negative."""
+    a, p = F.normalize(anchor, dim=-1), F.normalize(positive, dim=-1)
+    logits = a @ p.T / temperature
+    return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """mean(1 - cos(student, teacher)); the teacher gets no gradient."""
+    return (1.0 - F.cosine_similarity(student, teacher.detach(), dim=-1)).mean()
+
+
+def lr_at(step: int, steps: int, base: float) -> float:
+    """Linear warm-up over 5% of the steps, then cosine decay to 5% of ``base``."""
+    warm = max(1, steps // 20)
+    if step <= warm:
+        return base * step / warm
+    t = (step - warm) / max(1, steps - warm)
+    return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def batch_indices(seed: int, stage: int, step: int, n: int, size: int) -> np.ndarray:
+    return view_rng(seed, 1000 + stage, step).permutation(n)[:size]
+
+
+def backbone_version(model: DescriptorModel) -> str:
+    h = hashlib.sha256(json.dumps(model.spec.fingerprint_fields(), sort_keys=True).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        if key.startswith(("backbone.", "pool.")):
+            h.update(key.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# pooled-feature cache for stages 2-3
+@dataclass
+class PooledCache:
+    hi: torch.Tensor   # N x V x K (float16)
+    lo: torch.Tensor
+
+    @property
+    def views(self) -> int:
+        return self.hi.shape[1]
+
+
+@torch.no_grad()
+def build_cache(model: DescriptorModel, images: ImageSet, job: TrainJob, d: Dist,
+                chunk: int = 32) -> PooledCache:
+    t, spec = job.t, model.spec
+    n_views = int(t["cache_views"])
+    url = fsio.join(job.output, "_cache", f"pooled-{backbone_version(model)}-{images.fingerprint()}-"
+                    f"v{n_views}-s{t['augment_strength']}-seed{t['seed']}.pt")
+    if fsio.exists(url):
+        obj = torch.load(io.BytesIO(fsio.read_bytes(url)), map_location="cpu", weights_only=True)
+        log.info("stages 2-3: pooled features from cache %s", url)
+        return PooledCache(obj["hi"], obj["lo"])
+    mine = [i for i in range(len(images)) if i % d.world == d.rank]
+    progress = Progress(f"pooled-feature cache (rank {d.rank})", total=len(mine) * n_views,
+                        every=float(t["progress_seconds"]), unit="views")
+    todo: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+    out: dict[int, tuple[list, list]] = {i: ([None] * n_views, [None] * n_views) for i in mine}
+
+    def flush() -> None:
+        if not todo:
+            return
+        p_hi = model.pooled(torch.stack([x[2] for x in todo])).half()
+        p_lo = model.pooled(torch.stack([x[3] for x in todo])).half()
+        for (i, v, _, _), a, b in zip(todo, p_hi, p_lo):
+            out[i][0][v], out[i][1][v] = a, b
+        progress.update(len(todo))
+        todo.clear()
+
+    for i in mine:
+        for v in range(n_views):
+            strength = 0.0 if v == 0 else float(t["augment_strength"])
+            hi, lo = same_view(images.images[i], view_rng(t["seed"], CACHE_KEY, i, v),
+                               (spec.size_hi, spec.size_lo), strength, t["augmentations"], spec.resize)
+            todo.append((i, v, hi, lo))
+            if len(todo) >= chunk:
+                flush()
+    flush()
+    progress.finish()
+    merged: dict[int, tuple[list, list]] = {}
+    for part in d.gather_objects({i: (torch.stack(a), torch.stack(b)) for i, (a, b) in out.items()}):
+        merged.update(part)
+    cache = PooledCache(torch.stack([merged[i][0] for i in range(len(images))]),
+                        torch.stack([merged[i][1] for i in range(len(images))]))
+    if d.main:
+        buf = io.BytesIO()
+        torch.save({"hi": cache.hi, "lo": cache.lo}, buf)
+        fsio.write_bytes(url, buf.getvalue())
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# one step of each stage: (model, job, images, cache, step, local image indices) -> local pieces
+def _loss_stage1(model, job, images, cache, step, idx, d: Dist) -> torch.Tensor:
+    t, spec = job.t, model.spec
+    blocks = int(t["backbone_blocks"])
+    a = torch.stack([make_view(images.images[i], view_rng(t["seed"], 1, step, i, 0), spec.size_hi,
+                               t["augment_strength"], t["augmentations"], spec.resize) for i in idx])
+    p = torch.stack([make_view(images.images[i], view_rng(t["seed"], 1, step, i, 1), spec.size_lo,
+                               t["augment_strength"], t["augmentations"], spec.resize) for i in idx])
+    za = F.normalize(pooled_partly_trainable(model, a, blocks), dim=-1)
+    zp = F.normalize(pooled_partly_trainable(model, p, blocks), dim=-1)
+    return info_nce(d.gather(za), d.gather(zp), float(t["temperature"]))
+
+
+def _stage2_inputs(model, job, images, cache, step, idx) -> tuple[torch.Tensor, ...]:
+    """Pooled (anchor view at R_hi, positive view at R_lo, positive view at R_hi)."""
+    t, spec = job.t, model.spec
+    if cache is not None:
+        pairs = [view_rng(t["seed"], 2, step, i).choice(cache.views, 2, replace=cache.views < 2) for i in idx]
+        return (torch.stack([cache.hi[i, va] for i, (va, _) in zip(idx, pairs)]).float(),
+                torch.stack([cache.lo[i, vb] for i, (_, vb) in zip(idx, pairs)]).float(),
+                torch.stack([cache.hi[i, vb] for i, (_, vb) in zip(idx, pairs)]).float())
+    with torch.no_grad():
+        va = [same_view(images.images[i], view_rng(t["seed"], 2, step, i, 0), (spec.size_hi,),
+                        t["augment_strength"], t["augmentations"], spec.resize)[0] for i in idx]
+        vb = [same_view(images.images[i], view_rng(t["seed"], 2, step, i, 1), (spec.size_hi, spec.size_lo),
+                        t["augment_strength"], t["augmentations"], spec.resize) for i in idx]
+        return (model.pooled(torch.stack(va)), model.pooled(torch.stack([v[1] for v in vb])),
+                model.pooled(torch.stack([v[0] for v in vb])))
+
+
+def _loss_stage2(model, job, images, cache, step, idx, d: Dist) -> torch.Tensor:
+    a_hi, p_lo, p_hi = _stage2_inputs(model, job, images, cache, step, idx)
+    tau = float(job.t["temperature"])
+    loss = info_nce(d.gather(model.coarse_gallery(a_hi)), d.gather(model.coarse_gallery(p_lo)), tau)
+    if job.t["fine_head"]:
+        loss = loss + info_nce(d.gather(model.fine(a_hi)), d.gather(model.fine(p_hi)), tau)
+    return loss
+
+
+def _loss_stage3(model, job, images, cache, step, idx, d: Dist) -> torch.Tensor:
+    t, spec = job.t, model.spec
+    if cache is not None:
+        views = [int(view_rng(t["seed"], 3, step, i).integers(cache.views)) for i in idx]
+        lo = torch.stack([cache.lo[i, v] for i, v in zip(idx, views)]).float()
+        hi = torch.stack([cache.hi[i, v] for i, v in zip(idx, views)]).float()
+    else:
+        with torch.no_grad():
+            pairs = [same_view(images.images[i], view_rng(t["seed"], 3, step, i), (spec.size_lo, spec.size_hi),
+                               t["augment_strength"], t["augmentations"], spec.resize) for i in idx]
+            lo = model.pooled(torch.stack([p[0] for p in pairs]))
+            hi = model.pooled(torch.stack([p[1] for p in pairs]))
+    with torch.no_grad():
+        teacher = model.coarse_gallery(hi)
+    # the loss is a mean over samples: gather so that every process holds the global mean
+    return distill_loss(d.gather(model.coarse_query(lo)), d.gather(teacher))
+
+
+LOSSES: dict[int, Callable[..., torch.Tensor]] = {1: _loss_stage1, 2: _loss_stage2, 3: _loss_stage3}
+
+
+# ---------------------------------------------------------------------------------------------
+# state, checkpoints, resume
+def _ckpt_url(job: TrainJob, stage: int, step: int) -> str:
+    return fsio.join(job.output, "checkpoints", f"stage{stage}-step{step:06d}")
+
+
+def _read_state(job: TrainJob) -> dict | None:
+    url = fsio.join(job.output, STATE)
+    if not fsio.exists(url):
+        return None
+    try:
+        state = fsio.read_json(url)
+    except Exception as exc:
+        raise TrainError(f"{url} is unreadable ({exc}); delete it or set train.resume=false") from None
+    if state.get("job") != json.loads(json.dumps(job.fingerprint(), default=str)):
+        old, new = state.get("job", {}), json.loads(json.dumps(job.fingerprint(), default=str))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise TrainError(f"{job.output} holds a training run with different settings ({', '.join(diff)}); "
+                         "use a new --output, or set train.resume=false to start over there")
+    return state
+
+
+def _save(model: DescriptorModel, opt: torch.optim.Optimizer, job: TrainJob, state: dict, stage: int,
+          step: int, images: ImageSet, stage_done: bool) -> None:
+    base = _ckpt_url(job, stage, step)
+    meta = save_checkpoint(model, base + ".pt", extra={"training": {"stage": stage, "step": step,
+                                                                     "output": job.output}})
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    fsio.write_bytes(base + ".optim.pt", buf.getvalue())
+    state["current"] = {"stage": stage, "step": step, "checkpoint": base + ".pt",
+                        "optimizer": base + ".optim.pt", "model_version": meta["model_version"],
+                        "stage_done": stage_done}
+    card = card_mod.build_card(model, job, images, state, checkpoint=base + ".pt")
+    fsio.write_json(base + ".card.json", card)
+    fsio.write_json(fsio.join(job.output, STATE), state)  # LAST: the resume point
+    log.info("checkpoint %s.pt (stage %d step %d, model_version %s)", base, stage, step, meta["model_version"])
+    _prune(job, stage, int(job.t["keep_checkpoints"]))
+
+
+def _prune(job: TrainJob, stage: int, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints of ``stage`` (with their optimiser state and card)."""
+    fs, root = fsio.url_to_fs(fsio.join(job.output, "checkpoints"))
+    prefix = f"stage{stage}-step"
+    names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    steps = sorted({n[len(prefix):len(prefix) + 6] for n in names if n.startswith(prefix) and n.endswith(".pt")})
+    for old in steps[:-keep] if keep > 0 else []:
+        for ext in (".pt", ".optim.pt", ".card.json"):
+            path = f"{root}/{prefix}{old}{ext}"
+            if fs.exists(path):
+                fs.rm(path)
+
+
+# ---------------------------------------------------------------------------------------------
+def _threads(job: TrainJob, d: Dist) -> int:
+    configured = int(job.t["threads"])
+    if configured > 0:
+        return configured
+    return max(1, (os.cpu_count() or 1) // d.world)
+
+
+def run_stage(model: DescriptorModel, job: TrainJob, images: ImageSet, stage: int, state: dict,
+              d: Dist, cache: PooledCache | None) -> dict:
+    t, sc = job.t, job.stage_cfg(stage)
+    steps, base_lr = int(sc["steps"]), float(sc["lr"])
+    names = trainable_names(model, stage, int(t["backbone_blocks"]), bool(t["fine_head"]))
+    params = set_trainable(model, names)
+    opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=float(t["weight_decay"]))
+    start = 0
+    losses: list[list[float]] = state.setdefault("losses", {}).setdefault(str(stage), [])
+    cur = state.get("current") or {}
+    if cur.get("stage") == stage:
+        start = min(int(cur["step"]), steps)
+        opt.load_state_dict(torch.load(io.BytesIO(fsio.read_bytes(cur["optimizer"])), weights_only=True))
+        losses[:] = [x for x in losses if x[0] <= start]
+        log.info("stage %d (%s): resuming after step %d of %d", stage, STAGES[stage], start, steps)
+    if stage == 3 and start == 0 and sc.get("init", "adapter1") == "adapter1":
+        model.adapter2_from_adapter1()  # distil from adapter 1's own function on R_lo inputs
+    bsz = min(int(t["batch_size"]), len(images))
+    bsz -= bsz % d.world
+    if bsz < 2:
+        raise TrainError(f"a batch of {bsz} cannot hold negatives: need at least 2 images per batch "
+                         f"(images: {len(images)}, processes: {d.world})")
+    per = bsz // d.world
+    every = max(1, int(t["checkpoint_every"]))
+    progress = Progress(f"train stage {stage} ({STAGES[stage]})", total=steps,
+                        every=float(t["progress_seconds"]), unit="steps")
+    progress.done = start
+    t0 = time.monotonic()
+    threads = torch.get_num_threads()
+    if cache is not None and stage in (2, 3):
+        torch.set_num_threads(1)  # small matrices on cached features: extra threads only spin
+    for step in range(start + 1, steps + 1):
+        idx = batch_indices(int(t["seed"]), stage, step, len(images), bsz)[d.rank * per:(d.rank + 1) * per]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, base_lr)
+        opt.zero_grad(set_to_none=True)
+        loss = LOSSES[stage](model, job, images, cache, step, [int(i) for i in idx], d)
+        if not torch.isfinite(loss):
+            raise TrainError(f"stage {stage} step {step}: loss is {loss.item()} (lower train.stage{stage}.lr)")
+        loss.backward()
+        d.sum_grads(params)
+        opt.step()
+        losses.append([step, round(float(loss.item()), 6)])
+        recent = [x[1] for x in losses[-10:]]
+        progress.label = (f"train stage {stage} ({STAGES[stage]}) loss {float(np.mean(recent)):.4f} "
+                          f"lr {lr_at(step, steps, base_lr):.2e}")
+        progress.update(1)
+        if d.main and (step % every == 0 or step == steps):
+            _save(model, opt, job, state, stage, step, images, stage_done=step == steps)
+        d.barrier()
+    progress.finish()
+    torch.set_num_threads(threads)
+    first = [x[1] for x in losses[:10]]
+    last = [x[1] for x in losses[-10:]]
+    summary = {"stage": stage, "name": STAGES[stage], "steps": steps, "lr": base_lr, "batch_size": bsz,
+               "processes": d.world, "trainable": names if stage != 1 else
+               f"{len(names)} tensors: last {t['backbone_blocks'] or 'all'} backbone blocks + pool.p",
+               "trainable_parameters": int(sum(p.numel() for p in params)),
+               "first_loss": round(float(np.mean(first)), 6) if first else None,
+               "final_loss": round(float(np.mean(last)), 6) if last else None,
+               "seconds": round(time.monotonic() - t0, 1), "resumed_from": start or None}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return summary
+
+
+def run_training(job: TrainJob, d: Dist | None = None) -> dict:
+    """Run the selected stages (``train.stages``) of ``job``; returns the final model card."""
+    d = d or Dist()
+    t = job.t
+    torch.set_num_threads(_threads(job, d))
+    torch.manual_seed(int(t["seed"]))
+    if d.main:
+        fsio.ensure_writable(job.output)
+    d.barrier()
+    policy = DecodePolicy.from_config(job.preprocess_cfg)
+    images = load_images(job.input, policy, int(t["max_side"]), job.input_format, job.key_column,
+                         job.bytes_column)
+    state = _read_state(job) if t["resume"] else None
+    if state is None:
+        state = {"job": json.loads(json.dumps(job.fingerprint(), default=str)), "completed": {},
+                 "losses": {}, "data": images.summary(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                  time.gmtime())}
+        model = model_from_config(job.model_cfg, job.preprocess_cfg)
+    else:
+        ckpt = (state.get("current") or {}).get("checkpoint")
+        model = load_checkpoint(ckpt) if ckpt else model_from_config(job.model_cfg, job.preprocess_cfg)
+        log.info("resuming %s from %s (completed stages: %s)", job.output, ckpt,
+                 sorted(state.get("completed", {})) or "none")
+    state["processes"] = d.world
+    stages = [int(s) for s in t["stages"]]
+    cache: PooledCache | None = None
+    for stage in stages:
+        if str(stage) in state["completed"]:
+            log.info("stage %d (%s) already complete: skipped", stage, STAGES[stage])
+            continue
+        if stage in (2, 3) and int(t["cache_views"]) > 0 and cache is None:
+            cache = build_cache(model, images, job, d)
+        summary = run_stage(model, job, images, stage, state, d, cache)
+        state["completed"][str(stage)] = summary
+        if stage == 1:
+            cache = None  # the backbone changed
+        if d.main:
+            fsio.write_json(fsio.join(job.output, STATE), state)
+        d.barrier()
+    if {2, 3} & set(int(s) for s in state["completed"]):
+        model.spec.heads = "trained"
+    result: dict[str, Any] = {}
+    if d.main:
+        evaluation = None
+        if t["eval_input"]:
+            from retrieval.training.evaluate import evaluate_job
+
+            evaluation = evaluate_job(model, job)
+        final = fsio.join(job.output, "model.pt")
+        model.spec.extra = {k: v for k, v in model.spec.extra.items() if k != "training"}
+        save_checkpoint(model, final, extra={"training": {"output": job.output, "stages": sorted(
+            state["completed"]), "data": images.summary()["fingerprint"]}})
+        result = card_mod.build_card(model, job, images, state, checkpoint=final, evaluation=evaluation)
+        card_mod.write_card(result, fsio.join(job.output, "model_card"))
+        log.info("training done: %s (model_version %s)", final, result["model_version"])
+    d.barrier()
+    return result
+
+
+def distributed_main(job_dict: dict) -> dict:
+    """Entry point of each TorchDistributor process (module level: picklable by reference)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    d = Dist.from_env()
+    try:
+        return run_training(TrainJob(**job_dict), d)
+    finally:
+        d.close()
+
+
+def run_distributed(job: TrainJob, processes: int, local_mode: bool = True, use_gpu: bool = False) -> dict:
+    """The same training, data parallel over ``processes`` processes by Spark's TorchDistributor
+    (gloo backend on CPU). Needs an active SparkSession."""
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    distributor = TorchDistributor(num_processes=processes, local_mode=local_mode, use_gpu=use_gpu)
+    return distributor.run(distributed_main, asdict(job))

@@ -1,0 +1,80 @@
+"""Augmentations keep images valid (RGB, size, range) for every option, and are seed-reproducible."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.sample import real_photos
+from retrieval.training.augment import OPS, augment, check_ops
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    img = Image.open(real_photos("train")[0]).convert("RGB")
+    img.thumbnail((160, 160))
+    return img
+
+
+def _valid(out: Image.Image) -> np.ndarray:
+    assert isinstance(out, Image.Image) and out.mode == "RGB"
+    assert min(out.size) >= 8
+    arr = np.asarray(out)
+    assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3
+    return arr
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("strength", [0.05, 0.5, 1.0])
+def test_every_op_gives_a_valid_changed_image(photo, op, strength):
+    for seed in range(4):
+        out = augment(photo, np.random.default_rng(seed), strength, ops=(op,), always=True)
+        arr = _valid(out)
+        if op not in ("crop", "scale", "shift", "rotate", "overlay", "text", "lines"):
+            assert out.size == photo.size
+        if seed == 0 and op != "jpeg" or strength == 1.0:
+            # every op really does something (jpeg at quality ~90 may round-trip tiny images almost
+            # exactly, but at strength 1 it cannot)
+            same = out.size == photo.size and np.array_equal(arr, np.asarray(photo))
+            assert not same, f"{op} at strength {strength} left the image unchanged"
+
+
+def test_op_specific_effects(photo):
+    rng = np.random.default_rng(0)
+    gray = np.asarray(augment(photo, rng, 0.5, ("grayscale",), always=True)).astype(int)
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
+    flipped = np.asarray(augment(photo, rng, 0.5, ("flip",), always=True))
+    assert np.array_equal(flipped, np.asarray(photo)[:, ::-1])
+    cropped = augment(photo, np.random.default_rng(3), 1.0, ("crop",), always=True)
+    assert cropped.size[0] <= photo.size[0] and cropped.size[1] <= photo.size[1]
+    assert cropped.size != photo.size
+
+
+@pytest.mark.parametrize("size", [(8, 8), (9, 200), (300, 12)])
+def test_tiny_and_thin_images_stay_valid(size):
+    img = Image.new("RGB", size, (200, 30, 60))
+    for seed in range(10):
+        _valid(augment(img, np.random.default_rng(seed), 1.0, OPS, always=True))
+        _valid(augment(img, np.random.default_rng(seed), 1.0, OPS))
+
+
+def test_non_rgb_input_and_strength_zero(photo):
+    la = photo.convert("LA")
+    _valid(augment(la, np.random.default_rng(0), 0.7))
+    same = augment(photo, np.random.default_rng(0), 0.0)
+    assert np.array_equal(np.asarray(same), np.asarray(photo))
+
+
+def test_reproducible_from_the_seed(photo):
+    a = augment(photo, np.random.default_rng([7, 1, 2]), 0.8)
+    b = augment(photo, np.random.default_rng([7, 1, 2]), 0.8)
+    c = augment(photo, np.random.default_rng([7, 1, 3]), 0.8)
+    assert a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
+    assert a.size != c.size or not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_bad_options_are_refused(photo):
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        check_ops(["crop", "sepia"])
+    with pytest.raises(ValueError, match="strength"):
+        augment(photo, np.random.default_rng(0), 1.5)

@@ -1,0 +1,137 @@
+"""The three stages: exactly the intended parameters move, the losses fall on real photos, and the
+loss functions, schedule and batch sampling behave."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.config import load
+from retrieval.features.model import build_model
+from retrieval.features.preprocess import DecodePolicy
+from retrieval.sample import real_photos
+from retrieval.training import trainer
+from retrieval.training.data import decode_all
+from retrieval.training.dist import Dist
+
+SIZES = {"preprocess.size_hi": 64, "preprocess.size_lo": 48}
+
+
+@pytest.fixture(scope="module")
+def images():
+    rows = []
+    for p in real_photos("train")[:8]:
+        with open(p, "rb") as fh:
+            rows.append((p.rsplit("/", 1)[-1], p, fh.read(), None))
+    return decode_all(rows, DecodePolicy(), max_side=128, source="real_photos(train)[:8]")
+
+
+def _job(tmp_path, **train) -> trainer.TrainJob:
+    sets = {**SIZES, "train.batch_size": 8, "train.cache_views": 4, "train.seed": 0, **train}
+    cfg = load(overrides=sets)
+    return trainer.TrainJob.from_config("unused", str(tmp_path), cfg)
+
+
+def _model():
+    return build_model(size_hi=64, size_lo=48)
+
+
+EXPECTED = {
+    1: lambda n: n.startswith(("backbone.17.", "backbone.18.")) or n == "pool.p",
+    2: lambda n: n.startswith(("adapter1.", "fine_head.")),
+    3: lambda n: n.startswith("adapter2."),
+}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_stage_updates_exactly_its_parameters(tmp_path, images, stage):
+    job = _job(tmp_path, **{"train.backbone_blocks": 2})
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cache = trainer.build_cache(model, images, job, Dist()) if stage > 1 else None
+    state: dict = {"completed": {}, "losses": {}}
+    job = trainer.TrainJob(**{**job.__dict__, "train_cfg": {**job.train_cfg, f"stage{stage}":
+                                                            {"steps": 2, "lr": 1e-3}}})
+    trainer.run_stage(model, job, images, stage, state, Dist(), cache)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    expected = {k for k, _ in model.named_parameters() if EXPECTED[stage](k)}
+    assert changed == expected
+    assert not any(p.requires_grad for p in model.parameters())  # frozen again after the stage
+
+
+def test_stage2_without_fine_head_leaves_it_alone(tmp_path, images):
+    job = _job(tmp_path, **{"train.fine_head": False})
+    names = trainer.trainable_names(_model(), 2, fine_head=False)
+    assert names == ["adapter1.weight", "adapter1.bias"]
+    assert len(trainer.trainable_names(_model(), 1, backbone_blocks=0)) == \
+        sum(1 for n, _ in _model().named_parameters() if n.startswith("backbone.")) + 1
+    assert job.train_cfg["fine_head"] is False
+
+
+def _losses(model, job, images, stage, steps, cache=None):
+    names = trainer.trainable_names(model, stage, int(job.t["backbone_blocks"]), True)
+    params = trainer.set_trainable(model, names)
+    opt = torch.optim.AdamW(params, lr=job.stage_cfg(stage)["lr"])
+    out = []
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        # the same batch every step: the loss on it must fall
+        loss = trainer.LOSSES[stage](model, job, images, cache, 1, list(range(len(images))), Dist())
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    return out
+
+
+def test_losses_decrease_in_a_few_steps(tmp_path, images):
+    job = _job(tmp_path, **{"train.stage1.lr": 1e-3, "train.stage2.lr": 3e-3, "train.stage3.lr": 1e-3,
+                            "train.augment_strength": 0.6})
+    model = _model()
+    l1 = _losses(model, job, images, 1, 4)
+    assert l1[-1] < l1[0], l1
+    cache = trainer.build_cache(model, images, job, Dist())
+    l2 = _losses(model, job, images, 2, 6, cache)
+    assert l2[-1] < 0.8 * l2[0], l2
+    l3 = _losses(model, job, images, 3, 6, cache)
+    assert l3[-1] < l3[0], l3
+    # the same stages without the cache (fresh views every step) also learn
+    model2 = _model()
+    l2b = _losses(model2, job, images, 2, 5, None)
+    assert l2b[-1] < l2b[0], l2b
+
+
+def test_info_nce_and_distillation_definitions():
+    torch.manual_seed(0)
+    a = torch.randn(6, 16)
+    assert trainer.info_nce(a, a.clone(), 0.05).item() < 1e-3    # perfect positives
+    p = torch.randn(6, 16)
+    an, pn = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(p, dim=-1)
+    logits = an @ pn.T / 0.1
+    manual = -torch.log(torch.exp(logits.diag()) / torch.exp(logits).sum(1)).mean()
+    assert trainer.info_nce(a, p, 0.1).item() == pytest.approx(manual.item(), rel=1e-5)
+    s = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    assert trainer.distill_loss(s, s).item() == pytest.approx(0.0, abs=1e-6)
+    assert trainer.distill_loss(s, -s).item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_lr_schedule_and_batches():
+    lrs = [trainer.lr_at(s, 100, 1.0) for s in range(1, 101)]
+    assert lrs[4] == pytest.approx(1.0) and lrs[0] < lrs[4]
+    assert lrs[-1] == pytest.approx(0.05, abs=1e-3) and all(x > 0 for x in lrs)
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+    b1 = trainer.batch_indices(0, 2, 7, 30, 8)
+    assert len(set(b1.tolist())) == 8 and np.array_equal(b1, trainer.batch_indices(0, 2, 7, 30, 8))
+    assert not np.array_equal(b1, trainer.batch_indices(0, 2, 8, 30, 8))
+    assert not math.isnan(lrs[50])
+
+
+def test_too_few_images_is_a_clear_error(tmp_path, images):
+    from retrieval.training.data import ImageSet
+
+    one = ImageSet(images.ids[:1], images.images[:1])
+    job = _job(tmp_path)
+    with pytest.raises(trainer.TrainError, match="at least 2 images"):
+        trainer.run_stage(_model(), job, one, 2, {"completed": {}, "losses": {}}, Dist(), None)
