@@ -26,5 +26,5 @@ setup(
         "s3": ["s3fs>=2024.1"],
         "test": ["pytest>=8", "scikit-image>=0.22", "moto[server]>=5", "s3fs>=2024.1"],
     },
-    entry_points={"console_scripts": ["retrieval=retrieval.cli:main"]},
+    entry_points={"console_scripts": ["retrieval=retrieval.cli:entry"]},
 )

@@ -12,7 +12,7 @@ On a cluster (see README "Running on a cluster"):
 """
 import sys
 
-from retrieval.cli import main
+from retrieval.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["extract", *sys.argv[1:]]))
+    entry(["extract", *sys.argv[1:]])

@@ -168,5 +168,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def entry(argv: Sequence[str] | None = None) -> None:
+    """Console-script and ``jobs/*.py`` entry: run, flush, and leave without interpreter teardown,
+    where native thread pools (pyarrow + torch) can abort a finished job (apache/arrow#50482)."""
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

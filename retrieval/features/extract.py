@@ -368,9 +368,7 @@ def read_features(output_url: str, columns: list[str] | None = None, verify: boo
         if verify and fsio.sha256_file(url) != s["sha256"]:
             raise ValueError(f"feature shard {url} does not match the sha256 in its manifest "
                              "(truncated or altered)")
-        fs, p = fsio.url_to_fs(url)
-        with fs.open(p, "rb") as fh:
-            tables.append(pq.read_table(fh, columns=columns))
+        tables.append(fsio.read_parquet(url, columns=columns))
     if not tables:
         schema = feature_schema(storage=manifest.get("storage", "float32"))
         return schema.empty_table() if columns is None else schema.empty_table().select(columns)

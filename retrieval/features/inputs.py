@@ -21,7 +21,6 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from retrieval import fsio
 
@@ -47,13 +46,13 @@ def detect_format(url: str) -> str:
     if fs.isdir(path):
         files = [p for p in fs.find(path) if not _hidden(p, path)]
         if files and all(p.endswith(".parquet") for p in files):
-            schema = pq.read_schema(fs.open(files[0], "rb"))
+            schema = fsio.parquet_file(fsio.to_url(fs, files[0])).schema_arrow
             return "manifest" if "uri" in schema.names else "parquet"
         return "dir"
     if path.endswith(".csv"):
         return "manifest"
     if path.endswith(".parquet"):
-        schema = pq.read_schema(fs.open(path, "rb"))
+        schema = fsio.parquet_file(url).schema_arrow
         return "manifest" if "uri" in schema.names else "parquet"
     raise InputError(f"input {url}: a single file must be a .csv or .parquet manifest")
 
@@ -78,14 +77,14 @@ def _read_table(url: str) -> pa.Table:
     fs, path = fsio.url_to_fs(url)
     if fs.isdir(path):
         parts = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(p, path))
-        return pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in parts]) if parts \
+        return pa.concat_tables([fsio.read_parquet(fsio.to_url(fs, p)) for p in parts]) if parts \
             else pa.table({})
     if path.endswith(".csv"):
-        with fs.open(path, "rb") as fh:
+        afs, apath = fsio.arrow_fs(url)
+        with afs.open_input_stream(apath) as fh:
             return pacsv.read_csv(fh, convert_options=pacsv.ConvertOptions(
                 column_types={"image_id": pa.string(), "uri": pa.string()}))
-    with fs.open(path, "rb") as fh:
-        return pq.read_table(fh)
+    return fsio.read_parquet(url)
 
 
 def _resolve(uri: str, base_fs, base_dir: str) -> str:
@@ -149,11 +148,9 @@ def list_inputs(url: str, input_format: str = "auto", num_shards: int = 1,
         items = [(i, u, shard_of(i, num_shards)) for i, u in _list_manifest(url)]
     elif fmt == "parquet":
         for file_no, f in enumerate(_parquet_files(url)):
-            fs, p = fsio.url_to_fs(f)
-            with fs.open(p, "rb") as fh:
-                pf = pq.ParquetFile(fh)
-                key, _ = parquet_columns(pf.schema_arrow, key_column, bytes_column, f)
-                keys = pf.read(columns=[key]).column(key).to_pylist()
+            pf = fsio.parquet_file(f)
+            key, _ = parquet_columns(pf.schema_arrow, key_column, bytes_column, f)
+            keys = pf.read(columns=[key]).column(key).to_pylist()
             shard = file_no % num_shards
             items += [("" if k is None else str(k), f"{f}{ROW_MARK}{r}", shard) for r, k in enumerate(keys)]
     else:
@@ -190,17 +187,15 @@ def read_items(rows: list[tuple[str, str]], max_bytes: int, key_column: str | No
     errors: dict[int, str] = {}
     for f, wanted in by_file.items():
         try:
-            fs, p = fsio.url_to_fs(f)
-            with fs.open(p, "rb") as fh:
-                pf = pq.ParquetFile(fh)
-                key, col = parquet_columns(pf.schema_arrow, key_column, bytes_column, f)
-                row = 0
-                for batch in pf.iter_batches(batch_size=256, columns=[col]):
-                    values = batch.column(0)
-                    for j in range(len(values)):
-                        if row + j in wanted:
-                            from_parquet[wanted[row + j]] = values[j].as_py()
-                    row += len(values)
+            pf = fsio.parquet_file(f)
+            key, col = parquet_columns(pf.schema_arrow, key_column, bytes_column, f)
+            row = 0
+            for batch in pf.iter_batches(batch_size=256, columns=[col]):
+                values = batch.column(0)
+                for j in range(len(values)):
+                    if row + j in wanted:
+                        from_parquet[wanted[row + j]] = values[j].as_py()
+                row += len(values)
         except Exception as exc:
             for idx in wanted.values():
                 errors[idx] = f"unreadable parquet input {f}: {exc.__class__.__name__}: {exc}"

@@ -14,7 +14,6 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from retrieval import fsio
 
@@ -46,16 +45,14 @@ def fetch_rows(feature_files: Sequence[str], ids: np.ndarray, columns: Sequence[
             raise KeyError(f"id refers to feature file #{f}, the index has {len(feature_files)}")
         pos = np.asarray(pos_list)
         want = rows[pos]
-        fs, path = fsio.url_to_fs(feature_files[f])
-        with fs.open(path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            md = pf.metadata
-            starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-            if want.size and want.max() >= starts[-1]:
-                raise KeyError(f"row {int(want.max())} beyond the {starts[-1]} rows of {feature_files[f]}")
-            groups = np.searchsorted(starts, want, side="right") - 1
-            needed = np.unique(groups)
-            table = pf.read_row_groups(needed.tolist(), columns=list(columns))
+        pf = fsio.parquet_file(feature_files[f])
+        md = pf.metadata
+        starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
+        if want.size and want.max() >= starts[-1]:
+            raise KeyError(f"row {int(want.max())} beyond the {starts[-1]} rows of {feature_files[f]}")
+        groups = np.searchsorted(starts, want, side="right") - 1
+        needed = np.unique(groups)
+        table = pf.read_row_groups(needed.tolist(), columns=list(columns))
         # offset of each needed group inside `table`
         sizes = starts[needed + 1] - starts[needed]
         base = dict(zip(needed.tolist(), np.cumsum(np.r_[0, sizes[:-1]]).tolist()))
