@@ -65,33 +65,39 @@ def search_shard(index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     return scores, ids.astype(np.int64, copy=False)
 
 
-def topk_rows(scores: np.ndarray, ids: np.ndarray, k: int, ordered: bool = False
-              ) -> tuple[np.ndarray, np.ndarray]:
+def topk_rows(scores: np.ndarray, ids: np.ndarray, k: int, ordered: bool = False,
+              return_cols: bool = False):
     """Per row, the ``k`` best entries of ``scores``/``ids`` (``n x m``; id -1 = empty), ties at
     the k-th score broken by the smaller id, so the chosen SET is deterministic. Rows with fewer
     than ``k`` valid entries are padded with id -1 / score -inf. With ``ordered`` each row is
-    sorted (score desc, id asc); otherwise the order inside a row is unspecified but repeatable."""
+    sorted (score desc, id asc); otherwise the order inside a row is unspecified but repeatable.
+    With ``return_cols`` also the column of each kept entry in the input (-1 for padding)."""
     n, m = scores.shape
     scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
     if m > k:
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         s = np.take_along_axis(scores, part, axis=1)
         i = np.take_along_axis(ids, part, axis=1)
+        cols = part
         # rows where entries tied with the k-th score were cut arbitrarily: redo them exactly
         kth = s.min(axis=1, keepdims=True)
         cut = np.nonzero(np.isfinite(kth[:, 0]) &
                          ((scores == kth).sum(axis=1) > (s == kth).sum(axis=1)))[0]
         for r in cut.tolist():
             o = np.lexsort((ids[r], -scores[r]))[:k]
-            s[r], i[r] = scores[r, o], ids[r, o]
+            s[r], i[r], cols[r] = scores[r, o], ids[r, o], o
     else:
         s = np.full((n, k), -np.inf, np.float32)
         i = np.full((n, k), -1, np.int64)
         s[:, :m], i[:, :m] = scores, ids
+        cols = np.full((n, k), -1, np.int64)
+        cols[:, :m] = np.arange(m)
     i = np.where(np.isfinite(s), i, -1)
     if ordered and n:
         o = _row_order(s, i)
-        s, i = np.take_along_axis(s, o, axis=1), np.take_along_axis(i, o, axis=1)
+        s, i, cols = (np.take_along_axis(a, o, axis=1) for a in (s, i, cols))
+    if return_cols:
+        return s, i, np.where(i >= 0, cols, -1)
     return s, i
 
 

@@ -62,6 +62,7 @@ class SearchJob:
     index_url: str
     index_manifest: dict
     query_files: tuple[str, ...]
+    query_int8: bool
     feature_files: tuple[str, ...]
     feature_rows: tuple[int | None, ...]
     n_shards: int
@@ -134,8 +135,7 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
     t0 = time.monotonic()
     c_scores, c_ids = coarse_mod.merge_shortlists(parts, job.shortlist, job.coarse_threshold)
     t1 = time.monotonic()
-    q = query_rows(job, chunk, ["image_id", "uri", "fine"] + (
-        ["fine_scale"] if _has_scale(job.query_files[chunk.file_no]) else []))
+    q = query_rows(job, chunk, ["image_id", "uri", "fine"] + (["fine_scale"] if job.query_int8 else []))
     scores, ids, coarse = rerank_mod.rerank(
         fine_matrix(q), c_ids, c_scores, job.feature_files, job.k, job.match_threshold, job.rerank_rows,
         job.feature_rows if job.verify else None, vectors.process_cache(job.vector_cache_mb),
@@ -151,21 +151,9 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
     return {"chunk": chunk.chunk, "file": part_name(chunk.chunk), "rows": table.num_rows,
             "sha256": fsio.sha256_file(url), "queries": chunk.stop - chunk.start,
             "queries_with_results": n_with,
-            "queries_with_shortlist": int((c_ids[:, 0] >= 0).sum()) if c_ids.size else 0,
+            "queries_with_shortlist": int((c_ids >= 0).any(axis=1).sum()) if c_ids.size else 0,
             "coarse_s": round(coarse_s, 4), "merge_s": round(t1 - t0, 4),
             "rerank_s": round(t2 - t1, 4), "write_s": round(t3 - t2, 4)}
-
-
-_SCALE: dict[str, bool] = {}
-
-
-def _has_scale(url: str) -> bool:
-    """Whether a feature file stores int8 fine vectors (with a ``fine_scale`` column)."""
-    if url not in _SCALE:
-        fs, path = fsio.url_to_fs(url)
-        with fs.open(path, "rb") as fh:
-            _SCALE[url] = "fine_scale" in pq.ParquetFile(fh).schema_arrow.names
-    return _SCALE[url]
 
 
 def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.ndarray,
@@ -277,10 +265,11 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
                                                    cfg, spark)
     qfiles, qrows = q_mod.query_files(qf_url, qman, sc.verify)
     chunks = q_mod.plan_chunks(qrows, sc.query_chunk)
-    ffiles = [f for f in index_manifest["feature_files"]]
+    ffiles = index_manifest["feature_files"]
     job = SearchJob(
         output=output_url, index_url=index_url, index_manifest=index_manifest,
-        query_files=tuple(qfiles), feature_files=tuple(store.feature_file_urls(index_manifest)),
+        query_files=tuple(qfiles), query_int8=qman.get("storage") == "int8",
+        feature_files=tuple(store.feature_file_urls(index_manifest)),
         feature_rows=tuple(f.get("rows") for f in ffiles),
         feature_versions=tuple(f.get("sha256") for f in ffiles), n_shards=len(index_manifest["shards"]),
         nprobe=int(sc.nprobe if sc.nprobe is not None else index_manifest.get("nprobe", 1)),

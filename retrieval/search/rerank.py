@@ -106,13 +106,8 @@ def rerank(query_fine: np.ndarray, ids: np.ndarray, coarse_scores: np.ndarray,
     fine = score_shortlist(query_fine, ids, feature_files, batch_rows, expected_rows, cache, versions)
     if match_threshold is not None:
         fine = np.where(fine >= match_threshold, fine, -np.inf)
-    top_s, top_i = topk_rows(fine, np.where(np.isfinite(fine), ids, -1), k, ordered=True)
-    # coarse score of each kept id (ids are unique within a shortlist row)
-    coarse = np.full(top_i.shape, np.nan, np.float32)
-    for r in range(0, len(ids), 1024):
-        ti, si = top_i[r:r + 1024], ids[r:r + 1024]
-        match = ti[:, :, None] == si[:, None, :]
-        col = match.argmax(axis=2)
-        c = np.take_along_axis(coarse_scores[r:r + 1024], col, axis=1)
-        coarse[r:r + 1024] = np.where((ti >= 0) & match.any(axis=2), c, np.nan)
+    top_s, top_i, cols = topk_rows(fine, np.where(np.isfinite(fine), ids, -1), k, ordered=True,
+                                   return_cols=True)
+    coarse = np.take_along_axis(coarse_scores, np.maximum(cols, 0), axis=1).astype(np.float32)
+    coarse[cols < 0] = np.nan
     return top_s, top_i, coarse

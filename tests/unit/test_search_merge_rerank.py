@@ -161,7 +161,7 @@ def test_chunk_task_maps_ids_to_image_ids_and_uris(tmp_path, data, gallery_outpu
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(128))
     index.add_with_ids(g_coarse, ids)
     out = str(tmp_path / "out")
-    job = SearchJob(output=out, index_url="unused", index_manifest={}, n_shards=1, nprobe=1,
+    job = SearchJob(output=out, index_url="unused", index_manifest={}, n_shards=1, nprobe=1, query_int8=False,
                     query_files=tuple(feature_urls(qurl, 2)), feature_files=tuple(feature_urls(gallery_output)),
                     feature_rows=(2000, 2000, 2000), shortlist=100, k=3)
     half = NQ // 2   # file 0 of the queries holds the matching half

@@ -1,0 +1,208 @@
+"""Benchmark of the two-stage search against exact 512-d brute force (docs/search.md "Benchmark").
+
+    .venv/bin/python tests/bench/bench_search.py                 # 1M gallery, 10k + 10k queries
+    .venv/bin/python tests/bench/bench_search.py --gallery 100000 --match 2000 --nomatch 2000 --no-spark-grid
+
+What it does, in one run (fixed seed; the data and index are cached in --workdir and reused when
+the sizes match):
+1. a synthetic gallery (``retrieval.synthetic``, default ``SyntheticSpec``) written as a real
+   extraction output (int8 fine vectors, 8 files), and matching + non-matching queries written as a
+   query feature output;
+2. the index, built once with ``retrieval.index.build.build_index`` (its default parameters);
+3. exact 512-d brute force: faiss ``IndexFlatIP`` over the stored (dequantised) gallery vectors,
+   all queries, timed (search only: loading the vectors is not counted, which favours it);
+4. the library path (``search(..., spark=None)``) at shortlist 100/500/1000 x two nprobe values, and
+   the Spark job end to end (``retrieval search`` in a subprocess: JVM start, planning, writing and
+   the manifest included) for the default setting (``--spark-grid``: for every setting);
+5. per setting: queries/s, speed-up over brute force, rank-1 source rate on the matching queries
+   (two-stage vs exact, and the share of exact's rank-1 hits that two-stage keeps), recall@10 of
+   the two-stage top-10 against the exact top-10.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from retrieval import config, fsio, synthetic  # noqa: E402
+from retrieval.features.extract import read_features  # noqa: E402
+from retrieval.schema import fine_matrix  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def prepare(args) -> tuple[str, str, str, np.ndarray]:
+    """Gallery features, query features, index (cached by size); returns urls and query sources."""
+    spec = synthetic.SyntheticSpec()
+    tag = f"g{args.gallery}_m{args.match}_n{args.nomatch}_s{spec.seed}"
+    work = os.path.join(args.workdir, tag)
+    gal, qf, idx = (os.path.join(work, n) for n in ("gallery", "queries", "index"))
+    src_file = os.path.join(work, "sources.npy")
+    if not fsio.exists(os.path.join(gal, "_manifest.json")):
+        t = time.monotonic()
+        coarse, fine = synthetic.gallery(args.gallery, spec)
+        synthetic.write_feature_output(gal, coarse, fine, num_files=8, storage="int8")
+        del coarse, fine
+        log(f"gallery: {args.gallery} items written in {time.monotonic() - t:.0f}s")
+    if not fsio.exists(os.path.join(qf, "_manifest.json")):
+        t = time.monotonic()
+        qc, qfine, source = synthetic.queries(args.gallery, args.match, args.nomatch, spec)
+        synthetic.write_feature_output(qf, qc.astype(np.float32), qfine.astype(np.float32), num_files=2,
+                                       storage="int8", role="query", id_prefix="q")
+        np.save(src_file, source)
+        log(f"queries: {len(source)} written in {time.monotonic() - t:.0f}s")
+    if not fsio.exists(os.path.join(idx, "manifest.json")):   # retrieval.index.store.MANIFEST
+        from retrieval.index.build import build_index
+
+        t = time.monotonic()
+        build_index([gal], idx, config.load(), spark=None)
+        log(f"index built in {time.monotonic() - t:.0f}s")
+    return gal, qf, idx, np.load(src_file)
+
+
+def brute_force(gal: str, qf: str, k: int) -> tuple[np.ndarray, float, np.ndarray]:
+    """Exact top-k gallery rows (global row numbers) for every query, its search seconds."""
+    import faiss
+
+    xb = fine_matrix(read_features(gal, ["fine", "fine_scale"]))
+    q = read_features(qf, ["image_id", "fine", "fine_scale"])
+    xq = np.ascontiguousarray(fine_matrix(q))
+    index = faiss.IndexFlatIP(xb.shape[1])
+    index.add(xb)
+    del xb
+    t = time.monotonic()
+    _, rows = index.search(xq, k)
+    return rows, time.monotonic() - t, np.array(q.column("image_id").to_pylist())
+
+
+def two_stage_rows(out: str) -> dict[str, list[str]]:
+    from retrieval.search import read_results
+
+    d = read_results(out).select(["query_id", "rank", "gallery_id"]).to_pydict()
+    res: dict[str, list[tuple[int, str]]] = {}
+    for q, r, g in zip(d["query_id"], d["rank"], d["gallery_id"]):
+        res.setdefault(q, []).append((r, g))
+    return {q: [g for _, g in sorted(v)] for q, v in res.items()}
+
+
+def score(res: dict[str, list[str]], qids: np.ndarray, source: np.ndarray, exact_rows: np.ndarray) -> dict:
+    match = source >= 0
+    exact_ids = [[synthetic.image_id(int(r)) for r in row if r >= 0] for row in exact_rows]
+    src_ids = [synthetic.image_id(int(s)) if s >= 0 else None for s in source]
+    ts_hit = np.array([bool(res.get(q)) and res[q][0] == s for q, s in zip(qids, src_ids)])
+    ex_hit = np.array([bool(e) and e[0] == s for e, s in zip(exact_ids, src_ids)])
+    kept = [len(set(res.get(q, [])[:10]) & set(e[:10])) / max(len(e[:10]), 1) for q, e in zip(qids, exact_ids)]
+    return {"rank1_two_stage": float(ts_hit[match].mean()), "rank1_exact": float(ex_hit[match].mean()),
+            "rank1_retained": float((ts_hit & ex_hit)[match].sum() / max(ex_hit[match].sum(), 1)),
+            "recall10_vs_exact": float(np.mean(kept))}
+
+
+def run_library(qf: str, idx: str, out: str, sets: list[str]) -> float:
+    from retrieval.search import search
+
+    cfg = config.load(sets=sets)
+    t = time.monotonic()
+    search(qf, idx, out, cfg, spark=None)
+    return time.monotonic() - t
+
+
+def run_spark(qf: str, idx: str, out: str, sets: list[str]) -> float:
+    cmd = [sys.executable, "-m", "retrieval.cli", "search", "--queries", qf, "--index", idx, "--output", out,
+           "--log-level", "WARNING"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYTHONPATH=ROOT)
+    t = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.monotonic() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"spark search failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gallery", type=int, default=1_000_000)
+    ap.add_argument("--match", type=int, default=10_000)
+    ap.add_argument("--nomatch", type=int, default=10_000)
+    ap.add_argument("--shortlists", default="100,500,1000")
+    ap.add_argument("--nprobes", default="", help="nprobe values (default: the index's tuned one and 16, "
+                                                   "or 4x it when it is >= 16)")
+    ap.add_argument("--query-chunk", type=int, default=None, help="search.query_chunk (default: config)")
+    ap.add_argument("--workdir", default="/tmp/bench_search")
+    ap.add_argument("--spark-grid", action="store_true", help="run the Spark job at every setting")
+    ap.add_argument("--no-spark", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    import faiss
+
+    log(f"threads: faiss {faiss.omp_get_max_threads()}, cpus {os.cpu_count()}")
+    gal, qf, idx, source = prepare(args)
+    from retrieval.index.store import read_index_manifest
+
+    index_manifest = read_index_manifest(idx)
+    base_nprobe = int(index_manifest.get("nprobe", 16))
+    nprobes = [int(x) for x in args.nprobes.split(",")] if args.nprobes else \
+        [base_nprobe, 16 if base_nprobe < 16 else 4 * base_nprobe]
+    shortlists = [int(x) for x in args.shortlists.split(",")]
+    n_q = len(source)
+    log(f"index: {len(index_manifest['shards'])} shards, default nprobe {base_nprobe}; "
+        f"{index_manifest.get('index_type') or index_manifest.get('factory') or ''}")
+
+    exact_rows, bf_s, qids = brute_force(gal, qf, 10)
+    bf_qps = n_q / bf_s
+    log(f"brute force: {n_q} queries in {bf_s:.1f}s = {bf_qps:.1f} q/s")
+
+    default_cfg = config.load()
+    rows = []
+    for nprobe in nprobes:
+        for S in shortlists:
+            sets = [f"search.shortlist={S}", f"search.nprobe={nprobe}"]
+            if args.query_chunk:
+                sets.append(f"search.query_chunk={args.query_chunk}")
+            out = os.path.join(args.workdir, "out", f"lib_s{S}_p{nprobe}")
+            lib_s = run_library(qf, idx, out, sets)
+            row = {"shortlist": S, "nprobe": nprobe, "library_s": round(lib_s, 2),
+                   "library_qps": round(n_q / lib_s, 1), "library_speedup": round(bf_s / lib_s, 1),
+                   **score(two_stage_rows(out), qids, source, exact_rows)}
+            is_default = S == default_cfg.search.shortlist and nprobe == base_nprobe
+            if not args.no_spark and (args.spark_grid or is_default):
+                sout = os.path.join(args.workdir, "out", f"spark_s{S}_p{nprobe}")
+                spark_s = run_spark(qf, idx, sout, sets)
+                sres = two_stage_rows(sout)
+                row.update({"spark_s": round(spark_s, 2), "spark_qps": round(n_q / spark_s, 1),
+                            "spark_speedup": round(bf_s / spark_s, 1),
+                            "spark_equals_library": sres == two_stage_rows(out)})
+            rows.append(row)
+            log(json.dumps(row))
+
+    print()
+    print(f"gallery {args.gallery:,}, queries {n_q:,} ({args.match:,} matching), 2-core machine; "
+          f"brute force (faiss IndexFlatIP, 512-d) {bf_qps:.1f} q/s ({bf_s:.1f}s)")
+    print()
+    print("| shortlist | nprobe | library q/s | x brute | Spark job q/s | x brute | rank-1 two-stage | "
+          "rank-1 exact | exact's rank-1 kept | recall@10 vs exact |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        sp = f"{r['spark_qps']:.0f} | {r['spark_speedup']:.1f}x" if "spark_qps" in r else "- | -"
+        print(f"| {r['shortlist']} | {r['nprobe']} | {r['library_qps']:.0f} | {r['library_speedup']:.0f}x | {sp} | "
+              f"{100 * r['rank1_two_stage']:.2f}% | {100 * r['rank1_exact']:.2f}% | "
+              f"{100 * r['rank1_retained']:.2f}% | {100 * r['recall10_vs_exact']:.2f}% |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"brute_force_s": bf_s, "brute_force_qps": bf_qps, "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
