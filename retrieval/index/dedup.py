@@ -1,0 +1,117 @@
+"""Duplicate ``image_id``s across the gallery's feature files.
+
+Rule: the FIRST occurrence in (file_no, row) order is the image's row; every later occurrence
+is a duplicate. Earlier builds' files have smaller file numbers, so on ``--append`` an image
+already in the index keeps its old row and the new copy is the duplicate. With
+``index.duplicates`` = ``skip`` (default) duplicates are left out of the index, ``keep`` indexes
+them anyway, ``error`` refuses the build; all three count them and report examples.
+
+Both engines find the same set: locally with a pyarrow group-by, on Spark with a DataFrame
+group-by over the ``image_id`` column read by the tasks (only duplicated ids reach the driver).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from retrieval import fsio
+from retrieval.index.reader import FeatureFile, FeatureInputError, read_column
+
+ID_SCHEMA = pa.schema([("image_id", pa.string()), ("file_no", pa.int64()), ("row", pa.int64())])
+MAX_EXAMPLES = 20
+
+
+@dataclass
+class Duplicates:
+    skip: dict[int, np.ndarray] = field(default_factory=dict)  # file_no -> sorted duplicate rows
+    count: int = 0          # duplicate rows among the files being added
+    examples: list[dict] = field(default_factory=list)
+
+    def rows_in(self, file_no: int, start: int, end: int) -> np.ndarray:
+        rows = self.skip.get(file_no)
+        if rows is None or not len(rows):
+            return np.zeros(0, np.int64)
+        return rows[np.searchsorted(rows, start):np.searchsorted(rows, end)]
+
+
+def ids_table(f: FeatureFile) -> pa.Table:
+    try:
+        ids = read_column(f.url, "image_id")
+    except Exception as exc:
+        raise FeatureInputError(f"feature file {f.url}: cannot read its image_id column: {exc}") from exc
+    if len(ids) != f.rows:
+        raise FeatureInputError(f"feature file {f.url} has {len(ids)} rows, its manifest says {f.rows}")
+    n = len(ids)
+    return pa.table({"image_id": ids.cast(pa.string()), "file_no": pa.array(np.full(n, f.file_no, np.int64)),
+                     "row": pa.array(np.arange(n, dtype=np.int64))}, schema=ID_SCHEMA)
+
+
+def resolve(occurrences: pa.Table, first_new: int) -> Duplicates:
+    """From all occurrences of the duplicated ids: which rows of files >= ``first_new`` to skip."""
+    out = Duplicates()
+    if occurrences.num_rows == 0:
+        return out
+    t = occurrences.sort_by([("image_id", "ascending"), ("file_no", "ascending"), ("row", "ascending")])
+    image_id = t.column("image_id").to_numpy(zero_copy_only=False)
+    file_no = t.column("file_no").to_numpy()
+    row = t.column("row").to_numpy()
+    first = np.ones(len(t), bool)
+    first[1:] = image_id[1:] != image_id[:-1]
+    dup = ~first & (file_no >= first_new)
+    out.count = int(dup.sum())
+    for f in np.unique(file_no[dup]).tolist():
+        out.skip[int(f)] = np.sort(row[dup & (file_no == f)])
+    starts = np.nonzero(first)[0]
+    for s, e in zip(starts.tolist(), [*starts[1:].tolist(), len(t)]):
+        if len(out.examples) >= MAX_EXAMPLES:
+            break
+        if dup[s:e].any():
+            out.examples.append({"image_id": str(image_id[s]),
+                                 "kept": [int(file_no[s]), int(row[s])],
+                                 "duplicates": [[int(a), int(b)] for a, b in zip(file_no[s + 1:e], row[s + 1:e])]})
+    return out
+
+
+def find_local(files: Sequence[FeatureFile], first_new: int) -> Duplicates:
+    if not files:
+        return Duplicates()
+    table = pa.concat_tables([ids_table(f) for f in files])
+    counts = table.group_by("image_id").aggregate([("image_id", "count")])
+    dup_ids = counts.filter(pc.greater(counts.column("image_id_count"), 1)).column("image_id")
+    return resolve(table.filter(pc.is_in(table.column("image_id"), value_set=dup_ids.combine_chunks())),
+                   first_new)
+
+
+def _ids_task(storage_options: dict | None, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    fsio.configure(storage_options)
+    for b in batches:
+        d = b.to_pydict()
+        for d_ in (dict(zip(d, vals)) for vals in zip(*d.values())):
+            f = FeatureFile.from_dict(d_)
+            yield from ids_table(f).to_batches()
+
+
+def find_spark(spark, files: Sequence[FeatureFile], first_new: int,
+               storage_options: dict | None = None) -> Duplicates:
+    if not files:
+        return Duplicates()
+    rows = [f.to_dict() for f in files]
+    df = spark.createDataFrame(rows, "file_no long, url string, sha256 string, rows long, storage string, "
+                                     "model_version string, output string")
+    n = max(1, min(len(rows), spark.sparkContext.defaultParallelism * 4))
+    ids = df.repartition(n).mapInArrow(functools.partial(_ids_task, storage_options),
+                                       "image_id string, file_no long, row long")
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    # one read, one shuffle (into ~2M ids per partition): the occurrences of ids seen more than once
+    parts = max(spark.sparkContext.defaultParallelism, -(-sum(f.rows for f in files) // 2_000_000))
+    occ = (ids.repartition(parts, "image_id")
+           .withColumn("n", F.count("*").over(Window.partitionBy("image_id")))
+           .filter("n > 1").select("image_id", "file_no", "row").toArrow())
+    return resolve(occ.select(["image_id", "file_no", "row"]).cast(ID_SCHEMA), first_new)
