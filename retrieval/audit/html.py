@@ -200,6 +200,7 @@ def render(info: RunInfo, scan: ScanResult, src_of: Callable[[str], str | None],
         if s.model_versions:
             versions.append([f"model_version ({s.name})", ", ".join(s.model_versions)])
     versions += [[f"index {k}", v] for k, v in index.details.items()]
+    versions += [[f"search {k[6:]}", v] for k, v in info.stage("search").details.items() if k.startswith("param.")]
     timing_rows = []
     for s in info.stages:
         if isinstance(s.timings, Mapping):

@@ -249,6 +249,10 @@ def gather(results_url: str, errors_shown: int = 20, verify: bool = True) -> Run
                                if k in counts},
                        timings=manifest.get("timings") or {})
     search.details = {"index": manifest.get("index"), "queries": manifest.get("queries")}
+    params = manifest.get("params")
+    if isinstance(params, dict):
+        search.details.update({f"param.{k}": v for k, v in params.items() if isinstance(v, (int, float, str))
+                               or v is None})
     query = _extract_stage("query extract", manifest.get("query_features"), errors_shown)
 
     index_url = manifest.get("index")

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The Airflow DAG (jobs/dags/retrieval_daily.py) for real, in an isolated Airflow install:
+#   scripts/airflow_test.sh install           create $AIRFLOW_VENV (default .cache/airflow-venv): apache-airflow
+#                                             + the Spark provider, pinned below (~1.5 min, once)
+#   scripts/airflow_test.sh check             import jobs/dags in a DagBag: no import error, print the tasks
+#   scripts/airflow_test.sh run WORK [DS]     `airflow dags test` of the whole DAG for day DS (default
+#                                             2024-01-01) on the bundled sample against local Spark:
+#                                             sqlite metadata DB, offline, everything under WORK
+# The project itself runs in its own venv (.venv, scripts/bootstrap.sh): spark-submit comes from its
+# pyspark (SPARK_HOME) and spark.pyspark.python is its python; Airflow never imports the project.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+AIRFLOW_VERSION=3.3.2
+SPARK_PROVIDER_VERSION=6.3.4
+AIRFLOW_VENV="${AIRFLOW_VENV:-$ROOT/.cache/airflow-venv}"
+JOBS_DIR="${JOBS_DIR:-$ROOT/jobs}"
+PROJECT_PY="${PROJECT_PY:-$ROOT/.venv/bin/python}"
+STAMP="$AIRFLOW_VENV/.installed-$AIRFLOW_VERSION-$SPARK_PROVIDER_VERSION"
+export AIRFLOW__CORE__LOAD_EXAMPLES=False
+export AIRFLOW__CORE__DAGS_FOLDER="$ROOT/jobs/dags"
+export SPARK_LOCAL_IP=127.0.0.1
+export AIRFLOW__RETRIEVAL__RETRIES=0   # a test run fails at once instead of waiting for retries
+say() { printf '[airflow_test %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+
+install() {
+  [ -f "$STAMP" ] && return 0
+  say "installing apache-airflow==$AIRFLOW_VERSION + apache-spark provider into $AIRFLOW_VENV"
+  rm -rf "$AIRFLOW_VENV"
+  "${PYTHON:-python3}" -m venv "$AIRFLOW_VENV"
+  "$AIRFLOW_VENV/bin/python" -m pip install -q "apache-airflow==$AIRFLOW_VERSION" \
+    "apache-airflow-providers-apache-spark==$SPARK_PROVIDER_VERSION" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  "$AIRFLOW_VENV/bin/python" -c "import airflow.providers.apache.spark" \
+    || { echo "airflow_test.sh: Airflow install failed" >&2; exit 1; }
+  touch "$STAMP"
+}
+
+check() {
+  install
+  AIRFLOW_HOME="$(mktemp -d)" "$AIRFLOW_VENV/bin/python" - "$ROOT/jobs/dags" <<'EOF'
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+out = {"import_errors": {k: str(v) for k, v in bag.import_errors.items()}, "dags": {}}
+for dag_id, dag in bag.dags.items():
+    out["dags"][dag_id] = {
+        "schedule": getattr(dag.timetable, "_expression", None) or str(dag.timetable),
+        "catchup": dag.catchup, "max_active_runs": dag.max_active_runs,
+        "tasks": {t.task_id: {"type": type(t).__name__, "downstream": sorted(t.downstream_task_ids),
+                              "trigger_rule": str(getattr(t.trigger_rule, "value", t.trigger_rule)),
+                              "conn_id": getattr(t, "_conn_id", None),
+                              "application": getattr(t, "application", None),
+                              "application_args": getattr(t, "application_args", None),
+                              "properties_file": getattr(t, "properties_file", None)}
+                  for t in dag.tasks}}
+print(json.dumps(out, indent=1))
+sys.exit(1 if bag.import_errors else 0)
+EOF
+}
+
+run() {
+  local work="$1" ds="${2:-2024-01-01}"
+  install
+  [ -x "$PROJECT_PY" ] || { echo "airflow_test.sh: $PROJECT_PY missing (scripts/bootstrap.sh)" >&2; exit 1; }
+  mkdir -p "$work"
+  work="$(cd "$work" && pwd)"
+  say "bundled sample -> $work/drops (day $ds)"
+  "$PROJECT_PY" - "$work" "$ds" <<'EOF'
+import json, os, shutil, sys
+from retrieval.sample import make_sample
+work, ds = sys.argv[1], sys.argv[2]
+s = make_sample(os.path.join(work, "sample"), seed=0)
+for kind in ("gallery", "queries"):
+    dst = os.path.join(work, "drops", kind, ds)
+    if not os.path.isdir(dst):
+        shutil.copytree(s[kind], dst)
+shutil.copy(s["truth"], os.path.join(work, "truth.csv"))
+EOF
+  local spark_home
+  spark_home="$("$PROJECT_PY" -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))')"
+  cat > "$work/spark-retrieval.conf" <<EOF
+spark.pyspark.python              $PROJECT_PY
+spark.pyspark.driver.python       $PROJECT_PY
+spark.driver.memory               3g
+spark.ui.enabled                  false
+spark.sql.shuffle.partitions      4
+spark.driver.bindAddress          127.0.0.1
+spark.driver.host                 127.0.0.1
+EOF
+  export AIRFLOW_HOME="$work/airflow"
+  export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$AIRFLOW_HOME/airflow.db"
+  export AIRFLOW_CONN_RETRIEVAL_SPARK='{"conn_type": "spark", "host": "local[2]", "extra": {"deploy-mode": "client", "spark-binary": "spark-submit"}}'
+  export AIRFLOW_VAR_RETRIEVAL_PIPELINE
+  AIRFLOW_VAR_RETRIEVAL_PIPELINE="$(cat <<EOF
+{"gallery_input": "$work/drops/gallery", "query_input": "$work/drops/queries",
+ "work_root": "$work/work", "index": "$work/work/index", "report_root": "$work/reports",
+ "jobs_dir": "$JOBS_DIR", "retrieval_conf": "$ROOT/conf/local.yaml",
+ "spark_properties": "$work/spark-retrieval.conf", "truth": "$work/truth.csv"}
+EOF
+)"
+  export SPARK_HOME="$spark_home" PATH="$spark_home/bin:$PATH"
+  mkdir -p "$AIRFLOW_HOME"
+  say "airflow db migrate (sqlite)"
+  "$AIRFLOW_VENV/bin/airflow" db migrate >"$work/airflow-db.log" 2>&1 \
+    || { tail -40 "$work/airflow-db.log" >&2; exit 1; }
+  say "airflow dags test retrieval_daily $ds"
+  local rc=0
+  "$AIRFLOW_VENV/bin/airflow" dags test retrieval_daily "$ds" >"$work/dags-test.log" 2>&1 || rc=$?
+  # the run's final task states, from the metadata DB
+  "$AIRFLOW_VENV/bin/python" - "$ds" >"$work/task-states.json" <<'EOF' || rc=1
+import json, sys
+from airflow.models.taskinstance import TaskInstance
+from airflow.utils.session import create_session
+with create_session() as session:
+    tis = session.query(TaskInstance).filter(TaskInstance.dag_id == "retrieval_daily").all()
+    print(json.dumps({ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in tis}, indent=1, sort_keys=True))
+EOF
+  cat "$work/task-states.json" >&2
+  if grep -q '"failed"\|"upstream_failed"' "$work/task-states.json" || [ "$rc" != 0 ]; then
+    grep -E "ERROR|Error|error:|Traceback" "$work/dags-test.log" | tail -40 >&2 || true
+    echo "airflow_test.sh: the DAG run failed (rc=$rc); full log: $work/dags-test.log" >&2
+    exit 1
+  fi
+  say "ok: report in $work/reports/$ds"
+}
+
+case "${1:-}" in
+  install) install ;;
+  check) check ;;
+  run) shift; [ $# -ge 1 ] || { echo "usage: $0 run WORK [DS]" >&2; exit 2; }; run "$@" ;;
+  *) sed -n '2,11p' "$0"; exit 2 ;;
+esac
