@@ -7,7 +7,7 @@ exact 512-d search for comparison). Same as `retrieval evaluate`; runs on the dr
 """
 import sys
 
-from retrieval.cli import main
+from retrieval.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    entry(["evaluate", *sys.argv[1:]])

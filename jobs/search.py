@@ -16,7 +16,7 @@ On a cluster (see README "Running on a cluster"):
 """
 import sys
 
-from retrieval.cli import main
+from retrieval.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["search", *sys.argv[1:]]))
+    entry(["search", *sys.argv[1:]])

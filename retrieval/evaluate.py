@@ -31,7 +31,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from retrieval import fsio
 
@@ -211,21 +210,19 @@ def exact_search(query_fine: np.ndarray, feature_files: Sequence[str], k: int,
         xq = np.ascontiguousarray(query_fine[a:a + query_chunk], dtype=np.float32)
         heap = faiss.ResultHeap(len(xq), k, keep_max=True)
         for file_no, url in enumerate(feature_files):
-            fs, path = fsio.url_to_fs(url)
-            with fs.open(path, "rb") as fh:
-                pf = pq.ParquetFile(fh)
-                cols = ["fine", "fine_scale"] if "fine_scale" in pf.schema_arrow.names else ["fine"]
-                row0 = 0
-                for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
-                    xb = fine_matrix(pa.Table.from_batches([batch]))
-                    kk = min(k, len(xb))
-                    d, i = faiss.knn(xq, np.ascontiguousarray(xb), kk, metric=faiss.METRIC_INNER_PRODUCT)
-                    if kk < k:
-                        d = np.pad(d, ((0, 0), (0, k - kk)), constant_values=-np.inf)
-                        i = np.pad(i, ((0, 0), (0, k - kk)), constant_values=-1)
-                    ids = np.where(i >= 0, idmap.encode_ids(file_no, row0 + np.maximum(i, 0)), -1)
-                    heap.add_result(d.astype(np.float32), ids.astype(np.int64))
-                    row0 += len(xb)
+            pf = fsio.parquet_file(url)
+            cols = ["fine", "fine_scale"] if "fine_scale" in pf.schema_arrow.names else ["fine"]
+            row0 = 0
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+                xb = fine_matrix(pa.Table.from_batches([batch]))
+                kk = min(k, len(xb))
+                d, i = faiss.knn(xq, np.ascontiguousarray(xb), kk, metric=faiss.METRIC_INNER_PRODUCT)
+                if kk < k:
+                    d = np.pad(d, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+                    i = np.pad(i, ((0, 0), (0, k - kk)), constant_values=-1)
+                ids = np.where(i >= 0, idmap.encode_ids(file_no, row0 + np.maximum(i, 0)), -1)
+                heap.add_result(d.astype(np.float32), ids.astype(np.int64))
+                row0 += len(xb)
         heap.finalize()
         out_s[a:a + len(xq)], out_i[a:a + len(xq)] = heap.D, heap.I
     return out_s, out_i

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
@@ -35,6 +36,7 @@ from retrieval.schema import coarse_matrix, fine_matrix
 from retrieval.search import coarse as coarse_mod
 from retrieval.search import rerank as rerank_mod
 from retrieval.search import vectors
+from retrieval.sparkutil import task_threads
 
 log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
@@ -90,8 +92,6 @@ def _set_threads(job: SearchJob) -> None:
     """Per-task process setup: faiss threads, fsspec storage options."""
     import faiss
 
-    from retrieval.sparkutil import task_threads
-
     fsio.configure(job.storage_options)
     faiss.omp_set_num_threads(task_threads(job.threads))
 
@@ -136,10 +136,12 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
     c_scores, c_ids = coarse_mod.merge_shortlists(parts, job.shortlist, job.coarse_threshold)
     t1 = time.monotonic()
     q = query_rows(job, chunk, ["image_id", "uri", "fine"] + (["fine_scale"] if job.query_int8 else []))
+    cache = vectors.process_cache(job.vector_cache_mb)
+    cache.threads = task_threads(job.threads)
+    reads_before = cache.reads
     scores, ids, coarse = rerank_mod.rerank(
         fine_matrix(q), c_ids, c_scores, job.feature_files, job.k, job.match_threshold, job.rerank_rows,
-        job.feature_rows if job.verify else None, vectors.process_cache(job.vector_cache_mb),
-        job.feature_versions)
+        job.feature_rows if job.verify else None, cache, job.feature_versions)
     t2 = time.monotonic()
     faults.maybe_fail(job.faults, "search", chunk.chunk, chunk.stop - chunk.start)
     table = result_table(job, q, scores, ids, coarse)
@@ -152,6 +154,7 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
             "sha256": fsio.sha256_file(url), "queries": chunk.stop - chunk.start,
             "queries_with_results": n_with,
             "queries_with_shortlist": int((c_ids >= 0).any(axis=1).sum()) if c_ids.size else 0,
+            "gallery_row_groups_read": cache.reads - reads_before, "pid": os.getpid(),
             "coarse_s": round(coarse_s, 4), "merge_s": round(t1 - t0, 4),
             "rerank_s": round(t2 - t1, 4), "write_s": round(t3 - t2, 4)}
 
@@ -317,6 +320,7 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
                    "query_chunk": sc.query_chunk},
         "files": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"], "chunk": s["chunk"],
                    "queries": s["queries"]} for s in stats],
+        "chunks": [{k: v for k, v in s.items() if k not in ("file", "sha256")} for s in stats],
         "config": cfg.to_dict(), "timings": timings,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -339,7 +343,5 @@ def read_results(output_url: str) -> pa.Table:
         url = fsio.join(output_url, f["file"])
         if f.get("sha256") and fsio.sha256_file(url) != f["sha256"]:
             raise ValueError(f"result file {url} does not match the sha256 in {murl}")
-        fs, p = fsio.url_to_fs(url)
-        with fs.open(p, "rb") as fh:
-            tables.append(pq.read_table(fh, schema=RESULT_SCHEMA))
+        tables.append(fsio.read_parquet(url).select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA))
     return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()

@@ -14,7 +14,6 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from retrieval import fsio
 from retrieval.schema import column_matrix
@@ -22,20 +21,19 @@ from retrieval.schema import column_matrix
 
 class _Footer:
     def __init__(self, url: str) -> None:
-        fs, path = fsio.url_to_fs(url)
-        with fs.open(path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            md = pf.metadata
-            self.num_rows = md.num_rows
-            self.starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-            self.has_scale = "fine_scale" in pf.schema_arrow.names
+        pf = fsio.parquet_file(url)     # pyarrow's own I/O (see fsio.arrow_fs)
+        md = pf.metadata
+        self.num_rows = md.num_rows
+        self.starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
+        self.has_scale = "fine_scale" in pf.schema_arrow.names
 
 
 class VectorCache:
     """LRU of decoded row groups: ``(url, group) -> (codes, scales or None)``."""
 
-    def __init__(self, budget_bytes: int = 1 << 30) -> None:
+    def __init__(self, budget_bytes: int = 1 << 30, threads: int = 1) -> None:
         self.budget = budget_bytes
+        self.threads = threads          # parallel row-group decoding (set per task)
         self._groups: "OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]]" = OrderedDict()
         self._footers: dict[str, _Footer] = {}
         self._bytes = 0
@@ -101,19 +99,34 @@ class VectorCache:
         return np.concatenate(codes), (np.concatenate(scales) if ft.has_scale else None)
 
     def _read(self, url: str, key: str, ft: _Footer, groups: list[int]) -> dict[int, tuple]:
+        """Read and decode ``groups`` (in ``threads`` parallel parts: pyarrow decodes without the
+        GIL, and decoding the list column is the cost) and cache each group separately."""
         cols = ["fine", "fine_scale"] if ft.has_scale else ["fine"]
-        fs, path = fsio.url_to_fs(url)
-        with fs.open(path, "rb") as fh:
-            table = pq.ParquetFile(fh).read_row_groups(groups, columns=cols)
-        codes = column_matrix(table.column("fine"))
-        scales = table.column("fine_scale").to_numpy() if ft.has_scale else None
-        out, pos = {}, 0
-        for g in groups:
-            n = int(ft.starts[g + 1] - ft.starts[g])
-            value = (codes[pos:pos + n].copy(), scales[pos:pos + n].copy() if scales is not None else None)
-            self._put((key, g), value)
-            out[g] = value
-            pos += n
+        parts = [p.tolist() for p in np.array_split(np.asarray(groups), max(1, min(self.threads, len(groups))))
+                 if len(p)]
+
+        def read(part: list[int]) -> dict[int, tuple]:
+            table = fsio.parquet_file(url).read_row_groups(part, columns=cols, use_threads=False)
+            codes = column_matrix(table.column("fine"))
+            scales = table.column("fine_scale").to_numpy() if ft.has_scale else None
+            out, pos = {}, 0
+            for g in part:
+                n = int(ft.starts[g + 1] - ft.starts[g])
+                value = (codes[pos:pos + n].copy(), scales[pos:pos + n].copy() if scales is not None else None)
+                self._put((key, g), value)
+                out[g] = value
+                pos += n
+            return out
+
+        if len(parts) == 1:
+            out = read(parts[0])
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            out = {}
+            with ThreadPoolExecutor(len(parts)) as pool:
+                for d in pool.map(read, parts):
+                    out.update(d)
         self.reads += len(groups)
         return out
 

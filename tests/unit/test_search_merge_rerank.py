@@ -211,7 +211,7 @@ def test_vector_cache_reads_only_needed_groups_once(gallery_output):
     url = feature_urls(gallery_output)[1]            # 2000 rows in groups of 256
     table = read_features(gallery_output, ["fine", "fine_scale"]).slice(2000, 2000)
     codes_all, scale_all = column_matrix(table.column("fine")), table.column("fine_scale").to_numpy()
-    cache = VectorCache(1 << 30)
+    cache = VectorCache(1 << 30, threads=2)           # decodes in 2 parallel parts
     rows = np.array([3, 4, 300, 1999])               # groups 0, 1, 7
     codes, scale = cache.rows(url, rows, "v1")
     assert codes.dtype == np.int8
