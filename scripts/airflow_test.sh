@@ -106,14 +106,26 @@ EOF
   say "airflow dags test retrieval_daily $ds"
   local rc=0
   "$AIRFLOW_VENV/bin/airflow" dags test retrieval_daily "$ds" >"$work/dags-test.log" 2>&1 || rc=$?
-  # the run's final task states, from the metadata DB
-  "$AIRFLOW_VENV/bin/python" - "$ds" >"$work/task-states.json" <<'EOF' || rc=1
-import json, sys
+  # the run's final task states and publish_summary's XCom, from the metadata DB
+  "$AIRFLOW_VENV/bin/python" - "$work" <<'EOF' || rc=1
+import json, os, sys
+from airflow.models.dagrun import DagRun
 from airflow.models.taskinstance import TaskInstance
+from airflow.models.xcom import XComModel
 from airflow.utils.session import create_session
-with create_session() as session:
-    tis = session.query(TaskInstance).filter(TaskInstance.dag_id == "retrieval_daily").all()
-    print(json.dumps({ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in tis}, indent=1, sort_keys=True))
+work = sys.argv[1]
+with create_session() as session:   # the latest run of the DAG (this one)
+    run = session.query(DagRun).filter(DagRun.dag_id == "retrieval_daily").order_by(DagRun.id.desc()).first()
+    tis = session.query(TaskInstance).filter(TaskInstance.dag_id == "retrieval_daily",
+                                             TaskInstance.run_id == run.run_id).all()
+    states = {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in tis}
+    xcom = session.query(XComModel).filter(XComModel.dag_id == "retrieval_daily", XComModel.run_id == run.run_id,
+                                           XComModel.task_id == "publish_summary",
+                                           XComModel.key == "return_value").one_or_none()
+with open(os.path.join(work, "task-states.json"), "w") as fh:
+    json.dump(states, fh, indent=1, sort_keys=True)
+with open(os.path.join(work, "xcom-summary.json"), "w") as fh:
+    json.dump(None if xcom is None else xcom.value, fh, indent=1, sort_keys=True)
 EOF
   cat "$work/task-states.json" >&2
   if grep -q '"failed"\|"upstream_failed"' "$work/task-states.json" || [ "$rc" != 0 ]; then

@@ -126,7 +126,7 @@ with DAG(
         manifest = storage_path(f"{conf['index']}/manifest.json", conf)
         return "append_index" if manifest.exists() else "build_index"
 
-    @task(task_id="publish_summary")
+    @task(task_id="publish_summary", multiple_outputs=False)
     def publish_summary(ds: str | None = None) -> dict[str, Any]:
         """The report's summary.json as this task's XCom (for alerting and downstream DAGs)."""
         conf = settings()

@@ -75,7 +75,7 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Seque
     for row in rows:
         cells = []
         for v, isnum in zip(row, numeric):
-            cells.append(f'<td class="n">{num(v)}</td>' if isnum else f"<td>{esc(v)}</td>")
+            cells.append(f'<td class="n">{num(v)}</td>' if isnum else f"<td>{esc('-' if v is None else v)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -84,7 +84,7 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[int], threshold: floa
                   width: int = 760, height: int = 240) -> str:
     """Bars of ``counts`` on a log scale, bins at or above ``threshold`` in red, a dashed line at
     the threshold; every bar has a tooltip with its exact count."""
-    left, right, top, bottom = 56, 12, 14, 34
+    left, right, top, bottom = 56, 12, 22, 34
     pw, ph = width - left - right, height - top - bottom
     lo, hi = edges[0], edges[-1]
     peak = max(counts) if counts else 0
@@ -117,7 +117,7 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[int], threshold: floa
     if lo <= threshold <= hi:
         parts.append(f'<line x1="{x(threshold):.1f}" x2="{x(threshold):.1f}" y1="{top}" y2="{top + ph}" '
                      'stroke="#b3261e" stroke-dasharray="4 3"/>')
-        parts.append(f'<text x="{x(threshold) - 4:.1f}" y="{top + 12}" text-anchor="end" fill="#b3261e">'
+        parts.append(f'<text x="{x(threshold):.1f}" y="{top - 6}" text-anchor="middle" fill="#b3261e">'
                      f'threshold {threshold:g}</text>')
     parts.append(f'<text x="{left + pw / 2:.0f}" y="{height - 4}" text-anchor="middle">score (512-d cosine)</text>')
     parts.append(f'<text transform="translate(12 {top + ph / 2:.0f}) rotate(-90)" text-anchor="middle">'
@@ -161,10 +161,6 @@ def _stage_rows(stages: Sequence[StageInfo]) -> list[list[Any]]:
         c = s.counts
         if s.name == "search":
             inputs, ok, errors = c.get("queries"), c.get("queries_with_results"), c.get("query_errors")
-        elif s.name == "index":
-            inputs = c.get("inputs", c.get("vectors", c.get("ntotal")))
-            ok = c.get("added", c.get("ntotal"))
-            errors = c.get("skipped", c.get("errors"))
         else:
             inputs, ok, errors = c.get("inputs"), c.get("ok"), c.get("errors")
         total = s.timings.get("total_s") if isinstance(s.timings, Mapping) else None
@@ -205,7 +201,7 @@ def render(info: RunInfo, scan: ScanResult, src_of: Callable[[str], str | None],
     for s in info.stages:
         if isinstance(s.timings, Mapping):
             for k, v in s.timings.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if k.endswith("_s") and "_per_" not in k and isinstance(v, (int, float)) and not isinstance(v, bool):
                     timing_rows.append([s.name, k, float(v)])
 
     bands = [[label, bm, bq] for label, bm, bq in zip(scan.band_labels, scan.band_matches, scan.band_queries)]

@@ -239,6 +239,40 @@ def _gallery_stage(index_manifest: dict[str, Any] | None, index_url: str | None,
     return info
 
 
+INDEX_DETAILS = ("index_key", "nlist", "pq_bytes", "metric", "ntotal", "nprobe", "bytes_per_vector",
+                 "vectors_per_shard", "train_sample_size")
+INDEX_QUALITY = ("recall@10", "recall@100", "source_hit@100")
+
+
+def _index_stage(index: StageInfo, m: dict[str, Any]) -> None:
+    """inputs = gallery rows offered over all builds, ok = vectors in the index, errors = rows
+    skipped (duplicates, NaN/inf, zero vectors)."""
+    builds = [b for b in m.get("builds") or [] if isinstance(b, dict)]
+    skipped = m.get("skipped") if isinstance(m.get("skipped"), dict) else {}
+    counts: dict[str, Any] = {}
+    if builds:
+        counts["inputs"] = sum(int(b.get("rows") or 0) for b in builds)
+    if isinstance(m.get("ntotal"), int):
+        counts["ok"] = m["ntotal"]
+    if skipped:
+        counts["errors"] = sum(int(skipped.get(k) or 0) for k in ("duplicates", "nan_inf", "zero"))
+    if isinstance(m.get("counts"), dict):
+        counts.update({k: v for k, v in m["counts"].items() if isinstance(v, (int, float))})
+    index.counts = counts
+    index.timings = m.get("timings") or {}
+    if m.get("model_version"):
+        index.model_versions = [str(m["model_version"])]
+    index.details = {k: m[k] for k in INDEX_DETAILS if m.get(k) is not None}
+    if isinstance(m.get("shards"), list):
+        index.details["shards"] = len(m["shards"])
+    if builds:
+        index.details["builds"] = len(builds)
+    quality = m.get("quality")
+    if isinstance(quality, dict):
+        index.details.update({f"quality {k}": quality[k] for k in INDEX_QUALITY
+                              if isinstance(quality.get(k), (int, float))})
+
+
 def gather(results_url: str, errors_shown: int = 20, verify: bool = True) -> RunInfo:
     """Read the search manifest (required) and every upstream manifest (optional)."""
     manifest = read_results_manifest(results_url)
@@ -266,18 +300,7 @@ def gather(results_url: str, errors_shown: int = 20, verify: bool = True) -> Run
         except (FileNotFoundError, ValueError) as exc:
             index.available, index.problem = False, str(exc)
     if index_manifest is not None:
-        c = index_manifest.get("counts") or {}
-        index.counts = {k: v for k, v in c.items() if isinstance(v, (int, float))} if isinstance(c, dict) else {}
-        index.timings = index_manifest.get("timings") or {}
-        if index_manifest.get("model_version"):
-            index.model_versions = [str(index_manifest["model_version"])]
-        index.details = {k: index_manifest.get(k) for k in
-                         ("index_key", "nlist", "pq_bytes", "metric", "num_shards", "ntotal", "nprobe")
-                         if index_manifest.get(k) is not None}
-        quality = index_manifest.get("quality")
-        if isinstance(quality, dict):
-            index.details.update({f"quality.{k}": v for k, v in quality.items()
-                                  if isinstance(v, (int, float, str))})
+        _index_stage(index, index_manifest)
     gallery = _gallery_stage(index_manifest, index_url, errors_shown)
     return RunInfo(results_url=results_url, manifest=manifest, result_files=files,
                    stages=[gallery, index, query, search])
