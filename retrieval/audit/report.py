@@ -20,9 +20,7 @@ from retrieval import fsio
 from retrieval.audit import runinfo
 from retrieval.audit.html import render
 from retrieval.audit.scan import ScanSettings, read_truth, scan
-from retrieval.audit.thumbs import make_thumbnails, write_thumbnails
 from retrieval.config import Config
-from retrieval.features.preprocess import DecodePolicy
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
@@ -62,10 +60,18 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
 
     uris = [u for fq in result.top for u in [fq.query_uri, *(m.gallery_uri for m in fq.matches)]]
     mode = r["thumbnails"]
-    thumbs = {} if mode == "none" else make_thumbnails(
-        uris, int(r["thumbnail_size"]), DecodePolicy.from_config(cfg["preprocess"].to_dict()),
-        threads=int(r["thumbnail_threads"]), progress_seconds=st.progress_seconds)
-    rel = write_thumbnails(thumbs, output_url) if mode == "files" else {}
+    thumbs: dict = {}
+    rel: dict[str, str] = {}
+    if mode != "none" and uris:
+        # imported here: the image decoder pulls in torch, which a report without thumbnails skips
+        from retrieval.audit.thumbs import make_thumbnails, write_thumbnails
+        from retrieval.features.preprocess import DecodePolicy
+
+        thumbs = make_thumbnails(uris, int(r["thumbnail_size"]),
+                                 DecodePolicy.from_config(cfg["preprocess"].to_dict()),
+                                 threads=int(r["thumbnail_threads"]), progress_seconds=st.progress_seconds)
+        if mode == "files":
+            rel = write_thumbnails(thumbs, output_url)
 
     def src_of(uri: str) -> str | None:
         t = thumbs.get(uri)
