@@ -217,6 +217,9 @@ def render(info: RunInfo, scan: ScanResult, src_of: Callable[[str], str | None],
         flagged_html = (f"<p>The {len(scan.top):,} flagged queries with the highest best score (of "
                         f"{scan.flagged_queries:,}), each with up to {st.matches_per_query} of its matches at or "
                         f"above the threshold {st.threshold:g}.</p>{more}{shown}{more}")
+    elif scan.flagged_queries:
+        flagged_html = (f'<p class="more">{scan.flagged_queries:,} flagged queries in '
+                        f'{esc(files.get("flagged_parquet", "flagged.parquet"))} (none shown: report.top_queries=0)</p>')
     else:
         flagged_html = f"<p>No match at or above the threshold {st.threshold:g}.</p>"
 

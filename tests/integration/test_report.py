@@ -268,6 +268,17 @@ def test_bad_inputs_give_clear_errors(run, tmp_path):
         build_report(run.results, str(tmp_path / "o5"), cfg, truth_url=str(tmp_path / "no.csv"))
 
 
+def test_nothing_shown_still_says_where_the_flagged_are(run, tmp_path):
+    summary = build_report(run.results, str(tmp_path / "o"), cfg_with(top_queries=0))
+    assert summary["counts"]["flagged_queries"] == 6 and summary["top_flagged"] == []
+    page = _html(str(tmp_path / "o"))
+    assert "6 flagged queries in flagged.parquet" in page and "<img" not in page
+    summary = build_report(run.results, str(tmp_path / "o2"), cfg_with(threshold=0.99))
+    assert summary["counts"]["flagged_matches"] == 0
+    assert "No match at or above the threshold 0.99" in _html(str(tmp_path / "o2"))
+    assert pq.read_table(tmp_path / "o2" / "flagged.parquet").num_rows == 0
+
+
 def test_missing_upstream_manifests_are_reported_not_fatal(run, tmp_path):
     res = tmp_path / "res"
     shutil.copytree(run.results, res)
