@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from retrieval import fsio
+from retrieval import fsio, integrity
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.json"
@@ -255,6 +255,8 @@ def exact_results(query_features_url: str, index_url: str, cfg) -> tuple[pa.Tabl
 
     ev = cfg.evaluate
     manifest = store.read_index_manifest(index_url)
+    integrity.verify_files([(f["url"], f.get("sha256")) for f in manifest["feature_files"]],
+                           "gallery feature file", fsio.join(index_url, store.MANIFEST))
     qt = read_features(query_features_url, ["image_id", "fine", "fine_scale"]
                        if _is_int8(query_features_url) else ["image_id", "fine"])
     t0 = time.monotonic()

@@ -20,6 +20,18 @@ class InjectedFault(RuntimeError):
     pass
 
 
+def attempt() -> int:
+    """The attempt number of the running Spark task (0 for the first; 0 outside Spark), for the
+    stats a task records, so a test can see that a retry really happened."""
+    try:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+    except Exception:
+        return 0
+    return int(ctx.attemptNumber()) if ctx is not None else 0
+
+
 def maybe_fail(faults: Mapping[str, Any] | None, stage: str, task: int, items_done: int = 0) -> None:
     if not faults or faults.get("stage") != stage or int(faults.get("task", -1)) != task:
         return

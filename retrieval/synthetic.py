@@ -63,10 +63,14 @@ def _items(n: int, rng: np.random.Generator, spec: SyntheticSpec, centres: np.nd
     return _normalise(centres[which] + spec.spread * noise)
 
 
-def gallery_chunks(n: int, spec: SyntheticSpec = SyntheticSpec()) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield ``(start, coarse, fine)`` chunks of the gallery (float32, L2-normalised)."""
+def gallery_chunks(n: int, spec: SyntheticSpec = SyntheticSpec(), first: int = 0
+                   ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield ``(start, coarse, fine)`` chunks of rows ``[first, n)`` of the gallery (float32,
+    L2-normalised); ``first`` is a multiple of ``CHUNK``, so any range is the same rows as the whole."""
+    if first % CHUNK:
+        raise ValueError(f"first={first} is not a multiple of the chunk size {CHUNK}")
     proj, centres = _projection(spec), _centres(spec)
-    for start in range(0, n, CHUNK):
+    for start in range(first, n, CHUNK):
         m = min(CHUNK, n - start)
         rng = np.random.default_rng([spec.seed, 3, start])
         fine = _items(m, rng, spec, centres)

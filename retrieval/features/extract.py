@@ -268,6 +268,23 @@ def _clean(output: str, keep: set[int], temp_only: bool = False) -> None:
                     fs.rm(p)
 
 
+def _intact(output: str, stats: dict) -> bool:
+    """A finished shard's files still match the sha256 its marker recorded (else it is redone)."""
+    for key, sha in (("file", "sha256"), ("errors_file", "errors_sha256")):
+        if not (stats.get(key) and stats.get(sha)):
+            return False
+        url = fsio.join(output, fsio.safe_relpath(stats[key]))
+        try:
+            ok = fsio.sha256_file(url) == stats[sha]
+        except FileNotFoundError:
+            ok = False
+        if not ok:
+            log.warning("%s is missing or does not match the sha256 of its marker: recomputing shard %s",
+                        url, stats.get("shard"))
+            return False
+    return True
+
+
 def plan(listing: pa.Table, job: ExtractJob, mode: str) -> tuple[dict[int, list], dict[int, dict]]:
     """Split the listing by shard; return (shards to run, finished shards' stats to keep)."""
     by_shard: dict[int, list[tuple[str, str, str | None]]] = {}
@@ -282,7 +299,8 @@ def plan(listing: pa.Table, job: ExtractJob, mode: str) -> tuple[dict[int, list]
                 stats = fsio.read_json(marker)
             except Exception:
                 stats = {}
-            if stats.get("fingerprint") == _shard_fingerprint(job, sorted(rows, key=lambda r: (r[0], r[1]))):
+            if stats.get("fingerprint") == _shard_fingerprint(job, sorted(rows, key=lambda r: (r[0], r[1]))) \
+                    and _intact(job.output, stats):
                 done[shard] = stats
                 continue
         todo[shard] = rows
@@ -364,7 +382,7 @@ def read_features(output_url: str, columns: list[str] | None = None, verify: boo
     manifest = read_manifest(output_url)
     tables = []
     for s in manifest["shards"]:
-        url = fsio.join(output_url, s["file"])
+        url = fsio.join(output_url, fsio.safe_relpath(s["file"]))
         if verify and fsio.sha256_file(url) != s["sha256"]:
             raise ValueError(f"feature shard {url} does not match the sha256 in its manifest "
                              "(truncated or altered)")

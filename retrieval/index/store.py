@@ -82,7 +82,8 @@ def load_trained(index_url: str, manifest: dict, verify: bool = True) -> faiss.I
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-    data = _read_verified(fsio.join(index_url, entry["file"]), entry["sha256"], verify, "trained index")
+    data = _read_verified(fsio.join(index_url, fsio.safe_relpath(entry["file"])), entry["sha256"], verify,
+                          "trained index")
     index = deserialize(data)
     with _LOCK:
         _CACHE[key] = index
@@ -98,7 +99,8 @@ def load_shard(index_url: str, shard_no: int, manifest: dict, verify: bool = Tru
     if not 0 <= shard_no < len(shards):
         raise IndexError(f"shard {shard_no}: the index has {len(shards)} shards")
     entry = shards[shard_no]
-    data = _read_verified(fsio.join(index_url, entry["file"]), entry["sha256"], verify, "index shard")
+    data = _read_verified(fsio.join(index_url, fsio.safe_relpath(entry["file"])), entry["sha256"], verify,
+                          "index shard")
     trained = load_trained(index_url, manifest, verify)
     try:
         index = attach(trained, deserialize(data))

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval import faults, fsio
+from retrieval import faults, fsio, integrity
 from retrieval.index import idmap
 from retrieval.schema import coarse_matrix, fine_matrix
 from retrieval.search import coarse as coarse_mod
@@ -155,6 +155,7 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
             "queries_with_results": n_with,
             "queries_with_shortlist": int((c_ids >= 0).any(axis=1).sum()) if c_ids.size else 0,
             "gallery_row_groups_read": cache.reads - reads_before, "pid": os.getpid(),
+            "attempt": faults.attempt(),
             "coarse_s": round(coarse_s, 4), "merge_s": round(t1 - t0, 4),
             "rerank_s": round(t2 - t1, 4), "write_s": round(t3 - t2, 4)}
 
@@ -253,6 +254,20 @@ def _clean_output(output_url: str) -> None:
         fs.rm(p)
 
 
+def verify_index_inputs(index_url: str, index_manifest: dict, spark=None, storage_options=None) -> None:
+    """Every file the index manifest lists (trained part, shards, gallery feature files) against its
+    sha256, hashed once per run in parallel, before anything is written: a clear error naming the
+    file on both engines (tasks verify the shards they load again, as they read them anyway)."""
+    from retrieval.index import store
+
+    where = fsio.join(index_url, store.MANIFEST)
+    index_files = [(fsio.join(index_url, fsio.safe_relpath(e["file"])), e.get("sha256"))
+                   for e in [index_manifest["trained"], *index_manifest["shards"]]]
+    integrity.verify_files(index_files, "index file", where, spark, storage_options)
+    integrity.verify_files([(f["url"], f.get("sha256")) for f in index_manifest["feature_files"]],
+                           "gallery feature file", where, spark, storage_options)
+
+
 def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -> dict:
     """Run the two-stage search; returns the manifest. ``spark=None`` runs locally (no JVM)."""
     from retrieval.index import store
@@ -263,6 +278,8 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
     fsio.configure(cfg["io.storage_options"])
     fsio.ensure_writable(output_url)
     index_manifest = store.read_index_manifest(index_url)
+    if sc.verify:
+        verify_index_inputs(index_url, index_manifest, spark, cfg["io.storage_options"])
     _clean_output(output_url)
     qf_url, qman, encode_s = q_mod.resolve_queries(queries_url, output_url, index_url, index_manifest,
                                                    cfg, spark)
@@ -340,7 +357,7 @@ def read_results(output_url: str) -> pa.Table:
         raise ValueError(f"{murl}: stage is {m.get('stage')!r}, expected 'search'")
     tables = []
     for f in m.get("files", []):
-        url = fsio.join(output_url, f["file"])
+        url = fsio.join(output_url, fsio.safe_relpath(f["file"]))
         if f.get("sha256") and fsio.sha256_file(url) != f["sha256"]:
             raise ValueError(f"result file {url} does not match the sha256 in {murl}")
         tables.append(fsio.read_parquet(url).select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA))

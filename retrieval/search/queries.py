@@ -82,7 +82,7 @@ def query_files(qf_url: str, manifest: dict, verify: bool) -> tuple[list[str], l
     """URLs and row counts of the query feature files (sha256-checked when ``verify``)."""
     urls, rows = [], []
     for s in manifest.get("shards", []):
-        url = fsio.join(qf_url, s["file"])
+        url = fsio.join(qf_url, fsio.safe_relpath(s["file"]))
         if verify and s.get("sha256") and fsio.sha256_file(url) != s["sha256"]:
             raise ValueError(f"query feature file {url} does not match the sha256 in its manifest "
                              "(truncated or altered)")
