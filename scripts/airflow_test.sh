@@ -37,7 +37,10 @@ install() {
 
 check() {
   install
-  AIRFLOW_HOME="$(mktemp -d)" "$AIRFLOW_VENV/bin/python" - "$ROOT/jobs/dags" <<'EOF'
+  local tmp rc=0
+  tmp="$(mktemp -d)"
+  # Airflow logs to stdout: the DagBag summary goes to a file, printed alone at the end
+  AIRFLOW_HOME="$tmp" "$AIRFLOW_VENV/bin/python" - "$ROOT/jobs/dags" "$tmp/dagbag.json" >&2 <<'EOF' || rc=$?
 import json, sys
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
@@ -53,9 +56,13 @@ for dag_id, dag in bag.dags.items():
                               "application_args": getattr(t, "application_args", None),
                               "properties_file": getattr(t, "properties_file", None)}
                   for t in dag.tasks}}
-print(json.dumps(out, indent=1))
+with open(sys.argv[2], "w") as fh:
+    json.dump(out, fh, indent=1)
 sys.exit(1 if bag.import_errors else 0)
 EOF
+  cat "$tmp/dagbag.json"
+  rm -rf "$tmp"
+  return "$rc"
 }
 
 run() {

@@ -44,7 +44,7 @@ while [ $# -gt 0 ]; do
     --extras) EXTRAS="$2"; shift 2 ;;
     --with-pyspark) WITH_PYSPARK=1; shift ;;
     --compress-level) LEVEL="$2"; shift 2 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "package_env.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -80,6 +80,9 @@ rm -rf build/lib build/bdist.* 2>/dev/null || true
 quiet_pip "$TOOLS/python" -m pip wheel -q --no-deps --no-build-isolation -w "$OUT" .
 WHEEL="$(ls "$OUT"/retrieval-*.whl)"
 
+# one build at a time per checkout (build/package-env/venv is shared)
+exec 9>"$BUILD/.lock"
+flock 9
 VPY="$BUILD/venv/bin/python"
 KEY="$( (cat constraints.txt setup.py; echo "$EXTRAS copies"; "$PY" -VV) | sha256sum | cut -c1-16)"
 if [ "$FRESH" = 1 ] || [ ! -f "$BUILD/venv/.deps-$KEY" ]; then
