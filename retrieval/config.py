@@ -28,7 +28,6 @@ NULLABLE: dict[str, type] = {
     "extract.key_column": str,
     "extract.bytes_column": str,
     "train.eval_input": str,
-    "search.nprobe": int,
     "search.coarse_threshold": float,
     "search.match_threshold": float,
 }
@@ -97,7 +96,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "faults.after_items": _non_negative,
     "search.shortlist": _positive,
     "search.k": _positive,
-    "search.nprobe": _positive,
+    "search.nprobe": _non_negative,
     "search.coarse_threshold": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
     "search.match_threshold": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
     "search.query_chunk": _positive,

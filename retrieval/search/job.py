@@ -292,7 +292,7 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
         feature_files=tuple(store.feature_file_urls(index_manifest)),
         feature_rows=tuple(f.get("rows") for f in ffiles),
         feature_versions=tuple(f.get("sha256") for f in ffiles), n_shards=len(index_manifest["shards"]),
-        nprobe=int(sc.nprobe if sc.nprobe is not None else index_manifest.get("nprobe", 1)),
+        nprobe=int(sc.nprobe if sc.nprobe > 0 else index_manifest.get("nprobe", 1)),
         shortlist=sc.shortlist, k=sc.k, coarse_threshold=sc.coarse_threshold,
         match_threshold=sc.match_threshold, rerank_rows=sc.rerank_rows,
         vector_cache_mb=sc.vector_cache_mb, shard_cache=sc.shard_cache,
