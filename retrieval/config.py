@@ -86,6 +86,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "index.quality_noise": _non_negative,
     "index.tune_noise": _non_negative,
     "index.duplicates": _choice("skip", "error", "keep"),
+    "index.dedup_on_driver_max": _non_negative,
     "index.mode": _choice("incremental", "overwrite"),
     "index.batch_rows": _positive,
     "index.threads": _non_negative,

@@ -38,7 +38,7 @@ from retrieval.index import dedup, idmap
 from retrieval.index.params import IndexParams, choose_params
 from retrieval.index.quality import K, make_queries, metrics, pick_sources
 from retrieval.index.reader import FeatureFile, FeatureInputError, list_feature_files
-from retrieval.index.shard import ShardJob, ShardResult, plan_slices, run_shard, shard_file
+from retrieval.index.shard import ShardJob, ShardResult, plan_slices, run_shard
 from retrieval.index.store import MANIFEST, TRAINED, read_index_manifest
 from retrieval.index.train import (FileScan, ScanJob, deserialize, scan_file, serialize, set_threads,
                                    train_index)
@@ -209,6 +209,9 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
     if not feature_urls:
         raise ValueError("build-index: no feature outputs given (--features)")
     fsio.ensure_writable(output_url)
+    if merge_ondisk and fsio.protocol_of(output_url) not in ("file", "local"):
+        raise ValueError(f"--merge-ondisk needs a local output directory (an on-disk index is served "
+                         f"from a local disk), got {output_url}")
     manifest_url = fsio.join(output_url, MANIFEST)
     every = float(ic["progress_seconds"])
 
@@ -261,17 +264,27 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
     # -- 2. scan: checks + training sample --------------------------------------------------------
     t = time.monotonic()
     want = params.train_size if old is None else 4 * ic["quality_queries"]
+    all_files = old_files + files
+    on_driver = sum(f.rows for f in all_files) <= int(ic["dedup_on_driver_max"])
     scan_job = ScanJob(dim=dim, rate=min(1.0, want / n_rows), seed=int(ic["seed"]), batch_rows=ic["batch_rows"],
-                       storage_options=storage_options)
+                       hash_ids=on_driver, storage_options=storage_options)
     scans: list[FileScan] = _map(spark, functools.partial(scan_file, scan_job), files, "index scan", every)
     counts = {k: sum(getattr(s, k) for s in scans) for k in ("valid", "nan_inf", "zero", "renormalised")}
     timings["scan_s"] = round(time.monotonic() - t, 3)
 
     # -- 3. duplicates (the new files are verified now) -------------------------------------------
     t = time.monotonic()
-    all_files = old_files + files
-    dups = (dedup.find_spark(spark, all_files, first_new, storage_options) if spark is not None
-            else dedup.find_local(all_files, first_new))
+    if on_driver:
+        hashes = {s.file_no: s.id_hashes for s in scans}
+        if old_files:
+            hashes.update(zip([f.file_no for f in old_files],
+                              _map(spark, dedup.file_hashes, old_files, "index ids", every)))
+        dups = dedup.find_from_hashes(all_files, hashes, first_new)
+        del hashes
+    elif spark is not None:
+        dups = dedup.find_spark(spark, all_files, first_new, storage_options)
+    else:
+        dups = dedup.find_local(all_files, first_new)
     if dups.count and ic["duplicates"] == "error":
         ex = dups.examples[0]
         raise FeatureInputError(f"{dups.count} duplicate image_id rows (index.duplicates=error), e.g. "
@@ -330,8 +343,8 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
     base_fp = _fingerprint(trained_sha, params.index_key, ic["duplicates"])
     slices = plan_slices([(f.file_no, f.url, f.rows) for f in files], int(ic["vectors_per_shard"]), first_shard,
                          skip.rows_in, base_fp)
-    if old is None:
-        _clean_stale_shards(output_url, keep={s.shard for s in slices})
+    # shard files of an earlier, different plan (e.g. an interrupted run over other inputs)
+    _clean_stale_shards(output_url, keep=set(range(first_shard)) | {s.shard for s in slices})
     job = ShardJob(output=output_url, trained_sha256=trained_sha, batch_rows=int(ic["batch_rows"]),
                    threads=int(ic["threads"]), queries=queries, source_ids=source_ids, k=K,
                    grid=params.nprobe_grid,
@@ -357,7 +370,8 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
     trained = deserialize(trained_data)
     quality = metrics(result.quality, trained, queries, tune_queries, source_ids, float(ic["target_recall"])) \
         if result.quality is not None else {"queries": 0}
-    tuned = quality.get("tuned_nprobe", 1)
+    # without quality queries (index.quality_queries=0): 1/64 of the cells
+    tuned = quality.get("tuned_nprobe", max(1, params.nlist // 64))
     nprobe = int(ic["nprobe"]) or (max(tuned, int(old["nprobe"])) if old is not None else tuned)
     at = quality.get("by_nprobe", {}).get(str(nprobe)) or {}
     quality_summary = {"nprobe": nprobe, "queries": quality.get("queries", 0), "noise": float(ic["quality_noise"]),

@@ -6,8 +6,15 @@ already in the index keeps its old row and the new copy is the duplicate. With
 ``index.duplicates`` = ``skip`` (default) duplicates are left out of the index, ``keep`` indexes
 them anyway, ``error`` refuses the build; all three count them and report examples.
 
-Both engines find the same set: locally with a pyarrow group-by, on Spark with a DataFrame
-group-by over the ``image_id`` column read by the tasks (only duplicated ids reach the driver).
+Three ways to find them, all giving the same answer (tested):
+
+- up to ``index.dedup_on_driver_max`` rows (all files, old and new): the scan tasks return a
+  64-bit hash of every ``image_id`` (8 bytes a row); the driver sorts them, and only rows whose hash
+  occurs more than once have their real ``image_id`` read back (:func:`find_from_hashes`), so a
+  hash collision can never drop an image;
+- above that, on Spark: a DataFrame window over the ``image_id`` column read by the tasks (one
+  shuffle; only duplicated ids reach the driver) (:func:`find_spark`);
+- above that, locally: a pyarrow group-by (:func:`find_local`).
 """
 from __future__ import annotations
 
@@ -49,6 +56,54 @@ def ids_table(f: FeatureFile) -> pa.Table:
     n = len(ids)
     return pa.table({"image_id": ids.cast(pa.string()), "file_no": pa.array(np.full(n, f.file_no, np.int64)),
                      "row": pa.array(np.arange(n, dtype=np.int64))}, schema=ID_SCHEMA)
+
+
+def hash_ids(ids: pa.Array) -> np.ndarray:
+    """Deterministic 64-bit hashes of ``image_id`` strings (the same in every process)."""
+    import pandas as pd
+
+    return pd.util.hash_array(ids.to_numpy(zero_copy_only=False), categorize=False).view(np.int64)
+
+
+def file_hashes(f: FeatureFile) -> np.ndarray:
+    try:
+        ids = read_column(f.url, "image_id")
+    except Exception as exc:
+        raise FeatureInputError(f"feature file {f.url}: cannot read its image_id column: {exc}") from exc
+    if len(ids) != f.rows:
+        raise FeatureInputError(f"feature file {f.url} has {len(ids)} rows, its manifest says {f.rows}")
+    return hash_ids(ids)
+
+
+def find_from_hashes(files: Sequence[FeatureFile], hashes: dict[int, np.ndarray], first_new: int) -> Duplicates:
+    """Duplicates from per-file ``image_id`` hashes; candidates are confirmed on the real ids."""
+    from retrieval.index import idmap
+
+    files = sorted(files, key=lambda f: f.file_no)
+    if not files:
+        return Duplicates()
+    h = np.concatenate([hashes[f.file_no] for f in files])
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    same = hs[1:] == hs[:-1]
+    repeated = np.zeros(len(h), bool)
+    repeated[1:] |= same
+    repeated[:-1] |= same
+    pos = np.sort(order[repeated])
+    del h, order, hs
+    if not len(pos):
+        return Duplicates()
+    starts = np.cumsum([0] + [f.rows for f in files])
+    k = np.searchsorted(starts, pos, side="right") - 1
+    file_no = np.array([f.file_no for f in files], np.int64)[k]
+    row = pos - starts[k]
+    base = files[0].file_no
+    urls = {f.file_no - base: f.url for f in files}
+    ids = idmap.fetch_rows([urls.get(i, "") for i in range(len(files))],
+                           idmap.encode_ids(file_no - base, row), ["image_id"]).column("image_id")
+    occ = pa.table({"image_id": ids.cast(pa.string()), "file_no": pa.array(file_no), "row": pa.array(row)},
+                   schema=ID_SCHEMA)
+    return resolve(occ, first_new)
 
 
 def resolve(occurrences: pa.Table, first_new: int) -> Duplicates:

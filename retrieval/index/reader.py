@@ -3,8 +3,7 @@
 A :class:`FeatureFile` is one ``part-NNNNN.parquet`` of a COMPLETE extraction output (one with
 ``_manifest.json``), numbered by ``file_no`` in the order the index saw it; the int64 index id of
 its row ``r`` is ``idmap.encode_ids(file_no, r)``. Vectors are read by (file, row range), one
-batch of at most ``batch_rows`` rows at a time, ``coarse`` column only (plus ``image_id`` where
-asked). :func:`clean` is the one rule for bad vectors, applied identically when sampling,
+batch of at most ``batch_rows`` rows at a time, ``coarse`` column only. :func:`clean` is the one rule for bad vectors, applied identically when sampling,
 adding and measuring quality: NaN/inf rows and all-zero rows are skipped, the rest are
 L2-normalised (a no-op for extraction outputs, which are normalised already).
 """
@@ -15,7 +14,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from retrieval import fsio
 from retrieval.schema import column_matrix
@@ -102,20 +100,18 @@ def check_file(f: FeatureFile, dim: int, verify: bool = True) -> None:
             raise FeatureInputError(f"feature file {f.url} does not match the sha256 in its "
                                     "manifest (truncated or altered): refusing to index it")
     try:
-        fs, path = fsio.url_to_fs(f.url)
-        with fs.open(path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            schema = pf.schema_arrow
-            rows = pf.metadata.num_rows
-            if "coarse" not in schema.names:
-                raise FeatureInputError(f"feature file {f.url} has no 'coarse' column")
-            ctype = schema.field("coarse").type
-            got = getattr(ctype, "list_size", None)
-            if got is None and rows:  # variable-size lists (e.g. written by Spark): look at row 0
-                first = pf.read_row_group(0, columns=["coarse"]).column(0)
-                got = len(first[0].as_py()) if len(first) else None
-            versions = (pf.read(columns=["model_version"]).column(0).unique().to_pylist()
-                        if "model_version" in schema.names else [])
+        pf = fsio.parquet_file(f.url)
+        schema = pf.schema_arrow
+        rows = pf.metadata.num_rows
+        if "coarse" not in schema.names:
+            raise FeatureInputError(f"feature file {f.url} has no 'coarse' column")
+        ctype = schema.field("coarse").type
+        got = getattr(ctype, "list_size", None)
+        if got is None and rows:  # variable-size lists (e.g. written by Spark): look at row 0
+            first = pf.read_row_group(0, columns=["coarse"]).column(0)
+            got = len(first[0].as_py()) if len(first) else None
+        versions = (pf.read(columns=["model_version"]).column(0).unique().to_pylist()
+                    if "model_version" in schema.names else [])
     except FeatureInputError:
         raise
     except Exception as exc:
@@ -131,39 +127,30 @@ def check_file(f: FeatureFile, dim: int, verify: bool = True) -> None:
                                 f"output of {f.model_version}")
 
 
-def iter_coarse(url: str, start: int, end: int, batch_rows: int, with_ids: bool = False
-                ) -> Iterator[tuple[int, np.ndarray, list | None]]:
-    """``(first_row, coarse float32 n x d, image_ids or None)`` for rows ``[start, end)`` of a
-    feature file, at most ``batch_rows`` rows per batch; only the row groups that hold them are read."""
+def iter_coarse(url: str, start: int, end: int, batch_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first_row, coarse float32 n x d)`` for rows ``[start, end)`` of a feature file, at most
+    ``batch_rows`` rows per batch; only the row groups that hold them are read."""
     if end <= start:
         return
-    columns = ["image_id", "coarse"] if with_ids else ["coarse"]
-    fs, path = fsio.url_to_fs(url)
-    with fs.open(path, "rb") as fh:
-        pf = pq.ParquetFile(fh)
-        md = pf.metadata
-        bounds = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-        if end > bounds[-1]:
-            raise FeatureInputError(f"feature file {url} has {bounds[-1]} rows, rows up to {end} "
-                                    "were expected (truncated?)")
-        g0 = int(np.searchsorted(bounds, start, side="right") - 1)
-        g1 = int(np.searchsorted(bounds, end, side="left"))
-        groups = list(range(g0, g1))
-        row = int(bounds[g0])
-        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns,
-                                     use_threads=False):
-            n = batch.num_rows
-            a, b = max(start, row), min(end, row + n)
-            if a < b:
-                part = batch.slice(a - row, b - a)
-                x = column_matrix(part.column(columns.index("coarse"))).astype(np.float32, copy=False)
-                if not x.flags.writeable:
-                    x = x.copy()
-                ids = part.column(0).to_pylist() if with_ids else None
-                yield a, x, ids
-            row += n
-            if row >= end:
-                break
+    pf = fsio.parquet_file(url)
+    md = pf.metadata
+    bounds = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
+    if end > bounds[-1]:
+        raise FeatureInputError(f"feature file {url} has {bounds[-1]} rows, rows up to {end} "
+                                "were expected (truncated?)")
+    g0 = int(np.searchsorted(bounds, start, side="right") - 1)
+    g1 = int(np.searchsorted(bounds, end, side="left"))
+    row = int(bounds[g0])
+    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=list(range(g0, g1)), columns=["coarse"],
+                                 use_threads=False):
+        n = batch.num_rows
+        a, b = max(start, row), min(end, row + n)
+        if a < b:
+            x = column_matrix(batch.column(0).slice(a - row, b - a)).astype(np.float32, copy=False)
+            yield a, (x if x.flags.writeable else x.copy())
+        row += n
+        if row >= end:
+            break
 
 
 def clean(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -184,7 +171,5 @@ def clean(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
 
 
 def read_column(url: str, column: str) -> pa.Array:
-    fs, path = fsio.url_to_fs(url)
-    with fs.open(path, "rb") as fh:
-        col = pq.read_table(fh, columns=[column]).column(0)
+    col = fsio.read_parquet(url, columns=[column]).column(0)
     return col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)

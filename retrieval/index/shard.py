@@ -180,7 +180,7 @@ def _populate(job: ShardJob, spec: SliceSpec, trained_data: bytes, build: bool):
                         unit="vectors")
     for file_no, url, start, end in spec.segments:
         dup = skips.get(file_no, np.zeros(0, np.int64))
-        for row0, x, _ in iter_coarse(url, start, end, job.batch_rows):
+        for row0, x in iter_coarse(url, start, end, job.batch_rows):
             valid, nan_inf, zero, renorm = clean(x)
             counts["nan_inf"] += int(nan_inf.sum())
             counts["zero"] += int(zero.sum())

@@ -36,6 +36,7 @@ class ScanJob:
     seed: int
     batch_rows: int
     verify: bool = True
+    hash_ids: bool = False  # also return a 64-bit hash of every image_id (duplicate detection)
     storage_options: dict | None = None
 
 
@@ -50,6 +51,7 @@ class FileScan:
     bad_rows: list = field(default_factory=list)  # up to 20 (row, reason) for the report
     sample_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     sample: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    id_hashes: np.ndarray | None = None
     seconds: float = 0.0
 
 
@@ -76,7 +78,7 @@ def scan_file(job: ScanJob, f: FeatureFile) -> FileScan:
     check_file(f, job.dim, job.verify)
     out = FileScan(file_no=f.file_no, rows=f.rows)
     rows, parts = [], []
-    for row0, x, _ in iter_coarse(f.url, 0, f.rows, job.batch_rows):
+    for row0, x in iter_coarse(f.url, 0, f.rows, job.batch_rows):
         valid, nan_inf, zero, renorm = clean(x)
         out.valid += int(valid.sum())
         out.nan_inf += int(nan_inf.sum())
@@ -92,6 +94,10 @@ def scan_file(job: ScanJob, f: FeatureFile) -> FileScan:
             parts.append(x[idx])
     out.sample_rows = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
     out.sample = np.concatenate(parts) if parts else np.zeros((0, job.dim), np.float32)
+    if job.hash_ids:
+        from retrieval.index.dedup import file_hashes
+
+        out.id_hashes = file_hashes(f)
     out.seconds = round(time.monotonic() - t0, 3)
     return out
 

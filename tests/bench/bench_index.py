@@ -89,17 +89,29 @@ def run_measured(cmd: list[str], env: dict | None = None, log_path: Path | None 
             peak[0] = max(peak[0], _tree_rss(proc.pid))
             stop.wait(0.2)
 
+    loads = []
+
+    def load_avg():
+        while not stop.is_set():
+            with open("/proc/loadavg") as fh:
+                loads.append(float(fh.read().split()[0]))
+            stop.wait(5.0)
+
     th = threading.Thread(target=sample, daemon=True)
     th.start()
+    tl = threading.Thread(target=load_avg, daemon=True)
+    tl.start()
     rc = proc.wait()
     stop.set()
     th.join()
+    tl.join()
     if log_path:
         out.close()
     if rc != 0:
         tail = log_path.read_text()[-3000:] if log_path else ""
         raise RuntimeError(f"{cmd[:3]} failed with exit code {rc}\n{tail}")
-    return {"wall_s": round(time.monotonic() - t0, 1), "peak_rss_mb": round(peak[0] / 2**20, 1)}
+    return {"wall_s": round(time.monotonic() - t0, 1), "peak_rss_mb": round(peak[0] / 2**20, 1),
+            "load_avg": round(float(np.mean(loads)), 1) if loads else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("ours (Spark)", ours, ours))
     if "autofaiss" in results:
         rows.append(("autofaiss", results["autofaiss"], results["autofaiss"]))
-    print(f"\n{args.n:,} gallery vectors, {args.queries:,} queries, budget {args.budget_mb:g} MB, {os.cpu_count()} CPUs")
+    print(f"\n{args.n:,} gallery vectors, {args.queries:,} queries, budget {args.budget_mb:g} MB, {os.cpu_count()} CPUs "
+          f"(1-min load average during the builds: ours {ours['load_avg']}"
+          + (f", autofaiss {results['autofaiss']['load_avg']})" if "autofaiss" in results else ")"))
     print(f"{'':14} {'build s':>7} {'peak MB':>8} {'B/vec':>6} {'recall@10':>9} {'recall@100':>10} "
           f"{'top500 hit':>10}  index")
     for name, q, r in rows:

@@ -28,7 +28,7 @@ def test_nlist_rule():
 def test_params_from_budget():
     cfg = config.load()
     p = choose_params(1_000_000, 128, cfg)
-    assert (p.index_key, p.nlist, p.pq_m, p.train_size) == ("IVF4096,PQ16", 4096, 16, 4096 * 64)
+    assert (p.index_key, p.nlist, p.pq_m, p.train_size) == ("IVF4096,PQ16", 4096, 16, 4096 * 40)
     assert p.kmeans == "flat" and max(p.nprobe_grid) == 256
     # the budget decides when it is tighter than the objective's cap
     assert choose_params(1_000_000, 128, config.load(sets=["index.bytes_per_vector=20"])).pq_m == 8
