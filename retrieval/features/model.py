@@ -287,14 +287,21 @@ def load_checkpoint(url: str, device: str | torch.device = "cpu") -> DescriptorM
 
 
 def model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any]) -> DescriptorModel:
-    """The model the config asks for: a checkpoint, or backbone weights + seeded heads."""
-    if model_cfg.get("checkpoint"):
-        model = load_checkpoint(model_cfg["checkpoint"])
+    """The model the config asks for: a checkpoint (``default`` = the shipped trained model, a
+    ``.npz`` delta, or a full checkpoint), or backbone weights + seeded heads."""
+    ckpt = model_cfg.get("checkpoint")
+    if ckpt:
+        if ckpt == "default" or ckpt.endswith(".npz"):
+            from retrieval.training.delta import DEFAULT_MODEL, load_delta
+
+            model = load_delta(DEFAULT_MODEL if ckpt == "default" else ckpt)
+        else:
+            model = load_checkpoint(ckpt)
         s = model.spec
         if (s.size_hi, s.size_lo, s.resize) != (preprocess_cfg["size_hi"], preprocess_cfg["size_lo"],
                                                 preprocess_cfg["resize"]):
             log.warning("checkpoint %s was made for size_hi=%s size_lo=%s resize=%s; using those",
-                        model_cfg["checkpoint"], s.size_hi, s.size_lo, s.resize)
+                        ckpt, s.size_hi, s.size_lo, s.resize)
         return model
     return build_model(model_cfg["backbone"], model_cfg["backbone_weights"],
                        fine_dim=model_cfg["fine_dim"], coarse_dim=model_cfg["coarse_dim"],
