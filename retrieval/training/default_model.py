@@ -33,6 +33,7 @@ RECIPE: dict = {
     "train.stages": [2, 3],
     "train.seed": 0,
     "train.batch_size": 32,
+    "train.temperature": 0.02,
     "train.cache_views": 16,
     "train.augment_strength": 0.5,
     "train.stage2.steps": 150,
@@ -81,6 +82,13 @@ def write_manifest(paths: list[str], url: str) -> str:
     return url
 
 
+def _display(path: str) -> str:
+    """The asset path relative to the repository when it lies inside it (cards are committed)."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    full = os.path.abspath(path)
+    return os.path.relpath(full, repo) if full.startswith(repo + os.sep) else path
+
+
 def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = ()) -> dict:
     from retrieval.sample import real_photos
     from retrieval.training.card import to_markdown
@@ -92,8 +100,9 @@ def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (
     stamps = stamp_photos() if RECIPE_SOURCES["tuxpaint_stamps"] else []
     train = write_manifest(photos + stamps, fsio.join(output, "train_images.csv"))
     holdout = write_manifest(real_photos("holdout"), fsio.join(output, "holdout_photos.csv"))
-    overrides = {**RECIPE, "train.eval_input": holdout}
-    cfg = config_mod.load(conf, sets, overrides)
+    # the recipe first, then the caller's --set items (which win), then the held-out input
+    recipe_sets = [f"{k}={json.dumps(v)}" for k, v in RECIPE.items()]
+    cfg = config_mod.load(conf, [*recipe_sets, *sets], {"train.eval_input": holdout})
     job = TrainJob.from_config(train, fsio.join(output, "run"), cfg)
     card = run_training(job)
     from retrieval.features.model import load_checkpoint
@@ -112,13 +121,13 @@ def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (
                                  "final_losses": {s: st.get("final_loss") for s, st in card["stages"].items()}})
     check = load_delta(asset)
     assert check.model_version() == shipped.model_version()
-    card["shipped"] = {"asset": asset, "bytes": os.path.getsize(asset) if os.path.exists(asset) else None,
+    card["shipped"] = {"asset": _display(asset), "bytes": os.path.getsize(asset) if os.path.exists(asset) else None,
                        "model_version": shipped.model_version(),
                        "note": "int8 per-row deltas from the ImageNet backbone + seed heads"}
     base = os.path.splitext(asset)[0]
     fsio.write_json(base + ".card.json", {**summary, "shipped": card["shipped"],
                                           "checkpoint": card["checkpoint"]})
-    fsio.write_bytes(base + ".card.md", to_markdown({**card, "checkpoint": asset,
+    fsio.write_bytes(base + ".card.md", to_markdown({**card, "checkpoint": _display(asset),
                                                       "model_version": shipped.model_version()}).encode())
     return {"asset": asset, **card["shipped"], "train_seconds": card["train_seconds"],
             "final_losses": {s: st.get("final_loss") for s, st in card["stages"].items()},

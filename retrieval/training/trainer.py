@@ -11,9 +11,12 @@
    exact copy of (the trained) adapter 1's function (``train.stage3.init: adapter1``; ``keep`` starts
    from its current weights).
 
-Stages 2-3 read GeM-pooled features from a cache of ``train.cache_views`` views per image (view 0 is
-the clean image; each view is one augmentation encoded at R_hi and R_lo), computed once per backbone
-and stored under ``<output>/_cache/``; ``cache_views: 0`` draws fresh views every step instead.
+With ``train.cache_views > 0`` the frozen part of the network runs once per cached view
+(``cache_views`` per image; view 0 is the clean image; each view is one augmentation encoded at R_hi
+and R_lo), stored under ``<output>/_cache/``: stage 1 trains its last blocks on the cached activations
+entering them, stages 2-3 read GeM-pooled features (derived from those activations after stage 1,
+or computed directly). ``cache_views: 0`` draws fresh views every step instead (any backbone block
+count, slower).
 
 Every ``checkpoint_every`` steps and at the end of each stage the main process writes
 ``checkpoints/stage<S>-step<NNNNNN>.pt`` (a model checkpoint with metadata and ``model_version``),
@@ -173,30 +176,65 @@ def backbone_version(model: DescriptorModel) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# pooled-feature cache for stages 2-3
+# feature caches: the frozen part of the network runs once per cached view
 @dataclass
-class PooledCache:
-    hi: torch.Tensor   # N x V x K (float16)
+class FeatureCache:
+    """``hi``/``lo``: N x V x ... float16, one entry per (image, view). ``blocks == 0``: GeM-pooled
+    features (stages 2-3); ``blocks > 0``: activations entering the last ``blocks`` backbone blocks
+    (stage 1 trains those blocks on them; stages 2-3 derive pooled features from them)."""
+    hi: torch.Tensor
     lo: torch.Tensor
+    blocks: int = 0
 
     @property
     def views(self) -> int:
         return self.hi.shape[1]
 
 
+PooledCache = FeatureCache
+
+
+def _prefix(model: DescriptorModel, x: torch.Tensor, blocks: int) -> torch.Tensor:
+    z = (x - model.mean) / model.std
+    return model.backbone[:len(model.backbone) - blocks](z) if blocks else model.pooled(x)
+
+
+def suffix_pooled(model: DescriptorModel, act: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Pooled features from cached activations (with autograd through the last ``blocks`` blocks)."""
+    act = act.float()
+    if not blocks:
+        return act
+    return model.pool(model.backbone[len(model.backbone) - blocks:](act))
+
+
 @torch.no_grad()
-def build_cache(model: DescriptorModel, images: ImageSet, job: TrainJob, d: Dist,
-                chunk: int = 32) -> PooledCache:
+def pooled_cache(model: DescriptorModel, cache: FeatureCache, chunk: int = 256) -> FeatureCache:
+    """The pooled-feature cache implied by ``cache`` and the model's current last blocks."""
+    if not cache.blocks:
+        return cache
+    out = []
+    for t in (cache.hi, cache.lo):
+        flat = t.flatten(0, 1)
+        pooled = torch.cat([suffix_pooled(model, flat[k:k + chunk], cache.blocks).half()
+                            for k in range(0, len(flat), chunk)])
+        out.append(pooled.view(t.shape[0], t.shape[1], -1))
+    return FeatureCache(out[0], out[1], 0)
+
+
+@torch.no_grad()
+def build_cache(model: DescriptorModel, images: ImageSet, job: TrainJob, d: Dist, blocks: int = 0,
+                chunk: int = 32) -> FeatureCache:
     t, spec = job.t, model.spec
     n_views = int(t["cache_views"])
-    url = fsio.join(job.output, "_cache", f"pooled-{backbone_version(model)}-{images.fingerprint()}-"
+    kind = f"prefix{blocks}" if blocks else "pooled"
+    url = fsio.join(job.output, "_cache", f"{kind}-{backbone_version(model)}-{images.fingerprint()}-"
                     f"v{n_views}-s{t['augment_strength']}-seed{t['seed']}.pt")
     if fsio.exists(url):
         obj = torch.load(io.BytesIO(fsio.read_bytes(url)), map_location="cpu", weights_only=True)
-        log.info("stages 2-3: pooled features from cache %s", url)
-        return PooledCache(obj["hi"], obj["lo"])
+        log.info("%s features from cache %s", kind, url)
+        return FeatureCache(obj["hi"], obj["lo"], blocks)
     mine = [i for i in range(len(images)) if i % d.world == d.rank]
-    progress = Progress(f"pooled-feature cache (rank {d.rank})", total=len(mine) * n_views,
+    progress = Progress(f"{kind} feature cache (rank {d.rank})", total=len(mine) * n_views,
                         every=float(t["progress_seconds"]), unit="views")
     todo: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
     out: dict[int, tuple[list, list]] = {i: ([None] * n_views, [None] * n_views) for i in mine}
@@ -204,8 +242,8 @@ def build_cache(model: DescriptorModel, images: ImageSet, job: TrainJob, d: Dist
     def flush() -> None:
         if not todo:
             return
-        p_hi = model.pooled(torch.stack([x[2] for x in todo])).half()
-        p_lo = model.pooled(torch.stack([x[3] for x in todo])).half()
+        p_hi = _prefix(model, torch.stack([x[2] for x in todo]), blocks).half()
+        p_lo = _prefix(model, torch.stack([x[3] for x in todo]), blocks).half()
         for (i, v, _, _), a, b in zip(todo, p_hi, p_lo):
             out[i][0][v], out[i][1][v] = a, b
         progress.update(len(todo))
@@ -224,8 +262,8 @@ def build_cache(model: DescriptorModel, images: ImageSet, job: TrainJob, d: Dist
     merged: dict[int, tuple[list, list]] = {}
     for part in d.gather_objects({i: (torch.stack(a), torch.stack(b)) for i, (a, b) in out.items()}):
         merged.update(part)
-    cache = PooledCache(torch.stack([merged[i][0] for i in range(len(images))]),
-                        torch.stack([merged[i][1] for i in range(len(images))]))
+    cache = FeatureCache(torch.stack([merged[i][0] for i in range(len(images))]),
+                         torch.stack([merged[i][1] for i in range(len(images))]), blocks)
     if d.main:
         buf = io.BytesIO()
         torch.save({"hi": cache.hi, "lo": cache.lo}, buf)
@@ -238,6 +276,13 @@ def build_cache(model: DescriptorModel, images: ImageSet, job: TrainJob, d: Dist
 def _loss_stage1(model, job, images, cache, step, idx, d: Dist) -> torch.Tensor:
     t, spec = job.t, model.spec
     blocks = int(t["backbone_blocks"])
+    if cache is not None:  # cached activations entering the trainable blocks: anchor R_hi, positive R_lo
+        pairs = [view_rng(t["seed"], 1, step, i).choice(cache.views, 2, replace=cache.views < 2) for i in idx]
+        za = F.normalize(suffix_pooled(model, torch.stack([cache.hi[i, va] for i, (va, _) in zip(idx, pairs)]),
+                                       cache.blocks), dim=-1)
+        zp = F.normalize(suffix_pooled(model, torch.stack([cache.lo[i, vb] for i, (_, vb) in zip(idx, pairs)]),
+                                       cache.blocks), dim=-1)
+        return info_nce(d.gather(za), d.gather(zp), float(t["temperature"]))
     a = torch.stack([make_view(images.images[i], view_rng(t["seed"], 1, step, i, 0), spec.size_hi,
                                t["augment_strength"], t["augmentations"], spec.resize) for i in idx])
     p = torch.stack([make_view(images.images[i], view_rng(t["seed"], 1, step, i, 1), spec.size_lo,
@@ -356,7 +401,7 @@ def _threads(job: TrainJob, d: Dist) -> int:
 
 
 def run_stage(model: DescriptorModel, job: TrainJob, images: ImageSet, stage: int, state: dict,
-              d: Dist, cache: PooledCache | None) -> dict:
+              d: Dist, cache: FeatureCache | None) -> dict:
     t, sc = job.t, job.stage_cfg(stage)
     steps, base_lr = int(sc["steps"]), float(sc["lr"])
     names = trainable_names(model, stage, int(t["backbone_blocks"]), bool(t["fine_head"]))
@@ -384,8 +429,8 @@ def run_stage(model: DescriptorModel, job: TrainJob, images: ImageSet, stage: in
     progress.done = start
     t0 = time.monotonic()
     threads = torch.get_num_threads()
-    if cache is not None and stage in (2, 3):
-        torch.set_num_threads(1)  # small matrices on cached features: extra threads only spin
+    if cache is not None:
+        torch.set_num_threads(1)  # small tensors on cached features: extra threads mostly spin
     for step in range(start + 1, steps + 1):
         idx = batch_indices(int(t["seed"]), stage, step, len(images), bsz)[d.rank * per:(d.rank + 1) * per]
         for g in opt.param_groups:
@@ -407,8 +452,9 @@ def run_stage(model: DescriptorModel, job: TrainJob, images: ImageSet, stage: in
         d.barrier()
     progress.finish()
     torch.set_num_threads(threads)
-    first = [x[1] for x in losses[:10]]
-    last = [x[1] for x in losses[-10:]]
+    k = max(1, min(10, len(losses) // 4))  # first / final loss: means over k steps at each end
+    first = [x[1] for x in losses[:k]]
+    last = [x[1] for x in losses[-k:]]
     summary = {"stage": stage, "name": STAGES[stage], "steps": steps, "lr": base_lr, "batch_size": bsz,
                "processes": d.world, "trainable": names if stage != 1 else
                f"{len(names)} tensors: last {t['backbone_blocks'] or 'all'} backbone blocks + pool.p",
@@ -424,8 +470,16 @@ def run_stage(model: DescriptorModel, job: TrainJob, images: ImageSet, stage: in
 def run_training(job: TrainJob, d: Dist | None = None) -> dict:
     """Run the selected stages (``train.stages``) of ``job``; returns the final model card."""
     d = d or Dist()
-    t = job.t
+    threads = torch.get_num_threads()
     torch.set_num_threads(_threads(job, d))
+    try:
+        return _run_training(job, d)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_training(job: TrainJob, d: Dist) -> dict:
+    t = job.t
     torch.manual_seed(int(t["seed"]))
     if d.main:
         fsio.ensure_writable(job.output)
@@ -446,17 +500,25 @@ def run_training(job: TrainJob, d: Dist | None = None) -> dict:
                  sorted(state.get("completed", {})) or "none")
     state["processes"] = d.world
     stages = [int(s) for s in t["stages"]]
-    cache: PooledCache | None = None
+    prefix: FeatureCache | None = None
+    cache: FeatureCache | None = None
+    blocks = int(t["backbone_blocks"])
+    use_cache = int(t["cache_views"]) > 0
     for stage in stages:
         if str(stage) in state["completed"]:
             log.info("stage %d (%s) already complete: skipped", stage, STAGES[stage])
             continue
-        if stage in (2, 3) and int(t["cache_views"]) > 0 and cache is None:
-            cache = build_cache(model, images, job, d)
-        summary = run_stage(model, job, images, stage, state, d, cache)
+        if stage == 1 and use_cache and 0 < blocks < len(model.backbone):
+            # the frozen leading blocks run once per cached view; stage 1 trains the last blocks on them
+            prefix = build_cache(model, images, job, d, blocks)
+            summary = run_stage(model, job, images, 1, state, d, prefix)
+        elif stage == 1:
+            summary = run_stage(model, job, images, 1, state, d, None)
+        else:
+            if use_cache and cache is None:
+                cache = pooled_cache(model, prefix) if prefix is not None else build_cache(model, images, job, d)
+            summary = run_stage(model, job, images, stage, state, d, cache)
         state["completed"][str(stage)] = summary
-        if stage == 1:
-            cache = None  # the backbone changed
         if d.main:
             fsio.write_json(fsio.join(job.output, STATE), state)
         d.barrier()

@@ -16,7 +16,7 @@ from retrieval.sample import real_photos
 from retrieval.training import trainer
 
 TINY = ["preprocess.size_hi=64", "preprocess.size_lo=48", "train.batch_size=6", "train.cache_views=3",
-        "train.max_side=96", "train.checkpoint_every=2", "train.progress_seconds=5"]
+        "train.max_side=96", "train.checkpoint_every=2", "train.progress_seconds=5", "train.threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,8 @@ def test_cli_train_writes_checkpoints_cards_and_skips_done_stages(photos, tmp_pa
     ev = card["evaluation"]["models"]
     assert set(ev) == {"trained", "start"} and 0.0 <= ev["trained"]["recall@1"] <= 1.0
     assert "query_coarse_cost" in card["evaluation"]
+    cost = card["evaluation"]["query_coarse_cost"]
+    assert 0 < cost["asym_gflops"] < cost["sym_gflops"] and cost["flops_ratio"] < 1   # R_lo is cheaper
     md = open(os.path.join(out, "model_card.md")).read()
     assert card["model_version"] in md and "| recall@1 |" in md
     ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))

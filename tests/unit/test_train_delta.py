@@ -11,6 +11,15 @@ from retrieval.features.model import ModelError, build_model
 from retrieval.training.delta import DEFAULT_MODEL, export_delta, load_delta
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one torch thread is faster than two on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _trained():
     m = build_model(size_hi=64, size_lo=48)
     g = torch.Generator().manual_seed(1)

@@ -19,6 +19,15 @@ from retrieval.training.dist import Dist
 SIZES = {"preprocess.size_hi": 64, "preprocess.size_lo": 48}
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one torch thread is faster than two on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 @pytest.fixture(scope="module")
 def images():
     rows = []
@@ -45,12 +54,12 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_each_stage_updates_exactly_its_parameters(tmp_path, images, stage):
+@pytest.mark.parametrize("stage,cached", [(1, False), (1, True), (2, True), (3, True)])
+def test_each_stage_updates_exactly_its_parameters(tmp_path, images, stage, cached):
     job = _job(tmp_path, **{"train.backbone_blocks": 2})
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cache = trainer.build_cache(model, images, job, Dist()) if stage > 1 else None
+    cache = trainer.build_cache(model, images, job, Dist(), blocks=2 if stage == 1 else 0) if cached else None
     state: dict = {"completed": {}, "losses": {}}
     job = trainer.TrainJob(**{**job.__dict__, "train_cfg": {**job.train_cfg, f"stage{stage}":
                                                             {"steps": 2, "lr": 1e-3}}})
@@ -60,6 +69,16 @@ def test_each_stage_updates_exactly_its_parameters(tmp_path, images, stage):
     expected = {k for k, _ in model.named_parameters() if EXPECTED[stage](k)}
     assert changed == expected
     assert not any(p.requires_grad for p in model.parameters())  # frozen again after the stage
+
+
+def test_pooled_cache_from_prefix_matches_direct_encoding(tmp_path, images):
+    job = _job(tmp_path)
+    model = _model()
+    direct = trainer.build_cache(model, images, job, Dist())
+    derived = trainer.pooled_cache(model, trainer.build_cache(model, images, job, Dist(), blocks=2))
+    assert derived.hi.shape == direct.hi.shape == (len(images), 4, 1280)
+    assert torch.allclose(derived.hi.float(), direct.hi.float(), rtol=2e-2, atol=2e-2)
+    assert torch.allclose(derived.lo.float(), direct.lo.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_stage2_without_fine_head_leaves_it_alone(tmp_path, images):
@@ -92,6 +111,9 @@ def test_losses_decrease_in_a_few_steps(tmp_path, images):
     model = _model()
     l1 = _losses(model, job, images, 1, 4)
     assert l1[-1] < l1[0], l1
+    prefix = trainer.build_cache(_model(), images, job, Dist(), blocks=2)
+    l1c = _losses(_model(), job, images, 1, 4, prefix)   # stage 1 on cached frozen-prefix activations
+    assert l1c[-1] < l1c[0], l1c
     cache = trainer.build_cache(model, images, job, Dist())
     l2 = _losses(model, job, images, 2, 6, cache)
     assert l2[-1] < 0.8 * l2[0], l2
