@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 RECIPE_SOURCES = {"real_photos_train": True, "tuxpaint_stamps": True}
 # the settings the shipped model was trained with (on top of retrieval/conf/defaults.yaml)
 RECIPE: dict = {
+    "model.checkpoint": "",          # start from the ImageNet backbone + seed heads, whatever the default
     "train.stages": [2, 3],
     "train.seed": 0,
     "train.batch_size": 32,

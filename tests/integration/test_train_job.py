@@ -15,7 +15,7 @@ from retrieval.features.model import load_checkpoint
 from retrieval.sample import real_photos
 from retrieval.training import trainer
 
-TINY = ["preprocess.size_hi=64", "preprocess.size_lo=48", "train.batch_size=6", "train.cache_views=3",
+TINY = ["model.checkpoint=", "preprocess.size_hi=64", "preprocess.size_lo=48", "train.batch_size=6", "train.cache_views=3",
         "train.max_side=96", "train.checkpoint_every=2", "train.progress_seconds=5", "train.threads=1"]
 
 

@@ -16,7 +16,7 @@ from retrieval.training import trainer
 from retrieval.training.data import decode_all
 from retrieval.training.dist import Dist
 
-SIZES = {"preprocess.size_hi": 64, "preprocess.size_lo": 48}
+SIZES = {"model.checkpoint": "", "preprocess.size_hi": 64, "preprocess.size_lo": 48}
 
 
 
