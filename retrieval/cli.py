@@ -28,7 +28,7 @@ log = logging.getLogger("retrieval")
 STAGES: dict[str, Callable[[argparse.Namespace, config_mod.Config, Any], Any]] = {}
 
 
-def _common(p: argparse.ArgumentParser, spark_stage: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, spark_stage: bool = True, engine: str = "spark") -> None:
     p.add_argument("--conf", action="append", default=[], metavar="FILE",
                    help="YAML overlay (repeatable, applied in order)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
@@ -36,8 +36,8 @@ def _common(p: argparse.ArgumentParser, spark_stage: bool = True) -> None:
     p.add_argument("--log-level", default="INFO")
     if spark_stage:
         p.add_argument("--master", default=None, help="Spark master (default: spark.master from config)")
-        p.add_argument("--engine", choices=("spark", "local"), default="spark",
-                       help="spark (default) or local: the same library code in this process, no JVM")
+        p.add_argument("--engine", choices=("spark", "local"), default=engine,
+                       help=f"spark or local (the same library code in this process, no JVM); default {engine}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,13 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default: <results>/eval)")
     p.add_argument("--exact", default=None, metavar="INDEX",
                    help="also compare with exact 512-d search over this index's gallery")
-    _common(p)
+    _common(p, engine="local")     # reads results with pyarrow: no executors needed
 
     p = sub.add_parser("report", help="audit report: HTML, flagged matches, summary.json")
     p.add_argument("--results", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--truth", default=None)
-    _common(p)
+    _common(p, engine="local")     # streams results with pyarrow on the driver: no executors needed
 
     p = sub.add_parser("train", help="three-stage training of the descriptor model")
     p.add_argument("--input", required=True)
