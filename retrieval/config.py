@@ -85,6 +85,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "index.quality_queries": _non_negative,
     "index.quality_noise": _non_negative,
     "index.tune_noise": _non_negative,
+    "index.tune_queries": _non_negative,
     "index.duplicates": _choice("skip", "error", "keep"),
     "index.dedup_on_driver_max": _non_negative,
     "index.mode": _choice("incremental", "overwrite"),

@@ -195,28 +195,13 @@ def _merge_ondisk(output_url: str, trained_data: bytes, shard_files: list[str]) 
 
 
 # ---------------------------------------------------------------------------------------------
-def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config, spark=None,
-                append: bool = False, merge_ondisk: bool = False) -> dict:
-    """Build (or, with ``append``, extend) the index at ``output_url`` from gallery feature
-    outputs; returns the manifest. ``spark=None`` runs locally (no JVM)."""
-    t0 = time.monotonic()
-    timings: dict[str, float] = {}
-    ic = cfg["index"]
-    dim, fine_dim = int(cfg["model.coarse_dim"]), int(cfg["model.fine_dim"])
-    storage_options = cfg["io.storage_options"]
-    fsio.configure(storage_options)
-    feature_urls = [feature_urls] if isinstance(feature_urls, str) else list(feature_urls)
-    if not feature_urls:
-        raise ValueError("build-index: no feature outputs given (--features)")
-    fsio.ensure_writable(output_url)
-    if merge_ondisk and fsio.protocol_of(output_url) not in ("file", "local"):
-        raise ValueError(f"--merge-ondisk needs a local output directory (an on-disk index is served "
-                         f"from a local disk), got {output_url}")
-    manifest_url = fsio.join(output_url, MANIFEST)
-    every = float(ic["progress_seconds"])
-
-    # -- 1. plan ------------------------------------------------------------------------------
+# the phases of a build
+def _plan(feature_urls: list[str], output_url: str, cfg: Config, append: bool
+          ) -> tuple[dict | None, list[FeatureFile], list[FeatureFile], IndexParams, str]:
+    """``(old manifest or None, old files, new files, params, build fingerprint)``."""
+    dim = int(cfg["model.coarse_dim"])
     old: dict | None = None
+    old_files: list[FeatureFile] = []
     if append:
         old = read_index_manifest(output_url)
         if int(old["dim"]) != dim:
@@ -231,56 +216,46 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
         old_files = [FeatureFile.from_dict({**f, "output": f.get("output", "")}) for f in old["feature_files"]]
     else:
         files = list_feature_files(feature_urls)
-        old_files = []
     n_rows = sum(f.rows for f in files)
     if not files or n_rows == 0:
         raise FeatureInputError(f"no vectors to index: the feature outputs {', '.join(feature_urls)} "
                                 "hold no rows")
-    model_version = files[0].model_version
     if old is not None:
         params = IndexParams(**{**old["params"], "nprobe_grid": tuple(old["params"]["nprobe_grid"])})
     else:
         params = choose_params(n_rows, dim, cfg)
     settings = {k: v for k, v in cfg["index"].to_dict().items() if k not in ("mode", "threads", "progress_seconds")}
     build_fp = _fingerprint([f.to_dict() for f in files], settings, dim, old and old.get("fingerprint"))
-    if not append and fsio.exists(manifest_url):
-        existing = read_index_manifest(output_url)
-        if ic["mode"] == "overwrite":
-            log.info("index.mode=overwrite: removing the index at %s", output_url)
-            _remove(output_url, [MANIFEST])
-            _remove(output_url, _index_files(output_url))
-        elif existing.get("fingerprint") == build_fp:
-            log.info("%s is already complete for these inputs and settings: nothing to do", output_url)
-            return existing
-        else:
-            raise FileExistsError(
-                f"{output_url} already holds a complete index built from other inputs or settings; "
-                "add to it with --append, or rebuild with --set index.mode=overwrite")
-    first_new = files[0].file_no
-    log.info("build-index %s -> %s: %d feature files, %d rows, %s (%s), %s engine", ", ".join(feature_urls),
-             output_url, len(files), n_rows, params.index_key, "appending" if append else "new index",
-             "spark" if spark is not None else "local")
+    return old, old_files, files, params, build_fp
 
-    # -- 2. scan: checks + training sample --------------------------------------------------------
-    t = time.monotonic()
-    want = params.train_size if old is None else 4 * ic["quality_queries"]
-    all_files = old_files + files
-    on_driver = sum(f.rows for f in all_files) <= int(ic["dedup_on_driver_max"])
-    scan_job = ScanJob(dim=dim, rate=min(1.0, want / n_rows), seed=int(ic["seed"]), batch_rows=ic["batch_rows"],
-                       hash_ids=on_driver, storage_options=storage_options)
-    scans: list[FileScan] = _map(spark, functools.partial(scan_file, scan_job), files, "index scan", every)
-    counts = {k: sum(getattr(s, k) for s in scans) for k in ("valid", "nan_inf", "zero", "renormalised")}
-    timings["scan_s"] = round(time.monotonic() - t, 3)
 
-    # -- 3. duplicates (the new files are verified now) -------------------------------------------
-    t = time.monotonic()
+def _existing(output_url: str, mode: str, build_fp: str) -> dict | None:
+    """A complete index already at ``output_url``: returned when it is this very build, removed with
+    ``mode=overwrite``, refused otherwise."""
+    if not fsio.exists(fsio.join(output_url, MANIFEST)):
+        return None
+    existing = read_index_manifest(output_url)
+    if mode == "overwrite":
+        log.info("index.mode=overwrite: removing the index at %s", output_url)
+        _remove(output_url, [MANIFEST])
+        _remove(output_url, _index_files(output_url))
+        return None
+    if existing.get("fingerprint") == build_fp:
+        log.info("%s is already complete for these inputs and settings: nothing to do", output_url)
+        return existing
+    raise FileExistsError(f"{output_url} already holds a complete index built from other inputs or settings; "
+                          "add to it with --append, or rebuild with --set index.mode=overwrite")
+
+
+def _duplicates(spark, scans: list[FileScan], old_files: list[FeatureFile], files: list[FeatureFile],
+                on_driver: bool, ic, storage_options: dict, every: float) -> dedup.Duplicates:
+    first_new, all_files = files[0].file_no, old_files + files
     if on_driver:
         hashes = {s.file_no: s.id_hashes for s in scans}
         if old_files:
             hashes.update(zip([f.file_no for f in old_files],
                               _map(spark, dedup.file_hashes, old_files, "index ids", every)))
         dups = dedup.find_from_hashes(all_files, hashes, first_new)
-        del hashes
     elif spark is not None:
         dups = dedup.find_spark(spark, all_files, first_new, storage_options)
     else:
@@ -289,66 +264,142 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
         ex = dups.examples[0]
         raise FeatureInputError(f"{dups.count} duplicate image_id rows (index.duplicates=error), e.g. "
                                 f"{ex['image_id']!r} at (file_no, row) {ex['kept']} and {ex['duplicates']}")
-    skip = dups if ic["duplicates"] == "skip" else dedup.Duplicates()
-    timings["duplicates_s"] = round(time.monotonic() - t, 3)
-    sample, sample_ids = _sample_of(scans, skip, dim)
-    if counts["nan_inf"] or counts["zero"]:
-        log.warning("skipping %d NaN/inf and %d all-zero coarse vectors", counts["nan_inf"], counts["zero"])
     if dups.count:
         log.warning("%d duplicate image_id rows (%s)", dups.count,
                     "skipped" if ic["duplicates"] == "skip" else "kept")
-    if counts["valid"] - (dups.count if ic["duplicates"] == "skip" else 0) <= 0:
-        raise FeatureInputError(f"no valid vectors to index in {', '.join(feature_urls)}: {n_rows} rows, "
-                                f"{counts['nan_inf']} NaN/inf, {counts['zero']} zero, {dups.count} duplicates")
+    return dups
 
-    # -- 4. the trained index ---------------------------------------------------------------------
+
+def _trained(output_url: str, params: IndexParams, sample: np.ndarray, fingerprint: str, ic) -> tuple[bytes, int]:
+    """``(trained index bytes, training sample size)``: reused from an interrupted run with the
+    same fingerprint (training is not bit-reproducible across thread counts), else trained now."""
+    trained_url, marker_url = fsio.join(output_url, TRAINED), fsio.join(output_url, TRAINED_MARKER)
+    if ic["mode"] == "incremental" and fsio.exists(marker_url) and fsio.exists(trained_url):
+        marker = fsio.read_json(marker_url)
+        data = fsio.read_bytes(trained_url)
+        if marker.get("fingerprint") == fingerprint and marker.get("sha256") == fsio.sha256_bytes(data):
+            log.info("reusing %s from an earlier run", trained_url)
+            return data, int(marker.get("train_size", len(sample)))
+    if len(sample) < params.nlist:
+        raise FeatureInputError(f"{len(sample)} valid training vectors for {params.nlist} cells")
+    set_threads(int(ic["threads"]))
+    data = serialize(train_index(params, sample, int(ic["seed"])))
+    _clean_stale_shards(output_url, keep=set())  # shards of another quantizer are useless
+    fsio.write_bytes(trained_url, data)
+    fsio.write_json(marker_url, {"fingerprint": fingerprint, "sha256": fsio.sha256_bytes(data),
+                                 "train_size": len(sample), "index_key": params.index_key})
+    return data, len(sample)
+
+
+def _quality(result: ShardResult, trained_data: bytes, queries: np.ndarray, tune_queries: np.ndarray,
+             source_ids: np.ndarray, params: IndexParams, ic, old: dict | None) -> dict:
+    """The manifest's ``quality`` block; its ``nprobe`` is the index's default."""
+    quality = {"queries": 0}
+    if result.quality is not None:
+        quality = metrics(result.quality, deserialize(trained_data), queries, tune_queries, source_ids,
+                          float(ic["target_recall"]))
+    # without quality queries (index.quality_queries=0): 1/64 of the cells
+    tuned = quality.get("tuned_nprobe", max(1, params.nlist // 64))
+    nprobe = int(ic["nprobe"]) or (max(tuned, int(old["nprobe"])) if old is not None else tuned)
+    at = next((r for r in quality.get("by_nprobe", []) if r["nprobe"] == nprobe), {})
+    at = {k: v for k, v in at.items() if k != "nprobe"}
+    if quality.get("queries"):
+        log.info("quality at nprobe=%d (%d queries, exact search over all new vectors): recall@10 %.4f, "
+                 "recall@100 %.4f, cell_recall@10 %.4f, source_cell_recall %.4f (tuned nprobe %d)", nprobe,
+                 quality["queries"], at.get("recall@10", float("nan")), at.get("recall@100", float("nan")),
+                 at.get("cell_recall@10", float("nan")), at.get("source_cell_recall", float("nan")), tuned)
+    return {"nprobe": nprobe, "queries": quality.get("queries", 0), "noise": float(ic["quality_noise"]),
+            "tune_queries": quality.get("tune_queries", 0), "tune_noise": float(ic["tune_noise"]), **at,
+            "by_nprobe": quality.get("by_nprobe", []),
+            "tuned_nprobe": tuned, "target_recall": float(ic["target_recall"])}
+
+
+def _skipped(files: list[FeatureFile], scans: list[FileScan], dups: dedup.Duplicates, rule: str) -> dict:
+    counts = {k: sum(getattr(s, k) for s in scans) for k in ("nan_inf", "zero", "renormalised")}
+    return {**counts, "duplicates": dups.count if rule == "skip" else 0, "duplicates_found": dups.count,
+            "duplicate_rule": rule,
+            "examples": _bad_examples(files, scans) + [{"reason": "duplicate", **e} for e in dups.examples]}
+
+
+# ---------------------------------------------------------------------------------------------
+def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config, spark=None,
+                append: bool = False, merge_ondisk: bool = False) -> dict:
+    """Build (or, with ``append``, extend) the index at ``output_url`` from gallery feature
+    outputs; returns the manifest. ``spark=None`` runs locally (no JVM)."""
+    t0 = t = time.monotonic()
+    timings: dict[str, float] = {}
+    ic = cfg["index"]
+    dim, seed, every = int(cfg["model.coarse_dim"]), int(ic["seed"]), float(ic["progress_seconds"])
+    storage_options = cfg["io.storage_options"]
+    fsio.configure(storage_options)
+    feature_urls = [feature_urls] if isinstance(feature_urls, str) else list(feature_urls)
+    if not feature_urls:
+        raise ValueError("build-index: no feature outputs given (--features)")
+    fsio.ensure_writable(output_url)
+    if merge_ondisk and fsio.protocol_of(output_url) not in ("file", "local"):
+        raise ValueError(f"--merge-ondisk needs a local output directory (an on-disk index is served "
+                         f"from a local disk), got {output_url}")
+
+    # 1. plan
+    old, old_files, files, params, build_fp = _plan(feature_urls, output_url, cfg, append)
+    if not append:
+        existing = _existing(output_url, ic["mode"], build_fp)
+        if existing is not None:
+            return existing
+    n_rows = sum(f.rows for f in files)
+    log.info("build-index %s -> %s: %d feature files, %d rows, %s (%s), %s engine", ", ".join(feature_urls),
+             output_url, len(files), n_rows, params.index_key, "appending" if append else "new index",
+             "spark" if spark is not None else "local")
+
+    # 2. scan: checks, bad vectors, training sample (+ id hashes)
+    on_driver = sum(f.rows for f in old_files + files) <= int(ic["dedup_on_driver_max"])
+    want = params.train_size if old is None else 4 * ic["quality_queries"]  # append: quality queries only
+    scan_job = ScanJob(dim=dim, rate=min(1.0, want / n_rows), seed=seed, batch_rows=ic["batch_rows"],
+                       hash_ids=on_driver, storage_options=storage_options)
+    scans: list[FileScan] = _map(spark, functools.partial(scan_file, scan_job), files, "index scan", every)
+    timings["scan_s"] = round(time.monotonic() - t, 3)
+
+    # 3. duplicates (the new files are verified now)
     t = time.monotonic()
-    trained_url = fsio.join(output_url, TRAINED)
+    dups = _duplicates(spark, scans, old_files, files, on_driver, ic, storage_options, every)
+    skip = dups if ic["duplicates"] == "skip" else dedup.Duplicates()
+    skipped = _skipped(files, scans, dups, ic["duplicates"])
+    valid = sum(s.valid for s in scans) - skipped["duplicates"]
+    if skipped["nan_inf"] or skipped["zero"]:
+        log.warning("skipping %d NaN/inf and %d all-zero coarse vectors", skipped["nan_inf"], skipped["zero"])
+    if valid <= 0:
+        raise FeatureInputError(f"no valid vectors to index in {', '.join(feature_urls)}: {n_rows} rows, "
+                                f"{skipped['nan_inf']} NaN/inf, {skipped['zero']} zero, {dups.count} duplicates")
+    sample, sample_ids = _sample_of(scans, skip, dim)
+    timings["duplicates_s"] = round(time.monotonic() - t, 3)
+
+    # 4. the trained index: trained here, or the index's own (append)
+    t = time.monotonic()
     if old is not None:
-        trained_data = fsio.read_bytes(trained_url)
+        trained_data = fsio.read_bytes(fsio.join(output_url, TRAINED))
         if fsio.sha256_bytes(trained_data) != old["trained"]["sha256"]:
-            raise ValueError(f"{trained_url} does not match the sha256 in the index manifest")
-        train_size = 0
+            raise ValueError(f"{fsio.join(output_url, TRAINED)} does not match the sha256 in the index manifest")
+        train_size = int(old["train_sample_size"])
     else:
-        train_fp = _fingerprint(params.to_dict(), int(ic["seed"]), [f.sha256 for f in files], scan_job.rate)
-        trained_data = None
-        marker_url = fsio.join(output_url, TRAINED_MARKER)
-        if ic["mode"] == "incremental" and fsio.exists(marker_url) and fsio.exists(trained_url):
-            marker = fsio.read_json(marker_url)
-            data = fsio.read_bytes(trained_url)
-            if marker.get("fingerprint") == train_fp and marker.get("sha256") == fsio.sha256_bytes(data):
-                log.info("reusing %s from an earlier run", trained_url)
-                trained_data = data
-                train_size = int(marker.get("train_size", len(sample)))
-        if trained_data is None:
-            if len(sample) < params.nlist:
-                raise FeatureInputError(f"{len(sample)} valid training vectors for {params.nlist} cells")
-            set_threads(int(ic["threads"]))
-            trained_data = serialize(train_index(params, sample, int(ic["seed"])))
-            train_size = len(sample)
-            _clean_stale_shards(output_url, keep=set())  # shards of another quantizer are useless
-            fsio.write_bytes(trained_url, trained_data)
-            fsio.write_json(marker_url, {"fingerprint": train_fp, "sha256": fsio.sha256_bytes(trained_data),
-                                         "train_size": train_size, "index_key": params.index_key})
+        train_fp = _fingerprint(params.to_dict(), seed, [f.sha256 for f in files], scan_job.rate, ic["duplicates"])
+        trained_data, train_size = _trained(output_url, params, sample, train_fp, ic)
     trained_sha = fsio.sha256_bytes(trained_data)
     timings["train_s"] = round(time.monotonic() - t, 3)
 
-    # -- 5. shards --------------------------------------------------------------------------------
+    # 5. shards (+ their part of the quality figures)
     t = time.monotonic()
-    pos = pick_sources(len(sample), int(ic["quality_queries"]), int(ic["seed"]))
-    queries = make_queries(sample[pos], float(ic["quality_noise"]), int(ic["seed"]))
-    tune_queries = make_queries(sample[pos], float(ic["tune_noise"]), int(ic["seed"]))
-    source_ids = sample_ids[pos]
+    pos = pick_sources(len(sample), max(int(ic["quality_queries"]), int(ic["tune_queries"])), seed)
+    queries = make_queries(sample[pos[:int(ic["quality_queries"])]], float(ic["quality_noise"]), seed)
+    tune_queries = make_queries(sample[pos[:int(ic["tune_queries"])]], float(ic["tune_noise"]), seed)
     first_shard = len(old["shards"]) if old is not None else 0
-    base_fp = _fingerprint(trained_sha, params.index_key, ic["duplicates"])
     slices = plan_slices([(f.file_no, f.url, f.rows) for f in files], int(ic["vectors_per_shard"]), first_shard,
-                         skip.rows_in, base_fp)
+                         skip.rows_in, _fingerprint(trained_sha, params.index_key, ic["duplicates"]))
     # shard files of an earlier, different plan (e.g. an interrupted run over other inputs)
     _clean_stale_shards(output_url, keep=set(range(first_shard)) | {s.shard for s in slices})
     job = ShardJob(output=output_url, trained_sha256=trained_sha, batch_rows=int(ic["batch_rows"]),
-                   threads=int(ic["threads"]), queries=queries, source_ids=source_ids, k=K,
-                   grid=params.nprobe_grid,
-                   faults=cfg["faults"].to_dict(), storage_options=storage_options, progress_seconds=every)
+                   threads=int(ic["threads"]), queries=queries, source_ids=sample_ids[pos], k=K,
+                   grid=params.nprobe_grid, faults=cfg["faults"].to_dict(), storage_options=storage_options,
+                   progress_seconds=every)
     trained_ref = spark.sparkContext.broadcast(trained_data) if spark is not None else trained_data
     try:
         result: ShardResult = _map_reduce(spark, functools.partial(_shard_task, job, trained_ref), slices,
@@ -357,83 +408,59 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
         if spark is not None:
             trained_ref.destroy()
     stats = sorted(result.stats, key=lambda s: s["shard"])
-    timings["shards_s"] = round(time.monotonic() - t, 3)
-    added = sum(s["ntotal"] for s in stats)
-    shard_counts = {k: sum(s["skipped"][k] for s in stats) for k in ("rows", "nan_inf", "zero", "duplicates")}
-    if shard_counts["rows"] != n_rows or shard_counts["nan_inf"] != counts["nan_inf"] or \
-            shard_counts["zero"] != counts["zero"]:
-        raise RuntimeError(f"shard counts {shard_counts} disagree with the scan ({n_rows} rows, {counts}): "
+    shard_counts = {k: sum(s["skipped"][k] for s in stats) for k in ("rows", "nan_inf", "zero")}
+    if shard_counts != {"rows": n_rows, "nan_inf": skipped["nan_inf"], "zero": skipped["zero"]}:
+        raise RuntimeError(f"shard counts {shard_counts} disagree with the scan ({n_rows} rows, {skipped}): "
                            "were feature files changed during the build?")
+    timings["shards_s"] = round(time.monotonic() - t, 3)
 
-    # -- 6. quality, nprobe, merged index ---------------------------------------------------------
+    # 6. quality + nprobe, merged on-disk index
     t = time.monotonic()
-    trained = deserialize(trained_data)
-    quality = metrics(result.quality, trained, queries, tune_queries, source_ids, float(ic["target_recall"])) \
-        if result.quality is not None else {"queries": 0}
-    # without quality queries (index.quality_queries=0): 1/64 of the cells
-    tuned = quality.get("tuned_nprobe", max(1, params.nlist // 64))
-    nprobe = int(ic["nprobe"]) or (max(tuned, int(old["nprobe"])) if old is not None else tuned)
-    at = quality.get("by_nprobe", {}).get(str(nprobe)) or {}
-    quality_summary = {"nprobe": nprobe, "queries": quality.get("queries", 0), "noise": float(ic["quality_noise"]),
-                       "tune_noise": float(ic["tune_noise"]),
-                       **at, "by_nprobe": quality.get("by_nprobe", {}), "tuned_nprobe": tuned,
-                       "target_recall": float(ic["target_recall"])}
-    if quality.get("queries"):
-        log.info("quality at nprobe=%d (%d queries, exact search over all %d new vectors): recall@10 %.4f, "
-                 "recall@100 %.4f, cell_recall@10 %.4f, source_cell_recall %.4f (tuned nprobe %d)", nprobe,
-                 quality["queries"], added, at.get("recall@10", float("nan")), at.get("recall@100", float("nan")),
-                 at.get("cell_recall@10", float("nan")), at.get("source_cell_recall", float("nan")), tuned)
+    quality = _quality(result, trained_data, queries, tune_queries, sample_ids[pos], params, ic, old)
     timings["quality_s"] = round(time.monotonic() - t, 3)
     all_shards = (old["shards"] if old is not None else []) + [
-        {"shard": s["shard"], "file": s["file"], "sha256": s["sha256"], "ntotal": s["ntotal"], "bytes": s["bytes"],
-         "segments": s["segments"]} for s in stats]
+        {k: s[k] for k in ("shard", "file", "sha256", "ntotal", "bytes", "segments")} for s in stats]
     merged = None
     if merge_ondisk:
         t = time.monotonic()
         merged = _merge_ondisk(output_url, trained_data, [s["file"] for s in all_shards])
         timings["merge_s"] = round(time.monotonic() - t, 3)
 
-    # -- 7. manifest ------------------------------------------------------------------------------
+    # 7. manifest, written last
+    timings["total_s"] = round(time.monotonic() - t0, 3)
     ntotal = sum(s["ntotal"] for s in all_shards)
     disk = sum(s["bytes"] for s in all_shards) + len(trained_data)
-    timings["total_s"] = round(time.monotonic() - t0, 3)
-    skipped = {"nan_inf": counts["nan_inf"], "zero": counts["zero"],
-               "duplicates": dups.count if ic["duplicates"] == "skip" else 0,
-               "duplicates_found": dups.count, "duplicate_rule": ic["duplicates"],
-               "renormalised": counts["renormalised"],
-               "examples": _bad_examples(files, scans) + [{"reason": "duplicate", **e} for e in dups.examples]}
     total_skipped = dict(skipped)
     if old is not None:  # the manifest's figures cover the whole index; each build's are in "builds"
         for key in ("nan_inf", "zero", "duplicates", "duplicates_found", "renormalised"):
             total_skipped[key] += int(old.get("skipped", {}).get(key, 0))
+    engine = "spark" if spark is not None else "local"
     this_build = {"kind": "append" if append else "build", "features": feature_urls,
                   "file_nos": [files[0].file_no, files[-1].file_no + 1],
-                  "shards": [first_shard, first_shard + len(slices)], "rows": n_rows, "added": added,
+                  "shards": [first_shard, first_shard + len(slices)], "rows": n_rows,
+                  "added": sum(s["ntotal"] for s in stats),
                   "shards_reused": sum(1 for s in stats if s.get("reused")), "skipped": skipped,
-                  "quality": quality_summary, "timings": timings, "engine": "spark" if spark is not None else "local",
+                  "quality": quality, "timings": timings, "engine": engine,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     manifest = {
         "stage": "index", "output": output_url, "fingerprint": build_fp,
         "index_key": params.index_key, "nlist": params.nlist, "pq_bytes": params.pq_m, "pq_m": params.pq_m,
         "pq_nbits": params.pq_nbits, "code_bytes": params.pq_bytes, "metric": "inner_product",
-        "dim": dim, "fine_dim": fine_dim, "model_version": model_version, "nprobe": nprobe,
-        "params": params.to_dict(),
-        "feature_files": (old["feature_files"] if old is not None else []) + [
-            {k: v for k, v in f.to_dict().items()} for f in files],
+        "dim": dim, "fine_dim": int(cfg["model.fine_dim"]), "model_version": files[0].model_version,
+        "nprobe": quality["nprobe"], "params": params.to_dict(),
+        "feature_files": (old["feature_files"] if old is not None else []) + [f.to_dict() for f in files],
         "shards": all_shards, "ntotal": ntotal,
         "trained": {"file": TRAINED, "sha256": trained_sha, "bytes": len(trained_data)},
-        "train_sample_size": old["train_sample_size"] if old is not None else train_size,
-        "vectors_per_shard": int(ic["vectors_per_shard"]),
+        "train_sample_size": train_size, "vectors_per_shard": int(ic["vectors_per_shard"]),
         "bytes_on_disk": disk, "bytes_per_vector": round(disk / max(ntotal, 1), 2),
-        "quality": quality_summary, "skipped": total_skipped, "timings": timings,
+        "quality": quality, "skipped": total_skipped, "timings": timings,
         "builds": (old.get("builds", []) if old is not None else []) + [this_build],
-        "config": cfg.to_dict(), "engine": "spark" if spark is not None else "local",
-        "created": this_build["created"],
+        "config": cfg.to_dict(), "engine": engine, "created": this_build["created"],
     }
     if merged is not None:
         manifest["merged"] = merged
-    fsio.write_json(manifest_url, manifest)
+    fsio.write_json(fsio.join(output_url, MANIFEST), manifest)
     log.info("build-index done: %d vectors in %d shards (%d reused), %s, nprobe %d, %.1f B/vector, %.1fs -> %s",
-             ntotal, len(all_shards), this_build["shards_reused"], params.index_key, nprobe,
+             ntotal, len(all_shards), this_build["shards_reused"], params.index_key, manifest["nprobe"],
              manifest["bytes_per_vector"], timings["total_s"], output_url)
     return manifest

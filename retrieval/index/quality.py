@@ -1,9 +1,10 @@
 """Build-time quality: the built index against EXACT search over all gallery vectors.
 
 Queries: ``quality_queries`` vectors of the training sample (uniform over the gallery, their
-"sources") plus noise, ``q = normalise(x + noise * g / sqrt(d))``: once with ``quality_noise``
-(small: cos(q, x) ~ 0.9) for the recall figures, once with ``tune_noise`` (copies as far from
-their source as cos ~ 0.7) for tuning nprobe. Each shard task contributes, for the first set,
+"sources") plus noise, ``q = normalise(x + noise * g / sqrt(d))``: with ``quality_noise``
+(small: cos(q, x) ~ 0.9) for the recall figures, and ``tune_queries`` (10,000; the first
+``quality_queries`` sources are shared) with ``tune_noise`` (copies as far from their source as
+cos ~ 0.7) for tuning nprobe, which needs no exact search, only the cell of each source. Each shard task contributes, for the first set,
 the exact top-k over its own vectors (with the IVF cell of each hit) and its approximate top-k
 at every nprobe of the tuning grid, and the cell of every source it holds; :meth:`Partial.merge`
 folds two partial results into one (associative and order-free: ties are broken by the smaller
@@ -172,17 +173,19 @@ def query_cells(trained: faiss.Index, q: np.ndarray, nprobe: int) -> np.ndarray:
 
 def metrics(partial: Partial, trained: faiss.Index, queries: np.ndarray, tune_queries: np.ndarray,
             source_ids: np.ndarray, target_recall: float) -> dict:
-    """Recall figures per nprobe and the tuned nprobe (module docstring)."""
+    """Recall figures per nprobe and the tuned nprobe (module docstring). ``source_ids`` are the
+    sources of ``tune_queries``; the first ``len(queries)`` are also those of ``queries``."""
     grid = sorted(partial.approx)
     e = partial.exact
     if e is None or not grid or not len(queries):
         return {"queries": 0}
     cells = query_cells(trained, queries, max(grid))
     tune_cells = query_cells(trained, tune_queries, max(grid))
-    src = partial.source_cells
-    indexed = src >= 0 if src is not None else np.zeros(len(queries), bool)
-    by_nprobe = {}
+    src = partial.source_cells[:len(tune_queries)] if partial.source_cells is not None else None
+    indexed = src >= 0 if src is not None else np.zeros(len(tune_queries), bool)
+    by_nprobe = []
     tuned = None
+    qsrc = source_ids[:len(queries)]
     for nprobe in grid:
         _, a = partial.approx[nprobe]
         top = cells[:, :nprobe]
@@ -193,14 +196,14 @@ def metrics(partial: Partial, trained: faiss.Index, queries: np.ndarray, tune_qu
             "recall@10": round(_intersection(e.ids, a, 10), 4),
             "recall@100": round(_intersection(e.ids, a, min(100, partial.k)), 4),
             "cell_recall@10": round(float(in_cell.sum() / max(valid.sum(), 1)), 4),
-            "source_hit@10": round(float((a[:, :10] == source_ids[:, None]).any(axis=1).mean()), 4),
-            "source_hit@100": round(float((a == source_ids[:, None]).any(axis=1).mean()), 4),
+            "source_hit@10": round(float((a[:, :10] == qsrc[:, None]).any(axis=1).mean()), 4),
+            "source_hit@100": round(float((a == qsrc[:, None]).any(axis=1).mean()), 4),
             "source_cell_recall": round(float(src_in.sum() / max(indexed.sum(), 1)), 4),
         }
-        by_nprobe[str(nprobe)] = row
+        by_nprobe.append({"nprobe": int(nprobe), **row})
         if tuned is None and row["source_cell_recall"] >= target_recall:
             tuned = nprobe
     if tuned is None:
         tuned = grid[-1]
-    return {"queries": int(len(queries)), "k": partial.k, "tuned_nprobe": int(tuned),
-            "target_recall": target_recall, "by_nprobe": by_nprobe}
+    return {"queries": int(len(queries)), "tune_queries": int(len(tune_queries)), "k": partial.k,
+            "tuned_nprobe": int(tuned), "target_recall": target_recall, "by_nprobe": by_nprobe}

@@ -78,7 +78,7 @@ class ShardJob:
     batch_rows: int
     threads: int
     queries: np.ndarray  # quality queries (nq x d), may be empty
-    source_ids: np.ndarray  # the gallery id each query was made from
+    source_ids: np.ndarray  # the gallery ids the quality and tuning queries were made from
     k: int
     grid: tuple
     faults: dict | None = None
