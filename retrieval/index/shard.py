@@ -138,7 +138,8 @@ def shard_bytes(index: faiss.Index) -> bytes:
     """The inverted lists of a populated index, serialised as a faiss IVF with an empty quantizer."""
     ivf = faiss.extract_index_ivf(index)
     quantizer = ivf.quantizer
-    ivf.quantizer = faiss.IndexFlat(ivf.d, ivf.metric_type)
+    empty = faiss.IndexFlat(ivf.d, ivf.metric_type)  # referenced here while the IVF points to it
+    ivf.quantizer = empty
     try:
         return faiss.serialize_index(ivf).tobytes()
     finally:

@@ -121,6 +121,16 @@ def test_recall_bound_on_clustered_vectors(built, data):
     assert (top == idmap.encode_ids(data["src"] // 2000, data["src"] % 2000)[:, None]).any(axis=1).mean() >= 0.99
 
 
+def test_forced_factory_string_with_transform(data, tmp_path):
+    """Any IVF factory string, here with an OPQ rotation: the shards share the trained transform."""
+    out = str(tmp_path / "idx")
+    m = build_index([data["a"]], out, cfg("index.index_key=OPQ8_64,IVF64,PQ8", "index.quality_queries=100"))
+    assert m["index_key"] == "OPQ8_64,IVF64,PQ8" and m["nlist"] == 64 and len(m["shards"]) == 3
+    shard = store.load_shard(out, 0, m)
+    assert isinstance(shard, faiss.IndexPreTransform)
+    check_ref_knn_with_draws(*single_index(out, m).search(data["xq"], 20), *store.search(out, data["xq"], 20))
+
+
 def test_spark_build_is_identical(built, data, spark):
     out, m = built
     out_s = str(data["root"] / "idx_spark")
