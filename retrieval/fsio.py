@@ -195,6 +195,25 @@ def sha256_file(url: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def remove_stale(output: str, prefix: str, subdirs: tuple[str, ...], keep: set[int] | None) -> None:
+    """In ``output`` and its ``subdirs``: remove temporary files of dead attempts (``.tmp-*``) and,
+    unless ``keep`` is None, every ``{prefix}-NNNNN*`` file whose number is not in ``keep``
+    (shards of an earlier, different plan)."""
+    fs, root = url_to_fs(output)
+    for sub in ("", *subdirs):
+        d = f"{root.rstrip('/')}/{sub.strip('/')}".rstrip("/")
+        if not fs.exists(d):
+            continue
+        for p in fs.ls(d, detail=False):
+            base = p.rsplit("/", 1)[-1]
+            if base.startswith(".tmp-"):
+                fs.rm(p)
+            elif keep is not None and base.startswith(prefix + "-"):
+                number = base[len(prefix) + 1:len(prefix) + 6]
+                if number.isdigit() and int(number) not in keep:
+                    fs.rm(p)
+
+
 def ensure_writable(url: str) -> None:
     """Fail early, with the URL in the message, if ``url`` (a directory) cannot be written."""
     fs, path = url_to_fs(url)

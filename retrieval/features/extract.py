@@ -248,26 +248,6 @@ def _run_spark(spark, job: ExtractJob, todo: dict[int, list]) -> list[dict]:
     return [json.loads(r["stats"]) for r in rows]
 
 
-def _clean(output: str, keep: set[int], temp_only: bool = False) -> None:
-    """Remove shards that are not part of this run's layout, and temporary files of dead attempts."""
-    fs, root = fsio.url_to_fs(output)
-    for sub in ("", "errors/", "_shards/"):
-        d = f"{root.rstrip('/')}/{sub}"
-        if not fs.exists(d):
-            continue
-        for p in fs.ls(d, detail=False):
-            base = p.rsplit("/", 1)[-1]
-            if base.startswith(".tmp-"):
-                fs.rm(p)
-            elif base.startswith("part-") and not temp_only:
-                try:
-                    shard = int(base[5:10])
-                except ValueError:
-                    continue
-                if shard not in keep:
-                    fs.rm(p)
-
-
 def _intact(output: str, stats: dict) -> bool:
     """A finished shard's files still match the sha256 its marker recorded (else it is redone)."""
     for key, sha in (("file", "sha256"), ("errors_file", "errors_sha256")):
@@ -331,7 +311,7 @@ def extract(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
         fs, p = fsio.url_to_fs(manifest_url)
         fs.rm(p)
     todo, done = plan(listing, job, ex.mode)
-    _clean(output_url, keep=set(todo) | set(done))
+    fsio.remove_stale(output_url, "part", ("errors", "_shards"), keep=set(todo) | set(done))
     log.info("extract %s -> %s: %d images, %d shards to run, %d already complete",
              input_url, output_url, listing.num_rows, len(todo), len(done))
     t1 = time.monotonic()
@@ -342,7 +322,7 @@ def extract(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
     else:
         results = _run_spark(spark, job, todo)
     t_run = time.monotonic() - t1
-    _clean(output_url, keep=set(), temp_only=True)   # leftovers of killed attempts
+    fsio.remove_stale(output_url, "part", ("errors", "_shards"), keep=None)   # leftovers of killed attempts
     shards = sorted([*done.values(), *results], key=lambda s: s["shard"])
     counts = {"inputs": listing.num_rows, "ok": sum(s["ok"] for s in shards),
               "errors": sum(s["errors"] for s in shards), "shards": len(shards),

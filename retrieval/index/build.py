@@ -113,26 +113,6 @@ def _index_files(output_url: str) -> list[str]:
     return out
 
 
-def _clean_stale_shards(output_url: str, keep: set[int]) -> None:
-    """Remove shard files and markers of an earlier, different plan (not in ``keep``)."""
-    fs, root = fsio.url_to_fs(output_url)
-    for sub in ("", "_shards/"):
-        d = f"{root.rstrip('/')}/{sub}"
-        if not fs.exists(d):
-            continue
-        for p in fs.ls(d, detail=False):
-            base = p.rsplit("/", 1)[-1]
-            if base.startswith(".tmp-"):
-                fs.rm(p)
-            elif base.startswith("shard-"):
-                try:
-                    n = int(base[6:11])
-                except ValueError:
-                    continue
-                if n not in keep:
-                    fs.rm(p)
-
-
 def _sample_of(scans: list[FileScan], dups: dedup.Duplicates, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """The training sample (valid, non-duplicate rows) and its ids, in file order."""
     vecs, ids = [], []
@@ -284,7 +264,7 @@ def _trained(output_url: str, params: IndexParams, sample: np.ndarray, fingerpri
         raise FeatureInputError(f"{len(sample)} valid training vectors for {params.nlist} cells")
     set_threads(int(ic["threads"]))
     data = serialize(train_index(params, sample, int(ic["seed"])))
-    _clean_stale_shards(output_url, keep=set())  # shards of another quantizer are useless
+    fsio.remove_stale(output_url, "shard", ("_shards",), keep=set())  # shards of another quantizer are useless
     fsio.write_bytes(trained_url, data)
     fsio.write_json(marker_url, {"fingerprint": fingerprint, "sha256": fsio.sha256_bytes(data),
                                  "train_size": len(sample), "index_key": params.index_key})
@@ -395,7 +375,7 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
     slices = plan_slices([(f.file_no, f.url, f.rows) for f in files], int(ic["vectors_per_shard"]), first_shard,
                          skip.rows_in, _fingerprint(trained_sha, params.index_key, ic["duplicates"]))
     # shard files of an earlier, different plan (e.g. an interrupted run over other inputs)
-    _clean_stale_shards(output_url, keep=set(range(first_shard)) | {s.shard for s in slices})
+    fsio.remove_stale(output_url, "shard", ("_shards",), keep=set(range(first_shard)) | {s.shard for s in slices})
     job = ShardJob(output=output_url, trained_sha256=trained_sha, batch_rows=int(ic["batch_rows"]),
                    threads=int(ic["threads"]), queries=queries, source_ids=sample_ids[pos], k=K,
                    grid=params.nprobe_grid, faults=cfg["faults"].to_dict(), storage_options=storage_options,
