@@ -17,6 +17,22 @@ def test_plan_scales_with_images_and_cluster():
     assert index_params(1_000_000_000)["nlist"] == 131072
 
 
+def test_plan_uses_the_index_rule_and_models_the_rerank_reads():
+    from retrieval import config
+    from retrieval.index.params import choose_params
+
+    p = index_params(10_000_000)
+    real = choose_params(10_000_000, 128, config.load())
+    assert (p["index_key"], p["nlist"], p["train_points"]) == (real.index_key, real.nlist, real.train_size)
+    # the rerank reads the row groups each query chunk touches: bigger chunks, fewer gallery reads
+    small = plan(1_000_000_000, Cluster(), query_chunk=8192)["stages"]["search"]
+    big = plan(1_000_000_000, Cluster(), query_chunk=131072)["stages"]["search"]
+    assert big["wall"] < small["wall"] / 4
+    # at a billion the measured share of cells exceeds the tuning cap: said so
+    assert any("index.max_nprobe" in w for w in plan(1_000_000_000, Cluster())["warnings"])
+    assert not any("index.max_nprobe" in w for w in plan(10_000_000, Cluster())["warnings"])
+
+
 def test_plan_warns_when_a_task_does_not_fit():
     p = plan(1_000_000_000, Cluster(executors=10, executor_memory_gb=1, executor_cores=4))
     assert any(w.startswith("build-index") for w in p["warnings"])
@@ -25,6 +41,6 @@ def test_plan_warns_when_a_task_does_not_fit():
 def test_plan_cli(capsys):
     assert main(["plan", "--images", "1e9", "--executors", "50", "--executor-memory", "32g", "--gpus", "8"]) == 0
     out = capsys.readouterr().out
-    assert "Plan for 1,000,000,000 gallery images" in out and "IVF131072,PQ16" in out
+    assert "Plan for 1,000,000,000 gallery images" in out and "IVF131072_HNSW32,PQ16" in out
     with pytest.raises(ValueError):
         parse_memory("lots")

@@ -1,0 +1,345 @@
+"""Scale benchmark (issue 6): a 10,000,000-vector synthetic gallery through the index build and a
+10,000-query search on this machine (24 GiB RAM, 2 shared cores).
+
+    .venv/bin/python tests/bench/bench_scale.py                       # 10M gallery, 5k + 5k queries
+    nohup .venv/bin/python tests/bench/bench_scale.py > /tmp/bench_scale.log 2>&1 &
+    .venv/bin/python tests/bench/bench_scale.py --n 300000 --match 500 --nomatch 500 --exact-sample 200  # quick
+
+Resumable: every step leaves a completion marker in ``--workdir`` and is skipped when it is there
+(gallery parts and queries: their ``_manifest.json``; index: ``manifest.json``; search:
+``_manifest.json``; measurements: ``*.json`` beside them), so a killed run is restarted by running
+the same command again.
+
+1. **gallery**: N rows of ``retrieval.synthetic`` (default ``SyntheticSpec``, seed 0: 128-d coarse +
+   512-d fine, stored int8 as extraction does), written as ``--parts`` complete feature outputs of
+   N / parts rows each (``synthetic.gallery_chunks(first=...)``): at most one part's vectors are in
+   memory at a time.
+2. **queries**: ``--match`` perturbed copies of known gallery rows and ``--nomatch`` fresh items
+   (``synthetic.queries``), as a query feature output.
+3. **build-index**: ``retrieval build-index --engine local`` (every default: the index parameters
+   come from N and the memory budget) in a child process.
+4. **search**: ``retrieval search --engine local`` (defaults: shortlist 500, k 10, ``search.nprobe``)
+   in a child process; then again at ``--extra-shortlist`` (1000). The local engine is the same
+   task code the Spark job runs (tested equal, row for row); it is used here because on one 2-core
+   machine Spark only adds a JVM.
+5. **exact**: brute-force 512-d inner product over every stored (dequantised int8) gallery vector
+   for a fixed-seed sample of ``--exact-sample`` queries (``evaluate.exact_search``), in a child.
+6. **coarse diagnosis**, same sample: where a missed source is lost. The exact 128-d top-S over all
+   gallery coarse codes (float32 brute force: the best ANY coarse index can do with these codes) and
+   the IVF-PQ index's top-S at the search's nprobe (``store.search``), for S = 100 ... 5000.
+
+Figures (printed and written to ``<workdir>/results.json``): wall time and peak resident memory of
+the whole process tree (sampled from /proc every 0.2 s) per stage, with the load average (the
+machine is shared); bytes per vector of the features and of the index on disk; the index's
+build-time quality; recall@10 of the two-stage top-10 against the exact top-10 on the sample; the
+rank-1 rate of the true source over all matching queries (and exact search's on the sample).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+import retrieval.index  # noqa: E402,F401  (before faiss: sets OMP_WAIT_POLICY)
+import numpy as np  # noqa: E402
+
+from bench_index import run_measured  # noqa: E402  (wall time + peak RSS of a process tree)
+
+PY = sys.executable
+BYTES_PER_ROW = 1240     # a gallery row on disk: int8 fine + float32 coarse + ids, zstd (measured)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def load() -> str:
+    return " ".join(open("/proc/loadavg").read().split()[:3])
+
+
+def measured(step: str, work: Path, cmd: list[str]) -> dict:
+    """Run ``cmd`` measured, once: its figures are kept in ``<work>/<step>.json``."""
+    out = work / f"{step}.json"
+    if out.exists():
+        log(f"{step}: done earlier ({out})")
+        return json.loads(out.read_text())
+    log(f"{step}: {' '.join(cmd[:4])} ... (log: {work / (step + '.log')}), load {load()}")
+    before = load()
+    r = run_measured(cmd, log_path=work / f"{step}.log")
+    r.update({"load_before": before, "load_after": load()})
+    out.write_text(json.dumps(r))
+    log(f"{step}: {r}")
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+def wait_for_disk(path: Path, need: int, margin: int = 3 << 30, patience_s: float = 3600) -> None:
+    """The disk is shared: wait (up to ``patience_s``) until ``need`` bytes + a margin are free."""
+    t0 = time.monotonic()
+    while True:
+        st = os.statvfs(path)
+        free = st.f_bavail * st.f_frsize
+        if free >= need + margin:
+            return
+        if time.monotonic() - t0 > patience_s:
+            raise SystemExit(f"{path}: {free / 2**30:.1f} GiB free, {(need + margin) / 2**30:.1f} GiB needed")
+        log(f"waiting for disk: {free / 2**30:.1f} GiB free, {(need + margin) / 2**30:.1f} GiB needed")
+        time.sleep(60)
+
+
+def write_gallery(work: Path, n: int, parts: int) -> tuple[list[str], dict]:
+    from retrieval import synthetic
+
+    step = n // parts
+    if step % synthetic.CHUNK:
+        raise SystemExit(f"--n / --parts must be a multiple of {synthetic.CHUNK}")
+    urls, t0, written = [], time.monotonic(), 0
+    for p in range(parts):
+        url = work / "gallery" / f"part{p:03d}"
+        urls.append(str(url))
+        if (url / "_manifest.json").exists():
+            continue
+        a, b = p * step, (p + 1) * step if p < parts - 1 else n
+        wait_for_disk(work, (n - a) * BYTES_PER_ROW)
+        coarse = np.empty((b - a, synthetic.COARSE_DIM), np.float32)
+        fine = np.empty((b - a, synthetic.FINE_DIM), np.float32)
+        for start, c, f in synthetic.gallery_chunks(b, first=a):
+            coarse[start - a:start - a + len(c)], fine[start - a:start - a + len(f)] = c, f
+        synthetic.write_feature_output(str(url), coarse, fine, num_files=2, start=a)
+        written += b - a
+        log(f"gallery part {p + 1}/{parts}: rows {a:,}..{b:,} ({time.monotonic() - t0:.0f}s)")
+        del coarse, fine
+    return urls, {"rows_written_now": written, "seconds": round(time.monotonic() - t0, 1)}
+
+
+def write_queries(work: Path, n: int, match: int, nomatch: int) -> tuple[str, np.ndarray]:
+    from retrieval import synthetic
+
+    url, src = work / "queries", work / "sources.npy"
+    if not (url / "_manifest.json").exists():
+        t = time.monotonic()
+        qc, qf, source = synthetic.queries(n, match, nomatch)
+        synthetic.write_feature_output(str(url), qc, qf, num_files=2, role="query", id_prefix="q")
+        np.save(src, source)
+        log(f"queries: {match} copies + {nomatch} non-matching in {time.monotonic() - t:.0f}s")
+    return str(url), np.load(src)
+
+
+EXACT_CHILD = r"""
+import json, sys, time
+import retrieval.index
+import numpy as np
+from retrieval.evaluate import exact_search
+from retrieval.features.extract import read_features
+from retrieval.index import store
+from retrieval.schema import fine_matrix
+work, queries, index, sample_n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+qt = read_features(queries, ["image_id", "fine", "fine_scale"])
+pick = np.sort(np.random.default_rng(0).choice(qt.num_rows, size=min(sample_n, qt.num_rows), replace=False))
+files = store.feature_file_urls(store.read_index_manifest(index))
+t = time.monotonic()
+s, i = exact_search(fine_matrix(qt)[pick], files, 10)
+np.savez(work + "/exact.npz", rows=pick, ids=i, scores=s)
+json.dump({"queries": int(len(pick)), "seconds": round(time.monotonic() - t, 1)}, open(work + "/exact_info.json", "w"))
+"""
+
+
+COARSE_CHILD = r"""
+import json, sys, time
+import retrieval.index
+import faiss
+import numpy as np
+from retrieval import fsio
+from retrieval.features.extract import read_features
+from retrieval.index import store
+from retrieval.schema import coarse_matrix
+work, queries, index, nprobe = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+S = (100, 500, 1000, 2000, 5000)
+rows = np.load(work + "/exact.npz")["rows"]
+xq = np.ascontiguousarray(coarse_matrix(read_features(queries, ["coarse"]))[rows])
+m = store.read_index_manifest(index)
+t = time.monotonic()
+heap = faiss.ResultHeap(len(xq), max(S), keep_max=True)
+base = 0
+for f in sorted(m["feature_files"], key=lambda f: f["file_no"]):
+    pf = fsio.parquet_file(f["url"])
+    for batch in pf.iter_batches(batch_size=262144, columns=["coarse"]):
+        xb = np.ascontiguousarray(coarse_matrix(batch))
+        d, i = faiss.knn(xq, xb, min(max(S), len(xb)), metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(d, np.where(i >= 0, i + base, -1))
+        base += len(xb)
+heap.finalize()
+exact_s = time.monotonic() - t
+t = time.monotonic()
+_, ivf = store.search(index, xq, max(S), nprobe=nprobe, manifest=m)
+starts = np.cumsum([0] + [f["rows"] for f in sorted(m["feature_files"], key=lambda f: f["file_no"])])
+fno, r = ivf >> 32, ivf & 0xFFFFFFFF
+ivf_rows = np.where(ivf >= 0, starts[np.clip(fno, 0, len(starts) - 2)] + r, -1)
+np.savez(work + "/coarse.npz", rows=rows, exact=heap.I, ivf=ivf_rows)
+json.dump({"queries": int(len(rows)), "exact_s": round(exact_s, 1), "ivf_s": round(time.monotonic() - t, 1),
+           "nprobe": nprobe, "S": S}, open(work + "/coarse_info.json", "w"))
+"""
+
+
+def source_hits(work: Path, source: np.ndarray) -> dict:
+    """On the exact sample's matching queries: share whose true source is in the top S of the
+    EXACT 128-d coarse ranking (the best any coarse index can do) and of the IVF-PQ index."""
+    c, info = np.load(work / "coarse.npz"), json.loads((work / "coarse_info.json").read_text())
+    src = source[c["rows"]]
+    sel = src >= 0
+    out = {"queries": int(sel.sum()), "nprobe": info["nprobe"]}
+    for s in info["S"]:
+        out[f"exact_coarse_top{s}"] = round(float((c["exact"][sel, :s] == src[sel, None]).any(1).mean()), 4)
+        out[f"ivfpq_top{s}"] = round(float((c["ivf"][sel, :s] == src[sel, None]).any(1).mean()), 4)
+    return out
+
+
+def gallery_rows_of(ids: np.ndarray, feature_files: list[dict]) -> np.ndarray:
+    """Index int64 ids -> gallery row numbers (the feature files are contiguous slices in order)."""
+    from retrieval.index import idmap
+
+    files, rows = idmap.decode_ids(ids)
+    starts = np.cumsum([0] + [f["rows"] for f in feature_files])
+    return np.where(ids >= 0, starts[np.clip(files, 0, len(starts) - 2)] + rows, -1)
+
+
+def search_figures(work: Path, name: str, source: np.ndarray, feature_files: list[dict]) -> dict:
+    """Timings and quality of the search output ``<work>/<name>``: rank-1 true source over all
+    matching queries; on the exact sample, recall@10 against the exact 512-d top-10."""
+    from retrieval.search import read_results
+
+    sm = json.loads((work / name / "_manifest.json").read_text())
+    res = read_results(str(work / name)).select(["query_id", "rank", "gallery_id"]).to_pydict()
+    q_index = {f"q{i:010d}": i for i in range(len(source))}
+    ranked: dict[int, list] = {}
+    for q, r, g in zip(res["query_id"], res["rank"], res["gallery_id"]):
+        ranked.setdefault(q_index[q], []).append((r, int(g[3:])))       # gallery id "img%010d" -> row
+    top10 = {q: [g for _, g in sorted(v)] for q, v in ranked.items()}
+    matching = np.flatnonzero(source >= 0)
+    ex = np.load(work / "exact.npz")
+    exact_rows = gallery_rows_of(ex["ids"], feature_files)
+    kept = [len(set(top10.get(int(q), [])) & set(e[e >= 0].tolist())) / max(1, int((e >= 0).sum()))
+            for q, e in zip(ex["rows"], exact_rows)]
+    sample_match = [(int(q), e) for q, e in zip(ex["rows"], exact_rows) if source[q] >= 0]
+    return {
+        "params": sm["params"], "timings": sm["timings"], "counts": sm["counts"],
+        "pairs_reranked": int(sm["counts"]["queries_with_shortlist"] * sm["params"]["shortlist"]),
+        "gallery_row_groups_read": sum(c.get("gallery_row_groups_read", 0) for c in sm["chunks"]),
+        "rank1_true_source": round(float(np.mean([top10.get(int(q), [-1])[0] == source[q] for q in matching])), 4),
+        "exact_sample": int(len(ex["rows"])),
+        "recall@10_vs_exact": round(float(np.mean(kept)), 4),
+        "rank1_true_source_on_sample": round(float(np.mean(
+            [top10.get(q, [-1])[0] == source[q] for q, _ in sample_match])), 4),
+        "rank1_true_source_exact_on_sample": round(float(np.mean(
+            [e[0] == source[q] for q, e in sample_match])), 4),
+    }
+
+
+def figures(work: Path, args, source: np.ndarray, runs: dict, searches: list[str]) -> dict:
+    import pyarrow as pa
+
+    im = json.loads((work / "index" / "manifest.json").read_text())
+    n = args.n
+    feat_bytes = du(work / "gallery")
+    return {
+        "gallery": n, "queries": len(source), "matching_queries": int((source >= 0).sum()),
+        "machine": {"cores": os.cpu_count(), "mem_gib": round(os.sysconf("SC_PAGE_SIZE")
+                                                              * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+        "stages": runs,
+        "features": {"bytes_on_disk": feat_bytes, "bytes_per_vector": round(feat_bytes / n, 1),
+                     "files": len(im["feature_files"])},
+        "index": {"index_key": im["index_key"], "nlist": im["nlist"], "nprobe": im["nprobe"],
+                  "shards": len(im["shards"]), "train_sample_size": im["train_sample_size"],
+                  "bytes_on_disk": du(work / "index"), "bytes_per_vector": im["bytes_per_vector"],
+                  "timings": im["timings"],
+                  "build_quality": {k: v for k, v in im["quality"].items() if k != "by_nprobe"},
+                  "add_vectors_per_s": round(n / im["timings"]["shards_s"], 1)},
+        "search": {name: search_figures(work, name, source, im["feature_files"]) for name in searches},
+        "source_in_shortlist": source_hits(work, source),
+        "exact": json.loads((work / "exact_info.json").read_text()),
+        "pyarrow": pa.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=10_000_000)
+    ap.add_argument("--parts", type=int, default=20, help="gallery feature outputs (N / parts rows each)")
+    ap.add_argument("--match", type=int, default=5_000)
+    ap.add_argument("--nomatch", type=int, default=5_000)
+    ap.add_argument("--exact-sample", type=int, default=1_000)
+    ap.add_argument("--extra-shortlist", type=int, default=1000, help="also search at this shortlist (0: no)")
+    ap.add_argument("--workdir", default="/tmp/bench_scale")
+    ap.add_argument("--set", action="append", default=[], dest="sets", help="extra --set for both stages")
+    args = ap.parse_args(argv)
+    work = Path(args.workdir) / f"n{args.n}_q{args.match}_{args.nomatch}"
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"bench_scale: {args.n:,} gallery vectors, {args.match + args.nomatch:,} queries in {work}; "
+        f"load {load()}")
+    runs: dict = {}
+    gen = work / "generate.json"
+    if not gen.exists():
+        t = time.monotonic()
+        parts, info = write_gallery(work, args.n, args.parts)
+        info["gallery_s"] = round(time.monotonic() - t, 1)
+        qurl, source = write_queries(work, args.n, args.match, args.nomatch)
+        info["total_s"] = round(time.monotonic() - t, 1)
+        gen.write_text(json.dumps(info))
+    runs["generate"] = json.loads(gen.read_text())
+    parts, _ = write_gallery(work, args.n, args.parts)          # all present now: just the URLs
+    qurl, source = write_queries(work, args.n, args.match, args.nomatch)
+    sets = [x for s in args.sets for x in ("--set", s)]
+    cli = [PY, "-c", "import sys; from retrieval.cli import entry; entry(sys.argv[1:])"]
+    if not (work / "index" / "manifest.json").exists():
+        (work / "build-index.json").unlink(missing_ok=True)
+    runs["build-index"] = measured("build-index", work, cli + [
+        "build-index", *[x for p in parts for x in ("--features", p)], "--output", str(work / "index"),
+        "--engine", "local", *sets])
+    if not (work / "search" / "_manifest.json").exists():
+        (work / "search.json").unlink(missing_ok=True)
+    runs["search"] = measured("search", work, cli + [
+        "search", "--queries", qurl, "--index", str(work / "index"), "--output", str(work / "search"),
+        "--engine", "local", *sets])
+    searches = ["search"]
+    if args.extra_shortlist:
+        name = f"search_s{args.extra_shortlist}"
+        searches.append(name)
+        if not (work / name / "_manifest.json").exists():
+            (work / f"{name}.json").unlink(missing_ok=True)
+        runs[name] = measured(name, work, cli + [
+            "search", "--queries", qurl, "--index", str(work / "index"), "--output", str(work / name),
+            "--engine", "local", *sets, "--set", f"search.shortlist={args.extra_shortlist}"])
+    if not (work / "exact.npz").exists():
+        (work / "exact.json").unlink(missing_ok=True)
+    runs["exact"] = measured("exact", work, [PY, "-c", EXACT_CHILD, str(work), qurl, str(work / "index"),
+                                             str(args.exact_sample)])
+    if not (work / "coarse.npz").exists():
+        (work / "coarse.json").unlink(missing_ok=True)
+    nprobe = json.loads((work / "search" / "_manifest.json").read_text())["params"]["nprobe"]
+    runs["coarse-diagnosis"] = measured("coarse", work, [PY, "-c", COARSE_CHILD, str(work), qurl,
+                                                         str(work / "index"), str(nprobe)])
+    result = figures(work, args, source, runs, searches)
+    (work / "results.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)
