@@ -1,17 +1,22 @@
 """``retrieval plan``: a capacity plan for N images from rates measured by the benchmarks here.
 
 Every rate below is a figure measured on this project's 2-core CPU machine by the named benchmark
-(per core), except the GPU extraction rate, which is NOT measured here (no GPU was available) and is
-marked as an assumption. The model is deliberately simple and says what each stage's cost grows with:
+(per core), except two ASSUMPTIONS, marked as such: the GPU extraction rate (no GPU was lent) and
+the read bandwidth of an executor from object storage. The model is deliberately simple and says
+what each stage's cost grows with (docs/billion.md):
 
-- extract: images / (rate per core x cores) (or per GPU); bounded by decode + forward; storage =
-  bytes per image measured on disk (int8 fine + float32 coarse, zstd).
-- build-index: training on a bounded sample (grows with nlist, not N) + adding N vectors (linear in N,
-  parallel over shards) + writing N x bytes/vector.
-- search: coarse cost grows with queries x nprobe x N / nlist (codes scanned) spread over all cores;
-  the rerank reads, per query chunk, the gallery row groups its shortlists touch (at billion scale:
-  about every row group of the gallery's fine column once per chunk) and scores queries x shortlist
-  x 512 multiply-adds.
+- extract: images / (rate per core x cores) (or per GPU): linear in N, embarrassingly parallel;
+  storage = bytes per image measured on disk (int8 fine + float32 coarse, zstd).
+- build-index: one read of the features (sha256 + coarse codes); k-means on a bounded sample on the
+  driver (grows with nlist, not N); adding N vectors (linear in N, parallel over shards: the
+  quantizer assignment dominates); N x bytes/vector written.
+- search, coarse: every (query, index shard) assigns the query to its nprobe cells (flat quantizer:
+  nlist x d multiply-adds; HNSW above 16,384 cells) and scans queries x nprobe x N / nlist PQ codes.
+- search, merge: each shard's top-S lists are shuffled to one task per query chunk: queries x S x
+  12 bytes x index shards.
+- search, rerank: queries x shortlist 512-d pairs, plus, per query chunk, the gallery row groups its
+  shortlists touch (Poisson: 1 - exp(-chunk x S x R / N) of the fine column; at a billion with
+  8,192-query chunks that is all of it, once per chunk), read and decoded.
 """
 from __future__ import annotations
 
@@ -19,31 +24,43 @@ import math
 import re
 from dataclasses import dataclass
 
-# ---- measured here (2-core CPU machine); see README "Benchmarks" for the commands -------------
+# ---- measured here (2-core CPU machine, 21 Nov 2026); docs/reliability.md and docs/billion.md ----
 RATES = {
-    # tests/bench/bench_extract.py: Spark local[2] gallery extraction, images/s per core
-    "extract_images_per_core_s": 9.0,
-    # NOT measured here (no GPU lent): MobileNetV2 224 px fp32 on a T4-class GPU incl. JPEG decode on
-    # 8 CPU cores feeding it; an assumption, replace with your own measurement.
+    # tests/bench/bench_extract.py: Spark local[2] gallery extraction of 256 real images, warm run
+    # (16.97 img/s on 2 cores; the first run of a fresh JVM, workers and model: 6.5 img/s)
+    "extract_images_per_core_s": 8.5,
+    # ASSUMED, NOT measured here (no GPU lent): MobileNetV2 224 px fp32 on a T4-class GPU incl. JPEG
+    # decode on ~8 CPU cores feeding it; replace with your own measurement.
     "extract_images_per_gpu_s": 1200.0,
-    # tests/bench/bench_extract.py: bytes on disk per image (int8 fine + float32 coarse, zstd)
+    # tests/bench/bench_extract.py: bytes on disk per real image (int8 fine + float32 coarse, zstd);
+    # bench_scale.py's synthetic rows: 1,232
     "feature_bytes_per_image": 1261.0,
-    # tests/bench/bench_index.py: vectors added per second per core (IVF-PQ add, encoding included)
-    "index_add_vectors_per_core_s": 150_000.0,
-    # tests/bench/bench_scale.py: k-means training work, (point x centroid) distance evaluations
-    # x iterations per second per core (train_s of the 10M build: flat k-means + PQ codebooks)
-    "index_train_point_centroids_per_core_s": 2.5e10,
-    # tests/bench/bench_index.py: bytes per vector on disk, whole sharded index (codes + ids + lists)
-    "index_bytes_per_vector": 24.0,
-    # tests/bench/bench_search.py: PQ codes scanned per second per core in the coarse stage
-    "coarse_codes_per_core_s": 4.0e8,
-    # tests/bench/bench_search.py: rerank (query, candidate) pairs scored per second per core,
-    # fetching included, when the gallery's fine vectors are read from local Parquet
-    "rerank_pairs_per_core_s": 2.0e6,
-    # tests/bench/bench_scale.py: nprobe / nlist chosen by the build-time tuning at 10M vectors
-    # (99.5% of hard copies' source cells probed)
-    "nprobe_fraction": 1 / 128,
-    # read bandwidth per executor from object storage / HDFS (assumption for a cluster)
+    # tests/bench/bench_scale.py (10M, quiet run): flat k-means, (training point x centroid)
+    # evaluations x iterations per second per core: 655,108 x 16,384 x 10 in 144 s on 2 cores
+    "index_train_point_centroids_per_core_s": 3.7e8,
+    # tests/bench/bench_scale.py (10M, quiet run): vectors added per second per core, everything in
+    # the shard tasks included (read, flat-quantizer assignment to 16,384 cells, PQ16 encoding, write,
+    # build-time quality): 10,000,000 in 312 s on 2 cores
+    "index_add_vectors_per_core_s": 16_000.0,
+    # tests/bench/bench_scale.py: bytes per vector on disk, whole sharded index at 10M (PQ16 codes +
+    # int64 ids + list overhead + trained part / N)
+    "index_bytes_per_vector": 25.4,
+    # tests/bench/bench_scale.py (coarse rates): flat quantizer assignment, multiply-adds per core-second
+    "flat_assign_macs_per_core_s": 3.2e10,
+    # tests/bench/bench_scale.py (coarse rates): HNSW32 over 131,072 centroids (the quantizer of a
+    # billion-vector index), queries per core-second at efSearch 16 / k 1 (add) and at k = 256 (search)
+    "hnsw_assign_add_per_core_s": 16_300.0,
+    "hnsw_assign_search256_per_core_s": 1_250.0,
+    # tests/bench/bench_scale.py (coarse rates): PQ16 codes scanned per core-second (nprobe 1 vs 128
+    # on a 500k-vector shard, top-500 kept; this faiss build has no AVX2 kernels)
+    "coarse_codes_per_core_s": 2.5e7,
+    # tests/bench/bench_scale.py (10M): rerank (query, candidate) pairs scored per core-second, the
+    # marginal cost (shortlist 1000 vs 500: 5M more pairs, rerank 33.9 s vs 31.7 s)
+    "rerank_pairs_per_core_s": 1.1e6,
+    # tests/bench/bench_scale.py (10M): gallery fine column (int8 + scale, 516 B/row) read from local
+    # Parquet and decoded by the rerank, bytes per core-second (19,600 row groups in ~29.5 s on 2 cores)
+    "fine_decode_bytes_per_core_s": 1.75e8,
+    # ASSUMED: read bandwidth per executor from object storage / HDFS on a cluster
     "read_bytes_per_executor_s": 200e6,
 }
 
@@ -70,23 +87,33 @@ def parse_memory(text: str) -> float:
 def index_params(n: int, cfg=None) -> dict:
     """The parameters ``retrieval build-index`` would choose for ``n`` vectors under ``cfg``
     (:func:`retrieval.index.params.choose_params`: nlist ~ 4 sqrt(N), PQ bytes from the memory
-    budget, the training sample), and the nprobe its tuning would land on: the measured share of
-    cells (``nprobe_fraction``), within the tuning grid's cap ``index.max_nprobe``."""
+    budget, the training sample) and the nprobe the search uses (``search.nprobe``)."""
     from retrieval import config
-    from retrieval.index.params import choose_params
+    from retrieval.index.params import FLAT_QUANTIZER_MAX, choose_params
 
     cfg = cfg if cfg is not None else config.load()
     p = choose_params(max(int(n), 1), int(cfg["model.coarse_dim"]), cfg)
-    wanted = max(1, math.ceil(p.nlist * RATES["nprobe_fraction"]))
-    cap = min(p.nlist, int(cfg["index.max_nprobe"]))
-    return {"index_key": p.index_key, "nlist": p.nlist, "pq_bytes": p.pq_bytes, "nprobe": min(wanted, cap),
-            "nprobe_wanted": wanted, "train_points": p.train_size, "kmeans": p.kmeans,
-            "kmeans_iters": p.kmeans_iters, "bytes_per_vector": p.bytes_per_vector_est}
+    nprobe = int(cfg["search.nprobe"] or cfg["index.nprobe"] or 16)
+    return {"index_key": p.index_key, "nlist": p.nlist, "pq_bytes": p.pq_bytes, "nprobe": min(nprobe, p.nlist),
+            "train_points": p.train_size, "kmeans": p.kmeans, "kmeans_iters": p.kmeans_iters,
+            "quantizer": "flat" if p.nlist <= FLAT_QUANTIZER_MAX else "hnsw",
+            "bytes_per_vector": p.bytes_per_vector_est}
 
 
 def _centroid_work(ip: dict) -> float:
-    """Centroid distance computations per training point per k-means iteration."""
+    """Centroid evaluations per training point per k-means iteration (two-level: sqrt(nlist)
+    coarse clusters, then sqrt(nlist) cells inside each)."""
     return ip["nlist"] if ip["kmeans"] == "flat" else 2 * math.sqrt(ip["nlist"])
+
+
+def _assign_s(ip: dict, dim: int, search: bool) -> float:
+    """Core-seconds to assign one vector (add) or one query (search, nprobe cells) to cells."""
+    r = RATES
+    if ip["quantizer"] == "flat":
+        return ip["nlist"] * dim / r["flat_assign_macs_per_core_s"]
+    if not search or ip["nprobe"] <= 16:
+        return 1.0 / r["hnsw_assign_add_per_core_s"]
+    return ip["nprobe"] / 256 / r["hnsw_assign_search256_per_core_s"]   # HNSW work ~ max(efSearch, k)
 
 
 def _fmt_bytes(b: float) -> str:
@@ -111,7 +138,9 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
     r = RATES
     n = int(images)
     ip = index_params(n, cfg)
+    dim = 128
     cores = cluster.cores
+    read_bw = min(r["read_bytes_per_executor_s"] * cluster.executors, r["fine_decode_bytes_per_core_s"] * cores)
     # extract: linear in N, embarrassingly parallel
     feature_shards = max(1, math.ceil(n / images_per_feature_shard))
     if cluster.gpus:
@@ -121,49 +150,57 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
         extract_s = n / (r["extract_images_per_core_s"] * cores)
         extract_basis = f"{cores} cores x {r['extract_images_per_core_s']} img/s/core (measured here)"
     feature_bytes = n * r["feature_bytes_per_image"]
-    # index: training on a bounded sample (driver), then adding N vectors in parallel shards
+    # index: one read of the features, k-means on a bounded sample (driver), N adds over the shards
     index_shards = max(1, math.ceil(n / vectors_per_index_shard))
+    scan_s = feature_bytes / read_bw
     train_s = ip["train_points"] * _centroid_work(ip) * ip["kmeans_iters"] \
         / (r["index_train_point_centroids_per_core_s"] * max(1, cluster.executor_cores))
-    add_s = n / (r["index_add_vectors_per_core_s"] * min(cores, index_shards * cluster.executor_cores))
+    add_core_s = 1.0 / r["index_add_vectors_per_core_s"] + (_assign_s(ip, dim, False) if ip["quantizer"] == "hnsw" else 0.0)
+    add_s = n * add_core_s / min(cores, index_shards * cluster.executor_cores)
     index_bytes = n * r["index_bytes_per_vector"]
     shard_bytes = min(n, vectors_per_index_shard) * r["index_bytes_per_vector"]
-    # search: coarse = codes scanned (queries x nprobe x N / nlist); rerank = pairs scored, and per
-    # query chunk the gallery row groups its shortlists touch (Poisson: 1 - exp(-chunk x S x R / N))
+    # search, coarse: every (query, shard) assigns the query, then scans nprobe lists
     codes_scanned = queries * ip["nprobe"] * n / ip["nlist"]
-    coarse_s = codes_scanned / (r["coarse_codes_per_core_s"] * cores)
+    assign_s = queries * index_shards * _assign_s(ip, dim, True) / cores
+    scan_codes_s = codes_scanned / (r["coarse_codes_per_core_s"] * cores)
+    # the per-shard top-S lists travel to one merge task per chunk: queries x S x 12 B x shards
+    shuffle_bytes = queries * shortlist * 12.0 * index_shards
+    shuffle_s = shuffle_bytes / (r["read_bytes_per_executor_s"] * cluster.executors)
+    coarse_s = assign_s + scan_codes_s + shuffle_s
+    # search, rerank: pairs scored + the row groups each chunk's shortlists touch, read and decoded
     chunks = max(1, math.ceil(queries / query_chunk))
     rerank_pairs = queries * shortlist
     rerank_compute_s = rerank_pairs / (r["rerank_pairs_per_core_s"] * cores)
     fine_bytes = n * 516.0
     touched = 1.0 - math.exp(-min(queries, query_chunk) * shortlist * row_group_size / max(n, 1))
     rerank_read_bytes = chunks * fine_bytes * touched
-    rerank_read_s = rerank_read_bytes / (r["read_bytes_per_executor_s"] * cluster.executors)
-    rerank_s = max(rerank_compute_s, rerank_read_s)
+    rerank_read_s = rerank_read_bytes / read_bw
+    rerank_s = rerank_compute_s + rerank_read_s
     mem_gb = cluster.executor_memory_gb / max(1, cluster.executor_cores)
     stages = {
         "extract": {"tasks": feature_shards, "basis": extract_basis, "wall": extract_s,
                     "storage": feature_bytes, "memory_per_task": 0.6e9 + 1024 * 2600},
-        "build-index": {"tasks": index_shards, "wall": train_s + add_s + 60,
-                        "basis": f"train {ip['train_points']:,} pts x {ip['kmeans']} k-means on the driver "
-                                 f"({_fmt_time(train_s)}), add at {r['index_add_vectors_per_core_s']:,.0f} "
-                                 "vec/s/core (measured here)",
+        "build-index": {"tasks": index_shards, "wall": scan_s + train_s + add_s + 60,
+                        "basis": f"read features {_fmt_time(scan_s)}; k-means ({ip['kmeans']}) on "
+                                 f"{ip['train_points']:,} pts on the driver {_fmt_time(train_s)}; add "
+                                 f"{_fmt_time(add_s)} ({1 / add_core_s:,.0f} vec/s/core)",
                         "storage": index_bytes, "memory_per_task": 1.3 * shard_bytes + ip["nlist"] * 128 * 4 * 2},
         "search": {"tasks": index_shards * chunks + chunks, "wall": coarse_s + rerank_s,
-                   "basis": f"coarse {codes_scanned:.3g} codes at {r['coarse_codes_per_core_s']:.2g}/s/core "
-                            f"({_fmt_time(coarse_s)}); rerank {rerank_pairs:.3g} pairs (compute "
-                            f"{_fmt_time(rerank_compute_s)}), gallery fine reads {_fmt_bytes(rerank_read_bytes)} "
-                            f"({touched:.0%} of the fine column per chunk, {_fmt_time(rerank_read_s)})",
+                   "basis": f"coarse {_fmt_time(coarse_s)} (assign {queries:.3g} queries x {index_shards} shards "
+                            f"{_fmt_time(assign_s)}, scan {codes_scanned:.3g} codes {_fmt_time(scan_codes_s)}, "
+                            f"shuffle {_fmt_bytes(shuffle_bytes)} {_fmt_time(shuffle_s)}); "
+                            f"rerank {rerank_pairs:.3g} pairs {_fmt_time(rerank_compute_s)} + gallery fine reads "
+                            f"{_fmt_bytes(rerank_read_bytes)} ({touched:.0%} of the column x {chunks:,} chunks) "
+                            f"{_fmt_time(rerank_read_s)}",
                    "storage": queries * 10 * 120.0,
                    "memory_per_task": shard_bytes * 1.2 + query_chunk * shortlist * 24 + 131072 * 2048},
     }
     warnings = [f"{name}: {_fmt_bytes(s['memory_per_task'])} per task > {mem_gb:.1f} GB per core"
                 for name, s in stages.items() if s["memory_per_task"] > mem_gb * 1e9]
-    if ip["nprobe"] < ip["nprobe_wanted"]:
-        warnings.append(f"search: nprobe {ip['nprobe']} is the tuning cap (index.max_nprobe); the measured "
-                        f"share of cells ({r['nprobe_fraction']:.4f}) would be {ip['nprobe_wanted']} at "
-                        f"{ip['nlist']:,} cells: raise index.max_nprobe for the same recall, at "
-                        f"{ip['nprobe_wanted'] / ip['nprobe']:.1f}x the coarse cost")
+    if chunks > 1 and touched > 0.5 and rerank_read_s > rerank_compute_s:
+        warnings.append(f"search: each of the {chunks:,} query chunks reads {touched:.0%} of the gallery's fine "
+                        f"column; larger chunks (search.query_chunk) cut the reads proportionally "
+                        f"({query_chunk * shortlist * 24 / 1e9:.1f} GB of shortlist per task now)")
     return {"images": n, "queries": queries, "cluster": cluster.__dict__, "index": ip,
             "feature_shards": feature_shards, "index_shards": index_shards, "query_chunks": chunks,
             "stages": stages, "warnings": warnings, "rates": dict(RATES)}
@@ -182,8 +219,8 @@ def render(p: dict) -> str:
         lines.append(f"{name:<12} {s['tasks']:>9,} {_fmt_time(s['wall']):>10} {_fmt_bytes(s['storage']):>12} "
                      f"{_fmt_bytes(s['memory_per_task']):>11}  {s['basis']}")
     lines += [f"WARNING: {w}" for w in p["warnings"]]
-    lines.append("Rates are per-core figures measured by tests/bench on a 2-core CPU machine, except where "
-                 "marked ASSUMED.")
+    lines.append("Rates are per-core figures measured by tests/bench on a 2-core CPU machine (retrieval/plan.py "
+                 "RATES), except the GPU rate and the executor read bandwidth, which are ASSUMED.")
     return "\n".join(lines)
 
 

@@ -27,6 +27,10 @@ the same command again.
 6. **coarse diagnosis**, same sample: where a missed source is lost. The exact 128-d top-S over all
    gallery coarse codes (float32 brute force: the best ANY coarse index can do with these codes) and
    the IVF-PQ index's top-S at the search's nprobe (``store.search``), for S = 100 ... 5000.
+7. **coarse rates** (for ``retrieval plan``): on one index shard, flat-quantizer assignment
+   (multiply-adds/s), PQ code scanning (the same search at nprobe 1 and 128: extra codes / extra
+   time), and the HNSW32 quantizer a billion-vector index gets (131,072 centroids, 256 cells per
+   query): queries/s. Per core = divided by faiss's threads (both cores).
 
 Figures (printed and written to ``<workdir>/results.json``): wall time and peak resident memory of
 the whole process tree (sampled from /proc every 0.2 s) per stage, with the load average (the
@@ -196,6 +200,56 @@ json.dump({"queries": int(len(rows)), "exact_s": round(exact_s, 1), "ivf_s": rou
 """
 
 
+RATES_CHILD = r"""
+import json, sys, time
+import retrieval.index
+import faiss
+import numpy as np
+from retrieval.features.extract import read_features
+from retrieval.index import store
+from retrieval.schema import coarse_matrix
+work, queries, index = sys.argv[1], sys.argv[2], sys.argv[3]
+threads = faiss.omp_get_max_threads()
+xq = np.ascontiguousarray(coarse_matrix(read_features(queries, ["coarse"]))[:2000])
+m = store.read_index_manifest(index)
+shard = store.load_shard(index, 0, m)
+ivf = faiss.extract_index_ivf(shard)
+sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)])
+def best(f, reps=3):
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter(); f(); out.append(time.perf_counter() - t)
+    return min(out)
+# flat quantizer assignment: (query x centroid x dim) multiply-adds per second
+t_assign = best(lambda: ivf.quantizer.search(xq, 128))
+# PQ code scanning: the same search at two nprobe values, the difference is the extra codes
+res = {}
+for p in (1, 128):
+    ivf.nprobe = p
+    _, lists = ivf.quantizer.search(xq, p)
+    res[p] = (best(lambda: shard.search(xq, 500)), int(sizes[lists].sum()))
+codes_s = (res[128][1] - res[1][1]) / (res[128][0] - res[1][0])
+# the quantizer a billion-vector index gets (IVF131072_HNSW32): HNSW32 over 131,072 centroids
+cent = np.random.default_rng(0).standard_normal((131072, xq.shape[1])).astype(np.float32)
+cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+hnsw = faiss.IndexHNSWFlat(xq.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+t = time.perf_counter(); hnsw.add(cent); build_s = time.perf_counter() - t
+hnsw.hnsw.efSearch = 16          # faiss's default: what add (k = 1) uses
+t_hnsw1 = best(lambda: hnsw.search(xq, 1))
+hnsw.hnsw.efSearch = 256         # a search at nprobe 256 explores max(efSearch, k) = 256
+t_hnsw = best(lambda: hnsw.search(xq, 256))
+json.dump({"threads": threads, "queries": len(xq),
+           "flat_assign_macs_per_core_s": len(xq) * ivf.nlist * ivf.d / t_assign / threads,
+           "pq_codes_per_core_s": codes_s / threads,
+           "search_s_nprobe1": res[1][0], "search_s_nprobe128": res[128][0],
+           "codes_nprobe1": res[1][1], "codes_nprobe128": res[128][1],
+           "hnsw32_131072_build_s": build_s,
+           "hnsw32_131072_assign_1_queries_per_core_s": len(xq) / t_hnsw1 / threads,
+           "hnsw32_131072_assign_256_queries_per_core_s": len(xq) / t_hnsw / threads},
+          open(work + "/rates.json", "w"), indent=1)
+"""
+
+
 def source_hits(work: Path, source: np.ndarray) -> dict:
     """On the exact sample's matching queries: share whose true source is in the top S of the
     EXACT 128-d coarse ranking (the best any coarse index can do) and of the IVF-PQ index."""
@@ -333,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     nprobe = json.loads((work / "search" / "_manifest.json").read_text())["params"]["nprobe"]
     runs["coarse-diagnosis"] = measured("coarse", work, [PY, "-c", COARSE_CHILD, str(work), qurl,
                                                          str(work / "index"), str(nprobe)])
+    if not (work / "rates.json").exists():
+        (work / "coarse-rates.json").unlink(missing_ok=True)
+    runs["coarse-rates"] = measured("coarse-rates", work, [PY, "-c", RATES_CHILD, str(work), qurl, str(work / "index")])
     result = figures(work, args, source, runs, searches)
+    result["coarse_rates"] = json.loads((work / "rates.json").read_text())
     (work / "results.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2), flush=True)
     return 0

@@ -28,9 +28,13 @@ def test_plan_uses_the_index_rule_and_models_the_rerank_reads():
     small = plan(1_000_000_000, Cluster(), query_chunk=8192)["stages"]["search"]
     big = plan(1_000_000_000, Cluster(), query_chunk=131072)["stages"]["search"]
     assert big["wall"] < small["wall"] / 4
-    # at a billion the measured share of cells exceeds the tuning cap: said so
-    assert any("index.max_nprobe" in w for w in plan(1_000_000_000, Cluster())["warnings"])
-    assert not any("index.max_nprobe" in w for w in plan(10_000_000, Cluster())["warnings"])
+    assert any("query chunks reads" in w for w in plan(1_000_000_000, Cluster())["warnings"])
+    # above 16,384 cells the quantizer is HNSW, as build-index makes it
+    assert index_params(1_000_000_000)["quantizer"] == "hnsw" and index_params(10_000_000)["quantizer"] == "flat"
+    # every (query, index shard) pays the cell assignment: fewer, bigger shards, less coarse work
+    few = plan(1_000_000_000, Cluster(), vectors_per_index_shard=100_000_000)["stages"]["search"]["wall"]
+    many = plan(1_000_000_000, Cluster(), vectors_per_index_shard=10_000_000)["stages"]["search"]["wall"]
+    assert few < many
 
 
 def test_plan_warns_when_a_task_does_not_fit():
