@@ -46,13 +46,19 @@ class Duplicates:
         return rows[np.searchsorted(rows, start):np.searchsorted(rows, end)]
 
 
-def ids_table(f: FeatureFile) -> pa.Table:
+def _checked_ids(f: FeatureFile) -> pa.Array:
+    """The file's ``image_id`` column, with its row count checked against the manifest."""
     try:
         ids = read_column(f.url, "image_id")
     except Exception as exc:
         raise FeatureInputError(f"feature file {f.url}: cannot read its image_id column: {exc}") from exc
     if len(ids) != f.rows:
         raise FeatureInputError(f"feature file {f.url} has {len(ids)} rows, its manifest says {f.rows}")
+    return ids
+
+
+def ids_table(f: FeatureFile) -> pa.Table:
+    ids = _checked_ids(f)
     n = len(ids)
     return pa.table({"image_id": ids.cast(pa.string()), "file_no": pa.array(np.full(n, f.file_no, np.int64)),
                      "row": pa.array(np.arange(n, dtype=np.int64))}, schema=ID_SCHEMA)
@@ -66,13 +72,7 @@ def hash_ids(ids: pa.Array) -> np.ndarray:
 
 
 def file_hashes(f: FeatureFile) -> np.ndarray:
-    try:
-        ids = read_column(f.url, "image_id")
-    except Exception as exc:
-        raise FeatureInputError(f"feature file {f.url}: cannot read its image_id column: {exc}") from exc
-    if len(ids) != f.rows:
-        raise FeatureInputError(f"feature file {f.url} has {len(ids)} rows, its manifest says {f.rows}")
-    return hash_ids(ids)
+    return hash_ids(_checked_ids(f))
 
 
 def find_from_hashes(files: Sequence[FeatureFile], hashes: dict[int, np.ndarray], first_new: int) -> Duplicates:
