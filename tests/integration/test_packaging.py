@@ -70,6 +70,7 @@ def test_wheel_and_archive_contents(packed):
     assert len(wheels) == 1
     names = zipfile.ZipFile(packed / wheels[0]).namelist()
     assert "retrieval/conf/defaults.yaml" in names and "retrieval/audit/report.py" in names
+    assert "retrieval/assets/default_model.npz" in names          # the shipped trained heads
     assert not any(n.startswith(("tests/", "jobs/")) for n in names)
     with tarfile.open(packed / "env.tar.gz") as tar:
         members = tar.getnames()
@@ -146,7 +147,11 @@ def test_spark_submit_extraction_with_the_packed_env(packed, spark_tmp):
     assert os.path.isfile(os.path.join(executor_dirs[0], "env", "lib", "python%d.%d" % sys.version_info[:2],
                                        "site-packages", "retrieval", "features", "extract.py"))
     # the executors (packed env) built the same model as the driver (project venv): run_shard
-    # refuses a model_version that differs from the driver's plan
-    from retrieval.features.model import build_model
+    # refuses a model_version that differs from the driver's plan. The default config loads the
+    # shipped trained heads (model.checkpoint: default), which the wheel carries as package data.
+    from retrieval import config
+    from retrieval.features.model import model_from_config
 
-    assert manifest["model_version"] == build_model().model_version()
+    cfg = config.load()
+    expected = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict()).model_version()
+    assert manifest["model_version"] == expected
