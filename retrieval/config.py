@@ -96,7 +96,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "faults.stage": _choice("", "extract", "index", "search"),
     "faults.kind": _choice("raise", "kill"),
     "faults.after_items": _non_negative,
-    "search.shortlist": _positive,
+    "search.shortlist": _non_negative,
     "search.k": _positive,
     "search.nprobe": _non_negative,
     "search.coarse_threshold": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",

@@ -132,11 +132,14 @@ def _fmt_time(s: float) -> str:
     return f"{s / 3600:,.1f} h"
 
 
-def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: int = 500,
+def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: int = 0,
          vectors_per_index_shard: int = 10_000_000, images_per_feature_shard: int = 250_000,
          query_chunk: int = 8192, row_group_size: int = 1024, cfg=None) -> dict:
+    from retrieval.search.coarse import auto_shortlist
+
     r = RATES
     n = int(images)
+    shortlist = int(shortlist) or auto_shortlist(n)     # search.shortlist 0: the size rule
     ip = index_params(n, cfg)
     dim = 128
     cores = cluster.cores
@@ -201,7 +204,7 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
         warnings.append(f"search: each of the {chunks:,} query chunks reads {touched:.0%} of the gallery's fine "
                         f"column; larger chunks (search.query_chunk) cut the reads proportionally "
                         f"({query_chunk * shortlist * 24 / 1e9:.1f} GB of shortlist per task now)")
-    return {"images": n, "queries": queries, "cluster": cluster.__dict__, "index": ip,
+    return {"images": n, "queries": queries, "shortlist": shortlist, "cluster": cluster.__dict__, "index": ip,
             "feature_shards": feature_shards, "index_shards": index_shards, "query_chunks": chunks,
             "stages": stages, "warnings": warnings, "rates": dict(RATES)}
 
@@ -211,7 +214,7 @@ def render(p: dict) -> str:
     lines = [f"Plan for {p['images']:,} gallery images and {p['queries']:,} queries on "
              f"{c['executors']} executors x {c['executor_cores']} cores, {c['executor_memory_gb']:g} GB"
              + (f", {c['gpus']} GPUs" if c["gpus"] else ""),
-             f"index: {p['index']['index_key']} nprobe {p['index']['nprobe']}, "
+             f"index: {p['index']['index_key']} nprobe {p['index']['nprobe']}, shortlist {p['shortlist']:,}, "
              f"training sample {p['index']['train_points']:,}; feature shards {p['feature_shards']:,}, "
              f"index shards {p['index_shards']:,}, query chunks {p['query_chunks']:,}",
              f"{'stage':<12} {'tasks':>9} {'wall':>10} {'storage':>12} {'mem/task':>11}  basis"]

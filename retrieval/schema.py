@@ -9,7 +9,9 @@ image_id       string                                  unique id (path relative 
                                                        or the manifest / Parquet key)
 uri            string                                  where the image was read from
 coarse         fixed_size_list<float32>[128]           L2-normalised coarse code (always float32)
-fine           fixed_size_list<float32|int8>[512]      L2-normalised fine descriptor
+fine           fixed_size_binary[512] (storage=int8,   L2-normalised fine descriptor: 512 int8
+               the default) or                         codes, one byte each; or float32 values
+               fixed_size_list<float32>[512]
 fine_scale     float32 (only with storage=int8)        ``fine_float = fine_int8 * fine_scale``
 width, height  int32                                   original size, after EXIF orientation
 model_version  string                                  fingerprint of the encoder
@@ -17,8 +19,15 @@ role           string                                  gallery | query
 =============  ======================================  ===========================================
 
 ``int8`` storage quantises each fine vector symmetrically with its own scale
-(``max|x| / 127``): 516 bytes instead of 2,048 per vector, readable by Spark (array<tinyint>) and
-pyarrow alike (Spark cannot read Parquet FLOAT16). Use :func:`fine_matrix` to read either form.
+(``max|x| / 127``): 516 bytes instead of 2,048 per vector (Spark cannot read Parquet FLOAT16).
+The codes are stored as one ``fixed_size_binary`` value per row, not as a list of 512 int8
+values: Parquet decodes a list column element by element (repetition levels), which made
+reading the rerank's row groups cost as much as the rerank itself; a binary value is one copy
+(measured on a 125,000-row file: 0.056 s vs 0.31-0.56 s, and 30% smaller). Spark reads it as
+``binary``. Outputs written with the earlier ``fixed_size_list<int8>`` form are still read.
+Use :func:`fine_matrix` (float32) or :func:`column_matrix` (as stored) to read any form.
+Feature files are written without dictionary encoding on the vector columns (a dictionary of
+float or int8 values only costs space and time).
 """
 from __future__ import annotations
 
@@ -28,13 +37,17 @@ import pyarrow as pa
 ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("error", pa.string())])
 
 
+# columns written with dictionary encoding (the others are vectors or numbers)
+DICTIONARY_COLUMNS = ["image_id", "uri", "model_version", "role"]
+
+
 def feature_schema(coarse_dim: int = 128, fine_dim: int = 512, storage: str = "float32") -> pa.Schema:
-    fine_type = pa.int8() if storage == "int8" else pa.float32()
+    fine_type = pa.binary(fine_dim) if storage == "int8" else pa.list_(pa.float32(), fine_dim)
     fields = [
         ("image_id", pa.string()),
         ("uri", pa.string()),
         ("coarse", pa.list_(pa.float32(), coarse_dim)),
-        ("fine", pa.list_(fine_type, fine_dim)),
+        ("fine", fine_type),
     ]
     if storage == "int8":
         fields.append(("fine_scale", pa.float32()))
@@ -48,6 +61,12 @@ def vectors_to_arrow(x: np.ndarray, value_type: pa.DataType | None = None) -> pa
     x = np.ascontiguousarray(x)
     flat = pa.array(x.reshape(-1), type=value_type) if value_type is not None else pa.array(x.reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, x.shape[1])
+
+
+def int8_to_arrow(q: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """N x D int8 codes -> ``fixed_size_binary[D]`` Arrow array (one value per row)."""
+    q = np.ascontiguousarray(q, dtype=np.int8)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(q.shape[1]), q.shape[0], [None, pa.py_buffer(q)])
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -64,9 +83,16 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def column_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """fixed_size_list (or list) column -> N x D numpy array (float32 or int8 as stored)."""
+    """fixed_size_list (or list) column -> N x D numpy array (float32 or int8 as stored);
+    fixed_size_binary[D] (int8 codes) -> N x D int8 (a read-only view of the Arrow buffer)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if pa.types.is_fixed_size_binary(column.type):
+        dim = column.type.byte_width
+        if column.null_count:
+            raise ValueError("vector column has null rows")
+        data = np.frombuffer(column.buffers()[1], dtype=np.int8)
+        return data[column.offset * dim:(column.offset + len(column)) * dim].reshape(len(column), dim)
     if len(column) == 0:
         size = getattr(column.type, "list_size", 0)
         return np.zeros((0, size), dtype=column.type.value_type.to_pandas_dtype())

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval import fsio
-from retrieval.schema import feature_schema, quantize_int8, vectors_to_arrow
+from retrieval.schema import DICTIONARY_COLUMNS, feature_schema, int8_to_arrow, quantize_int8, vectors_to_arrow
 
 FINE_DIM, COARSE_DIM = 512, 128
 CHUNK = 100_000
@@ -132,7 +132,7 @@ def write_feature_output(url: str, coarse: np.ndarray, fine: np.ndarray, *, num_
                 "coarse": vectors_to_arrow(coarse[a:b])}
         if storage == "int8":
             q, s = quantize_int8(fine[a:b])
-            cols["fine"] = vectors_to_arrow(q, pa.int8())
+            cols["fine"] = int8_to_arrow(q)
             cols["fine_scale"] = pa.array(s, pa.float32())
         else:
             cols["fine"] = vectors_to_arrow(fine[a:b].astype(np.float32))
@@ -143,7 +143,7 @@ def write_feature_output(url: str, coarse: np.ndarray, fine: np.ndarray, *, num_
         part_url = fsio.join(url, f"{name}.parquet")
         with fsio.atomic_open(part_url, "wb") as fh:
             pq.write_table(pa.table(cols, schema=schema), fh, row_group_size=row_group_size,
-                           compression="zstd")
+                           compression="zstd", use_dictionary=DICTIONARY_COLUMNS)
         err_url = fsio.join(url, "errors", f"{name}.parquet")
         with fsio.atomic_open(err_url, "wb") as fh:
             pq.write_table(pa.table({"image_id": pa.array([], pa.string()), "uri": pa.array([], pa.string()),

@@ -28,7 +28,8 @@ from retrieval.config import Config
 from retrieval.features import inputs as inputs_mod
 from retrieval.features.preprocess import DecodePolicy, ImageError, prepare
 from retrieval.progress import Progress
-from retrieval.schema import ERROR_SCHEMA, feature_schema, quantize_int8, vectors_to_arrow
+from retrieval.schema import (DICTIONARY_COLUMNS, ERROR_SCHEMA, feature_schema, int8_to_arrow, quantize_int8,
+                              vectors_to_arrow)
 
 log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
@@ -135,7 +136,7 @@ def run_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None
 
     part_url = fsio.join(job.output, f"{name}.parquet")
     with fsio.atomic_open(part_url, "wb") as fh:
-        writer = pq.ParquetWriter(fh, schema, compression="zstd")
+        writer = pq.ParquetWriter(fh, schema, compression="zstd", use_dictionary=DICTIONARY_COLUMNS)
         batch: list[tuple[str, str, int, int, list]] = []
 
         def flush() -> None:
@@ -152,7 +153,7 @@ def run_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None
                 "coarse": vectors_to_arrow(coarse.astype(np.float32))}
             if job.storage == "int8":
                 q, scale = quantize_int8(fine)
-                cols["fine"] = vectors_to_arrow(q, pa.int8())
+                cols["fine"] = int8_to_arrow(q)
                 cols["fine_scale"] = pa.array(scale, pa.float32())
             else:
                 cols["fine"] = vectors_to_arrow(fine.astype(np.float32))

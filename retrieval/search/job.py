@@ -268,6 +268,15 @@ def verify_index_inputs(index_url: str, index_manifest: dict, spark=None, storag
                            "gallery feature file", where, spark, storage_options)
 
 
+def resolve_shortlist(configured: int, index_manifest: dict) -> int:
+    """``search.shortlist``, or for 0 the size-dependent default of
+    :func:`~retrieval.search.coarse.auto_shortlist` from the index's vector count."""
+    if configured > 0:
+        return int(configured)
+    ntotal = index_manifest.get("ntotal") or sum(int(s.get("ntotal", 0)) for s in index_manifest["shards"])
+    return coarse_mod.auto_shortlist(int(ntotal))
+
+
 def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -> dict:
     """Run the two-stage search; returns the manifest. ``spark=None`` runs locally (no JVM)."""
     from retrieval.index import store
@@ -293,7 +302,8 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
         feature_rows=tuple(f.get("rows") for f in ffiles),
         feature_versions=tuple(f.get("sha256") for f in ffiles), n_shards=len(index_manifest["shards"]),
         nprobe=int(sc.nprobe if sc.nprobe > 0 else index_manifest.get("nprobe", 1)),
-        shortlist=sc.shortlist, k=sc.k, coarse_threshold=sc.coarse_threshold,
+        shortlist=resolve_shortlist(sc.shortlist, index_manifest), k=sc.k,
+        coarse_threshold=sc.coarse_threshold,
         match_threshold=sc.match_threshold, rerank_rows=sc.rerank_rows,
         vector_cache_mb=sc.vector_cache_mb, shard_cache=sc.shard_cache,
         threads=sc.threads, verify=sc.verify, chunks=tuple(chunks), faults=cfg["faults"].to_dict(),
@@ -334,7 +344,7 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
         "schema": RESULT_SCHEMA.to_string(), "counts": counts,
         "params": {"shortlist": job.shortlist, "k": job.k, "nprobe": job.nprobe,
                    "coarse_threshold": job.coarse_threshold, "match_threshold": job.match_threshold,
-                   "query_chunk": sc.query_chunk},
+                   "query_chunk": sc.query_chunk, "shortlist_configured": sc.shortlist},
         "files": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"], "chunk": s["chunk"],
                    "queries": s["queries"]} for s in stats],
         "chunks": [{k: v for k, v in s.items() if k not in ("file", "sha256")} for s in stats],

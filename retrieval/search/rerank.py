@@ -4,11 +4,13 @@ The shortlist of a query chunk is an ``nq x S`` matrix of gallery int64 ids. The
 each candidate's fine vector lives (``feature_files[file_no]``, row: :mod:`retrieval.index.idmap`),
 so the rerank works file by file: the distinct shortlisted rows of the file are taken from the
 row groups that hold them (:class:`~retrieval.search.vectors.VectorCache`: only those groups are
-read, each decoded once per process), converted to float32 once per chunk however many queries
-share them, and every (query, candidate) pair of the file is scored in one multi-threaded faiss
-call (``fvec_inner_products_by_idx``: a gather-dot over the block, no per-query Python loop); int8
-scales are applied to the scores. At most ``batch_rows`` gallery rows are converted at a time, so
-a task's memory is ``batch_rows x 2 KiB`` plus the chunk's ``nq x S`` matrices plus the cache.
+read, each decoded once per process) once per chunk however many queries share them, and every
+(query, candidate) pair of the file is scored in one parallel call, with no per-query Python
+loop: int8 rows (the default storage) by the compiled kernel of
+:mod:`retrieval.search.kernels`, which reads them as stored and applies the per-vector scale;
+float32 rows by faiss's ``fvec_inner_products_by_idx`` gather-dot. At most ``batch_rows`` gallery
+rows are gathered at a time, so a task's memory is ``batch_rows x row bytes`` plus the chunk's
+``nq x S`` matrices plus the cache.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 
 from retrieval.index import idmap
 from retrieval.search.coarse import topk_rows
+from retrieval.search.kernels import pair_scores_int8
 from retrieval.search.vectors import VectorCache
 
 
@@ -89,9 +92,12 @@ def score_shortlist(query_fine: np.ndarray, ids: np.ndarray, feature_files: Sequ
             lut[batch - lo] = np.arange(len(batch))
             local = lut[rb - lo]
             codes, scale = cache.rows(url, batch, version)
-            vals = pair_scores(query_fine, pb // s, codes.astype(np.float32), local)
-            if scale is not None:                           # int8 codes: apply the per-vector scale
-                vals *= scale[local]
+            if codes.dtype == np.int8 and scale is not None:    # int8 storage: compiled kernel
+                vals = pair_scores_int8(query_fine, pb // s, codes, local, scale, cache.threads)
+            else:
+                vals = pair_scores(query_fine, pb // s, codes.astype(np.float32, copy=False), local)
+                if scale is not None:                           # apply the per-vector scale
+                    vals *= scale[local]
             scores[pb] = vals
     return scores.reshape(nq, s)
 

@@ -538,8 +538,9 @@ def _run_training(job: TrainJob, d: Dist) -> dict:
         result = card_mod.build_card(model, job, images, state, checkpoint=final, evaluation=evaluation)
         card_mod.write_card(result, fsio.join(job.output, "model_card"))
         log.info("training done: %s (model_version %s)", final, result["model_version"])
-    d.barrier()
-    return result
+    # every rank returns the card: TorchDistributor (local mode) keeps whichever process's return
+    # value was written last, so a rank returning {} could win the race
+    return d.broadcast_object(result if d.main else None)
 
 
 def distributed_main(job_dict: dict) -> dict:

@@ -151,7 +151,8 @@ def main() -> None:
     ap.add_argument("--gallery", type=int, default=1_000_000)
     ap.add_argument("--match", type=int, default=10_000)
     ap.add_argument("--nomatch", type=int, default=10_000)
-    ap.add_argument("--shortlists", default="100,500,1000")
+    ap.add_argument("--shortlists", default="100,200,500,1000",
+                    help="shortlist sizes (the default, search.shortlist 0 = by gallery size, is added)")
     ap.add_argument("--nprobes", default="", help="nprobe values (default: the index's tuned one and "
                                                    "search.nprobe, or 4x the tuned one when they agree)")
     ap.add_argument("--query-chunk", type=int, default=None, help="search.query_chunk (default: config)")
@@ -175,7 +176,10 @@ def main() -> None:
     default_nprobe = default_cfg.search.nprobe or base_nprobe
     nprobes = [int(x) for x in args.nprobes.split(",")] if args.nprobes else \
         sorted({base_nprobe, default_nprobe} if base_nprobe != default_nprobe else {base_nprobe, 4 * base_nprobe})
-    shortlists = [int(x) for x in args.shortlists.split(",")]
+    from retrieval.search.job import resolve_shortlist
+
+    default_shortlist = resolve_shortlist(default_cfg.search.shortlist, index_manifest)
+    shortlists = sorted({int(x) for x in args.shortlists.split(",")} | {default_shortlist})
     n_q = len(source)
     log(f"index: {len(index_manifest['shards'])} shards, default nprobe {base_nprobe}; "
         f"{index_manifest.get('index_type') or index_manifest.get('factory') or ''}")
@@ -196,7 +200,7 @@ def main() -> None:
     cold_sets = [f"search.query_chunk={args.query_chunk}"] if args.query_chunk else []
     cold_s = run_library(qf, idx, os.path.join(args.workdir, "out", "lib_cold"), cold_sets)
     log(f"library, first call in the process (cold caches), shortlist "
-        f"{default_cfg.search.shortlist}, nprobe {default_nprobe}: {cold_s:.1f}s = {n_q / cold_s:.0f} q/s")
+        f"{default_shortlist}, nprobe {default_nprobe}: {cold_s:.1f}s = {n_q / cold_s:.0f} q/s")
     rows = []
     for nprobe in nprobes:
         for S in shortlists:
@@ -208,7 +212,8 @@ def main() -> None:
             row = {"shortlist": S, "nprobe": nprobe, "library_s": round(lib_s, 2),
                    "library_qps": round(n_q / lib_s, 1), "library_speedup": round(bf_s / lib_s, 1),
                    **score(two_stage_rows(out), qids, source, exact_rows)}
-            is_default = S == default_cfg.search.shortlist and nprobe == default_nprobe
+            is_default = S == default_shortlist and nprobe == default_nprobe
+            row["default"] = is_default
             if not args.no_spark and (args.spark_grid or is_default):
                 sout = os.path.join(args.workdir, "out", f"spark_s{S}_p{nprobe}")
                 spark_s = run_spark(qf, idx, sout, sets)
@@ -231,7 +236,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         sp = f"{r['spark_qps']:.0f} | {r['spark_speedup']:.1f}x" if "spark_qps" in r else "- | -"
-        print(f"| {r['shortlist']} | {r['nprobe']} | {r['library_qps']:.0f} | {r['library_speedup']:.0f}x | {sp} | "
+        print(f"| {r['shortlist']}{' (default)' if r['default'] else ''} | {r['nprobe']} | {r['library_qps']:.0f} | {r['library_speedup']:.0f}x | {sp} | "
               f"{100 * r['rank1_two_stage']:.2f}% | {100 * r['rank1_exact']:.2f}% | "
               f"{100 * r['rank1_retained']:.2f}% | {100 * r['recall10_vs_exact']:.2f}% |")
     if args.json:

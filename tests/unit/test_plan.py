@@ -25,10 +25,16 @@ def test_plan_uses_the_index_rule_and_models_the_rerank_reads():
     real = choose_params(10_000_000, 128, config.load())
     assert (p["index_key"], p["nlist"], p["train_points"]) == (real.index_key, real.nlist, real.train_size)
     # the rerank reads the row groups each query chunk touches: bigger chunks, fewer gallery reads
-    small = plan(1_000_000_000, Cluster(), query_chunk=8192)["stages"]["search"]
-    big = plan(1_000_000_000, Cluster(), query_chunk=131072)["stages"]["search"]
+    # (at S = 500, where the reads dominate the rerank's compute)
+    small = plan(1_000_000_000, Cluster(), query_chunk=8192, shortlist=500)["stages"]["search"]
+    big = plan(1_000_000_000, Cluster(), query_chunk=131072, shortlist=500)["stages"]["search"]
     assert big["wall"] < small["wall"] / 4
-    assert any("query chunks reads" in w for w in plan(1_000_000_000, Cluster())["warnings"])
+    assert any("query chunks reads" in w for w in plan(1_000_000_000, Cluster(), shortlist=500)["warnings"])
+    # search.shortlist 0 (the default): the size rule of the search job
+    from retrieval.search.coarse import auto_shortlist
+
+    assert plan(10_000_000, Cluster())["shortlist"] == auto_shortlist(10_000_000) == 1050
+    assert auto_shortlist(1_000_000) == auto_shortlist(1000) == 200
     # above 16,384 cells the quantizer is HNSW, as build-index makes it
     assert index_params(1_000_000_000)["quantizer"] == "hnsw" and index_params(10_000_000)["quantizer"] == "flat"
     # every (query, index shard) pays the cell assignment: fewer, bigger shards, less coarse work

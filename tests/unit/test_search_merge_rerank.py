@@ -230,3 +230,53 @@ def test_vector_cache_reads_only_needed_groups_once(gallery_output):
     assert small.reads == 4
     with pytest.raises(KeyError, match="beyond the 2000 rows"):
         cache.rows(url, np.array([2000]), "v1")
+
+
+def test_int8_kernel_equals_float_scoring():
+    from retrieval.schema import dequantize_int8, quantize_int8
+    from retrieval.search.kernels import pair_scores_int8
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((500, 512)).astype(np.float32)
+    codes, scale = quantize_int8(x)
+    q = rng.standard_normal((40, 512)).astype(np.float32)
+    qidx = np.sort(rng.integers(0, 40, 3000))
+    local = rng.integers(0, 500, 3000)
+    got = pair_scores_int8(q, qidx, codes, local, scale, threads=2)
+    want = np.einsum("ij,ij->i", q[qidx].astype(np.float64), dequantize_int8(codes, scale)[local].astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # the float path of the rerank (faiss gather-dot) agrees
+    alt = rerank.pair_scores(q, qidx, codes.astype(np.float32), local) * scale[local]
+    np.testing.assert_allclose(got, alt, rtol=1e-5, atol=1e-4)
+    assert pair_scores_int8(q, qidx[:0], codes, local[:0], scale).shape == (0,)
+    with pytest.raises(ValueError, match="codes"):
+        pair_scores_int8(q, qidx, codes.astype(np.float32), local, scale)
+
+
+def test_int8_storage_is_fixed_size_binary_and_old_lists_still_read(tmp_path):
+    import pyarrow as pa
+
+    from retrieval.schema import column_matrix, feature_schema, int8_to_arrow, quantize_int8, vectors_to_arrow
+
+    assert feature_schema(storage="int8").field("fine").type == pa.binary(512)
+    codes, _ = quantize_int8(np.random.default_rng(0).standard_normal((10, 512)))
+    binary, listed = int8_to_arrow(codes), vectors_to_arrow(codes, pa.int8())
+    np.testing.assert_array_equal(column_matrix(binary), codes)
+    np.testing.assert_array_equal(column_matrix(listed), codes)                   # outputs of before
+    np.testing.assert_array_equal(column_matrix(binary.slice(3, 4)), codes[3:7])   # offsets honoured
+    chunked = pa.chunked_array([binary.slice(0, 4), binary.slice(4)])
+    np.testing.assert_array_equal(column_matrix(chunked), codes)
+    with pytest.raises(ValueError, match="null"):
+        column_matrix(pa.array([None], pa.binary(512)))
+
+
+def test_auto_shortlist_grows_with_the_gallery():
+    from retrieval.search.job import resolve_shortlist
+
+    assert coarse.auto_shortlist(30) == coarse.auto_shortlist(1_000_000) == 200
+    assert coarse.auto_shortlist(10_000_000) == 1050
+    sizes = [coarse.auto_shortlist(n) for n in (10**6, 10**7, 10**8, 10**9)]
+    assert sizes == sorted(sizes) and sizes[-1] > 10 * sizes[1]
+    assert resolve_shortlist(0, {"ntotal": 10_000_000, "shards": []}) == 1050
+    assert resolve_shortlist(0, {"shards": [{"ntotal": 600_000}, {"ntotal": 400_000}]}) == 200
+    assert resolve_shortlist(300, {"ntotal": 10_000_000, "shards": []}) == 300
