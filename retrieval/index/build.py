@@ -322,6 +322,10 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
 
     # 1. plan
     old, old_files, files, params, build_fp = _plan(feature_urls, output_url, cfg, append)
+    if merge_ondisk and re.search(r"x\d+fs|fs(,|$)", params.index_key):
+        raise ValueError(f"--merge-ondisk needs an index with flat inverted lists; {params.index_key} is a "
+                         "fast-scan index (blocked 4-bit codes, which faiss cannot merge on disk): "
+                         "serve its shards with IndexShards, or build with a non-fast-scan index.index_key")
     if not append:
         existing = _existing(output_url, ic["mode"], build_fp)
         if existing is not None:

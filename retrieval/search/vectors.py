@@ -4,8 +4,8 @@ The rerank of one query chunk needs the 512-d vectors of its shortlist rows. The
 way :mod:`retrieval.index.idmap` defines (file, row -> row group); only the row groups holding
 wanted rows are read, and each group is decoded once per process and kept (int8 codes + scales as
 stored, or float32) while it fits in ``budget_bytes``: the next chunk that touches the same group
-(on the same executor, or in the local engine) does not read or decode it again. Decoding a
-``fixed_size_list<int8>[512]`` column costs about as much as the whole rerank, so this matters
+(on the same executor, or in the local engine) does not read or decode it again. Decoding row
+groups costs time (less since int8 codes are stored as ``fixed_size_binary``), so this matters
 whenever chunks share gallery rows, which at S = 500 they mostly do.
 """
 from __future__ import annotations

@@ -131,6 +131,18 @@ def test_forced_factory_string_with_transform(data, tmp_path):
     check_ref_knn_with_draws(*single_index(out, m).search(data["xq"], 20), *store.search(out, data["xq"], 20))
 
 
+def test_forced_fast_scan_index_and_its_ondisk_merge_refusal(data, tmp_path):
+    """A 4-bit fast-scan IVF-PQ (about 2.5x faster coarse search at large k) can be forced; its
+    blocked inverted lists cannot be merged on disk, which is refused before any work."""
+    out = str(tmp_path / "idx")
+    m = build_index([data["a"]], out, cfg("index.index_key=IVF64,PQ16x4fs", "index.quality_queries=100"))
+    assert m["index_key"] == "IVF64,PQ16x4fs" and len(m["shards"]) == 3
+    check_ref_knn_with_draws(*single_index(out, m).search(data["xq"], 20), *store.search(out, data["xq"], 20))
+    with pytest.raises(ValueError, match="fast-scan"):
+        build_index([data["a"]], str(tmp_path / "idx2"), cfg("index.index_key=IVF64,PQ16x4fs"), merge_ondisk=True)
+    assert not os.path.exists(tmp_path / "idx2" / "manifest.json")
+
+
 def test_spark_build_is_identical(built, data, spark):
     out, m = built
     out_s = str(data["root"] / "idx_spark")
