@@ -24,7 +24,7 @@ import math
 import re
 from dataclasses import dataclass
 
-# ---- measured here (2-core CPU machine, 21 Nov 2026); docs/reliability.md and docs/billion.md ----
+# ---- measured here (2-core CPU machine, 21-22 Nov 2026); docs/reliability.md and docs/billion.md ----
 RATES = {
     # tests/bench/bench_extract.py: Spark local[2] gallery extraction of 256 real images, warm run
     # (16.97 img/s on 2 cores; the first run of a fresh JVM, workers and model: 6.5 img/s)
@@ -32,34 +32,38 @@ RATES = {
     # ASSUMED, NOT measured here (no GPU lent): MobileNetV2 224 px fp32 on a T4-class GPU incl. JPEG
     # decode on ~8 CPU cores feeding it; replace with your own measurement.
     "extract_images_per_gpu_s": 1200.0,
-    # tests/bench/bench_extract.py: bytes on disk per real image (int8 fine + float32 coarse, zstd);
-    # bench_scale.py's synthetic rows: 1,232
-    "feature_bytes_per_image": 1261.0,
-    # tests/bench/bench_scale.py (10M, quiet run): flat k-means, (training point x centroid)
-    # evaluations x iterations per second per core: 655,108 x 16,384 x 10 in 144 s on 2 cores
-    "index_train_point_centroids_per_core_s": 3.7e8,
+    # tests/bench/bench_extract.py (22 Nov): bytes on disk per real image (int8 fine codes as
+    # fixed_size_binary + float32 coarse, zstd, no dictionary on vectors); bench_scale.py's
+    # synthetic rows: 959
+    "feature_bytes_per_image": 1100.0,
+    # tests/bench/bench_scale.py (10M, quiet run of 22 Nov): flat k-means, (training point x centroid)
+    # evaluations x iterations per second per core: 655,108 x 16,384 x 10 in 134 s on 2 cores
+    "index_train_point_centroids_per_core_s": 4.0e8,
     # tests/bench/bench_scale.py (10M, quiet run): vectors added per second per core, everything in
     # the shard tasks included (read, flat-quantizer assignment to 16,384 cells, PQ16 encoding, write,
-    # build-time quality): 10,000,000 in 312 s on 2 cores
-    "index_add_vectors_per_core_s": 16_000.0,
+    # build-time quality): 10,000,000 in 255 s on 2 cores
+    "index_add_vectors_per_core_s": 19_600.0,
     # tests/bench/bench_scale.py: bytes per vector on disk, whole sharded index at 10M (PQ16 codes +
     # int64 ids + list overhead + trained part / N)
     "index_bytes_per_vector": 25.4,
     # tests/bench/bench_scale.py (coarse rates): flat quantizer assignment, multiply-adds per core-second
-    "flat_assign_macs_per_core_s": 3.2e10,
+    "flat_assign_macs_per_core_s": 3.3e10,
     # tests/bench/bench_scale.py (coarse rates): HNSW32 over 131,072 centroids (the quantizer of a
     # billion-vector index), queries per core-second at efSearch 16 / k 1 (add) and at k = 256 (search)
-    "hnsw_assign_add_per_core_s": 16_300.0,
-    "hnsw_assign_search256_per_core_s": 1_250.0,
+    "hnsw_assign_add_per_core_s": 19_200.0,
+    "hnsw_assign_search256_per_core_s": 1_450.0,
     # tests/bench/bench_scale.py (coarse rates): PQ16 codes scanned per core-second (nprobe 1 vs 128
-    # on a 500k-vector shard, top-500 kept; this faiss build has no AVX2 kernels)
-    "coarse_codes_per_core_s": 2.5e7,
-    # tests/bench/bench_scale.py (10M): rerank (query, candidate) pairs scored per core-second, the
-    # marginal cost (shortlist 1000 vs 500: 5M more pairs, rerank 33.9 s vs 31.7 s)
-    "rerank_pairs_per_core_s": 1.1e6,
-    # tests/bench/bench_scale.py (10M): gallery fine column (int8 + scale, 516 B/row) read from local
-    # Parquet and decoded by the rerank, bytes per core-second (19,600 row groups in ~29.5 s on 2 cores)
-    "fine_decode_bytes_per_core_s": 1.75e8,
+    # on a 500k-vector shard, top-500 kept)
+    "coarse_codes_per_core_s": 3.1e7,
+    # tests/bench/bench_scale.py (10M, 22 Nov): rerank (query, candidate) pairs scored per core-second
+    # by the int8 kernel, the marginal cost (shortlist 1050 vs 500: 5.5M more pairs, rerank 8.55 s
+    # vs 6.49 s)
+    "rerank_pairs_per_core_s": 1.3e6,
+    # tests/bench/bench_scale.py (10M, 22 Nov): gallery fine column (int8 fixed_size_binary + scale,
+    # 516 B/row) read from local Parquet (page cache) and decoded by the rerank, bytes per
+    # core-second: 19,600 row groups (10.3 GB) in the 6.49 s rerank at shortlist 500, less its 5M
+    # pairs at the rate above (~4.6 s on 2 cores); one file's column alone: 1.15e9 B/s on 1 core
+    "fine_decode_bytes_per_core_s": 1.1e9,
     # ASSUMED: read bandwidth per executor from object storage / HDFS on a cluster
     "read_bytes_per_executor_s": 200e6,
 }

@@ -56,20 +56,24 @@ def cache_keys() -> list[tuple]:
 # ---------------------------------------------------------------------------------------------
 AUTO_SHORTLIST_BASE = 200        # S at N <= 1M
 AUTO_SHORTLIST_EXPONENT = 0.7    # growth with N beyond 1M
+AUTO_SHORTLIST_MAX = 2000        # cap: query_chunk 8192 x 2000 x 24 B = 393 MB of shortlist per task
 
 
 def auto_shortlist(ntotal: int) -> int:
     """The default shortlist S for a gallery of ``ntotal`` vectors (``search.shortlist: 0``):
-    ``200 x (N / 10^6)^0.7``, at least 200, rounded up to a multiple of 50.
+    ``200 x (N / 10^6)^0.7``, at least 200, rounded up to a multiple of 50, at most 2,000.
 
     Why it grows: a query's true source ranks behind every gallery item whose coarse code
     happens to lie closer to the query than the source's own (noisy, lossy) code does, and the
     number of such items grows with N. Measured on the synthetic benchmark gallery (fixed coarse
     noise, tests/bench): at 1M the source's rank-1 is kept equally at S = 200, 500 and 1000 (only
-    nprobe limits it; S = 100 loses 0.5-1 point); at 10M S = 500 keeps 90.3% and S = 1000
-    99.98%. The rule passes through both (1M: 200, 10M: 1050)."""
+    nprobe limits it; S = 100 loses 0.5-1 point); at 10M S = 500 keeps 90.3% and S = 1050 100%.
+    The rule passes through both (1M: 200, 10M: 1050). Beyond the measured range it is capped
+    (2,000 from ~25M vectors on): every index shard returns its top S, so S multiplies the
+    shuffle (queries x S x 12 B x shards) and a task's shortlist memory (query_chunk x S x 24 B);
+    at a billion, measure and set ``search.shortlist`` (docs/billion.md)."""
     s = AUTO_SHORTLIST_BASE * (max(int(ntotal), 1) / 1e6) ** AUTO_SHORTLIST_EXPONENT
-    return int(max(AUTO_SHORTLIST_BASE, math.ceil(s / 50.0) * 50))
+    return int(min(AUTO_SHORTLIST_MAX, max(AUTO_SHORTLIST_BASE, math.ceil(s / 50.0) * 50)))
 
 
 def search_shard(index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -275,8 +275,9 @@ def test_auto_shortlist_grows_with_the_gallery():
 
     assert coarse.auto_shortlist(30) == coarse.auto_shortlist(1_000_000) == 200
     assert coarse.auto_shortlist(10_000_000) == 1050
-    sizes = [coarse.auto_shortlist(n) for n in (10**6, 10**7, 10**8, 10**9)]
-    assert sizes == sorted(sizes) and sizes[-1] > 10 * sizes[1]
+    sizes = [coarse.auto_shortlist(n) for n in (10**6, 3 * 10**6, 10**7, 2 * 10**7, 10**8, 10**9)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[1] < sizes[2] < sizes[3]
+    assert sizes[-1] == sizes[-2] == coarse.AUTO_SHORTLIST_MAX == 2000      # capped beyond the measured range
     assert resolve_shortlist(0, {"ntotal": 10_000_000, "shards": []}) == 1050
     assert resolve_shortlist(0, {"shards": [{"ntotal": 600_000}, {"ntotal": 400_000}]}) == 200
     assert resolve_shortlist(300, {"ntotal": 10_000_000, "shards": []}) == 300
