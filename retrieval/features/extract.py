@@ -28,8 +28,8 @@ from retrieval.config import Config
 from retrieval.features import inputs as inputs_mod
 from retrieval.features.preprocess import DecodePolicy, ImageError, prepare
 from retrieval.progress import Progress
-from retrieval.schema import (DICTIONARY_COLUMNS, ERROR_SCHEMA, feature_schema, int8_to_arrow, quantize_int8,
-                              vectors_to_arrow)
+from retrieval.schema import (DICTIONARY_COLUMNS, ERROR_SCHEMA, column_matrix, feature_schema, int8_to_arrow,
+                              quantize_int8, vectors_to_arrow)
 
 log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
@@ -358,6 +358,20 @@ def read_manifest(output_url: str) -> dict:
     return fsio.read_json(url)
 
 
+def binary_int8_fine(table: pa.Table) -> pa.Table:
+    """A shard written before int8 codes were stored as ``fixed_size_binary`` (a
+    ``fixed_size_list<int8>`` column) converted to the current form, so the shards of an output
+    extended incrementally across that change concatenate."""
+    if "fine" not in table.column_names:
+        return table
+    ftype = table.schema.field("fine").type
+    if not (pa.types.is_fixed_size_list(ftype) and ftype.value_type == pa.int8()):
+        return table
+    i = table.column_names.index("fine")
+    return table.set_column(i, pa.field("fine", pa.binary(ftype.list_size)),
+                            int8_to_arrow(column_matrix(table.column("fine"))))
+
+
 def read_features(output_url: str, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
     """All feature rows of a complete output (verifying each shard's sha256)."""
     manifest = read_manifest(output_url)
@@ -367,7 +381,7 @@ def read_features(output_url: str, columns: list[str] | None = None, verify: boo
         if verify and fsio.sha256_file(url) != s["sha256"]:
             raise ValueError(f"feature shard {url} does not match the sha256 in its manifest "
                              "(truncated or altered)")
-        tables.append(fsio.read_parquet(url, columns=columns))
+        tables.append(binary_int8_fine(fsio.read_parquet(url, columns=columns)))
     if not tables:
         schema = feature_schema(storage=manifest.get("storage", "float32"))
         return schema.empty_table() if columns is None else schema.empty_table().select(columns)

@@ -281,3 +281,31 @@ def test_auto_shortlist_grows_with_the_gallery():
     assert resolve_shortlist(0, {"ntotal": 10_000_000, "shards": []}) == 1050
     assert resolve_shortlist(0, {"shards": [{"ntotal": 600_000}, {"ntotal": 400_000}]}) == 200
     assert resolve_shortlist(300, {"ntotal": 10_000_000, "shards": []}) == 300
+
+
+def test_output_mixing_old_list_and_new_binary_int8_shards_reads_whole(tmp_path):
+    """A feature output extended after the storage change holds both forms: it still reads as one."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from retrieval import fsio
+    from retrieval.schema import vectors_to_arrow
+
+    g_coarse, g_fine = synthetic.gallery(40, SPEC)
+    url = str(tmp_path / "features")
+    synthetic.write_feature_output(url, g_coarse, g_fine, num_files=2, storage="int8")
+    new = read_features(url)
+    first = f"{url}/part-00000.parquet"                    # rewrite shard 0 the old way
+    t = pq.read_table(first)
+    old = t.set_column(t.column_names.index("fine"), pa.field("fine", pa.list_(pa.int8(), 512)),
+                       vectors_to_arrow(np.frombuffer(t.column("fine").combine_chunks().buffers()[1], np.int8)
+                                        .reshape(-1, 512), pa.int8()))
+    pq.write_table(old, first)
+    manifest = json.loads(open(f"{url}/_manifest.json").read())
+    manifest["shards"][0]["sha256"] = fsio.sha256_file(first)
+    open(f"{url}/_manifest.json", "w").write(json.dumps(manifest))
+    mixed = read_features(url)
+    assert mixed.schema.field("fine").type == pa.binary(512)
+    np.testing.assert_array_equal(fine_matrix(mixed), fine_matrix(new))
