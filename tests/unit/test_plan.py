@@ -1,7 +1,7 @@
 import pytest
 
 from retrieval.cli import main
-from retrieval.plan import Cluster, index_params, parse_memory, plan
+from retrieval.plan import RATES, Cluster, index_params, parse_memory, plan
 
 
 def test_plan_scales_with_images_and_cluster():
@@ -11,7 +11,7 @@ def test_plan_scales_with_images_and_cluster():
     assert big["index_shards"] == 100 and small["index_shards"] == 1
     assert big["stages"]["extract"]["wall"] == pytest.approx(100 * small["stages"]["extract"]["wall"])
     assert more["stages"]["extract"]["wall"] == pytest.approx(big["stages"]["extract"]["wall"] / 10)
-    assert big["stages"]["extract"]["storage"] == pytest.approx(1e9 * 1261)
+    assert big["stages"]["extract"]["storage"] == pytest.approx(1e9 * RATES["feature_bytes_per_image"])
     gpu = plan(1_000_000_000, Cluster(executors=10, gpus=8))
     assert "ASSUMED" in gpu["stages"]["extract"]["basis"]
     assert index_params(1_000_000_000)["nlist"] == 131072
