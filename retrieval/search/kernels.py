@@ -8,8 +8,9 @@ int8 rows as stored and converts them in registers, so a pair costs one 512-byte
 sum is float32, vectorised (``fastmath`` allows reassociation): scores equal the float path to
 about 1e-6.
 
-Compiled on first use in each process (``cache=True`` keeps the machine code beside the module
-where that directory is writable), parallel over pairs with ``numba.set_num_threads``.
+Compiled on first use in each process (``cache=True`` keeps the machine code beside the module or
+in the user's cache directory; where neither is writable it is compiled without a cache, ~1 s),
+parallel over pairs with ``numba.set_num_threads``.
 """
 from __future__ import annotations
 
@@ -19,9 +20,16 @@ _KERNEL = None
 
 
 def _build():
+    try:
+        return _compile(cache=True)
+    except RuntimeError:            # no writable cache location (read-only install, no usable HOME)
+        return _compile(cache=False)
+
+
+def _compile(cache: bool):
     import numba
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @numba.njit(parallel=True, fastmath=True, cache=cache, nogil=True)
     def dots_int8(queries, qidx, codes, local, scale, out):  # pragma: no cover - compiled
         n = qidx.shape[0]
         d = queries.shape[1]

@@ -309,3 +309,23 @@ def test_output_mixing_old_list_and_new_binary_int8_shards_reads_whole(tmp_path)
     mixed = read_features(url)
     assert mixed.schema.field("fine").type == pa.binary(512)
     np.testing.assert_array_equal(fine_matrix(mixed), fine_matrix(new))
+
+
+def test_int8_kernel_compiles_without_a_writable_cache(monkeypatch):
+    """A read-only install (no cache location): the kernel is compiled without a cache."""
+    from retrieval.search import kernels
+
+    calls = []
+    real = kernels._compile
+
+    def compile_(cache):
+        calls.append(cache)
+        if cache:
+            raise RuntimeError("cannot cache function 'dots_int8': no locator available")
+        return real(cache)
+
+    monkeypatch.setattr(kernels, "_compile", compile_)
+    monkeypatch.setattr(kernels, "_KERNEL", None)
+    q = np.ones((1, 8), np.float32)
+    got = kernels.pair_scores_int8(q, np.array([0]), np.full((2, 8), 2, np.int8), np.array([1]), np.full(2, 0.5, np.float32))
+    assert calls == [True, False] and got.tolist() == [8.0]
