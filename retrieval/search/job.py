@@ -144,7 +144,7 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
         job.feature_rows if job.verify else None, cache, job.feature_versions)
     t2 = time.monotonic()
     faults.maybe_fail(job.faults, "search", chunk.chunk, chunk.stop - chunk.start)
-    table = result_table(job, q, scores, ids, coarse)
+    table = result_table(job, q, scores, ids, coarse, cache)
     url = fsio.join(job.output, part_name(chunk.chunk))
     with fsio.atomic_open(url, "wb") as fh:
         pq.write_table(table, fh, compression="zstd")
@@ -160,21 +160,50 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
             "rerank_s": round(t2 - t1, 4), "write_s": round(t3 - t2, 4)}
 
 
+def gallery_labels(job: SearchJob, gids: np.ndarray, cache: vectors.VectorCache | None = None
+                   ) -> tuple[pa.Array, pa.Array]:
+    """``image_id`` and ``uri`` of gallery ids (in the order given), through the process's cache
+    of row groups: each group is read once per process, not once per chunk."""
+    cache = cache if cache is not None else vectors.process_cache(job.vector_cache_mb)
+    files, rows = idmap.decode_ids(gids)
+    order = np.argsort(files, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, files[order][1:] != files[order][:-1], True]) if len(gids) else []
+    id_parts, uri_parts, pos_parts = [], [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        pos = order[a:b]
+        f = int(files[pos[0]])
+        if f < 0 or f >= len(job.feature_files):
+            raise KeyError(f"id refers to feature file #{f}, the index has {len(job.feature_files)}")
+        uniq, inverse = np.unique(rows[pos], return_inverse=True)
+        version = job.feature_versions[f] if job.feature_versions is not None else None
+        ids_f, uris_f = cache.labels(job.feature_files[f], uniq, version)
+        take = pa.array(inverse.astype(np.int64))
+        id_parts.append(ids_f.take(take))
+        uri_parts.append(uris_f.take(take))
+        pos_parts.append(pos)
+    if not id_parts:
+        return pa.array([], pa.string()), pa.array([], pa.string())
+    back = np.empty(len(gids), np.int64)
+    back[np.concatenate(pos_parts)] = np.arange(len(gids))
+    back_arr = pa.array(back)
+    return pa.concat_arrays(id_parts).take(back_arr), pa.concat_arrays(uri_parts).take(back_arr)
+
+
 def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.ndarray,
-                 coarse: np.ndarray) -> pa.Table:
+                 coarse: np.ndarray, cache: vectors.VectorCache | None = None) -> pa.Table:
     """Rows (query, rank) for every kept match, in query order then rank."""
     rows, ranks = np.nonzero(ids >= 0)
     gids = ids[rows, ranks]
-    gal = idmap.fetch_rows(list(job.feature_files), gids, ["image_id", "uri"]) if len(gids) else None
+    gallery_id, gallery_uri = gallery_labels(job, gids, cache)
     take = pa.array(rows.astype(np.int64))
     return pa.table({
         "query_id": queries.column("image_id").take(take),
         "rank": pa.array((ranks + 1).astype(np.int32)),
-        "gallery_id": gal.column("image_id") if gal is not None else pa.array([], pa.string()),
+        "gallery_id": gallery_id,
         "score": pa.array(scores[rows, ranks].astype(np.float32)),
         "coarse_score": pa.array(coarse[rows, ranks].astype(np.float32)),
         "query_uri": queries.column("uri").take(take),
-        "gallery_uri": gal.column("uri") if gal is not None else pa.array([], pa.string()),
+        "gallery_uri": gallery_uri,
     }, schema=RESULT_SCHEMA)
 
 

@@ -14,9 +14,15 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
+import pyarrow as pa
 
 from retrieval import fsio
 from retrieval.schema import column_matrix
+
+
+def _size(value: tuple) -> int:
+    """Bytes held by a cached group: numpy arrays (codes, scales) or Arrow arrays (labels)."""
+    return sum(v.nbytes for v in value if v is not None)
 
 
 class _Footer:
@@ -29,7 +35,8 @@ class _Footer:
 
 
 class VectorCache:
-    """LRU of decoded row groups: ``(url, group) -> (codes, scales or None)``."""
+    """LRU of decoded row groups: ``(url, group) -> (codes, scales or None)``, and of the groups'
+    ``(image_id, uri)`` arrays for the result rows (:meth:`labels`)."""
 
     def __init__(self, budget_bytes: int = 1 << 30, threads: int = 1) -> None:
         self.budget = budget_bytes
@@ -38,7 +45,8 @@ class VectorCache:
         self._footers: dict[str, _Footer] = {}
         self._bytes = 0
         self._lock = threading.Lock()
-        self.reads = 0          # row groups read from storage (for tests and logs)
+        self.reads = 0          # row groups of fine vectors read from storage (for tests and logs)
+        self.label_reads = 0    # row groups of image_id/uri read (labels)
 
     def footer(self, url: str, version: str | None = None) -> _Footer:
         key = f"{url}#{version}"
@@ -46,16 +54,16 @@ class VectorCache:
             self._footers[key] = _Footer(url)
         return self._footers[key]
 
-    def _put(self, key: tuple[str, int], value: tuple[np.ndarray, np.ndarray | None]) -> None:
-        size = value[0].nbytes + (value[1].nbytes if value[1] is not None else 0)
+    def _put(self, key: tuple[str, int], value: tuple) -> None:
+        size = _size(value)
         with self._lock:
             if key in self._groups:
                 return
             self._groups[key] = value
             self._bytes += size
             while self._bytes > self.budget and len(self._groups) > 1:
-                _, (c, s) = self._groups.popitem(last=False)
-                self._bytes -= c.nbytes + (s.nbytes if s is not None else 0)
+                _, old = self._groups.popitem(last=False)
+                self._bytes -= _size(old)
 
     def _get(self, key: tuple[str, int]):
         with self._lock:
@@ -129,6 +137,41 @@ class VectorCache:
                     out.update(d)
         self.reads += len(groups)
         return out
+
+    def labels(self, url: str, rows: np.ndarray, version: str | None = None) -> tuple[pa.Array, pa.Array]:
+        """``image_id`` and ``uri`` of the given SORTED, distinct rows of one feature file, read by
+        row group and kept in the same LRU (the result rows of every chunk need them, and
+        consecutive chunks touch mostly the same groups)."""
+        ft = self.footer(url, version)
+        key = f"{url}#labels#{version}"
+        if len(rows) and (rows[0] < 0 or rows[-1] >= ft.num_rows):
+            raise KeyError(f"row {int(rows[-1])} beyond the {ft.num_rows} rows of {url}")
+        groups = np.searchsorted(ft.starts, rows, side="right") - 1
+        bounds = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1], True])
+        wanted = groups[bounds[:-1]].tolist()
+        got = {g: v for g in wanted if (v := self._get((key, g))) is not None}
+        missing = [g for g in wanted if g not in got]
+        if missing:
+            table = fsio.parquet_file(url).read_row_groups(missing, columns=["image_id", "uri"], use_threads=False)
+            ids, uris = table.column("image_id").combine_chunks(), table.column("uri").combine_chunks()
+            pos = 0
+            for g in missing:
+                n = int(ft.starts[g + 1] - ft.starts[g])
+                value = (ids.slice(pos, n), uris.slice(pos, n))
+                self._put((key, g), value)
+                got[g] = value
+                pos += n
+            self.label_reads += len(missing)
+        id_parts, uri_parts = [], []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            g = int(groups[a])
+            gid, guri = got[g]
+            take = pa.array(rows[a:b] - ft.starts[g])
+            id_parts.append(gid.take(take))
+            uri_parts.append(guri.take(take))
+        if not id_parts:
+            return pa.array([], pa.string()), pa.array([], pa.string())
+        return pa.concat_arrays(id_parts), pa.concat_arrays(uri_parts)
 
     def clear(self) -> None:
         with self._lock:

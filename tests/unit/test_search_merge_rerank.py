@@ -329,3 +329,30 @@ def test_int8_kernel_compiles_without_a_writable_cache(monkeypatch):
     q = np.ones((1, 8), np.float32)
     got = kernels.pair_scores_int8(q, np.array([0]), np.full((2, 8), 2, np.int8), np.array([1]), np.full(2, 0.5, np.float32))
     assert calls == [True, False] and got.tolist() == [8.0]
+
+
+def test_gallery_labels_equal_fetch_rows_and_are_read_once(gallery_output):
+    """The result rows' image_id/uri come from the cache's row groups: the same values as a direct
+    read of those rows (idmap.fetch_rows), in the order asked, each group read once per process."""
+    from retrieval.search.job import gallery_labels
+    from retrieval.search.vectors import VectorCache
+
+    urls = feature_urls(gallery_output)
+    job = SearchJob(output="", index_url="", index_manifest={}, query_files=(), query_int8=True,
+                    feature_files=tuple(urls), feature_rows=(2000, 2000, 2000), n_shards=1, nprobe=1,
+                    feature_versions=("a", "b", "c"))
+    rng = np.random.default_rng(5)
+    gids = gallery_ids()[rng.integers(0, N, 700)]             # duplicates and every file, any order
+    cache = VectorCache(1 << 30)
+    ids, uris = gallery_labels(job, gids, cache)
+    want = idmap.fetch_rows(urls, gids, ["image_id", "uri"])
+    assert ids.to_pylist() == want.column("image_id").to_pylist()
+    assert uris.to_pylist() == want.column("uri").to_pylist()
+    first = cache.label_reads
+    assert 0 < first <= 3 * 8 and cache.reads == 0            # 2000 rows = 8 groups of 256 per file
+    again, _ = gallery_labels(job, gids[::-1], cache)
+    assert again.to_pylist() == ids.to_pylist()[::-1] and cache.label_reads == first
+    empty_ids, empty_uris = gallery_labels(job, gids[:0], cache)
+    assert len(empty_ids) == len(empty_uris) == 0
+    with pytest.raises(KeyError, match="feature file #7"):
+        gallery_labels(job, idmap.encode_ids(7, np.array([0])), cache)
