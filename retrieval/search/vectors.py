@@ -79,21 +79,7 @@ class VectorCache:
         the index manifest) is part of the cache key, so a replaced file is never served stale."""
         ft = self.footer(url, version)
         key = f"{url}#{version}"
-        if len(rows) and (rows[0] < 0 or rows[-1] >= ft.num_rows):
-            raise KeyError(f"row {int(rows[-1])} beyond the {ft.num_rows} rows of {url}")
-        groups = np.searchsorted(ft.starts, rows, side="right") - 1
-        bounds = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1], True])
-        wanted = groups[bounds[:-1]].tolist()
-        got: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
-        missing = []
-        for g in wanted:
-            v = self._get((key, g))
-            if v is None:
-                missing.append(g)
-            else:
-                got[g] = v
-        if missing:
-            got.update(self._read(url, key, ft, missing))
+        groups, bounds, got = self._groups_of(url, ft, key, rows, self._read)
         codes, scales = [], []
         for a, b in zip(bounds[:-1], bounds[1:]):
             g = int(groups[a])
@@ -105,6 +91,35 @@ class VectorCache:
         if not codes:
             return np.zeros((0, 0), np.float32), None
         return np.concatenate(codes), (np.concatenate(scales) if ft.has_scale else None)
+
+    def _groups_of(self, url: str, ft: _Footer, key: str, rows: np.ndarray, read
+                   ) -> tuple[np.ndarray, np.ndarray, dict]:
+        """The row group of each of the SORTED ``rows``, the bounds of each group's run of rows,
+        and every needed group's cached value (``read(url, key, ft, missing)`` reads and caches the
+        others: :meth:`_read` or :meth:`_read_labels`)."""
+        if len(rows) and (rows[0] < 0 or rows[-1] >= ft.num_rows):
+            raise KeyError(f"row {int(rows[-1])} beyond the {ft.num_rows} rows of {url}")
+        groups = np.searchsorted(ft.starts, rows, side="right") - 1
+        bounds = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1], True])
+        wanted = groups[bounds[:-1]].tolist()
+        got = {g: v for g in wanted if (v := self._get((key, g))) is not None}
+        missing = [g for g in wanted if g not in got]
+        if missing:
+            got.update(read(url, key, ft, missing))
+        return groups, bounds, got
+
+    def _read_labels(self, url: str, key: str, ft: _Footer, groups: list[int]) -> dict[int, tuple]:
+        """Read the ``image_id``/``uri`` columns of ``groups`` and cache each group separately."""
+        table = fsio.parquet_file(url).read_row_groups(groups, columns=["image_id", "uri"], use_threads=False)
+        ids, uris = table.column("image_id").combine_chunks(), table.column("uri").combine_chunks()
+        out, pos = {}, 0
+        for g in groups:
+            n = int(ft.starts[g + 1] - ft.starts[g])
+            out[g] = (ids.slice(pos, n), uris.slice(pos, n))
+            self._put((key, g), out[g])
+            pos += n
+        self.label_reads += len(groups)
+        return out
 
     def _read(self, url: str, key: str, ft: _Footer, groups: list[int]) -> dict[int, tuple]:
         """Read and decode ``groups`` (in ``threads`` parallel parts: pyarrow decodes without the
@@ -144,24 +159,7 @@ class VectorCache:
         consecutive chunks touch mostly the same groups)."""
         ft = self.footer(url, version)
         key = f"{url}#labels#{version}"
-        if len(rows) and (rows[0] < 0 or rows[-1] >= ft.num_rows):
-            raise KeyError(f"row {int(rows[-1])} beyond the {ft.num_rows} rows of {url}")
-        groups = np.searchsorted(ft.starts, rows, side="right") - 1
-        bounds = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1], True])
-        wanted = groups[bounds[:-1]].tolist()
-        got = {g: v for g in wanted if (v := self._get((key, g))) is not None}
-        missing = [g for g in wanted if g not in got]
-        if missing:
-            table = fsio.parquet_file(url).read_row_groups(missing, columns=["image_id", "uri"], use_threads=False)
-            ids, uris = table.column("image_id").combine_chunks(), table.column("uri").combine_chunks()
-            pos = 0
-            for g in missing:
-                n = int(ft.starts[g + 1] - ft.starts[g])
-                value = (ids.slice(pos, n), uris.slice(pos, n))
-                self._put((key, g), value)
-                got[g] = value
-                pos += n
-            self.label_reads += len(missing)
+        groups, bounds, got = self._groups_of(url, ft, key, rows, self._read_labels)
         id_parts, uri_parts = [], []
         for a, b in zip(bounds[:-1], bounds[1:]):
             g = int(groups[a])
