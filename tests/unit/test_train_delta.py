@@ -11,13 +11,7 @@ from retrieval.features.model import ModelError, build_model
 from retrieval.training.delta import DEFAULT_MODEL, export_delta, load_delta
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one torch thread is faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _trained():
