@@ -176,7 +176,7 @@ def _merge_ondisk(output_url: str, trained_data: bytes, shard_files: list[str]) 
 
 # ---------------------------------------------------------------------------------------------
 # the phases of a build
-def _plan(feature_urls: list[str], output_url: str, cfg: Config, append: bool
+def _plan(feature_urls: list[str], output_url: str, cfg: Config, append: bool, merge_ondisk: bool = False
           ) -> tuple[dict | None, list[FeatureFile], list[FeatureFile], IndexParams, str]:
     """``(old manifest or None, old files, new files, params, build fingerprint)``."""
     dim = int(cfg["model.coarse_dim"])
@@ -203,8 +203,10 @@ def _plan(feature_urls: list[str], output_url: str, cfg: Config, append: bool
     if old is not None:
         params = IndexParams(**{**old["params"], "nprobe_grid": tuple(old["params"]["nprobe_grid"])})
     else:
-        params = choose_params(n_rows, dim, cfg)
+        # faiss cannot merge fast-scan (blocked) lists on disk: an on-disk build uses 8-bit PQ codes
+        params = choose_params(n_rows, dim, cfg, fast_scan=bool(cfg["index.fast_scan"]) and not merge_ondisk)
     settings = {k: v for k, v in cfg["index"].to_dict().items() if k not in ("mode", "threads", "progress_seconds")}
+    settings["index_key_chosen"] = params.index_key
     build_fp = _fingerprint([f.to_dict() for f in files], settings, dim, old and old.get("fingerprint"))
     return old, old_files, files, params, build_fp
 
@@ -321,7 +323,7 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
                          f"from a local disk), got {output_url}")
 
     # 1. plan
-    old, old_files, files, params, build_fp = _plan(feature_urls, output_url, cfg, append)
+    old, old_files, files, params, build_fp = _plan(feature_urls, output_url, cfg, append, merge_ondisk)
     if merge_ondisk and re.search(r"x\d+fs|fs(,|$)", params.index_key):
         raise ValueError(f"--merge-ondisk needs an index with flat inverted lists; {params.index_key} is a "
                          "fast-scan index (blocked 4-bit codes, which faiss cannot merge on disk): "
@@ -428,7 +430,7 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     manifest = {
         "stage": "index", "output": output_url, "fingerprint": build_fp,
-        "index_key": params.index_key, "nlist": params.nlist, "pq_bytes": params.pq_m, "pq_m": params.pq_m,
+        "index_key": params.index_key, "nlist": params.nlist, "pq_bytes": params.pq_bytes, "pq_m": params.pq_m,
         "pq_nbits": params.pq_nbits, "code_bytes": params.pq_bytes, "metric": "inner_product",
         "dim": dim, "fine_dim": int(cfg["model.fine_dim"]), "model_version": files[0].model_version,
         "nprobe": quality["nprobe"], "params": params.to_dict(),

@@ -68,7 +68,8 @@ def test_manifest_and_layout(built, data):
     out, m = built
     assert m["stage"] == "index" and m["metric"] == "inner_product" and m["dim"] == 128
     assert m["fine_dim"] == 512 and m["model_version"] == "synthetic-v1"
-    assert m["index_key"] == "IVF128,PQ16" and m["nlist"] == 128 and m["pq_bytes"] == 16
+    # the default: 16 bytes of 4-bit fast-scan codes
+    assert m["index_key"] == "IVF128,PQ32x4fs" and m["nlist"] == 128 and m["pq_bytes"] == 16
     assert len(m["shards"]) == 3 and m["ntotal"] == N_A == sum(s["ntotal"] for s in m["shards"])
     assert [f["file_no"] for f in m["feature_files"]] == [0, 1, 2]
     assert abs(m["train_sample_size"] - 40 * 128) < 250  # 40 per cell, drawn over all files
@@ -132,8 +133,8 @@ def test_forced_factory_string_with_transform(data, tmp_path):
 
 
 def test_forced_fast_scan_index_and_its_ondisk_merge_refusal(data, tmp_path):
-    """A 4-bit fast-scan IVF-PQ (about 2.5x faster coarse search at large k) can be forced; its
-    blocked inverted lists cannot be merged on disk, which is refused before any work."""
+    """A forced 4-bit fast-scan key (the default's code layout) shards like any other; its blocked
+    inverted lists cannot be merged on disk, which is refused before any work."""
     out = str(tmp_path / "idx")
     m = build_index([data["a"]], out, cfg("index.index_key=IVF64,PQ16x4fs", "index.quality_queries=100"))
     assert m["index_key"] == "IVF64,PQ16x4fs" and len(m["shards"]) == 3
@@ -328,6 +329,7 @@ def test_merge_ondisk_and_cli(data, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["ntotal"] == N_A and summary["shards"] == 3 and summary["merged"] is True
     m = store.read_index_manifest(out)
+    assert m["index_key"] == "IVF128,PQ16"     # an on-disk merge needs flat lists: 8-bit PQ, not fast-scan
     merged = store.load_merged(out, m)
     assert merged.ntotal == N_A
     check_ref_knn_with_draws(*store.search(out, data["xq"], 30), *merged.search(data["xq"], 30))

@@ -28,19 +28,26 @@ def test_nlist_rule():
 def test_params_from_budget():
     cfg = config.load()
     p = choose_params(1_000_000, 128, cfg)
-    assert (p.index_key, p.nlist, p.pq_m, p.train_size) == ("IVF4096,PQ16", 4096, 16, 4096 * 40)
+    # 16 bytes of code: 32 fast-scan 4-bit sub-quantizers by default, 16 8-bit ones without fast-scan
+    assert (p.index_key, p.nlist, p.pq_m, p.pq_nbits, p.pq_bytes, p.train_size) == \
+        ("IVF4096,PQ32x4fs", 4096, 32, 4, 16, 4096 * 40)
     assert p.kmeans == "flat" and max(p.nprobe_grid) == 256
+    p8 = choose_params(1_000_000, 128, config.load(sets=["index.fast_scan=false"]))
+    assert (p8.index_key, p8.pq_m, p8.pq_nbits, p8.pq_bytes) == ("IVF4096,PQ16", 16, 8, 16)
+    assert choose_params(1_000_000, 128, cfg, fast_scan=False).index_key == "IVF4096,PQ16"
     # the budget decides when it is tighter than the objective's cap
-    assert choose_params(1_000_000, 128, config.load(sets=["index.bytes_per_vector=20"])).pq_m == 8
-    assert choose_params(1_000_000, 128, config.load(sets=["index.max_pq_bytes=64"])).pq_m == 32
+    for fs in (True, False):
+        assert choose_params(1_000_000, 128, config.load(sets=["index.bytes_per_vector=20"]), fast_scan=fs).pq_bytes == 8
+        assert choose_params(1_000_000, 128, config.load(sets=["index.max_pq_bytes=64"]), fast_scan=fs).pq_bytes == 32
     # estimated bytes/vector within the budget
     for bpv in (12, 20, 40, 64):
-        p = choose_params(1_000_000, 128, config.load(sets=[f"index.bytes_per_vector={bpv}"]))
-        assert p.bytes_per_vector_est <= bpv
+        for fs in (True, False):
+            p = choose_params(1_000_000, 128, config.load(sets=[f"index.bytes_per_vector={bpv}"]), fast_scan=fs)
+            assert p.bytes_per_vector_est <= bpv and p.pq_m % (2 if fs else 1) == 0
     with pytest.raises(ConfigError, match="bytes_per_vector"):
         choose_params(1_000_000, 128, config.load(sets=["index.bytes_per_vector=8"]))
     big = choose_params(10**9, 128, cfg)
-    assert big.index_key == "IVF131072_HNSW32,PQ16" and big.kmeans == "two_level"
+    assert big.index_key == "IVF131072_HNSW32,PQ32x4fs" and big.kmeans == "two_level"
     assert big.train_size == cfg["index.max_train_points"]
     assert choose_params(500, 128, cfg).index_key == "IVF1,Flat"
 
