@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval import fsio
-from retrieval.schema import DICTIONARY_COLUMNS, feature_schema, int8_to_arrow, quantize_int8, vectors_to_arrow
+from retrieval.schema import (DICTIONARY_COLUMNS, feature_compression, feature_schema, int8_to_arrow,
+                              quantize_int8, vectors_to_arrow)
 
 FINE_DIM, COARSE_DIM = 512, 128
 CHUNK = 100_000
@@ -143,7 +144,7 @@ def write_feature_output(url: str, coarse: np.ndarray, fine: np.ndarray, *, num_
         part_url = fsio.join(url, f"{name}.parquet")
         with fsio.atomic_open(part_url, "wb") as fh:
             pq.write_table(pa.table(cols, schema=schema), fh, row_group_size=row_group_size,
-                           compression="zstd", use_dictionary=DICTIONARY_COLUMNS)
+                           compression=feature_compression(schema), use_dictionary=DICTIONARY_COLUMNS)
         err_url = fsio.join(url, "errors", f"{name}.parquet")
         with fsio.atomic_open(err_url, "wb") as fh:
             pq.write_table(pa.table({"image_id": pa.array([], pa.string()), "uri": pa.array([], pa.string()),

@@ -28,8 +28,8 @@ from retrieval.config import Config
 from retrieval.features import inputs as inputs_mod
 from retrieval.features.preprocess import DecodePolicy, ImageError, prepare
 from retrieval.progress import Progress
-from retrieval.schema import (DICTIONARY_COLUMNS, ERROR_SCHEMA, column_matrix, feature_schema, int8_to_arrow,
-                              quantize_int8, vectors_to_arrow)
+from retrieval.schema import (DICTIONARY_COLUMNS, ERROR_SCHEMA, column_matrix, feature_compression,
+                              feature_schema, int8_to_arrow, quantize_int8, vectors_to_arrow)
 
 log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
@@ -136,7 +136,8 @@ def run_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None
 
     part_url = fsio.join(job.output, f"{name}.parquet")
     with fsio.atomic_open(part_url, "wb") as fh:
-        writer = pq.ParquetWriter(fh, schema, compression="zstd", use_dictionary=DICTIONARY_COLUMNS)
+        writer = pq.ParquetWriter(fh, schema, compression=feature_compression(schema),
+                                  use_dictionary=DICTIONARY_COLUMNS)
         batch: list[tuple[str, str, int, int, list]] = []
 
         def flush() -> None:
