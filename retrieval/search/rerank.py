@@ -2,15 +2,15 @@
 
 The shortlist of a query chunk is an ``nq x S`` matrix of gallery int64 ids. The ids say where
 each candidate's fine vector lives (``feature_files[file_no]``, row: :mod:`retrieval.index.idmap`),
-so the rerank works file by file: the distinct shortlisted rows of the file are taken from the
-row groups that hold them (:class:`~retrieval.search.vectors.VectorCache`: only those groups are
-read, each decoded once per process) once per chunk however many queries share them, and every
-(query, candidate) pair of the file is scored in one parallel call, with no per-query Python
-loop: int8 rows (the default storage) by the compiled kernel of
-:mod:`retrieval.search.kernels`, which reads them as stored and applies the per-vector scale;
-float32 rows by faiss's ``fvec_inner_products_by_idx`` gather-dot. At most ``batch_rows`` gallery
-rows are gathered at a time, so a task's memory is ``batch_rows x row bytes`` plus the chunk's
-``nq x S`` matrices plus the cache.
+so the rerank works file by file: the row groups holding the file's candidates are made
+resident in the process's :class:`~retrieval.search.vectors.VectorCache` (only those groups are
+read, each decoded once per process into one whole-file array), and every (query, candidate) pair
+of the file is scored in one parallel call that reads each candidate row in place by its row
+number: no per-query Python loop and no gather copy of the candidates. int8 rows (the default
+storage) by the compiled kernel of :mod:`retrieval.search.kernels`, which converts them in
+registers and applies the per-vector scale; float32 rows by faiss's
+``fvec_inner_products_by_idx``. A task's memory is the chunk's ``nq x S`` matrices plus the
+cache (``search.vector_cache_mb``).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def pair_scores(queries: np.ndarray, qidx: np.ndarray, block: np.ndarray, local:
 
 
 def score_shortlist(query_fine: np.ndarray, ids: np.ndarray, feature_files: Sequence[str],
-                    batch_rows: int = 131072, expected_rows: Sequence[int | None] | None = None,
+                    expected_rows: Sequence[int | None] | None = None,
                     cache: VectorCache | None = None, versions: Sequence[str | None] | None = None
                     ) -> np.ndarray:
     """Exact fine scores (nq x S float32, -inf where ``ids`` is -1) of a shortlist."""
@@ -61,10 +61,11 @@ def score_shortlist(query_fine: np.ndarray, ids: np.ndarray, feature_files: Sequ
     if len(pos) == 0:
         return scores.reshape(nq, s)
     files, rows = idmap.decode_ids(flat[pos])
-    # group the pairs by feature file (stable: query order kept inside a file; radix sort when small)
-    key = files.astype(np.uint16) if files.max() < 65536 else files
-    order = np.argsort(key, kind="stable")
-    pos, files, rows = pos[order], files[order], rows[order]
+    if files.max() > files.min():
+        # group the pairs by feature file (stable: query order kept inside a file; radix sort when small)
+        key = files.astype(np.uint16) if files.max() < 65536 else files
+        order = np.argsort(key, kind="stable")
+        pos, files, rows = pos[order], files[order], rows[order]
     bounds = np.flatnonzero(np.r_[True, files[1:] != files[:-1], True])
     for a, b in zip(bounds[:-1], bounds[1:]):
         f = int(files[a])
@@ -77,39 +78,25 @@ def score_shortlist(query_fine: np.ndarray, ids: np.ndarray, feature_files: Sequ
             raise ValueError(f"gallery feature file {url} has {footer.num_rows} rows but the index "
                              f"manifest says {expected}: the file was replaced or truncated after indexing")
         p, r = pos[a:b], rows[a:b]
-        seen = np.zeros(footer.num_rows, dtype=bool)      # distinct rows, sorted, in O(n)
-        seen[r] = True
-        needed = np.flatnonzero(seen)
-        for c in range(0, len(needed), batch_rows):
-            batch = needed[c:c + batch_rows]
-            lo, hi = int(batch[0]), int(batch[-1])
-            if len(batch) < len(needed):
-                sel = np.flatnonzero((r >= lo) & (r <= hi))
-                pb, rb = p[sel], r[sel]
-            else:
-                pb, rb = p, r
-            lut = np.full(hi - lo + 1, -1, np.int64)
-            lut[batch - lo] = np.arange(len(batch))
-            local = lut[rb - lo]
-            codes, scale = cache.rows(url, batch, version)
-            if codes.dtype == np.int8 and scale is not None:    # int8 storage: compiled kernel
-                vals = pair_scores_int8(query_fine, pb // s, codes, local, scale, cache.threads)
-            else:
-                vals = pair_scores(query_fine, pb // s, codes.astype(np.float32, copy=False), local)
-                if scale is not None:                           # apply the per-vector scale
-                    vals *= scale[local]
-            scores[pb] = vals
+        codes, scale = cache.vectors(url, r, version)      # whole-file arrays, r's groups loaded
+        if codes.dtype == np.int8 and scale is not None:    # int8 storage: compiled kernel
+            vals = pair_scores_int8(query_fine, p // s, codes, r, scale, cache.threads)
+        else:
+            vals = pair_scores(query_fine, p // s, codes.astype(np.float32, copy=False), r)
+            if scale is not None:                           # apply the per-vector scale
+                vals *= scale[r]
+        scores[p] = vals
     return scores.reshape(nq, s)
 
 
 def rerank(query_fine: np.ndarray, ids: np.ndarray, coarse_scores: np.ndarray,
            feature_files: Sequence[str], k: int, match_threshold: float | None = None,
-           batch_rows: int = 131072, expected_rows: Sequence[int | None] | None = None,
+           expected_rows: Sequence[int | None] | None = None,
            cache: VectorCache | None = None, versions: Sequence[str | None] | None = None
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top ``k`` of each query's shortlist by exact fine cosine: ``(scores, ids, coarse)``, each
     ``nq x k``, rows ordered by score desc then gallery id asc; empty slots have id -1."""
-    fine = score_shortlist(query_fine, ids, feature_files, batch_rows, expected_rows, cache, versions)
+    fine = score_shortlist(query_fine, ids, feature_files, expected_rows, cache, versions)
     if match_threshold is not None:
         fine = np.where(fine >= match_threshold, fine, -np.inf)
     top_s, top_i, cols = topk_rows(fine, np.where(np.isfinite(fine), ids, -1), k, ordered=True,

@@ -1,12 +1,17 @@
-"""Fine vectors of gallery rows, read by Parquet row group and kept in a per-process LRU cache.
+"""Fine vectors (and labels) of gallery rows, read by Parquet row group and kept per process.
 
 The rerank of one query chunk needs the 512-d vectors of its shortlist rows. They are located the
 way :mod:`retrieval.index.idmap` defines (file, row -> row group); only the row groups holding
-wanted rows are read, and each group is decoded once per process and kept (int8 codes + scales as
-stored, or float32) while it fits in ``budget_bytes``: the next chunk that touches the same group
-(on the same executor, or in the local engine) does not read or decode it again. Decoding row
-groups costs time (less since int8 codes are stored as ``fixed_size_binary``), so this matters
-whenever chunks share gallery rows, which at S = 500 they mostly do.
+wanted rows are read. Each group is decoded once per process, straight into a per-file array with
+one row per row of the file (``num_rows x D``, allocated when the file is first touched: pages of
+groups never read are never written, so they take no memory), and stays there while the cache
+fits in its budget. The rerank's kernel then reads candidate rows from that array by their row
+number: no per-chunk gather copy of the candidates. The next chunk that touches the same group
+(on the same executor, or in the local engine) does not read or decode it again, which at the
+default shortlist is almost every group.
+
+The budget counts the bytes of decoded groups; when it is exceeded, the least recently used FILES
+are dropped (whole: their arrays are freed), never the one being read.
 """
 from __future__ import annotations
 
@@ -20,11 +25,6 @@ from retrieval import fsio
 from retrieval.schema import column_matrix
 
 
-def _size(value: tuple) -> int:
-    """Bytes held by a cached group: numpy arrays (codes, scales) or Arrow arrays (labels)."""
-    return sum(v.nbytes for v in value if v is not None)
-
-
 class _Footer:
     def __init__(self, url: str) -> None:
         pf = fsio.parquet_file(url)     # pyarrow's own I/O (see fsio.arrow_fs)
@@ -33,17 +33,50 @@ class _Footer:
         self.starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
         self.has_scale = "fine_scale" in pf.schema_arrow.names
 
+    def groups_of(self, rows: np.ndarray, url: str) -> np.ndarray:
+        """The distinct row groups (sorted) holding ``rows`` (any order, repeats allowed)."""
+        if len(rows) == 0:
+            return np.zeros(0, np.int64)
+        lo, hi = int(rows.min()), int(rows.max())
+        if lo < 0 or hi >= self.num_rows:
+            raise KeyError(f"row {hi if hi >= self.num_rows else lo} beyond the {self.num_rows} rows of {url}")
+        seen = np.zeros(self.num_rows, dtype=bool)      # O(rows + file): no search per row
+        seen[rows] = True
+        starts, stops = self.starts[:-1], self.starts[1:]
+        hit = np.logical_or.reduceat(seen, np.minimum(starts, self.num_rows - 1)) & (stops > starts)
+        return np.flatnonzero(hit)
+
+
+class _Entry:
+    """What the cache holds of one feature file, for one kind of data: which groups are loaded."""
+
+    def __init__(self, ft: _Footer) -> None:
+        self.ft = ft
+        self.loaded = np.zeros(len(ft.starts) - 1, dtype=bool)
+        self.nbytes = 0
+        self.lock = threading.Lock()     # one reader fills a file's groups at a time
+
+
+class _VectorEntry(_Entry):
+    codes: np.ndarray | None = None      # num_rows x D (int8 codes or float32), rows of loaded groups valid
+    scales: np.ndarray | None = None     # num_rows (int8 storage)
+
+
+class _LabelEntry(_Entry):
+    def __init__(self, ft: _Footer) -> None:
+        super().__init__(ft)
+        self.groups: dict[int, tuple[pa.Array, pa.Array]] = {}
+
 
 class VectorCache:
-    """LRU of decoded row groups: ``(url, group) -> (codes, scales or None)``, and of the groups'
-    ``(image_id, uri)`` arrays for the result rows (:meth:`labels`)."""
+    """Per-process cache of decoded gallery row groups: fine vectors (:meth:`vectors`) and the
+    ``image_id``/``uri`` of the result rows (:meth:`labels`), within ``budget_bytes``."""
 
     def __init__(self, budget_bytes: int = 1 << 30, threads: int = 1) -> None:
         self.budget = budget_bytes
         self.threads = threads          # parallel row-group decoding (set per task)
-        self._groups: "OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]]" = OrderedDict()
+        self._entries: "OrderedDict[tuple[str, str], _Entry]" = OrderedDict()
         self._footers: dict[str, _Footer] = {}
-        self._bytes = 0
         self._lock = threading.Lock()
         self.reads = 0          # row groups of fine vectors read from storage (for tests and logs)
         self.label_reads = 0    # row groups of image_id/uri read (labels)
@@ -54,115 +87,132 @@ class VectorCache:
             self._footers[key] = _Footer(url)
         return self._footers[key]
 
-    def _put(self, key: tuple[str, int], value: tuple) -> None:
-        size = _size(value)
+    @property
+    def nbytes(self) -> int:
         with self._lock:
-            if key in self._groups:
-                return
-            self._groups[key] = value
-            self._bytes += size
-            while self._bytes > self.budget and len(self._groups) > 1:
-                _, old = self._groups.popitem(last=False)
-                self._bytes -= _size(old)
+            return sum(e.nbytes for e in self._entries.values())
 
-    def _get(self, key: tuple[str, int]):
+    def _entry(self, kind: str, url: str, version: str | None, make) -> _Entry:
+        """The entry of (kind, file version), created on first use, marked most recently used.
+        ``version`` (e.g. the file's sha256 in the index manifest) is part of the key, so a
+        replaced file is never served stale."""
+        key = (kind, f"{url}#{version}")
+        ft = self.footer(url, version)
         with self._lock:
-            v = self._groups.get(key)
-            if v is not None:
-                self._groups.move_to_end(key)
-            return v
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = make(ft)
+            self._entries.move_to_end(key)
+            return entry
+
+    def _grew(self, entry: _Entry, added: int) -> None:
+        """Account ``added`` bytes to ``entry`` and drop least recently used other files while
+        the cache is over its budget."""
+        with self._lock:
+            entry.nbytes += added
+            total = sum(e.nbytes for e in self._entries.values())
+            for key in list(self._entries):
+                if total <= self.budget:
+                    break
+                old = self._entries[key]
+                if old is entry:
+                    continue
+                del self._entries[key]
+                total -= old.nbytes
+
+    # -- fine vectors ---------------------------------------------------------------------------
+    def vectors(self, url: str, rows: np.ndarray, version: str | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(codes, scales)`` of one feature file as whole-file arrays (``num_rows x D`` int8 or
+        float32, and ``num_rows`` scales or None): every row group holding one of ``rows`` (any
+        order, repeats allowed) is loaded, so ``codes[r]`` is row ``r``'s stored vector for each
+        of them (other rows are unspecified)."""
+        entry = self._entry("fine", url, version, _VectorEntry)
+        ft = entry.ft
+        groups = ft.groups_of(np.asarray(rows), url)
+        with entry.lock:
+            missing = groups[~entry.loaded[groups]]
+            if len(missing):
+                self._read(url, entry, missing.tolist())
+            return entry.codes, entry.scales
 
     def rows(self, url: str, rows: np.ndarray, version: str | None = None
              ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Stored fine codes (int8 or float32, ``len(rows) x D``) and scales (or None) of the
-        given SORTED, distinct rows of one feature file. ``version`` (e.g. the file's sha256 in
-        the index manifest) is part of the cache key, so a replaced file is never served stale."""
-        ft = self.footer(url, version)
-        key = f"{url}#{version}"
-        groups, bounds, got = self._groups_of(url, ft, key, rows, self._read)
-        codes, scales = [], []
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            g = int(groups[a])
-            c, s = got[g]
-            local = rows[a:b] - ft.starts[g]
-            codes.append(c[local])
-            if s is not None:
-                scales.append(s[local])
-        if not codes:
+        """Stored fine codes (``len(rows) x D``) and scales (or None) of the given rows (a copy)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
             return np.zeros((0, 0), np.float32), None
-        return np.concatenate(codes), (np.concatenate(scales) if ft.has_scale else None)
+        codes, scales = self.vectors(url, rows, version)
+        return codes[rows], (scales[rows] if scales is not None else None)
 
-    def _groups_of(self, url: str, ft: _Footer, key: str, rows: np.ndarray, read
-                   ) -> tuple[np.ndarray, np.ndarray, dict]:
-        """The row group of each of the SORTED ``rows``, the bounds of each group's run of rows,
-        and every needed group's cached value (``read(url, key, ft, missing)`` reads and caches the
-        others: :meth:`_read` or :meth:`_read_labels`)."""
-        if len(rows) and (rows[0] < 0 or rows[-1] >= ft.num_rows):
-            raise KeyError(f"row {int(rows[-1])} beyond the {ft.num_rows} rows of {url}")
-        groups = np.searchsorted(ft.starts, rows, side="right") - 1
-        bounds = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1], True])
-        wanted = groups[bounds[:-1]].tolist()
-        got = {g: v for g in wanted if (v := self._get((key, g))) is not None}
-        missing = [g for g in wanted if g not in got]
-        if missing:
-            got.update(read(url, key, ft, missing))
-        return groups, bounds, got
-
-    def _read_labels(self, url: str, key: str, ft: _Footer, groups: list[int]) -> dict[int, tuple]:
-        """Read the ``image_id``/``uri`` columns of ``groups`` and cache each group separately."""
-        table = fsio.parquet_file(url).read_row_groups(groups, columns=["image_id", "uri"], use_threads=False)
-        ids, uris = table.column("image_id").combine_chunks(), table.column("uri").combine_chunks()
-        out, pos = {}, 0
-        for g in groups:
-            n = int(ft.starts[g + 1] - ft.starts[g])
-            out[g] = (ids.slice(pos, n), uris.slice(pos, n))
-            self._put((key, g), out[g])
-            pos += n
-        self.label_reads += len(groups)
-        return out
-
-    def _read(self, url: str, key: str, ft: _Footer, groups: list[int]) -> dict[int, tuple]:
-        """Read and decode ``groups`` (in ``threads`` parallel parts: pyarrow decodes without the
-        GIL, and decoding the list column is the cost) and cache each group separately."""
+    def _read(self, url: str, entry: _VectorEntry, groups: list[int]) -> None:
+        """Decode ``groups`` into the entry's arrays (in ``threads`` parallel parts: pyarrow
+        decodes without the GIL)."""
+        ft = entry.ft
         cols = ["fine", "fine_scale"] if ft.has_scale else ["fine"]
         parts = [p.tolist() for p in np.array_split(np.asarray(groups), max(1, min(self.threads, len(groups))))
                  if len(p)]
 
-        def read(part: list[int]) -> dict[int, tuple]:
+        def read(part: list[int]) -> int:
             table = fsio.parquet_file(url).read_row_groups(part, columns=cols, use_threads=False)
             codes = column_matrix(table.column("fine"))
             scales = table.column("fine_scale").to_numpy() if ft.has_scale else None
-            out, pos = {}, 0
+            if entry.codes is None:                 # first group of this file: allocate (lazily backed)
+                with self._lock:
+                    if entry.codes is None:
+                        entry.scales = np.empty(ft.num_rows, np.float32) if ft.has_scale else None
+                        entry.codes = np.empty((ft.num_rows, codes.shape[1]), codes.dtype)
+            pos = added = 0
             for g in part:
-                n = int(ft.starts[g + 1] - ft.starts[g])
-                value = (codes[pos:pos + n].copy(), scales[pos:pos + n].copy() if scales is not None else None)
-                self._put((key, g), value)
-                out[g] = value
-                pos += n
-            return out
+                a, b = int(ft.starts[g]), int(ft.starts[g + 1])
+                entry.codes[a:b] = codes[pos:pos + b - a]
+                if scales is not None:
+                    entry.scales[a:b] = scales[pos:pos + b - a]
+                added += (b - a) * (entry.codes.itemsize * entry.codes.shape[1] + (4 if scales is not None else 0))
+                pos += b - a
+            return added
 
         if len(parts) == 1:
-            out = read(parts[0])
+            added = read(parts[0])
         else:
             from concurrent.futures import ThreadPoolExecutor
 
-            out = {}
             with ThreadPoolExecutor(len(parts)) as pool:
-                for d in pool.map(read, parts):
-                    out.update(d)
+                added = sum(pool.map(read, parts))
+        entry.loaded[groups] = True
         self.reads += len(groups)
-        return out
+        self._grew(entry, added)
 
+    # -- labels ---------------------------------------------------------------------------------
     def labels(self, url: str, rows: np.ndarray, version: str | None = None) -> tuple[pa.Array, pa.Array]:
         """``image_id`` and ``uri`` of the given SORTED, distinct rows of one feature file, read by
-        row group and kept in the same LRU (the result rows of every chunk need them, and
+        row group and kept in the cache (the result rows of every chunk need them, and
         consecutive chunks touch mostly the same groups)."""
-        ft = self.footer(url, version)
-        key = f"{url}#labels#{version}"
-        groups, bounds, got = self._groups_of(url, ft, key, rows, self._read_labels)
+        entry = self._entry("labels", url, version, _LabelEntry)
+        ft = entry.ft
+        rows = np.asarray(rows, dtype=np.int64)
+        groups = ft.groups_of(rows, url)
+        with entry.lock:
+            missing = groups[~entry.loaded[groups]].tolist()
+            if missing:
+                table = fsio.parquet_file(url).read_row_groups(missing, columns=["image_id", "uri"],
+                                                               use_threads=False)
+                ids, uris = table.column("image_id").combine_chunks(), table.column("uri").combine_chunks()
+                pos = added = 0
+                for g in missing:
+                    n = int(ft.starts[g + 1] - ft.starts[g])
+                    entry.groups[g] = (ids.slice(pos, n), uris.slice(pos, n))
+                    added += entry.groups[g][0].nbytes + entry.groups[g][1].nbytes
+                    pos += n
+                entry.loaded[missing] = True
+                self.label_reads += len(missing)
+                self._grew(entry, added)
+            got = {int(g): entry.groups[int(g)] for g in groups}
+        where = np.searchsorted(ft.starts, rows, side="right") - 1
+        bounds = np.flatnonzero(np.r_[True, where[1:] != where[:-1], True])
         id_parts, uri_parts = [], []
         for a, b in zip(bounds[:-1], bounds[1:]):
-            g = int(groups[a])
+            g = int(where[a])
             gid, guri = got[g]
             take = pa.array(rows[a:b] - ft.starts[g])
             id_parts.append(gid.take(take))
@@ -173,9 +223,8 @@ class VectorCache:
 
     def clear(self) -> None:
         with self._lock:
-            self._groups.clear()
+            self._entries.clear()
             self._footers.clear()
-            self._bytes = 0
 
 
 _CACHES: dict[int, VectorCache] = {}
