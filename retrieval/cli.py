@@ -143,7 +143,9 @@ STAGES.update({
 })
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
+    """Run one stage; returns the exit code. ``exiting``: the process ends right after (``entry``),
+    so the session's stop does not wait for Python-side server threads (:func:`~retrieval.sparkutil.stop_spark`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -162,7 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         if spark is not None and not os.environ.get("PYSPARK_GATEWAY_PORT"):
-            spark.stop()
+            from retrieval.sparkutil import stop_spark
+
+            stop_spark(spark, join_python_threads=not exiting)
     if result is not None:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
@@ -171,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry(argv: Sequence[str] | None = None) -> None:
     """Console-script and ``jobs/*.py`` entry: run, flush, and leave without interpreter teardown,
     where native thread pools (pyarrow + torch) can abort a finished job (apache/arrow#50482)."""
-    code = main(argv)
+    code = main(argv, exiting=True)
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()

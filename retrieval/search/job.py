@@ -5,15 +5,18 @@ Work units, the same in both engines:
 - a **query chunk** is up to ``search.query_chunk`` consecutive rows of one query feature file;
   it is the unit of memory (its ``nq x S`` shortlist) and of output (``part-NNNNN.parquet`` with
   NNNNN = chunk number);
-- :func:`coarse_task` searches one index shard for one chunk (the shard comes from a per-process
-  cache, so an executor loads it once) and returns the shard-local top S;
+- :func:`coarse_task` searches a group of up to ``search.shard_cache`` index shards for one chunk
+  (the shards come from a per-process cache, so an executor loads each once; the chunk's IVF cells
+  are assigned once for all of them, :func:`chunk_assignment`) and returns each shard's local
+  top K' (``search.shard_shortlist``);
 - :func:`chunk_task` merges the per-shard lists of one chunk into the global top S
   (:func:`~retrieval.search.coarse.merge_shortlists`), reranks them exactly in 512-d
   (:func:`~retrieval.search.rerank.rerank`), maps ids back to ``image_id``/``uri`` and writes the
   chunk's part file atomically.
 
-Spark: one task per (shard x chunk), shard-major so consecutive tasks reuse the cached shard;
-their outputs are shuffled by chunk (``partitionBy``) to one task per chunk. The local path
+Spark: when every shard fits one task's shard cache, one task per chunk runs both (no shuffle);
+otherwise one task per (shard group x chunk), group-major so consecutive tasks reuse the cached
+shards, their outputs shuffled by chunk (``partitionBy``) to one task per chunk. The local path
 runs the same two functions in a loop. ``_manifest.json`` is removed when a run starts and
 written when it ends: its presence means the output is complete.
 """
@@ -70,10 +73,10 @@ class SearchJob:
     n_shards: int
     nprobe: int
     shortlist: int = 500
+    shard_shortlist: int = 0          # K' per shard (resolved; 0 = shortlist)
     k: int = 10
     coarse_threshold: float | None = None
     match_threshold: float | None = None
-    rerank_rows: int = 131072
     vector_cache_mb: int = 1024
     shard_cache: int = 2
     threads: int = 0
@@ -114,16 +117,38 @@ def query_rows(job: SearchJob, chunk: Chunk, columns: Sequence[str]) -> pa.Table
     return idmap.fetch_rows(list(job.query_files), ids, columns)
 
 
+def shard_groups(job: SearchJob) -> list[tuple[int, ...]]:
+    """The shards a coarse task searches together: runs of ``shard_cache`` consecutive shards
+    (the number an executor process keeps loaded), so one coarse assignment serves them all."""
+    g = max(1, int(job.shard_cache))
+    return [tuple(range(a, min(a + g, job.n_shards))) for a in range(0, job.n_shards, g)]
+
+
+def chunk_assignment(job: SearchJob, chunk: Chunk, index) -> coarse_mod.Assignment:
+    """The chunk's coarse assignment (IVF cells at ``job.nprobe``), from this process's cache."""
+    key = (job.index_url, job.index_manifest["trained"].get("sha256"), job.query_files[chunk.file_no],
+           chunk.start, chunk.stop, job.nprobe)
+    return coarse_mod.cached_assignment(
+        key, lambda: coarse_mod.assign(index, coarse_matrix(query_rows(job, chunk, ["coarse"]))))
+
+
 # ---------------------------------------------------------------------------------------------
 # the two task bodies
-def coarse_task(job: SearchJob, shard_no: int, chunk: Chunk) -> tuple[np.ndarray, np.ndarray, float]:
-    """Shard-local top S of one chunk: ``(scores, ids, seconds)``."""
+def coarse_task(job: SearchJob, shard_nos: Sequence[int], chunk: Chunk
+                ) -> tuple[list[tuple[int, np.ndarray, np.ndarray]], float]:
+    """Shard-local top K' of one chunk for each of ``shard_nos``: ``([(shard, scores, ids)],
+    seconds)``. The chunk's cells are assigned once (the shards share one quantizer)."""
     t0 = time.monotonic()
     _set_threads(job)
-    xq = coarse_matrix(query_rows(job, chunk, ["coarse"]))
-    index = load_shard(job, shard_no)
-    scores, ids = coarse_mod.search_shard(index, xq, job.shortlist)
-    return scores, ids, time.monotonic() - t0
+    threads = task_threads(job.threads)
+    k = job.shard_shortlist or job.shortlist
+    out = []
+    for shard_no in shard_nos:
+        index = load_shard(job, shard_no)
+        a = chunk_assignment(job, chunk, index)
+        scores, ids = coarse_mod.search_shard(index, None, k, assignment=a, threads=threads)
+        out.append((shard_no, scores, ids))
+    return out, time.monotonic() - t0
 
 
 def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -140,7 +165,7 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
     cache.threads = task_threads(job.threads)
     reads_before = cache.reads
     scores, ids, coarse = rerank_mod.rerank(
-        fine_matrix(q), c_ids, c_scores, job.feature_files, job.k, job.match_threshold, job.rerank_rows,
+        fine_matrix(q), c_ids, c_scores, job.feature_files, job.k, job.match_threshold,
         job.feature_rows if job.verify else None, cache, job.feature_versions)
     t2 = time.monotonic()
     faults.maybe_fail(job.faults, "search", chunk.chunk, chunk.stop - chunk.start)
@@ -210,22 +235,23 @@ def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.
 # ---------------------------------------------------------------------------------------------
 # engines
 def run_local(job: SearchJob) -> list[dict]:
-    """Shard-major: each shard is loaded once and searched for every chunk, folding into the
-    running per-chunk shortlists; then each chunk is reranked and written."""
+    """Group-major: each group of shards is loaded once and searched for every chunk, folding
+    into the running per-chunk shortlists; then each chunk is reranked and written."""
     from retrieval.progress import Progress
 
     running: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     coarse_s: dict[int, float] = {c.chunk: 0.0 for c in job.chunks}
     merge_s: dict[int, float] = {c.chunk: 0.0 for c in job.chunks}
-    progress = Progress("search coarse", total=job.n_shards * len(job.chunks), unit="tasks")
-    for shard_no in range(job.n_shards):
+    groups = shard_groups(job)
+    progress = Progress("search coarse", total=len(groups) * len(job.chunks), unit="tasks")
+    for group in groups:
         for c in job.chunks:
-            s, i, secs = coarse_task(job, shard_no, c)
+            parts, secs = coarse_task(job, group, c)
             coarse_s[c.chunk] += secs
             t = time.monotonic()
             prev = running.get(c.chunk)
-            running[c.chunk] = (s, i) if prev is None else \
-                coarse_mod.merge_shortlists([prev, (s, i)], job.shortlist, job.coarse_threshold)
+            lists = ([prev] if prev is not None else []) + [(s, i) for _, s, i in parts]
+            running[c.chunk] = coarse_mod.merge_shortlists(lists, job.shortlist, job.coarse_threshold)
             merge_s[c.chunk] += time.monotonic() - t
             progress.update(1)
     progress.finish()
@@ -240,10 +266,10 @@ def run_local(job: SearchJob) -> list[dict]:
     return stats
 
 
-def _coarse_record(job: SearchJob, task: tuple[int, int]) -> tuple[int, tuple]:
-    shard_no, chunk_no = task
-    s, i, secs = coarse_task(job, shard_no, job.chunks[chunk_no])
-    return chunk_no, (shard_no, s, i, secs)
+def _coarse_records(job: SearchJob, task: tuple[int, int]) -> list[tuple[int, tuple]]:
+    group_no, chunk_no = task
+    parts, secs = coarse_task(job, shard_groups(job)[group_no], job.chunks[chunk_no])
+    return [(chunk_no, (shard_no, s, i, secs / len(parts))) for shard_no, s, i in parts]
 
 
 def _chunk_partition(job: SearchJob, records: Iterable[tuple[int, tuple]]) -> Iterator[dict]:
@@ -258,17 +284,35 @@ def _chunk_partition(job: SearchJob, records: Iterable[tuple[int, tuple]]) -> It
         yield chunk_task(job, job.chunks[chunk_no], parts, sum(v[2] for v in shards.values()))
 
 
+def _fused_task(job: SearchJob, chunk_no: int) -> dict:
+    """One chunk end to end (every shard, merge, rerank, write): the plan when all shards fit
+    in one task's shard cache, so no shortlist is shuffled."""
+    chunk = job.chunks[chunk_no]
+    parts, secs = coarse_task(job, range(job.n_shards), chunk)
+    return chunk_task(job, chunk, [(s, i) for _, s, i in parts], secs)
+
+
 def run_spark(spark, job: SearchJob, progress_seconds: float = 10.0) -> list[dict]:
+    """Up to ``shard_cache`` shards: one task per chunk does everything (:func:`_fused_task`).
+    More: one coarse task per (shard group x chunk), group-major so consecutive tasks reuse the
+    cached shards, their per-shard lists shuffled by chunk (``partitionBy``) to one merge +
+    rerank + write task per chunk."""
     from retrieval.sparkutil import ProgressMonitor
 
     sc = spark.sparkContext
     n_chunks = len(job.chunks)
-    tasks = [(s, c) for s in range(job.n_shards) for c in range(n_chunks)]   # shard-major
-    rdd = sc.parallelize(tasks, len(tasks)) \
-        .map(functools.partial(_coarse_record, job)) \
-        .partitionBy(n_chunks, lambda c: c) \
-        .mapPartitions(functools.partial(_chunk_partition, job))
-    with ProgressMonitor(spark, "search", total_tasks=len(tasks) + n_chunks, every=progress_seconds):
+    groups = shard_groups(job)
+    if len(groups) == 1:
+        rdd = sc.parallelize(range(n_chunks), n_chunks).map(functools.partial(_fused_task, job))
+        total = n_chunks
+    else:
+        tasks = [(g, c) for g in range(len(groups)) for c in range(n_chunks)]   # group-major
+        rdd = sc.parallelize(tasks, len(tasks)) \
+            .flatMap(functools.partial(_coarse_records, job)) \
+            .partitionBy(n_chunks, lambda c: c) \
+            .mapPartitions(functools.partial(_chunk_partition, job))
+        total = len(tasks) + n_chunks
+    with ProgressMonitor(spark, "search", total_tasks=total, every=progress_seconds):
         return rdd.collect()
 
 
@@ -324,21 +368,24 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
     qfiles, qrows = q_mod.query_files(qf_url, qman, sc.verify)
     chunks = q_mod.plan_chunks(qrows, sc.query_chunk)
     ffiles = index_manifest["feature_files"]
+    shortlist, n_shards = resolve_shortlist(sc.shortlist, index_manifest), len(index_manifest["shards"])
     job = SearchJob(
         output=output_url, index_url=index_url, index_manifest=index_manifest,
         query_files=tuple(qfiles), query_int8=qman.get("storage") == "int8",
         feature_files=tuple(store.feature_file_urls(index_manifest)),
         feature_rows=tuple(f.get("rows") for f in ffiles),
-        feature_versions=tuple(f.get("sha256") for f in ffiles), n_shards=len(index_manifest["shards"]),
+        feature_versions=tuple(f.get("sha256") for f in ffiles), n_shards=n_shards,
         nprobe=int(sc.nprobe if sc.nprobe > 0 else index_manifest.get("nprobe", 1)),
-        shortlist=resolve_shortlist(sc.shortlist, index_manifest), k=sc.k,
+        shortlist=shortlist, shard_shortlist=coarse_mod.shard_shortlist(shortlist, n_shards, sc.shard_shortlist),
+        k=sc.k,
         coarse_threshold=sc.coarse_threshold,
-        match_threshold=sc.match_threshold, rerank_rows=sc.rerank_rows,
+        match_threshold=sc.match_threshold,
         vector_cache_mb=sc.vector_cache_mb, shard_cache=sc.shard_cache,
         threads=sc.threads, verify=sc.verify, chunks=tuple(chunks), faults=cfg["faults"].to_dict(),
         storage_options=cfg["io.storage_options"])
-    log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, k %d)",
-             qf_url, sum(qrows), len(chunks), index_url, job.n_shards, job.nprobe, job.shortlist, job.k)
+    log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, "
+             "%d per shard, k %d)", qf_url, sum(qrows), len(chunks), index_url, job.n_shards, job.nprobe,
+             job.shortlist, job.shard_shortlist, job.k)
     t1 = time.monotonic()
     if not chunks:
         stats = []
@@ -371,7 +418,8 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
         "index": index_url, "queries": queries_url, "query_features": qf_url, "output": output_url,
         "engine": "spark" if spark is not None else "local",
         "schema": RESULT_SCHEMA.to_string(), "counts": counts,
-        "params": {"shortlist": job.shortlist, "k": job.k, "nprobe": job.nprobe,
+        "params": {"shortlist": job.shortlist, "shard_shortlist": job.shard_shortlist, "k": job.k,
+                   "nprobe": job.nprobe, "shard_shortlist_configured": sc.shard_shortlist,
                    "coarse_threshold": job.coarse_threshold, "match_threshold": job.match_threshold,
                    "query_chunk": sc.query_chunk, "shortlist_configured": sc.shortlist},
         "files": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"], "chunk": s["chunk"],

@@ -60,8 +60,6 @@ def resolve_queries(queries_url: str, output_url: str, index_url: str, index_man
     configured model is checked against the index, so nothing is encoded in vain."""
     import time
 
-    from retrieval.features.extract import extract
-
     m = extraction_manifest(queries_url)
     if m is not None:
         if m.get("role") != "query":
@@ -71,6 +69,8 @@ def resolve_queries(queries_url: str, output_url: str, index_url: str, index_man
         check_compatible(m.get("model_version"), index_url, index_manifest, queries_url)
         return queries_url, m, 0.0
     check_compatible(config_model_version(cfg), index_url, index_manifest, "the configured model")
+    from retrieval.features.extract import extract   # torch: only when queries are images
+
     t0 = time.monotonic()
     qf_url = fsio.join(output_url, "query_features")
     m = extract(queries_url, qf_url, cfg.with_overrides({"extract.role": "query"}), spark)

@@ -43,10 +43,15 @@ def log(msg: str) -> None:
 
 def prepare(args) -> tuple[str, str, str, np.ndarray]:
     """Gallery features, query features, index (cached by size); returns urls and query sources."""
+    from retrieval.index.params import choose_params
+    from retrieval.schema import FEATURE_LAYOUT
+
     spec = synthetic.SyntheticSpec()
-    tag = f"g{args.gallery}_m{args.match}_n{args.nomatch}_s{spec.seed}"
+    # cached per size, seed and feature-file layout; the index per its (default) parameters
+    tag = f"g{args.gallery}_m{args.match}_n{args.nomatch}_s{spec.seed}_l{FEATURE_LAYOUT}"
     work = os.path.join(args.workdir, tag)
-    gal, qf, idx = (os.path.join(work, n) for n in ("gallery", "queries", "index"))
+    key = choose_params(args.gallery, synthetic.COARSE_DIM, config.load()).index_key
+    gal, qf, idx = (os.path.join(work, n) for n in ("gallery", "queries", "index_" + key.replace(",", "_")))
     src_file = os.path.join(work, "sources.npy")
     if not fsio.exists(os.path.join(gal, "_manifest.json")):
         t = time.monotonic()

@@ -67,6 +67,23 @@ def test_library_and_spark_give_the_same_results(world, spark, tmp_path):
     assert set(m["timings"]) >= {"encode_s", "coarse_s", "merge_s", "rerank_s", "total_s"}
     assert m["counts"]["rows"] == sum(f["rows"] for f in m["files"]) == len(_rows(tmp_path / "lib"))
     assert m["params"]["shortlist"] == 100 and m["params"]["k"] == 5
+    # 3 shards, S = 100: each shard returns K' = 53 (the binomial bound), the shuffle plan
+    # (shard_cache 2 < 3 shards: coarse tasks per shard group, then a merge task per chunk) ran
+    assert m["params"]["shard_shortlist"] == 53 and spk["params"]["shard_shortlist"] == 53
+    # every shard in one task's cache: one task per chunk, no shuffle; the same rows
+    fused = search(world["queries"], world["index"], str(tmp_path / "fused"), _cfg(**{"search.shard_cache": 3}),
+                   spark=spark)
+    assert fused["counts"] == lib["counts"] and _rows(tmp_path / "fused") == _rows(tmp_path / "lib")
+
+
+def test_shard_lists_shorter_than_the_shortlist_keep_the_results(world, tmp_path):
+    """K' < S (the default) against K' = S (a merge that is always exact): the same result rows
+    for all 300 queries (the bound lets a merged shortlist lose tail entries for 1e-4 of them)."""
+    auto = search(world["queries"], world["index"], str(tmp_path / "auto"), _cfg(), spark=None)
+    exact = search(world["queries"], world["index"], str(tmp_path / "exact"),
+                   _cfg(**{"search.shard_shortlist": 100}), spark=None)
+    assert auto["params"]["shard_shortlist"] == 53 and exact["params"]["shard_shortlist"] == 100
+    assert _rows(tmp_path / "auto") == _rows(tmp_path / "exact")
 
 
 def test_results_find_sources_and_map_back(world, tmp_path):

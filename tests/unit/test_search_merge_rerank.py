@@ -96,6 +96,79 @@ def test_merged_shortlist_equals_single_index(data, kind):
     assert all(set(a) == set(b) for a, b in zip(run[1], got_i))
 
 
+@pytest.mark.parametrize("key", ["IVF32,PQ16x4", "IVF32,PQ32x4fs", "OPQ8_64,IVF32,PQ8x4"])
+def test_one_assignment_serves_every_shard(data, key):
+    """The IVF cells are found once per chunk and each shard only scans its lists: the same
+    results as each shard's own search, for 8-bit-layout, fast-scan and OPQ-transformed indexes,
+    in one thread or in slices over two."""
+    g_coarse, _, q_coarse, _, _ = data
+    ids = gallery_ids()
+    trained = faiss.index_factory(128, key, faiss.METRIC_INNER_PRODUCT)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        trained.train(g_coarse[:4000])
+    finally:
+        faiss.omp_set_num_threads(threads)
+    shards = []
+    for a, b in ((0, 2500), (2500, N)):
+        sh = faiss.clone_index(trained)
+        sh.add_with_ids(g_coarse[a:b], ids[a:b])
+        faiss.extract_index_ivf(sh).nprobe = 6
+        shards.append(sh)
+    a = coarse.assign(shards[0], q_coarse)                    # made on shard 0, used for both
+    # xt: the queries as the IVF level sees them (OPQ8_64 rotates and reduces them to 64-d)
+    assert a.cells.shape == a.cell_scores.shape == (NQ, 6) and a.xt.shape == (NQ, faiss.extract_index_ivf(trained).d)
+    for sh in shards:
+        ref_s, ref_i = coarse.search_shard(sh, q_coarse, 40)
+        for threads in (1, 2):
+            got_s, got_i = coarse.search_shard(sh, None, 40, assignment=a, threads=threads)
+            np.testing.assert_allclose(got_s, ref_s, atol=1e-5)
+            # same scores; equal-score entries may come in another order
+            for r in range(NQ):
+                assert set(got_i[r][got_s[r] > got_s[r, -1]]) == set(ref_i[r][ref_s[r] > ref_s[r, -1]])
+    with pytest.raises(ValueError, match="nprobe"):
+        faiss.extract_index_ivf(shards[1]).nprobe = 3
+        coarse.search_shard(shards[1], None, 40, assignment=a)
+
+
+def test_assignment_cache_computes_once_per_chunk():
+    coarse.clear_cache()
+    calls = []
+
+    def make(tag):
+        def compute():
+            calls.append(tag)
+            z = np.zeros((4, 2), np.float32)
+            return coarse.Assignment(z, z, z.astype(np.int64))
+        return compute
+
+    for tag in ("c0", "c0", "c1", "c0"):
+        coarse.cached_assignment(("idx", tag), make(tag))
+    assert calls == ["c0", "c1"]
+    coarse.clear_cache()
+    coarse.cached_assignment(("idx", "c0"), make("c0"))
+    assert calls == ["c0", "c1", "c0"]
+    coarse.clear_cache()
+
+
+def test_shard_shortlist_rule():
+    """K' (each shard's list): S for one shard or when configured >= S; otherwise the smallest K'
+    whose binomial overflow chance over all shards is <= 1e-4."""
+    assert coarse.shard_shortlist(200, 1) == 200
+    assert coarse.shard_shortlist(200, 2, configured=500) == 200      # never more than S
+    assert coarse.shard_shortlist(200, 2, configured=150) == 150
+    assert coarse.shard_shortlist(200, 2) == 127
+    assert coarse.shard_shortlist(1050, 20) == 86
+    for S, n in ((100, 2), (200, 3), (500, 8), (1050, 20), (2000, 100)):
+        k = coarse.shard_shortlist(S, n)
+        sf = coarse._binomial_sf(S, 1.0 / n)
+        assert S / n <= k < S and n * sf[k] <= coarse.SHARD_SHORTLIST_EPS < n * sf[k - 1]
+    # the binomial tail is right: P(X > mean) ~ 1/2, P(X > S) = 0
+    sf = coarse._binomial_sf(200, 0.5)
+    assert abs(sf[100] - 0.472) < 0.01 and sf[200] == 0.0
+
+
 def test_merge_threshold_and_padding():
     s = np.array([[0.9, 0.5, 0.1], [0.2, 0.1, 0.0]], np.float32)
     i = np.array([[5, 6, 7], [8, 9, -1]], np.int64)
@@ -122,8 +195,7 @@ def test_rerank_equals_brute_force_on_shortlist(data, gallery_output):
     coarse_s = rng.random(short.shape).astype(np.float32)
     # the stored (int8) gallery vectors, as the rerank must see them
     stored = fine_matrix(read_features(gallery_output, ["fine", "fine_scale"]))
-    top_s, top_i, top_c = rerank.rerank(q_fine, short, coarse_s, feature_urls(gallery_output), k,
-                                        batch_rows=700)   # several fetch batches per file
+    top_s, top_i, top_c = rerank.rerank(q_fine, short, coarse_s, feature_urls(gallery_output), k)
     brute = np.einsum("qd,qsd->qs", q_fine, stored[pos])
     brute[short < 0] = -np.inf
     for r in range(NQ):
@@ -208,28 +280,36 @@ def test_vector_cache_reads_only_needed_groups_once(gallery_output):
     from retrieval.schema import column_matrix
     from retrieval.search.vectors import VectorCache
 
-    url = feature_urls(gallery_output)[1]            # 2000 rows in groups of 256
+    urls = feature_urls(gallery_output)
+    url = urls[1]                                    # 2000 rows in groups of 256
     table = read_features(gallery_output, ["fine", "fine_scale"]).slice(2000, 2000)
     codes_all, scale_all = column_matrix(table.column("fine")), table.column("fine_scale").to_numpy()
     cache = VectorCache(1 << 30, threads=2)           # decodes in 2 parallel parts
-    rows = np.array([3, 4, 300, 1999])               # groups 0, 1, 7
+    rows = np.array([1999, 3, 300, 4, 3])            # groups 0, 1, 7; any order, repeats
     codes, scale = cache.rows(url, rows, "v1")
     assert codes.dtype == np.int8
     np.testing.assert_array_equal(codes, codes_all[rows])
     np.testing.assert_array_equal(scale, scale_all[rows])
-    assert cache.reads == 3
-    cache.rows(url, np.array([5, 1990]), "v1")        # groups 0 and 7: cached
-    assert cache.reads == 3
+    assert cache.reads == 3 and cache.nbytes == (256 + 256 + 208) * (512 + 4)   # group 7 holds 208 rows
+    # whole-file arrays: the candidates are read in place by row number (no gather copy)
+    full, full_scale = cache.vectors(url, np.array([5, 1990]), "v1")    # groups 0 and 7: cached
+    assert cache.reads == 3 and full.shape == (2000, 512) and full_scale.shape == (2000,)
+    np.testing.assert_array_equal(full[[5, 1990, 300]], codes_all[[5, 1990, 300]])
     cache.rows(url, np.array([5]), "v2")             # another version of the file: not served stale
     assert cache.reads == 4
-    small = VectorCache(2 * 256 * 516)               # room for two groups
-    small.rows(url, np.array([0, 300, 600]), None)   # 3 groups: the oldest is evicted
-    small.rows(url, np.array([600]), None)
-    assert small.reads == 3
-    small.rows(url, np.array([0]), None)
-    assert small.reads == 4
+    # the budget drops least recently used files (whole), never the one being read
+    small = VectorCache(3 * 256 * 516)               # room for three groups
+    small.rows(urls[0], np.array([0, 300]), None)    # file 0: 2 groups
+    small.rows(url, np.array([0, 300, 600]), None)   # file 1: 3 groups -> file 0 is dropped
+    assert small.reads == 5 and small.nbytes == 3 * 256 * 516
+    small.rows(url, np.array([600]), None)           # still cached
+    assert small.reads == 5
+    small.rows(urls[0], np.array([0]), None)         # read again
+    assert small.reads == 6
     with pytest.raises(KeyError, match="beyond the 2000 rows"):
         cache.rows(url, np.array([2000]), "v1")
+    with pytest.raises(KeyError, match="beyond the 2000 rows"):
+        cache.vectors(url, np.array([-1]), "v1")
 
 
 def test_int8_kernel_equals_float_scoring():
@@ -251,6 +331,17 @@ def test_int8_kernel_equals_float_scoring():
     assert pair_scores_int8(q, qidx[:0], codes, local[:0], scale).shape == (0,)
     with pytest.raises(ValueError, match="codes"):
         pair_scores_int8(q, qidx, codes.astype(np.float32), local, scale)
+
+
+def test_feature_files_store_vectors_uncompressed(gallery_output):
+    """Vector columns raw (zstd saved ~8% and made reads 5x slower), the others zstd."""
+    import pyarrow.parquet as pq
+
+    md = pq.ParquetFile(feature_urls(gallery_output)[0]).metadata
+    codecs = {md.row_group(0).column(i).path_in_schema.split(".")[0]: md.row_group(0).column(i).compression
+              for i in range(md.num_columns)}
+    assert codecs["fine"] == codecs["coarse"] == codecs["fine_scale"] == "UNCOMPRESSED"
+    assert codecs["image_id"] == codecs["uri"] == "ZSTD"
 
 
 def test_int8_storage_is_fixed_size_binary_and_old_lists_still_read(tmp_path):
