@@ -227,41 +227,20 @@ def search_shard(index, xq: np.ndarray | None, k: int, assignment: Assignment | 
 
 def topk_rows(scores: np.ndarray, ids: np.ndarray, k: int, ordered: bool = False,
               return_cols: bool = False):
-    """Per row, the ``k`` best entries of ``scores``/``ids`` (``n x m``; id -1 = empty), ties at
-    the k-th score broken by the smaller id, so the chosen SET is deterministic. Rows with fewer
-    than ``k`` valid entries are padded with id -1 / score -inf. With ``ordered`` each row is
-    sorted (score desc, id asc); otherwise the order inside a row is unspecified but repeatable.
-    With ``return_cols`` also the column of each kept entry in the input (-1 for padding)."""
-    n, m = scores.shape
-    scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
-    if m > k:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        s = np.take_along_axis(scores, part, axis=1)
-        i = np.take_along_axis(ids, part, axis=1)
-        cols = part
-        # rows where entries tied with the k-th score were cut arbitrarily: redo them exactly
-        kth = s.min(axis=1, keepdims=True)
-        cut = np.nonzero(np.isfinite(kth[:, 0]) &
-                         ((scores == kth).sum(axis=1) > (s == kth).sum(axis=1)))[0]
-        if len(cut):    # all such rows in one partition: entries above the k-th score, then ties by id
-            sc, kc = scores[cut], kth[cut]
-            key = np.where(sc > kc, np.int64(-1), np.where(sc == kc, ids[cut], np.iinfo(np.int64).max))
-            o = np.argpartition(key, k - 1, axis=1)[:, :k]
-            s[cut] = np.take_along_axis(scores[cut], o, axis=1)
-            i[cut] = np.take_along_axis(ids[cut], o, axis=1)
-            cols[cut] = o
-    else:
-        s = np.full((n, k), -np.inf, np.float32)
-        i = np.full((n, k), -1, np.int64)
-        s[:, :m], i[:, :m] = scores, ids
-        cols = np.full((n, k), -1, np.int64)
-        cols[:, :m] = np.arange(m)
-    i = np.where(np.isfinite(s), i, -1)
-    if ordered and n:
+    """Per row, the ``k`` best entries of ``scores``/``ids`` (``n x m``; id -1 or a non-finite
+    score = empty), ties at the k-th score broken by the smaller id, so the chosen SET is
+    deterministic (:func:`~retrieval.search.kernels.select_topk`). Rows with fewer than ``k``
+    valid entries are padded with id -1 / score -inf. With ``ordered`` each row is sorted (score
+    desc, id asc); otherwise the order inside a row is unspecified but repeatable. With
+    ``return_cols`` also the column of each kept entry in the input (-1 for padding)."""
+    from retrieval.search.kernels import select_topk
+
+    s, i, cols = select_topk(scores, ids, k)
+    if ordered and len(s):
         o = _row_order(s, i)
         s, i, cols = (np.take_along_axis(a, o, axis=1) for a in (s, i, cols))
     if return_cols:
-        return s, i, np.where(i >= 0, cols, -1)
+        return s, i, cols
     return s, i
 
 

@@ -96,6 +96,30 @@ def test_merged_shortlist_equals_single_index(data, kind):
     assert all(set(a) == set(b) for a, b in zip(run[1], got_i))
 
 
+def test_topk_rows_equals_a_full_sort_with_ties_and_empties():
+    """The compiled selection against sorting every row by (score desc, id asc): heavy ties (4
+    score levels), empty entries (-1 ids, -inf scores), rows shorter than k."""
+    rng = np.random.default_rng(2)
+    n, m, k = 400, 60, 25
+    scores = rng.integers(0, 4, (n, m)).astype(np.float32) / 4
+    ids = np.stack([rng.permutation(1000)[:m] for _ in range(n)]).astype(np.int64)
+    ids[rng.random((n, m)) < 0.1] = -1
+    scores[rng.random((n, m)) < 0.05] = -np.inf
+    ids[:20, 10:] = -1                                   # rows with fewer than k valid entries
+    s, i, c = coarse.topk_rows(scores, ids, k, ordered=True, return_cols=True)
+    for r in range(n):
+        valid = [(-float(scores[r, j]), int(ids[r, j]), j) for j in range(m)
+                 if ids[r, j] >= 0 and np.isfinite(scores[r, j])]
+        want = sorted(valid)[:k]
+        got = [(-float(s[r, t]), int(i[r, t]), int(c[r, t])) for t in range(k) if i[r, t] >= 0]
+        assert got == want
+        assert (i[r, len(want):] == -1).all() and np.isneginf(s[r, len(want):]).all()
+        assert (c[r, len(want):] == -1).all()
+    # unordered: the same sets
+    s2, i2 = coarse.topk_rows(scores, ids, k)
+    assert all(set(a) == set(b) for a, b in zip(i2, i))
+
+
 @pytest.mark.parametrize("key", ["IVF32,PQ16x4", "IVF32,PQ32x4fs", "OPQ8_64,IVF32,PQ8x4"])
 def test_one_assignment_serves_every_shard(data, key):
     """The IVF cells are found once per chunk and each shard only scans its lists: the same
@@ -416,10 +440,12 @@ def test_int8_kernel_compiles_without_a_writable_cache(monkeypatch):
         return real(cache)
 
     monkeypatch.setattr(kernels, "_compile", compile_)
-    monkeypatch.setattr(kernels, "_KERNEL", None)
+    monkeypatch.setattr(kernels, "_KERNELS", None)
     q = np.ones((1, 8), np.float32)
     got = kernels.pair_scores_int8(q, np.array([0]), np.full((2, 8), 2, np.int8), np.array([1]), np.full(2, 0.5, np.float32))
     assert calls == [True, False] and got.tolist() == [8.0]
+    s, i, c = kernels.select_topk(np.array([[0.1, 0.9, 0.5]], np.float32), np.array([[4, 5, 6]]), 2)
+    assert calls == [True, False] and i.tolist() == [[5, 6]] and c.tolist() == [[1, 2]]
 
 
 def test_gallery_labels_equal_fetch_rows_and_are_read_once(gallery_output):
