@@ -1,12 +1,17 @@
 """Compiled kernels of the search (numba): the rerank's int8 gather-dot and the per-row top-k.
 
-**Gather-dot.** The rerank scores every (query, candidate) pair of a chunk: ``q[qidx[j]] .
-codes[local[j]] * scale[local[j]]``. With int8 storage (the default) the faiss gather-dot
+**Gather-dot.** The rerank scores every (query, candidate) pair of a chunk's ``nq x S``
+shortlist: ``q[pos // S] . codes[row] * scale[row]``, written to the pair's place ``pos`` in the
+score matrix. With int8 storage (the default) the faiss gather-dot
 (``fvec_inner_products_by_idx``) needs the candidates as float32, i.e. a 4x larger copy of every
 distinct candidate row per chunk, which cost as much as the dots themselves. This kernel reads the
 int8 rows in place and converts them in registers, so a pair costs one 512-byte row read. The sum
 is float32, vectorised (``fastmath`` allows reassociation): scores equal the float path to about
 1e-6.
+
+**Grouping.** The pairs are put in (feature file, block of rows) order by one O(n) counting
+sort, so each file's pairs are scored against that file's array with the rows a block reads
+still in cache.
 
 **Top-k.** The merge of the shards' lists and the rerank keep, per row, the ``k`` best entries
 by (score desc, id asc), so the chosen SET never depends on the order the shards arrived in. One
@@ -39,16 +44,57 @@ def _compile(cache: bool) -> dict:
     import numba
 
     @numba.njit(parallel=True, fastmath=True, cache=cache, nogil=True)
-    def dots_int8(queries, qidx, codes, local, scale, out):  # pragma: no cover - compiled
-        n = qidx.shape[0]
+    def dots_int8_at(queries, pos, width, codes, rows, scale, out):  # pragma: no cover - compiled
+        # pair j: query pos[j] // width against row rows[j], written to out[pos[j]]
         d = queries.shape[1]
-        for j in numba.prange(n):
-            q = queries[qidx[j]]
-            c = codes[local[j]]
+        for j in numba.prange(pos.shape[0]):
+            q = queries[pos[j] // width]
+            c = codes[rows[j]]
             acc = np.float32(0.0)
             for t in range(d):
                 acc += q[t] * np.float32(c[t])
-            out[j] = acc * scale[local[j]]
+            out[pos[j]] = acc * scale[rows[j]]
+
+    @numba.njit(cache=cache, nogil=True)
+    def group_pairs(flat, shift, max_keys):  # pragma: no cover - compiled
+        # valid entries (id >= 0) of flat, counting-sorted by (file, row >> shift); stable
+        nfiles = 0
+        maxrow = 0
+        nvalid = 0
+        for j in range(flat.shape[0]):
+            g = flat[j]
+            if g >= 0:
+                f = g >> 32
+                r = g & 0xFFFFFFFF
+                if f + 1 > nfiles:
+                    nfiles = f + 1
+                if r > maxrow:
+                    maxrow = r
+                nvalid += 1
+        nb = (maxrow >> shift) + 1
+        if nfiles * nb > max_keys:                  # too sparse a key space: by file only
+            shift = 62
+            nb = 1
+        counts = np.zeros(nfiles * nb + 1, np.int64)
+        for j in range(flat.shape[0]):
+            g = flat[j]
+            if g >= 0:
+                counts[(g >> 32) * nb + ((g & 0xFFFFFFFF) >> shift) + 1] += 1
+        for k in range(1, counts.shape[0]):
+            counts[k] += counts[k - 1]
+        pos = np.empty(nvalid, np.int64)
+        files = np.empty(nvalid, np.int64)
+        rows = np.empty(nvalid, np.int64)
+        for j in range(flat.shape[0]):
+            g = flat[j]
+            if g >= 0:
+                k = (g >> 32) * nb + ((g & 0xFFFFFFFF) >> shift)
+                d = counts[k]
+                pos[d] = j
+                files[d] = g >> 32
+                rows[d] = g & 0xFFFFFFFF
+                counts[k] = d + 1
+        return pos, files, rows
 
     @numba.njit(parallel=True, cache=cache, nogil=True)
     def select_topk(scores, ids, k, out_s, out_i, out_c):  # pragma: no cover - compiled
@@ -95,7 +141,8 @@ def _compile(cache: bool) -> dict:
                 out_i[r, t] = -1
                 out_c[r, t] = -1
 
-    return {"dots_int8": dots_int8, "select_topk": select_topk}
+    return {"dots_int8_at": dots_int8_at, "group_pairs": group_pairs,
+            "select_topk": select_topk}
 
 
 def _threads(threads: int) -> None:
@@ -105,22 +152,26 @@ def _threads(threads: int) -> None:
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
 
 
-def pair_scores_int8(queries: np.ndarray, qidx: np.ndarray, codes: np.ndarray, local: np.ndarray,
-                     scale: np.ndarray, threads: int = 0) -> np.ndarray:
-    """``queries[qidx[j]] . codes[local[j]] * scale[local[j]]`` for every pair j (float32).
-    ``codes``: ``m x D`` int8, ``scale``: ``m`` float32, ``queries``: ``nq x D`` float32."""
-    kernel = _kernels()["dots_int8"]
-    n = len(qidx)
-    out = np.empty(n, np.float32)
-    if n == 0:
-        return out
+def pair_scores_int8_into(out: np.ndarray, queries: np.ndarray, pos: np.ndarray, width: int,
+                          codes: np.ndarray, rows: np.ndarray, scale: np.ndarray, threads: int = 0) -> None:
+    """``out[pos[j]] = queries[pos[j] // width] . codes[rows[j]] * scale[rows[j]]`` for every j:
+    the pairs of a flat ``nq x width`` shortlist scored straight into its score matrix."""
+    if len(pos) == 0:
+        return
     if codes.dtype != np.int8 or codes.ndim != 2 or queries.shape[1] != codes.shape[1]:
         raise ValueError(f"pair_scores_int8: codes {codes.dtype}{codes.shape} vs queries {queries.shape}")
     _threads(threads)
-    kernel(np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(qidx, np.int64),
-           np.ascontiguousarray(codes), np.ascontiguousarray(local, np.int64),
-           np.ascontiguousarray(scale, np.float32), out)
-    return out
+    _kernels()["dots_int8_at"](np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(pos, np.int64),
+                               int(width), codes, np.ascontiguousarray(rows, np.int64),
+                               np.ascontiguousarray(scale, np.float32), out)
+
+
+def group_pairs(flat_ids: np.ndarray, shift: int, max_keys: int = 1 << 22
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(pos, files, rows)`` of the valid (``>= 0``) gallery ids in ``flat_ids``, grouped by
+    feature file and, inside a file, by block of ``2^shift`` rows (a stable counting sort: O(n);
+    by file only when the (file, block) key space would exceed ``max_keys``)."""
+    return _kernels()["group_pairs"](np.ascontiguousarray(flat_ids, np.int64), int(shift), int(max_keys))
 
 
 def select_topk(scores: np.ndarray, ids: np.ndarray, k: int, threads: int = 0

@@ -68,8 +68,9 @@ def test_manifest_and_layout(built, data):
     out, m = built
     assert m["stage"] == "index" and m["metric"] == "inner_product" and m["dim"] == 128
     assert m["fine_dim"] == 512 and m["model_version"] == "synthetic-v1"
-    # the default: 16 bytes of 4-bit fast-scan codes
-    assert m["index_key"] == "IVF128,PQ32x4fs" and m["nlist"] == 128 and m["pq_bytes"] == 16
+    # 2,000-vector shards over 128 lists (~16 per list): too few to fill fast-scan's 32-code
+    # blocks, so the rule takes 8-bit PQ (test_default_fast_scan_... builds the fast-scan default)
+    assert m["index_key"] == "IVF128,PQ16" and m["nlist"] == 128 and m["pq_bytes"] == 16
     assert len(m["shards"]) == 3 and m["ntotal"] == N_A == sum(s["ntotal"] for s in m["shards"])
     assert [f["file_no"] for f in m["feature_files"]] == [0, 1, 2]
     assert abs(m["train_sample_size"] - 40 * 128) < 250  # 40 per cell, drawn over all files
@@ -130,6 +131,18 @@ def test_forced_factory_string_with_transform(data, tmp_path):
     shard = store.load_shard(out, 0, m)
     assert isinstance(shard, faiss.IndexPreTransform)
     check_ref_knn_with_draws(*single_index(out, m).search(data["xq"], 20), *store.search(out, data["xq"], 20))
+
+
+def test_default_fast_scan_codes_where_shards_fill_the_blocks(data, tmp_path):
+    """A 6,000-vector shard over 128 lists (~47 per list): the default takes 4-bit fast-scan
+    codes (16 bytes, the same budget), except for an on-disk merge (flat lists: 8-bit PQ)."""
+    out = str(tmp_path / "idx")
+    m = build_index([data["a"]], out, cfg("index.vectors_per_shard=6000", "index.quality_queries=100"))
+    assert m["index_key"] == "IVF128,PQ32x4fs" and m["pq_bytes"] == 16 and len(m["shards"]) == 1
+    check_ref_knn_with_draws(*single_index(out, m).search(data["xq"], 20), *store.search(out, data["xq"], 20))
+    merged = build_index([data["a"]], str(tmp_path / "merged"),
+                         cfg("index.vectors_per_shard=6000", "index.quality_queries=100"), merge_ondisk=True)
+    assert merged["index_key"] == "IVF128,PQ16" and store.load_merged(str(tmp_path / "merged")).ntotal == N_A
 
 
 def test_forced_fast_scan_index_and_its_ondisk_merge_refusal(data, tmp_path):
@@ -329,7 +342,6 @@ def test_merge_ondisk_and_cli(data, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["ntotal"] == N_A and summary["shards"] == 3 and summary["merged"] is True
     m = store.read_index_manifest(out)
-    assert m["index_key"] == "IVF128,PQ16"     # an on-disk merge needs flat lists: 8-bit PQ, not fast-scan
     merged = store.load_merged(out, m)
     assert merged.ntotal == N_A
     check_ref_knn_with_draws(*store.search(out, data["xq"], 30), *merged.search(data["xq"], 30))

@@ -47,7 +47,15 @@ def test_params_from_budget():
     with pytest.raises(ConfigError, match="bytes_per_vector"):
         choose_params(1_000_000, 128, config.load(sets=["index.bytes_per_vector=8"]))
     big = choose_params(10**9, 128, cfg)
-    assert big.index_key == "IVF131072_HNSW32,PQ32x4fs" and big.kmeans == "two_level"
+    # 500k-vector shards over 131,072 lists hold ~4 vectors per list: fast-scan blocks (32) would be
+    # mostly padding, so 8-bit PQ; with a cluster's 10M-vector shards (76 per list) fast-scan
+    assert big.index_key == "IVF131072_HNSW32,PQ16" and big.kmeans == "two_level"
+    big_shards = choose_params(10**9, 128, config.load(sets=["index.vectors_per_shard=10000000"]))
+    assert big_shards.index_key == "IVF131072_HNSW32,PQ32x4fs"
+    assert big_shards.bytes_per_vector_est == pytest.approx(16 * (1 + 16 * 131072 / 1e7) + 8 + 0.07, abs=0.05)
+    assert choose_params(10**7, 128, cfg).index_key == "IVF16384,PQ16"          # 30 per list at 500k/shard
+    # the padding counts: 1M in 500k shards, 4,096 lists -> 16 B x (1 + 16 x 4096 / 500k) = 18.1 B of codes
+    assert choose_params(1_000_000, 128, cfg).bytes_per_vector_est == pytest.approx(18.10 + 8 + 2.13, abs=0.05)
     assert big.train_size == cfg["index.max_train_points"]
     assert choose_params(500, 128, cfg).index_key == "IVF1,Flat"
 

@@ -51,6 +51,6 @@ def test_plan_warns_when_a_task_does_not_fit():
 def test_plan_cli(capsys):
     assert main(["plan", "--images", "1e9", "--executors", "50", "--executor-memory", "32g", "--gpus", "8"]) == 0
     out = capsys.readouterr().out
-    assert "Plan for 1,000,000,000 gallery images" in out and "IVF131072_HNSW32,PQ32x4fs" in out
+    assert "Plan for 1,000,000,000 gallery images" in out and "IVF131072_HNSW32,PQ16" in out
     with pytest.raises(ValueError):
         parse_memory("lots")

@@ -336,9 +336,39 @@ def test_vector_cache_reads_only_needed_groups_once(gallery_output):
         cache.vectors(url, np.array([-1]), "v1")
 
 
+def pair_scores_int8(q, qidx, codes, local, scale, threads=0):
+    """The kernel on pairs given as (query, row): each pair in its own column of the matrix."""
+    from retrieval.search.kernels import pair_scores_int8_into
+
+    n = len(qidx)
+    out = np.full(len(q) * max(n, 1), np.nan, np.float32)
+    pos = qidx * max(n, 1) + np.arange(n)
+    pair_scores_int8_into(out, q, pos, max(n, 1), codes, local, scale, threads)
+    return out[pos]
+
+
+def test_group_pairs_is_a_stable_sort_by_file_and_block():
+    from retrieval.search.kernels import group_pairs
+
+    rng = np.random.default_rng(4)
+    files = rng.integers(0, 5, 20000)
+    rows = rng.integers(0, 50000, 20000)
+    flat = idmap.encode_ids(files, rows)
+    flat[rng.random(20000) < 0.2] = -1
+    for shift, max_keys in ((10, 1 << 22), (10, 3)):                # (file, block), or file only
+        pos, f, r = group_pairs(flat, shift, max_keys)
+        valid = np.flatnonzero(flat >= 0)
+        vf, vr = idmap.decode_ids(flat[valid])
+        key = vf * 64 + (vr >> shift) if max_keys > 3 else vf
+        want = valid[np.argsort(key, kind="stable")]
+        np.testing.assert_array_equal(pos, want)
+        np.testing.assert_array_equal(idmap.encode_ids(f, r), flat[pos])
+    empty = group_pairs(np.full(10, -1, np.int64), 10)
+    assert all(len(a) == 0 for a in empty)
+
+
 def test_int8_kernel_equals_float_scoring():
     from retrieval.schema import dequantize_int8, quantize_int8
-    from retrieval.search.kernels import pair_scores_int8
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((500, 512)).astype(np.float32)
@@ -442,7 +472,7 @@ def test_int8_kernel_compiles_without_a_writable_cache(monkeypatch):
     monkeypatch.setattr(kernels, "_compile", compile_)
     monkeypatch.setattr(kernels, "_KERNELS", None)
     q = np.ones((1, 8), np.float32)
-    got = kernels.pair_scores_int8(q, np.array([0]), np.full((2, 8), 2, np.int8), np.array([1]), np.full(2, 0.5, np.float32))
+    got = pair_scores_int8(q, np.array([0]), np.full((2, 8), 2, np.int8), np.array([1]), np.full(2, 0.5, np.float32))
     assert calls == [True, False] and got.tolist() == [8.0]
     s, i, c = kernels.select_topk(np.array([[0.1, 0.9, 0.5]], np.float32), np.array([[4, 5, 6]]), 2)
     assert calls == [True, False] and i.tolist() == [[5, 6]] and c.tolist() == [[1, 2]]
