@@ -10,10 +10,12 @@ what each stage's cost grows with (docs/billion.md):
 - build-index: one read of the features (sha256 + coarse codes); k-means on a bounded sample on the
   driver (grows with nlist, not N); adding N vectors (linear in N, parallel over shards: the
   quantizer assignment dominates); N x bytes/vector written.
-- search, coarse: every (query, index shard) assigns the query to its nprobe cells (flat quantizer:
-  nlist x d multiply-adds; HNSW above 16,384 cells) and scans queries x nprobe x N / nlist PQ codes.
-- search, merge: each shard's top-S lists are shuffled to one task per query chunk: queries x S x
-  12 bytes x index shards.
+- search, coarse: every (query, group of ``search.shard_cache`` index shards) assigns the query to
+  its nprobe cells once (flat quantizer: nlist x d multiply-adds; HNSW above 16,384 cells) and
+  scans queries x nprobe x N / nlist codes (4-bit fast-scan or 8-bit PQ, as the index rule picks).
+- search, merge: each shard's top-K' lists (K' = the binomial bound of ``search.shard_shortlist``)
+  are shuffled to one task per query chunk: queries x K' x 12 bytes x index shards (nothing when
+  every shard fits one task's shard cache).
 - search, rerank: queries x shortlist 512-d pairs, plus, per query chunk, the gallery row groups its
   shortlists touch (Poisson: 1 - exp(-chunk x S x R / N) of the fine column; at a billion with
   8,192-query chunks that is all of it, once per chunk), read and decoded.
@@ -56,6 +58,10 @@ RATES = {
     # tests/bench/bench_scale.py (coarse rates): PQ16 codes scanned per core-second (nprobe 1 vs 128
     # on a 500k-vector shard, top-500 kept)
     "coarse_codes_per_core_s": 3.1e7,
+    # 4-bit fast-scan codes (PQ32x4fs, the default where shards fill its blocks) scanned per
+    # core-second: 1M search benchmark index, one 500k-vector shard, 5,000 queries, nprobe 1 vs 128,
+    # top 127 kept (K' of 2 shards at S = 200), one thread, cells preassigned (22 Nov, quiet machine)
+    "coarse_fs_codes_per_core_s": 5.6e8,
     # tests/bench/bench_scale.py (10M, 22 Nov): rerank (query, candidate) pairs scored per core-second
     # by the int8 kernel, the marginal cost (shortlist 1050 vs 500: 5.5M more pairs, rerank 8.55 s
     # vs 6.49 s)
@@ -89,19 +95,22 @@ def parse_memory(text: str) -> float:
     return float(m.group(1)) * {"": 1e-9, "k": 1e-6, "m": 1e-3, "g": 1.0, "t": 1e3}[m.group(2)]
 
 
-def index_params(n: int, cfg=None) -> dict:
-    """The parameters ``retrieval build-index`` would choose for ``n`` vectors under ``cfg``
-    (:func:`retrieval.index.params.choose_params`: nlist ~ 4 sqrt(N), PQ bytes from the memory
-    budget, the training sample) and the nprobe the search uses (``search.nprobe``)."""
+def index_params(n: int, cfg=None, vectors_per_shard: int | None = None) -> dict:
+    """The parameters ``retrieval build-index`` would choose for ``n`` vectors under ``cfg`` (and
+    ``vectors_per_shard``, default ``index.vectors_per_shard``):
+    :func:`retrieval.index.params.choose_params`: nlist ~ 4 sqrt(N), codes from the memory budget
+    (fast-scan where shards fill its blocks), the training sample; and the search's nprobe."""
     from retrieval import config
     from retrieval.index.params import FLAT_QUANTIZER_MAX, choose_params
 
     cfg = cfg if cfg is not None else config.load()
+    if vectors_per_shard:
+        cfg = cfg.with_overrides({"index.vectors_per_shard": int(vectors_per_shard)})
     p = choose_params(max(int(n), 1), int(cfg["model.coarse_dim"]), cfg)
     nprobe = int(cfg["search.nprobe"] or cfg["index.nprobe"] or 16)
     return {"index_key": p.index_key, "nlist": p.nlist, "pq_bytes": p.pq_bytes, "nprobe": min(nprobe, p.nlist),
             "train_points": p.train_size, "kmeans": p.kmeans, "kmeans_iters": p.kmeans_iters,
-            "quantizer": "flat" if p.nlist <= FLAT_QUANTIZER_MAX else "hnsw",
+            "quantizer": "flat" if p.nlist <= FLAT_QUANTIZER_MAX else "hnsw", "fast_scan": "fs" in p.index_key,
             "bytes_per_vector": p.bytes_per_vector_est}
 
 
@@ -140,12 +149,14 @@ def _fmt_time(s: float) -> str:
 def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: int = 0,
          vectors_per_index_shard: int = 10_000_000, images_per_feature_shard: int = 250_000,
          query_chunk: int = 8192, row_group_size: int = 1024, cfg=None) -> dict:
-    from retrieval.search.coarse import auto_shortlist
+    from retrieval import config
+    from retrieval.search.coarse import auto_shortlist, shard_shortlist
 
     r = RATES
+    cfg = cfg if cfg is not None else config.load()
     n = int(images)
     shortlist = int(shortlist) or auto_shortlist(n)     # search.shortlist 0: the size rule
-    ip = index_params(n, cfg)
+    ip = index_params(n, cfg, vectors_per_index_shard)
     dim = 128
     cores = cluster.cores
     read_bw = min(r["read_bytes_per_executor_s"] * cluster.executors, r["fine_decode_bytes_per_core_s"] * cores)
@@ -165,14 +176,22 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
         / (r["index_train_point_centroids_per_core_s"] * max(1, cluster.executor_cores))
     add_core_s = 1.0 / r["index_add_vectors_per_core_s"] + (_assign_s(ip, dim, False) if ip["quantizer"] == "hnsw" else 0.0)
     add_s = n * add_core_s / min(cores, index_shards * cluster.executor_cores)
-    index_bytes = n * r["index_bytes_per_vector"]
-    shard_bytes = min(n, vectors_per_index_shard) * r["index_bytes_per_vector"]
-    # search, coarse: every (query, shard) assigns the query, then scans nprobe lists
+    # measured for 8-bit PQ16; fast-scan: the rule's estimate (codes + block padding + id + trained
+    # part / N: 28.2 B at 1M, measured 28.3)
+    bpv = ip["bytes_per_vector"] if ip["fast_scan"] else r["index_bytes_per_vector"]
+    index_bytes = n * bpv
+    shard_bytes = min(n, vectors_per_index_shard) * bpv
+    # search, coarse: every (query, shard group) assigns the query once, then each shard scans
+    # nprobe lists
+    shard_cache = int(cfg["search.shard_cache"])
+    groups = math.ceil(index_shards / max(1, shard_cache))
     codes_scanned = queries * ip["nprobe"] * n / ip["nlist"]
-    assign_s = queries * index_shards * _assign_s(ip, dim, True) / cores
-    scan_codes_s = codes_scanned / (r["coarse_codes_per_core_s"] * cores)
-    # the per-shard top-S lists travel to one merge task per chunk: queries x S x 12 B x shards
-    shuffle_bytes = queries * shortlist * 12.0 * index_shards
+    assign_s = queries * groups * _assign_s(ip, dim, True) / cores
+    scan_rate = r["coarse_fs_codes_per_core_s"] if ip["fast_scan"] else r["coarse_codes_per_core_s"]
+    scan_codes_s = codes_scanned / (scan_rate * cores)
+    # the per-shard top-K' lists travel to one merge task per chunk (none when one group holds all)
+    k_shard = shard_shortlist(shortlist, index_shards, int(cfg["search.shard_shortlist"]))
+    shuffle_bytes = queries * k_shard * 12.0 * index_shards if groups > 1 else 0.0
     shuffle_s = shuffle_bytes / (r["read_bytes_per_executor_s"] * cluster.executors)
     coarse_s = assign_s + scan_codes_s + shuffle_s
     # search, rerank: pairs scored + the row groups each chunk's shortlists touch, read and decoded
@@ -193,15 +212,16 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
                                  f"{ip['train_points']:,} pts on the driver {_fmt_time(train_s)}; add "
                                  f"{_fmt_time(add_s)} ({1 / add_core_s:,.0f} vec/s/core)",
                         "storage": index_bytes, "memory_per_task": 1.3 * shard_bytes + ip["nlist"] * 128 * 4 * 2},
-        "search": {"tasks": index_shards * chunks + chunks, "wall": coarse_s + rerank_s,
-                   "basis": f"coarse {_fmt_time(coarse_s)} (assign {queries:.3g} queries x {index_shards} shards "
+        "search": {"tasks": (groups * chunks + chunks) if groups > 1 else chunks, "wall": coarse_s + rerank_s,
+                   "basis": f"coarse {_fmt_time(coarse_s)} (assign {queries:.3g} queries x {groups} shard groups "
                             f"{_fmt_time(assign_s)}, scan {codes_scanned:.3g} codes {_fmt_time(scan_codes_s)}, "
-                            f"shuffle {_fmt_bytes(shuffle_bytes)} {_fmt_time(shuffle_s)}); "
+                            f"shuffle {k_shard} per shard: {_fmt_bytes(shuffle_bytes)} {_fmt_time(shuffle_s)}); "
                             f"rerank {rerank_pairs:.3g} pairs {_fmt_time(rerank_compute_s)} + gallery fine reads "
                             f"{_fmt_bytes(rerank_read_bytes)} ({touched:.0%} of the column x {chunks:,} chunks) "
                             f"{_fmt_time(rerank_read_s)}",
                    "storage": queries * 10 * 120.0,
-                   "memory_per_task": shard_bytes * 1.2 + query_chunk * shortlist * 24 + 131072 * 2048},
+                   "memory_per_task": min(shard_cache, index_shards) * shard_bytes * 1.2
+                   + query_chunk * shortlist * 24 + cfg["search.vector_cache_mb"] * 2**20},
     }
     warnings = [f"{name}: {_fmt_bytes(s['memory_per_task'])} per task > {mem_gb:.1f} GB per core"
                 for name, s in stages.items() if s["memory_per_task"] > mem_gb * 1e9]
@@ -209,7 +229,7 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
         warnings.append(f"search: each of the {chunks:,} query chunks reads {touched:.0%} of the gallery's fine "
                         f"column; larger chunks (search.query_chunk) cut the reads proportionally "
                         f"({query_chunk * shortlist * 24 / 1e9:.1f} GB of shortlist per task now)")
-    return {"images": n, "queries": queries, "shortlist": shortlist, "cluster": cluster.__dict__, "index": ip,
+    return {"images": n, "queries": queries, "shortlist": shortlist, "shard_shortlist": k_shard, "cluster": cluster.__dict__, "index": ip,
             "feature_shards": feature_shards, "index_shards": index_shards, "query_chunks": chunks,
             "stages": stages, "warnings": warnings, "rates": dict(RATES)}
 
@@ -219,7 +239,8 @@ def render(p: dict) -> str:
     lines = [f"Plan for {p['images']:,} gallery images and {p['queries']:,} queries on "
              f"{c['executors']} executors x {c['executor_cores']} cores, {c['executor_memory_gb']:g} GB"
              + (f", {c['gpus']} GPUs" if c["gpus"] else ""),
-             f"index: {p['index']['index_key']} nprobe {p['index']['nprobe']}, shortlist {p['shortlist']:,}, "
+             f"index: {p['index']['index_key']} nprobe {p['index']['nprobe']}, shortlist {p['shortlist']:,} "
+             f"({p['shard_shortlist']:,} per index shard), "
              f"training sample {p['index']['train_points']:,}; feature shards {p['feature_shards']:,}, "
              f"index shards {p['index_shards']:,}, query chunks {p['query_chunks']:,}",
              f"{'stage':<12} {'tasks':>9} {'wall':>10} {'storage':>12} {'mem/task':>11}  basis"]

@@ -235,14 +235,23 @@ def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.
 # ---------------------------------------------------------------------------------------------
 # engines
 def run_local(job: SearchJob) -> list[dict]:
-    """Group-major: each group of shards is loaded once and searched for every chunk, folding
-    into the running per-chunk shortlists; then each chunk is reranked and written."""
+    """One group of shards (all fit the shard cache): each chunk end to end, in turn. Several:
+    group-major, each group loaded once and searched for every chunk, folding into the running
+    per-chunk shortlists (``queries x S`` in memory); then each chunk is reranked and written."""
     from retrieval.progress import Progress
 
+    groups = shard_groups(job)
+    if len(groups) == 1:          # every shard stays loaded: chunk by chunk, memory of one chunk
+        stats = []
+        progress = Progress("search", total=len(job.chunks), unit="chunks")
+        for c in job.chunks:
+            stats.append(_fused_task(job, c.chunk))
+            progress.update(1)
+        progress.finish()
+        return stats
     running: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     coarse_s: dict[int, float] = {c.chunk: 0.0 for c in job.chunks}
     merge_s: dict[int, float] = {c.chunk: 0.0 for c in job.chunks}
-    groups = shard_groups(job)
     progress = Progress("search coarse", total=len(groups) * len(job.chunks), unit="tasks")
     for group in groups:
         for c in job.chunks:

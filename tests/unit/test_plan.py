@@ -43,6 +43,21 @@ def test_plan_uses_the_index_rule_and_models_the_rerank_reads():
     assert few < many
 
 
+def test_plan_models_shard_lists_and_the_fused_plan():
+    """Each shard ships K' (the binomial bound) per query, not S; one shard group: no shuffle."""
+    from retrieval.search.coarse import shard_shortlist
+
+    p = plan(1_000_000_000, Cluster())
+    assert p["index_shards"] == 100 and p["shard_shortlist"] == shard_shortlist(2000, 100) < 2000 / 10
+    assert f"shuffle {p['shard_shortlist']} per shard" in p["stages"]["search"]["basis"]
+    small = plan(1_000_000, Cluster())           # 1 index shard: coarse + merge + rerank in one task
+    assert small["shard_shortlist"] == small["shortlist"] and "shuffle 200 per shard: 0.0 B" in \
+        small["stages"]["search"]["basis"] and small["stages"]["search"]["tasks"] == small["query_chunks"]
+    # fast-scan where the 10M-vector shards fill its blocks, 8-bit PQ with small shards
+    assert index_params(10**9, vectors_per_shard=10**7)["fast_scan"]
+    assert not index_params(10**9, vectors_per_shard=500_000)["fast_scan"]
+
+
 def test_plan_warns_when_a_task_does_not_fit():
     p = plan(1_000_000_000, Cluster(executors=10, executor_memory_gb=1, executor_cores=4))
     assert any(w.startswith("build-index") for w in p["warnings"])
@@ -51,6 +66,6 @@ def test_plan_warns_when_a_task_does_not_fit():
 def test_plan_cli(capsys):
     assert main(["plan", "--images", "1e9", "--executors", "50", "--executor-memory", "32g", "--gpus", "8"]) == 0
     out = capsys.readouterr().out
-    assert "Plan for 1,000,000,000 gallery images" in out and "IVF131072_HNSW32,PQ16" in out
+    assert "Plan for 1,000,000,000 gallery images" in out and "IVF131072_HNSW32,PQ32x4fs" in out   # 10M-vector shards: fast-scan
     with pytest.raises(ValueError):
         parse_memory("lots")
