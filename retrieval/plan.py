@@ -6,7 +6,7 @@ the read bandwidth of an executor from object storage. The model is deliberately
 what each stage's cost grows with (docs/billion.md):
 
 - extract: images / (rate per core x cores) (or per GPU): linear in N, embarrassingly parallel;
-  storage = bytes per image measured on disk (int8 fine + float32 coarse, zstd).
+  storage = bytes per image measured on disk (int8 fine + float32 coarse).
 - build-index: one read of the features (sha256 + coarse codes); k-means on a bounded sample on the
   driver (grows with nlist, not N); adding N vectors (linear in N, parallel over shards: the
   quantizer assignment dominates); N x bytes/vector written.
@@ -35,10 +35,10 @@ RATES = {
     # ASSUMED, NOT measured here (no GPU lent): MobileNetV2 224 px fp32 on a T4-class GPU incl. JPEG
     # decode on ~8 CPU cores feeding it; replace with your own measurement.
     "extract_images_per_gpu_s": 1200.0,
-    # tests/bench/bench_extract.py (22 Nov): bytes on disk per real image (int8 fine codes as
-    # fixed_size_binary + float32 coarse, zstd, no dictionary on vectors); bench_scale.py's
-    # synthetic rows: 959
-    "feature_bytes_per_image": 1100.0,
+    # tests/bench/bench_extract.py (22 Nov 02:30): bytes on disk per real image (int8 fine codes as
+    # fixed_size_binary + float32 coarse, vector columns uncompressed, the others zstd);
+    # bench_scale.py's synthetic rows: 1,041
+    "feature_bytes_per_image": 1177.0,
     # tests/bench/bench_scale.py (10M, quiet run of 22 Nov): flat k-means, (training point x centroid)
     # evaluations x iterations per second per core: 655,108 x 16,384 x 10 in 134 s on 2 cores
     "index_train_point_centroids_per_core_s": 4.0e8,
