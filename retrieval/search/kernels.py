@@ -29,6 +29,36 @@ from __future__ import annotations
 import numpy as np
 
 _KERNELS: dict | None = None
+kth_smallest_jit = None      # set by _compile
+
+
+def _kth_smallest(a, n, kth):  # pragma: no cover - compiled by _compile
+    """The kth smallest (0-based) of ``a[:n]``, by quickselect in place (np.partition and np.sort
+    inside the parallel top-k loop made it compile in 9.5 s; this way 1.6 s)."""
+    lo = 0
+    hi = n - 1
+    while lo < hi:
+        pivot = a[(lo + hi) // 2]
+        i = lo
+        j = hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                t = a[i]
+                a[i] = a[j]
+                a[j] = t
+                i += 1
+                j -= 1
+        if kth <= j:
+            hi = j
+        elif kth >= i:
+            lo = i
+        else:
+            return a[kth]
+    return a[lo]
 
 
 def _kernels() -> dict:
@@ -97,34 +127,10 @@ def _compile(cache: bool) -> dict:
                 counts[k] = d + 1
         return pos, files, rows
 
-    @numba.njit(cache=cache, nogil=True)
-    def kth_smallest(a, n, kth):  # pragma: no cover - compiled
-        # the kth smallest (0-based) of a[:n], by quickselect in place (np.partition and np.sort
-        # inside the parallel loop made select_topk compile in 9.5 s; this way 1.6 s)
-        lo = 0
-        hi = n - 1
-        while lo < hi:
-            pivot = a[(lo + hi) // 2]
-            i = lo
-            j = hi
-            while i <= j:
-                while a[i] < pivot:
-                    i += 1
-                while a[j] > pivot:
-                    j -= 1
-                if i <= j:
-                    t = a[i]
-                    a[i] = a[j]
-                    a[j] = t
-                    i += 1
-                    j -= 1
-            if kth <= j:
-                hi = j
-            elif kth >= i:
-                lo = i
-            else:
-                return a[kth]
-        return a[lo]
+    # a module global, not a closure variable: a kernel that captures a jitted closure variable is
+    # never found in numba's cache (it recompiled in every process, 1.3 s per Spark worker)
+    global kth_smallest_jit
+    kth_smallest_jit = numba.njit(cache=cache, nogil=True)(_kth_smallest)
 
     @numba.njit(parallel=True, cache=cache, nogil=True)
     def select_topk(scores, ids, k, out_s, out_i, out_c):  # pragma: no cover - compiled
@@ -146,7 +152,7 @@ def _compile(cache: bool) -> dict:
                         out_c[r, o] = j
                         o += 1
             else:
-                kth = kth_smallest(vals, nv, nv - k)              # the k-th best score
+                kth = kth_smallest_jit(vals, nv, nv - k)              # the k-th best score
                 above = 0
                 nt = 0
                 for j in range(m):
@@ -156,7 +162,7 @@ def _compile(cache: bool) -> dict:
                         elif scores[r, j] == kth:
                             ties[nt] = ids[r, j]
                             nt += 1
-                last = kth_smallest(ties, nt, k - above - 1)      # the largest tied id kept
+                last = kth_smallest_jit(ties, nt, k - above - 1)      # the largest tied id kept
                 for j in range(m):
                     if ids[r, j] >= 0 and np.isfinite(scores[r, j]):
                         sc = scores[r, j]
