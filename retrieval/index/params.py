@@ -12,7 +12,7 @@
   codes only cost memory; the 512-d rerank ranks precisely.
 - codes: 4-bit PQ in faiss's fast-scan layout (``PQ{2M}x4fs``: 2M sub-quantizers of 16
   centroids, the same M bytes per vector; ``index.fast_scan``): searched with SIMD lookup tables,
-  2.3-4x faster than 8-bit ``PQ{M}`` for the same share of true matches in the shortlist
+  2.3-2.8x faster coarse stage than 8-bit ``PQ{M}`` for the same share of true matches in the shortlist
   (measured on the 1M search benchmark, docs/search.md). Fast-scan stores each inverted list in
   blocks of 32 codes, so it is used only where a shard's lists hold at least 32 vectors on
   average (shard size / ``nlist``; the padding, ~16 codes per list per shard, counts in
