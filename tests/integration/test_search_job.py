@@ -74,6 +74,10 @@ def test_library_and_spark_give_the_same_results(world, spark, tmp_path):
     fused = search(world["queries"], world["index"], str(tmp_path / "fused"), _cfg(**{"search.shard_cache": 3}),
                    spark=spark)
     assert fused["counts"] == lib["counts"] and _rows(tmp_path / "fused") == _rows(tmp_path / "lib")
+    # one coarse task per (shard x chunk): the same rows
+    single = search(world["queries"], world["index"], str(tmp_path / "single"), _cfg(**{"search.shard_cache": 1}),
+                    spark=spark)
+    assert single["counts"] == lib["counts"] and _rows(tmp_path / "single") == _rows(tmp_path / "lib")
     # and the local engine's chunk-by-chunk plan for the same case
     search(world["queries"], world["index"], str(tmp_path / "lib_fused"), _cfg(**{"search.shard_cache": 3}))
     assert _rows(tmp_path / "lib_fused") == _rows(tmp_path / "lib")
