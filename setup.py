@@ -16,7 +16,7 @@ setup(
         "fsspec>=2024.1",
         "pandas>=2.0,<3",
         "numpy>=1.26",
-        "numba>=0.60",      # the rerank's int8 gather-dot kernel (retrieval/search/kernels.py)
+        "numba>=0.60",      # the search's compiled kernels: int8 rerank, pair grouping, top-k (retrieval/search/kernels.py)
         "pillow>=10",
         "PyYAML>=6",
         "matplotlib>=3.7",

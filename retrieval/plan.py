@@ -101,7 +101,7 @@ def index_params(n: int, cfg=None, vectors_per_shard: int | None = None) -> dict
     :func:`retrieval.index.params.choose_params`: nlist ~ 4 sqrt(N), codes from the memory budget
     (fast-scan where shards fill its blocks), the training sample; and the search's nprobe."""
     from retrieval import config
-    from retrieval.index.params import FLAT_QUANTIZER_MAX, choose_params
+    from retrieval.index.params import FLAT_QUANTIZER_MAX, choose_params, is_fast_scan
 
     cfg = cfg if cfg is not None else config.load()
     if vectors_per_shard:
@@ -110,7 +110,8 @@ def index_params(n: int, cfg=None, vectors_per_shard: int | None = None) -> dict
     nprobe = int(cfg["search.nprobe"] or cfg["index.nprobe"] or 16)
     return {"index_key": p.index_key, "nlist": p.nlist, "pq_bytes": p.pq_bytes, "nprobe": min(nprobe, p.nlist),
             "train_points": p.train_size, "kmeans": p.kmeans, "kmeans_iters": p.kmeans_iters,
-            "quantizer": "flat" if p.nlist <= FLAT_QUANTIZER_MAX else "hnsw", "fast_scan": "fs" in p.index_key,
+            "quantizer": "flat" if p.nlist <= FLAT_QUANTIZER_MAX else "hnsw",
+            "fast_scan": is_fast_scan(p.index_key),
             "bytes_per_vector": p.bytes_per_vector_est}
 
 

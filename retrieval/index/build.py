@@ -35,7 +35,7 @@ import numpy as np
 from retrieval import fsio
 from retrieval.config import Config
 from retrieval.index import dedup, idmap
-from retrieval.index.params import IndexParams, choose_params
+from retrieval.index.params import IndexParams, choose_params, is_fast_scan
 from retrieval.index.quality import K, make_queries, metrics, pick_sources
 from retrieval.index.reader import FeatureFile, FeatureInputError, list_feature_files
 from retrieval.index.shard import ShardJob, ShardResult, plan_slices, run_shard
@@ -324,7 +324,7 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
 
     # 1. plan
     old, old_files, files, params, build_fp = _plan(feature_urls, output_url, cfg, append, merge_ondisk)
-    if merge_ondisk and re.search(r"x\d+fs|fs(,|$)", params.index_key):
+    if merge_ondisk and is_fast_scan(params.index_key):
         raise ValueError(f"--merge-ondisk needs an index with flat inverted lists; {params.index_key} is a "
                          "fast-scan index (blocked 4-bit codes, which faiss cannot merge on disk): "
                          "serve its shards with IndexShards, or build with a non-fast-scan index.index_key")

@@ -82,6 +82,12 @@ def nprobe_grid(nlist: int, max_nprobe: int = 256) -> tuple[int, ...]:
 
 
 FAST_SCAN_BLOCK = 32      # faiss stores fast-scan codes in blocks of 32 vectors per inverted list
+_FAST_SCAN_RE = re.compile(r"x\d+fs|fs(,|$)")
+
+
+def is_fast_scan(index_key: str) -> bool:
+    """Whether a faiss factory string makes fast-scan (blocked 4-bit) codes, e.g. ``PQ32x4fs``."""
+    return bool(_FAST_SCAN_RE.search(index_key))
 
 
 def _block_padding(n: int, nlist: int, vectors_per_shard: int) -> float:
@@ -167,7 +173,7 @@ def choose_params(n: int, dim: int, cfg: Config, fast_scan: bool | None = None) 
     if kmeans == "auto":
         kmeans = "flat" if nlist <= FLAT_QUANTIZER_MAX else "two_level"
     code = pq_bytes if pq_bytes else 4 * dim
-    if re.search(r"x\d+fs|fs(,|$)", key):
+    if is_fast_scan(key):
         code *= 1 + _block_padding(n, nlist, ic["vectors_per_shard"])
     est = code + ID_BYTES + _trained_bytes(dim, nlist, nbits) / n
     return IndexParams(index_key=key, nlist=nlist, pq_m=pq_m, pq_nbits=nbits, pq_bytes=pq_bytes,

@@ -29,21 +29,28 @@ _SHARDS: "OrderedDict[tuple, object]" = OrderedDict()
 _LOCK = threading.Lock()
 
 
+def _cached(cache: OrderedDict, key: tuple, compute: Callable[[], object],
+            over: Callable[[OrderedDict], bool], what: str):
+    """``cache[key]``, computed with ``compute()`` at most once per process while it stays cached;
+    least recently used entries are evicted while ``over(cache)`` (at least one is kept)."""
+    with _LOCK:
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+    value = compute()
+    with _LOCK:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > 1 and over(cache):
+            old, _ = cache.popitem(last=False)
+            log.info("%s cache: evicted %s", what, old)
+    return value
+
+
 def cached_shard(key: tuple, load: Callable[[], object], capacity: int = 2):
     """The shard for ``key`` (e.g. (index_url, shard_no, sha256)), loading it with ``load()`` at
     most once per process while it stays among the ``capacity`` most recently used."""
-    with _LOCK:
-        if key in _SHARDS:
-            _SHARDS.move_to_end(key)
-            return _SHARDS[key]
-    index = load()
-    with _LOCK:
-        _SHARDS[key] = index
-        _SHARDS.move_to_end(key)
-        while len(_SHARDS) > max(1, capacity):
-            old, _ = _SHARDS.popitem(last=False)
-            log.info("shard cache: evicted %s", old)
-    return index
+    return _cached(_SHARDS, key, load, lambda c: len(c) > capacity, "shard")
 
 
 def clear_cache() -> None:
@@ -66,18 +73,8 @@ def cached_assignment(key: tuple, compute: Callable[[], "Assignment"]) -> "Assig
     most once per process while it stays among the most recent ``ASSIGNMENT_CACHE_BYTES``: a
     process that searches several shards for the same chunk (in one task or in consecutive ones)
     searches the quantizer once."""
-    with _LOCK:
-        if key in _ASSIGNMENTS:
-            _ASSIGNMENTS.move_to_end(key)
-            return _ASSIGNMENTS[key]
-    value = compute()
-    with _LOCK:
-        _ASSIGNMENTS[key] = value
-        total = sum(a.nbytes for a in _ASSIGNMENTS.values())
-        while total > ASSIGNMENT_CACHE_BYTES and len(_ASSIGNMENTS) > 1:
-            _, old = _ASSIGNMENTS.popitem(last=False)
-            total -= old.nbytes
-    return value
+    return _cached(_ASSIGNMENTS, key, compute,
+                   lambda c: sum(a.nbytes for a in c.values()) > ASSIGNMENT_CACHE_BYTES, "assignment")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,9 +93,9 @@ def auto_shortlist(ntotal: int) -> int:
     noise, tests/bench): at 1M the source's rank-1 is kept equally at S = 200, 500 and 1000 (only
     nprobe limits it; S = 100 loses 0.5-1 point); at 10M S = 500 keeps 90.3% and S = 1050 100%.
     The rule passes through both (1M: 200, 10M: 1050). Beyond the measured range it is capped
-    (2,000 from ~25M vectors on): every index shard returns its top S, so S multiplies the
-    shuffle (queries x S x 12 B x shards) and a task's shortlist memory (query_chunk x S x 24 B);
-    at a billion, measure and set ``search.shortlist`` (docs/billion.md)."""
+    (2,000 from ~25M vectors on): S sets each shard's list K' (:func:`shard_shortlist`), so it
+    grows the shuffle (queries x K' x 12 B x shards), and a task's shortlist memory
+    (query_chunk x S x 24 B); at a billion, measure and set ``search.shortlist`` (docs/billion.md)."""
     s = AUTO_SHORTLIST_BASE * (max(int(ntotal), 1) / 1e6) ** AUTO_SHORTLIST_EXPONENT
     return int(min(AUTO_SHORTLIST_MAX, max(AUTO_SHORTLIST_BASE, math.ceil(s / 50.0) * 50)))
 
