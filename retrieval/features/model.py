@@ -141,13 +141,21 @@ class ModelSpec:
     gem_p: float = 3.0
     channels: int = 1280
     heads: str = "seed:0"           # "seed:N" (deterministic init) or "trained"
+    whiten: bool = False            # fitted whitening layers after the fine head and the adapters (retrieval fit)
     extra: dict = field(default_factory=dict)   # provenance (training run, model card...)
 
     def fingerprint_fields(self) -> dict:
         d = asdict(self)
         d.pop("extra")
         d.pop("heads")
+        for key, default in OPTIONAL_SPEC_FIELDS.items():   # fields added later: absent at their default,
+            if d.get(key) == default:                       # so earlier models keep their model_version
+                d.pop(key)
         return d
+
+
+# ModelSpec fields that enter the fingerprint only when they differ from these defaults
+OPTIONAL_SPEC_FIELDS: dict[str, Any] = {"whiten": False}
 
 
 class DescriptorModel(nn.Module):
@@ -163,6 +171,23 @@ class DescriptorModel(nn.Module):
                                       nn.Linear(2 * k, spec.coarse_dim))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.fine_white: nn.Linear | None = None
+        self.coarse_white: nn.Linear | None = None
+        if spec.whiten:
+            self.enable_whitening()
+
+    @torch.no_grad()
+    def enable_whitening(self) -> None:
+        """Add the whitening layers (identity until :mod:`retrieval.fit` sets them): each output is
+        ``normalise(W (normalise(head(x))) + b)``, i.e. centering + whitening of the L2-normalised
+        descriptor followed by a second L2 normalisation, folded into the model (no cost per pair)."""
+        if self.fine_white is None:
+            self.fine_white = nn.Linear(self.spec.fine_dim, self.spec.fine_dim)
+            self.coarse_white = nn.Linear(self.spec.coarse_dim, self.spec.coarse_dim)
+            for lin in (self.fine_white, self.coarse_white):
+                lin.weight.copy_(torch.eye(lin.in_features))
+                lin.bias.zero_()
+        self.spec.whiten = True
 
     # -- initialisation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -197,14 +222,19 @@ class DescriptorModel(nn.Module):
         """x: float RGB in [0, 1], N x 3 x H x W -> GeM-pooled base feature N x K."""
         return self.pool(self.backbone((x - self.mean) / self.std))
 
+    @staticmethod
+    def _out(x: torch.Tensor, white: nn.Linear | None) -> torch.Tensor:
+        x = F.normalize(x, dim=-1)
+        return x if white is None else F.normalize(white(x), dim=-1)
+
     def fine(self, pooled: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.fine_head(pooled), dim=-1)
+        return self._out(self.fine_head(pooled), self.fine_white)
 
     def coarse_gallery(self, pooled: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.adapter1(pooled), dim=-1)
+        return self._out(self.adapter1(pooled), self.coarse_white)
 
     def coarse_query(self, pooled_lo: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.adapter2(pooled_lo), dim=-1)
+        return self._out(self.adapter2(pooled_lo), self.coarse_white)
 
     def encode_gallery(self, x_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One R_hi backbone pass -> (coarse via adapter 1, fine)."""

@@ -30,9 +30,12 @@ _QUANTISE_MIN = 4096  # tensors with fewer elements are stored exactly
 
 
 def _base(spec: ModelSpec, head_seed: int) -> DescriptorModel:
-    return build_model(spec.backbone, "default", fine_dim=spec.fine_dim, coarse_dim=spec.coarse_dim,
-                       size_hi=spec.size_hi, size_lo=spec.size_lo, resize=spec.resize, gem_p=spec.gem_p,
-                       head_seed=head_seed)
+    model = build_model(spec.backbone, "default", fine_dim=spec.fine_dim, coarse_dim=spec.coarse_dim,
+                        size_hi=spec.size_hi, size_lo=spec.size_lo, resize=spec.resize, gem_p=spec.gem_p,
+                        head_seed=head_seed)
+    if spec.whiten:
+        model.enable_whitening()
+    return model
 
 
 def _apply(model: DescriptorModel, arrays: dict[str, np.ndarray], names: list[str]) -> None:
