@@ -30,6 +30,12 @@ NULLABLE: dict[str, type] = {
     "train.eval_input": str,
     "search.coarse_threshold": float,
     "search.match_threshold": float,
+    "search.normalize.background": str,
+}
+
+# keys that take either a number or a mapping with these keys (and their types)
+NUMBER_OR_MAPPING: dict[str, dict[str, type]] = {
+    "report.threshold": {"from_evaluation": str, "precision": float},
 }
 
 # keys that hold free-form mappings (any sub-keys allowed); spark.conf values become strings
@@ -116,7 +122,22 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "evaluate.exact_k": _positive,
     "evaluate.exact_batch_rows": _positive,
     "evaluate.exact_query_chunk": _positive,
-    "report.threshold": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
+    "report.threshold": lambda v: (None if v.get("precision", 0.9) in (0.9, 0.95) and v.get("from_evaluation")
+                                   else "from_evaluation needs a metrics.json URL and precision 0.9 or 0.95")
+    if isinstance(v, Mapping) else None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
+    "search.normalize.k": _positive,
+    "search.normalize.beta": _non_negative,
+    "search.normalize.sample": _positive,
+    "search.normalize.seed": _non_negative,
+    "fit.sample": _positive,
+    "fit.seed": _non_negative,
+    "fit.shrinkage": lambda v: None if 0.0 <= v <= 1.0 else "must be in [0, 1]",
+    "fit.power": lambda v: None if 0.0 <= v <= 1.0 else "must be in [0, 1]",
+    "fit.adapter2_steps": _non_negative,
+    "fit.adapter2_lr": _positive,
+    "fit.batch_size": _positive,
+    "fit.threads": _non_negative,
+    "fit.progress_seconds": _positive,
     "report.bands": lambda v: None if all(isinstance(b, (int, float)) and not isinstance(b, bool)
                                           and -1.0 <= b <= 1.0 for b in v) and list(v) == sorted(set(v))
     else "must be a strictly ascending list of numbers in [-1, 1]",
@@ -184,7 +205,8 @@ class Config(Mapping[str, Any]):
             if not isinstance(node, dict) or part not in node:
                 raise KeyError(f"no config key {self._prefix + key!r}")
             node = node[part]
-        if isinstance(node, dict) and (self._prefix + key) not in FREE_MAPPINGS:
+        full = self._prefix + key
+        if isinstance(node, dict) and full not in FREE_MAPPINGS and full not in NUMBER_OR_MAPPING:
             return Config(node, self._prefix + key + ".")
         return copy.deepcopy(node) if isinstance(node, (dict, list)) else node
 
@@ -219,7 +241,7 @@ class Config(Mapping[str, Any]):
 def _flatten(d: Mapping, prefix: str = "") -> Iterable[tuple[str, Any]]:
     for k, v in d.items():
         key = prefix + str(k)
-        if isinstance(v, Mapping) and key not in FREE_MAPPINGS:
+        if isinstance(v, Mapping) and key not in FREE_MAPPINGS and key not in NUMBER_OR_MAPPING:
             yield from _flatten(v, key + ".")
         else:
             yield key, v
@@ -238,6 +260,20 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
             return None
         raise ConfigError(f"{source}: config key {key!r} must not be null")
     want: type = NULLABLE.get(key, type(default)) if default is None else type(default)
+    if key in NUMBER_OR_MAPPING and isinstance(value, Mapping):
+        allowed = NUMBER_OR_MAPPING[key]
+        unknown = set(value) - set(allowed)
+        if unknown or not value:
+            raise ConfigError(f"{source}: config key {key!r} takes a number or a mapping with keys "
+                              f"{', '.join(allowed)}; got {value!r}")
+        out = {}
+        for sub, v in value.items():
+            if allowed[sub] is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if not isinstance(v, allowed[sub]) or isinstance(v, bool):
+                raise ConfigError(f"{source}: config key {key}.{sub} must be {allowed[sub].__name__}, got {v!r}")
+            out[sub] = v
+        return out
     if key in FREE_MAPPINGS:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: config key {key!r} must be a mapping, got {value!r}")

@@ -15,6 +15,9 @@ Definitions (docs/search.md):
   on them matters.
 - ``precision_at_recall[r]``: the best precision at any cut reaching recall >= r (with the score
   of that cut); ``recall_at_precision[p]``: the best recall at precision >= p.
+- scores: the search's ``norm_score`` when it normalised its scores (``search.normalize``), else the
+  512-d cosine ``score``; ``thresholds`` records which, and the score at which precision first
+  drops below 90% and 95% (``report.threshold: {from_evaluation: URL}`` reads them).
 - ``--exact INDEX``: the queries are scored by brute force against every gallery vector of the
   index's feature files (faiss inner product, in batches); ``exact.kept_at_k`` is the mean fraction
   of each query's exact top-k that the evaluated results also return in their top k.
@@ -37,6 +40,7 @@ from retrieval import fsio, integrity
 log = logging.getLogger(__name__)
 METRICS = "metrics.json"
 PLOT = "pr_curve.png"
+THRESHOLD_PRECISIONS = (0.9, 0.95)     # evaluate writes the report thresholds at these precisions
 
 
 @dataclass
@@ -246,9 +250,10 @@ def compare_with_exact(results: pa.Table, query_ids: Sequence[str], exact_galler
             "rank1_agreement": round(float(np.mean(rank1)) if rank1 else 0.0, 6)}
 
 
-def exact_results(query_features_url: str, index_url: str, cfg) -> tuple[pa.Table, float]:
+def exact_results(query_features_url: str, index_url: str, cfg, background=None) -> tuple[pa.Table, float]:
     """The exact 512-d top ``evaluate.exact_k`` of every query, as a result table (same columns
-    as the search output that matter here: query_id, rank, gallery_id, score)."""
+    as the search output that matter here: query_id, rank, gallery_id, score, and norm_score
+    when ``background`` (:class:`~retrieval.search.normalize.Background`) is given)."""
     from retrieval.features.extract import read_features
     from retrieval.index import idmap, store
     from retrieval.schema import fine_matrix
@@ -261,7 +266,13 @@ def exact_results(query_features_url: str, index_url: str, cfg) -> tuple[pa.Tabl
                        if _is_int8(query_features_url) else ["image_id", "fine"])
     t0 = time.monotonic()
     files = store.feature_file_urls(manifest)
-    s, i = exact_search(fine_matrix(qt), files, ev.exact_k, ev.exact_batch_rows, ev.exact_query_chunk)
+    q_fine = fine_matrix(qt)
+    s, i = exact_search(q_fine, files, ev.exact_k, ev.exact_batch_rows, ev.exact_query_chunk)
+    norm = None
+    if background is not None:
+        from retrieval.search.normalize import normalized
+
+        norm = normalized(s, q_fine, background)
     seconds = time.monotonic() - t0
     rows, ranks = np.nonzero(i >= 0)
     gal = idmap.fetch_rows(files, i[rows, ranks], ["image_id"]) if len(rows) else None
@@ -269,7 +280,51 @@ def exact_results(query_features_url: str, index_url: str, cfg) -> tuple[pa.Tabl
     table = pa.table({"query_id": qids, "rank": pa.array((ranks + 1).astype(np.int32)),
                       "gallery_id": gal.column("image_id") if gal is not None else pa.array([], pa.string()),
                       "score": pa.array(s[rows, ranks].astype(np.float32))})
+    if norm is not None:
+        table = table.append_column("norm_score", pa.array(norm[rows, ranks].astype(np.float32)))
     return table, seconds
+
+
+def score_column(results: pa.Table, search_manifest: dict) -> str:
+    """``norm_score`` when the search normalised its scores (and every row has one), else ``score``."""
+    params = search_manifest.get("params") or {}
+    if params.get("normalize") and results.num_rows and results.column("norm_score").null_count == 0:
+        return "norm_score"
+    return "score"
+
+
+def thresholds(metrics: dict, column: str, curve: dict) -> dict:
+    """The score thresholds at :data:`THRESHOLD_PRECISIONS` (the lowest score whose cut keeps the
+    precision; ``None`` where it is never reached), for ``report.threshold: {from_evaluation}``."""
+    _, r_at_p = _operating_points(curve["precision"], curve["recall"], curve["threshold"], (),
+                                  THRESHOLD_PRECISIONS)
+    return {"score": column,
+            "precision": {str(p): (r_at_p[str(p)] or {}).get("threshold") for p in THRESHOLD_PRECISIONS},
+            "recall": {str(p): (r_at_p[str(p)] or {}).get("recall") for p in THRESHOLD_PRECISIONS}}
+
+
+def threshold_from_evaluation(url: str, precision: float, column: str) -> float:
+    """The threshold ``retrieval evaluate`` wrote at ``precision`` (``url``: its metrics.json or
+    the folder holding it); refused when it was measured on another score column."""
+    if not url.endswith(".json"):
+        url = fsio.join(url, METRICS)
+    try:
+        m = fsio.read_json(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"report.threshold.from_evaluation: {url} not found") from None
+    th = m.get("thresholds") if isinstance(m, dict) else None
+    if not th or m.get("stage") != "evaluate":
+        raise ValueError(f"report.threshold.from_evaluation: {url} is not the metrics.json of "
+                         "`retrieval evaluate` (no thresholds)")
+    if th.get("score") != column:
+        raise ValueError(f"report.threshold.from_evaluation: {url} measured thresholds on "
+                         f"{th.get('score')!r}, but these results are scored by {column!r} "
+                         "(normalised and raw scores are on different scales)")
+    value = th.get("precision", {}).get(str(precision))
+    if value is None:
+        raise ValueError(f"report.threshold.from_evaluation: {url} never reached precision {precision} "
+                         "(no threshold at that precision)")
+    return float(value)
 
 
 def _is_int8(features_url: str) -> bool:
@@ -292,21 +347,31 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
     fsio.ensure_writable(output_url)
     results = read_results(results_url)
     truth = read_truth(truth_url)
-    d = results.select(["query_id", "rank", "gallery_id", "score"]).to_pydict()
-    metrics, curve = evaluate_results(d["query_id"], d["rank"], d["gallery_id"], d["score"], truth,
-                                      ev.recall_at, ev.precision_at_recall, ev.recall_at_precision)
     search_manifest = fsio.read_json(fsio.join(results_url, "_manifest.json"))
+    column = score_column(results, search_manifest)
+    d = results.select(["query_id", "rank", "gallery_id", column]).to_pydict()
+    metrics, curve = evaluate_results(d["query_id"], d["rank"], d["gallery_id"], d[column], truth,
+                                      ev.recall_at, ev.precision_at_recall, ev.recall_at_precision)
     out: dict[str, Any] = {"stage": "evaluate", "results": results_url, "truth": truth_url,
                            "model_version": search_manifest.get("model_version"),
-                           "search_params": search_manifest.get("params"), **metrics}
+                           "search_params": search_manifest.get("params"), **metrics,
+                           "thresholds": thresholds(metrics, column, curve)}
     exact_curve = None
     if exact_index:
         qf = search_manifest.get("query_features")
         if not qf:
             raise ValueError(f"{results_url}: the search manifest names no query_features for --exact")
-        exact, seconds = exact_results(qf, exact_index, cfg)
+        background = None
+        if column == "norm_score":     # the exact scores normalised by the same background
+            from retrieval.index import store
+            from retrieval.search.normalize import load_background
+
+            background = load_background(search_manifest["config"]["search"]["normalize"],
+                                         store.read_index_manifest(exact_index),
+                                         list(store.feature_file_urls(store.read_index_manifest(exact_index))))
+        exact, seconds = exact_results(qf, exact_index, cfg, background)
         e = exact.to_pydict()
-        e_metrics, exact_curve = evaluate_results(e["query_id"], e["rank"], e["gallery_id"], e["score"],
+        e_metrics, exact_curve = evaluate_results(e["query_id"], e["rank"], e["gallery_id"], e[column],
                                                   truth, ev.recall_at, ev.precision_at_recall,
                                                   ev.recall_at_precision)
         per_query: dict[str, list[tuple[int, str]]] = defaultdict(list)
@@ -337,7 +402,7 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
 def run_cli(args, cfg, spark) -> dict:
     """``retrieval evaluate`` (runs on the driver: results and truth are small; ``spark`` unused)."""
     m = evaluate(args.results, args.truth, args.output, cfg, args.exact)
-    keep = ("micro_ap", "precision_at_recall", "recall_at_precision", "counts", "plot")
+    keep = ("micro_ap", "precision_at_recall", "recall_at_precision", "thresholds", "counts", "plot")
     out = {k: v for k, v in m.items() if k.startswith("recall@") or k in keep}
     if "exact" in m:
         out["exact"] = {k: v for k, v in m["exact"].items() if k != "metrics"}

@@ -36,6 +36,23 @@ import pyarrow as pa
 
 ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("error", pa.string())])
 
+# search results (``retrieval search``): one row per (query, rank); docs/search.md
+RESULT_SCHEMA = pa.schema([
+    ("query_id", pa.string()), ("rank", pa.int32()), ("gallery_id", pa.string()),
+    ("score", pa.float32()), ("coarse_score", pa.float32()),
+    ("query_uri", pa.string()), ("gallery_uri", pa.string()),
+    ("norm_score", pa.float32()),     # score - beta x the query's background level (null: not normalised)
+])
+# columns a result file must have (outputs written before norm_score existed lack it)
+RESULT_REQUIRED = tuple(n for n in RESULT_SCHEMA.names if n != "norm_score")
+
+
+def conform_results(table: pa.Table) -> pa.Table:
+    """A result table in the current schema (a missing ``norm_score`` becomes a null column)."""
+    if "norm_score" not in table.column_names:
+        table = table.append_column("norm_score", pa.nulls(table.num_rows, pa.float32()))
+    return table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
+
 
 # columns written with dictionary encoding (the others are vectors or numbers)
 DICTIONARY_COLUMNS = ["image_id", "uri", "model_version", "role"]

@@ -80,8 +80,11 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Seque
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+SCORE_LABELS = {"score": "score (512-d cosine)",
+                "norm_score": "normalised score (512-d cosine - background level)"}
+
 def histogram_svg(edges: Sequence[float], counts: Sequence[int], threshold: float,
-                  width: int = 760, height: int = 240) -> str:
+                  width: int = 760, height: int = 240, label: str = "score (512-d cosine)") -> str:
     """Bars of ``counts`` on a log scale, bins at or above ``threshold`` in red, a dashed line at
     the threshold; every bar has a tooltip with its exact count."""
     left, right, top, bottom = 56, 12, 22, 34
@@ -119,7 +122,7 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[int], threshold: floa
                      'stroke="#b3261e" stroke-dasharray="4 3"/>')
         parts.append(f'<text x="{x(threshold):.1f}" y="{top - 6}" text-anchor="middle" fill="#b3261e">'
                      f'threshold {threshold:g}</text>')
-    parts.append(f'<text x="{left + pw / 2:.0f}" y="{height - 4}" text-anchor="middle">score (512-d cosine)</text>')
+    parts.append(f'<text x="{left + pw / 2:.0f}" y="{height - 4}" text-anchor="middle">{esc(label)}</text>')
     parts.append(f'<text transform="translate(12 {top + ph / 2:.0f}) rotate(-90)" text-anchor="middle">'
                  'matches (log scale)</text>')
     parts.append("</svg>")
@@ -144,6 +147,8 @@ def _flagged_block(fq: FlaggedQuery, threshold: float, src_of, reason_of) -> str
             tag = '<span class="tag fp">not in truth</span>'
         cls = "score hi" if m.score >= threshold - 1e-6 else "score"
         coarse = "" if m.coarse_score is None else f" &middot; coarse {m.coarse_score:.3f}"
+        if m.cosine is not None:
+            coarse = f" &middot; cosine {m.cosine:.3f}{coarse}"
         figs.append(
             f'<figure>{_image(m.gallery_uri, src_of, reason_of, m.gallery_id)}<figcaption>'
             f'#{m.rank} <span class="{cls}">{m.score:.3f}</span>{coarse}{tag}<br>'
@@ -257,7 +262,7 @@ def render(info: RunInfo, scan: ScanResult, src_of: Callable[[str], str | None],
 </section>
 <section id="histogram"><h2>Score histogram</h2>
 <p class="meta">{scan.rows:,} result rows, {score_range}</p>
-{histogram_svg(scan.hist_edges, scan.hist_counts, st.threshold)}
+{histogram_svg(scan.hist_edges, scan.hist_counts, st.threshold, label=SCORE_LABELS[st.score_column])}
 </section>
 <section id="flagged"><h2>Flagged queries</h2>{flagged_html}</section>
 <section id="errors"><h2>Error rows</h2>{errors_html}</section>

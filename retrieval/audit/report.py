@@ -28,12 +28,24 @@ HTML = "report.html"
 SUMMARY_TOP = 10
 
 
-def settings_from(cfg: Config) -> ScanSettings:
+def settings_from(cfg: Config, search_manifest: dict | None = None) -> ScanSettings:
+    """Scan settings; the score is ``norm_score`` when the search normalised (its manifest's
+    ``params.normalize``), and ``report.threshold: {from_evaluation: URL, precision: p}`` is the
+    threshold ``retrieval evaluate`` measured at precision p on that same score."""
+    from retrieval.evaluate import threshold_from_evaluation
+
     r = cfg["report"]
-    return ScanSettings(threshold=float(r["threshold"]), bands=tuple(float(b) for b in r["bands"]),
+    params = (search_manifest or {}).get("params") or {}
+    column = "norm_score" if params.get("normalize") else "score"
+    threshold = r["threshold"]
+    if isinstance(threshold, dict):
+        threshold = threshold_from_evaluation(threshold["from_evaluation"], float(threshold.get("precision", 0.9)),
+                                              column)
+    return ScanSettings(threshold=float(threshold), bands=tuple(float(b) for b in r["bands"]),
                         top_queries=int(r["top_queries"]), matches_per_query=int(r["matches_per_query"]),
                         hist_bins=int(r["histogram_bins"]), hist_min=float(r["histogram_min"]),
-                        batch_rows=int(r["batch_rows"]), progress_seconds=float(r["progress_seconds"]))
+                        batch_rows=int(r["batch_rows"]), progress_seconds=float(r["progress_seconds"]),
+                        score_column=column)
 
 
 def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str | None = None) -> dict[str, Any]:
@@ -41,8 +53,8 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
     summary (also written as ``summary.json``)."""
     t0 = time.monotonic()
     r = cfg["report"]
-    st = settings_from(cfg)
     info = runinfo.gather(results_url, errors_shown=int(r["errors_shown"]), verify=bool(r["verify"]))
+    st = settings_from(cfg, info.manifest)
     total_rows = sum(runinfo.check_result_schema(f) for f in info.result_files)
     expected = (info.manifest.get("counts") or {}).get("rows")
     if isinstance(expected, int) and expected != total_rows:
@@ -99,7 +111,8 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
         "output": output_url,
         "truth": truth_url,
         "generated": generated,
-        "thresholds": {"flag": st.threshold, "bands": list(st.bands)},
+        "thresholds": {"flag": st.threshold, "bands": list(st.bands), "score": st.score_column,
+                       "configured": cfg["report.threshold"]},
         "counts": {
             "queries": info.stage("search").counts.get("queries", result.queries),
             "queries_with_results": result.queries,

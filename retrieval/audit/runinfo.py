@@ -17,11 +17,12 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from retrieval import fsio
+from retrieval.schema import RESULT_REQUIRED
 
 RESULTS_MANIFEST = "_manifest.json"
 INDEX_MANIFEST = "manifest.json"
 EXTRACT_MANIFEST = "_manifest.json"
-RESULT_COLUMNS = ("query_id", "rank", "gallery_id", "score", "coarse_score", "query_uri", "gallery_uri")
+RESULT_COLUMNS = RESULT_REQUIRED
 
 
 @dataclass

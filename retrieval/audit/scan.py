@@ -26,12 +26,10 @@ import pyarrow.parquet as pq
 
 from retrieval import fsio
 from retrieval.progress import Progress
+from retrieval.schema import RESULT_SCHEMA, conform_results
 
 log = logging.getLogger(__name__)
 
-RESULT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int32()), ("gallery_id", pa.string()),
-                           ("score", pa.float32()), ("coarse_score", pa.float32()),
-                           ("query_uri", pa.string()), ("gallery_uri", pa.string())])
 TRUTH_FIELD = pa.field("true_match", pa.bool_())
 # spreadsheet formula prefixes (OWASP "CSV injection"): such cells get a leading ' in the CSV only
 _FORMULA_START = r"^[=+\-@\t\r]"
@@ -47,6 +45,7 @@ class ScanSettings:
     hist_min: float = 0.0
     batch_rows: int = 65536
     progress_seconds: float = 10.0
+    score_column: str = "score"      # "norm_score" when the search normalised its scores
 
 
 @dataclass
@@ -57,6 +56,7 @@ class Match:
     score: float
     coarse_score: float | None
     true_match: bool | None = None
+    cosine: float | None = None      # the raw 512-d cosine when ``score`` is the normalised score
 
 
 @dataclass
@@ -143,9 +143,10 @@ def _batches(files: Sequence[str], batch_rows: int) -> Iterator[tuple[str, pa.Re
         fs, path = fsio.url_to_fs(url)
         with fs.open(path, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=list(RESULT_SCHEMA.names)):
+            columns = [c for c in RESULT_SCHEMA.names if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
                 try:
-                    table = pa.Table.from_batches([batch]).select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
+                    table = conform_results(pa.Table.from_batches([batch]))
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError) as exc:
                     raise ValueError(f"result file {url}: columns do not fit the results schema: {exc}") from None
                 for b in table.to_batches():
@@ -222,7 +223,7 @@ def scan(files: Sequence[str], output_url: str, settings: ScanSettings, truth: T
         for _, batch in _batches(files, st.batch_rows):
             n = batch.num_rows
             res.rows += n
-            scores = batch.column(3).to_numpy(zero_copy_only=False).astype(np.float32)
+            scores = batch.column(st.score_column).to_numpy(zero_copy_only=False).astype(np.float32)
             finite = np.isfinite(scores)
             res.nonfinite_scores += int(n - finite.sum())
             s = scores[finite]
@@ -244,9 +245,9 @@ def scan(files: Sequence[str], output_url: str, settings: ScanSettings, truth: T
                 qids = flagged.column("query_id")
                 hashes.append(np.unique(pd.util.hash_array(
                     np.asarray(qids.to_pylist(), dtype=object), categorize=False)))
-                grouped = flagged.group_by("query_id").aggregate([("score", "max")])
+                grouped = flagged.group_by("query_id").aggregate([(st.score_column, "max")])
                 top.offer(grouped.column("query_id").to_pylist(),
-                          grouped.column("score_max").to_numpy().astype(np.float64))
+                          grouped.column(f"{st.score_column}_max").to_numpy().astype(np.float64))
                 if truth is not None:
                     labels = []
                     for q, g in zip(qids.to_pylist(), flagged.column("gallery_id").to_pylist()):
@@ -269,7 +270,7 @@ def scan(files: Sequence[str], output_url: str, settings: ScanSettings, truth: T
     res.band_queries = band_q.tolist()
     res.flagged_queries = int(np.unique(np.concatenate(hashes)).size) if hashes else 0
     ranked = top.ranked()
-    res.top = _top_matches(flagged_url, ranked, st.matches_per_query, st.batch_rows)
+    res.top = _top_matches(flagged_url, ranked, st.matches_per_query, st.batch_rows, st.score_column)
     if truth is not None:
         labelled_flagged = len(tp_pairs) + fp_rows
         res.truth = {
@@ -285,7 +286,7 @@ def scan(files: Sequence[str], output_url: str, settings: ScanSettings, truth: T
 
 
 def _top_matches(flagged_url: str, ranked: list[tuple[str, float]], per_query: int,
-                 batch_rows: int) -> list[FlaggedQuery]:
+                 batch_rows: int, column: str = "score") -> list[FlaggedQuery]:
     """The shown queries' best flagged matches, read back from ``flagged.parquet`` (only the
     rows of the selected queries are kept)."""
     if not ranked:
@@ -303,13 +304,14 @@ def _top_matches(flagged_url: str, ranked: list[tuple[str, float]], per_query: i
                 lst.append(r)
                 uris.setdefault(r["query_id"], r["query_uri"] or "")
                 if len(lst) > 4 * per_query:   # keep memory bounded: trim to the best
-                    lst.sort(key=lambda x: (-x["score"], x["rank"], x["gallery_id"]))
+                    lst.sort(key=lambda x: (-x[column], x["rank"], x["gallery_id"]))
                     del lst[per_query:]
     out = []
     for q, best in ranked:
-        lst = sorted(rows[q], key=lambda x: (-x["score"], x["rank"], x["gallery_id"]))[:per_query]
+        lst = sorted(rows[q], key=lambda x: (-x[column], x["rank"], x["gallery_id"]))[:per_query]
         out.append(FlaggedQuery(query_id=q, query_uri=uris.get(q, ""), best=best, matches=[
             Match(rank=int(r["rank"]), gallery_id=r["gallery_id"] or "", gallery_uri=r["gallery_uri"] or "",
-                  score=float(r["score"]), coarse_score=None if r["coarse_score"] is None else float(r["coarse_score"]),
-                  true_match=r.get("true_match")) for r in lst]))
+                  score=float(r[column]), coarse_score=None if r["coarse_score"] is None else float(r["coarse_score"]),
+                  true_match=r.get("true_match"), cosine=float(r["score"]) if column != "score" else None)
+            for r in lst]))
     return out

@@ -35,8 +35,9 @@ import pyarrow.parquet as pq
 
 from retrieval import faults, fsio, integrity
 from retrieval.index import idmap
-from retrieval.schema import coarse_matrix, fine_matrix
+from retrieval.schema import RESULT_SCHEMA, coarse_matrix, conform_results, fine_matrix
 from retrieval.search import coarse as coarse_mod
+from retrieval.search import normalize as normalize_mod
 from retrieval.search import rerank as rerank_mod
 from retrieval.search import vectors
 from retrieval.sparkutil import task_threads
@@ -44,13 +45,6 @@ from retrieval.sparkutil import task_threads
 log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
 QUERY_FEATURES = "query_features"
-
-RESULT_SCHEMA = pa.schema([
-    ("query_id", pa.string()), ("rank", pa.int32()), ("gallery_id", pa.string()),
-    ("score", pa.float32()), ("coarse_score", pa.float32()),
-    ("query_uri", pa.string()), ("gallery_uri", pa.string()),
-])
-
 
 @dataclass(frozen=True)
 class Chunk:
@@ -85,6 +79,7 @@ class SearchJob:
     chunks: tuple[Chunk, ...] = field(default_factory=tuple)
     faults: dict | None = None
     storage_options: dict | None = None
+    background: normalize_mod.Background | None = None   # score normalisation (None: off)
 
 
 def part_name(chunk: int) -> str:
@@ -164,12 +159,15 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
     cache = vectors.process_cache(job.vector_cache_mb)
     cache.threads = task_threads(job.threads)
     reads_before = cache.reads
+    q_fine = fine_matrix(q)
     scores, ids, coarse = rerank_mod.rerank(
-        fine_matrix(q), c_ids, c_scores, job.feature_files, job.k, job.match_threshold,
+        q_fine, c_ids, c_scores, job.feature_files, job.k, job.match_threshold,
         job.feature_rows if job.verify else None, cache, job.feature_versions)
     t2 = time.monotonic()
+    norm = normalize_mod.normalized(scores, q_fine, job.background) if job.background is not None else None
+    t_norm = time.monotonic() - t2
     faults.maybe_fail(job.faults, "search", chunk.chunk, chunk.stop - chunk.start)
-    table = result_table(job, q, scores, ids, coarse, cache)
+    table = result_table(job, q, scores, ids, coarse, cache, norm)
     url = fsio.join(job.output, part_name(chunk.chunk))
     with fsio.atomic_open(url, "wb") as fh:
         pq.write_table(table, fh, compression="zstd")
@@ -182,7 +180,8 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
             "gallery_row_groups_read": cache.reads - reads_before, "pid": os.getpid(),
             "attempt": faults.attempt(),
             "coarse_s": round(coarse_s, 4), "merge_s": round(t1 - t0, 4),
-            "rerank_s": round(t2 - t1, 4), "write_s": round(t3 - t2, 4)}
+            "rerank_s": round(t2 - t1, 4), "normalize_s": round(t_norm, 4),
+            "write_s": round(t3 - t2 - t_norm, 4)}
 
 
 def gallery_labels(job: SearchJob, gids: np.ndarray, cache: vectors.VectorCache | None = None
@@ -215,7 +214,8 @@ def gallery_labels(job: SearchJob, gids: np.ndarray, cache: vectors.VectorCache 
 
 
 def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.ndarray,
-                 coarse: np.ndarray, cache: vectors.VectorCache | None = None) -> pa.Table:
+                 coarse: np.ndarray, cache: vectors.VectorCache | None = None,
+                 norm: np.ndarray | None = None) -> pa.Table:
     """Rows (query, rank) for every kept match, in query order then rank."""
     rows, ranks = np.nonzero(ids >= 0)
     gids = ids[rows, ranks]
@@ -229,6 +229,8 @@ def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.
         "coarse_score": pa.array(coarse[rows, ranks].astype(np.float32)),
         "query_uri": queries.column("uri").take(take),
         "gallery_uri": gallery_uri,
+        "norm_score": (pa.nulls(len(rows), pa.float32()) if norm is None
+                       else pa.array(norm[rows, ranks].astype(np.float32))),
     }, schema=RESULT_SCHEMA)
 
 
@@ -369,6 +371,9 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
     fsio.configure(cfg["io.storage_options"])
     fsio.ensure_writable(output_url)
     index_manifest = store.read_index_manifest(index_url)
+    # before anything is written: a background of another model is an error, not an empty output
+    background = normalize_mod.load_background(sc.normalize, index_manifest,
+                                               list(store.feature_file_urls(index_manifest)))
     if sc.verify:
         verify_index_inputs(index_url, index_manifest, spark, cfg["io.storage_options"])
     _clean_output(output_url)
@@ -391,7 +396,7 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
         match_threshold=sc.match_threshold,
         vector_cache_mb=sc.vector_cache_mb, shard_cache=sc.shard_cache,
         threads=sc.threads, verify=sc.verify, chunks=tuple(chunks), faults=cfg["faults"].to_dict(),
-        storage_options=cfg["io.storage_options"])
+        storage_options=cfg["io.storage_options"], background=background)
     log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, "
              "%d per shard, k %d)", qf_url, sum(qrows), len(chunks), index_url, job.n_shards, job.nprobe,
              job.shortlist, job.shard_shortlist, job.k)
@@ -417,7 +422,7 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
         raise AssertionError(f"chunks cover {sum(s['queries'] for s in stats)} queries, "
                              f"expected {counts['queries']}")
     timings = {"encode_s": round(encode_s, 3)}
-    for key in ("coarse_s", "merge_s", "rerank_s", "write_s"):
+    for key in ("coarse_s", "merge_s", "rerank_s", "normalize_s", "write_s"):
         timings[key] = round(sum(s.get(key, 0.0) for s in stats), 3)
     timings["search_s"] = round(t_search, 3)
     timings["total_s"] = round(time.monotonic() - t0, 3)
@@ -430,7 +435,8 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
         "params": {"shortlist": job.shortlist, "shard_shortlist": job.shard_shortlist, "k": job.k,
                    "nprobe": job.nprobe, "shard_shortlist_configured": sc.shard_shortlist,
                    "coarse_threshold": job.coarse_threshold, "match_threshold": job.match_threshold,
-                   "query_chunk": sc.query_chunk, "shortlist_configured": sc.shortlist},
+                   "query_chunk": sc.query_chunk, "shortlist_configured": sc.shortlist,
+                   "normalize": job.background.describe() if job.background is not None else None},
         "files": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"], "chunk": s["chunk"],
                    "queries": s["queries"]} for s in stats],
         "chunks": [{k: v for k, v in s.items() if k not in ("file", "sha256")} for s in stats],
@@ -456,5 +462,5 @@ def read_results(output_url: str) -> pa.Table:
         url = fsio.join(output_url, fsio.safe_relpath(f["file"]))
         if f.get("sha256") and fsio.sha256_file(url) != f["sha256"]:
             raise ValueError(f"result file {url} does not match the sha256 in {murl}")
-        tables.append(fsio.read_parquet(url).select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA))
+        tables.append(conform_results(fsio.read_parquet(url)))
     return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()

@@ -60,7 +60,8 @@ def test_library_and_spark_give_the_same_results(world, spark, tmp_path):
     t = pq.read_table(tmp_path / "lib" / "part-00000.parquet")
     assert [f"{f.name}:{f.type}" for f in t.schema] == [
         "query_id:string", "rank:int32", "gallery_id:string", "score:float", "coarse_score:float",
-        "query_uri:string", "gallery_uri:string"]
+        "query_uri:string", "gallery_uri:string", "norm_score:float"]
+    assert t.column("norm_score").null_count == t.num_rows      # not normalised by default
     m = json.loads((tmp_path / "lib" / "_manifest.json").read_text())
     assert m["stage"] == "search" and m["model_version"] == "synthetic-v1"
     assert m["index"] == world["index"] and m["query_features"] == world["queries"]
@@ -183,3 +184,102 @@ def test_cli_search_then_evaluate_with_exact(world, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("q,g\n")
     assert main(["evaluate", "--engine", "local", "--results", out, "--truth", str(bad)]) == 2
+
+
+def _background(root, n=400, model_version="synthetic-v1"):
+    """Unrelated vectors (another synthetic world) written as a gallery-role feature output."""
+    c, f = synthetic.gallery(n, synthetic.SyntheticSpec(n_clusters=50, seed=99))
+    url = str(root / f"background-{model_version}")
+    synthetic.write_feature_output(url, c, f, num_files=2, storage="int8", model_version=model_version,
+                                   id_prefix="bg")
+    return url
+
+
+def test_score_normalisation_keeps_rankings_and_subtracts_the_background_level(world, spark, tmp_path):
+    from retrieval.features.extract import read_features
+    from retrieval.schema import fine_matrix
+
+    bg_url = _background(tmp_path)
+    plain = read_results(search(world["queries"], world["index"], str(tmp_path / "plain"), _cfg())["output"])
+    cfg = _cfg(**{"search.normalize.background": bg_url, "search.normalize.k": 7,
+                  "search.normalize.beta": 0.8})
+    lib = search(world["queries"], world["index"], str(tmp_path / "lib"), cfg, spark=None)
+    spk = search(world["queries"], world["index"], str(tmp_path / "spk"), cfg, spark=spark)
+    assert lib["params"]["normalize"] == {"background": bg_url, "background_size": 400, "k": 7, "beta": 0.8}
+    assert lib["timings"]["normalize_s"] > 0
+    a, b = read_results(str(tmp_path / "lib")), read_results(str(tmp_path / "spk"))
+    assert a.equals(b)                                        # both engines, same bytes of rows
+    keys = ["query_id", "rank", "gallery_id", "score", "coarse_score"]
+    assert a.select(keys).equals(plain.select(keys))          # rankings and raw cosines unchanged
+    assert a.column("norm_score").null_count == 0
+    # norm_score = score - beta x mean of the query's top-7 cosines to the background (brute force)
+    qt = read_features(world["queries"])
+    q_fine = dict(zip(qt.column("image_id").to_pylist(), fine_matrix(qt)))
+    bg = fine_matrix(read_features(bg_url))
+    bg /= np.linalg.norm(bg, axis=1, keepdims=True)
+    d = a.to_pydict()
+    for i in range(0, len(d["query_id"]), 97):
+        sims = np.sort(bg @ q_fine[d["query_id"][i]])[::-1][:7]
+        assert d["norm_score"][i] == pytest.approx(d["score"][i] - 0.8 * sims.mean(), abs=2e-5)
+
+
+def test_normalisation_background_is_checked_before_anything_is_written(world, tmp_path):
+    out = str(tmp_path / "out")
+    search(world["queries"], world["index"], out, _cfg())
+    before = fsio.read_bytes(f"{out}/_manifest.json")
+    other = _background(tmp_path, n=50, model_version="other-model")
+    with pytest.raises(ValueError, match="other-model"):
+        search(world["queries"], world["index"], out, _cfg(**{"search.normalize.background": other}))
+    assert fsio.read_bytes(f"{out}/_manifest.json") == before   # the earlier output is intact
+    # a sample of the gallery itself: only where the gallery is >= 100x the sample
+    with pytest.raises(ValueError, match="at least 100 x"):
+        search(world["queries"], world["index"], out, _cfg(**{"search.normalize.background": "gallery",
+                                                             "search.normalize.sample": 61}))
+    assert fsio.read_bytes(f"{out}/_manifest.json") == before
+    m = search(world["queries"], world["index"], str(tmp_path / "g"),
+               _cfg(**{"search.normalize.background": "gallery", "search.normalize.sample": 60}))
+    assert m["params"]["normalize"]["background_size"] == 60
+    assert read_results(str(tmp_path / "g")).column("norm_score").null_count == 0
+
+
+def test_normalised_scores_flow_into_evaluate_and_a_calibrated_report_threshold(world, tmp_path):
+    from retrieval.cli import main
+
+    bg_url = _background(tmp_path)
+    truth = tmp_path / "truth.csv"
+    # the copies only (this synthetic world's distractors score like copies: no precision to calibrate)
+    truth.write_text("query_id,gallery_id\n" + "".join(
+        f"q{i:010d},{synthetic.image_id(int(s))}\n" for i, s in enumerate(world["source"]) if s >= 0))
+    raw, norm = str(tmp_path / "raw"), str(tmp_path / "norm")
+    common = ["--engine", "local", "--queries", world["queries"], "--index", world["index"],
+              "--set", "search.shortlist=100", "--set", "search.k=1"]   # rank 1 only: precision 90% is reached
+    assert main(["search", *common, "--output", raw]) == 0
+    assert main(["search", *common, "--output", norm, "--set", f"search.normalize.background={bg_url}"]) == 0
+    for out in (raw, norm):
+        assert main(["evaluate", "--engine", "local", "--results", out, "--truth", str(truth),
+                     "--exact", world["index"]]) == 0
+    m_raw = json.loads(fsio.read_text(f"{raw}/eval/metrics.json"))
+    m_norm = json.loads(fsio.read_text(f"{norm}/eval/metrics.json"))
+    assert m_raw["thresholds"]["score"] == "score" and m_norm["thresholds"]["score"] == "norm_score"
+    assert m_norm["recall@1"] == m_raw["recall@1"]                # rankings per query are unchanged
+    # the threshold at 90% precision really keeps >= 90% precision on the normalised scores
+    res = read_results(norm).to_pydict()
+    src = {f"q{i:010d}": synthetic.image_id(int(s)) for i, s in enumerate(world["source"]) if s >= 0}
+    thr = m_norm["thresholds"]["precision"]["0.9"]
+    kept = [(q, g) for q, g, s in zip(res["query_id"], res["gallery_id"], res["norm_score"]) if s >= thr]
+    judged = [(q, g) for q, g in kept if q in src]
+    assert judged and sum(src[q] == g for q, g in judged) / len(judged) >= 0.9
+    assert m_norm["exact"]["metrics"]["micro_ap"] > 0     # the exact search scored on norm_score too
+    # the report reads the threshold from the evaluation, on the same score
+    rep = str(tmp_path / "report")
+    assert main(["report", "--results", norm, "--output", rep, "--set", "report.thumbnails=none",
+                 "--set", f"report.threshold={{from_evaluation: {norm}/eval/metrics.json}}"]) == 0
+    summary = json.loads(fsio.read_text(f"{rep}/summary.json"))
+    assert summary["thresholds"]["flag"] == pytest.approx(thr) and summary["thresholds"]["score"] == "norm_score"
+    assert summary["counts"]["flagged_matches"] == len(kept)
+    flagged = pq.read_table(f"{rep}/flagged.parquet")
+    assert min(flagged.column("norm_score").to_pylist()) >= thr - 1e-6
+    # thresholds of normalised scores are refused for raw results (another scale), and vice versa
+    assert main(["report", "--results", raw, "--output", str(tmp_path / "r2"), "--set", "report.thumbnails=none",
+                 "--set", f"report.threshold={{from_evaluation: {norm}/eval}}"]) == 2
+    assert not fsio.exists(str(tmp_path / "r2" / "summary.json"))

@@ -16,10 +16,14 @@ from PIL import Image
 from retrieval import config as config_mod
 from retrieval.audit.html import esc, histogram_svg
 from retrieval.audit.runinfo import compact
-from retrieval.audit.scan import (RESULT_SCHEMA, ScanSettings, _csv_safe, _TopQueries, band_labels,
-                                  read_truth, scan)
+from retrieval.audit.scan import ScanSettings, _csv_safe, _TopQueries, band_labels, read_truth, scan
 from retrieval.audit.thumbs import make_thumbnail, make_thumbnails, thumb_name
 from retrieval.features.preprocess import DecodePolicy
+from retrieval.schema import RESULT_REQUIRED
+from retrieval.schema import RESULT_SCHEMA as FULL_SCHEMA
+
+# result files as written before score normalisation (no norm_score column): still read
+RESULT_SCHEMA = pa.schema([FULL_SCHEMA.field(n) for n in RESULT_REQUIRED])
 
 
 def _random_results(n_queries: int, k: int, seed: int) -> pd.DataFrame:
