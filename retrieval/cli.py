@@ -1,6 +1,7 @@
 """``retrieval`` console command: one subcommand per pipeline stage.
 
     retrieval extract     --input URL --output URL --role gallery|query
+    retrieval fit         --input URL --output MODEL_URL
     retrieval build-index --features URL --output URL
     retrieval search      --queries URL --index URL --output URL
     retrieval evaluate    --results URL --truth CSV
@@ -25,6 +26,10 @@ from retrieval import config as config_mod
 
 log = logging.getLogger("retrieval")
 
+# library errors whose message says what is wrong (no traceback): a model / checkpoint that cannot
+# be loaded, a training setting that cannot run
+CLEAR_ERRORS = {"ModelError", "TrainError"}
+
 STAGES: dict[str, Callable[[argparse.Namespace, config_mod.Config, Any], Any]] = {}
 
 
@@ -48,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="directory, CSV/Parquet manifest, or Parquet with bytes")
     p.add_argument("--output", required=True)
     p.add_argument("--role", choices=("gallery", "query"), default=None)
+    _common(p)
+
+    p = sub.add_parser("fit", help="fit whitening (+ PCA heads, adapter-2 re-fit) of the model to a gallery "
+                                   "sample -> a checkpoint for model.checkpoint")
+    p.add_argument("--input", required=True, help="gallery images: directory, CSV/Parquet manifest, or "
+                                                  "Parquet with bytes")
+    p.add_argument("--output", required=True, help="checkpoint URL to write (then --set model.checkpoint=URL)")
     _common(p)
 
     p = sub.add_parser("build-index", help="gallery feature shards -> sharded faiss IVF-PQ index")
@@ -134,6 +146,7 @@ def _lazy(module: str, func: str) -> Callable:
 
 STAGES.update({
     "extract": _run_extract,
+    "fit": _lazy("retrieval.fit.job", "run_cli"),
     "build-index": _lazy("retrieval.index.cli", "run"),
     "search": _lazy("retrieval.search.cli", "run"),
     "evaluate": _lazy("retrieval.evaluate", "run_cli"),
@@ -160,6 +173,11 @@ def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
         spark = _spark_for(args, cfg)
         result = STAGES[args.stage](args, cfg, spark)
     except (config_mod.ConfigError, FileNotFoundError, PermissionError, ValueError) as exc:
+        print(f"retrieval {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if exc.__class__.__name__ not in CLEAR_ERRORS:
+            raise
         print(f"retrieval {args.stage}: error: {exc}", file=sys.stderr)
         return 2
     finally:

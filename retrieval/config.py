@@ -55,7 +55,8 @@ def _non_negative(v: Any) -> str | None:
 
 
 CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "model.backbone": _choice("mobilenet_v2", "resnet18", "resnet50"),
+    "model.backbone": _choice("mobilenet_v2", "resnet18", "resnet50", "torchscript", "onnx"),
+    "model.input_layout": _choice("auto", "float_nchw", "uint8_nhwc"),
     "model.device": _choice("auto", "cpu", "cuda"),
     "model.fine_dim": _positive,
     "model.coarse_dim": _positive,
@@ -256,7 +257,7 @@ def _default_of(key: str, base: dict) -> Any:
 
 def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
     if value is None:
-        if default is None:
+        if default is None or key in NULLABLE:
             return None
         raise ConfigError(f"{source}: config key {key!r} must not be null")
     want: type = NULLABLE.get(key, type(default)) if default is None else type(default)

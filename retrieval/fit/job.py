@@ -1,0 +1,241 @@
+"""``retrieval fit``: fit the configured model to a gallery, without labels (docs/quality.md).
+
+    retrieval fit --input GALLERY_IMAGES --output MODEL_URL [--engine local]
+
+1. a uniform sample of ``fit.sample`` gallery images (all when fewer; seeded) is decoded and
+   encoded once at R_hi and once at R_lo - the base (pooled) features, in Spark tasks or locally;
+2. a model whose heads were never trained (``heads: seed:N``, e.g. a user's TorchScript/ONNX
+   embedding model) first gets adapter 1 - and a fine head when the embedding is not 512-d - from
+   the principal components of the base features, and adapter 2 as a copy of adapter 1;
+3. centering + regularised whitening (:mod:`retrieval.fit.whiten`) of the fine (512-d) and coarse
+   (128-d) outputs, folded into the model as two linear layers before the final L2 normalisation
+   (applied at extraction: no cost per rerank pair);
+4. adapter 2 is re-distilled (stage 3) so low-resolution query codes land in the fitted coarse space;
+5. the model is written as a checkpoint at ``MODEL_URL`` (usable as ``model.checkpoint``; its own
+   ``model_version``) with a model card inside and beside it (``MODEL_URL.card.json``/``.md``).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from retrieval import fsio
+from retrieval.config import Config
+from retrieval.features import inputs as inputs_mod
+
+log = logging.getLogger(__name__)
+MIN_IMAGES = 20          # fewer decodable images than this: refused (nothing to fit)
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """Plain values a task needs (the model is rebuilt from them per process)."""
+    model_cfg: dict
+    preprocess_cfg: dict
+    model_version: str
+    batch_size: int
+    threads: int
+    storage_options: dict | None = None
+    key_column: str | None = None
+    bytes_column: str | None = None
+
+
+def pooled_features(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[str, bytes | None, bytes | None, str | None]]:
+    """``(image_id, pooled R_hi float16 bytes, pooled R_lo float16 bytes, error)`` per row."""
+    import torch
+
+    from retrieval.features.extract import get_model
+    from retrieval.features.preprocess import DecodePolicy, ImageError, prepare
+    from retrieval.sparkutil import task_device, task_threads
+
+    fsio.configure(job.storage_options)
+    torch.set_num_threads(task_threads(job.threads))
+    device = task_device(job.model_cfg.get("device", "auto"))
+    model = get_model(job.model_cfg, job.preprocess_cfg, device)
+    if model.model_version() != job.model_version:
+        raise RuntimeError(f"task built model_version {model.model_version()} but the driver "
+                           f"planned {job.model_version}: the weights differ between machines")
+    policy = DecodePolicy.from_config(job.preprocess_cfg)
+    spec = model.spec
+    out: list[tuple[str, bytes | None, bytes | None, str | None]] = []
+    batch: list[tuple[str, list]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        with torch.inference_mode():
+            hi = model.pooled(torch.stack([t[0] for _, t in batch]).to(device)).float().cpu().numpy()
+            lo = model.pooled(torch.stack([t[1] for _, t in batch]).to(device)).float().cpu().numpy()
+        for (image_id, _), h, lw in zip(batch, hi.astype(np.float16), lo.astype(np.float16)):
+            out.append((image_id, h.tobytes(), lw.tobytes(), None))
+        batch.clear()
+
+    for image_id, _, data, err in inputs_mod.read_items(rows, policy.max_bytes, job.key_column, job.bytes_column):
+        if err is None:
+            try:
+                tensors, _, _ = prepare(data, (spec.size_hi, spec.size_lo), spec.resize, policy)
+            except ImageError as exc:
+                err = str(exc)
+            except Exception as exc:  # a decoder bug must not kill the task
+                err = f"decode failed: {exc.__class__.__name__}: {exc}"
+        if err is not None:
+            out.append((image_id, None, None, err))
+            continue
+        batch.append((image_id, tensors))
+        if len(batch) >= job.batch_size:
+            flush()
+    flush()
+    return out
+
+
+def _partition(job: FitJob, rows: Iterator[tuple[str, str]]) -> Iterator[tuple]:
+    yield from pooled_features(job, list(rows))
+
+
+def sample_rows(listing, sample: int, seed: int) -> list[tuple[str, str]]:
+    """A uniform sample (without replacement, seeded) of the listing's valid rows, in id order."""
+    d = listing.to_pydict()
+    valid = [(i, u) for i, u, e in zip(d["image_id"], d["uri"], d["error"]) if e is None]
+    if len(valid) > sample:
+        pick = np.random.default_rng(seed).choice(len(valid), size=sample, replace=False)
+        valid = [valid[i] for i in sorted(pick)]
+    return sorted(valid)
+
+
+def encode_sample(job: FitJob, rows: list[tuple[str, str]], spark=None) -> list[tuple]:
+    if spark is None:
+        return pooled_features(job, rows)
+    from retrieval.sparkutil import ProgressMonitor
+
+    sc = spark.sparkContext
+    parts = max(1, min(len(rows) // max(job.batch_size, 1), 4 * sc.defaultParallelism))
+    rdd = sc.parallelize(rows, parts).mapPartitions(functools.partial(_partition, job))
+    with ProgressMonitor(spark, "fit", total_tasks=parts):
+        return rdd.collect()
+
+
+def _as_matrix(blobs: list[bytes], dim: int):
+    import torch
+
+    return torch.from_numpy(np.frombuffer(b"".join(blobs), np.float16).reshape(-1, dim).astype(np.float32))
+
+
+def fit_model(model, p_hi, p_lo, fc: Config) -> dict:
+    """Steps 2-4 of the module doc on ``model`` (in place), from pooled features; returns the facts
+    for the model card."""
+    import torch
+
+    from retrieval.fit import whiten
+
+    facts: dict[str, Any] = {}
+    x_hi = p_hi.numpy()
+    if model.spec.heads.startswith("seed"):            # never trained: heads from the base features
+        w, b = whiten.pca_projection(x_hi, model.spec.coarse_dim)
+        whiten.set_linear(model.adapter1, w, b)
+        if isinstance(model.fine_head, torch.nn.Linear):
+            w, b = whiten.pca_projection(x_hi, model.spec.fine_dim)
+            whiten.set_linear(model.fine_head, w, b)
+        model.adapter2_from_adapter1()
+        facts["heads_initialised"] = "pca"
+    model.enable_whitening()
+    for layer in (model.fine_white, model.coarse_white):   # refit from scratch (identity first)
+        whiten.set_linear(layer, np.eye(layer.in_features, dtype=np.float32),
+                          np.zeros(layer.in_features, np.float32))
+    with torch.no_grad():
+        fine = torch.nn.functional.normalize(model.fine_head(p_hi), dim=-1).numpy()
+        coarse = torch.nn.functional.normalize(model.adapter1(p_hi), dim=-1).numpy()
+    for name, layer, x in (("fine", model.fine_white, fine), ("coarse", model.coarse_white, coarse)):
+        wt = whiten.fit_whitening(x, fc["shrinkage"], fc["power"])
+        whiten.set_linear(layer, wt.weight, wt.bias)
+        facts[f"{name}_whitening"] = wt.summary()
+    facts["adapter2"] = whiten.refit_adapter2(model, p_hi, p_lo, fc["adapter2_steps"], fc["adapter2_lr"],
+                                              seed=fc["seed"])
+    return facts
+
+
+def card_markdown(card: dict) -> str:
+    lines = [f"# Fitted model {card['model_version']}", "",
+             f"Fitted by `retrieval fit` on {card['created']} from `{card['input']}`: "
+             f"{card['images_used']:,} images of {card['images_listed']:,} listed "
+             f"(sample {card['sample']:,}, seed {card['seed']}; {card['image_errors']} unreadable).", "",
+             f"- base model: `{card['base_model_version']}` ({card['backbone']}, heads: {card['base_heads']})",
+             f"- whitening: shrinkage {card['shrinkage']}, power {card['power']}"
+             f" (fine: {card['facts']['fine_whitening']['dims_for_90pct_variance']} dims hold 90% of the"
+             f" variance; coarse: {card['facts']['coarse_whitening']['dims_for_90pct_variance']})",
+             f"- adapter 2 re-fit: {card['facts']['adapter2']['steps']} steps, held-out cosine "
+             f"{card['facts']['adapter2']['cosine_before']} -> {card['facts']['adapter2']['cosine_after']}",
+             f"- sample fingerprint (sha256 of the image ids used): `{card['sample_sha256']}`", ""]
+    if card["facts"].get("heads_initialised"):
+        lines.insert(-1, "- adapter 1 / fine head initialised from the principal components (heads were untrained)")
+    return "\n".join(lines) + "\n"
+
+
+def fit(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
+    """Run ``retrieval fit``; returns the model card (also written beside the checkpoint)."""
+    import torch
+
+    from retrieval.features.model import model_from_config, save_checkpoint
+
+    t0 = time.monotonic()
+    fc = cfg["fit"]
+    fsio.configure(cfg["io.storage_options"])
+    if output_url.endswith(".npz"):
+        raise ValueError(f"--output {output_url}: fit writes a full checkpoint; give a URL not ending in "
+                         ".npz (e.g. model.pt)")
+    ex = cfg.extract
+    listing = inputs_mod.list_inputs(input_url, ex.input_format, 1, ex.key_column, ex.bytes_column)
+    rows = sample_rows(listing, fc["sample"], fc["seed"])
+    if len(rows) < MIN_IMAGES:
+        raise ValueError(f"fit needs at least {MIN_IMAGES} readable gallery images; {input_url} "
+                         f"lists {len(rows)} valid ones")
+    fsio.ensure_writable(output_url.rstrip("/").rsplit("/", 1)[0] if "/" in output_url else ".")
+    fs, path = fsio.url_to_fs(output_url)
+    if fs.isdir(path):
+        raise ValueError(f"--output {output_url} is a directory; give the URL of the checkpoint file to write")
+    model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict())
+    base_version, base_heads = model.model_version(), model.spec.heads
+    job = FitJob(model_cfg=cfg["model"].to_dict(), preprocess_cfg=cfg["preprocess"].to_dict(),
+                 model_version=base_version, batch_size=fc["batch_size"], threads=fc["threads"],
+                 storage_options=cfg["io.storage_options"], key_column=ex.key_column,
+                 bytes_column=ex.bytes_column)
+    log.info("fit %s: %d of %d listed images, base model %s", input_url, len(rows), listing.num_rows,
+             base_version)
+    encoded = encode_sample(job, rows, spark)
+    ok = sorted((r for r in encoded if r[3] is None), key=lambda r: r[0])
+    errors = [r for r in encoded if r[3] is not None]
+    if len(ok) < MIN_IMAGES:
+        raise ValueError(f"fit needs at least {MIN_IMAGES} decodable images; {len(errors)} of "
+                         f"{len(encoded)} sampled could not be read (first: {errors[0][3] if errors else '-'})")
+    t_encode = time.monotonic() - t0
+    k = model.spec.channels
+    p_hi, p_lo = _as_matrix([r[1] for r in ok], k), _as_matrix([r[2] for r in ok], k)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    facts = fit_model(model, p_hi, p_lo, fc)
+    model.spec.heads = "fitted"
+    ids_sha = hashlib.sha256("\n".join(r[0] for r in ok).encode()).hexdigest()
+    card = {"stage": "fit", "input": input_url, "output": output_url, "images_listed": listing.num_rows,
+            "images_used": len(ok), "image_errors": len(errors), "sample": fc["sample"], "seed": fc["seed"],
+            "sample_sha256": ids_sha, "base_model_version": base_version, "base_heads": base_heads,
+            "backbone": model.spec.backbone, "shrinkage": fc["shrinkage"], "power": fc["power"],
+            "facts": facts, "engine": "spark" if spark is not None else "local",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = save_checkpoint(model, output_url, extra={"fit": card})
+    card["model_version"] = meta["model_version"]
+    card["timings"] = {"encode_s": round(t_encode, 3), "total_s": round(time.monotonic() - t0, 3)}
+    fsio.write_json(output_url + ".card.json", card)
+    fsio.write_bytes(output_url + ".card.md", card_markdown(card).encode())
+    log.info("fit done: model_version %s from %d images in %.1fs -> %s", card["model_version"], len(ok),
+             card["timings"]["total_s"], output_url)
+    return card
+
+
+def run_cli(args, cfg, spark) -> dict:
+    card = fit(args.input, args.output, cfg, spark)
+    keep = ("output", "model_version", "base_model_version", "images_used", "image_errors", "timings")
+    return {k: card[k] for k in keep} | {"adapter2": card["facts"]["adapter2"]}

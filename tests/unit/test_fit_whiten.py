@@ -1,0 +1,77 @@
+"""The whitening and PCA maths of ``retrieval fit`` (retrieval/fit/whiten.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.fit import whiten
+
+
+def _correlated(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) @ (rng.standard_normal((d, d)) * np.linspace(3, 0.05, d)[:, None])
+    return (x + 2.0).astype(np.float32)
+
+
+def test_full_whitening_gives_zero_mean_and_identity_covariance():
+    x = _correlated(4000, 16)
+    w = whiten.fit_whitening(x, shrinkage=0.0, power=0.5)
+    y = x @ w.weight.T + w.bias
+    assert np.abs(y.mean(axis=0)).max() < 1e-3
+    assert np.allclose(np.cov(y.T, bias=True), np.eye(16), atol=2e-3)
+    assert list(w.eigenvalues) == sorted(w.eigenvalues, reverse=True)
+
+
+def test_power_zero_only_centres_and_rotates():
+    x = _correlated(500, 8)
+    w = whiten.fit_whitening(x, shrinkage=0.0, power=0.0)
+    y = x @ w.weight.T + w.bias
+    # a rotation: distances between centred points are kept
+    xc = x - x.mean(axis=0)
+    assert np.allclose(np.linalg.norm(y, axis=1), np.linalg.norm(xc, axis=1), rtol=1e-4)
+
+
+def test_shrinkage_keeps_a_fit_from_fewer_vectors_than_dimensions_finite_and_bounded():
+    x = _correlated(60, 128, seed=1)           # n < d: the sample covariance is singular
+    unreg = whiten.fit_whitening(x, shrinkage=0.0, power=0.5)
+    reg = whiten.fit_whitening(x, shrinkage=0.2, power=0.5)
+    assert np.isfinite(reg.weight).all()
+    # condition number of the whitening bounded by the shrinkage; unregularised it explodes
+    cond = lambda w: np.linalg.norm(w.weight, 2) * np.linalg.norm(np.linalg.pinv(w.weight), 2)  # noqa: E731
+    assert cond(reg) < 10 < cond(unreg)
+    with pytest.raises(ValueError, match="at least 2"):
+        whiten.fit_whitening(x[:1], 0.1, 0.5)
+
+
+def test_pca_projection_spans_the_top_directions_and_pads_when_too_few():
+    x = _correlated(2000, 12)
+    w, b = whiten.pca_projection(x, 4)
+    y = x @ w.T + b
+    total = ((x - x.mean(0)) ** 2).sum()
+    # the 4 kept directions hold more variance than any other 4 orthonormal directions (e.g. axes)
+    axes = np.argsort(-x.var(0))[:4]
+    assert (y ** 2).sum() >= ((x - x.mean(0))[:, axes] ** 2).sum() - 1e-3 * total
+    assert np.allclose(w @ w.T, np.eye(4), atol=1e-5)
+    w8, _ = whiten.pca_projection(x[:, :3], 8)   # 3-d input, 8 outputs: rows 3.. are zero
+    assert np.allclose(w8[3:], 0) and np.allclose(w8[:3] @ w8[:3].T, np.eye(3), atol=1e-5)
+
+
+def test_adapter2_refit_improves_the_held_out_match_and_touches_only_adapter2():
+    from retrieval.features.model import ModelSpec, DescriptorModel
+
+    torch.manual_seed(0)
+    spec = ModelSpec(backbone="mobilenet_v2", channels=32, fine_dim=16, coarse_dim=8)
+    model = DescriptorModel(spec, torch.nn.Identity())
+    model.init_heads(0)
+    with torch.no_grad():
+        for p in model.adapter2.parameters():
+            p.add_(0.3 * torch.randn_like(p))           # adapter 2 no longer matches adapter 1
+    hi = torch.randn(400, 32)
+    lo = hi + 0.1 * torch.randn(400, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    facts = whiten.refit_adapter2(model, hi, lo, steps=200, lr=3e-3, seed=0)
+    assert facts["held_out"] == 40 and facts["cosine_after"] > facts["cosine_before"] + 0.05
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("adapter2.") for k in changed)
