@@ -8,7 +8,9 @@ They are split deterministically by *scene* (``aloeL``/``aloeR`` share a scene) 
 ``make_sample(root)`` writes ``root/gallery/`` (holdout photos, mixed JPEG/PNG/WebP),
 ``root/queries/`` (for each gallery photo, copies made with crop, JPEG re-encoding, text overlay,
 recolouring, small rotation, border, downscale; plus non-matching photos from the train split), and
-``root/truth.csv`` (``query_id,gallery_id``; empty gallery_id = no true match).
+``root/truth.csv`` (``query_id,gallery_id``; empty gallery_id = no true match), and
+``root/background/`` (the other train-split photos, whole and in quadrants: unrelated images for
+score normalisation, disjoint from the gallery and the queries).
 
     python -m retrieval.sample OUT_DIR
 """
@@ -107,6 +109,22 @@ COPY_RECIPES = [["crop", "jpeg"], ["text", "jpeg"], ["recolour"], ["crop", "text
                 ["border", "downscale", "jpeg"], ["downscale", "text", "jpeg"], ["crop", "recolour", "jpeg"]]
 
 
+def _background(out_dir: str, photos: list[str]) -> str:
+    """Unrelated photos for score normalisation (``search.normalize.background``): the train-split
+    photos that are not queries, whole and as their four non-overlapping quadrants."""
+    os.makedirs(out_dir, exist_ok=True)
+    for path in photos:
+        img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        w, h = img.size
+        img.save(os.path.join(out_dir, f"{stem}.jpg"), "JPEG", quality=90)
+        for k, (x, y) in enumerate([(0, 0), (w // 2, 0), (0, h // 2), (w // 2, h // 2)]):
+            if w >= 128 and h >= 128:
+                img.crop((x, y, x + w // 2, y + h // 2)).save(os.path.join(out_dir, f"{stem}_q{k}.jpg"), "JPEG",
+                                                              quality=90)
+    return out_dir
+
+
 def make_sample(root: str, seed: int = 0, copies_per_image: int = 2, n_distractors: int = 12,
                 max_gallery: int | None = None) -> dict:
     """Write the sample gallery, queries and truth under ``root``; returns their paths and counts."""
@@ -138,12 +156,13 @@ def make_sample(root: str, seed: int = 0, copies_per_image: int = 2, n_distracto
         qid = f"other_{os.path.splitext(os.path.basename(path))[0]}.jpg"
         img.save(os.path.join(query_dir, qid), "JPEG", quality=85)
         truth.append((qid, ""))
+    background_dir = _background(os.path.join(root, "background"), distractors[n_distractors:])
     truth_csv = os.path.join(root, "truth.csv")
     with open(truth_csv, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["query_id", "gallery_id"])
         w.writerows(truth)
-    return {"gallery": gallery_dir, "queries": query_dir, "truth": truth_csv,
+    return {"gallery": gallery_dir, "queries": query_dir, "truth": truth_csv, "background": background_dir,
             "n_gallery": len(photos), "n_queries": len(truth),
             "n_matching": sum(1 for _, g in truth if g)}
 

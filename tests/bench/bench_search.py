@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/bench/bench_search.py                 # 1M gallery, 10k + 10k queries
     .venv/bin/python tests/bench/bench_search.py --gallery 100000 --match 2000 --nomatch 2000 --no-spark-grid
+    .venv/bin/python tests/bench/bench_search.py --shortlists 200 --nprobes 16 --normalize 1000,2000,10000
 
 What it does, in one run (fixed seed; the data and index are cached in --workdir and reused when
 the sizes match):
@@ -167,6 +168,9 @@ def main() -> None:
     ap.add_argument("--brute-sample", type=int, default=2000,
                     help="queries to re-time brute force on when the exact lists are cached")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--normalize", default="", help="background sizes (e.g. 2000,10000): the cost of score "
+                                                    "normalisation at the default setting, library and Spark job")
+    ap.add_argument("--repeats", type=int, default=3, help="--normalize: library runs per variant (interleaved)")
     args = ap.parse_args()
 
     import faiss
@@ -229,6 +233,8 @@ def main() -> None:
             rows.append(row)
             log(json.dumps(row))
 
+    norm_rows = normalisation_cost(args, qf, idx, default_shortlist, default_nprobe) if args.normalize else []
+
     print()
     print(f"gallery {args.gallery:,}, queries {n_q:,} ({args.match:,} matching), {os.cpu_count()} cores; "
           f"brute force (faiss IndexFlatIP, 512-d) {bf_qps:.1f} q/s ({bf_s:.0f}s for all); library first call "
@@ -244,11 +250,56 @@ def main() -> None:
         print(f"| {r['shortlist']}{' (default)' if r['default'] else ''} | {r['nprobe']} | {r['library_qps']:.0f} | {r['library_speedup']:.0f}x | {sp} | "
               f"{100 * r['rank1_two_stage']:.2f}% | {100 * r['rank1_exact']:.2f}% | "
               f"{100 * r['rank1_retained']:.2f}% | {100 * r['recall10_vs_exact']:.2f}% |")
+    if norm_rows:
+        print()
+        print(f"score normalisation at the default setting (shortlist {default_shortlist}, nprobe {default_nprobe}); "
+              f"library: median of {args.repeats} interleaved warm runs (min-max); Spark job: one run each")
+        print()
+        print("| background | library s, off | library s, on | cost | normalize_s (manifest) | Spark job s, off | "
+              "Spark job s, on | cost |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in norm_rows:
+            print(f"| {r['background']:,} | {r['lib_off']:.2f} ({r['lib_off_min']:.2f}-{r['lib_off_max']:.2f}) | "
+                  f"{r['lib_on']:.2f} ({r['lib_on_min']:.2f}-{r['lib_on_max']:.2f}) | {100 * r['lib_cost']:+.1f}% | "
+                  f"{r['normalize_s']:.2f} | {r.get('spark_off', float('nan')):.2f} | {r.get('spark_on', float('nan')):.2f} | "
+                  f"{100 * r.get('spark_cost', float('nan')):+.1f}% |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"brute_force_s": bf_s, "brute_force_qps": bf_qps, "library_cold_s": cold_s,
-                       "verify_s": verify_s, "rows": rows},
+                       "verify_s": verify_s, "rows": rows, "normalisation": norm_rows},
                       fh, indent=2)
+
+
+def normalisation_cost(args, qf: str, idx: str, shortlist: int, nprobe: int) -> list[dict]:
+    """Search with and without ``search.normalize`` (a background of unrelated synthetic vectors of
+    each size), same queries and index, library runs interleaved."""
+    base = [f"search.shortlist={shortlist}", f"search.nprobe={nprobe}"]
+    if args.query_chunk:
+        base.append(f"search.query_chunk={args.query_chunk}")
+    out = []
+    for n_bg in [int(x) for x in args.normalize.split(",")]:
+        bg = os.path.join(args.workdir, f"background_{n_bg}")
+        if not fsio.exists(os.path.join(bg, "_manifest.json")):
+            coarse, fine = synthetic.gallery(n_bg, synthetic.SyntheticSpec(seed=99))
+            synthetic.write_feature_output(bg, coarse, fine, num_files=1, storage="int8", id_prefix="bg")
+        on = base + [f"search.normalize.background={bg}"]
+        off_s, on_s, norm_s = [], [], []
+        for rep in range(args.repeats):
+            off_s.append(run_library(qf, idx, os.path.join(args.workdir, "out", "norm_off"), base))
+            on_s.append(run_library(qf, idx, os.path.join(args.workdir, "out", "norm_on"), on))
+            m = json.loads(fsio.read_text(os.path.join(args.workdir, "out", "norm_on", "_manifest.json")))
+            norm_s.append(m["timings"]["normalize_s"])
+        row = {"background": n_bg, "lib_off": float(np.median(off_s)), "lib_on": float(np.median(on_s)),
+               "lib_off_min": min(off_s), "lib_off_max": max(off_s), "lib_on_min": min(on_s), "lib_on_max": max(on_s),
+               "normalize_s": float(np.median(norm_s))}
+        row["lib_cost"] = row["lib_on"] / row["lib_off"] - 1
+        if not args.no_spark:
+            row["spark_off"] = run_spark(qf, idx, os.path.join(args.workdir, "out", "norm_spark_off"), base)
+            row["spark_on"] = run_spark(qf, idx, os.path.join(args.workdir, "out", "norm_spark_on"), on)
+            row["spark_cost"] = row["spark_on"] / row["spark_off"] - 1
+        log(json.dumps(row))
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":
