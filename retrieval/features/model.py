@@ -7,6 +7,10 @@ adapter 2 on an R_lo pass and the fine head on an R_hi pass (asymmetric encoding
 Checkpoints are one ``torch.save`` dict ``{"format", "meta", "state_dict"}`` loadable from any
 fsspec URL with ``weights_only=True``; ``meta["model_version"]`` is a fingerprint of the weights
 and of everything that changes the features (backbone, dims, resolutions, resize policy).
+
+``model.backbone: torchscript | onnx`` puts the user's own frozen embedding model (a file, see
+:mod:`retrieval.features.external`) in place of backbone + GeM; its checkpoints hold the heads only,
+and the file's sha256 (``ModelSpec.backbone_sha256``) enters ``model_version``.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ MOBILENET_V2_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700ae
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONE_CHANNELS = {"mobilenet_v2": 1280, "resnet18": 512, "resnet50": 2048}
+# the user's own descriptor model, a frozen TorchScript / ONNX file (retrieval/features/external.py)
+EXTERNAL_BACKBONES = ("torchscript", "onnx")
 
 
 class ModelError(RuntimeError):
@@ -142,6 +148,8 @@ class ModelSpec:
     channels: int = 1280
     heads: str = "seed:0"           # "seed:N" (deterministic init) or "trained"
     whiten: bool = False            # fitted whitening layers after the fine head and the adapters (retrieval fit)
+    backbone_sha256: str = ""       # external backbones (torchscript / onnx): sha256 of the model file
+    input_layout: str = ""          # external backbones: float_nchw | uint8_nhwc
     extra: dict = field(default_factory=dict)   # provenance (training run, model card...)
 
     def fingerprint_fields(self) -> dict:
@@ -155,7 +163,7 @@ class ModelSpec:
 
 
 # ModelSpec fields that enter the fingerprint only when they differ from these defaults
-OPTIONAL_SPEC_FIELDS: dict[str, Any] = {"whiten": False}
+OPTIONAL_SPEC_FIELDS: dict[str, Any] = {"whiten": False, "backbone_sha256": "", "input_layout": ""}
 
 
 class DescriptorModel(nn.Module):
@@ -164,8 +172,12 @@ class DescriptorModel(nn.Module):
         self.spec = spec
         k = spec.channels
         self.backbone = backbone
-        self.pool = GeM(spec.gem_p)
-        self.fine_head = nn.Linear(k, spec.fine_dim)
+        # an external backbone (torchscript / onnx) outputs the base feature itself: no GeM; its
+        # embedding is the fine descriptor when it has fine_dim dims (identity head, no parameters)
+        external = spec.backbone in EXTERNAL_BACKBONES
+        self.pool: nn.Module = nn.Identity() if external else GeM(spec.gem_p)
+        self.fine_head: nn.Module = (nn.Identity() if external and k == spec.fine_dim
+                                     else nn.Linear(k, spec.fine_dim))
         self.adapter1 = nn.Linear(k, spec.coarse_dim)
         self.adapter2 = nn.Sequential(nn.Linear(k, 2 * k), nn.ReLU(inplace=False),
                                       nn.Linear(2 * k, spec.coarse_dim))
@@ -200,8 +212,9 @@ class DescriptorModel(nn.Module):
         g = torch.Generator().manual_seed(int(seed))
         k = self.spec.channels
         for lin in (self.fine_head, self.adapter1):
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / k ** 0.5)
-            lin.bias.zero_()
+            if isinstance(lin, nn.Linear):   # an external backbone's fine head may be the identity
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / k ** 0.5)
+                lin.bias.zero_()
         self.adapter2_from_adapter1()
         self.spec.heads = f"seed:{int(seed)}"
 
@@ -218,8 +231,16 @@ class DescriptorModel(nn.Module):
         last.bias.copy_(self.adapter1.bias)
 
     # -- encoding -------------------------------------------------------------------------------
+    @property
+    def external(self) -> bool:
+        """The backbone is the user's own frozen TorchScript / ONNX model (its output is the base feature)."""
+        return self.spec.backbone in EXTERNAL_BACKBONES
+
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """x: float RGB in [0, 1], N x 3 x H x W -> GeM-pooled base feature N x K."""
+        """x: float RGB in [0, 1], N x 3 x H x W -> GeM-pooled base feature N x K (an external
+        backbone: its embedding, computed without autograd)."""
+        if self.external:
+            return self.backbone(x)
         return self.pool(self.backbone((x - self.mean) / self.std))
 
     @staticmethod
@@ -264,10 +285,22 @@ class DescriptorModel(nn.Module):
 
 def build_model(backbone: str = "mobilenet_v2", backbone_weights: str = "default", *,
                 fine_dim: int = 512, coarse_dim: int = 128, size_hi: int = 224, size_lo: int = 160,
-                resize: str = "squash", gem_p: float = 3.0, head_seed: int = 0) -> DescriptorModel:
-    trunk, channels = build_backbone(backbone, backbone_weights)
-    spec = ModelSpec(backbone=backbone, fine_dim=fine_dim, coarse_dim=coarse_dim, size_hi=size_hi,
-                     size_lo=size_lo, resize=resize, gem_p=gem_p, channels=channels)
+                resize: str = "squash", gem_p: float = 3.0, head_seed: int = 0,
+                input_layout: str = "auto") -> DescriptorModel:
+    """Backbone weights + seeded heads. ``backbone`` ``torchscript`` / ``onnx``: ``backbone_weights`` is
+    the model file (its embedding is the base feature; ``input_layout``: auto | float_nchw | uint8_nhwc)."""
+    if backbone in EXTERNAL_BACKBONES:
+        from retrieval.features.external import load_external
+
+        trunk: nn.Module = load_external(backbone, backbone_weights, input_layout, (size_hi, size_lo))
+        spec = ModelSpec(backbone=backbone, fine_dim=fine_dim, coarse_dim=coarse_dim, size_hi=size_hi,
+                         size_lo=size_lo, resize=resize, gem_p=0.0, channels=trunk.dim,
+                         backbone_sha256=trunk.sha256, input_layout=trunk.layout,
+                         extra={"backbone_file": backbone_weights})   # provenance only (not fingerprinted)
+    else:
+        trunk, channels = build_backbone(backbone, backbone_weights)
+        spec = ModelSpec(backbone=backbone, fine_dim=fine_dim, coarse_dim=coarse_dim, size_hi=size_hi,
+                         size_lo=size_lo, resize=resize, gem_p=gem_p, channels=channels)
     model = DescriptorModel(spec, trunk)
     model.init_heads(head_seed)
     return model.eval()
@@ -285,8 +318,13 @@ def save_checkpoint(model: DescriptorModel, url: str, extra: Mapping[str, Any] |
     return meta
 
 
-def load_checkpoint(url: str, device: str | torch.device = "cpu") -> DescriptorModel:
-    """Load a checkpoint (weights only, no pickle code) and verify its model_version."""
+def load_checkpoint(url: str, device: str | torch.device = "cpu",
+                    backbone_weights: str | None = None) -> DescriptorModel:
+    """Load a checkpoint (weights only, no pickle code) and verify its model_version.
+
+    A checkpoint of an external backbone (torchscript / onnx) holds the heads only: ``backbone_weights``
+    must name the model file it was made with (same sha256; ``model_from_config`` passes
+    ``model.backbone_weights``)."""
     try:
         data = fsio.read_bytes(url)
     except FileNotFoundError:
@@ -301,7 +339,20 @@ def load_checkpoint(url: str, device: str | torch.device = "cpu") -> DescriptorM
     meta = dict(obj["meta"])
     recorded = meta.pop("model_version", None)
     spec = ModelSpec(**{k: meta[k] for k in ModelSpec.__dataclass_fields__ if k in meta})
-    trunk, channels = build_backbone(spec.backbone, "none")
+    if spec.backbone in EXTERNAL_BACKBONES:
+        from retrieval.features.external import load_external
+
+        if not backbone_weights or backbone_weights in ("default", "none"):
+            made = spec.extra.get("backbone_file") if isinstance(spec.extra, dict) else None
+            raise ModelError(f"checkpoint {url} was made with a {spec.backbone} model file as its backbone "
+                             f"(sha256 {spec.backbone_sha256}{f', {made}' if made else ''}): set "
+                             f"model.backbone_weights to that file (and model.backbone={spec.backbone})")
+        trunk: nn.Module = load_external(spec.backbone, backbone_weights, spec.input_layout,
+                                         (spec.size_hi, spec.size_lo), expect_sha256=spec.backbone_sha256,
+                                         checkpoint=url)
+        channels = trunk.dim
+    else:
+        trunk, channels = build_backbone(spec.backbone, "none")
     if channels != spec.channels:
         raise ModelError(f"checkpoint {url}: {spec.backbone} has {channels} channels, meta says {spec.channels}")
     model = DescriptorModel(spec, trunk)
@@ -317,16 +368,34 @@ def load_checkpoint(url: str, device: str | torch.device = "cpu") -> DescriptorM
 
 
 def model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any]) -> DescriptorModel:
-    """The model the config asks for: a checkpoint (``default`` = the shipped trained model, a
-    ``.npz`` delta, or a full checkpoint), or backbone weights + seeded heads."""
+    """The model the config asks for: a checkpoint (``default`` = the shipped trained model for the
+    default backbone, mobilenet_v2, and seeded heads for any other; a ``.npz`` delta; or a full
+    checkpoint), or backbone weights + seeded heads."""
     ckpt = model_cfg.get("checkpoint")
+    backbone = model_cfg["backbone"]
+    if ckpt == "default" and backbone != "mobilenet_v2":
+        # the shipped model is a mobilenet_v2 one: another backbone starts from its seeded heads
+        # (then `retrieval fit` or training), without having to say model.checkpoint=null
+        log.info("model.checkpoint=default is the shipped mobilenet_v2 model; model.backbone=%s: seeded "
+                 "heads (head_seed %s)", backbone, model_cfg["head_seed"])
+        ckpt = None
     if ckpt:
         if ckpt == "default" or ckpt.endswith(".npz"):
+            if backbone in EXTERNAL_BACKBONES:
+                what = "the shipped default model" if ckpt == "default" else "a .npz delta"
+                raise ModelError(f"model.checkpoint={ckpt}: {what} is a mobilenet_v2 model; with "
+                                 f"model.backbone={backbone} set "
+                                 "model.checkpoint=null (seeded heads on the model file's embedding) or to a "
+                                 "full checkpoint (.pt) made with that file")
             from retrieval.training.delta import DEFAULT_MODEL, load_delta
 
             model = load_delta(DEFAULT_MODEL if ckpt == "default" else ckpt)
         else:
-            model = load_checkpoint(ckpt)
+            model = load_checkpoint(ckpt, backbone_weights=model_cfg.get("backbone_weights"))
+            if backbone in EXTERNAL_BACKBONES and model.spec.backbone != backbone:
+                raise ModelError(f"model.backbone={backbone} (model.backbone_weights="
+                                 f"{model_cfg.get('backbone_weights')}) but checkpoint {ckpt} is a "
+                                 f"{model.spec.backbone} model, which would ignore that file")
         s = model.spec
         if (s.size_hi, s.size_lo, s.resize) != (preprocess_cfg["size_hi"], preprocess_cfg["size_lo"],
                                                 preprocess_cfg["resize"]):
@@ -337,4 +406,4 @@ def model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str,
                        fine_dim=model_cfg["fine_dim"], coarse_dim=model_cfg["coarse_dim"],
                        size_hi=preprocess_cfg["size_hi"], size_lo=preprocess_cfg["size_lo"],
                        resize=preprocess_cfg["resize"], gem_p=model_cfg["gem_p"],
-                       head_seed=model_cfg["head_seed"])
+                       head_seed=model_cfg["head_seed"], input_layout=model_cfg.get("input_layout", "auto"))

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from retrieval import fsio
-from retrieval.features.model import (MOBILENET_V2_SHA256, DescriptorModel, ModelError, ModelSpec,
-                                      build_model)
+from retrieval.features.model import (EXTERNAL_BACKBONES, MOBILENET_V2_SHA256, DescriptorModel, ModelError,
+                                      ModelSpec, build_model)
 
 DELTA_FORMAT = "retrieval-delta-v1"
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
@@ -30,6 +30,10 @@ _QUANTISE_MIN = 4096  # tensors with fewer elements are stored exactly
 
 
 def _base(spec: ModelSpec, head_seed: int) -> DescriptorModel:
+    if spec.backbone in EXTERNAL_BACKBONES:
+        raise ModelError(f"the .npz delta format holds models on the bundled mobilenet_v2 weights only, not a "
+                         f"{spec.backbone} backbone: save a full checkpoint (.pt) instead, which later stages "
+                         "load with the same model.backbone / model.backbone_weights")
     model = build_model(spec.backbone, "default", fine_dim=spec.fine_dim, coarse_dim=spec.coarse_dim,
                         size_hi=spec.size_hi, size_lo=spec.size_lo, resize=spec.resize, gem_p=spec.gem_p,
                         head_seed=head_seed)

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval import fsio
-from retrieval.features.model import DescriptorModel, load_checkpoint, model_from_config, save_checkpoint
+from retrieval.features.model import (EXTERNAL_BACKBONES, DescriptorModel, load_checkpoint, model_from_config,
+                                      save_checkpoint)
 from retrieval.features.preprocess import DecodePolicy
 from retrieval.progress import Progress
 from retrieval.training import card as card_mod
@@ -90,8 +91,20 @@ class TrainJob:
         """What a resumed run must share with the run that wrote the checkpoints."""
         keep = ("seed", "batch_size", "temperature", "augment_strength", "augmentations", "max_side",
                 "backbone_blocks", "fine_head", "cache_views", "stage1", "stage2", "stage3")
-        return {"input": self.input, "model": self.model_cfg, "preprocess": self.preprocess_cfg,
+        # model.input_layout at its default is left out: runs written before the key existed still resume
+        model = {k: v for k, v in self.model_cfg.items() if not (k == "input_layout" and v == "auto")}
+        return {"input": self.input, "model": model, "preprocess": self.preprocess_cfg,
                 "train": {k: self.train_cfg[k] for k in keep}}
+
+
+def _external_stage1(backbone: str) -> TrainError:
+    return TrainError(f"training stage 1 trains the backbone, but model.backbone={backbone} is your own model "
+                      "file: the backbone is frozen. Train the heads only: train.stages=[2, 3]")
+
+
+def backbone_block_count(model: DescriptorModel) -> int:
+    """Trainable backbone blocks (0 for an external TorchScript / ONNX backbone: frozen, no blocks)."""
+    return 0 if model.external or not isinstance(model.backbone, nn.Sequential) else len(model.backbone)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +113,8 @@ def trainable_names(model: DescriptorModel, stage: int, backbone_blocks: int = 0
                     fine_head: bool = True) -> list[str]:
     """Names of the parameters stage ``stage`` updates (all others are frozen)."""
     if stage == 1:
+        if model.external:
+            raise _external_stage1(model.spec.backbone)
         bb = model.backbone
         if not isinstance(bb, nn.Sequential):
             raise TrainError(f"backbone {type(bb).__name__} is not an nn.Sequential of blocks")
@@ -130,6 +145,8 @@ def set_trainable(model: DescriptorModel, names: list[str]) -> list[nn.Parameter
 
 def pooled_partly_trainable(model: DescriptorModel, x: torch.Tensor, backbone_blocks: int) -> torch.Tensor:
     """``model.pooled(x)`` with the frozen leading blocks run without autograd (the CPU saving)."""
+    if not backbone_block_count(model):
+        return model.pooled(x)
     bb = model.backbone
     z = (x - model.mean) / model.std
     if 0 < backbone_blocks < len(bb):
@@ -195,8 +212,10 @@ PooledCache = FeatureCache
 
 
 def _prefix(model: DescriptorModel, x: torch.Tensor, blocks: int) -> torch.Tensor:
+    if not blocks or not backbone_block_count(model):
+        return model.pooled(x)
     z = (x - model.mean) / model.std
-    return model.backbone[:len(model.backbone) - blocks](z) if blocks else model.pooled(x)
+    return model.backbone[:len(model.backbone) - blocks](z)
 
 
 def suffix_pooled(model: DescriptorModel, act: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -481,6 +500,8 @@ def run_training(job: TrainJob, d: Dist | None = None) -> dict:
 def _run_training(job: TrainJob, d: Dist) -> dict:
     t = job.t
     torch.manual_seed(int(t["seed"]))
+    if 1 in [int(s) for s in t["stages"]] and job.model_cfg["backbone"] in EXTERNAL_BACKBONES:
+        raise _external_stage1(job.model_cfg["backbone"])   # before any work
     if d.main:
         fsio.ensure_writable(job.output)
     d.barrier()
@@ -495,11 +516,14 @@ def _run_training(job: TrainJob, d: Dist) -> dict:
         model = model_from_config(job.model_cfg, job.preprocess_cfg)
     else:
         ckpt = (state.get("current") or {}).get("checkpoint")
-        model = load_checkpoint(ckpt) if ckpt else model_from_config(job.model_cfg, job.preprocess_cfg)
+        model = (load_checkpoint(ckpt, backbone_weights=job.model_cfg.get("backbone_weights")) if ckpt
+                 else model_from_config(job.model_cfg, job.preprocess_cfg))
         log.info("resuming %s from %s (completed stages: %s)", job.output, ckpt,
                  sorted(state.get("completed", {})) or "none")
     state["processes"] = d.world
     stages = [int(s) for s in t["stages"]]
+    if model.external and 1 in stages and "1" not in state["completed"]:
+        raise _external_stage1(model.spec.backbone)   # e.g. model.checkpoint of an external backbone
     prefix: FeatureCache | None = None
     cache: FeatureCache | None = None
     blocks = int(t["backbone_blocks"])
@@ -508,7 +532,7 @@ def _run_training(job: TrainJob, d: Dist) -> dict:
         if str(stage) in state["completed"]:
             log.info("stage %d (%s) already complete: skipped", stage, STAGES[stage])
             continue
-        if stage == 1 and use_cache and 0 < blocks < len(model.backbone):
+        if stage == 1 and use_cache and 0 < blocks < backbone_block_count(model):
             # the frozen leading blocks run once per cached view; stage 1 trains the last blocks on them
             prefix = build_cache(model, images, job, d, blocks)
             summary = run_stage(model, job, images, 1, state, d, prefix)
