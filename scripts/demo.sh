@@ -14,18 +14,23 @@ log() { printf '== %s\n' "$*" >&2; }
 
 log "sample: real photos (gallery) + generated copies and non-matching photos (queries)"
 .venv/bin/python -m retrieval.sample "$OUT/sample" >/dev/null
-log "1/5 extract gallery features (gallery role: R_hi -> adapter 1 + fine head)"
-$R extract --input "$OUT/sample/gallery" --output "$OUT/gallery_features" --role gallery --log-level WARNING > "$OUT/logs/extract.json"
-log "2/5 build the sharded IVF-PQ index over the 128-d coarse codes"
-$R build-index --features "$OUT/gallery_features" --output "$OUT/index" --log-level WARNING > "$OUT/logs/build-index.json"
-log "3/5 search: encode queries (R_lo -> adapter 2; R_hi -> fine), coarse per shard, merge, exact 512-d rerank"
-$R search --queries "$OUT/sample/queries" --index "$OUT/index" --output "$OUT/matches" --log-level WARNING > "$OUT/logs/search.json"
-log "4/5 evaluate against the ground truth (and exact 512-d search)"
+log "1/6 fit the model to the gallery: whitening of both descriptors + adapter-2 re-fit (no labels needed)"
+$R fit --input "$OUT/sample/gallery" --output "$OUT/model/fitted.pt" --log-level WARNING > "$OUT/logs/fit.json"
+MODEL=(--set "model.checkpoint=$OUT/model/fitted.pt")
+log "2/6 extract gallery features (gallery role: R_hi -> adapter 1 + fine head), and the background set"
+$R extract --input "$OUT/sample/gallery" --output "$OUT/gallery_features" --role gallery "${MODEL[@]}" --log-level WARNING > "$OUT/logs/extract.json"
+$R extract --input "$OUT/sample/background" --output "$OUT/background_features" --role gallery "${MODEL[@]}" --log-level WARNING > "$OUT/logs/extract-background.json"
+log "3/6 build the sharded IVF-PQ index over the 128-d coarse codes"
+$R build-index --features "$OUT/gallery_features" --output "$OUT/index" "${MODEL[@]}" --log-level WARNING > "$OUT/logs/build-index.json"
+log "4/6 search: encode queries (R_lo -> adapter 2; R_hi -> fine), coarse per shard, merge, exact 512-d rerank, normalise"
+$R search --queries "$OUT/sample/queries" --index "$OUT/index" --output "$OUT/matches" "${MODEL[@]}" \
+   --set "search.normalize.background=$OUT/background_features" --log-level WARNING > "$OUT/logs/search.json"
+log "5/6 evaluate against the ground truth (and exact 512-d search); thresholds at 90%/95% precision"
 $R evaluate --results "$OUT/matches" --truth "$OUT/sample/truth.csv" --exact "$OUT/index" \
    --output "$OUT/eval" --log-level WARNING > "$OUT/logs/evaluate.json"
-log "5/5 audit report"
+log "6/6 audit report, flagging at the threshold evaluate measured at 90% precision"
 $R report --results "$OUT/matches" --output "$OUT/report" --truth "$OUT/sample/truth.csv" --log-level WARNING \
-   > "$OUT/logs/report.json"
+   --set "report.threshold={from_evaluation: $OUT/eval/metrics.json, precision: 0.9}" > "$OUT/logs/report.json"
 
 .venv/bin/python - "$OUT" <<'PY'
 import json, sys
@@ -34,21 +39,25 @@ m = json.load(open(f"{out}/eval/metrics.json"))
 s = json.load(open(f"{out}/report/summary.json"))
 g = json.load(open(f"{out}/gallery_features/_manifest.json"))
 q = json.load(open(f"{out}/matches/_manifest.json"))
-print(f"\ngallery: {g['counts']['ok']} images encoded ({g['counts']['errors']} errors), model {g['model_version']} "
+f = json.load(open(f"{out}/logs/fit.json"))
+print(f"\nfit: model {f['model_version']} fitted on {f['images_used']} gallery images (base {f['base_model_version']})")
+print(f"gallery: {g['counts']['ok']} images encoded ({g['counts']['errors']} errors), model {g['model_version']} "
       f"(heads: {g['heads']})")
 print(f"queries: {q['counts']['queries']} searched, {q['timings']['queries_per_s']} queries/s end to end")
-print(f"evaluation: recall@1 {m['recall@1']:.3f}, recall@10 {m['recall@10']:.3f}, micro-AP {m['micro_ap']:.3f}; "
-      f"two-stage keeps {100 * m['exact']['kept_at_k']:.1f}% of the exact 512-d top-10")
+print(f"evaluation ({m['thresholds']['score']}): recall@1 {m['recall@1']:.3f}, recall@10 {m['recall@10']:.3f}, "
+      f"micro-AP {m['micro_ap']:.3f}; two-stage keeps {100 * m['exact']['kept_at_k']:.1f}% of the exact 512-d top-10")
 c = s["counts"]
-print(f"audit: {c['flagged_matches']} matches flagged on {c['flagged_queries']} of {c['queries']} queries; "
-      f"report: {out}/report/report.html")
+print(f"audit: {c['flagged_matches']} matches flagged on {c['flagged_queries']} of {c['queries']} queries at "
+      f"{s['thresholds']['score']} >= {s['thresholds']['flag']:.4f}; report: {out}/report/report.html")
 PY
 
 cat <<MSG
 
 Outputs under $OUT:
-  sample/            gallery/ (real photos), queries/ (generated copies + non-matching photos), truth.csv
-  gallery_features/  part-*.parquet, errors/, _manifest.json      (retrieval extract)
+  sample/            gallery/ (real photos), queries/ (generated copies + non-matching photos), truth.csv,
+                     background/ (unrelated photos for score normalisation)
+  model/             fitted.pt, fitted.pt.card.md                 (retrieval fit)
+  gallery_features/  part-*.parquet, errors/, _manifest.json      (retrieval extract; background_features/ too)
   index/             shard-*.index, manifest.json                 (retrieval build-index)
   matches/           part-*.parquet, query_features/, _manifest.json (retrieval search)
   eval/              metrics.json, pr_curve.png                   (retrieval evaluate)

@@ -1,11 +1,22 @@
-"""Daily copy-detection pipeline (Airflow 3): the day's new gallery images are encoded and added to
-the index, the day's queries are encoded and searched, and an audit report is written.
+"""Daily copy-detection pipeline (Airflow 3): the model is fitted to the gallery once (when asked
+for), the day's new gallery images are encoded and added to the index, the day's queries are encoded
+and searched (scores normalised against a background set, when one is configured), and an audit
+report is written.
 
+    check_model --> fit | model_ready --> check_new_gallery, extract_queries, check_background
     check_new_gallery --> extract_gallery --> choose_index_mode --> build_index | append_index --+
           |                                                                                      |
           +--> no_new_gallery ---------------------------------------------------------------+   |
     extract_queries --------------------------------------------------------------------------+--+--> search
+    check_background --> extract_background | background_ready -------------------------------+
     search --> audit_report --> publish_summary
+
+The model exists before anything is encoded: ``check_model`` runs ``fit`` when the Variable names a
+``model`` checkpoint that does not exist yet (else ``model_ready``), and every stage that encodes or
+searches (``extract_gallery``, ``extract_queries``, ``extract_background``, ``search``) runs with
+``--set model.checkpoint=<model>``. ``check_background`` extracts the background images once, with
+that model, to ``<work_root>/background_features`` (when its ``_manifest.json`` is missing), and
+``search`` normalises its scores against them (``search.normalize.background``).
 
 One ``SparkSubmitOperator`` per stage, each running the stage's job file (``jobs/*.py``). Nothing
 about the cluster or the storage is written here:
@@ -25,13 +36,34 @@ about the cluster or the storage is written here:
      "spark_properties": "/opt/retrieval/spark-retrieval.conf",  # spark-submit --properties-file
      "truth": "",                                   # optional ground truth CSV for the report
      "storage_conn_id": "aws_default",              # optional: credentials for the existence checks
-     "max_flagged_queries": null}                   # optional: fail publish_summary above this
+     "max_flagged_queries": null,                   # optional: fail publish_summary above this
+     "model": "s3://bucket/models/gallery-fit.pt",  # optional: the model checkpoint (model.checkpoint of every
+                                                    #   encoding stage); `retrieval fit` writes it when it does
+                                                    #   not exist yet; unset: the model of retrieval_conf (the
+                                                    #   shipped default model), no fit
+     "fit_input": "s3://bucket/gallery-drops/2024-01-01",  # optional: images the fit uses (default: the run
+                                                    #   day's gallery drop <gallery_input>/DS)
+     "background_input": "s3://bucket/unrelated",   # optional: unrelated images for score normalisation,
+                                                    #   extracted once (with the model) to
+                                                    #   <work_root>/background_features
+     "background": "gallery",                       # optional, without background_input: the value of
+                                                    #   search.normalize.background (a feature output URL of
+                                                    #   the same model, or "gallery" for galleries >= 100 x
+                                                    #   search.normalize.sample); neither: no normalisation
+                                                    #   (unless retrieval_conf sets it)
+     "report_threshold": 0.2}                       # optional: report.threshold; normalised scores are lower
+                                                    #   than raw cosines (the 0.75 default may flag nothing):
+                                                    #   take it from `retrieval evaluate` on labelled pairs
+
+  Unset optional keys leave the job settings of ``retrieval_conf`` as they are.
 
   The properties file carries the Spark settings of the cluster (executor sizes, GPU resources,
   ``spark.archives=env.tar.gz#env``, ``spark.pyspark.python=./env/bin/python``; docs/cluster.md).
 
-Runs are serialised (``max_active_runs=1``): each day appends to the same index. Retries: the
-Airflow config section ``[retrieval]`` (``retries``, default 2; ``retry_delay_minutes``, default 10).
+Runs are serialised (``max_active_runs=1``): each day appends to the same index. The index, the
+gallery features and the background features all belong to one model: a different ``model`` needs a
+new ``index`` and ``work_root``. Retries: the Airflow config section ``[retrieval]`` (``retries``,
+default 2; ``retry_delay_minutes``, default 10).
 """
 from __future__ import annotations
 
@@ -61,11 +93,38 @@ def day(key: str, *parts: str) -> str:
     return "/".join([s(key), *parts, "{{ ds }}"])
 
 
+def optional(key: str) -> str:
+    """Jinja expression of an optional setting (None when missing)."""
+    return "var.json.%s.get('%s')" % (SETTINGS_VARIABLE, key)
+
+
+def set_when(config_key: str, test: str, value: str) -> str:
+    """Template of ONE job argument: ``--set=<config_key>=<value>`` when the Jinja expression ``test``
+    is true, else ``--conf=<retrieval_conf>`` again (a no-op: the same overlay applied twice), so that
+    an unset optional key leaves the job's configuration as ``retrieval_conf`` has it."""
+    return "{%% if %s %%}--set=%s=%s{%% else %%}--conf=%s{%% endif %%}" % (
+        test, config_key, value, s("retrieval_conf"))
+
+
 GALLERY_FEATURES = day("work_root", "gallery_features")
 QUERY_FEATURES = day("work_root", "query_features")
+BACKGROUND_FEATURES = "/".join([s("work_root"), "background_features"])   # not per day: extracted once
 RESULTS = day("work_root", "results")
 REPORT = day("report_root")
 COMMON_ARGS = ["--conf", s("retrieval_conf")]
+# the fitted model, for every stage that encodes images or compares their codes (not fit itself)
+MODEL_ARGS = [set_when("model.checkpoint", optional("model"), "{{ %s }}" % optional("model"))]
+# the images fit uses: fit_input, else the run day's gallery drop
+FIT_INPUT = "{%% if %s %%}{{ %s }}{%% else %%}%s{%% endif %%}" % (
+    optional("fit_input"), optional("fit_input"), day("gallery_input"))
+# score normalisation: the extracted background_input, else `background` (a URL or "gallery")
+NORMALIZE_ARGS = [set_when(
+    "search.normalize.background", "%s or %s" % (optional("background_input"), optional("background")),
+    "{%% if %s %%}%s{%% else %%}{{ %s }}{%% endif %%}" % (optional("background_input"), BACKGROUND_FEATURES,
+                                                          optional("background")))]
+REPORT_ARGS = [set_when("report.threshold", "%s is not none" % optional("report_threshold"),
+                        "{{ %s }}" % optional("report_threshold"))]
+AFTER_BRANCH = TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS   # one of a branch's two alternatives is skipped
 
 
 def settings() -> dict[str, Any]:
@@ -109,7 +168,33 @@ with DAG(
     doc_md=__doc__,
 ) as dag:
 
-    @task.branch(task_id="check_new_gallery")
+    @task.branch(task_id="check_model")
+    def check_model() -> str:
+        """Fit the model when the Variable names a checkpoint that does not exist yet."""
+        conf = settings()
+        if not conf.get("model"):
+            log.info("no model in %s: the model of retrieval_conf is used", SETTINGS_VARIABLE)
+            return "model_ready"
+        path = storage_path(conf["model"], conf)
+        if path.exists():
+            log.info("model %s exists", path)
+            return "model_ready"
+        log.info("model %s does not exist yet: fit", path)
+        return "fit"
+
+    @task.branch(task_id="check_background", trigger_rule=AFTER_BRANCH)
+    def check_background() -> str:
+        """Extract the background images (once) when background_input is set and not extracted yet."""
+        conf = settings()
+        if not conf.get("background_input"):
+            return "background_ready"
+        manifest = storage_path(f"{conf['work_root']}/background_features/_manifest.json", conf)
+        if manifest.exists():
+            log.info("background features %s exist", manifest)
+            return "background_ready"
+        return "extract_background"
+
+    @task.branch(task_id="check_new_gallery", trigger_rule=AFTER_BRANCH)
     def check_new_gallery(ds: str | None = None) -> str:
         """Extract only when the day's gallery drop exists and holds files."""
         conf = settings()
@@ -142,9 +227,15 @@ with DAG(
                                f"max_flagged_queries {limit}: see {conf['report_root']}/{ds}/report.html")
         return summary
 
+    fit = spark_job("fit", "fit.py", ["--input", FIT_INPUT, "--output", s("model")])
+    model_ready = EmptyOperator(task_id="model_ready")
+    extract_background = spark_job(
+        "extract_background", "extract_features.py",
+        ["--input", s("background_input"), "--output", BACKGROUND_FEATURES, "--role", "gallery", *MODEL_ARGS])
+    background_ready = EmptyOperator(task_id="background_ready")
     extract_gallery = spark_job(
         "extract_gallery", "extract_features.py",
-        ["--input", day("gallery_input"), "--output", GALLERY_FEATURES, "--role", "gallery"])
+        ["--input", day("gallery_input"), "--output", GALLERY_FEATURES, "--role", "gallery", *MODEL_ARGS])
     build_index = spark_job(
         "build_index", "build_index.py", ["--features", GALLERY_FEATURES, "--output", s("index")])
     append_index = spark_job(
@@ -152,18 +243,27 @@ with DAG(
     no_new_gallery = EmptyOperator(task_id="no_new_gallery")
     extract_queries = spark_job(
         "extract_queries", "extract_features.py",
-        ["--input", day("query_input"), "--output", QUERY_FEATURES, "--role", "query"])
+        ["--input", day("query_input"), "--output", QUERY_FEATURES, "--role", "query", *MODEL_ARGS],
+        trigger_rule=AFTER_BRANCH)
     search = spark_job(
-        "search", "search.py", ["--queries", QUERY_FEATURES, "--index", s("index"), "--output", RESULTS],
-        trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+        "search", "search.py",
+        ["--queries", QUERY_FEATURES, "--index", s("index"), "--output", RESULTS, *MODEL_ARGS, *NORMALIZE_ARGS],
+        trigger_rule=AFTER_BRANCH)
     audit_report = spark_job(
         "audit_report", "audit_report.py",
         ["--results", RESULTS, "--output", REPORT,
-         "--truth", "{{ var.json.%s.get('truth') or '' }}" % SETTINGS_VARIABLE])
+         "--truth", "{{ var.json.%s.get('truth') or '' }}" % SETTINGS_VARIABLE, *REPORT_ARGS])
 
+    model_branch = check_model()
     gallery_branch = check_new_gallery()
     index_branch = choose_index_mode()
+    background_branch = check_background()
+    model_branch >> [fit, model_ready]
+    [fit, model_ready] >> gallery_branch              # the model exists before anything is encoded
+    [fit, model_ready] >> extract_queries
+    [fit, model_ready] >> background_branch
     gallery_branch >> [extract_gallery, no_new_gallery]
     extract_gallery >> index_branch >> [build_index, append_index]
-    [build_index, append_index, no_new_gallery, extract_queries] >> search
+    background_branch >> [extract_background, background_ready]
+    [build_index, append_index, no_new_gallery, extract_queries, extract_background, background_ready] >> search
     search >> audit_report >> publish_summary()
