@@ -33,6 +33,9 @@ NULLABLE: dict[str, type] = {
     "search.normalize.background": str,
 }
 
+# keys that take either a number or the word "auto"
+NUMBER_OR_AUTO = {"fit.shrinkage"}
+
 # keys that take either a number or a mapping with these keys (and their types)
 NUMBER_OR_MAPPING: dict[str, dict[str, type]] = {
     "report.threshold": {"from_evaluation": str, "precision": float},
@@ -132,7 +135,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "search.normalize.seed": _non_negative,
     "fit.sample": _positive,
     "fit.seed": _non_negative,
-    "fit.shrinkage": lambda v: None if 0.0 <= v <= 1.0 else "must be in [0, 1]",
+    "fit.shrinkage": lambda v: None if v == "auto" or 0.0 <= v <= 1.0 else "must be 'auto' or in [0, 1]",
     "fit.power": lambda v: None if 0.0 <= v <= 1.0 else "must be in [0, 1]",
     "fit.adapter2_steps": _non_negative,
     "fit.adapter2_lr": _positive,
@@ -261,6 +264,12 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
             return None
         raise ConfigError(f"{source}: config key {key!r} must not be null")
     want: type = NULLABLE.get(key, type(default)) if default is None else type(default)
+    if key in NUMBER_OR_AUTO:
+        if value == "auto":
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{source}: config key {key!r} must be a number or 'auto', got {value!r}")
     if key in NUMBER_OR_MAPPING and isinstance(value, Mapping):
         allowed = NUMBER_OR_MAPPING[key]
         unknown = set(value) - set(allowed)

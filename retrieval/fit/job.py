@@ -151,7 +151,7 @@ def fit_model(model, p_hi, p_lo, fc: Config) -> dict:
         fine = torch.nn.functional.normalize(model.fine_head(p_hi), dim=-1).numpy()
         coarse = torch.nn.functional.normalize(model.adapter1(p_hi), dim=-1).numpy()
     for name, layer, x in (("fine", model.fine_white, fine), ("coarse", model.coarse_white, coarse)):
-        wt = whiten.fit_whitening(x, fc["shrinkage"], fc["power"])
+        wt = whiten.fit_whitening(x, None if fc["shrinkage"] == "auto" else fc["shrinkage"], fc["power"])
         whiten.set_linear(layer, wt.weight, wt.bias)
         facts[f"{name}_whitening"] = wt.summary()
     facts["adapter2"] = whiten.refit_adapter2(model, p_hi, p_lo, fc["adapter2_steps"], fc["adapter2_lr"],
@@ -165,11 +165,14 @@ def card_markdown(card: dict) -> str:
              f"{card['images_used']:,} images of {card['images_listed']:,} listed "
              f"(sample {card['sample']:,}, seed {card['seed']}; {card['image_errors']} unreadable).", "",
              f"- base model: `{card['base_model_version']}` ({card['backbone']}, heads: {card['base_heads']})",
-             f"- whitening: shrinkage {card['shrinkage']}, power {card['power']}"
+             f"- whitening: shrinkage {card['shrinkage']} (fine {card['facts']['fine_whitening']['shrinkage']}, "
+             f"coarse {card['facts']['coarse_whitening']['shrinkage']}), power {card['power']}"
              f" (fine: {card['facts']['fine_whitening']['dims_for_90pct_variance']} dims hold 90% of the"
              f" variance; coarse: {card['facts']['coarse_whitening']['dims_for_90pct_variance']})",
              f"- adapter 2 re-fit: {card['facts']['adapter2']['steps']} steps, held-out cosine "
-             f"{card['facts']['adapter2']['cosine_before']} -> {card['facts']['adapter2']['cosine_after']}",
+             f"{card['facts']['adapter2']['cosine_before']} -> {card['facts']['adapter2']['cosine_after']}"
+             + (" (the re-fit did not improve the held-out images: the starting weights were kept)"
+                if card['facts']['adapter2']['cosine_after'] <= card['facts']['adapter2']['cosine_before'] else ""),
              f"- sample fingerprint (sha256 of the image ids used): `{card['sample_sha256']}`", ""]
     if card["facts"].get("heads_initialised"):
         lines.insert(-1, "- adapter 1 / fine head initialised from the principal components (heads were untrained)")

@@ -28,11 +28,13 @@ class Whitening:
     weight: np.ndarray          # d x d (rows: principal directions scaled by eigenvalue^-power)
     bias: np.ndarray            # d (= -weight @ mean)
     eigenvalues: np.ndarray     # of the shrunk covariance, descending
+    shrinkage: float = 0.0      # the shrinkage used
 
     def summary(self) -> dict:
         ev = self.eigenvalues
         share = np.cumsum(ev) / max(float(ev.sum()), 1e-30)
-        return {"dim": int(len(ev)), "eig_max": float(ev[0]), "eig_min": float(ev[-1]),
+        return {"dim": int(len(ev)), "shrinkage": round(self.shrinkage, 4), "eig_max": float(ev[0]),
+                "eig_min": float(ev[-1]),
                 "dims_for_90pct_variance": int(np.searchsorted(share, 0.9) + 1)}
 
 
@@ -43,10 +45,28 @@ def _covariance(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mu, xc.T @ xc / max(len(x), 1)
 
 
-def fit_whitening(x: np.ndarray, shrinkage: float, power: float) -> Whitening:
-    """Whitening of the rows of ``x`` (n x d); see the module doc."""
+def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
+    """The Ledoit-Wolf (2004) estimate of the optimal shrinkage of the sample covariance of ``x``
+    towards ``(tr C / d) I``: large for few vectors in many dimensions, small for many."""
+    x = np.asarray(x, dtype=np.float64)
+    n, d = x.shape
+    xc = x - x.mean(axis=0)
+    cov = xc.T @ xc / n
+    mu = np.trace(cov) / d
+    delta = (np.sum(cov * cov) - 2 * mu * np.trace(cov) + mu * mu * d) / d     # ||C - mu I||^2 / d
+    beta_bar = (np.sum(np.sum(xc * xc, axis=1) ** 2) / n - np.sum(cov * cov)) / (n * d)
+    if delta <= 0:
+        return 1.0
+    return float(min(max(beta_bar, 0.0), delta) / delta)
+
+
+def fit_whitening(x: np.ndarray, shrinkage: float | None, power: float) -> Whitening:
+    """Whitening of the rows of ``x`` (n x d); see the module doc. ``shrinkage`` None: the
+    Ledoit-Wolf estimate (:func:`ledoit_wolf_shrinkage`)."""
     if len(x) < 2:
         raise ValueError(f"whitening needs at least 2 vectors, got {len(x)}")
+    if shrinkage is None:
+        shrinkage = ledoit_wolf_shrinkage(x)
     mu, cov = _covariance(x)
     d = cov.shape[0]
     cov = (1.0 - shrinkage) * cov + shrinkage * (np.trace(cov) / d) * np.eye(d)
@@ -56,7 +76,7 @@ def fit_whitening(x: np.ndarray, shrinkage: float, power: float) -> Whitening:
     eig = np.maximum(eig, max(float(eig[0]), 1e-30) * 1e-9)
     weight = (eig ** -power)[:, None] * vec.T
     return Whitening(weight=weight.astype(np.float32), bias=(-weight @ mu).astype(np.float32),
-                     eigenvalues=eig.astype(np.float64))
+                     eigenvalues=eig.astype(np.float64), shrinkage=float(shrinkage))
 
 
 def pca_projection(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -75,3 +75,24 @@ def test_adapter2_refit_improves_the_held_out_match_and_touches_only_adapter2():
     after = model.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed and all(k.startswith("adapter2.") for k in changed)
+
+
+def test_ledoit_wolf_shrinks_more_for_fewer_vectors():
+    x = _correlated(5000, 64, seed=3)
+    few, many = whiten.ledoit_wolf_shrinkage(x[:80]), whiten.ledoit_wolf_shrinkage(x)
+    assert 0.0 <= many < few <= 1.0 and many < 0.05
+    # white data: nothing to estimate beyond the identity -> shrink (almost) fully
+    assert whiten.ledoit_wolf_shrinkage(np.random.default_rng(0).standard_normal((100, 64))) > 0.8
+    w = whiten.fit_whitening(x[:80], None, 0.5)
+    assert w.shrinkage == pytest.approx(few) and w.summary()["shrinkage"] == round(few, 4)
+
+
+def test_fit_shrinkage_config_takes_auto_or_a_number():
+    from retrieval import config
+
+    assert config.load()["fit.shrinkage"] == 0.2
+    assert config.load(sets=["fit.shrinkage=auto"])["fit.shrinkage"] == "auto"
+    assert config.load(sets=["fit.shrinkage=0.3"])["fit.shrinkage"] == 0.3
+    for bad in ("fit.shrinkage=often", "fit.shrinkage=1.5", "fit.shrinkage=true"):
+        with pytest.raises(config.ConfigError, match="fit.shrinkage"):
+            config.load(sets=[bad])
