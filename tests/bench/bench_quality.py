@@ -71,9 +71,28 @@ def run(stage: str, *args: str, sets: list[str], engine: str, log: str) -> dict:
     return out
 
 
-def read_edits(path: str) -> dict[str, list[str]]:
-    with open(path) as fh:
-        return {r["query_id"]: [e for e in r["edits"].split("+") if e and e != "none"] for r in csv.DictReader(fh)}
+def _names(d: str) -> dict[str, str]:
+    """file stem -> file name: the data set's ids are stems, the pipeline's ``image_id`` the file name."""
+    return {os.path.splitext(f)[0]: f for f in os.listdir(d)}
+
+
+def pipeline_truth(split_dir: str, work: str) -> str:
+    """The split's truth.csv with the pipeline's ids (file names relative to gallery/ and queries/)."""
+    g, q = _names(os.path.join(split_dir, "gallery")), _names(os.path.join(split_dir, "queries"))
+    out = os.path.join(work, "truth.csv")
+    with open(os.path.join(split_dir, "truth.csv")) as fh, open(out, "w", newline="") as oh:
+        w = csv.writer(oh)
+        w.writerow(["query_id", "gallery_id"])
+        for r in csv.DictReader(fh):
+            w.writerow([q[r["query_id"]], g[r["gallery_id"]] if r["gallery_id"] else ""])
+    return out
+
+
+def read_edits(split_dir: str) -> dict[str, list[str]]:
+    q = _names(os.path.join(split_dir, "queries"))
+    with open(os.path.join(split_dir, "edits.csv")) as fh:
+        return {q[r["query_id"]]: [e for e in r["edits"].split("+") if e and e != "none"]
+                for r in csv.DictReader(fh)}
 
 
 def row_metrics(table, column: str, truth, edits: dict[str, list[str]]) -> dict:
@@ -108,9 +127,11 @@ def model_rows(name: str, base_sets: list[str], split_dir: str, bg_dir: str, wor
     """Rows for one model: (two-stage metrics, exact metrics) for plain / +fit / +fit+norm."""
     from retrieval.search import read_results
 
+    os.makedirs(work, exist_ok=True)
     log = os.path.join(work, "commands.log")
-    truth = read_truth(os.path.join(split_dir, "truth.csv"))
-    edits = read_edits(os.path.join(split_dir, "edits.csv"))
+    truth_csv = pipeline_truth(split_dir, work)
+    truth = read_truth(truth_csv)
+    edits = read_edits(split_dir)
     variants = [(name, base_sets, False)]
     fitted = os.path.join(work, name, "fitted.pt")
     if fit:
@@ -144,7 +165,7 @@ def model_rows(name: str, base_sets: list[str], split_dir: str, bg_dir: str, wor
         r = run("search", "--queries", queries, "--index", f"{d}/index", "--output", out, sets=sets,
                 engine=engine, log=log)
         timings[f"{label} search"] = r["_seconds"]
-        run("evaluate", "--results", out, "--truth", os.path.join(split_dir, "truth.csv"), "--exact",
+        run("evaluate", "--results", out, "--truth", truth_csv, "--exact",
             f"{d}/index", sets=sets, engine=engine, log=log)
         manifest = json.load(open(f"{out}/_manifest.json"))
         column = "norm_score" if norm else "score"
@@ -212,7 +233,7 @@ def _pooled(model_sets: list[str], urls: list[tuple[str, str]]):
 
 
 def _listing(d: str) -> list[tuple[str, str]]:
-    return sorted((os.path.splitext(f)[0], os.path.join(d, f)) for f in os.listdir(d))
+    return sorted((f, os.path.join(d, f)) for f in os.listdir(d))
 
 
 def tune(data: str, model_sets: list[str], name: str, work: str) -> None:
@@ -224,7 +245,8 @@ def tune(data: str, model_sets: list[str], name: str, work: str) -> None:
     from retrieval.search.normalize import background_level
 
     split = os.path.join(data, "tune")
-    truth = read_truth(os.path.join(split, "truth.csv"))
+    os.makedirs(work, exist_ok=True)
+    truth = read_truth(pipeline_truth(split, work))
     g_list, q_list = _listing(os.path.join(split, "gallery")), _listing(os.path.join(split, "queries"))
     b_list = _listing(os.path.join(data, "background"))
     t0 = time.monotonic()
