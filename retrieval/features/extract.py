@@ -79,6 +79,24 @@ def get_model(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any], d
     return _MODELS[key]
 
 
+def task_model(job, device: str | None = None):
+    """In a task: fsspec options, torch threads, device, and the process's cached model for
+    ``job`` (any job dataclass with model_cfg / preprocess_cfg / model_version / threads /
+    storage_options), checked against the model_version the driver planned. Returns (model, device)."""
+    import torch
+
+    from retrieval.sparkutil import task_device, task_threads
+
+    fsio.configure(job.storage_options)
+    device = device or task_device(job.model_cfg.get("device", "auto"))
+    torch.set_num_threads(task_threads(job.threads))
+    model = get_model(job.model_cfg, job.preprocess_cfg, device)
+    if model.model_version() != job.model_version:
+        raise RuntimeError(f"executor built model_version {model.model_version()} but the driver "
+                           f"planned {job.model_version}: the weights differ between machines")
+    return model, device
+
+
 def encode(model, role: str, hi: list, lo: list, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Batched forward. gallery: one R_hi pass -> adapter 1 + fine head; query: R_lo pass ->
     adapter 2, R_hi pass -> fine head."""
@@ -105,19 +123,9 @@ def _shard_fingerprint(job: ExtractJob, rows: list[tuple[str, str, str | None]])
 def run_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None]],
               device: str | None = None) -> dict:
     """Encode one shard's ``(image_id, uri, listing_error)`` rows and commit its files."""
-    import torch
-
-    from retrieval.sparkutil import task_device, task_threads
-
     t0 = time.monotonic()
-    fsio.configure(job.storage_options)
     rows = sorted(rows, key=lambda r: (r[0], r[1]))
-    device = device or task_device(job.model_cfg.get("device", "auto"))
-    torch.set_num_threads(task_threads(job.threads))
-    model = get_model(job.model_cfg, job.preprocess_cfg, device)
-    if model.model_version() != job.model_version:
-        raise RuntimeError(f"executor built model_version {model.model_version()} but the driver "
-                           f"planned {job.model_version}: the weights differ between machines")
+    model, device = task_model(job, device)
     policy = DecodePolicy.from_config(job.preprocess_cfg)
     spec = model.spec
     sizes = (spec.size_hi,) if job.role == "gallery" else (spec.size_hi, spec.size_lo)

@@ -50,17 +50,10 @@ def pooled_features(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[str,
     """``(image_id, pooled R_hi float16 bytes, pooled R_lo float16 bytes, error)`` per row."""
     import torch
 
-    from retrieval.features.extract import get_model
+    from retrieval.features.extract import task_model
     from retrieval.features.preprocess import DecodePolicy, ImageError, prepare
-    from retrieval.sparkutil import task_device, task_threads
 
-    fsio.configure(job.storage_options)
-    torch.set_num_threads(task_threads(job.threads))
-    device = task_device(job.model_cfg.get("device", "auto"))
-    model = get_model(job.model_cfg, job.preprocess_cfg, device)
-    if model.model_version() != job.model_version:
-        raise RuntimeError(f"task built model_version {model.model_version()} but the driver "
-                           f"planned {job.model_version}: the weights differ between machines")
+    model, device = task_model(job)
     policy = DecodePolicy.from_config(job.preprocess_cfg)
     spec = model.spec
     out: list[tuple[str, bytes | None, bytes | None, str | None]] = []

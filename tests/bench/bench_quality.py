@@ -214,12 +214,10 @@ def print_table(rows: list[tuple[str, dict, dict]], split: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # --tune: grids on the tune split (features computed once per image through the library)
 def _pooled(model_sets: list[str], urls: list[tuple[str, str]]):
-    import torch
-
+    from retrieval.features.model import model_from_config
     from retrieval.fit.job import FitJob, _as_matrix, pooled_features
 
     cfg = config_mod.load(sets=model_sets)
-    from retrieval.features.model import model_from_config
 
     model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict())
     job = FitJob(model_cfg=cfg["model"].to_dict(), preprocess_cfg=cfg["preprocess"].to_dict(),

@@ -8,25 +8,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from retrieval import cli
 from retrieval.features.extract import read_features, read_manifest
 from retrieval.features.model import build_model
 from retrieval.sample import real_photos
 from retrieval.schema import coarse_matrix, fine_matrix
+from tests.exports import Fine
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-
-class Fine(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, x):
-        return self.m.fine(self.m.pooled(x))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from torch import nn
 
 from retrieval.features.model import (ModelError, build_model, load_checkpoint, model_from_config,
                                       save_checkpoint)
+from tests.exports import Fine
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")   # torch.onnx.export (the TorchScript-based exporter) needs it
@@ -20,16 +21,6 @@ pytest.importorskip("onnx")   # torch.onnx.export (the TorchScript-based exporte
 HI, LO = 96, 64   # preprocess.size_hi / size_lo of these tests (small: fast on CPU)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-class Fine(nn.Module):
-    """Our model's fine descriptor as one module: float N x 3 x H x W in [0, 1] -> N x 512."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, x):
-        return self.m.fine(self.m.pooled(x))
 
 
 class Pooled(Fine):
