@@ -77,3 +77,26 @@ def test_cli_extract_refuses_a_bad_model_file_before_any_work(setup, tmp_path, c
     err = capsys.readouterr().err
     assert "model.onnx: not a loadable ONNX model" in err
     assert not out.exists() or not list(out.glob("part-*"))
+
+
+def test_fit_turns_an_onnx_embedding_model_into_a_dual_descriptor_model(setup, sample, tmp_path, capsys):
+    """The interface a user calls: fit with the backbone keys only (model.checkpoint left at its
+    default), then later stages with model.checkpoint = exactly the URL given to fit."""
+    _, path, _ = setup
+    backbone = ["--set", "model.backbone=onnx", "--set", f"model.backbone_weights={path}"]
+    model_url = str(tmp_path / "fitted.pt")
+    assert cli.main(["fit", "--engine", "local", "--input", sample["gallery"], "--output", model_url,
+                     "--set", "fit.adapter2_steps=40", *backbone]) == 0
+    card = json.loads(open(model_url + ".card.json").read())
+    assert card["base_heads"] == "seed:0" and card["facts"]["heads_initialised"] == "pca"
+    assert card["backbone"] == "onnx"
+    out = str(tmp_path / "features")
+    capsys.readouterr()
+    assert cli.main(["extract", "--engine", "local", "--input", sample["gallery"], "--output", out,
+                     "--role", "gallery", "--set", f"model.checkpoint={model_url}", *backbone]) == 0
+    assert read_manifest(out)["model_version"] == card["model_version"]
+    assert coarse_matrix(read_features(out)).shape[1] == 128
+    # the checkpoint holds the heads only: without the model file it is refused, clearly
+    assert cli.main(["extract", "--engine", "local", "--input", sample["gallery"], "--output",
+                     str(tmp_path / "f2"), "--role", "gallery", "--set", f"model.checkpoint={model_url}"]) == 2
+    assert "backbone" in capsys.readouterr().err
