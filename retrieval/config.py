@@ -145,6 +145,9 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "report.bands": lambda v: None if all(isinstance(b, (int, float)) and not isinstance(b, bool)
                                           and -1.0 <= b <= 1.0 for b in v) and list(v) == sorted(set(v))
     else "must be a strictly ascending list of numbers in [-1, 1]",
+    "report.norm_bands": lambda v: None if all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                               and -1.0 <= b <= 1.0 for b in v) and list(v) == sorted(set(v))
+    else "must be a strictly ascending list of numbers in [-1, 1]",
     "report.top_queries": _non_negative,
     "report.matches_per_query": _positive,
     "report.thumbnails": _choice("embed", "files", "none"),

@@ -248,7 +248,7 @@ def render(info: RunInfo, scan: ScanResult, src_of: Callable[[str], str | None],
 <body><main>
 <header><h1>Copy-detection audit report</h1>
 <p class="meta">results {esc(info.results_url)} &middot; generated {esc(generated)} &middot; flag threshold
-{st.threshold:g}</p></header>
+{st.threshold:g} ({esc(SCORE_LABELS[st.score_column])})</p></header>
 {warn_html}
 <section id="summary"><div class="cards">{card_html}</div>
 <h2>Stages: inputs and errors</h2>

@@ -41,9 +41,12 @@ def settings_from(cfg: Config, search_manifest: dict | None = None) -> ScanSetti
     if isinstance(threshold, dict):
         threshold = threshold_from_evaluation(threshold["from_evaluation"], float(threshold.get("precision", 0.9)),
                                               column)
-    return ScanSettings(threshold=float(threshold), bands=tuple(float(b) for b in r["bands"]),
+    bands, hist_min = r["bands"], float(r["histogram_min"])
+    if column == "norm_score":          # normalised scores sit lower: their own bands, histogram from -0.5
+        bands, hist_min = r["norm_bands"], min(hist_min, -0.5)
+    return ScanSettings(threshold=float(threshold), bands=tuple(float(b) for b in bands),
                         top_queries=int(r["top_queries"]), matches_per_query=int(r["matches_per_query"]),
-                        hist_bins=int(r["histogram_bins"]), hist_min=float(r["histogram_min"]),
+                        hist_bins=int(r["histogram_bins"]), hist_min=hist_min,
                         batch_rows=int(r["batch_rows"]), progress_seconds=float(r["progress_seconds"]),
                         score_column=column)
 

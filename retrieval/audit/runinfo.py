@@ -288,6 +288,8 @@ def gather(results_url: str, errors_shown: int = 20, verify: bool = True) -> Run
     if isinstance(params, dict):
         search.details.update({f"param.{k}": v for k, v in params.items() if isinstance(v, (int, float, str))
                                or v is None})
+        if isinstance(params.get("normalize"), dict):      # score normalisation: background, size, k, beta
+            search.details.update({f"param.normalize.{k}": v for k, v in params["normalize"].items()})
     query = _extract_stage("query extract", manifest.get("query_features"), errors_shown)
 
     index_url = manifest.get("index")

@@ -279,6 +279,10 @@ def test_normalised_scores_flow_into_evaluate_and_a_calibrated_report_threshold(
     assert summary["counts"]["flagged_matches"] == len(kept)
     flagged = pq.read_table(f"{rep}/flagged.parquet")
     assert min(flagged.column("norm_score").to_pylist()) >= thr - 1e-6
+    # bands and histogram of the normalised scale; the page says which score it flags
+    assert summary["thresholds"]["bands"] == [-0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    page = fsio.read_text(f"{rep}/report.html")
+    assert "normalised score" in page and "search normalize.background" in page
     # thresholds of normalised scores are refused for raw results (another scale), and vice versa
     assert main(["report", "--results", raw, "--output", str(tmp_path / "r2"), "--set", "report.thumbnails=none",
                  "--set", f"report.threshold={{from_evaluation: {norm}/eval}}"]) == 2
