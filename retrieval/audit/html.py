@@ -81,7 +81,7 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Seque
 
 
 SCORE_LABELS = {"score": "score (512-d cosine)",
-                "norm_score": "normalised score (512-d cosine - background level)"}
+                "norm_score": "normalised score (512-d cosine - beta x background level)"}
 
 def histogram_svg(edges: Sequence[float], counts: Sequence[int], threshold: float,
                   width: int = 760, height: int = 240, label: str = "score (512-d cosine)") -> str:
