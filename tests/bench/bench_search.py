@@ -170,7 +170,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--normalize", default="", help="background sizes (e.g. 2000,10000): the cost of score "
                                                     "normalisation at the default setting, library and Spark job")
-    ap.add_argument("--repeats", type=int, default=3, help="--normalize: library runs per variant (interleaved)")
+    ap.add_argument("--repeats", type=int, default=3, help="library runs per setting (median reported, with "
+                                                            "min-max; --normalize: interleaved per variant)")
     args = ap.parse_args()
 
     import faiss
@@ -217,9 +218,13 @@ def main() -> None:
             if args.query_chunk:
                 sets.append(f"search.query_chunk={args.query_chunk}")
             out = os.path.join(args.workdir, "out", f"lib_s{S}_p{nprobe}")
-            lib_s = run_library(qf, idx, out, sets)
+            runs = [run_library(qf, idx, out, sets) for _ in range(max(1, args.repeats))]
+            lib_s = float(np.median(runs))
+            stages = json.loads(fsio.read_text(os.path.join(out, "_manifest.json")))["timings"]
             row = {"shortlist": S, "nprobe": nprobe, "library_s": round(lib_s, 2),
+                   "library_s_min": round(min(runs), 2), "library_s_max": round(max(runs), 2),
                    "library_qps": round(n_q / lib_s, 1), "library_speedup": round(bf_s / lib_s, 1),
+                   "stages_s": {k: stages.get(k) for k in ("coarse_s", "merge_s", "rerank_s", "write_s")},
                    **score(two_stage_rows(out), qids, source, exact_rows)}
             is_default = S == default_shortlist and nprobe == default_nprobe
             row["default"] = is_default
@@ -233,6 +238,11 @@ def main() -> None:
             rows.append(row)
             log(json.dumps(row))
 
+    print()
+    for r in rows:
+        st = r["stages_s"]
+        print(f"warm stages, shortlist {r['shortlist']}, nprobe {r['nprobe']} (last run, s): " +
+              ", ".join(f"{k[:-2]} {v}" for k, v in st.items()))
     norm_rows = normalisation_cost(args, qf, idx, default_shortlist, default_nprobe) if args.normalize else []
 
     print()
@@ -242,12 +252,15 @@ def main() -> None:
           f"without the per-run sha256 check of the index and gallery files ({verify_s:.1f}s); "
           f"Spark rows: the whole job in a new process with defaults (JVM start and the check included)")
     print()
+    print(f"library q/s: the median of {args.repeats} warm runs (q/s at the slowest - fastest run in brackets)")
+    print()
     print("| shortlist | nprobe | library q/s | x brute | Spark job q/s | x brute | rank-1 two-stage | "
           "rank-1 exact | exact's rank-1 kept | recall@10 vs exact |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         sp = f"{r['spark_qps']:.0f} | {r['spark_speedup']:.1f}x" if "spark_qps" in r else "- | -"
-        print(f"| {r['shortlist']}{' (default)' if r['default'] else ''} | {r['nprobe']} | {r['library_qps']:.0f} | {r['library_speedup']:.0f}x | {sp} | "
+        spread = f" ({n_q / r['library_s_max']:.0f}-{n_q / r['library_s_min']:.0f})"
+        print(f"| {r['shortlist']}{' (default)' if r['default'] else ''} | {r['nprobe']} | {r['library_qps']:.0f}{spread} | {r['library_speedup']:.0f}x | {sp} | "
               f"{100 * r['rank1_two_stage']:.2f}% | {100 * r['rank1_exact']:.2f}% | "
               f"{100 * r['rank1_retained']:.2f}% | {100 * r['recall10_vs_exact']:.2f}% |")
     if norm_rows:
