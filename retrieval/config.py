@@ -57,6 +57,12 @@ def _non_negative(v: Any) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
+def _ascending_scores(v: Any) -> str | None:
+    return None if all(isinstance(b, (int, float)) and not isinstance(b, bool) and -1.0 <= b <= 1.0
+                       for b in v) and list(v) == sorted(set(v)) \
+        else "must be a strictly ascending list of numbers in [-1, 1]"
+
+
 CHECKS: dict[str, Callable[[Any], str | None]] = {
     "model.backbone": _choice("mobilenet_v2", "resnet18", "resnet50", "torchscript", "onnx"),
     "model.input_layout": _choice("auto", "float_nchw", "uint8_nhwc"),
@@ -142,12 +148,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "fit.batch_size": _positive,
     "fit.threads": _non_negative,
     "fit.progress_seconds": _positive,
-    "report.bands": lambda v: None if all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                                          and -1.0 <= b <= 1.0 for b in v) and list(v) == sorted(set(v))
-    else "must be a strictly ascending list of numbers in [-1, 1]",
-    "report.norm_bands": lambda v: None if all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                                               and -1.0 <= b <= 1.0 for b in v) and list(v) == sorted(set(v))
-    else "must be a strictly ascending list of numbers in [-1, 1]",
+    "report.bands": _ascending_scores,
+    "report.norm_bands": _ascending_scores,
     "report.top_queries": _non_negative,
     "report.matches_per_query": _positive,
     "report.thumbnails": _choice("embed", "files", "none"),

@@ -285,14 +285,6 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
     return table, seconds
 
 
-def score_column(results: pa.Table, search_manifest: dict) -> str:
-    """``norm_score`` when the search normalised its scores (and every row has one), else ``score``."""
-    params = search_manifest.get("params") or {}
-    if params.get("normalize") and results.num_rows and results.column("norm_score").null_count == 0:
-        return "norm_score"
-    return "score"
-
-
 def thresholds(metrics: dict, column: str, curve: dict) -> dict:
     """The score thresholds at :data:`THRESHOLD_PRECISIONS` (the lowest score whose cut keeps the
     precision; ``None`` where it is never reached), for ``report.threshold: {from_evaluation}``."""
@@ -339,6 +331,7 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
     """Write ``metrics.json`` and ``pr_curve.png`` under ``output_url`` (default
     ``<results>/eval``); returns the metrics."""
     from retrieval.search import read_results
+    from retrieval.search.normalize import score_column
 
     t0 = time.monotonic()
     ev = cfg.evaluate
@@ -348,7 +341,7 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
     results = read_results(results_url)
     truth = read_truth(truth_url)
     search_manifest = fsio.read_json(fsio.join(results_url, "_manifest.json"))
-    column = score_column(results, search_manifest)
+    column = score_column(search_manifest)
     d = results.select(["query_id", "rank", "gallery_id", column]).to_pydict()
     metrics, curve = evaluate_results(d["query_id"], d["rank"], d["gallery_id"], d[column], truth,
                                       ev.recall_at, ev.precision_at_recall, ev.recall_at_precision)
@@ -366,9 +359,9 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
             from retrieval.index import store
             from retrieval.search.normalize import load_background
 
-            background = load_background(search_manifest["config"]["search"]["normalize"],
-                                         store.read_index_manifest(exact_index),
-                                         list(store.feature_file_urls(store.read_index_manifest(exact_index))))
+            exact_manifest = store.read_index_manifest(exact_index)
+            background = load_background(search_manifest["config"]["search"]["normalize"], exact_manifest,
+                                         list(store.feature_file_urls(exact_manifest)))
         exact, seconds = exact_results(qf, exact_index, cfg, background)
         e = exact.to_pydict()
         e_metrics, exact_curve = evaluate_results(e["query_id"], e["rank"], e["gallery_id"], e[column],

@@ -33,10 +33,10 @@ def settings_from(cfg: Config, search_manifest: dict | None = None) -> ScanSetti
     ``params.normalize``), and ``report.threshold: {from_evaluation: URL, precision: p}`` is the
     threshold ``retrieval evaluate`` measured at precision p on that same score."""
     from retrieval.evaluate import threshold_from_evaluation
+    from retrieval.search.normalize import score_column
 
     r = cfg["report"]
-    params = (search_manifest or {}).get("params") or {}
-    column = "norm_score" if params.get("normalize") else "score"
+    column = score_column(search_manifest or {})
     threshold = r["threshold"]
     if isinstance(threshold, dict):
         threshold = threshold_from_evaluation(threshold["from_evaluation"], float(threshold.get("precision", 0.9)),

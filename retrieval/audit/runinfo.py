@@ -22,7 +22,6 @@ from retrieval.schema import RESULT_REQUIRED
 RESULTS_MANIFEST = "_manifest.json"
 INDEX_MANIFEST = "manifest.json"
 EXTRACT_MANIFEST = "_manifest.json"
-RESULT_COLUMNS = RESULT_REQUIRED
 
 
 @dataclass
@@ -147,7 +146,7 @@ def check_result_schema(url: str) -> int:
             rows = pf.metadata.num_rows
     except Exception as exc:
         raise ValueError(f"result file {url} is not readable Parquet: {exc.__class__.__name__}: {exc}") from None
-    missing = [c for c in RESULT_COLUMNS if c not in names]
+    missing = [c for c in RESULT_REQUIRED if c not in names]
     if missing:
         raise ValueError(f"result file {url}: missing column(s) {missing}; found {names}")
     return rows

@@ -381,9 +381,8 @@ def model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str,
         ckpt = None
     if ckpt:
         if ckpt == "default" or ckpt.endswith(".npz"):
-            if backbone in EXTERNAL_BACKBONES:
-                what = "the shipped default model" if ckpt == "default" else "a .npz delta"
-                raise ModelError(f"model.checkpoint={ckpt}: {what} is a mobilenet_v2 model; with "
+            if backbone in EXTERNAL_BACKBONES:     # (checkpoint=default became seeded heads above)
+                raise ModelError(f"model.checkpoint={ckpt}: a .npz delta is a mobilenet_v2 model; with "
                                  f"model.backbone={backbone} set "
                                  "model.checkpoint=null (seeded heads on the model file's embedding) or to a "
                                  "full checkpoint (.pt) made with that file")

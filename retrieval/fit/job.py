@@ -174,8 +174,6 @@ def card_markdown(card: dict) -> str:
 
 def fit(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
     """Run ``retrieval fit``; returns the model card (also written beside the checkpoint)."""
-    import torch
-
     from retrieval.features.model import model_from_config, save_checkpoint
 
     t0 = time.monotonic()
@@ -211,7 +209,6 @@ def fit(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
     t_encode = time.monotonic() - t0
     k = model.spec.channels
     p_hi, p_lo = _as_matrix([r[1] for r in ok], k), _as_matrix([r[2] for r in ok], k)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     facts = fit_model(model, p_hi, p_lo, fc)
     model.spec.heads = "fitted"
     ids_sha = hashlib.sha256("\n".join(r[0] for r in ok).encode()).hexdigest()

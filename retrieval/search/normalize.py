@@ -42,6 +42,12 @@ class Background:
                 "k": self.k, "beta": self.beta}
 
 
+def score_column(search_manifest: dict) -> str:
+    """The score a search output is judged by: ``norm_score`` when it normalised its scores (its
+    manifest's ``params.normalize``), else the raw cosine ``score`` (evaluate and report)."""
+    return "norm_score" if (search_manifest.get("params") or {}).get("normalize") else "score"
+
+
 def background_level(query_fine: np.ndarray, background: np.ndarray, k: int) -> np.ndarray:
     """Per query, the mean of its ``k`` highest cosines to ``background`` (float32, ``nq``)."""
     nq = query_fine.shape[0]
@@ -73,7 +79,7 @@ def _from_features(url: str, model_version: str | None) -> np.ndarray:
         raise ValueError(f"search.normalize.background {url} was extracted with model_version "
                          f"{bg_version}, the index with {model_version}: extract the background "
                          "set with the index's model")
-    table = read_features(url, columns=None)
+    table = read_features(url, ["fine", "fine_scale"] if manifest.get("storage") == "int8" else ["fine"])
     if table.num_rows == 0:
         raise ValueError(f"search.normalize.background {url} holds no feature rows")
     return fine_matrix(table)
