@@ -26,8 +26,11 @@ from retrieval import fsio
 
 log = logging.getLogger(__name__)
 
-# the training images: the train split of the offline photos, plus the photographic Tux Paint stamps
-RECIPE_SOURCES = {"real_photos_train": True, "tuxpaint_stamps": True}
+# the training images: the train split of the offline photos. The shipped asset (d08eba97a5414297)
+# was trained by an earlier version of this recipe that also used a Debian package of photo cut-outs
+# that is now reserved for independent evaluation (DEVELOPERS.md, "Data"); that source is gone from
+# the recipe, and the shipped model is to be replaced by one trained on allowed data only (issue 12).
+RECIPE_SOURCES = {"real_photos_train": True}
 # the settings the shipped model was trained with (on top of retrieval/conf/defaults.yaml)
 RECIPE: dict = {
     "model.checkpoint": "",          # start from the ImageNet backbone + seed heads, whatever the default
@@ -45,41 +48,13 @@ RECIPE: dict = {
 }
 
 
-TUXPAINT_STAMPS = "/usr/share/tuxpaint/stamps"
-
-
-def stamp_photos(root: str = TUXPAINT_STAMPS, min_side: int = 150, min_colours: int = 1500) -> list[str]:
-    """The photographic stamps of Debian's ``tuxpaint-stamps-default`` (cut-out photos of animals,
-    plants, food, vehicles...; their alpha is composited on white by the decoder). Clip art is left
-    out by its colour count (fewer than ``min_colours`` distinct colours in a 64 x 64 thumbnail)."""
-    import glob
-
-    import numpy as np
-    from PIL import Image
-
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"{root} not found: the default recipe also trains on Debian's "
-                                "tuxpaint-stamps-default (apt-get install tuxpaint-stamps-default)")
-    out = []
-    for p in sorted(glob.glob(os.path.join(root, "**", "*.png"), recursive=True)):
-        with Image.open(p) as im:
-            if min(im.size) < min_side:
-                continue
-            thumb = np.asarray(im.convert("RGBA").convert("RGB").resize((64, 64)))
-        if len(np.unique(thumb.reshape(-1, 3), axis=0)) >= min_colours:
-            out.append(p)
-    return out
-
-
 def write_manifest(paths: list[str], url: str) -> str:
-    """A CSV manifest (``image_id,uri``); ids are base names, ``tuxpaint/<path>`` for stamps."""
+    """A CSV manifest (``image_id,uri``); ids are base names."""
     with fsio.atomic_open(url, "w") as fh:
         w = csv.writer(fh)
         w.writerow(["image_id", "uri"])
         for p in paths:
-            image_id = ("tuxpaint/" + os.path.relpath(p, TUXPAINT_STAMPS) if p.startswith(TUXPAINT_STAMPS)
-                        else os.path.basename(p))
-            w.writerow([image_id, p])
+            w.writerow([os.path.basename(p), p])
     return url
 
 
@@ -98,8 +73,7 @@ def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (
 
     t0 = time.monotonic()
     photos = real_photos("train")
-    stamps = stamp_photos() if RECIPE_SOURCES["tuxpaint_stamps"] else []
-    train = write_manifest(photos + stamps, fsio.join(output, "train_images.csv"))
+    train = write_manifest(photos, fsio.join(output, "train_images.csv"))
     holdout = write_manifest(real_photos("holdout"), fsio.join(output, "holdout_photos.csv"))
     # the recipe first, then the caller's --set items (which win), then the held-out input
     recipe_sets = [f"{k}={json.dumps(v)}" for k, v in RECIPE.items()]
@@ -110,7 +84,7 @@ def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (
 
     trained = load_checkpoint(card["checkpoint"])
     card["recipe"] = {**RECIPE, **dict(config_mod.parse_set(s) for s in sets),
-                      "sources": {"real_photos(train)": len(photos), "tuxpaint-stamps-default photos": len(stamps)}}
+                      "sources": {"real_photos(train)": len(photos)}}
     card["reproduce"] = ("python -m retrieval.training.default_model --output OUT_DIR "
                          + " ".join(f"--set {s}" for s in sets)).strip()
     card["train_seconds"] = round(time.monotonic() - t0, 1)
