@@ -28,6 +28,7 @@ NULLABLE: dict[str, type] = {
     "extract.key_column": str,
     "extract.bytes_column": str,
     "train.eval_input": str,
+    "train.teacher": str,
     "search.coarse_threshold": float,
     "search.match_threshold": float,
     "search.normalize.background": str,
@@ -43,6 +44,13 @@ NUMBER_OR_MAPPING: dict[str, dict[str, type]] = {
 
 # keys that hold free-form mappings (any sub-keys allowed); spark.conf values become strings
 FREE_MAPPINGS = {"spark.conf", "io.storage_options"}
+
+
+def _augmentations(v) -> str | None:
+    from retrieval.training.augment import OPS   # the one list of the augmentations' names
+
+    unknown = sorted(set(v) - set(OPS))
+    return f"unknown augmentation(s) {unknown}; choose from {', '.join(OPS)}" if unknown else None
 
 
 def _choice(*options: str) -> Callable[[Any], str | None]:
@@ -165,10 +173,11 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "train.batch_size": lambda v: None if v >= 2 else "must be >= 2 (the other images are the negatives)",
     "train.temperature": _positive,
     "train.augment_strength": lambda v: None if 0.0 <= v <= 1.0 else "must be in [0, 1]",
-    "train.augmentations": lambda v: None if set(v) <= {
-        "crop", "scale", "shift", "rotate", "flip", "color", "grayscale", "text", "lines", "overlay", "blur",
-        "noise", "jpeg"} else "unknown augmentation; choose from crop, scale, shift, rotate, flip, color, "
-                              "grayscale, text, lines, overlay, blur, noise, jpeg",
+    "train.augmentations": _augmentations,
+    "train.koleo": _non_negative,
+    "train.teacher_weight": _non_negative,
+    "train.teacher_temperature": _positive,
+    "train.teacher_size": lambda v: None if 32 <= v <= 1024 else "must be in [32, 1024]",
     "train.max_side": lambda v: None if v >= 32 else "must be >= 32",
     "train.backbone_blocks": _non_negative,
     "train.cache_views": _non_negative,

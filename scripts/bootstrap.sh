@@ -25,6 +25,12 @@ if [ ! -d /usr/share/doc/opencv-doc/examples/data ] && command -v apt-get >/dev/
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq opencv-doc) \
     >/dev/null 2>&1 || echo "bootstrap: opencv-doc not installed; the sample uses scikit-image photos only" >&2
 fi
+# libmagic for AugLy's python-magic (the training augmentations)
+if ! ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1' && command -v apt-get >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libmagic1) >/dev/null 2>&1 \
+    || echo "bootstrap: libmagic1 not installed; retrieval train's augmentations need it" >&2
+fi
 # Java for Spark
 if ! command -v java >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless) >/dev/null 2>&1

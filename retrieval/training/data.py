@@ -23,7 +23,7 @@ from PIL import Image
 
 from retrieval.features import inputs as inputs_mod
 from retrieval.features.preprocess import DecodePolicy, ImageError, decode_image, resize, to_tensor
-from retrieval.training.augment import augment
+from retrieval.training.augment import Other, augment
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,18 @@ def load_images(url: str, policy: DecodePolicy = DecodePolicy(), max_side: int =
     return images
 
 
-def make_view(img: Image.Image, rng: np.random.Generator, size: int, strength: float,
-              ops: Sequence[str], resize_mode: str = "squash") -> torch.Tensor:
-    """augment -> resize to ``size`` x ``size`` -> float tensor in [0, 1]."""
-    return to_tensor(resize(augment(img, rng, strength, ops), size, resize_mode))
+def other_picker(images: ImageSet, i: int) -> Other:
+    """The cut-paste / mixup partner of image ``i``: another training image, drawn from the view's rng."""
+    n = len(images)
+
+    def pick(rng: np.random.Generator) -> Image.Image:
+        j = int(rng.integers(n - 1)) if n > 1 else 0
+        return images.images[j + (1 if n > 1 and j >= i else 0)]
+    return pick
 
 
 def same_view(img: Image.Image, rng: np.random.Generator, sizes: Sequence[int], strength: float,
-              ops: Sequence[str], resize_mode: str = "squash") -> list[torch.Tensor]:
+              ops: Sequence[str], resize_mode: str = "squash", other: Other | None = None) -> list[torch.Tensor]:
     """ONE augmentation of ``img`` at several resolutions (stage 3: the same picture, low vs high)."""
-    aug = augment(img, rng, strength, ops)
+    aug = augment(img, rng, strength, ops, other=other)
     return [to_tensor(resize(aug, s, resize_mode)) for s in sizes]

@@ -48,7 +48,7 @@ from retrieval.features.model import (EXTERNAL_BACKBONES, DescriptorModel, load_
 from retrieval.features.preprocess import DecodePolicy
 from retrieval.progress import Progress
 from retrieval.training import card as card_mod
-from retrieval.training.data import ImageSet, load_images, make_view, same_view, view_rng
+from retrieval.training.data import ImageSet, load_images, other_picker, same_view, view_rng
 from retrieval.training.dist import Dist
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,14 @@ class TrainJob:
                 "backbone_blocks", "fine_head", "cache_views", "stage1", "stage2", "stage3")
         # model.input_layout at its default is left out: runs written before the key existed still resume
         model = {k: v for k, v in self.model_cfg.items() if not (k == "input_layout" and v == "auto")}
-        return {"input": self.input, "model": model, "preprocess": self.preprocess_cfg,
-                "train": {k: self.train_cfg[k] for k in keep}}
+        train = {k: self.train_cfg[k] for k in keep}
+        # the stage-1 regularisers join the fingerprint only when on (runs from before they existed resume)
+        if self.train_cfg.get("koleo"):
+            train["koleo"] = self.train_cfg["koleo"]
+        if self.train_cfg.get("teacher"):
+            train.update({k: self.train_cfg[k] for k in ("teacher", "teacher_weight", "teacher_temperature",
+                                                        "teacher_size")})
+        return {"input": self.input, "model": model, "preprocess": self.preprocess_cfg, "train": train}
 
 
 def _external_stage1(backbone: str) -> TrainError:
@@ -170,6 +176,53 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(student, teacher.detach(), dim=-1)).mean()
 
 
+def koleo_loss(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The KoLeo regulariser (Sablayrolles et al. 2019; SSCD's entropy term, DINOv2):
+    ``-mean(log(distance to the nearest other row))`` of the L2-normalised rows; spreads the batch."""
+    z = F.normalize(z, dim=-1)
+    with torch.no_grad():
+        sim = z @ z.T
+        sim.fill_diagonal_(-2.0)
+        nearest = sim.argmax(dim=1)
+    return -torch.log(F.pairwise_distance(z, z[nearest], eps=eps) + eps).mean()
+
+
+def similarity_distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) between each row's softmax over its similarities to the OTHER rows of the
+    batch (cosine / ``temperature``): the student learns the teacher's similarity structure, whatever
+    the two embeddings' dimensions. The teacher gets no gradient."""
+    n = len(student)
+    off = ~torch.eye(n, dtype=torch.bool, device=student.device)
+    s, t = F.normalize(student, dim=-1), F.normalize(teacher.detach().float(), dim=-1)
+    log_s = F.log_softmax((s @ s.T)[off].view(n, n - 1) / temperature, dim=1)
+    log_t = F.log_softmax((t @ t.T)[off].view(n, n - 1) / temperature, dim=1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+
+
+@dataclass
+class Teacher:
+    """A frozen model whose embeddings stage 1's similarity distillation follows (``train.teacher``)."""
+    url: str
+    version: str
+    size: int
+    embed: Callable[[torch.Tensor], torch.Tensor]   # float RGB [0, 1] N x 3 x size x size -> N x K
+
+
+def load_teacher(url: str, size: int, preprocess_cfg: dict) -> Teacher:
+    """``.onnx`` -> an ONNX model, a name with ``torchscript`` / ``.ts`` -> TorchScript (their raw
+    embedding); anything else is this project's checkpoint (its fine descriptor)."""
+    from retrieval.features.model import build_model
+
+    name = url.lower()
+    kind = "onnx" if name.endswith(".onnx") else "torchscript" if ("torchscript" in name or name.endswith(".ts")) \
+        else "checkpoint"
+    if kind == "checkpoint":
+        model = load_checkpoint(url).eval()
+        return Teacher(url, model.model_version(), size, lambda x: model.fine(model.pooled(x)))
+    model = build_model(kind, url, size_hi=size, size_lo=size, resize=preprocess_cfg.get("resize", "squash")).eval()
+    return Teacher(url, model.model_version(), size, model.pooled)
+
+
 def lr_at(step: int, steps: int, base: float) -> float:
     """Linear warm-up over 5% of the steps, then cosine decay to 5% of ``base``."""
     warm = max(1, steps // 20)
@@ -202,6 +255,7 @@ class FeatureCache:
     hi: torch.Tensor
     lo: torch.Tensor
     blocks: int = 0
+    teacher: torch.Tensor | None = None    # N x V x K float16: the teacher's embedding of each view
 
     @property
     def views(self) -> int:
@@ -237,78 +291,126 @@ def pooled_cache(model: DescriptorModel, cache: FeatureCache, chunk: int = 256) 
         pooled = torch.cat([suffix_pooled(model, flat[k:k + chunk], cache.blocks).half()
                             for k in range(0, len(flat), chunk)])
         out.append(pooled.view(t.shape[0], t.shape[1], -1))
-    return FeatureCache(out[0], out[1], 0)
+    return FeatureCache(out[0], out[1], 0, cache.teacher)
+
+
+def _views_key(images: ImageSet, job: TrainJob) -> str:
+    t = job.t
+    ops_key = hashlib.sha256(",".join(t["augmentations"]).encode()).hexdigest()[:8]
+    return f"{images.fingerprint()}-v{int(t['cache_views'])}-s{t['augment_strength']}-a{ops_key}-seed{t['seed']}"
 
 
 @torch.no_grad()
 def build_cache(model: DescriptorModel, images: ImageSet, job: TrainJob, d: Dist, blocks: int = 0,
-                chunk: int = 32) -> FeatureCache:
+                chunk: int = 32, teacher: Teacher | None = None) -> FeatureCache:
+    """The cached views' features (``blocks`` > 0: activations entering the last ``blocks`` blocks;
+    else pooled); with ``teacher``, also the teacher's embedding of every view (its own cache file:
+    the student's cache is the one a run without a teacher writes)."""
     t, spec = job.t, model.spec
     n_views = int(t["cache_views"])
     kind = f"prefix{blocks}" if blocks else "pooled"
-    url = fsio.join(job.output, "_cache", f"{kind}-{backbone_version(model)}-{images.fingerprint()}-"
-                    f"v{n_views}-s{t['augment_strength']}-seed{t['seed']}.pt")
-    if fsio.exists(url):
-        obj = torch.load(io.BytesIO(fsio.read_bytes(url)), map_location="cpu", weights_only=True)
+    url = fsio.join(job.output, "_cache", f"{kind}-{backbone_version(model)}-{_views_key(images, job)}.pt")
+    t_url = (fsio.join(job.output, "_cache", f"teacher-{teacher.version}-{teacher.size}-{_views_key(images, job)}.pt")
+             if teacher else None)
+    have = torch.load(io.BytesIO(fsio.read_bytes(url)), map_location="cpu", weights_only=True) \
+        if fsio.exists(url) else None
+    if have is not None:
         log.info("%s features from cache %s", kind, url)
-        return FeatureCache(obj["hi"], obj["lo"], blocks)
+        if t_url is None or fsio.exists(t_url):
+            tobj = torch.load(io.BytesIO(fsio.read_bytes(t_url)), map_location="cpu", weights_only=True) \
+                if t_url else {}
+            return FeatureCache(have["hi"], have["lo"], blocks, tobj.get("teacher"))
     mine = [i for i in range(len(images)) if i % d.world == d.rank]
     progress = Progress(f"{kind} feature cache (rank {d.rank})", total=len(mine) * n_views,
                         every=float(t["progress_seconds"]), unit="views")
-    todo: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
-    out: dict[int, tuple[list, list]] = {i: ([None] * n_views, [None] * n_views) for i in mine}
+    todo: list[tuple[int, int, list[torch.Tensor]]] = []
+    out: dict[int, tuple[list, ...]] = {i: ([None] * n_views, [None] * n_views, [None] * n_views) for i in mine}
+    sizes = (spec.size_hi, spec.size_lo) + ((teacher.size,) if teacher else ())
 
     def flush() -> None:
         if not todo:
             return
-        p_hi = _prefix(model, torch.stack([x[2] for x in todo]), blocks).half()
-        p_lo = _prefix(model, torch.stack([x[3] for x in todo]), blocks).half()
-        for (i, v, _, _), a, b in zip(todo, p_hi, p_lo):
-            out[i][0][v], out[i][1][v] = a, b
+        if have is None:
+            p_hi = _prefix(model, torch.stack([x[2][0] for x in todo]), blocks).half()
+            p_lo = _prefix(model, torch.stack([x[2][1] for x in todo]), blocks).half()
+        else:     # only the teacher's embeddings are missing
+            p_hi, p_lo = [None] * len(todo), [None] * len(todo)
+        p_t = teacher.embed(torch.stack([x[2][2] for x in todo])).half() if teacher else [None] * len(todo)
+        for (i, v, _), a, b, c in zip(todo, p_hi, p_lo, p_t):
+            out[i][0][v], out[i][1][v], out[i][2][v] = a, b, c
         progress.update(len(todo))
         todo.clear()
 
     for i in mine:
         for v in range(n_views):
             strength = 0.0 if v == 0 else float(t["augment_strength"])
-            hi, lo = same_view(images.images[i], view_rng(t["seed"], CACHE_KEY, i, v),
-                               (spec.size_hi, spec.size_lo), strength, t["augmentations"], spec.resize)
-            todo.append((i, v, hi, lo))
+            views = same_view(images.images[i], view_rng(t["seed"], CACHE_KEY, i, v), sizes, strength,
+                              t["augmentations"], spec.resize, other_picker(images, i))
+            todo.append((i, v, views))
             if len(todo) >= chunk:
                 flush()
     flush()
     progress.finish()
-    merged: dict[int, tuple[list, list]] = {}
-    for part in d.gather_objects({i: (torch.stack(a), torch.stack(b)) for i, (a, b) in out.items()}):
+    merged: dict[int, tuple] = {}
+    for part in d.gather_objects({i: tuple(torch.stack(x) if x[0] is not None else None for x in views)
+                                  for i, views in out.items()}):
         merged.update(part)
-    cache = FeatureCache(torch.stack([merged[i][0] for i in range(len(images))]),
-                         torch.stack([merged[i][1] for i in range(len(images))]), blocks)
+    n = len(images)
+    cache = FeatureCache(torch.stack([merged[i][0] for i in range(n)]) if have is None else have["hi"],
+                         torch.stack([merged[i][1] for i in range(n)]) if have is None else have["lo"], blocks,
+                         torch.stack([merged[i][2] for i in range(n)]) if teacher else None)
     if d.main:
-        buf = io.BytesIO()
-        torch.save({"hi": cache.hi, "lo": cache.lo}, buf)
-        fsio.write_bytes(url, buf.getvalue())
+        for target, obj in ((url if have is None else None, {"hi": cache.hi, "lo": cache.lo}),
+                            (t_url, {"teacher": cache.teacher})):
+            if target:
+                buf = io.BytesIO()
+                torch.save(obj, buf)
+                fsio.write_bytes(target, buf.getvalue())
     return cache
 
 
 # ---------------------------------------------------------------------------------------------
 # one step of each stage: (model, job, images, cache, step, local image indices) -> local pieces
-def _loss_stage1(model, job, images, cache, step, idx, d: Dist) -> torch.Tensor:
+def _stage1_total(model, job, za, zp, teacher_emb: torch.Tensor | None, d: Dist) -> torch.Tensor:
+    """InfoNCE (anchor R_hi vs positive R_lo) + KoLeo + the teacher's similarity distillation, on the
+    global batch; the distillation compares the student's FINE descriptors of the anchor and positive
+    views with the teacher's embeddings of the same views."""
+    t = job.t
+    za_all, zp_all = d.gather(F.normalize(za, dim=-1)), d.gather(F.normalize(zp, dim=-1))
+    loss = info_nce(za_all, zp_all, float(t["temperature"]))
+    if float(t.get("koleo") or 0.0):
+        loss = loss + float(t["koleo"]) * koleo_loss(torch.cat([za_all, zp_all]))
+    if teacher_emb is not None and float(t["teacher_weight"]):
+        student = torch.cat([d.gather(model.fine(za)), d.gather(model.fine(zp))])
+        loss = loss + float(t["teacher_weight"]) * similarity_distill_loss(
+            student, torch.cat([d.gather(teacher_emb[0]), d.gather(teacher_emb[1])]), float(t["teacher_temperature"]))
+    return loss
+
+
+def _loss_stage1(model, job, images, cache, step, idx, d: Dist, teacher: Teacher | None = None) -> torch.Tensor:
     t, spec = job.t, model.spec
     blocks = int(t["backbone_blocks"])
     if cache is not None:  # cached activations entering the trainable blocks: anchor R_hi, positive R_lo
         pairs = [view_rng(t["seed"], 1, step, i).choice(cache.views, 2, replace=cache.views < 2) for i in idx]
-        za = F.normalize(suffix_pooled(model, torch.stack([cache.hi[i, va] for i, (va, _) in zip(idx, pairs)]),
-                                       cache.blocks), dim=-1)
-        zp = F.normalize(suffix_pooled(model, torch.stack([cache.lo[i, vb] for i, (_, vb) in zip(idx, pairs)]),
-                                       cache.blocks), dim=-1)
-        return info_nce(d.gather(za), d.gather(zp), float(t["temperature"]))
-    a = torch.stack([make_view(images.images[i], view_rng(t["seed"], 1, step, i, 0), spec.size_hi,
-                               t["augment_strength"], t["augmentations"], spec.resize) for i in idx])
-    p = torch.stack([make_view(images.images[i], view_rng(t["seed"], 1, step, i, 1), spec.size_lo,
-                               t["augment_strength"], t["augmentations"], spec.resize) for i in idx])
-    za = F.normalize(pooled_partly_trainable(model, a, blocks), dim=-1)
-    zp = F.normalize(pooled_partly_trainable(model, p, blocks), dim=-1)
-    return info_nce(d.gather(za), d.gather(zp), float(t["temperature"]))
+        za = suffix_pooled(model, torch.stack([cache.hi[i, va] for i, (va, _) in zip(idx, pairs)]), cache.blocks)
+        zp = suffix_pooled(model, torch.stack([cache.lo[i, vb] for i, (_, vb) in zip(idx, pairs)]), cache.blocks)
+        temb = None
+        if cache.teacher is not None:
+            temb = (torch.stack([cache.teacher[i, va] for i, (va, _) in zip(idx, pairs)]).float(),
+                    torch.stack([cache.teacher[i, vb] for i, (_, vb) in zip(idx, pairs)]).float())
+        return _stage1_total(model, job, za, zp, temb, d)
+    sizes = (spec.size_hi,) + ((teacher.size,) if teacher else ())
+    va = [same_view(images.images[i], view_rng(t["seed"], 1, step, i, 0), sizes, t["augment_strength"],
+                    t["augmentations"], spec.resize, other_picker(images, i)) for i in idx]
+    vb = [same_view(images.images[i], view_rng(t["seed"], 1, step, i, 1), (spec.size_lo,) + sizes[1:],
+                    t["augment_strength"], t["augmentations"], spec.resize, other_picker(images, i)) for i in idx]
+    za = pooled_partly_trainable(model, torch.stack([v[0] for v in va]), blocks)
+    zp = pooled_partly_trainable(model, torch.stack([v[0] for v in vb]), blocks)
+    temb = None
+    if teacher is not None:
+        with torch.no_grad():
+            temb = (teacher.embed(torch.stack([v[1] for v in va])), teacher.embed(torch.stack([v[1] for v in vb])))
+    return _stage1_total(model, job, za, zp, temb, d)
 
 
 def _stage2_inputs(model, job, images, cache, step, idx) -> tuple[torch.Tensor, ...]:
@@ -321,9 +423,11 @@ def _stage2_inputs(model, job, images, cache, step, idx) -> tuple[torch.Tensor, 
                 torch.stack([cache.hi[i, vb] for i, (_, vb) in zip(idx, pairs)]).float())
     with torch.no_grad():
         va = [same_view(images.images[i], view_rng(t["seed"], 2, step, i, 0), (spec.size_hi,),
-                        t["augment_strength"], t["augmentations"], spec.resize)[0] for i in idx]
+                        t["augment_strength"], t["augmentations"], spec.resize, other_picker(images, i))[0]
+              for i in idx]
         vb = [same_view(images.images[i], view_rng(t["seed"], 2, step, i, 1), (spec.size_hi, spec.size_lo),
-                        t["augment_strength"], t["augmentations"], spec.resize) for i in idx]
+                        t["augment_strength"], t["augmentations"], spec.resize, other_picker(images, i))
+              for i in idx]
         return (model.pooled(torch.stack(va)), model.pooled(torch.stack([v[1] for v in vb])),
                 model.pooled(torch.stack([v[0] for v in vb])))
 
@@ -346,7 +450,8 @@ def _loss_stage3(model, job, images, cache, step, idx, d: Dist) -> torch.Tensor:
     else:
         with torch.no_grad():
             pairs = [same_view(images.images[i], view_rng(t["seed"], 3, step, i), (spec.size_lo, spec.size_hi),
-                               t["augment_strength"], t["augmentations"], spec.resize) for i in idx]
+                               t["augment_strength"], t["augmentations"], spec.resize, other_picker(images, i))
+                     for i in idx]
             lo = model.pooled(torch.stack([p[0] for p in pairs]))
             hi = model.pooled(torch.stack([p[1] for p in pairs]))
     with torch.no_grad():
@@ -420,7 +525,7 @@ def _threads(job: TrainJob, d: Dist) -> int:
 
 
 def run_stage(model: DescriptorModel, job: TrainJob, images: ImageSet, stage: int, state: dict,
-              d: Dist, cache: FeatureCache | None) -> dict:
+              d: Dist, cache: FeatureCache | None, teacher: Teacher | None = None) -> dict:
     t, sc = job.t, job.stage_cfg(stage)
     steps, base_lr = int(sc["steps"]), float(sc["lr"])
     names = trainable_names(model, stage, int(t["backbone_blocks"]), bool(t["fine_head"]))
@@ -455,7 +560,8 @@ def run_stage(model: DescriptorModel, job: TrainJob, images: ImageSet, stage: in
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, base_lr)
         opt.zero_grad(set_to_none=True)
-        loss = LOSSES[stage](model, job, images, cache, step, [int(i) for i in idx], d)
+        loss = LOSSES[stage](model, job, images, cache, step, [int(i) for i in idx], d,
+                             **({"teacher": teacher} if stage == 1 else {}))
         if not torch.isfinite(loss):
             raise TrainError(f"stage {stage} step {step}: loss is {loss.item()} (lower train.stage{stage}.lr)")
         loss.backward()
@@ -528,16 +634,21 @@ def _run_training(job: TrainJob, d: Dist) -> dict:
     cache: FeatureCache | None = None
     blocks = int(t["backbone_blocks"])
     use_cache = int(t["cache_views"]) > 0
+    teacher = None
+    if t.get("teacher") and 1 in stages and "1" not in state["completed"]:
+        teacher = load_teacher(t["teacher"], int(t["teacher_size"]), job.preprocess_cfg)
+        state["teacher"] = {"url": teacher.url, "model_version": teacher.version, "size": teacher.size}
+        log.info("stage 1 teacher %s (model_version %s, %d px)", teacher.url, teacher.version, teacher.size)
     for stage in stages:
         if str(stage) in state["completed"]:
             log.info("stage %d (%s) already complete: skipped", stage, STAGES[stage])
             continue
         if stage == 1 and use_cache and 0 < blocks < backbone_block_count(model):
             # the frozen leading blocks run once per cached view; stage 1 trains the last blocks on them
-            prefix = build_cache(model, images, job, d, blocks)
+            prefix = build_cache(model, images, job, d, blocks, teacher=teacher)
             summary = run_stage(model, job, images, 1, state, d, prefix)
         elif stage == 1:
-            summary = run_stage(model, job, images, 1, state, d, None)
+            summary = run_stage(model, job, images, 1, state, d, None, teacher)
         else:
             if use_cache and cache is None:
                 cache = pooled_cache(model, prefix) if prefix is not None else build_cache(model, images, job, d)

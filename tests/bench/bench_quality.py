@@ -3,7 +3,7 @@
     bash tests/bench/setup_quality_venv.sh                          # AugLy + the SSCD stand-in files
     .quality-venv/bin/python tests/bench/quality_data.py /work/quality_data      # the data set
     .venv/bin/python tests/bench/bench_quality.py --data /work/quality_data --split test \
-        [--work /tmp/bench_quality] [--engine local|spark] [--configs default,sscd]
+        [--work /tmp/bench_quality] [--engine local|spark] [--configs default,sscd] [--reuse]
 
 The set (tests/bench/quality_data.py): real photos from allowed packages only, split by source
 photo into ``tune`` (hyper-parameters are chosen there: ``--tune``), ``test`` (the reported
@@ -319,6 +319,10 @@ def main() -> None:
                                                                "or name=path.onnx / name=checkpoint-url")
     ap.add_argument("--tune", action="store_true", help="hyper-parameter grids on the tune split")
     ap.add_argument("--set", action="append", default=[], dest="sets", help="extra --set for every stage")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a configuration's rows from an earlier run in --work (rows-<split>-<name>.json, "
+                         "written after each configuration) instead of running it again: the metrics are "
+                         "deterministic for the same model and data")
     args = ap.parse_args()
     models = {}
     for c in args.configs.split(","):
@@ -344,8 +348,20 @@ def main() -> None:
     rows = []
     for name, sets in models.items():
         print(f"[{name}] {' '.join(sets) or '(shipped default model)'}", flush=True)
-        rows += model_rows(name, sets, split_dir, bg_dir, os.path.join(args.work, args.split), args.engine,
-                           fit=True, normalize=True, extra_sets=args.sets)
+        saved = os.path.join(args.work, f"rows-{args.split}-{name}.json")
+        if args.reuse and os.path.exists(saved):
+            with open(saved) as fh:
+                got = json.load(fh)
+            if got["sets"] == sets + args.sets:
+                print(f"  rows of {name} from {saved} ({got['created']})", flush=True)
+                rows += [tuple(r) for r in got["rows"]]
+                continue
+        mine = model_rows(name, sets, split_dir, bg_dir, os.path.join(args.work, args.split), args.engine,
+                          fit=True, normalize=True, extra_sets=args.sets)
+        with open(saved, "w") as fh:
+            json.dump({"sets": sets + args.sets, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "rows": mine}, fh)
+        rows += mine
     counts = {k: len(os.listdir(os.path.join(split_dir, k))) for k in ("gallery", "queries")}
     print(f"\nsplit {args.split}: {counts['gallery']} gallery images, {counts['queries']} queries "
           f"({sum(1 for g in read_truth(os.path.join(split_dir, 'truth.csv')).matches.values() if not g)} "

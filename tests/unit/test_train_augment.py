@@ -1,4 +1,5 @@
-"""Augmentations keep images valid (RGB, size, range) for every option, and are seed-reproducible."""
+"""Augmentations (AugLy 1.0.0 + torchvision) keep images valid (RGB, size, range) for every option,
+use the other training image where they say so, and are seed-reproducible."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,10 @@ import pytest
 from PIL import Image
 
 from retrieval.sample import real_photos
-from retrieval.training.augment import OPS, augment, check_ops
+from retrieval.training.augment import FRAMES, OPS, USES_OTHER, augment, check_ops
+
+SIZE_KEPT = {"flip", "vflip", "perspective", "color", "grayscale", "blur", "noise", "pixelization", "sharpen",
+             "text", "emoji", "stripes", "overlay_image", "mixup", "jpeg"}
 
 
 @pytest.fixture(scope="module")
@@ -14,6 +18,17 @@ def photo() -> Image.Image:
     img = Image.open(real_photos("train")[0]).convert("RGB")
     img.thumbnail((160, 160))
     return img
+
+
+@pytest.fixture(scope="module")
+def other_photo() -> Image.Image:
+    img = Image.open(real_photos("train")[1]).convert("RGB")
+    img.thumbnail((160, 160))
+    return img
+
+
+def _other(img):
+    return lambda rng: img
 
 
 def _valid(out: Image.Image) -> np.ndarray:
@@ -26,11 +41,12 @@ def _valid(out: Image.Image) -> np.ndarray:
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("strength", [0.05, 0.5, 1.0])
-def test_every_op_gives_a_valid_changed_image(photo, op, strength):
+def test_every_op_gives_a_valid_changed_image(photo, other_photo, op, strength):
     for seed in range(4):
-        out = augment(photo, np.random.default_rng(seed), strength, ops=(op,), always=True)
+        out = augment(photo, np.random.default_rng(seed), strength, ops=(op,), always=True,
+                      other=_other(other_photo))
         arr = _valid(out)
-        if op not in ("crop", "scale", "shift", "rotate", "overlay", "text", "lines"):
+        if op in SIZE_KEPT:
             assert out.size == photo.size
         if seed == 0 and op != "jpeg" or strength == 1.0:
             # every op really does something (jpeg at quality ~90 may round-trip tiny images almost
@@ -45,6 +61,12 @@ def test_op_specific_effects(photo):
     assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
     flipped = np.asarray(augment(photo, rng, 0.5, ("flip",), always=True))
     assert np.array_equal(flipped, np.asarray(photo)[:, ::-1])
+    framed = augment(photo, np.random.default_rng(1), 0.8, ("pad",), always=True)
+    assert framed.size[0] > photo.size[0] and framed.size[1] > photo.size[1]
+    meme = augment(photo, np.random.default_rng(1), 0.8, ("meme",), always=True)
+    assert meme.size[0] == photo.size[0] and meme.size[1] > photo.size[1]
+    # the picture itself sits below the caption band, unchanged
+    assert np.array_equal(np.asarray(meme)[meme.size[1] - photo.size[1]:], np.asarray(photo))
     cropped = augment(photo, np.random.default_rng(3), 1.0, ("crop",), always=True)
     assert cropped.size[0] <= photo.size[0] and cropped.size[1] <= photo.size[1]
     assert cropped.size != photo.size
@@ -73,8 +95,34 @@ def test_reproducible_from_the_seed(photo):
     assert a.size != c.size or not np.array_equal(np.asarray(a), np.asarray(c))
 
 
+def test_cut_paste_and_mixup_use_the_other_image_and_are_skipped_without_one(photo):
+    red = Image.new("RGB", photo.size, (255, 0, 0))
+    for op in USES_OTHER:
+        out = np.asarray(augment(photo, np.random.default_rng(2), 1.0, (op,), always=True, other=_other(red)))
+        src = np.asarray(photo).astype(int)
+        if out.shape == src.shape:      # overlay_image, mixup: the picture moved toward pure red
+            assert (out[..., 0].astype(int) - src[..., 0]).mean() > 1.0, op
+        else:                           # onto_image: the picture pasted onto a red canvas
+            assert (out.reshape(-1, 3) == (255, 0, 0)).all(axis=1).mean() > 0.02, op
+        alone = augment(photo, np.random.default_rng(2), 1.0, (op,), always=True)
+        assert np.array_equal(np.asarray(alone), np.asarray(photo)), f"{op} without another image must skip"
+
+
+def test_at_most_one_frame_per_view(photo, other_photo):
+    for seed in range(6):
+        out = augment(photo, np.random.default_rng(seed), 1.0, FRAMES, always=True, other=_other(other_photo))
+        _valid(out)
+        # pad alone grows both sides by < 2 x 0.37 of the picture; two frames on top of each other
+        # (pad + meme + screenshot...) would give the template's size or more
+        assert out.size == augment(photo, np.random.default_rng(seed), 1.0, FRAMES[:1], always=True).size
+
+
 def test_bad_options_are_refused(photo):
     with pytest.raises(ValueError, match="unknown augmentation"):
         check_ops(["crop", "sepia"])
+    from retrieval import config
+
+    with pytest.raises(config.ConfigError, match="sepia"):
+        config.load(sets=['train.augmentations=["crop", "sepia"]'])
     with pytest.raises(ValueError, match="strength"):
         augment(photo, np.random.default_rng(0), 1.5)

@@ -151,3 +151,60 @@ def test_too_few_images_is_a_clear_error(tmp_path, images):
     job = _job(tmp_path)
     with pytest.raises(trainer.TrainError, match="at least 2 images"):
         trainer.run_stage(_model(), job, one, 2, {"completed": {}, "losses": {}}, Dist(), None)
+
+
+def test_koleo_and_similarity_distillation_definitions():
+    torch.manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    nn_dist = torch.cdist(z, z) + torch.eye(8) * 9
+    manual = -torch.log(nn_dist.min(dim=1).values).mean()
+    assert trainer.koleo_loss(z).item() == pytest.approx(manual.item(), rel=1e-4)
+    # spreading the rows lowers it: a batch with two near-copies scores higher than a spread one
+    crowded = z.clone()
+    crowded[1] = z[0] + 1e-3 * torch.randn(16)
+    assert trainer.koleo_loss(crowded).item() > trainer.koleo_loss(z).item()
+    # the same similarity structure (any rotation, any dimension) is a zero loss; another one is not
+    rot, _ = torch.linalg.qr(torch.randn(16, 16))
+    padded = torch.cat([z @ rot, torch.zeros(8, 5)], dim=1)
+    assert trainer.similarity_distill_loss(z, padded, 0.05).item() == pytest.approx(0.0, abs=1e-5)
+    other = torch.randn(8, 12)
+    assert trainer.similarity_distill_loss(z, other, 0.05).item() > 0.1
+    # the teacher gets no gradient, the student does
+    s, t = z.clone().requires_grad_(True), other.clone().requires_grad_(True)
+    trainer.similarity_distill_loss(s, t, 0.05).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_stage1_with_a_teacher_learns_its_similarity_structure(tmp_path, images, cached):
+    """A TorchScript teacher (another network: a different similarity structure): stage 1 with
+    ``train.teacher`` lowers the distillation loss; the teacher's embeddings are cached per view."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+    url = str(tmp_path / "teacher.torchscript.pt")
+    torch.jit.save(torch.jit.trace(net.eval(), torch.rand(2, 3, 48, 48)), url)
+    job = _job(tmp_path / "run", **{"train.teacher": url, "train.teacher_size": 48, "train.teacher_weight": 1.0,
+                                    "train.koleo": 0.1, "train.stage1.lr": 1e-3, "train.backbone_blocks": 2})
+    teacher = trainer.load_teacher(url, 48, job.preprocess_cfg)
+    model = _model()
+    cache = trainer.build_cache(model, images, job, Dist(), blocks=2, teacher=teacher) if cached else None
+    if cached:
+        assert cache.teacher is not None and cache.teacher.shape[:2] == (len(images), 4)
+        again = trainer.build_cache(model, images, job, Dist(), blocks=2, teacher=teacher)   # from disk
+        assert torch.equal(again.teacher, cache.teacher) and torch.equal(again.hi, cache.hi)
+
+    def distill_now() -> float:
+        with torch.no_grad():
+            x = torch.stack([torch.nn.functional.interpolate(
+                torch.from_numpy(np.asarray(im.resize((64, 64)))).permute(2, 0, 1)[None].float() / 255, size=64)[0]
+                for im in images.images])
+            t_emb = teacher.embed(torch.nn.functional.interpolate(x, size=48))
+            return trainer.similarity_distill_loss(model.fine(model.pooled(x)), t_emb, 0.05).item()
+
+    before = distill_now()
+    state: dict = {"completed": {}, "losses": {}}
+    job = trainer.TrainJob(**{**job.__dict__, "train_cfg": {**job.train_cfg, "stage1": {"steps": 8, "lr": 3e-3},
+                                                            "temperature": 0.5}})
+    trainer.run_stage(model, job, images, 1, state, Dist(), cache, None if cached else teacher)
+    assert distill_now() < before

@@ -1,0 +1,78 @@
+"""The default model's training data: only allowed packages, photographs not graphics, no duplicates,
+non-overlapping crops, and a manifest + card section that say what was used."""
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+from PIL import Image
+
+from retrieval.training import sources
+from retrieval.training.default_model import crop_boxes, training_images
+
+
+def _photo(path: str, size: tuple[int, int], seed: int) -> None:
+    """A photograph-like image: smooth random gradients plus sensor noise (thousands of colours)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([np.sin(xx / rng.uniform(20, 60) + c) * np.cos(yy / rng.uniform(20, 60) + 2 * c)
+                     for c in rng.uniform(0, 3, 3)], -1)
+    arr = (base * 90 + 128 + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr).save(path, quality=92)
+
+
+def _tree(root) -> None:
+    pkg = sources.TRAINING_PACKAGES[0]
+    _photo(f"{root}/{pkg}/usr/share/a/big.jpg", (800, 700), 1)           # cut into 2 x 2 crops
+    _photo(f"{root}/{pkg}/usr/share/a/wide.jpg", (700, 400), 2)          # 2 x 1
+    _photo(f"{root}/{pkg}/usr/share/a/small.jpg", (300, 260), 3)         # whole
+    _photo(f"{root}/{pkg}/usr/share/a/tiny.jpg", (120, 100), 4)          # under min_side: refused
+    Image.open(f"{root}/{pkg}/usr/share/a/big.jpg").save(f"{root}/{pkg}/usr/share/a/big_copy.png")  # duplicate
+    Image.new("RGB", (600, 600), (20, 120, 200)).save(f"{root}/{pkg}/usr/share/a/flat.png")        # graphic
+    _photo(f"{root}/{pkg}/usr/share/wallpapers/w.jpg", (800, 600), 5)     # reserved path: never read
+    _photo(f"{root}/tuxpaint-stamps-default/usr/share/s.jpg", (800, 600), 6)  # reserved package
+    with open(f"{root}/{pkg}/.unpacked", "w") as fh:
+        fh.write("1.2-3\n")
+
+
+def test_crop_boxes_tile_without_overlap():
+    assert crop_boxes(300, 200) == [(0, 0, 300, 200)]
+    boxes = crop_boxes(800, 700, 320)
+    assert len(boxes) == 4
+    covered = np.zeros((700, 800), int)
+    for x0, y0, x1, y1 in boxes:
+        assert x1 - x0 >= 320 and y1 - y0 >= 320
+        covered[y0:y1, x0:x1] += 1
+    assert (covered == 1).all()          # a partition: no overlap, nothing left out
+    assert len(crop_boxes(700, 400, 320)) == 2
+
+
+def test_training_photos_keep_allowed_photographs_only(tmp_path):
+    _tree(tmp_path)
+    rejected: dict[str, int] = {}
+    photos = sources.training_photos(str(tmp_path), rejected=rejected)
+    names = sorted(os.path.basename(p.path) for p in photos)
+    assert names == ["big.jpg", "small.jpg", "wide.jpg"]
+    assert rejected.get("small") == 1 and rejected.get("near-duplicate", 0) + rejected.get("duplicate", 0) == 1
+    assert sum(rejected.values()) == 3   # tiny, the copy, the flat graphic; reserved files never looked at
+    assert all("wallpaper" not in p.path and "tuxpaint" not in p.path for p in photos)
+
+
+def test_training_images_write_crops_manifest_and_card_data(tmp_path):
+    _tree(tmp_path / "src")
+    data = training_images(str(tmp_path / "out"), max_images=100, root=str(tmp_path / "src"))
+    assert data["images"] == 4 + 2 + 1 and data["source_photos"] == 3 and data["photos_listed"] == 3
+    assert data["package_versions"] == {sources.TRAINING_PACKAGES[0]: "1.2-3"}
+    with open(data["manifest"]) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 7 and len({r["image_id"] for r in rows}) == 7
+    for r in rows:
+        with Image.open(r["uri"]) as im:
+            assert max(im.size) <= 512 and min(im.size) >= 256 * 0.5
+    again = training_images(str(tmp_path / "out"), max_images=100, root=str(tmp_path / "src"))
+    assert again["training_list_sha256"] == data["training_list_sha256"]      # deterministic
+    capped = training_images(str(tmp_path / "out2"), max_images=3, root=str(tmp_path / "src"))
+    assert capped["images"] == 3 and capped["training_list_sha256"] != data["training_list_sha256"]
