@@ -38,25 +38,5 @@ set -euo pipefail
 UNPACK="torcs-data redeclipse-data supertuxkart-data scorched3d-data extremetuxracer-data colobot-common-textures hugin-data marble-data libjxl-testdata kalzium-data"
 DEST="${TRAINING_SOURCES_DIR:-/var/cache/training-sources}"
 
-SUDO=""
-[ "$(id -u)" = 0 ] || SUDO="sudo"
-export DEBIAN_FRONTEND=noninteractive
-updated=0
-apt_update() { [ "$updated" = 1 ] || { $SUDO apt-get update -qq; updated=1; }; }
-
-$SUDO mkdir -p "$DEST"
-for p in $UNPACK; do
-  [ -f "$DEST/$p/.unpacked" ] && continue
-  echo "training_sources: apt-get download + dpkg-deb -x $p -> $DEST/$p" >&2
-  apt_update
-  tmp="$(mktemp -d)"
-  (cd "$tmp" && apt-get download -qq "$p" >/dev/null 2>&1) || { chmod 777 "$tmp"; (cd "$tmp" && $SUDO apt-get download -qq "$p" >/dev/null); }
-  $SUDO rm -rf "$DEST/$p"
-  $SUDO mkdir -p "$DEST/$p"
-  $SUDO dpkg-deb -x "$tmp"/"${p}"_*.deb "$DEST/$p"
-  # which version was unpacked
-  dpkg-deb -f "$tmp"/"${p}"_*.deb Version | $SUDO tee "$DEST/$p/.unpacked" >/dev/null
-  rm -rf "$tmp"
-done
-
-for p in $UNPACK; do echo "unpacked  $p $(cat "$DEST/$p/.unpacked") in $DEST/$p"; done
+. "$(dirname "${BASH_SOURCE[0]}")/unpack_debs.sh"
+unpack_debs training_sources "$DEST" $UNPACK

@@ -21,11 +21,7 @@ INSTALL="opencv-doc stellarium-data endless-sky-data gcompris-qt-data palapeli-d
 UNPACK="kphotoalbum kstars-data texlive-latex-extra-doc texlive-publishers-doc texlive-pictures-doc texlive-fonts-extra-doc"
 DEST="${QUALITY_SOURCES_DIR:-/var/cache/quality-sources}"
 
-SUDO=""
-[ "$(id -u)" = 0 ] || SUDO="sudo"
-export DEBIAN_FRONTEND=noninteractive
-updated=0
-apt_update() { [ "$updated" = 1 ] || { $SUDO apt-get update -qq; updated=1; }; }
+. "$(dirname "${BASH_SOURCE[0]}")/../../scripts/unpack_debs.sh"
 
 missing=""
 for p in $INSTALL; do
@@ -37,20 +33,5 @@ if [ -n "$missing" ]; then
   $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-$SUDO mkdir -p "$DEST"
-for p in $UNPACK; do
-  [ -f "$DEST/$p/.unpacked" ] && continue
-  echo "quality_sources: apt-get download + dpkg-deb -x $p -> $DEST/$p" >&2
-  apt_update
-  tmp="$(mktemp -d)"
-  (cd "$tmp" && apt-get download -qq "$p" >/dev/null 2>&1) || { chmod 777 "$tmp"; (cd "$tmp" && $SUDO apt-get download -qq "$p" >/dev/null); }
-  $SUDO rm -rf "$DEST/$p"
-  $SUDO mkdir -p "$DEST/$p"
-  $SUDO dpkg-deb -x "$tmp"/"${p}"_*.deb "$DEST/$p"
-  # which version was unpacked
-  dpkg-deb -f "$tmp"/"${p}"_*.deb Version | $SUDO tee "$DEST/$p/.unpacked" >/dev/null
-  rm -rf "$tmp"
-done
-
 for p in $INSTALL; do echo "installed $p $(dpkg-query -W -f='${Version}' "$p")"; done
-for p in $UNPACK; do echo "unpacked  $p $(cat "$DEST/$p/.unpacked") in $DEST/$p"; done
+unpack_debs quality_sources "$DEST" $UNPACK
