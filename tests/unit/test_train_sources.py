@@ -76,3 +76,20 @@ def test_training_images_write_crops_manifest_and_card_data(tmp_path):
     assert again["training_list_sha256"] == data["training_list_sha256"]      # deterministic
     capped = training_images(str(tmp_path / "out2"), max_images=3, root=str(tmp_path / "src"))
     assert capped["images"] == 3 and capped["training_list_sha256"] != data["training_list_sha256"]
+
+
+def test_training_packages_are_disjoint_from_the_benchmark_and_the_reserved_sets():
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "tests", "bench", "quality_sources.sh")) as fh:
+        text = fh.read()
+    bench = set()
+    for var in ("INSTALL", "UNPACK"):
+        bench |= set(re.search(rf'^{var}="([^"]*)"', text, re.M).group(1).split())
+    assert bench <= set(sources.BENCHMARK_PACKAGES), bench - set(sources.BENCHMARK_PACKAGES)
+    with open(os.path.join(root, "scripts", "training_sources.sh")) as fh:
+        unpacked = set(re.search(r'^UNPACK="([^"]*)"', fh.read(), re.M).group(1).split())
+    assert unpacked == set(sources.TRAINING_PACKAGES)
+    assert not unpacked & set(sources.BENCHMARK_PACKAGES) and not unpacked & set(sources.RESERVED_PACKAGES)
+    assert not any(sources.is_forbidden(p) for p in unpacked)
