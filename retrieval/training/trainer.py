@@ -4,6 +4,10 @@
    features of an anchor view at R_hi and a positive view at R_lo of the same image; the other images
    of the global batch are the negatives. Trainable: the last ``train.backbone_blocks`` blocks of the
    backbone (0 = all) and GeM's p; BatchNorm statistics stay frozen (eval mode). Heads frozen.
+   Optional terms: ``train.koleo`` x the KoLeo regulariser on the batch's pooled features, and with
+   ``train.teacher`` (:func:`load_teacher`) ``train.teacher_weight`` x a similarity distillation
+   (:func:`similarity_distill_loss`) of the student's fine descriptors of the anchor and positive
+   views toward the teacher's embeddings of the same augmented pictures (cached per view).
 2. ``adapter1``: backbone + pooling frozen; the same loss on adapter-1 outputs (anchor R_hi, positive
    R_lo). With ``train.fine_head`` the fine head is trained by the same loss on two R_hi views.
 3. ``adapter2``: everything else frozen; ``mean(1 - cos(adapter2(pooled(lo)), adapter1(pooled(hi))))``
