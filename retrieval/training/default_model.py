@@ -143,6 +143,18 @@ def data_markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def fit_markdown(fit_card: dict) -> str:
+    """The model card's post-processing line (``retrieval fit`` on the training images)."""
+    f = fit_card["facts"]
+    a2 = f["adapter2"]
+    return ("\n## Post-processing\n\n"
+            f"`retrieval fit` on the {fit_card['images_used']:,} training images: whitening of the fine and the "
+            f"coarse codes (shrinkage {fit_card['shrinkage']}, power {fit_card['power']}); adapter-2 re-fit "
+            f"{'kept' if a2['cosine_after'] > a2['cosine_before'] else 'not kept (no held-out gain)'} "
+            f"(held-out cosine {a2['cosine_before']} -> {a2['cosine_after']}); fitted model_version "
+            f"`{fit_card['model_version']}`, shipped as the int8 delta above.\n")
+
+
 def _display(path: str) -> str:
     """The asset path relative to the repository when it lies inside it (cards are committed)."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -202,7 +214,7 @@ def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (
                                           "checkpoint": card["checkpoint"]})
     fsio.write_bytes(base + ".card.md", (to_markdown({**card, "checkpoint": _display(asset),
                                                        "model_version": shipped.model_version()})
-                                          + data_markdown(data)).encode())
+                                          + fit_markdown(fit_card) + data_markdown(data)).encode())
     return {"asset": asset, **card["shipped"], "train_seconds": card["train_seconds"],
             "total_seconds": card["total_seconds"],
             "final_losses": {s: st.get("final_loss") for s, st in card["stages"].items()},

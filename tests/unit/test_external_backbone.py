@@ -160,7 +160,7 @@ def test_shipped_default_model_version_is_unchanged():
     from retrieval.training.delta import load_delta
 
     model = load_delta()
-    assert model.model_version() == "d08eba97a5414297"
+    assert model.model_version() == "709f1b048ba3dac7"   # the default model of issue 12
     assert "backbone_sha256" not in model.spec.fingerprint_fields()
     assert "input_layout" not in model.spec.fingerprint_fields()
 

@@ -66,9 +66,14 @@ def test_tampered_or_foreign_files_are_refused(tmp_path):
 @pytest.mark.skipif(not os.path.exists(DEFAULT_MODEL), reason="default model asset not built")
 def test_shipped_default_model_loads_and_is_trained():
     m = load_delta()
-    assert m.spec.heads == "trained" and m.spec.backbone == "mobilenet_v2"
+    assert m.spec.heads == "fitted" and m.spec.backbone == "mobilenet_v2"   # trained, then `retrieval fit`
     assert (m.spec.size_hi, m.spec.size_lo) == (224, 160)
     assert os.path.getsize(DEFAULT_MODEL) < 8e6
     seed = build_model()
     assert not torch.equal(m.adapter1.weight, seed.adapter1.weight)
-    assert torch.equal(m.backbone[0][0].weight, seed.backbone[0][0].weight)
+    assert torch.equal(m.backbone[0][0].weight, seed.backbone[0][0].weight)   # the first 11 blocks: frozen
+    # the backbone itself was trained (its last blocks), and the model ships fitted (whitened)
+    assert not torch.equal(m.backbone[18][0].weight, seed.backbone[18][0].weight)
+    assert not torch.equal(m.backbone[11].conv[0][0].weight, seed.backbone[11].conv[0][0].weight)
+    assert torch.equal(m.backbone[10].conv[0][0].weight, seed.backbone[10].conv[0][0].weight)
+    assert m.spec.whiten and m.fine_white is not None
