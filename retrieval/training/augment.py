@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import glob
 import os
-import pickle
+import pickletools
 from functools import lru_cache
 from typing import Callable, Iterable
 
@@ -71,17 +71,35 @@ def _augly():
     return imaugs, au
 
 
+_INT_OPS = {"BININT", "BININT1", "BININT2"}
+_LIST_OPS = {"PROTO", "FRAME", "EMPTY_LIST", "MARK", "APPENDS", "APPEND", "BINPUT", "LONG_BINPUT", "MEMOIZE", "STOP"}
+
+
+def pickled_int_list(data: bytes) -> list[int]:
+    """The integers of a pickled flat list of ints (AugLy's font character tables), read by walking
+    the pickle's opcodes WITHOUT unpickling (nothing is executed, no class is looked up); anything
+    but a plain list of ints is refused."""
+    out = []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in _INT_OPS:
+            out.append(int(arg))
+        elif op.name not in _LIST_OPS:
+            raise ValueError(f"not a pickled list of ints (opcode {op.name})")
+    return out
+
+
 @lru_cache(maxsize=1)
 def _fonts() -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """AugLy's bundled fonts that can write plain lower-case words (with their character tables)."""
+    """AugLy's bundled fonts that can write plain lower-case words (with their character tables:
+    ``overlay_text`` takes indices into them)."""
     _, au = _augly()
     out = []
     for ttf in sorted(glob.glob(os.path.join(au.FONTS_DIR, "*.ttf"))):
         pkl = os.path.splitext(ttf)[0] + ".pkl"
         if "picto" in ttf.lower() or not os.path.exists(pkl):
             continue
-        with open(pkl, "rb") as fh:     # AugLy's own asset: the list of the font's code points
-            chars = tuple(pickle.load(fh))
+        with open(pkl, "rb") as fh:
+            chars = tuple(pickled_int_list(fh.read()))
         if all(ord(c) in chars for c in "abcdefghijklmnopqrstuvwxyz0123456789 #&%"):
             out.append((ttf, chars))
     return tuple(out)

@@ -126,3 +126,27 @@ def test_bad_options_are_refused(photo):
         config.load(sets=['train.augmentations=["crop", "sepia"]'])
     with pytest.raises(ValueError, match="strength"):
         augment(photo, np.random.default_rng(0), 1.5)
+
+
+def test_font_tables_are_read_without_unpickling():
+    """The library never unpickles (test_security); AugLy's font tables are read by walking the
+    opcodes, and give exactly what unpickling them would (checked here, in a test, with pickle)."""
+    import glob
+    import os
+    import pickle
+
+    import augly.utils as au
+
+    from retrieval.training.augment import _fonts, pickled_int_list
+
+    files = sorted(glob.glob(os.path.join(au.FONTS_DIR, "*.pkl")))
+    assert len(files) > 50
+    for f in files:
+        with open(f, "rb") as fh:
+            data = fh.read()
+        assert pickled_int_list(data) == list(pickle.loads(data)), f
+    assert len(_fonts()) >= 10
+    with pytest.raises(ValueError, match="not a pickled list of ints"):
+        pickled_int_list(pickle.dumps({"a": [1, 2]}))
+    with pytest.raises(ValueError, match="not a pickled list of ints"):
+        pickled_int_list(pickle.dumps([1, "os.system"]))
