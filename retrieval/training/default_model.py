@@ -84,11 +84,16 @@ def training_images(out_dir: str, max_images: int = MAX_IMAGES, root: str | None
         items = [items[int(k * step)] for k in range(max_images)]
     img_dir = os.path.join(out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
+    manifest = os.path.join(out_dir, "train_images.csv")
+    written = {}    # an earlier run's files are reused only for the same source photo and crop box
+    if os.path.exists(manifest):
+        with open(manifest, newline="") as fh:
+            written = {r["image_id"]: (r["source_sha256"], r["box"]) for r in csv.DictReader(fh)}
     rows, per_package = [], {}
     for n, (photo, box) in enumerate(items):
         image_id = f"{photo.package}-{n:05d}.jpg"
         path = os.path.join(img_dir, image_id)
-        if not os.path.exists(path):
+        if written.get(image_id) != (photo.sha256, "x".join(map(str, box))) or not os.path.exists(path):
             with Image.open(photo.path) as im:
                 crop = im.convert("RGB").crop(box)
                 crop.thumbnail((512, 512), Image.BILINEAR)
@@ -96,7 +101,6 @@ def training_images(out_dir: str, max_images: int = MAX_IMAGES, root: str | None
             os.replace(path + ".tmp", path)
         rows.append([image_id, path, photo.package, photo.sha256, "x".join(map(str, box))])
         per_package[photo.package] = per_package.get(photo.package, 0) + 1
-    manifest = os.path.join(out_dir, "train_images.csv")
     with open(manifest, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["image_id", "uri", "package", "source_sha256", "box"])

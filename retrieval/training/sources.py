@@ -1,14 +1,15 @@
 """Real photographs for training the copy-detection model, taken from Debian packages.
 
     scripts/training_sources.sh                        # apt-get download + dpkg-deb -x (root)
-    python -m retrieval.training.sources [--root DIR] [--manifest OUT.csv]
+    python -m retrieval.training.sources [--root DIR]          # summary JSON of what is kept
 
 ``scripts/training_sources.sh`` unpacks the packages of :data:`TRAINING_PACKAGES` (files only, no
 programs installed) into ``$TRAINING_SOURCES_DIR/<package>/`` (default
 ``/var/cache/training-sources``). :func:`training_photos` walks them and keeps the images that look
 like real photographs (photos, photographic textures of real surfaces, planet maps), drops exact
-and near duplicates, and returns them in a deterministic order; :func:`write_manifest` writes the
-``image_id,uri,package,sha256`` CSV that ``retrieval train`` reads as a manifest.
+and near duplicates, and returns them in a deterministic order; the default-model recipe
+(:func:`retrieval.training.default_model.training_images`) crops them and writes the manifest that
+``retrieval train`` reads.
 
 Disjoint from the evaluation data by construction:
 
@@ -28,7 +29,6 @@ Only the standard library, numpy and Pillow are imported (no torch).
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -37,7 +37,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -233,34 +233,6 @@ def training_photos(root: str | None = None, min_side: int = 256,
     return out
 
 
-def image_ids(photos: Iterable[Photo]) -> list[str]:
-    """Unique ids ``<package>-<index within the package, 5 digits>`` in list order."""
-    count: dict[str, int] = {}
-    ids = []
-    for p in photos:
-        n = count.get(p.package, 0)
-        count[p.package] = n + 1
-        ids.append(f"{p.package}-{n:05d}")
-    return ids
-
-
-def write_manifest(photos: Sequence[Photo], url: str) -> str:
-    """Write the CSV manifest ``image_id,uri,package,sha256`` (absolute file paths as uri) to a
-    local path or ``file://`` URL; returns the path written."""
-    path = url[len("file://"):] if url.startswith("file://") else url
-    if "://" in path:
-        raise ValueError(f"write_manifest writes local files only, not {url!r}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image_id", "uri", "package", "sha256"])
-        for image_id, p in zip(image_ids(photos), photos):
-            w.writerow([image_id, p.path, p.package, p.sha256])
-    os.replace(tmp, path)
-    return path
-
-
 def summary(photos: Sequence[Photo]) -> dict:
     """Counts per package, the total, and a sha256 over the sorted list of the photos' sha256s."""
     per: dict[str, int] = {}
@@ -274,7 +246,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m retrieval.training.sources", description=__doc__.split("\n")[0])
     ap.add_argument("--root", default=None, help=f"unpacked packages (default {SOURCES_DIR})")
     ap.add_argument("--min-side", type=int, default=256)
-    ap.add_argument("--manifest", default=None, help="also write the CSV manifest here")
     args = ap.parse_args(argv)
     t0 = time.time()
     rejected: dict[str, int] = {}
@@ -282,8 +253,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = summary(photos)
     out["rejected"] = dict(sorted(rejected.items()))
     out["seconds"] = round(time.time() - t0, 1)
-    if args.manifest:
-        out["manifest"] = write_manifest(photos, args.manifest)
     json.dump(out, sys.stdout, indent=2)
     print()
     return 0

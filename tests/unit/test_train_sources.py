@@ -93,3 +93,22 @@ def test_training_packages_are_disjoint_from_the_benchmark_and_the_reserved_sets
     assert unpacked == set(sources.TRAINING_PACKAGES)
     assert not unpacked & set(sources.BENCHMARK_PACKAGES) and not unpacked & set(sources.RESERVED_PACKAGES)
     assert not any(sources.is_forbidden(p) for p in unpacked)
+
+
+def test_training_images_rewrite_a_file_whose_row_changed(tmp_path):
+    """Rerunning into the same directory reuses a file only for the same source photo and crop box."""
+    _tree(tmp_path / "src")
+    out = str(tmp_path / "out")
+    training_images(out, max_images=100, root=str(tmp_path / "src"))
+    capped = training_images(out, max_images=3, root=str(tmp_path / "src"))   # same ids, other crops
+    by_sha = {p.sha256: p.path for p in sources.training_photos(str(tmp_path / "src"))}
+    with open(capped["manifest"]) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["box"] for r in rows] != ["0x0x400x350", "400x0x800x350", "0x350x400x700"]   # not the first 3
+    for r in rows:
+        with Image.open(by_sha[r["source_sha256"]]) as src:
+            want = src.convert("RGB").crop(tuple(map(int, r["box"].split("x"))))
+        want.thumbnail((512, 512), Image.BILINEAR)
+        with Image.open(r["uri"]) as got:
+            diff = np.abs(np.asarray(got.convert("RGB"), np.int16) - np.asarray(want, np.int16)).mean()
+        assert diff < 4, (r, diff)
