@@ -128,6 +128,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "search.match_threshold": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
     "search.query_chunk": _positive,
     "search.vector_cache_mb": _non_negative,
+    "search.rerank": _choice("auto", "chunk", "gallery"),
     "search.shard_cache": _positive,
     "search.threads": _non_negative,
     "search.progress_seconds": _positive,

@@ -36,23 +36,18 @@ import pyarrow.parquet as pq
 from retrieval import faults, fsio, integrity
 from retrieval.index import idmap
 from retrieval.schema import RESULT_SCHEMA, coarse_matrix, conform_results, fine_matrix
+from retrieval.search import blocks as blocks_mod
 from retrieval.search import coarse as coarse_mod
 from retrieval.search import normalize as normalize_mod
+from retrieval.search import queries as q_mod
 from retrieval.search import rerank as rerank_mod
 from retrieval.search import vectors
+from retrieval.search.queries import Chunk
 from retrieval.sparkutil import task_threads
 
 log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
 QUERY_FEATURES = "query_features"
-
-@dataclass(frozen=True)
-class Chunk:
-    chunk: int
-    file_no: int      # index into SearchJob.query_files
-    start: int        # first row in that file
-    stop: int         # one past the last row
-
 
 @dataclass(frozen=True)
 class SearchJob:
@@ -80,6 +75,8 @@ class SearchJob:
     faults: dict | None = None
     storage_options: dict | None = None
     background: normalize_mod.Background | None = None   # score normalisation (None: off)
+    rerank: str = "chunk"             # chunk-major or gallery-major rerank (resolved, see blocks.py)
+    blocks: tuple[blocks_mod.Block, ...] = field(default_factory=tuple)   # gallery-major: the blocks
 
 
 def part_name(chunk: int) -> str:
@@ -146,27 +143,55 @@ def coarse_task(job: SearchJob, shard_nos: Sequence[int], chunk: Chunk
     return out, time.monotonic() - t0
 
 
+def _query_table(job: SearchJob, chunk: Chunk) -> pa.Table:
+    return query_rows(job, chunk, ["image_id", "uri", "fine"] + (["fine_scale"] if job.query_int8 else []))
+
+
+def _cache(job: SearchJob) -> vectors.VectorCache:
+    cache = vectors.process_cache(job.vector_cache_mb)
+    cache.threads = task_threads(job.threads)
+    return cache
+
+
 def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, np.ndarray]],
-               coarse_s: float = 0.0) -> dict:
-    """Merge the shards' lists of one chunk (``parts`` in shard order), rerank, write its part
-    file; returns the chunk's stats."""
+               coarse_s: float = 0.0, shuffle_bytes: int = 0) -> dict:
+    """Chunk-major rerank: merge the shards' lists of one chunk (``parts`` in shard order),
+    rerank through the process's vector cache, write its part file; returns the chunk's stats."""
     _set_threads(job)
     faults.maybe_fail(job.faults, "search", chunk.chunk, 0)
     t0 = time.monotonic()
     c_scores, c_ids = coarse_mod.merge_shortlists(parts, job.shortlist, job.coarse_threshold)
     t1 = time.monotonic()
-    q = query_rows(job, chunk, ["image_id", "uri", "fine"] + (["fine_scale"] if job.query_int8 else []))
-    cache = vectors.process_cache(job.vector_cache_mb)
-    cache.threads = task_threads(job.threads)
-    reads_before = cache.reads
+    q = _query_table(job, chunk)
+    cache = _cache(job)
+    before = (cache.reads, cache.bytes_read, cache.bytes_decoded)
     q_fine = fine_matrix(q)
     scores, ids, coarse = rerank_mod.rerank(
         q_fine, c_ids, c_scores, job.feature_files, job.k, job.match_threshold,
         job.feature_rows if job.verify else None, cache, job.feature_versions)
+    stats = {"coarse_s": round(coarse_s, 4), "merge_s": round(t1 - t0, 4),
+             "rerank_s": round(time.monotonic() - t1, 4),
+             "queries_with_shortlist": int((c_ids >= 0).any(axis=1).sum()) if c_ids.size else 0,
+             "gallery_row_groups_read": cache.reads - before[0],
+             "gallery_fine_bytes_read": cache.bytes_read - before[1],
+             "gallery_fine_bytes_decoded": cache.bytes_decoded - before[2],
+             "query_fine_bytes_read": _fine_bytes(q), "shuffle_bytes": shuffle_bytes}
+    return _write_chunk(job, chunk, q, q_fine, scores, ids, coarse, cache, stats)
+
+
+def _fine_bytes(q: pa.Table) -> int:
+    return sum(q.column(c).nbytes for c in ("fine", "fine_scale") if c in q.column_names)
+
+
+def _write_chunk(job: SearchJob, chunk: Chunk, q: pa.Table, q_fine: np.ndarray, scores: np.ndarray,
+                 ids: np.ndarray, coarse: np.ndarray, cache: vectors.VectorCache, stats: dict) -> dict:
+    """Normalise (when configured), map ids to labels, write the chunk's part file atomically;
+    returns ``stats`` completed with the chunk's counts and write figures."""
     t2 = time.monotonic()
     norm = normalize_mod.normalized(scores, q_fine, job.background) if job.background is not None else None
     t_norm = time.monotonic() - t2
     faults.maybe_fail(job.faults, "search", chunk.chunk, chunk.stop - chunk.start)
+    labels_before = cache.label_reads
     table = result_table(job, q, scores, ids, coarse, cache, norm)
     url = fsio.join(job.output, part_name(chunk.chunk))
     with fsio.atomic_open(url, "wb") as fh:
@@ -175,13 +200,80 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
     n_with = int((ids[:, 0] >= 0).sum()) if ids.size else 0
     return {"chunk": chunk.chunk, "file": part_name(chunk.chunk), "rows": table.num_rows,
             "sha256": fsio.sha256_file(url), "queries": chunk.stop - chunk.start,
-            "queries_with_results": n_with,
-            "queries_with_shortlist": int((c_ids >= 0).any(axis=1).sum()) if c_ids.size else 0,
-            "gallery_row_groups_read": cache.reads - reads_before, "pid": os.getpid(),
-            "attempt": faults.attempt(),
-            "coarse_s": round(coarse_s, 4), "merge_s": round(t1 - t0, 4),
-            "rerank_s": round(t2 - t1, 4), "normalize_s": round(t_norm, 4),
+            "queries_with_results": n_with, **stats,
+            "gallery_label_row_groups_read": cache.label_reads - labels_before, "pid": os.getpid(),
+            "attempt": faults.attempt(), "normalize_s": round(t_norm, 4),
             "write_s": round(t3 - t2 - t_norm, 4)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the gallery-major rerank's task bodies (blocks.py): merge + route, block, finish
+def merge_route(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, np.ndarray]],
+                coarse_s: float = 0.0, shuffle_bytes: int = 0, merge_s: float = 0.0
+                ) -> list[tuple[int, blocks_mod.Routed]]:
+    """Merge the shards' lists of one chunk into its global top S, then split its pairs by
+    gallery block: ``(block, Routed)`` records (and the chunk's figures, to one block)."""
+    _set_threads(job)
+    faults.maybe_fail(job.faults, "search", chunk.chunk, 0)
+    t0 = time.monotonic()
+    c_scores, c_ids = coarse_mod.merge_shortlists(parts, job.shortlist, job.coarse_threshold)
+    meta = {"chunks": len(job.chunks), "coarse_s": round(coarse_s, 4), "merge_s": 0.0,
+            "queries_with_shortlist": int((c_ids >= 0).any(axis=1).sum()) if c_ids.size else 0}
+    records = list(blocks_mod.route(chunk.chunk, c_ids, c_scores, _block_map(job), meta))
+    meta["merge_s"] = round(merge_s + time.monotonic() - t0, 4)
+    meta["shuffle_bytes"] = shuffle_bytes + sum(r.pos.nbytes + r.gid.nbytes + r.coarse.nbytes for _, r in records)
+    return records
+
+
+@functools.lru_cache(maxsize=4)
+def _block_map_of(blocks: tuple) -> blocks_mod.BlockMap:
+    return blocks_mod.BlockMap(blocks)
+
+
+def _block_map(job: SearchJob) -> blocks_mod.BlockMap:
+    return _block_map_of(job.blocks)
+
+
+def block_task(job: SearchJob, block_no: int, items: Iterable[blocks_mod.Routed]
+               ) -> Iterator[tuple[int, blocks_mod.Piece]]:
+    """Score the pairs routed to one gallery block (read once), each query's k best kept."""
+    _set_threads(job)
+    cache = _cache(job)
+
+    def query_fine(chunk_no: int) -> tuple[np.ndarray, int]:
+        chunk = job.chunks[chunk_no]
+
+        def load():
+            q = query_rows(job, chunk, ["fine"] + (["fine_scale"] if job.query_int8 else []))
+            return fine_matrix(q), _fine_bytes(q)
+        key = (job.query_files[chunk.file_no], chunk.start, chunk.stop)
+        (vecs, nbytes), fresh = blocks_mod.cached_queries(key, load)
+        return vecs, nbytes if fresh else 0
+
+    return blocks_mod.block_task(job.blocks[block_no], items, job.feature_files, job.feature_versions,
+                                 job.shortlist, job.k, query_fine, cache.threads, cache)
+
+
+def finish_chunk(job: SearchJob, chunk: Chunk, pieces: Iterable[blocks_mod.Piece]) -> dict:
+    """The chunk's scored pairs from every block back in its shortlist, the rerank's selection,
+    the part file written: the chunk's stats (with the figures of the blocks sent to it)."""
+    _set_threads(job)
+    t0 = time.monotonic()
+    q = _query_table(job, chunk)
+    q_fine = fine_matrix(q)
+    fine, ids, coarse_all, chunk_meta, block_meta = blocks_mod.assemble(pieces, chunk.stop - chunk.start,
+                                                                         job.shortlist)
+    if len(chunk_meta) != 1:
+        raise RuntimeError(f"chunk {chunk.chunk}: {len(chunk_meta)} coarse-stage records arrived, expected 1")
+    scores, top_ids, coarse = rerank_mod.select(fine, ids, coarse_all, job.k, job.match_threshold)
+    meta = chunk_meta[0]
+    stats = {"coarse_s": meta["coarse_s"], "merge_s": meta["merge_s"],
+             "rerank_s": round(time.monotonic() - t0, 4),
+             "queries_with_shortlist": meta["queries_with_shortlist"],
+             "gallery_row_groups_read": 0, "gallery_fine_bytes_read": 0, "gallery_fine_bytes_decoded": 0,
+             "query_fine_bytes_read": _fine_bytes(q), "shuffle_bytes": meta["shuffle_bytes"],
+             "blocks": block_meta}
+    return _write_chunk(job, chunk, q, q_fine, scores, top_ids, coarse, _cache(job), stats)
 
 
 def gallery_labels(job: SearchJob, gids: np.ndarray, cache: vectors.VectorCache | None = None
@@ -236,45 +328,70 @@ def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.
 
 # ---------------------------------------------------------------------------------------------
 # engines
-def run_local(job: SearchJob) -> list[dict]:
-    """One group of shards (all fit the shard cache): each chunk end to end, in turn. Several:
-    group-major, each group loaded once and searched for every chunk, folding into the running
-    per-chunk shortlists (``queries x S`` in memory); then each chunk is reranked and written."""
+def _local_shortlists(job: SearchJob) -> Iterator[tuple[Chunk, list, float, float, int]]:
+    """Per chunk: ``(chunk, shard lists to merge, coarse s, merge s so far, shuffle bytes)``. One
+    group of shards (all fit the shard cache): chunk by chunk (memory of one chunk). Several:
+    group-major, each group loaded once and searched for every chunk, folded into running
+    per-chunk shortlists (``queries x S`` in memory); the shuffle bytes are those the Spark
+    plan moves (every group's lists)."""
     from retrieval.progress import Progress
 
     groups = shard_groups(job)
-    if len(groups) == 1:          # every shard stays loaded: chunk by chunk, memory of one chunk
-        stats = []
-        progress = Progress("search", total=len(job.chunks), unit="chunks")
+    if len(groups) == 1:
         for c in job.chunks:
-            stats.append(_fused_task(job, c.chunk))
-            progress.update(1)
-        progress.finish()
-        return stats
+            parts, secs = coarse_task(job, range(job.n_shards), c)
+            yield c, [(s, i) for _, s, i in parts], secs, 0.0, 0
+        return
     running: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    coarse_s: dict[int, float] = {c.chunk: 0.0 for c in job.chunks}
-    merge_s: dict[int, float] = {c.chunk: 0.0 for c in job.chunks}
+    figures = {c.chunk: [0.0, 0.0, 0] for c in job.chunks}     # coarse s, merge s, shuffle bytes
     progress = Progress("search coarse", total=len(groups) * len(job.chunks), unit="tasks")
     for group in groups:
         for c in job.chunks:
             parts, secs = coarse_task(job, group, c)
-            coarse_s[c.chunk] += secs
             t = time.monotonic()
             prev = running.get(c.chunk)
             lists = ([prev] if prev is not None else []) + [(s, i) for _, s, i in parts]
             running[c.chunk] = coarse_mod.merge_shortlists(lists, job.shortlist, job.coarse_threshold)
-            merge_s[c.chunk] += time.monotonic() - t
+            f = figures[c.chunk]
+            f[0] += secs
+            f[1] += time.monotonic() - t
+            f[2] += sum(s.nbytes + i.nbytes for _, s, i in parts)
             progress.update(1)
     progress.finish()
-    stats = []
-    progress = Progress("search rerank", total=len(job.chunks), unit="chunks")
     for c in job.chunks:
-        st = chunk_task(job, c, [running.pop(c.chunk)], coarse_s[c.chunk])
-        st["merge_s"] = round(st["merge_s"] + merge_s[c.chunk], 4)
-        stats.append(st)
+        f = figures[c.chunk]
+        yield c, [running.pop(c.chunk)], f[0], f[1], f[2]
+
+
+def run_local(job: SearchJob) -> list[dict]:
+    """The Spark plan's task bodies in a loop. Chunk-major: each chunk merged, reranked, written
+    in turn. Gallery-major: every chunk merged and routed, then each block scored (read once),
+    then each chunk assembled and written (the routed pairs of all chunks in memory)."""
+    from retrieval.progress import Progress
+
+    progress = Progress("search", total=len(job.chunks), unit="chunks")
+    stats: list[dict] = []
+    by_block: dict[int, list[blocks_mod.Routed]] = {}
+    for c, parts, coarse_s, merge_s, shuffled in _local_shortlists(job):
+        if job.rerank == "chunk":
+            st = chunk_task(job, c, parts, coarse_s, shuffled)
+            st["merge_s"] = round(st["merge_s"] + merge_s, 4)
+            stats.append(st)
+        else:
+            for b, r in merge_route(job, c, parts, coarse_s, shuffled, merge_s):
+                by_block.setdefault(b, []).append(r)
         progress.update(1)
     progress.finish()
-    return stats
+    if job.rerank == "chunk":
+        return stats
+    by_chunk: dict[int, list[blocks_mod.Piece]] = {}
+    progress = Progress("search rerank", total=len(job.blocks), unit="blocks")
+    for b in range(len(job.blocks)):
+        for c, piece in block_task(job, b, by_block.pop(b, [])):
+            by_chunk.setdefault(c, []).append(piece)
+        progress.update(1)
+    progress.finish()
+    return [finish_chunk(job, c, by_chunk.pop(c.chunk, [])) for c in job.chunks]
 
 
 def _coarse_records(job: SearchJob, task: tuple[int, int]) -> list[tuple[int, tuple]]:
@@ -283,7 +400,9 @@ def _coarse_records(job: SearchJob, task: tuple[int, int]) -> list[tuple[int, tu
     return [(chunk_no, (shard_no, s, i, secs / len(parts))) for shard_no, s, i in parts]
 
 
-def _chunk_partition(job: SearchJob, records: Iterable[tuple[int, tuple]]) -> Iterator[dict]:
+def _chunk_lists(job: SearchJob, records: Iterable[tuple[int, tuple]]
+                 ) -> Iterator[tuple[Chunk, list, float, int]]:
+    """The shuffled shard lists of each chunk: ``(chunk, lists in shard order, coarse s, bytes)``."""
     by_chunk: dict[int, dict[int, tuple]] = {}
     for chunk_no, (shard_no, s, i, secs) in records:
         by_chunk.setdefault(chunk_no, {})[shard_no] = (s, i, secs)
@@ -292,7 +411,18 @@ def _chunk_partition(job: SearchJob, records: Iterable[tuple[int, tuple]]) -> It
             raise RuntimeError(f"chunk {chunk_no}: results of shards {sorted(shards)} arrived, "
                                f"expected all {job.n_shards}")
         parts = [(shards[n][0], shards[n][1]) for n in range(job.n_shards)]
-        yield chunk_task(job, job.chunks[chunk_no], parts, sum(v[2] for v in shards.values()))
+        yield (job.chunks[chunk_no], parts, sum(v[2] for v in shards.values()),
+               sum(s.nbytes + i.nbytes for s, i in parts))
+
+
+def _chunk_partition(job: SearchJob, records: Iterable[tuple[int, tuple]]) -> Iterator[dict]:
+    for chunk, parts, secs, shuffled in _chunk_lists(job, records):
+        yield chunk_task(job, chunk, parts, secs, shuffled)
+
+
+def _route_partition(job: SearchJob, records: Iterable[tuple[int, tuple]]) -> Iterator[tuple]:
+    for chunk, parts, secs, shuffled in _chunk_lists(job, records):
+        yield from merge_route(job, chunk, parts, secs, shuffled)
 
 
 def _fused_task(job: SearchJob, chunk_no: int) -> dict:
@@ -303,26 +433,50 @@ def _fused_task(job: SearchJob, chunk_no: int) -> dict:
     return chunk_task(job, chunk, [(s, i) for _, s, i in parts], secs)
 
 
+def _fused_route(job: SearchJob, chunk_no: int) -> list[tuple[int, blocks_mod.Routed]]:
+    chunk = job.chunks[chunk_no]
+    parts, secs = coarse_task(job, range(job.n_shards), chunk)
+    return merge_route(job, chunk, [(s, i) for _, s, i in parts], secs)
+
+
+def _block_partition(job: SearchJob, index: int, records: Iterable[tuple]) -> Iterator[tuple]:
+    return block_task(job, index, (r for _, r in records))
+
+
+def _finish_partition(job: SearchJob, index: int, records: Iterable[tuple]) -> Iterator[dict]:
+    yield finish_chunk(job, job.chunks[index], (p for _, p in records))
+
+
 def run_spark(spark, job: SearchJob, progress_seconds: float = 10.0) -> list[dict]:
-    """Up to ``shard_cache`` shards: one task per chunk does everything (:func:`_fused_task`).
-    More: one coarse task per (shard group x chunk), group-major so consecutive tasks reuse the
-    cached shards, their per-shard lists shuffled by chunk (``partitionBy``) to one merge +
-    rerank + write task per chunk."""
+    """Up to ``shard_cache`` shards: one task per chunk searches every shard and merges
+    (:func:`_fused_task`). More: one coarse task per (shard group x chunk), group-major so
+    consecutive tasks reuse the cached shards, their per-shard lists shuffled by chunk
+    (``partitionBy``) to one merge task per chunk. Chunk-major: that task also reranks and writes.
+    Gallery-major: it routes the pairs to one task per gallery block (shuffle), whose kept pairs
+    go to one task per chunk (shuffle) that selects and writes."""
     from retrieval.sparkutil import ProgressMonitor
 
     sc = spark.sparkContext
     n_chunks = len(job.chunks)
     groups = shard_groups(job)
+    chunk_major = job.rerank == "chunk"
     if len(groups) == 1:
-        rdd = sc.parallelize(range(n_chunks), n_chunks).map(functools.partial(_fused_task, job))
+        base = sc.parallelize(range(n_chunks), n_chunks)
+        rdd = base.map(functools.partial(_fused_task, job)) if chunk_major \
+            else base.flatMap(functools.partial(_fused_route, job))
         total = n_chunks
     else:
         tasks = [(g, c) for g in range(len(groups)) for c in range(n_chunks)]   # group-major
-        rdd = sc.parallelize(tasks, len(tasks)) \
-            .flatMap(functools.partial(_coarse_records, job)) \
-            .partitionBy(n_chunks, lambda c: c) \
-            .mapPartitions(functools.partial(_chunk_partition, job))
+        lists = sc.parallelize(tasks, len(tasks)).flatMap(functools.partial(_coarse_records, job)) \
+            .partitionBy(n_chunks, lambda c: c)
+        rdd = lists.mapPartitions(functools.partial(_chunk_partition if chunk_major else _route_partition, job))
         total = len(tasks) + n_chunks
+    if not chunk_major:
+        rdd = rdd.partitionBy(len(job.blocks), lambda b: b) \
+            .mapPartitionsWithIndex(functools.partial(_block_partition, job)) \
+            .partitionBy(n_chunks, lambda c: c) \
+            .mapPartitionsWithIndex(functools.partial(_finish_partition, job))
+        total += len(job.blocks) + n_chunks
     with ProgressMonitor(spark, "search", total_tasks=total, every=progress_seconds):
         return rdd.collect()
 
@@ -352,6 +506,51 @@ def verify_index_inputs(index_url: str, index_manifest: dict, spark=None, storag
                            "gallery feature file", where, spark, storage_options)
 
 
+def plan_rerank(job: SearchJob, configured: str) -> tuple[SearchJob, dict]:
+    """The rerank's plan: ``chunk``-major, or ``gallery``-major over blocks of at most
+    ``vector_cache_mb`` of decoded fine vectors (one row group at least); ``auto`` picks gallery-major when
+    there are several chunks and the gallery's fine column does not fit the vector cache (each
+    chunk would read it again). Also the column's size (stored and decoded bytes), from the
+    feature files' footers."""
+    import dataclasses
+
+    footers = vectors.VectorCache(0)
+    blocks = blocks_mod.plan_blocks(footers, job.feature_files, job.feature_versions,
+                                    job.feature_rows if job.verify else None,
+                                    job.vector_cache_mb << 20)
+    column = {"stored": 0, "decoded": 0}
+    for f, url in enumerate(job.feature_files):
+        ft = footers.footer(url, job.feature_versions[f] if job.feature_versions is not None else None)
+        column["stored"] += int(ft.stored.sum())
+        column["decoded"] += ft.num_rows * ft.row_bytes
+    mode = configured
+    if mode == "auto":
+        mode = "gallery" if len(job.chunks) > 1 and column["decoded"] > job.vector_cache_mb << 20 else "chunk"
+    return dataclasses.replace(job, rerank=mode, blocks=tuple(blocks) if mode == "gallery" else ()), column
+
+
+def io_counts(stats: list[dict], block_stats: list[dict], column: dict) -> dict:
+    """The run's reads of gallery fine vectors (row groups, stored and decoded bytes; against the
+    column's size), of gallery labels and query vectors, and the bytes its plan shuffles (numpy
+    payload of the records moved between tasks: Spark adds framing and compression)."""
+    def total(key: str, rows: list[dict]) -> int:
+        return int(sum(r.get(key, 0) for r in rows))
+
+    fine_read = total("gallery_fine_bytes_read", stats) + total("bytes_read", block_stats)
+    return {
+        "gallery_fine_column_bytes": column["stored"], "gallery_fine_column_decoded_bytes": column["decoded"],
+        "gallery_fine_row_groups_read": total("gallery_row_groups_read", stats) + total("row_groups", block_stats),
+        "gallery_fine_bytes_read": fine_read,
+        "gallery_fine_bytes_decoded": total("gallery_fine_bytes_decoded", stats) + total("bytes_decoded", block_stats),
+        "gallery_fine_reads_per_column": round(fine_read / column["stored"], 3) if column["stored"] else None,
+        "gallery_label_row_groups_read": total("gallery_label_row_groups_read", stats),
+        "query_fine_bytes_read": total("query_fine_bytes_read", stats) + total("query_bytes_read", block_stats),
+        "shuffle_bytes": total("shuffle_bytes", stats) + total("shuffle_bytes", block_stats),
+        "pairs_scored": total("pairs", block_stats) or None,
+        "pairs_shuffled_back": total("pairs_kept", block_stats) or None,
+    }
+
+
 def resolve_shortlist(configured: int, index_manifest: dict) -> int:
     """``search.shortlist``, or for 0 the size-dependent default of
     :func:`~retrieval.search.coarse.auto_shortlist` from the index's vector count."""
@@ -364,7 +563,6 @@ def resolve_shortlist(configured: int, index_manifest: dict) -> int:
 def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -> dict:
     """Run the two-stage search; returns the manifest. ``spark=None`` runs locally (no JVM)."""
     from retrieval.index import store
-    from retrieval.search import queries as q_mod
 
     t0 = time.monotonic()
     sc = cfg.search
@@ -397,9 +595,11 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
         vector_cache_mb=sc.vector_cache_mb, shard_cache=sc.shard_cache,
         threads=sc.threads, verify=sc.verify, chunks=tuple(chunks), faults=cfg["faults"].to_dict(),
         storage_options=cfg["io.storage_options"], background=background)
+    job, column = plan_rerank(job, sc.rerank)
     log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, "
-             "%d per shard, k %d)", qf_url, sum(qrows), len(chunks), index_url, job.n_shards, job.nprobe,
-             job.shortlist, job.shard_shortlist, job.k)
+             "%d per shard, k %d; %s-major rerank%s)", qf_url, sum(qrows), len(chunks), index_url, job.n_shards,
+             job.nprobe, job.shortlist, job.shard_shortlist, job.k, job.rerank,
+             f" over {len(job.blocks)} gallery blocks" if job.blocks else "")
     t1 = time.monotonic()
     if not chunks:
         stats = []
@@ -421,9 +621,11 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
     if sum(s["queries"] for s in stats) != counts["queries"]:
         raise AssertionError(f"chunks cover {sum(s['queries'] for s in stats)} queries, "
                              f"expected {counts['queries']}")
+    block_stats = sorted((b for s in stats for b in s.pop("blocks", [])), key=lambda b: b["block"])
     timings = {"encode_s": round(encode_s, 3)}
     for key in ("coarse_s", "merge_s", "rerank_s", "normalize_s", "write_s"):
         timings[key] = round(sum(s.get(key, 0.0) for s in stats), 3)
+    timings["rerank_s"] = round(timings["rerank_s"] + sum(b["read_s"] + b["score_s"] for b in block_stats), 3)
     timings["search_s"] = round(t_search, 3)
     timings["total_s"] = round(time.monotonic() - t0, 3)
     timings["queries_per_s"] = round(counts["queries"] / t_search, 1) if t_search > 0 and counts["queries"] else None
@@ -436,10 +638,14 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
                    "nprobe": job.nprobe, "shard_shortlist_configured": sc.shard_shortlist,
                    "coarse_threshold": job.coarse_threshold, "match_threshold": job.match_threshold,
                    "query_chunk": sc.query_chunk, "shortlist_configured": sc.shortlist,
-                   "normalize": job.background.describe() if job.background is not None else None},
+                   "normalize": job.background.describe() if job.background is not None else None,
+                   "rerank": job.rerank, "rerank_configured": sc.rerank, "blocks": len(job.blocks),
+                   "vector_cache_mb": job.vector_cache_mb},
+        "io": io_counts(stats, block_stats, column),
         "files": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"], "chunk": s["chunk"],
                    "queries": s["queries"]} for s in stats],
         "chunks": [{k: v for k, v in s.items() if k not in ("file", "sha256")} for s in stats],
+        "blocks": block_stats,
         "config": cfg.to_dict(), "timings": timings,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -3,7 +3,7 @@ model_version compatibility check, and the query chunks."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
 
 from retrieval import fsio
 from retrieval.config import Config
@@ -91,9 +91,17 @@ def query_files(qf_url: str, manifest: dict, verify: bool) -> tuple[list[str], l
     return urls, rows
 
 
-def plan_chunks(rows: list[int], chunk_size: int) -> list[Any]:
-    from retrieval.search.job import Chunk
+@dataclass(frozen=True)
+class Chunk:
+    """Up to ``search.query_chunk`` consecutive rows of one query feature file: the unit of a
+    search task's memory and of its output (``part-NNNNN.parquet``, NNNNN = ``chunk``)."""
+    chunk: int
+    file_no: int      # index into the job's query files
+    start: int        # first row in that file
+    stop: int         # one past the last row
 
+
+def plan_chunks(rows: list[int], chunk_size: int) -> list[Chunk]:
     chunks = []
     for f, n in enumerate(rows):
         for a in range(0, n, chunk_size):

@@ -50,6 +50,22 @@ def pair_scores(queries: np.ndarray, qidx: np.ndarray, block: np.ndarray, local:
     return out[row, col]
 
 
+def score_pairs_into(out: np.ndarray, query_fine: np.ndarray, pos: np.ndarray, width: int,
+                     codes: np.ndarray, rows: np.ndarray, scale: np.ndarray | None, threads: int = 0) -> None:
+    """``out[pos[j]] = query_fine[pos[j] // width] . codes[rows[j]]`` (times ``scale[rows[j]]``
+    when given) for every pair j of a flat ``nq x width`` shortlist: int8 codes by the compiled
+    kernel (in place, any pair order), float32 by :func:`pair_scores` (in query order)."""
+    if codes.dtype == np.int8 and scale is not None:
+        pair_scores_int8_into(out, query_fine, pos, width, codes, rows, scale, threads)
+        return
+    o = np.argsort(pos, kind="stable")
+    p, r = pos[o], rows[o]
+    vals = pair_scores(query_fine, p // width, codes.astype(np.float32, copy=False), r)
+    if scale is not None:                           # apply the per-vector scale
+        vals *= scale[r]
+    out[p] = vals
+
+
 def score_shortlist(query_fine: np.ndarray, ids: np.ndarray, feature_files: Sequence[str],
                     expected_rows: Sequence[int | None] | None = None,
                     cache: VectorCache | None = None, versions: Sequence[str | None] | None = None
@@ -78,15 +94,7 @@ def score_shortlist(query_fine: np.ndarray, ids: np.ndarray, feature_files: Sequ
                              f"manifest says {expected}: the file was replaced or truncated after indexing")
         p, r = pos[a:b], rows[a:b]
         codes, scale = cache.vectors(url, r, version)      # whole-file arrays, r's groups loaded
-        if codes.dtype == np.int8 and scale is not None:    # int8 storage: compiled kernel, in place
-            pair_scores_int8_into(scores, query_fine, p, s, codes, r, scale, cache.threads)
-        else:                                               # float32: in query order (pair_scores)
-            o = np.argsort(p, kind="stable")
-            p, r = p[o], r[o]
-            vals = pair_scores(query_fine, p // s, codes.astype(np.float32, copy=False), r)
-            if scale is not None:                           # apply the per-vector scale
-                vals *= scale[r]
-            scores[p] = vals
+        score_pairs_into(scores, query_fine, p, s, codes, r, scale, cache.threads)
     return scores.reshape(nq, s)
 
 
@@ -98,6 +106,14 @@ def rerank(query_fine: np.ndarray, ids: np.ndarray, coarse_scores: np.ndarray,
     """Top ``k`` of each query's shortlist by exact fine cosine: ``(scores, ids, coarse)``, each
     ``nq x k``, rows ordered by score desc then gallery id asc; empty slots have id -1."""
     fine = score_shortlist(query_fine, ids, feature_files, expected_rows, cache, versions)
+    return select(fine, ids, coarse_scores, k, match_threshold)
+
+
+def select(fine: np.ndarray, ids: np.ndarray, coarse_scores: np.ndarray, k: int,
+           match_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rerank's choice from scored shortlists (``nq x S`` fine scores, ids, coarse scores):
+    entries below ``match_threshold`` dropped, then per row the top ``k`` by fine score desc, id
+    asc: ``(scores, ids, coarse)``, each ``nq x k``, empty slots id -1 / coarse NaN."""
     if match_threshold is not None:
         fine = np.where(fine >= match_threshold, fine, -np.inf)
     top_s, top_i, cols = topk_rows(fine, np.where(np.isfinite(fine), ids, -1), k, ordered=True,

@@ -32,6 +32,19 @@ class _Footer:
         self.num_rows = md.num_rows
         self.starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
         self.has_scale = "fine_scale" in pf.schema_arrow.names
+        fine = [j for j in range(md.num_columns)
+                if md.schema.column(j).path.split(".")[0] in ("fine", "fine_scale")]
+        # bytes of the fine column (and its scales) per row group: as stored (what a read moves)
+        # and decoded (what the rerank holds)
+        self.stored = np.array([sum(md.row_group(i).column(j).total_compressed_size for j in fine)
+                                for i in range(md.num_row_groups)], np.int64)
+        self.row_bytes = _decoded_row_bytes(pf.schema_arrow.field("fine").type, self.has_scale) \
+            if "fine" in pf.schema_arrow.names else 0
+
+    def decoded(self, groups: np.ndarray) -> int:
+        """Decoded bytes of the fine vectors (+ scales) of ``groups``."""
+        groups = np.asarray(groups, np.int64)
+        return int((self.starts[groups + 1] - self.starts[groups]).sum()) * self.row_bytes
 
     def groups_of(self, rows: np.ndarray, url: str) -> np.ndarray:
         """The distinct row groups (sorted) holding ``rows`` (any order, repeats allowed)."""
@@ -45,6 +58,48 @@ class _Footer:
         starts, stops = self.starts[:-1], self.starts[1:]
         hit = np.logical_or.reduceat(seen, np.minimum(starts, self.num_rows - 1)) & (stops > starts)
         return np.flatnonzero(hit)
+
+
+def _decoded_row_bytes(fine_type: pa.DataType, has_scale: bool) -> int:
+    """Bytes one decoded row of the fine column takes (int8 codes or float32, + a float32 scale)."""
+    if pa.types.is_fixed_size_binary(fine_type):
+        width = fine_type.byte_width
+    elif pa.types.is_fixed_size_list(fine_type):
+        width = fine_type.list_size * fine_type.value_type.bit_width // 8
+    else:           # variable lists (e.g. written by Spark): 512 float32, the model's fine width
+        width = 512 * 4
+    return width + (4 if has_scale else 0)
+
+
+def read_groups_into(url: str, ft: _Footer, groups: list[int], codes_of, scales_of, base: int,
+                     threads: int) -> int:
+    """Decode the fine vectors (+ scales) of row ``groups`` of ``url`` into arrays: rows
+    ``[a, b)`` of the file go to ``codes[a - base:b - base]`` of the array ``codes_of(dtype, dim)``
+    returns (called on first use: lazily allocated targets); ``scales_of()`` likewise. In
+    ``threads`` parallel parts (pyarrow decodes without the GIL); returns the decoded bytes."""
+    cols = ["fine", "fine_scale"] if ft.has_scale else ["fine"]
+    parts = [p.tolist() for p in np.array_split(np.asarray(groups), max(1, min(threads, len(groups)))) if len(p)]
+
+    def read(part: list[int]) -> int:
+        table = fsio.parquet_file(url).read_row_groups(part, columns=cols, use_threads=False)
+        codes = column_matrix(table.column("fine"))
+        scales = table.column("fine_scale").to_numpy() if ft.has_scale else None
+        target, target_s = codes_of(codes.dtype, codes.shape[1]), scales_of() if ft.has_scale else None
+        pos = 0
+        for g in part:
+            a, b = int(ft.starts[g]), int(ft.starts[g + 1])
+            target[a - base:b - base] = codes[pos:pos + b - a]
+            if scales is not None:
+                target_s[a - base:b - base] = scales[pos:pos + b - a]
+            pos += b - a
+        return pos * (codes.itemsize * codes.shape[1] + (4 if scales is not None else 0))
+
+    if len(parts) == 1:
+        return read(parts[0])
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(parts)) as pool:
+        return sum(pool.map(read, parts))
 
 
 class _Entry:
@@ -80,6 +135,8 @@ class VectorCache:
         self._lock = threading.Lock()
         self.reads = 0          # row groups of fine vectors read from storage (for tests and logs)
         self.label_reads = 0    # row groups of image_id/uri read (labels)
+        self.bytes_read = 0     # stored (compressed) bytes of the fine row groups read
+        self.bytes_decoded = 0  # their decoded bytes
 
     def footer(self, url: str, version: str | None = None) -> _Footer:
         key = f"{url}#{version}"
@@ -146,41 +203,21 @@ class VectorCache:
         return codes[rows], (scales[rows] if scales is not None else None)
 
     def _read(self, url: str, entry: _VectorEntry, groups: list[int]) -> None:
-        """Decode ``groups`` into the entry's arrays (in ``threads`` parallel parts: pyarrow
-        decodes without the GIL)."""
+        """Decode ``groups`` into the entry's whole-file arrays (allocated on the first group)."""
         ft = entry.ft
-        cols = ["fine", "fine_scale"] if ft.has_scale else ["fine"]
-        parts = [p.tolist() for p in np.array_split(np.asarray(groups), max(1, min(self.threads, len(groups))))
-                 if len(p)]
 
-        def read(part: list[int]) -> int:
-            table = fsio.parquet_file(url).read_row_groups(part, columns=cols, use_threads=False)
-            codes = column_matrix(table.column("fine"))
-            scales = table.column("fine_scale").to_numpy() if ft.has_scale else None
-            if entry.codes is None:                 # first group of this file: allocate (lazily backed)
-                with self._lock:
-                    if entry.codes is None:
-                        entry.scales = np.empty(ft.num_rows, np.float32) if ft.has_scale else None
-                        entry.codes = np.empty((ft.num_rows, codes.shape[1]), codes.dtype)
-            pos = added = 0
-            for g in part:
-                a, b = int(ft.starts[g]), int(ft.starts[g + 1])
-                entry.codes[a:b] = codes[pos:pos + b - a]
-                if scales is not None:
-                    entry.scales[a:b] = scales[pos:pos + b - a]
-                added += (b - a) * (entry.codes.itemsize * entry.codes.shape[1] + (4 if scales is not None else 0))
-                pos += b - a
-            return added
+        def codes_of(dtype, dim: int) -> np.ndarray:
+            with self._lock:
+                if entry.codes is None:     # first group of this file: allocate (lazily backed)
+                    entry.scales = np.empty(ft.num_rows, np.float32) if ft.has_scale else None
+                    entry.codes = np.empty((ft.num_rows, dim), dtype)
+            return entry.codes
 
-        if len(parts) == 1:
-            added = read(parts[0])
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(len(parts)) as pool:
-                added = sum(pool.map(read, parts))
+        added = read_groups_into(url, ft, groups, codes_of, lambda: entry.scales, 0, self.threads)
         entry.loaded[groups] = True
         self.reads += len(groups)
+        self.bytes_read += int(ft.stored[groups].sum())
+        self.bytes_decoded += added
         self._grew(entry, added)
 
     # -- labels ---------------------------------------------------------------------------------

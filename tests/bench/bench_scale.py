@@ -305,6 +305,37 @@ def search_figures(work: Path, name: str, source: np.ndarray, feature_files: lis
     }
 
 
+def locality(work: Path, cli: list[str], qurl: str, sets: list[str], spec: str) -> dict:
+    """The rerank's read pattern: the same search (a vector cache far below the fine column,
+    several query chunks) with the chunk-major and the gallery-major rerank, one after the other;
+    bytes read (search manifest ``io``), wall time, peak memory, and whether the rows are equal."""
+    from retrieval.search import read_results
+
+    cache_mb, chunk = (int(x) for x in spec.split(","))
+    out: dict = {"vector_cache_mb": cache_mb, "query_chunk": chunk}
+    for mode in ("chunk", "gallery"):
+        name = f"locality_{mode}_c{cache_mb}_q{chunk}"
+        if not (work / name / "_manifest.json").exists():
+            (work / f"{name}.json").unlink(missing_ok=True)
+        run = measured(name, work, cli + [
+            "search", "--queries", qurl, "--index", str(work / "index"), "--output", str(work / name),
+            "--engine", "local", *sets, "--set", f"search.vector_cache_mb={cache_mb}",
+            "--set", f"search.query_chunk={chunk}", "--set", f"search.rerank={mode}"])
+        m = json.loads((work / name / "_manifest.json").read_text())
+        out[mode] = {"run": run, "io": m["io"], "timings": m["timings"], "chunks": m["counts"]["chunks"],
+                     "blocks": m["params"]["blocks"]}
+    a = read_results(str(work / f"locality_chunk_c{cache_mb}_q{chunk}"))
+    b = read_results(str(work / f"locality_gallery_c{cache_mb}_q{chunk}"))
+    out["rows"] = a.num_rows
+    out["rows_identical"] = bool(a.equals(b))
+    c, g = out["chunk"], out["gallery"]
+    out["fine_bytes_read_chunk_over_gallery"] = round(
+        c["io"]["gallery_fine_bytes_read"] / max(1, g["io"]["gallery_fine_bytes_read"]), 2)
+    out["wall_chunk_over_gallery"] = round(c["run"]["wall_s"] / g["run"]["wall_s"], 2)
+    (work / f"locality_c{cache_mb}_q{chunk}.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
 def figures(work: Path, args, source: np.ndarray, runs: dict, searches: list[str]) -> dict:
     import pyarrow as pa
 
@@ -341,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra-shortlist", type=int, default=500, help="also search at this shortlist (0: no)")
     ap.add_argument("--workdir", default="/tmp/bench_scale")
     ap.add_argument("--set", action="append", default=[], dest="sets", help="extra --set for both stages")
+    ap.add_argument("--locality", default="", metavar="CACHE_MB,CHUNK",
+                    help="also search with search.vector_cache_mb=CACHE_MB and search.query_chunk=CHUNK, "
+                         "chunk-major then gallery-major rerank: gallery fine bytes read, wall time, rows "
+                         "identical (issue 13: e.g. 256,1250)")
+    ap.add_argument("--locality-only", action="store_true", help="stop after the --locality searches")
     args = ap.parse_args(argv)
     work = Path(args.workdir) / f"n{args.n}_q{args.match}_{args.nomatch}"
     work.mkdir(parents=True, exist_ok=True)
@@ -365,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     runs["build-index"] = measured("build-index", work, cli + [
         "build-index", *[x for p in parts for x in ("--features", p)], "--output", str(work / "index"),
         "--engine", "local", *sets])
+    if args.locality:
+        loc = locality(work, cli, qurl, sets, args.locality)
+        print(json.dumps(loc, indent=2), flush=True)
+        if args.locality_only:
+            return 0
     if not (work / "search" / "_manifest.json").exists():
         (work / "search.json").unlink(missing_ok=True)
     runs["search"] = measured("search", work, cli + [

@@ -99,13 +99,16 @@ def test_index_task_failure_mid_shard_is_retried_to_the_same_index(world, spark,
     assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
 
 
-@pytest.mark.parametrize("kind", ["raise", "kill"])
-def test_search_task_failure_is_retried_to_the_same_rows(world, spark, tmp_path, kind):
+@pytest.mark.parametrize("kind,rerank", [("raise", "chunk"), ("kill", "chunk"), ("kill", "gallery")])
+def test_search_task_failure_is_retried_to_the_same_rows(world, spark, tmp_path, kind, rerank):
     out = str(tmp_path / "search")
     # chunk 1's task fails on its first attempt after its rerank, before its part file is written
+    # (gallery-major: the task that assembles chunk 1 from the blocks' shuffled output)
     m = search(world["queries"], world["index"], out,
                search_cfg(**{"faults.stage": "search", "faults.task": 1, "faults.kind": kind,
-                             "faults.after_items": 1}), spark=spark)
+                             "faults.after_items": 1, "search.rerank": rerank,
+                             "search.vector_cache_mb": 1}), spark=spark)
+    assert m["params"]["rerank"] == rerank and (m["params"]["blocks"] > 1) == (rerank == "gallery")
     assert [c["attempt"] for c in m["chunks"]] == [0, 1, 0, 0]
     rows = rows_of(out)
     assert rows == world["rows"]

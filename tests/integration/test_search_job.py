@@ -84,6 +84,49 @@ def test_library_and_spark_give_the_same_results(world, spark, tmp_path):
     assert _rows(tmp_path / "lib_fused") == _rows(tmp_path / "lib")
 
 
+def test_gallery_major_rerank_reads_each_block_once_and_gives_the_same_rows(world, spark, tmp_path):
+    """A 1 MB vector cache against a ~3 MB fine column, 6 query chunks: the chunk-major rerank
+    reads the column again for every chunk; the gallery-major one (auto picks it here) reads each
+    touched row group once, on both engines and both coarse plans, with the same result rows."""
+    small = {"search.vector_cache_mb": 1}
+    by_chunk = search(world["queries"], world["index"], str(tmp_path / "chunk"),
+                      _cfg(**small, **{"search.rerank": "chunk"}), spark=None)
+    auto = search(world["queries"], world["index"], str(tmp_path / "auto"), _cfg(**small), spark=None)
+    spk = search(world["queries"], world["index"], str(tmp_path / "spark"), _cfg(**small), spark=spark)
+    fused = search(world["queries"], world["index"], str(tmp_path / "fused"),
+                   _cfg(**small, **{"search.shard_cache": 3}), spark=spark)
+    assert by_chunk["params"]["rerank"] == "chunk" and by_chunk["blocks"] == []
+    for m in (auto, spk, fused):
+        assert m["params"]["rerank"] == "gallery" and m["params"]["rerank_configured"] == "auto"
+        assert m["params"]["blocks"] == len(m["blocks"]) >= 3
+        assert m["counts"] == by_chunk["counts"]
+    ref = _rows(tmp_path / "chunk")
+    assert ref and _rows(tmp_path / "auto") == ref and _rows(tmp_path / "spark") == ref
+    assert _rows(tmp_path / "fused") == ref
+    groups = 3 * (N // 3 // 256 + 1)                       # row groups of the 3 gallery files
+    io_c, io_g = by_chunk["io"], auto["io"]
+    assert io_c["gallery_fine_row_groups_read"] > 2 * groups       # chunks re-read the column
+    assert io_g["gallery_fine_row_groups_read"] <= groups          # each group at most once
+    assert io_g["gallery_fine_bytes_read"] <= io_g["gallery_fine_column_bytes"]
+    assert io_c["gallery_fine_reads_per_column"] > 2 and io_g["gallery_fine_reads_per_column"] <= 1
+    assert io_g["gallery_fine_bytes_decoded"] == io_g["gallery_fine_column_decoded_bytes"]
+    assert spk["io"]["gallery_fine_row_groups_read"] == io_g["gallery_fine_row_groups_read"]
+    # the pairs routed to blocks and the kept ones shuffled back, counted the same by both engines
+    assert io_g["pairs_scored"] == spk["io"]["pairs_scored"] > 0
+    assert io_g["shuffle_bytes"] == spk["io"]["shuffle_bytes"] > 0
+    assert io_g["pairs_shuffled_back"] <= io_g["pairs_scored"]
+    assert sum(b["pairs"] for b in auto["blocks"]) == io_g["pairs_scored"]
+    # with every candidate below a coarse threshold no pair is routed: every chunk is still written
+    none = search(world["queries"], world["index"], str(tmp_path / "none"),
+                  _cfg(**small, **{"search.rerank": "gallery", "search.coarse_threshold": 0.999}), spark=spark)
+    assert none["counts"]["rows"] == 0 and len(none["files"]) == none["counts"]["chunks"] == 6
+    # thresholds: the same rows as the chunk-major rerank
+    sets = {"search.match_threshold": 0.8, "search.coarse_threshold": 0.3}
+    search(world["queries"], world["index"], str(tmp_path / "tc"), _cfg(**small, **sets, **{"search.rerank": "chunk"}))
+    search(world["queries"], world["index"], str(tmp_path / "tg"), _cfg(**small, **sets, **{"search.rerank": "gallery"}))
+    assert _rows(tmp_path / "tg") == _rows(tmp_path / "tc")
+
+
 def test_shard_lists_shorter_than_the_shortlist_keep_the_results(world, tmp_path):
     """K' < S (the default) against K' = S (a merge that is always exact): the same result rows
     for all 300 queries (the bound lets a merged shortlist lose tail entries for 1e-4 of them)."""
