@@ -131,6 +131,47 @@ def _assign_s(ip: dict, dim: int, search: bool) -> float:
     return ip["nprobe"] / 256 / r["hnsw_assign_search256_per_core_s"]   # HNSW work ~ max(efSearch, k)
 
 
+FINE_ROW_BYTES = 516.0      # a fine vector as stored and decoded: 512 int8 codes + a float32 scale
+
+
+def rerank_reads(n: int, queries: int, shortlist: int, chunks: int, query_chunk: int, row_group_size: int,
+                 cfg) -> dict:
+    """What the search's rerank reads and shuffles, in the mode ``search.rerank`` resolves to
+    (retrieval/search/blocks.py). Chunk-major: per chunk, the share of the column its C x S
+    candidates touch (Poisson: 1 - exp(-C x S x R / N)). Gallery-major: blocks of
+    ``search.vector_cache_mb``; the touched column once; every block reads the query vectors of
+    the queries with a candidate in it (1 - exp(-S x block rows / N) of them); pairs go to the
+    blocks (16 B each) and each query's k best per block come back (20 B each). Memory of a block
+    task: its block, its pairs and kept pairs, one chunk's query vectors and score buffer."""
+    k = int(cfg["search.k"])
+    column = n * FINE_ROW_BYTES
+    cache = int(cfg["search.vector_cache_mb"]) * 2**20
+    mode = str(cfg["search.rerank"])
+    if mode == "auto":
+        mode = "gallery" if chunks > 1 and column > cache else "chunk"
+    pairs = float(queries) * shortlist
+    out = {"mode": mode, "column_bytes": column, "cache_bytes": cache, "blocks": 0, "query_touched": 0.0,
+           "touched": 1.0 - math.exp(-min(queries, query_chunk) * shortlist * row_group_size / max(n, 1))}
+    if mode == "chunk":
+        out.update(gallery_bytes=chunks * column * out["touched"], query_bytes=queries * FINE_ROW_BYTES,
+                   shuffle_bytes=0.0, block_task_bytes=0.0)
+        return out
+    blocks = max(1, math.ceil(column / max(cache, row_group_size * FINE_ROW_BYTES)))
+    block_rows = n / blocks
+    lam = shortlist * block_rows / max(n, 1)            # a query's candidates in one block (Poisson)
+    kept_per_block = sum(min(j, k) * math.exp(-lam + j * math.log(lam) - math.lgamma(j + 1))
+                         for j in range(0, int(lam + 10 * math.sqrt(lam) + k + 10))) if lam > 0 else 0.0
+    kept = min(pairs, queries * blocks * kept_per_block)
+    touched_run = 1.0 - math.exp(-pairs * row_group_size / max(n, 1))     # row groups with a candidate
+    out.update(blocks=blocks, query_touched=1.0 - math.exp(-lam),
+               gallery_bytes=column * min(1.0, touched_run),
+               query_bytes=blocks * queries * FINE_ROW_BYTES * (1.0 - math.exp(-lam)),
+               shuffle_bytes=pairs * 16 + kept * 20, pairs_kept=kept,
+               block_task_bytes=min(cache, column) + pairs / blocks * 16 + kept / blocks * 20
+               + query_chunk * (shortlist * 4 + 512 * 4))
+    return out
+
+
 def _fmt_bytes(b: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
         if b < 1000 or unit == "PB":
@@ -195,15 +236,33 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
     shuffle_bytes = queries * k_shard * 12.0 * index_shards if groups > 1 else 0.0
     shuffle_s = shuffle_bytes / (r["read_bytes_per_executor_s"] * cluster.executors)
     coarse_s = assign_s + scan_codes_s + shuffle_s
-    # search, rerank: pairs scored + the row groups each chunk's shortlists touch, read and decoded
+    # search, rerank: pairs scored + the gallery's fine vectors read (chunk-major: the row groups
+    # each chunk's shortlists touch, per chunk; gallery-major: each block once, the query vectors
+    # once per block, the pairs shuffled to the blocks and the kept ones back)
     chunks = max(1, math.ceil(queries / query_chunk))
+    rr = rerank_reads(n, queries, shortlist, chunks, query_chunk, row_group_size, cfg)
     rerank_pairs = queries * shortlist
     rerank_compute_s = rerank_pairs / (r["rerank_pairs_per_core_s"] * cores)
-    fine_bytes = n * 516.0
-    touched = 1.0 - math.exp(-min(queries, query_chunk) * shortlist * row_group_size / max(n, 1))
-    rerank_read_bytes = chunks * fine_bytes * touched
-    rerank_read_s = rerank_read_bytes / read_bw
-    rerank_s = rerank_compute_s + rerank_read_s
+    rerank_read_s = (rr["gallery_bytes"] + rr["query_bytes"]) / read_bw
+    rerank_shuffle_s = rr["shuffle_bytes"] / (r["read_bytes_per_executor_s"] * cluster.executors)
+    rerank_s = rerank_compute_s + rerank_read_s + rerank_shuffle_s
+    coarse_tasks = (groups * chunks + chunks) if groups > 1 else chunks
+    shards_mem = min(shard_cache, index_shards) * shard_bytes * 1.2
+    if rr["mode"] == "gallery":
+        rerank_basis = (f"rerank gallery-major over {rr['blocks']:,} blocks: {rerank_pairs:.3g} pairs "
+                        f"{_fmt_time(rerank_compute_s)} + gallery fine reads {_fmt_bytes(rr['gallery_bytes'])} "
+                        f"({rr['gallery_bytes'] / rr['column_bytes']:.2f}x the column) + query reads "
+                        f"{_fmt_bytes(rr['query_bytes'])} ({rr['blocks']:,} blocks x {rr['query_touched']:.0%} of "
+                        f"{_fmt_bytes(queries * FINE_ROW_BYTES)}) {_fmt_time(rerank_read_s)} + shuffle "
+                        f"{_fmt_bytes(rr['shuffle_bytes'])} {_fmt_time(rerank_shuffle_s)}")
+        tasks = coarse_tasks + rr["blocks"] + chunks
+        memory = max(shards_mem + query_chunk * shortlist * 24, rr["block_task_bytes"])
+    else:
+        rerank_basis = (f"rerank chunk-major: {rerank_pairs:.3g} pairs {_fmt_time(rerank_compute_s)} + gallery "
+                        f"fine reads {_fmt_bytes(rr['gallery_bytes'])} ({rr['touched']:.0%} of the column x "
+                        f"{chunks:,} chunks) {_fmt_time(rerank_read_s)}")
+        tasks = coarse_tasks
+        memory = shards_mem + query_chunk * shortlist * 24 + rr["cache_bytes"]
     mem_gb = cluster.executor_memory_gb / max(1, cluster.executor_cores)
     stages = {
         "extract": {"tasks": feature_shards, "basis": extract_basis, "wall": extract_s,
@@ -213,23 +272,23 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
                                  f"{ip['train_points']:,} pts on the driver {_fmt_time(train_s)}; add "
                                  f"{_fmt_time(add_s)} ({1 / add_core_s:,.0f} vec/s/core)",
                         "storage": index_bytes, "memory_per_task": 1.3 * shard_bytes + ip["nlist"] * 128 * 4 * 2},
-        "search": {"tasks": (groups * chunks + chunks) if groups > 1 else chunks, "wall": coarse_s + rerank_s,
+        "search": {"tasks": tasks, "wall": coarse_s + rerank_s,
                    "basis": f"coarse {_fmt_time(coarse_s)} (assign {queries:.3g} queries x {groups} shard groups "
                             f"{_fmt_time(assign_s)}, scan {codes_scanned:.3g} codes {_fmt_time(scan_codes_s)}, "
                             f"shuffle {k_shard} per shard: {_fmt_bytes(shuffle_bytes)} {_fmt_time(shuffle_s)}); "
-                            f"rerank {rerank_pairs:.3g} pairs {_fmt_time(rerank_compute_s)} + gallery fine reads "
-                            f"{_fmt_bytes(rerank_read_bytes)} ({touched:.0%} of the column x {chunks:,} chunks) "
-                            f"{_fmt_time(rerank_read_s)}",
-                   "storage": queries * 10 * 120.0,
-                   "memory_per_task": min(shard_cache, index_shards) * shard_bytes * 1.2
-                   + query_chunk * shortlist * 24 + cfg["search.vector_cache_mb"] * 2**20},
+                            + rerank_basis,
+                   "storage": queries * 10 * 120.0, "memory_per_task": memory, "rerank": rr},
     }
     warnings = [f"{name}: {_fmt_bytes(s['memory_per_task'])} per task > {mem_gb:.1f} GB per core"
                 for name, s in stages.items() if s["memory_per_task"] > mem_gb * 1e9]
-    if chunks > 1 and touched > 0.5 and rerank_read_s > rerank_compute_s:
-        warnings.append(f"search: each of the {chunks:,} query chunks reads {touched:.0%} of the gallery's fine "
-                        f"column; larger chunks (search.query_chunk) cut the reads proportionally "
-                        f"({query_chunk * shortlist * 24 / 1e9:.1f} GB of shortlist per task now)")
+    if rr["mode"] == "chunk" and chunks > 1 and rr["touched"] > 0.5 and rerank_read_s > rerank_compute_s:
+        warnings.append(f"search: each of the {chunks:,} query chunks reads {rr['touched']:.0%} of the gallery's "
+                        f"fine column; search.rerank=gallery reads it once (or larger chunks, "
+                        f"search.query_chunk, cut the reads proportionally)")
+    if rr["mode"] == "gallery" and rr["query_bytes"] > rr["gallery_bytes"]:
+        warnings.append(f"search: the {rr['blocks']:,} gallery blocks each read the query vectors "
+                        f"({_fmt_bytes(rr['query_bytes'])} in all); a larger search.vector_cache_mb (the block "
+                        f"size, memory per block task) means fewer blocks")
     return {"images": n, "queries": queries, "shortlist": shortlist, "shard_shortlist": k_shard, "cluster": cluster.__dict__, "index": ip,
             "feature_shards": feature_shards, "index_shards": index_shards, "query_chunks": chunks,
             "stages": stages, "warnings": warnings, "rates": dict(RATES)}

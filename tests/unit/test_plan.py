@@ -24,12 +24,14 @@ def test_plan_uses_the_index_rule_and_models_the_rerank_reads():
     p = index_params(10_000_000)
     real = choose_params(10_000_000, 128, config.load())
     assert (p["index_key"], p["nlist"], p["train_points"]) == (real.index_key, real.nlist, real.train_size)
-    # the rerank reads the row groups each query chunk touches: bigger chunks, fewer gallery reads
-    # (at S = 500, where the reads dominate the rerank's compute)
-    small = plan(1_000_000_000, Cluster(), query_chunk=8192, shortlist=500)["stages"]["search"]
-    big = plan(1_000_000_000, Cluster(), query_chunk=131072, shortlist=500)["stages"]["search"]
+    # the chunk-major rerank reads the row groups each query chunk touches: bigger chunks, fewer
+    # gallery reads (at S = 500, where the reads dominate the rerank's compute)
+    by_chunk = config.load(sets=["search.rerank=chunk"])
+    small = plan(1_000_000_000, Cluster(), query_chunk=8192, shortlist=500, cfg=by_chunk)["stages"]["search"]
+    big = plan(1_000_000_000, Cluster(), query_chunk=131072, shortlist=500, cfg=by_chunk)["stages"]["search"]
     assert big["wall"] < small["wall"] / 4
-    assert any("query chunks reads" in w for w in plan(1_000_000_000, Cluster(), shortlist=500)["warnings"])
+    assert any("query chunks reads" in w
+               for w in plan(1_000_000_000, Cluster(), shortlist=500, cfg=by_chunk)["warnings"])
     # search.shortlist 0 (the default): the size rule of the search job
     from retrieval.search.coarse import auto_shortlist
 
@@ -41,6 +43,29 @@ def test_plan_uses_the_index_rule_and_models_the_rerank_reads():
     few = plan(1_000_000_000, Cluster(), vectors_per_index_shard=100_000_000)["stages"]["search"]["wall"]
     many = plan(1_000_000_000, Cluster(), vectors_per_index_shard=10_000_000)["stages"]["search"]["wall"]
     assert few < many
+
+
+def test_plan_models_the_gallery_major_rerank():
+    """The default (search.rerank auto) at a billion: each block of the fine column read once,
+    whatever the chunk size; the query vectors once per block; the pairs' shuffle; bounded memory."""
+    from retrieval import config
+
+    p = plan(1_000_000_000, Cluster())
+    rr = p["stages"]["search"]["rerank"]
+    assert rr["mode"] == "gallery" and rr["gallery_bytes"] <= 1.5 * rr["column_bytes"]
+    assert rr["blocks"] == 481                                   # 516 GB in 1 GiB blocks
+    assert rr["query_bytes"] == pytest.approx(481 * 10_000_000 * 516 * rr["query_touched"])
+    assert rr["shuffle_bytes"] >= 2e10 * 16                       # every pair travels to its block
+    assert "1.00x the column" in p["stages"]["search"]["basis"]
+    assert p["stages"]["search"]["memory_per_task"] < 4e9        # fits 16 GB / 4 cores
+    bigger_chunks = plan(1_000_000_000, Cluster(), query_chunk=65536)["stages"]["search"]["rerank"]
+    assert bigger_chunks["gallery_bytes"] == rr["gallery_bytes"]
+    chunk_major = plan(1_000_000_000, Cluster(), cfg=config.load(sets=["search.rerank=chunk"]))
+    assert chunk_major["stages"]["search"]["wall"] > 50 * p["stages"]["search"]["wall"]
+    # larger blocks: fewer reads of the query vectors, more memory per block task
+    big = plan(1_000_000_000, Cluster(), cfg=config.load(sets=["search.vector_cache_mb=4096"]))
+    assert big["stages"]["search"]["rerank"]["query_bytes"] < rr["query_bytes"] / 3
+    assert any(w.startswith("search: ") and "per task" in w for w in big["warnings"])
 
 
 def test_plan_models_shard_lists_and_the_fused_plan():
