@@ -8,6 +8,7 @@
     retrieval report      --results URL --output URL
     retrieval train       --input URL --output URL
     retrieval plan        --images N
+    retrieval export      --format onnx --output URL
 
 Every subcommand takes ``--conf FILE`` (repeatable overlays), ``--set key=value`` (repeatable) and
 ``--master`` (Spark master; default from config, ``local[*]``); ``--engine local`` runs the same
@@ -105,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor-cores", type=int, default=4)
     p.add_argument("--gpus", type=int, default=0)
     _common(p, spark_stage=False)
+
+    p = sub.add_parser("export", help="the model's trunk (backbone + GeM) as an ONNX file for model.runtime=onnx")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--output", required=True, help="file URL to write (then --set model.runtime=onnx "
+                                                   "--set model.onnx_file=URL)")
+    _common(p, spark_stage=False)
     return parser
 
 
@@ -153,6 +160,7 @@ STAGES.update({
     "report": _lazy("retrieval.audit.cli", "run"),
     "train": _lazy("retrieval.training.cli", "run"),
     "plan": _lazy("retrieval.plan", "run_cli"),
+    "export": _lazy("retrieval.features.onnx_runtime", "run_cli"),
 })
 
 

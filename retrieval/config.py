@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 # keys whose default is null: the type a non-null value must have
 NULLABLE: dict[str, type] = {
     "model.checkpoint": str,
+    "model.onnx_file": str,
     "extract.key_column": str,
     "extract.bytes_column": str,
     "train.eval_input": str,
@@ -75,6 +76,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "model.backbone": _choice("mobilenet_v2", "resnet18", "resnet50", "torchscript", "onnx"),
     "model.input_layout": _choice("auto", "float_nchw", "uint8_nhwc"),
     "model.device": _choice("auto", "cpu", "cuda"),
+    "model.runtime": _choice("torch", "onnx"),
     "model.fine_dim": _positive,
     "model.coarse_dim": _positive,
     "model.gem_p": _positive,

@@ -241,6 +241,9 @@ class DescriptorModel(nn.Module):
         backbone: its embedding, computed without autograd)."""
         if self.external:
             return self.backbone(x)
+        runtime = self.__dict__.get("_onnx_trunk")   # model.runtime=onnx (features/onnx_runtime.py)
+        if runtime is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
+            return runtime(x)
         return self.pool(self.backbone((x - self.mean) / self.std))
 
     @staticmethod
@@ -370,7 +373,17 @@ def load_checkpoint(url: str, device: str | torch.device = "cpu",
 def model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any]) -> DescriptorModel:
     """The model the config asks for: a checkpoint (``default`` = the shipped trained model for the
     default backbone, mobilenet_v2, and seeded heads for any other; a ``.npz`` delta; or a full
-    checkpoint), or backbone weights + seeded heads."""
+    checkpoint), or backbone weights + seeded heads. ``model.runtime: onnx``: its trunk runs on
+    onnxruntime from ``model.onnx_file`` (same model_version; features/onnx_runtime.py)."""
+    model = _model_from_config(model_cfg, preprocess_cfg)
+    if model_cfg.get("runtime", "torch") == "onnx":
+        from retrieval.features.onnx_runtime import attach_onnx
+
+        attach_onnx(model, model_cfg.get("onnx_file"))
+    return model
+
+
+def _model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any]) -> DescriptorModel:
     ckpt = model_cfg.get("checkpoint")
     backbone = model_cfg["backbone"]
     if ckpt == "default" and backbone != "mobilenet_v2":
