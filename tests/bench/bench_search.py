@@ -11,11 +11,15 @@ the sizes match):
    query feature output;
 2. the index, built once with ``retrieval.index.build.build_index`` (its default parameters);
 3. exact 512-d brute force: faiss ``IndexFlatIP`` over the stored (dequantised) gallery vectors,
-   all queries, timed (search only: loading the vectors is not counted, which favours it);
+   all queries once (the exact lists, cached), then re-timed on ``--brute-sample`` queries in every
+   repeat (search only: loading the vectors is not counted, which favours it);
 4. the library path (``search(..., spark=None)``) at shortlist 100/500/1000 x two nprobe values, and
    the Spark job end to end (``retrieval search`` in a subprocess: JVM start, planning, writing and
    the manifest included) for the default setting (``--spark-grid``: for every setting);
-5. per setting: queries/s, speed-up over brute force, rank-1 source rate on the matching queries
+5. ``--repeats`` times (default 3): brute force re-timed, the library run of every setting, the Spark
+   job(s); every ratio is taken inside its repeat and reported as median (min-max) over the repeats,
+   with the warm stage times (coarse / merge / rerank / write) and the load average;
+6. per setting: queries/s, speed-up over brute force, rank-1 source rate on the matching queries
    (two-stage vs exact, and the share of exact's rank-1 hits that two-stage keeps), recall@10 of
    the two-stage top-10 against the exact top-10.
 """
@@ -33,6 +37,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+# first: ``import retrieval`` sets OMP_WAIT_POLICY=PASSIVE, which every OpenMP runtime reads once when
+# it is loaded (torch's libgomp, which numba's "omp" threading layer then shares, and faiss's copy);
+# torch (via read_features) and faiss used to be loaded before it was set, so numba's workers spun
+# after every kernel call (see retrieval/__init__.py)
+import retrieval  # noqa: E402,F401
 from retrieval import config, fsio, synthetic  # noqa: E402
 from retrieval.features.extract import read_features  # noqa: E402
 from retrieval.schema import fine_matrix  # noqa: E402
@@ -76,33 +85,75 @@ def prepare(args) -> tuple[str, str, str, np.ndarray]:
     return gal, qf, idx, np.load(src_file)
 
 
-def brute_force(gal: str, qf: str, k: int, cache_file: str, sample: int
-                ) -> tuple[np.ndarray, float, np.ndarray]:
-    """Exact top-k gallery rows (global row numbers) of every query, and the brute-force q/s
-    measured NOW (all queries the first time; when the exact lists are already in ``cache_file``,
-    only the speed is re-measured on ``sample`` queries, side by side with this run)."""
-    import faiss
+class BruteForce:
+    """Exact 512-d brute force: faiss ``IndexFlatIP`` over the stored (dequantised) gallery vectors.
+    The exact top-k lists of every query are computed once and cached in ``cache_file``; the speed is
+    re-measured by :meth:`time_sample` (``sample`` queries, search only) in every repeat, side by side
+    with the library and Spark runs it is compared with."""
 
-    xb = fine_matrix(read_features(gal, ["fine", "fine_scale"]))
-    q = read_features(qf, ["image_id", "fine", "fine_scale"])
-    xq = np.ascontiguousarray(fine_matrix(q))
-    index = faiss.IndexFlatIP(xb.shape[1])
-    index.add(xb)
-    del xb
-    if os.path.exists(cache_file):
-        d = np.load(cache_file)
-        sel = xq[np.random.default_rng(0).choice(len(xq), min(sample, len(xq)), replace=False)]
+    def __init__(self, gal: str, qf: str, k: int, cache_file: str, sample: int) -> None:
+        import faiss
+
+        xb = fine_matrix(read_features(gal, ["fine", "fine_scale"]))
+        q = read_features(qf, ["image_id", "fine", "fine_scale"])
+        xq = np.ascontiguousarray(fine_matrix(q))
+        self.k = k
+        self.index = faiss.IndexFlatIP(xb.shape[1])
+        self.index.add(xb)
+        del xb
+        self.sel = xq[np.random.default_rng(0).choice(len(xq), min(sample, len(xq)), replace=False)]
+        self.first_qps = None           # q/s of the all-queries run that made the cache (if this run did)
+        if os.path.exists(cache_file):
+            d = np.load(cache_file)
+            self.rows, self.qids = d["rows"], d["qids"]
+            log(f"brute force: exact lists from {cache_file}; speed re-measured on {len(self.sel)} queries "
+                f"per repeat")
+        else:
+            t = time.monotonic()
+            _, self.rows = self.index.search(xq, k)
+            self.first_qps = len(xq) / (time.monotonic() - t)
+            self.qids = np.array(q.column("image_id").to_pylist())
+            np.savez(cache_file, rows=self.rows, qids=self.qids)
+            log(f"brute force: all {len(xq)} queries at {self.first_qps:.1f} q/s (exact lists cached)")
+
+    def time_sample(self) -> float:
+        """Brute-force q/s now, on the fixed sample of queries."""
         t = time.monotonic()
-        index.search(sel, k)
-        qps = len(sel) / (time.monotonic() - t)
-        log(f"brute force: exact lists from {cache_file}; speed re-measured on {len(sel)} queries")
-        return d["rows"], qps, d["qids"]
-    t = time.monotonic()
-    _, rows = index.search(xq, k)
-    qps = len(xq) / (time.monotonic() - t)
-    qids = np.array(q.column("image_id").to_pylist())
-    np.savez(cache_file, rows=rows, qids=qids)
-    return rows, qps, qids
+        self.index.search(self.sel, self.k)
+        return len(self.sel) / (time.monotonic() - t)
+
+    def close(self) -> None:
+        self.index = None
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def summary(values: list[float], digits: int = 2) -> dict:
+    """median, min, max (and the values) of one measurement across repeats."""
+    v = [float(x) for x in values]
+    return {"median": round(float(np.median(v)), digits), "min": round(min(v), digits),
+            "max": round(max(v), digits), "runs": [round(x, digits) for x in v]}
+
+
+def fmt(s: dict, unit: str = "", digits: int = 1) -> str:
+    """``median (min-max)``."""
+    return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def threading_info() -> str:
+    """The thread and OpenMP settings the measurements run with (after the first search)."""
+    import faiss
+    import numba
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:               # no parallel kernel has run yet
+        layer = "not initialised"
+    return (f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, faiss OpenMP threads "
+            f"{faiss.omp_get_max_threads()}, numba {numba.__version__} threading layer {layer} with "
+            f"{numba.get_num_threads()} threads, torch loaded {'torch' in sys.modules}, cpus {os.cpu_count()}")
 
 
 def two_stage_rows(out: str) -> dict[str, list[str]]:
@@ -166,17 +217,18 @@ def main() -> None:
     ap.add_argument("--spark-grid", action="store_true", help="run the Spark job at every setting")
     ap.add_argument("--no-spark", action="store_true")
     ap.add_argument("--brute-sample", type=int, default=2000,
-                    help="queries to re-time brute force on when the exact lists are cached")
+                    help="queries brute force is re-timed on in every repeat")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--normalize", default="", help="background sizes (e.g. 2000,10000): the cost of score "
                                                     "normalisation at the default setting, library and Spark job")
-    ap.add_argument("--repeats", type=int, default=3, help="library runs per setting (median reported, with "
-                                                            "min-max; --normalize: interleaved per variant)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed repeats: each re-times brute force, then runs the library at every setting and the "
+                         "Spark job(s); ratios are per repeat, reported as median (min-max) (--normalize: "
+                         "library runs per variant, interleaved)")
     args = ap.parse_args()
+    repeats = max(1, args.repeats)
 
-    import faiss
-
-    log(f"threads: faiss {faiss.omp_get_max_threads()}, cpus {os.cpu_count()}")
+    log(f"load average {load()} at the start (1 min; {os.cpu_count()} cores)")
     gal, qf, idx, source = prepare(args)
     from retrieval.index.store import read_index_manifest
 
@@ -194,10 +246,8 @@ def main() -> None:
     log(f"index: {len(index_manifest['shards'])} shards, default nprobe {base_nprobe}; "
         f"{index_manifest.get('index_type') or index_manifest.get('factory') or ''}")
 
-    exact_rows, bf_qps, qids = brute_force(gal, qf, 10, os.path.join(os.path.dirname(gal), "exact_top10.npz"),
-                                           args.brute_sample)
-    bf_s = n_q / bf_qps           # brute-force seconds for all the queries at the measured speed
-    log(f"brute force: {bf_qps:.1f} q/s = {bf_s:.0f}s for the {n_q} queries")
+    bf = BruteForce(gal, qf, 10, os.path.join(os.path.dirname(gal), "exact_top10.npz"), args.brute_sample)
+    exact_rows, qids = bf.rows, bf.qids
 
     from retrieval.search.job import verify_index_inputs
 
@@ -211,56 +261,93 @@ def main() -> None:
     cold_s = run_library(qf, idx, os.path.join(args.workdir, "out", "lib_cold"), cold_sets)
     log(f"library, first call in the process (cold caches), shortlist "
         f"{default_shortlist}, nprobe {default_nprobe}: {cold_s:.1f}s = {n_q / cold_s:.0f} q/s")
-    rows = []
+    log(f"threads: {threading_info()}")
+
+    settings = []
     for nprobe in nprobes:
         for S in shortlists:
             sets = [f"search.shortlist={S}", f"search.nprobe={nprobe}"]
             if args.query_chunk:
                 sets.append(f"search.query_chunk={args.query_chunk}")
-            out = os.path.join(args.workdir, "out", f"lib_s{S}_p{nprobe}")
-            runs = [run_library(qf, idx, out, sets) for _ in range(max(1, args.repeats))]
-            lib_s = float(np.median(runs))
-            stages = json.loads(fsio.read_text(os.path.join(out, "_manifest.json")))["timings"]
-            row = {"shortlist": S, "nprobe": nprobe, "library_s": round(lib_s, 2),
-                   "library_s_min": round(min(runs), 2), "library_s_max": round(max(runs), 2),
-                   "library_qps": round(n_q / lib_s, 1), "library_speedup": round(bf_s / lib_s, 1),
-                   "stages_s": {k: stages.get(k) for k in ("coarse_s", "merge_s", "rerank_s", "write_s")},
-                   **score(two_stage_rows(out), qids, source, exact_rows)}
             is_default = S == default_shortlist and nprobe == default_nprobe
-            row["default"] = is_default
-            if not args.no_spark and (args.spark_grid or is_default):
-                sout = os.path.join(args.workdir, "out", f"spark_s{S}_p{nprobe}")
-                spark_s = run_spark(qf, idx, sout, sets)
-                sres = two_stage_rows(sout)
-                row.update({"spark_s": round(spark_s, 2), "spark_qps": round(n_q / spark_s, 1),
-                            "spark_speedup": round(bf_s / spark_s, 1),
-                            "spark_equals_library": sres == two_stage_rows(out)})
-            rows.append(row)
-            log(json.dumps(row))
+            settings.append({"shortlist": S, "nprobe": nprobe, "sets": sets, "default": is_default,
+                             "spark": not args.no_spark and (args.spark_grid or is_default),
+                             "out": os.path.join(args.workdir, "out", f"lib_s{S}_p{nprobe}"),
+                             "sout": os.path.join(args.workdir, "out", f"spark_s{S}_p{nprobe}"),
+                             "lib_s": [], "spark_s": [], "stages": [], "bf_s": [], "load": []})
+    # every repeat measures brute force, then every setting's library run, then the Spark runs, so a
+    # ratio compares measurements taken minutes apart at most, and the spread of the ratios across
+    # repeats shows how much the machine's load moved them
+    bf_qps_runs = []
+    for rep in range(repeats):
+        bf_qps = bf.time_sample()
+        bf_qps_runs.append(bf_qps)
+        log(f"repeat {rep + 1}/{repeats}: brute force {bf_qps:.1f} q/s (load {load()})")
+        for st in settings:
+            lib_s = run_library(qf, idx, st["out"], st["sets"])
+            timings = json.loads(fsio.read_text(os.path.join(st["out"], "_manifest.json")))["timings"]
+            st["lib_s"].append(lib_s)
+            st["bf_s"].append(n_q / bf_qps)
+            st["load"].append(load())
+            st["stages"].append({k: timings.get(k) for k in ("coarse_s", "merge_s", "rerank_s", "write_s")})
+        for st in settings:
+            if st["spark"]:
+                st["spark_s"].append(run_spark(qf, idx, st["sout"], st["sets"]))
+        log(f"repeat {rep + 1}/{repeats}: " + "; ".join(
+            f"S {st['shortlist']} nprobe {st['nprobe']}: library {st['lib_s'][-1]:.2f}s "
+            f"({st['bf_s'][-1] / st['lib_s'][-1]:.0f}x)" +
+            (f", Spark {st['spark_s'][-1]:.1f}s ({st['bf_s'][-1] / st['spark_s'][-1]:.1f}x)" if st["spark"] else "")
+            for st in settings) + f" (load {load()})")
+    bf.close()
+
+    rows = []
+    for st in settings:
+        lib_speedups = [b / x for b, x in zip(st["bf_s"], st["lib_s"])]
+        row = {"shortlist": st["shortlist"], "nprobe": st["nprobe"], "default": st["default"],
+               "library_s": summary(st["lib_s"]), "library_qps": summary([n_q / x for x in st["lib_s"]], 0),
+               "library_speedup": summary(lib_speedups, 1),
+               "stages_s": {k: summary([r[k] for r in st["stages"]], 3)
+                            for k in ("coarse_s", "merge_s", "rerank_s", "write_s")},
+               "load": st["load"], **score(two_stage_rows(st["out"]), qids, source, exact_rows)}
+        if st["spark"]:
+            spark_speedups = [b / x for b, x in zip(st["bf_s"], st["spark_s"])]
+            row.update({"spark_s": summary(st["spark_s"]), "spark_qps": summary([n_q / x for x in st["spark_s"]], 0),
+                        "spark_speedup": summary(spark_speedups, 1),
+                        "spark_equals_library": two_stage_rows(st["sout"]) == two_stage_rows(st["out"])})
+        rows.append(row)
+        log(json.dumps(row))
+    bf_summary = summary(bf_qps_runs, 1)
 
     print()
+    print(f"threads: {threading_info()}")
+    print(f"warm stage seconds (library, {n_q:,} queries), median (min-max) of {repeats} repeats:")
     for r in rows:
-        st = r["stages_s"]
-        print(f"warm stages, shortlist {r['shortlist']}, nprobe {r['nprobe']} (last run, s): " +
-              ", ".join(f"{k[:-2]} {v}" for k, v in st.items()))
+        print(f"  shortlist {r['shortlist']}, nprobe {r['nprobe']}: " +
+              ", ".join(f"{k[:-2]} {fmt(v, digits=3)}" for k, v in r["stages_s"].items()))
     norm_rows = normalisation_cost(args, qf, idx, default_shortlist, default_nprobe) if args.normalize else []
 
     print()
+    bf_s_med = n_q / bf_summary["median"]
     print(f"gallery {args.gallery:,}, queries {n_q:,} ({args.match:,} matching), {os.cpu_count()} cores; "
-          f"brute force (faiss IndexFlatIP, 512-d) {bf_qps:.1f} q/s ({bf_s:.0f}s for all); library first call "
-          f"(cold caches) {n_q / cold_s:.0f} q/s ({bf_s / cold_s:.0f}x); library rows below: warm caches, "
-          f"without the per-run sha256 check of the index and gallery files ({verify_s:.1f}s); "
+          f"brute force (faiss IndexFlatIP, 512-d) {fmt(bf_summary)} q/s on {len(bf.sel):,} queries per repeat "
+          f"({bf_s_med:.0f}s for all at the median)" +
+          (f", {bf.first_qps:.1f} q/s on all of them in this run" if bf.first_qps else "") +
+          f"; library first call (cold caches) {n_q / cold_s:.0f} q/s ({bf_s_med / cold_s:.0f}x); library rows: "
+          f"warm caches, without the per-run sha256 check of the index and gallery files ({verify_s:.1f}s); "
           f"Spark rows: the whole job in a new process with defaults (JVM start and the check included)")
     print()
-    print(f"library q/s: the median of {args.repeats} warm runs (q/s at the slowest - fastest run in brackets)")
+    print(f"{repeats} repeats, each: brute force re-timed, then the library run of every setting, then the Spark "
+          f"job(s); each ratio is taken within its repeat. Figures: median (min-max) over the repeats; load "
+          f"average (1 min) at the library runs: {min(min(r['load']) for r in rows):.2f}-"
+          f"{max(max(r['load']) for r in rows):.2f}")
     print()
     print("| shortlist | nprobe | library q/s | x brute | Spark job q/s | x brute | rank-1 two-stage | "
           "rank-1 exact | exact's rank-1 kept | recall@10 vs exact |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        sp = f"{r['spark_qps']:.0f} | {r['spark_speedup']:.1f}x" if "spark_qps" in r else "- | -"
-        spread = f" ({n_q / r['library_s_max']:.0f}-{n_q / r['library_s_min']:.0f})"
-        print(f"| {r['shortlist']}{' (default)' if r['default'] else ''} | {r['nprobe']} | {r['library_qps']:.0f}{spread} | {r['library_speedup']:.0f}x | {sp} | "
+        sp = f"{fmt(r['spark_qps'], digits=0)} | {fmt(r['spark_speedup'], 'x')}" if "spark_qps" in r else "- | -"
+        print(f"| {r['shortlist']}{' (default)' if r['default'] else ''} | {r['nprobe']} | "
+              f"{fmt(r['library_qps'], digits=0)} | {fmt(r['library_speedup'], 'x', 0)} | {sp} | "
               f"{100 * r['rank1_two_stage']:.2f}% | {100 * r['rank1_exact']:.2f}% | "
               f"{100 * r['rank1_retained']:.2f}% | {100 * r['recall10_vs_exact']:.2f}% |")
     if norm_rows:
@@ -278,9 +365,9 @@ def main() -> None:
                   f"{100 * r.get('spark_cost', float('nan')):+.1f}% |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"brute_force_s": bf_s, "brute_force_qps": bf_qps, "library_cold_s": cold_s,
-                       "verify_s": verify_s, "rows": rows, "normalisation": norm_rows},
-                      fh, indent=2)
+            json.dump({"brute_force_qps": bf_summary, "brute_force_first_qps": bf.first_qps,
+                       "library_cold_s": cold_s, "verify_s": verify_s, "threads": threading_info(),
+                       "repeats": repeats, "rows": rows, "normalisation": norm_rows}, fh, indent=2)
 
 
 def normalisation_cost(args, qf: str, idx: str, shortlist: int, nprobe: int) -> list[dict]:
