@@ -33,9 +33,10 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from retrieval.index import idmap
 from retrieval.search import rerank as rerank_mod
@@ -293,3 +294,87 @@ def assemble(pieces: Iterable[Piece], nq: int, width: int) -> tuple[np.ndarray, 
             continue
         fine[p.pos], ids[p.pos], coarse[p.pos] = p.fine, p.gid, p.coarse
     return fine.reshape(nq, width), ids.reshape(nq, width), coarse.reshape(nq, width), chunk_meta, block_meta
+
+
+# ---------------------------------------------------------------------------------------------
+# the result rows' labels (image_id, uri), looked up gallery-major too: each chunk's final top-k
+# ids go to the blocks that hold them, whose tasks read the label row groups once per run
+class Selected(NamedTuple):
+    """A chunk's final choice (``nq x k`` scores, ids, coarse scores) and its figures so far."""
+    chunk: int
+    scores: np.ndarray
+    ids: np.ndarray
+    coarse: np.ndarray
+    stats: dict
+
+
+class LabelAsk(NamedTuple):
+    """Result rows ``pos`` (positions in the chunk's result rows) of one chunk, whose gallery ids
+    ``gid`` lie in one block."""
+    chunk: int
+    pos: np.ndarray
+    gid: np.ndarray
+
+
+class Labels(NamedTuple):
+    """The labels of some result rows of a chunk (or, with ``meta``, a block's figures)."""
+    pos: np.ndarray
+    image_id: Any
+    uri: Any
+    meta: dict | None = None
+
+
+def route_labels(chunk: int, gids: np.ndarray, block_of: BlockMap) -> Iterator[tuple[int, LabelAsk]]:
+    """``(block, LabelAsk)`` for the blocks holding the chunk's result ids (``gids``, result row order)."""
+    if not len(gids):
+        return
+    blk = block_of(gids)
+    order = np.argsort(blk, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, blk[order][1:] != blk[order][:-1], True])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        pos = order[a:b]
+        yield int(blk[pos[0]]), LabelAsk(chunk, pos.astype(np.int64), gids[pos])
+
+
+def label_task(block: int, items: Iterable[Any], feature_files: Sequence[str],
+               versions: Sequence[str | None] | None, cache: VectorCache, n_chunks: int
+               ) -> Iterator[tuple[int, Any]]:
+    """The labels of every result row asked of this block, read through ``cache`` (the block's label
+    row groups once); :class:`Selected` records pass through to their chunk; the block's figures go
+    to chunk ``block % n_chunks``."""
+    t0 = time.monotonic()
+    before = (cache.label_reads, cache.label_bytes)
+    for it in items:
+        if isinstance(it, Selected):
+            yield it.chunk, it
+            continue
+        files, rows = idmap.decode_ids(it.gid)
+        ids_parts, uri_parts, pos_parts = [], [], []
+        for f in np.unique(files):
+            sel = np.flatnonzero(files == f)
+            uniq, inverse = np.unique(rows[sel], return_inverse=True)
+            ids_f, uris_f = cache.labels(feature_files[int(f)], uniq,
+                                         versions[int(f)] if versions is not None else None)
+            take = pa.array(inverse.astype(np.int64))
+            ids_parts.append(ids_f.take(take))
+            uri_parts.append(uris_f.take(take))
+            pos_parts.append(it.pos[sel])
+        yield it.chunk, Labels(np.concatenate(pos_parts), pa.concat_arrays(ids_parts), pa.concat_arrays(uri_parts))
+    stats = {"block": block, "label_row_groups": cache.label_reads - before[0],
+             "label_bytes_read": cache.label_bytes - before[1], "label_s": round(time.monotonic() - t0, 4)}
+    yield block % max(1, n_chunks), Labels(np.zeros(0, np.int64), None, None, meta={"label_block": stats})
+
+
+def assemble_labels(pieces: Sequence[Labels], n: int) -> tuple[Any, Any]:
+    """``(image_id, uri)`` arrays of a chunk's ``n`` result rows from its label pieces."""
+    pieces = [p for p in pieces if p.meta is None and len(p.pos)]
+    if not pieces:
+        if n:
+            raise RuntimeError(f"labels of {n} result rows expected, none arrived")
+        return pa.array([], pa.string()), pa.array([], pa.string())
+    pos = np.concatenate([p.pos for p in pieces])
+    if len(pos) != n or (n and not np.array_equal(np.sort(pos), np.arange(n))):
+        raise RuntimeError(f"labels of {len(pos)} result rows arrived, expected each of {n} once")
+    order = pa.array(np.argsort(pos, kind="stable"))
+    return (pa.concat_arrays([p.image_id for p in pieces]).take(order),
+            pa.concat_arrays([p.uri for p in pieces]).take(order))

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -184,7 +184,8 @@ def _fine_bytes(q: pa.Table) -> int:
 
 
 def _write_chunk(job: SearchJob, chunk: Chunk, q: pa.Table, q_fine: np.ndarray, scores: np.ndarray,
-                 ids: np.ndarray, coarse: np.ndarray, cache: vectors.VectorCache, stats: dict) -> dict:
+                 ids: np.ndarray, coarse: np.ndarray, cache: vectors.VectorCache, stats: dict,
+                 labels: tuple[pa.Array, pa.Array] | None = None) -> dict:
     """Normalise (when configured), map ids to labels, write the chunk's part file atomically;
     returns ``stats`` completed with the chunk's counts and write figures."""
     t2 = time.monotonic()
@@ -192,7 +193,7 @@ def _write_chunk(job: SearchJob, chunk: Chunk, q: pa.Table, q_fine: np.ndarray, 
     t_norm = time.monotonic() - t2
     faults.maybe_fail(job.faults, "search", chunk.chunk, chunk.stop - chunk.start)
     labels_before = cache.label_reads
-    table = result_table(job, q, scores, ids, coarse, cache, norm)
+    table = result_table(job, q, scores, ids, coarse, cache, norm, labels)
     url = fsio.join(job.output, part_name(chunk.chunk))
     with fsio.atomic_open(url, "wb") as fh:
         pq.write_table(table, fh, compression="zstd")
@@ -254,26 +255,55 @@ def block_task(job: SearchJob, block_no: int, items: Iterable[blocks_mod.Routed]
                                  job.shortlist, job.k, query_fine, cache.threads, cache)
 
 
-def finish_chunk(job: SearchJob, chunk: Chunk, pieces: Iterable[blocks_mod.Piece]) -> dict:
-    """The chunk's scored pairs from every block back in its shortlist, the rerank's selection,
-    the part file written: the chunk's stats (with the figures of the blocks sent to it)."""
+def select_chunk(job: SearchJob, chunk: Chunk, pieces: Iterable[blocks_mod.Piece]) -> list[tuple[int, Any]]:
+    """The chunk's scored pairs from every block back in its shortlist and the rerank's selection;
+    its result ids go to their blocks for their labels (``(block, LabelAsk)``), the selection and the
+    chunk's figures to one block, passed on to the chunk's writer (``(block, Selected)``)."""
     _set_threads(job)
     t0 = time.monotonic()
-    q = _query_table(job, chunk)
-    q_fine = fine_matrix(q)
     fine, ids, coarse_all, chunk_meta, block_meta = blocks_mod.assemble(pieces, chunk.stop - chunk.start,
                                                                          job.shortlist)
     if len(chunk_meta) != 1:
         raise RuntimeError(f"chunk {chunk.chunk}: {len(chunk_meta)} coarse-stage records arrived, expected 1")
     scores, top_ids, coarse = rerank_mod.select(fine, ids, coarse_all, job.k, job.match_threshold)
     meta = chunk_meta[0]
+    rows, ranks = np.nonzero(top_ids >= 0)
+    records: list[tuple[int, Any]] = list(blocks_mod.route_labels(chunk.chunk, top_ids[rows, ranks], _block_map(job)))
     stats = {"coarse_s": meta["coarse_s"], "merge_s": meta["merge_s"],
              "rerank_s": round(time.monotonic() - t0, 4),
              "queries_with_shortlist": meta["queries_with_shortlist"],
              "gallery_row_groups_read": 0, "gallery_fine_bytes_read": 0, "gallery_fine_bytes_decoded": 0,
-             "query_fine_bytes_read": _fine_bytes(q), "shuffle_bytes": meta["shuffle_bytes"],
+             "shuffle_bytes": meta["shuffle_bytes"] + sum(r.pos.nbytes + r.gid.nbytes for _, r in records),
              "blocks": block_meta}
-    return _write_chunk(job, chunk, q, q_fine, scores, top_ids, coarse, _cache(job), stats)
+    selected = blocks_mod.Selected(chunk.chunk, scores, top_ids, coarse, stats)
+    return records + [(chunk.chunk % len(job.blocks), selected)]
+
+
+def label_task(job: SearchJob, block_no: int, items: Iterable[Any]) -> Iterator[tuple[int, Any]]:
+    """The labels of the result rows whose gallery ids lie in one block (its label groups read once)."""
+    _set_threads(job)
+    return blocks_mod.label_task(block_no, items, job.feature_files, job.feature_versions, _cache(job),
+                                 len(job.chunks))
+
+
+def write_task(job: SearchJob, chunk: Chunk, items: Iterable[Any]) -> dict:
+    """The chunk's selection and its result rows' labels from the blocks: normalise, write."""
+    _set_threads(job)
+    items = list(items)
+    selected = [it for it in items if isinstance(it, blocks_mod.Selected)]
+    if len(selected) != 1:
+        raise RuntimeError(f"chunk {chunk.chunk}: {len(selected)} selections arrived, expected 1")
+    sel = selected[0]
+    pieces = [it for it in items if isinstance(it, blocks_mod.Labels)]
+    label_meta = [p.meta["label_block"] for p in pieces if p.meta is not None]
+    labels = blocks_mod.assemble_labels(pieces, int((sel.ids >= 0).sum()))
+    q = _query_table(job, chunk)
+    stats = {**sel.stats, "query_fine_bytes_read": _fine_bytes(q),
+             "shuffle_bytes": sel.stats["shuffle_bytes"] + sum(
+                 p.pos.nbytes + p.image_id.nbytes + p.uri.nbytes for p in pieces if p.meta is None),
+             "blocks": sel.stats["blocks"] + label_meta}
+    return _write_chunk(job, chunk, q, fine_matrix(q), sel.scores, sel.ids, sel.coarse, _cache(job), stats,
+                        labels)
 
 
 def gallery_labels(job: SearchJob, gids: np.ndarray, cache: vectors.VectorCache | None = None
@@ -307,11 +337,12 @@ def gallery_labels(job: SearchJob, gids: np.ndarray, cache: vectors.VectorCache 
 
 def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.ndarray,
                  coarse: np.ndarray, cache: vectors.VectorCache | None = None,
-                 norm: np.ndarray | None = None) -> pa.Table:
-    """Rows (query, rank) for every kept match, in query order then rank."""
+                 norm: np.ndarray | None = None, labels: tuple[pa.Array, pa.Array] | None = None) -> pa.Table:
+    """Rows (query, rank) for every kept match, in query order then rank; the gallery labels
+    looked up through ``cache`` unless given (``labels``: in that row order)."""
     rows, ranks = np.nonzero(ids >= 0)
     gids = ids[rows, ranks]
-    gallery_id, gallery_uri = gallery_labels(job, gids, cache)
+    gallery_id, gallery_uri = labels if labels is not None else gallery_labels(job, gids, cache)
     take = pa.array(rows.astype(np.int64))
     return pa.table({
         "query_id": queries.column("image_id").take(take),
@@ -384,14 +415,27 @@ def run_local(job: SearchJob) -> list[dict]:
     progress.finish()
     if job.rerank == "chunk":
         return stats
-    by_chunk: dict[int, list[blocks_mod.Piece]] = {}
-    progress = Progress("search rerank", total=len(job.blocks), unit="blocks")
+    by_chunk = _local_stage(job, "search rerank", by_block, block_task)
+    for c in job.chunks:
+        for b, r in select_chunk(job, c, by_chunk.pop(c.chunk, [])):
+            by_block.setdefault(b, []).append(r)
+    by_chunk = _local_stage(job, "search labels", by_block, label_task)
+    return [write_task(job, c, by_chunk.pop(c.chunk, [])) for c in job.chunks]
+
+
+def _local_stage(job: SearchJob, label: str, by_block: dict[int, list], task) -> dict[int, list]:
+    """One gallery-major stage in the local engine: ``task`` over every block's records (consumed),
+    its output records gathered by chunk."""
+    from retrieval.progress import Progress
+
+    by_chunk: dict[int, list] = {}
+    progress = Progress(label, total=len(job.blocks), unit="blocks")
     for b in range(len(job.blocks)):
-        for c, piece in block_task(job, b, by_block.pop(b, [])):
-            by_chunk.setdefault(c, []).append(piece)
+        for c, rec in task(job, b, by_block.pop(b, [])):
+            by_chunk.setdefault(c, []).append(rec)
         progress.update(1)
     progress.finish()
-    return [finish_chunk(job, c, by_chunk.pop(c.chunk, [])) for c in job.chunks]
+    return by_chunk
 
 
 def _coarse_records(job: SearchJob, task: tuple[int, int]) -> list[tuple[int, tuple]]:
@@ -443,8 +487,16 @@ def _block_partition(job: SearchJob, index: int, records: Iterable[tuple]) -> It
     return block_task(job, index, (r for _, r in records))
 
 
-def _finish_partition(job: SearchJob, index: int, records: Iterable[tuple]) -> Iterator[dict]:
-    yield finish_chunk(job, job.chunks[index], (p for _, p in records))
+def _select_partition(job: SearchJob, index: int, records: Iterable[tuple]) -> list[tuple]:
+    return select_chunk(job, job.chunks[index], (p for _, p in records))
+
+
+def _label_partition(job: SearchJob, index: int, records: Iterable[tuple]) -> Iterator[tuple]:
+    return label_task(job, index, (r for _, r in records))
+
+
+def _write_partition(job: SearchJob, index: int, records: Iterable[tuple]) -> Iterator[dict]:
+    yield write_task(job, job.chunks[index], (r for _, r in records))
 
 
 def run_spark(spark, job: SearchJob, progress_seconds: float = 10.0) -> list[dict]:
@@ -471,12 +523,11 @@ def run_spark(spark, job: SearchJob, progress_seconds: float = 10.0) -> list[dic
             .partitionBy(n_chunks, lambda c: c)
         rdd = lists.mapPartitions(functools.partial(_chunk_partition if chunk_major else _route_partition, job))
         total = len(tasks) + n_chunks
-    if not chunk_major:
-        rdd = rdd.partitionBy(len(job.blocks), lambda b: b) \
-            .mapPartitionsWithIndex(functools.partial(_block_partition, job)) \
-            .partitionBy(n_chunks, lambda c: c) \
-            .mapPartitionsWithIndex(functools.partial(_finish_partition, job))
-        total += len(job.blocks) + n_chunks
+    if not chunk_major:        # block scoring, selection, label lookups by block, writing by chunk
+        for stage, n in ((_block_partition, len(job.blocks)), (_select_partition, n_chunks),
+                         (_label_partition, len(job.blocks)), (_write_partition, n_chunks)):
+            rdd = rdd.partitionBy(n, lambda key: key).mapPartitionsWithIndex(functools.partial(stage, job))
+        total += 2 * (len(job.blocks) + n_chunks)
     with ProgressMonitor(spark, "search", total_tasks=total, every=progress_seconds):
         return rdd.collect()
 
@@ -543,7 +594,9 @@ def io_counts(stats: list[dict], block_stats: list[dict], column: dict) -> dict:
         "gallery_fine_bytes_read": fine_read,
         "gallery_fine_bytes_decoded": total("gallery_fine_bytes_decoded", stats) + total("bytes_decoded", block_stats),
         "gallery_fine_reads_per_column": round(fine_read / column["stored"], 3) if column["stored"] else None,
-        "gallery_label_row_groups_read": total("gallery_label_row_groups_read", stats),
+        "gallery_label_row_groups_read": total("gallery_label_row_groups_read", stats)
+        + total("label_row_groups", block_stats),
+        "gallery_label_bytes_read": total("label_bytes_read", block_stats) or None,
         "query_fine_bytes_read": total("query_fine_bytes_read", stats) + total("query_bytes_read", block_stats),
         "shuffle_bytes": total("shuffle_bytes", stats) + total("shuffle_bytes", block_stats),
         "pairs_scored": total("pairs", block_stats) or None,
@@ -621,11 +674,17 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
     if sum(s["queries"] for s in stats) != counts["queries"]:
         raise AssertionError(f"chunks cover {sum(s['queries'] for s in stats)} queries, "
                              f"expected {counts['queries']}")
-    block_stats = sorted((b for s in stats for b in s.pop("blocks", [])), key=lambda b: b["block"])
+    by_block: dict[int, dict] = {}          # a block's scoring and label-lookup figures, one entry
+    for b in (b for s in stats for b in s.pop("blocks", [])):
+        by_block.setdefault(b["block"], {}).update(b)
+    block_stats = [by_block[b] for b in sorted(by_block)]
     timings = {"encode_s": round(encode_s, 3)}
     for key in ("coarse_s", "merge_s", "rerank_s", "normalize_s", "write_s"):
         timings[key] = round(sum(s.get(key, 0.0) for s in stats), 3)
-    timings["rerank_s"] = round(timings["rerank_s"] + sum(b["read_s"] + b["score_s"] for b in block_stats), 3)
+    timings["rerank_s"] = round(timings["rerank_s"] + sum(b.get("read_s", 0) + b.get("score_s", 0)
+                                                          for b in block_stats), 3)
+    if block_stats:
+        timings["labels_s"] = round(sum(b.get("label_s", 0) for b in block_stats), 3)
     timings["search_s"] = round(t_search, 3)
     timings["total_s"] = round(time.monotonic() - t0, 3)
     timings["queries_per_s"] = round(counts["queries"] / t_search, 1) if t_search > 0 and counts["queries"] else None

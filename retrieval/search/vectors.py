@@ -36,8 +36,10 @@ class _Footer:
                 if md.schema.column(j).path.split(".")[0] in ("fine", "fine_scale")]
         # bytes of the fine column (and its scales) per row group: as stored (what a read moves)
         # and decoded (what the rerank holds)
-        self.stored = np.array([sum(md.row_group(i).column(j).total_compressed_size for j in fine)
-                                for i in range(md.num_row_groups)], np.int64)
+        labels = [j for j in range(md.num_columns) if md.schema.column(j).path in ("image_id", "uri")]
+        self.stored, self.label_stored = (
+            np.array([sum(md.row_group(i).column(j).total_compressed_size for j in cols)
+                      for i in range(md.num_row_groups)], np.int64) for cols in (fine, labels))
         self.row_bytes = _decoded_row_bytes(pf.schema_arrow.field("fine").type, self.has_scale) \
             if "fine" in pf.schema_arrow.names else 0
 
@@ -137,6 +139,7 @@ class VectorCache:
         self.label_reads = 0    # row groups of image_id/uri read (labels)
         self.bytes_read = 0     # stored (compressed) bytes of the fine row groups read
         self.bytes_decoded = 0  # their decoded bytes
+        self.label_bytes = 0    # stored (compressed) bytes of the image_id/uri row groups read
 
     def footer(self, url: str, version: str | None = None) -> _Footer:
         key = f"{url}#{version}"
@@ -243,6 +246,7 @@ class VectorCache:
                     pos += n
                 entry.loaded[missing] = True
                 self.label_reads += len(missing)
+                self.label_bytes += int(ft.label_stored[missing].sum())
                 self._grew(entry, added)
             got = {int(g): entry.groups[int(g)] for g in groups}
         where = np.searchsorted(ft.starts, rows, side="right") - 1

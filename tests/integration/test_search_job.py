@@ -88,9 +88,13 @@ def test_gallery_major_rerank_reads_each_block_once_and_gives_the_same_rows(worl
     """A 1 MB vector cache against a ~3 MB fine column, 6 query chunks: the chunk-major rerank
     reads the column again for every chunk; the gallery-major one (auto picks it here) reads each
     touched row group once, on both engines and both coarse plans, with the same result rows."""
+    from retrieval.search import vectors
+
     small = {"search.vector_cache_mb": 1}
+    vectors._CACHES.clear()            # this process's caches: each run below reads what it needs
     by_chunk = search(world["queries"], world["index"], str(tmp_path / "chunk"),
                       _cfg(**small, **{"search.rerank": "chunk"}), spark=None)
+    vectors._CACHES.clear()
     auto = search(world["queries"], world["index"], str(tmp_path / "auto"), _cfg(**small), spark=None)
     spk = search(world["queries"], world["index"], str(tmp_path / "spark"), _cfg(**small), spark=spark)
     fused = search(world["queries"], world["index"], str(tmp_path / "fused"),
@@ -111,6 +115,10 @@ def test_gallery_major_rerank_reads_each_block_once_and_gives_the_same_rows(worl
     assert io_c["gallery_fine_reads_per_column"] > 2 and io_g["gallery_fine_reads_per_column"] <= 1
     assert io_g["gallery_fine_bytes_decoded"] == io_g["gallery_fine_column_decoded_bytes"]
     assert spk["io"]["gallery_fine_row_groups_read"] == io_g["gallery_fine_row_groups_read"]
+    # the result rows' image_id/uri: looked up by block too, each label row group read at most once
+    assert io_g["gallery_label_row_groups_read"] <= groups < io_c["gallery_label_row_groups_read"]
+    assert 0 < io_g["gallery_label_row_groups_read"] and 0 < io_g["gallery_label_bytes_read"]
+    assert spk["io"]["gallery_label_row_groups_read"] <= groups
     # the pairs routed to blocks and the kept ones shuffled back, counted the same by both engines
     assert io_g["pairs_scored"] == spk["io"]["pairs_scored"] > 0
     assert io_g["shuffle_bytes"] == spk["io"]["shuffle_bytes"] > 0
