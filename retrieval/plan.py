@@ -32,6 +32,11 @@ RATES = {
     # real images, warm workers: 61.0 img/s on 2 cores (0.97 of the bare forward); the first job of
     # a session (Python workers start, model built in each): 24.4 img/s. Under load (21 Nov): 17 img/s
     "extract_images_per_core_s": 30.5,
+    # model.runtime=onnx (the trunk on onnxruntime, `retrieval export --format onnx`): the Spark gallery
+    # job ran 3.32x and 3.59x the torch one, alternated 3 times in each of two runs on 4 Dec
+    # (tests/bench/bench_extract.py --compare-set model.runtime=onnx ...; 39.9 / 46.6 vs 12.0 / 13.0
+    # img/s per core: the machine ran ~2x slower that day); the lower ratio times the torch rate above
+    "extract_images_per_core_s_onnx": round(30.5 * 3.32, 1),
     # ASSUMED, NOT measured here (no GPU lent): MobileNetV2 224 px fp32 on a T4-class GPU incl. JPEG
     # decode on ~8 CPU cores feeding it; replace with your own measurement.
     "extract_images_per_gpu_s": 1200.0,
@@ -132,6 +137,8 @@ def _assign_s(ip: dict, dim: int, search: bool) -> float:
 
 
 FINE_ROW_BYTES = 516.0      # a fine vector as stored and decoded: 512 int8 codes + a float32 scale
+LABEL_ROW_BYTES = 140.0     # image_id + uri of a gallery row as stored: at most feature_bytes_per_image
+                            # (1,177, real images) less the vector columns (516 + 512)
 
 
 def rerank_reads(n: int, queries: int, shortlist: int, chunks: int, query_chunk: int, row_group_size: int,
@@ -141,8 +148,10 @@ def rerank_reads(n: int, queries: int, shortlist: int, chunks: int, query_chunk:
     candidates touch (Poisson: 1 - exp(-C x S x R / N)). Gallery-major: blocks of
     ``search.vector_cache_mb``; the touched column once; every block reads the query vectors of
     the queries with a candidate in it (1 - exp(-S x block rows / N) of them); pairs go to the
-    blocks (16 B each) and each query's k best per block come back (20 B each). Memory of a block
-    task: its block, its pairs and kept pairs, one chunk's query vectors and score buffer."""
+    blocks (16 B each) and each query's k best per block come back (20 B each). The result rows'
+    labels (image_id, uri): chunk-major, per chunk the label row groups its k results per query touch;
+    gallery-major, once (the ids go to their blocks and the labels back). Memory of a block task: its
+    block, its pairs and kept pairs, one chunk's query vectors and score buffer."""
     k = int(cfg["search.k"])
     column = n * FINE_ROW_BYTES
     cache = int(cfg["search.vector_cache_mb"]) * 2**20
@@ -152,9 +161,12 @@ def rerank_reads(n: int, queries: int, shortlist: int, chunks: int, query_chunk:
     pairs = float(queries) * shortlist
     out = {"mode": mode, "column_bytes": column, "cache_bytes": cache, "blocks": 0, "query_touched": 0.0,
            "touched": 1.0 - math.exp(-min(queries, query_chunk) * shortlist * row_group_size / max(n, 1))}
-    if mode == "chunk":
+    labels = n * LABEL_ROW_BYTES
+    results = float(queries) * k
+    if mode == "chunk":      # each chunk's k results per query touch this share of the label row groups
+        touched_k = 1.0 - math.exp(-min(queries, query_chunk) * k * row_group_size / max(n, 1))
         out.update(gallery_bytes=chunks * column * out["touched"], query_bytes=queries * FINE_ROW_BYTES,
-                   shuffle_bytes=0.0, block_task_bytes=0.0)
+                   label_bytes=chunks * labels * touched_k, shuffle_bytes=0.0, block_task_bytes=0.0)
         return out
     blocks = max(1, math.ceil(column / max(cache, row_group_size * FINE_ROW_BYTES)))
     block_rows = n / blocks
@@ -166,7 +178,8 @@ def rerank_reads(n: int, queries: int, shortlist: int, chunks: int, query_chunk:
     out.update(blocks=blocks, query_touched=1.0 - math.exp(-lam),
                gallery_bytes=column * min(1.0, touched_run),
                query_bytes=blocks * queries * FINE_ROW_BYTES * (1.0 - math.exp(-lam)),
-               shuffle_bytes=pairs * 16 + kept * 20, pairs_kept=kept,
+               label_bytes=labels * (1.0 - math.exp(-results * row_group_size / max(n, 1))),
+               shuffle_bytes=pairs * 16 + kept * 20 + results * (16 + LABEL_ROW_BYTES), pairs_kept=kept,
                block_task_bytes=min(cache, column) + pairs / blocks * 16 + kept / blocks * 20
                + query_chunk * (shortlist * 4 + 512 * 4))
     return out
@@ -208,8 +221,14 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
         extract_s = n / (r["extract_images_per_gpu_s"] * cluster.gpus)
         extract_basis = f"{cluster.gpus} GPUs x {r['extract_images_per_gpu_s']:.0f} img/s (ASSUMED, not measured here)"
     else:
-        extract_s = n / (r["extract_images_per_core_s"] * cores)
-        extract_basis = f"{cores} cores x {r['extract_images_per_core_s']} img/s/core (measured here)"
+        onnx = str(cfg["model.runtime"]) == "onnx"
+        rate = r["extract_images_per_core_s_onnx"] if onnx else r["extract_images_per_core_s"]
+        extract_s = n / (rate * cores)
+        extract_basis = (f"{cores} cores x {rate} img/s/core (measured here, model.runtime="
+                         f"{'onnx' if onnx else 'torch'})")
+        if not onnx:
+            extract_basis += (f"; model.runtime=onnx: {_fmt_time(n / (r['extract_images_per_core_s_onnx'] * cores))}"
+                              f" ({r['extract_images_per_core_s_onnx']} img/s/core)")
     feature_bytes = n * r["feature_bytes_per_image"]
     # index: one read of the features, k-means on a bounded sample (driver), N adds over the shards
     index_shards = max(1, math.ceil(n / vectors_per_index_shard))
@@ -243,7 +262,7 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
     rr = rerank_reads(n, queries, shortlist, chunks, query_chunk, row_group_size, cfg)
     rerank_pairs = queries * shortlist
     rerank_compute_s = rerank_pairs / (r["rerank_pairs_per_core_s"] * cores)
-    rerank_read_s = (rr["gallery_bytes"] + rr["query_bytes"]) / read_bw
+    rerank_read_s = (rr["gallery_bytes"] + rr["query_bytes"] + rr["label_bytes"]) / read_bw
     rerank_shuffle_s = rr["shuffle_bytes"] / (r["read_bytes_per_executor_s"] * cluster.executors)
     rerank_s = rerank_compute_s + rerank_read_s + rerank_shuffle_s
     coarse_tasks = (groups * chunks + chunks) if groups > 1 else chunks
@@ -253,14 +272,15 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
                         f"{_fmt_time(rerank_compute_s)} + gallery fine reads {_fmt_bytes(rr['gallery_bytes'])} "
                         f"({rr['gallery_bytes'] / rr['column_bytes']:.2f}x the column) + query reads "
                         f"{_fmt_bytes(rr['query_bytes'])} ({rr['blocks']:,} blocks x {rr['query_touched']:.0%} of "
-                        f"{_fmt_bytes(queries * FINE_ROW_BYTES)}) {_fmt_time(rerank_read_s)} + shuffle "
+                        f"{_fmt_bytes(queries * FINE_ROW_BYTES)}) + label reads {_fmt_bytes(rr['label_bytes'])} "
+                        f"{_fmt_time(rerank_read_s)} + shuffle "
                         f"{_fmt_bytes(rr['shuffle_bytes'])} {_fmt_time(rerank_shuffle_s)}")
         tasks = coarse_tasks + rr["blocks"] + chunks
         memory = max(shards_mem + query_chunk * shortlist * 24, rr["block_task_bytes"])
     else:
         rerank_basis = (f"rerank chunk-major: {rerank_pairs:.3g} pairs {_fmt_time(rerank_compute_s)} + gallery "
                         f"fine reads {_fmt_bytes(rr['gallery_bytes'])} ({rr['touched']:.0%} of the column x "
-                        f"{chunks:,} chunks) {_fmt_time(rerank_read_s)}")
+                        f"{chunks:,} chunks) + label reads {_fmt_bytes(rr['label_bytes'])} {_fmt_time(rerank_read_s)}")
         tasks = coarse_tasks
         memory = shards_mem + query_chunk * shortlist * 24 + rr["cache_bytes"]
     mem_gb = cluster.executor_memory_gb / max(1, cluster.executor_cores)

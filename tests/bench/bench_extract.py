@@ -70,7 +70,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--checkpoint", default=None, help="also time the gallery job with this model.checkpoint "
                                                        "(e.g. a `retrieval fit` output), interleaved with the default")
+    ap.add_argument("--compare-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="also time the gallery job with these --set overrides (repeatable; e.g. "
+                         "model.runtime=onnx model.onnx_file=F), alternated with the default 3 times")
+    ap.add_argument("--compare-only", action="store_true",
+                    help="only the warm-up, the alternated comparison and the bare forward")
     args = ap.parse_args()
+    if args.checkpoint:
+        args.compare_set.append(f"model.checkpoint={args.checkpoint}")
     shutil.rmtree(args.out, ignore_errors=True)
     s = make_sample(os.path.join(args.out, "sample"))
     files = sorted(os.path.join(s["gallery"], f) for f in os.listdir(s["gallery"])) + \
@@ -93,7 +100,8 @@ def main() -> None:
         lo.append(l_)
     decode_rate = args.images / (time.perf_counter() - t)
     print(f"decode+resize alone (1 thread): {decode_rate:.1f} img/s")
-    bare_before = {role: bare_forward(model, hi, lo, role, args.batch, threads=2) for role in ("gallery", "query")}
+    bare_before = {} if args.compare_only else \
+        {role: bare_forward(model, hi, lo, role, args.batch, threads=2) for role in ("gallery", "query")}
 
     from retrieval.sparkutil import get_spark
     spark = get_spark("local[2]", "bench-extract", {"spark.ui.enabled": "false"})
@@ -106,7 +114,7 @@ def main() -> None:
     print(f"spark job  warm-up (cold workers, same {wm['counts']['ok']} images, int8): "
           f"{wm['timings']['images_per_s']:.1f} img/s")
     results = {}
-    for role in ("gallery", "query"):
+    for role in (() if args.compare_only else ("gallery", "query")):
         for storage in ("int8", "float32"):
             if role == "query" and storage == "float32":
                 continue
@@ -122,24 +130,27 @@ def main() -> None:
                   f"run {m['timings']['run_s']:.1f}s -> {m['timings']['images_per_s']:.1f} img/s "
                   f"(whole call incl. listing+model build {args.images / wall:.1f} img/s); "
                   f"{size / m['counts']['ok']:.0f} bytes/image on disk")
-    if args.checkpoint:
-        # another model (a fitted one adds two small linear layers after the heads; an older default
-        # model has the same network): its gallery job against the default model's, alternated
-        # three times on the warm session
+    if args.compare_set:
+        # another model or runtime (a fitted model adds two small linear layers after the heads; an
+        # older default model has the same network; model.runtime=onnx runs the trunk on onnxruntime):
+        # its gallery job against the default's, alternated three times on the warm session
         rates: dict[str, list[float]] = {"default": [], "other": []}
         for rep in range(3):
-            for name, extra in (("default", []), ("other", [f"model.checkpoint={args.checkpoint}"])):
+            for name, extra in (("default", []), ("other", args.compare_set)):
                 cfg = config.load(sets=["extract.role=gallery", "extract.num_shards=2", f"extract.batch_size={args.batch}",
                                         "extract.progress_seconds=60", "extract.mode=overwrite", *extra])
                 m = extract(manifest, os.path.join(args.out, f"feat_cmp_{name}"), cfg, spark)
                 rates[name].append(m["timings"]["images_per_s"])
         d, f = np.mean(rates["default"]), np.mean(rates["other"])
-        print(f"spark job  gallery, model.checkpoint={args.checkpoint}: {rates['other']} img/s vs default model "
-              f"{rates['default']} img/s (alternated) -> other/default = {f / d:.3f}")
+        print(f"spark job  gallery, {' '.join(args.compare_set)}: {rates['other']} img/s vs default "
+              f"{rates['default']} img/s (alternated) -> other/default = {f / d:.3f} "
+              f"(per core: {f / 2:.1f} vs {d / 2:.1f} img/s)")
     spark.stop()
 
     # bare forward on pre-decoded tensors, same resolutions, same 2 cores: measured before and after
     # the Spark jobs (the machine is shared), the ratio is against their mean
+    if args.compare_only:
+        return
     for role in ("gallery", "query"):
         after = bare_forward(model, hi, lo, role, args.batch, threads=2)
         bare = (bare_before[role] + after) / 2

@@ -1,5 +1,6 @@
 import pytest
 
+from retrieval import config
 from retrieval.cli import main
 from retrieval.plan import RATES, Cluster, index_params, parse_memory, plan
 
@@ -12,6 +13,11 @@ def test_plan_scales_with_images_and_cluster():
     assert big["stages"]["extract"]["wall"] == pytest.approx(100 * small["stages"]["extract"]["wall"])
     assert more["stages"]["extract"]["wall"] == pytest.approx(big["stages"]["extract"]["wall"] / 10)
     assert big["stages"]["extract"]["storage"] == pytest.approx(1e9 * RATES["feature_bytes_per_image"])
+    # model.runtime=onnx: the extraction rate measured for the onnxruntime trunk
+    onnx = plan(1_000_000_000, Cluster(executors=10), cfg=config.load(sets=["model.runtime=onnx"]))
+    assert onnx["stages"]["extract"]["wall"] == pytest.approx(
+        big["stages"]["extract"]["wall"] * RATES["extract_images_per_core_s"] / RATES["extract_images_per_core_s_onnx"])
+    assert "model.runtime=onnx" in big["stages"]["extract"]["basis"]
     gpu = plan(1_000_000_000, Cluster(executors=10, gpus=8))
     assert "ASSUMED" in gpu["stages"]["extract"]["basis"]
     assert index_params(1_000_000_000)["nlist"] == 131072
@@ -57,6 +63,9 @@ def test_plan_models_the_gallery_major_rerank():
     assert rr["query_bytes"] == pytest.approx(481 * 10_000_000 * 516 * rr["query_touched"])
     assert rr["shuffle_bytes"] >= 2e10 * 16                       # every pair travels to its block
     assert "1.00x the column" in p["stages"]["search"]["basis"]
+    # the result rows' labels: once per run (gallery-major), not per chunk
+    assert rr["label_bytes"] <= 1e9 * 140 < plan(1_000_000_000, Cluster(), cfg=config.load(
+        sets=["search.rerank=chunk"]))["stages"]["search"]["rerank"]["label_bytes"] / 50
     assert p["stages"]["search"]["memory_per_task"] < 4e9        # fits 16 GB / 4 cores
     bigger_chunks = plan(1_000_000_000, Cluster(), query_chunk=65536)["stages"]["search"]["rerank"]
     assert bigger_chunks["gallery_bytes"] == rr["gallery_bytes"]
