@@ -100,3 +100,26 @@ def test_fit_turns_an_onnx_embedding_model_into_a_dual_descriptor_model(setup, s
     assert cli.main(["extract", "--engine", "local", "--input", sample["gallery"], "--output",
                      str(tmp_path / "f2"), "--role", "gallery", "--set", f"model.checkpoint={model_url}"]) == 2
     assert "backbone" in capsys.readouterr().err
+
+
+def test_cli_extract_with_the_onnx_runtime_gives_the_torch_features(setup, tmp_path, capsys):
+    """model.runtime=onnx (the shipped default model's trunk exported by `retrieval export`): the
+    same rows, the same model_version and descriptors within 1e-4 of the torch extraction."""
+    photos, _, _ = setup
+    trunk = str(tmp_path / "trunk.onnx")
+    assert cli.main(["export", "--format", "onnx", "--output", trunk, "--log-level", "WARNING"]) == 0
+    capsys.readouterr()
+    outs = {}
+    for runtime, extra in (("torch", []), ("onnx", ["--set", "model.runtime=onnx", "--set", f"model.onnx_file={trunk}"])):
+        out = str(tmp_path / runtime)
+        assert cli.main(["extract", "--engine", "local", "--input", photos, "--output", out, "--role", "query",
+                         "--log-level", "WARNING", *extra]) == 0
+        outs[runtime] = (read_manifest(out), read_features(out))
+    (m_t, f_t), (m_o, f_o) = outs["torch"], outs["onnx"]
+    assert m_o["model_version"] == m_t["model_version"] and m_o["counts"]["ok"] == m_t["counts"]["ok"] == 4
+    assert f_o.column("image_id").to_pylist() == f_t.column("image_id").to_pylist()
+    assert np.abs(coarse_matrix(f_o) - coarse_matrix(f_t)).max() < 1e-4
+    assert np.abs(fine_matrix(f_o) - fine_matrix(f_t)).max() < 2e-2      # int8 codes: one step at most
+    a, b = fine_matrix(f_o), fine_matrix(f_t)
+    cos = np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.9999
