@@ -160,7 +160,7 @@ STAGES.update({
     "report": _lazy("retrieval.audit.cli", "run"),
     "train": _lazy("retrieval.training.cli", "run"),
     "plan": _lazy("retrieval.plan", "run_cli"),
-    "export": _lazy("retrieval.features.onnx_runtime", "run_cli"),
+    "export": _lazy("retrieval.features.export", "run_cli"),
 })
 
 

@@ -1,7 +1,8 @@
 """``retrieval evaluate``: search results + ground truth -> recall@k, micro-AP, precision/recall
 operating points, a precision-recall plot; optionally the same queries by exact 512-d search.
 
-Definitions (docs/search.md):
+Definitions (docs/search.md; the truth reader, micro-AP and the operating points live in
+:mod:`retrieval.metrics`, shared with ``retrieval report`` and the training evaluation):
 
 - ground truth: CSV ``query_id,gallery_id``, one row per true pair; a query with an empty
   ``gallery_id`` has no true match (a distractor). Queries absent from the CSV are left out.
@@ -24,108 +25,22 @@ Definitions (docs/search.md):
 """
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from retrieval import fsio, integrity
+from retrieval.metrics import Truth, micro_ap, operating_points, precision_recall, read_truth
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.json"
 PLOT = "pr_curve.png"
 THRESHOLD_PRECISIONS = (0.9, 0.95)     # evaluate writes the report thresholds at these precisions
-
-
-@dataclass
-class Truth:
-    """query_id -> set of true gallery_ids (empty set: a distractor query)."""
-    matches: dict[str, set[str]] = field(default_factory=dict)
-
-    @property
-    def n_pairs(self) -> int:
-        return sum(len(v) for v in self.matches.values())
-
-    @property
-    def matching_queries(self) -> list[str]:
-        return [q for q, g in self.matches.items() if g]
-
-
-def read_truth(url: str) -> Truth:
-    """Parse the ground-truth CSV (clear error naming the file and line on bad input)."""
-    try:
-        text = fsio.read_text(url)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"ground truth {url} not found") from None
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    if header is None or [h.strip() for h in header[:2]] != ["query_id", "gallery_id"]:
-        raise ValueError(f"ground truth {url}: the first line must be the header 'query_id,gallery_id', "
-                         f"got {header!r}")
-    truth = Truth()
-    for line_no, row in enumerate(reader, start=2):
-        if not row or (len(row) == 1 and not row[0].strip()):
-            continue
-        if len(row) > 2 and any(c.strip() for c in row[2:]):
-            raise ValueError(f"ground truth {url} line {line_no}: expected 2 columns, got {len(row)}")
-        qid = row[0].strip()
-        gid = row[1].strip() if len(row) > 1 else ""
-        if not qid:
-            raise ValueError(f"ground truth {url} line {line_no}: empty query_id")
-        entry = truth.matches.setdefault(qid, set())
-        if gid:
-            entry.add(gid)
-    return truth
-
-
-# ---------------------------------------------------------------------------------------------
-# metrics
-def precision_recall(scores: np.ndarray, correct: np.ndarray, n_positives: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ISC 2021: predictions ranked by score desc, wrong ones first among equal scores.
-    Returns ``(precisions, recalls, scores)`` after each prediction."""
-    scores = np.asarray(scores, dtype=np.float64)
-    correct = np.asarray(correct, dtype=bool)
-    order = np.lexsort((correct, -scores))   # score desc; among ties False (wrong) first
-    y = correct[order]
-    tp = np.cumsum(y)
-    precisions = tp / np.arange(1, len(y) + 1)
-    recalls = tp / max(n_positives, 1)
-    return precisions, recalls, scores[order]
-
-
-def micro_ap(precisions: np.ndarray, recalls: np.ndarray) -> float:
-    if len(recalls) == 0:
-        return 0.0
-    return float(((recalls - np.concatenate([[0.0], recalls[:-1]])) * precisions).sum())
-
-
-def _operating_points(precisions, recalls, thresholds, at_recall: Sequence[float],
-                      at_precision: Sequence[float]) -> tuple[dict, dict]:
-    p_at_r, r_at_p = {}, {}
-    for r in at_recall:
-        ok = np.nonzero(recalls >= r - 1e-12)[0]
-        if len(ok):
-            best = ok[np.argmax(precisions[ok])]
-            p_at_r[str(r)] = {"precision": round(float(precisions[best]), 6),
-                              "threshold": round(float(thresholds[best]), 6)}
-        else:
-            p_at_r[str(r)] = None   # that recall is never reached
-    for p in at_precision:
-        ok = np.nonzero(precisions >= p - 1e-12)[0]
-        if len(ok):
-            best = ok[np.argmax(recalls[ok])]
-            r_at_p[str(p)] = {"recall": round(float(recalls[best]), 6),
-                              "threshold": round(float(thresholds[best]), 6)}
-        else:
-            r_at_p[str(p)] = {"recall": 0.0, "threshold": None}
-    return p_at_r, r_at_p
 
 
 def evaluate_results(query_ids: Sequence[str], ranks: Sequence[int], gallery_ids: Sequence[str],
@@ -153,17 +68,16 @@ def evaluate_results(query_ids: Sequence[str], ranks: Sequence[int], gallery_ids
     p_scores = np.array([pairs[k] for k in keys], dtype=np.float64)
     correct = np.array([k[1] in truth.matches[k[0]] for k in keys], dtype=bool)
     precisions, recalls, thresholds = precision_recall(p_scores, correct, truth.n_pairs)
-    p_at_r, r_at_p = _operating_points(precisions, recalls, thresholds, precision_at_recall,
-                                       recall_at_precision)
+    p_at_r, r_at_p = operating_points(precisions, recalls, thresholds, precision_at_recall,
+                                      recall_at_precision)
     queries_in_results = {q for q in query_ids}
-    distractors = [q for q, g in truth.matches.items() if not g]
     metrics = {
         **recall,
         "micro_ap": round(micro_ap(precisions, recalls), 6),
         "precision_at_recall": p_at_r,
         "recall_at_precision": r_at_p,
         "counts": {"truth_queries": len(truth.matches), "matching_queries": len(matching),
-                   "distractor_queries": len(distractors), "true_pairs": truth.n_pairs,
+                   "distractor_queries": len(truth.distractor_queries), "true_pairs": truth.n_pairs,
                    "predictions": len(keys), "correct_predictions": int(correct.sum()),
                    "queries_in_results": len(queries_in_results),
                    "matching_queries_without_results": sum(1 for q in matching if q not in queries_in_results),
@@ -288,8 +202,8 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
 def thresholds(metrics: dict, column: str, curve: dict) -> dict:
     """The score thresholds at :data:`THRESHOLD_PRECISIONS` (the lowest score whose cut keeps the
     precision; ``None`` where it is never reached), for ``report.threshold: {from_evaluation}``."""
-    _, r_at_p = _operating_points(curve["precision"], curve["recall"], curve["threshold"], (),
-                                  THRESHOLD_PRECISIONS)
+    _, r_at_p = operating_points(curve["precision"], curve["recall"], curve["threshold"], (),
+                                 THRESHOLD_PRECISIONS)
     return {"score": column,
             "precision": {str(p): (r_at_p[str(p)] or {}).get("threshold") for p in THRESHOLD_PRECISIONS},
             "recall": {str(p): (r_at_p[str(p)] or {}).get("recall") for p in THRESHOLD_PRECISIONS}}

@@ -19,8 +19,9 @@ from typing import Any
 from retrieval import fsio
 from retrieval.audit import runinfo
 from retrieval.audit.html import render
-from retrieval.audit.scan import ScanSettings, read_truth, scan
+from retrieval.audit.scan import ScanSettings, scan
 from retrieval.config import Config
+from retrieval.metrics import read_truth
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"

@@ -25,6 +25,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from retrieval import fsio
+from retrieval.metrics import Truth
 from retrieval.progress import Progress
 from retrieval.schema import RESULT_SCHEMA, conform_results
 
@@ -65,45 +66,6 @@ class FlaggedQuery:
     query_uri: str
     best: float
     matches: list[Match] = field(default_factory=list)
-
-
-@dataclass
-class Truth:
-    """Ground truth: ``query_id -> set of true gallery_ids`` (empty set: the query has no true match)."""
-    pairs: dict[str, set[str]]
-
-    @property
-    def positives(self) -> int:
-        return sum(len(v) for v in self.pairs.values())
-
-    def label(self, query_id: str, gallery_id: str) -> bool | None:
-        truth = self.pairs.get(query_id)
-        return None if truth is None else gallery_id in truth
-
-
-def read_truth(url: str) -> Truth:
-    """CSV ``query_id,gallery_id`` (empty gallery_id: no true match; several rows per query allowed)."""
-    if not fsio.exists(url):
-        raise FileNotFoundError(f"ground truth not found: {url}")
-    fs, path = fsio.url_to_fs(url)
-    try:
-        with fs.open(path, "rb") as fh:
-            table = pacsv.read_csv(fh, convert_options=pacsv.ConvertOptions(
-                column_types={"query_id": pa.string(), "gallery_id": pa.string()},
-                strings_can_be_null=False))
-    except pa.ArrowInvalid as exc:
-        raise ValueError(f"ground truth {url}: not a readable CSV: {exc}") from None
-    missing = {"query_id", "gallery_id"} - set(table.column_names)
-    if missing:
-        raise ValueError(f"ground truth {url}: missing column(s) {sorted(missing)}; found {table.column_names}")
-    pairs: dict[str, set[str]] = {}
-    for q, g in zip(table.column("query_id").to_pylist(), table.column("gallery_id").to_pylist()):
-        if not q:
-            continue
-        s = pairs.setdefault(q, set())
-        if g:
-            s.add(g)
-    return Truth(pairs)
 
 
 @dataclass
@@ -257,7 +219,7 @@ def scan(files: Sequence[str], output_url: str, settings: ScanSettings, truth: T
                             tp_pairs.add((q, g))
                         elif lab is False:
                             fp_rows += 1
-                            if not truth.pairs[q]:
+                            if not truth.matches[q]:
                                 false_alarm_queries.add(q)
                     flagged = flagged.append_column(TRUTH_FIELD, pa.array(labels, pa.bool_()))
                 pq_writer.write_table(flagged)
@@ -274,12 +236,12 @@ def scan(files: Sequence[str], output_url: str, settings: ScanSettings, truth: T
     if truth is not None:
         labelled_flagged = len(tp_pairs) + fp_rows
         res.truth = {
-            "queries": len(truth.pairs),
-            "positives": truth.positives,
+            "queries": len(truth.matches),
+            "positives": truth.n_pairs,
             "true_pairs_flagged": len(tp_pairs),
             "false_flagged_rows": fp_rows,
             "flagged_queries_without_true_match": len(false_alarm_queries),
-            "recall": round(len(tp_pairs) / truth.positives, 6) if truth.positives else None,
+            "recall": round(len(tp_pairs) / truth.n_pairs, 6) if truth.n_pairs else None,
             "precision": round(len(tp_pairs) / labelled_flagged, 6) if labelled_flagged else None,
         }
     return res

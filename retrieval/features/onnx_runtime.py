@@ -16,6 +16,10 @@ a model of its own: ``model.backbone: onnx`` (its sha256 enters its own ``model_
 The ONNX trunk is used for inference on the CPU only (no autograd: training runs torch; a model on a
 GPU runs torch). The session takes ``torch.get_num_threads()`` intra-op threads when the model is built,
 as a Spark task sets them (retrieval.features.extract.task_model).
+
+``model`` below is a :class:`~retrieval.features.model.DescriptorModel`; this module sits under
+:mod:`retrieval.features.model` (whose ``model_from_config`` attaches the trunk) and does not import it
+back. ``retrieval export`` itself is :mod:`retrieval.features.export`.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import torch
 from torch import nn
 
 from retrieval import fsio
-from retrieval.features.model import DescriptorModel, ModelError
+from retrieval.features.common import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ OPSET = 17
 class _Trunk(nn.Module):
     """backbone + GeM on an ImageNet-normalised float32 N x 3 x H x W batch (the ``float_nchw`` layout)."""
 
-    def __init__(self, model: DescriptorModel) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.backbone, self.pool = model.backbone, model.pool
 
@@ -51,7 +55,7 @@ class _Trunk(nn.Module):
         return self.pool(self.backbone(x))
 
 
-def export_onnx(model: DescriptorModel, url: str, opset: int = OPSET) -> dict[str, Any]:
+def export_onnx(model: nn.Module, url: str, opset: int = OPSET) -> dict[str, Any]:
     """Write ``model``'s trunk as an ONNX file (float32, dynamic batch / height / width) to ``url``,
     check it against torch, and return what was written."""
     if model.external:
@@ -85,7 +89,7 @@ def export_onnx(model: DescriptorModel, url: str, opset: int = OPSET) -> dict[st
             "use": f"--set model.runtime=onnx --set model.onnx_file={url}"}
 
 
-def attach_onnx(model: DescriptorModel, url: str | None) -> DescriptorModel:
+def attach_onnx(model: nn.Module, url: str | None) -> nn.Module:
     """Run ``model``'s trunk from the ONNX file ``url`` (made by :func:`export_onnx` from this model's
     weights); the model, its weights and its ``model_version`` are unchanged."""
     from retrieval.features.external import load_external
@@ -125,14 +129,3 @@ def attach_onnx(model: DescriptorModel, url: str | None) -> DescriptorModel:
              trunk.sha256[:12], diff)
     return model
 
-
-def run_cli(args, cfg, spark) -> dict[str, Any]:
-    """``retrieval export --format onnx --output URL``: the configured model's trunk."""
-    from retrieval.features.model import model_from_config
-
-    if args.format != "onnx":
-        raise ModelError(f"unknown export format {args.format!r}")
-    fsio.configure(cfg["io.storage_options"])
-    model_cfg = {**cfg["model"].to_dict(), "runtime": "torch"}
-    model = model_from_config(model_cfg, cfg["preprocess"].to_dict())
-    return export_onnx(model, args.output)

@@ -7,12 +7,15 @@ only the tensors training changed, as per-row int8 deltas (large matrices) or ex
 metadata as JSON, including the ``model_version`` of the reconstructed weights, which loading
 verifies. The repository ships the default model this way (``retrieval/assets/default_model.npz``):
 a few MB instead of a 26 MB full checkpoint.
+
+This module writes deltas (:func:`export_delta`, training only). Reading one -- the shipped default
+model included -- is :func:`retrieval.features.model.load_delta` (with ``DEFAULT_MODEL``), so the feature
+layer loads it without importing training code.
 """
 from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import asdict
 from typing import Any
 
@@ -20,44 +23,10 @@ import numpy as np
 import torch
 
 from retrieval import fsio
-from retrieval.features.model import (EXTERNAL_BACKBONES, MOBILENET_V2_SHA256, DescriptorModel, ModelError,
-                                      ModelSpec, build_model)
+from retrieval.features.model import (DELTA_FORMAT, MOBILENET_V2_SHA256, DescriptorModel, ModelSpec, apply_delta,
+                                      delta_base)
 
-DELTA_FORMAT = "retrieval-delta-v1"
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
-                             "default_model.npz")
 _QUANTISE_MIN = 4096  # tensors with fewer elements are stored exactly
-
-
-def _base(spec: ModelSpec, head_seed: int) -> DescriptorModel:
-    if spec.backbone in EXTERNAL_BACKBONES:
-        raise ModelError(f"the .npz delta format holds models on the bundled mobilenet_v2 weights only, not a "
-                         f"{spec.backbone} backbone: save a full checkpoint (.pt) instead, which later stages "
-                         "load with the same model.backbone / model.backbone_weights")
-    model = build_model(spec.backbone, "default", fine_dim=spec.fine_dim, coarse_dim=spec.coarse_dim,
-                        size_hi=spec.size_hi, size_lo=spec.size_lo, resize=spec.resize, gem_p=spec.gem_p,
-                        head_seed=head_seed)
-    if spec.whiten:
-        model.enable_whitening()
-    return model
-
-
-def _apply(model: DescriptorModel, arrays: dict[str, np.ndarray], names: list[str]) -> None:
-    sd = model.state_dict()
-    with torch.no_grad():
-        for name in names:
-            if name not in sd:
-                raise ModelError(f"delta names tensor {name!r}, which the model does not have")
-            target = sd[name]
-            if f"{name}::value" in arrays:
-                new = torch.from_numpy(arrays[f"{name}::value"].copy()).to(target.dtype)
-            else:
-                q = torch.from_numpy(arrays[f"{name}::q"].astype(np.float32))
-                scale = torch.from_numpy(arrays[f"{name}::scale"])
-                new = target.float() + (q * scale[:, None]).reshape(target.shape)
-            if new.shape != target.shape:
-                raise ModelError(f"delta tensor {name}: shape {tuple(new.shape)} != {tuple(target.shape)}")
-            target.copy_(new.to(target.dtype))
 
 
 def export_delta(model: DescriptorModel, url: str, head_seed: int = 0,
@@ -65,7 +34,7 @@ def export_delta(model: DescriptorModel, url: str, head_seed: int = 0,
     """Write ``model`` as a delta from the default base; returns the model the file reconstructs
     (int8 rounding of the deltas makes it differ slightly: evaluate THAT one)."""
     spec = model.spec
-    base = _base(spec, head_seed)
+    base = delta_base(spec, head_seed)
     base_sd, sd = base.state_dict(), model.state_dict()
     arrays: dict[str, np.ndarray] = {}
     names = []
@@ -81,7 +50,7 @@ def export_delta(model: DescriptorModel, url: str, head_seed: int = 0,
             arrays[f"{name}::scale"] = scale.numpy().astype(np.float32)
         else:
             arrays[f"{name}::value"] = value.detach().cpu().numpy().copy()
-    _apply(base, arrays, names)
+    apply_delta(base, arrays, names)
     base.spec = ModelSpec(**{**asdict(spec), "extra": {**spec.extra, **({"card": card} if card else {})}})
     meta = {"format": DELTA_FORMAT, "spec": asdict(base.spec), "head_seed": int(head_seed),
             "backbone_weights_sha256": MOBILENET_V2_SHA256 if spec.backbone == "mobilenet_v2" else None,
@@ -90,28 +59,3 @@ def export_delta(model: DescriptorModel, url: str, head_seed: int = 0,
     np.savez_compressed(buf, __meta__=np.frombuffer(json.dumps(meta, default=str).encode(), np.uint8), **arrays)
     fsio.write_bytes(url, buf.getvalue())
     return base.eval()
-
-
-def load_delta(url: str = DEFAULT_MODEL) -> DescriptorModel:
-    """Rebuild the model a delta file describes and verify its ``model_version``."""
-    try:
-        data = fsio.read_bytes(url)
-    except FileNotFoundError:
-        raise ModelError(f"delta checkpoint not found: {url}") from None
-    try:
-        npz = np.load(io.BytesIO(data), allow_pickle=False)
-        arrays = {k: npz[k] for k in npz.files}
-        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
-    except Exception as exc:
-        raise ModelError(f"{url}: not a delta checkpoint ({exc.__class__.__name__}: {exc})") from None
-    if meta.get("format") != DELTA_FORMAT:
-        raise ModelError(f"{url}: unknown format {meta.get('format')!r} (expected {DELTA_FORMAT})")
-    spec = ModelSpec(**{k: meta["spec"][k] for k in ModelSpec.__dataclass_fields__ if k in meta["spec"]})
-    model = _base(spec, int(meta["head_seed"]))
-    _apply(model, arrays, list(meta["tensors"]))
-    model.spec = spec
-    actual = model.model_version()
-    if actual != meta["model_version"]:
-        raise ModelError(f"{url}: model_version mismatch (recorded {meta['model_version']}, rebuilt "
-                         f"{actual}): the file or the base weights differ")
-    return model.eval()

@@ -8,8 +8,10 @@ code, R_hi -> fine head), with numpy only:
   via adapter 2 (the patent's asymmetric path) vs from R_hi via adapter 1 (symmetric);
 - ``shortlist_recall``: the true image is in the coarse top-``shortlist``;
 - ``recall@1`` and ``micro_ap``: the two-stage search (coarse top-``shortlist``, then fine rerank);
-  micro-AP as in the 2021 Image Similarity Challenge: every (query, shortlisted image, fine score)
-  is a prediction, ranked globally; recall is over the queries that have a true match;
+  micro-AP as in the 2021 Image Similarity Challenge (:mod:`retrieval.metrics`, the same code as
+  ``retrieval evaluate``): every (query, shortlisted image, fine score) is a prediction, ranked
+  globally (ties: wrong predictions first); recall is over the queries that have a true match
+  (NaN when none has);
 - ``stage3_cos_*``: mean cosine between adapter2(pooled R_lo) and adapter1(pooled R_hi) of the same
   picture (the clean held-out photos, and the copies);
 - timing: the query coarse encoding (R_lo, backbone + GeM + adapter 2) against the symmetric one
@@ -17,7 +19,6 @@ code, R_hi -> fine head), with numpy only:
 """
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from dataclasses import dataclass
@@ -27,9 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retrieval import fsio
-from retrieval.features.model import DescriptorModel
+from retrieval.features.model import DescriptorModel, backbone_version
 from retrieval.features.preprocess import resize, to_tensor
+from retrieval.metrics import micro_ap, precision_recall, read_truth
 from retrieval.training.augment import OPS, augment
 from retrieval.training.data import ImageSet, load_images, view_rng
 
@@ -74,13 +75,15 @@ def sample_eval_set(gallery_url: str, queries_url: str, truth_csv: str, max_side
     g = load_images(gallery_url, max_side=max_side)
     q = load_images(queries_url, max_side=max_side)
     gidx = {gid: k for k, gid in enumerate(g.ids)}
-    with fsio.url_to_fs(truth_csv)[0].open(fsio.strip_protocol(truth_csv), "r") as fh:
-        rows = {r["query_id"]: (r.get("gallery_id") or "") for r in csv.DictReader(fh)}
+    matches = read_truth(truth_csv).matches
     truth = []
     for qid in q.ids:
-        if qid not in rows:
+        if qid not in matches:
             raise ValueError(f"{truth_csv}: no row for query {qid!r}")
-        gid = rows[qid]
+        if len(matches[qid]) > 1:
+            raise ValueError(f"{truth_csv}: query {qid!r} has {len(matches[qid])} true matches; "
+                             "this evaluation takes at most one per query")
+        gid = next(iter(matches[qid]), "")
         if gid and gid not in gidx:
             raise ValueError(f"{truth_csv}: query {qid!r} -> {gid!r}, which is not in {gallery_url}")
         truth.append(gidx[gid] if gid else -1)
@@ -96,15 +99,6 @@ def pooled_features(model: DescriptorModel, images: list[Image.Image], size: int
         x = torch.stack([to_tensor(resize(im, size, model.spec.resize)) for im in images[k:k + batch]])
         out.append(model.pooled(x))
     return torch.cat(out)
-
-
-def micro_ap(scores: np.ndarray, correct: np.ndarray, n_positives: int) -> float:
-    if n_positives == 0:
-        return float("nan")
-    order = np.argsort(-scores, kind="stable")
-    hits = correct[order].astype(np.float64)
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float((precision * hits).sum() / n_positives)
 
 
 @torch.no_grad()
@@ -125,11 +119,14 @@ def head_metrics(model: DescriptorModel, pooled: Mapping[str, torch.Tensor], tru
     rerank = np.argsort(-fine_scores, axis=1, kind="stable")
     top1 = cand[np.arange(len(cand)), rerank[:, 0]]
     correct = cand == truth[:, None]
+    n_matching = int(has.sum())   # one true gallery image per matching query
+    precisions, recalls, _ = precision_recall(fine_scores.ravel(), correct.ravel(), n_matching)
     cos_g = (model.coarse_query(pooled["g_lo"]) * model.coarse_gallery(pooled["g_hi"])).sum(-1)
     cos_q = (model.coarse_query(pooled["q_lo"]) * model.coarse_gallery(pooled["q_hi"])).sum(-1)
     return {
         "recall@1": float((top1[has] == truth[has]).mean()),
-        "micro_ap": micro_ap(fine_scores.ravel(), correct.ravel(), int(has.sum())),
+        # no query with a true match: undefined (NaN), like the recalls beside it
+        "micro_ap": micro_ap(precisions, recalls) if n_matching else float("nan"),
         "coarse_recall@1_asym": float((s_asym.argmax(1)[has] == truth[has]).mean()),
         "coarse_recall@1_sym": float((s_sym.argmax(1)[has] == truth[has]).mean()),
         "shortlist_recall": float(correct[has].any(1).mean()),
@@ -180,8 +177,6 @@ def coarse_query_cost(model: DescriptorModel, images: list[Image.Image], repeats
 
 
 def _same_trunk(a: DescriptorModel, b: DescriptorModel) -> bool:
-    from retrieval.training.trainer import backbone_version
-
     return backbone_version(a) == backbone_version(b)
 
 

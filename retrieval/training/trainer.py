@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval import fsio
-from retrieval.features.model import (EXTERNAL_BACKBONES, DescriptorModel, load_checkpoint, model_from_config,
-                                      save_checkpoint)
+from retrieval.features.model import (EXTERNAL_BACKBONES, DescriptorModel, backbone_version, load_checkpoint,
+                                      model_from_config, save_checkpoint)
 from retrieval.features.preprocess import DecodePolicy
 from retrieval.progress import Progress
 from retrieval.training import card as card_mod
@@ -238,15 +238,6 @@ def lr_at(step: int, steps: int, base: float) -> float:
 
 def batch_indices(seed: int, stage: int, step: int, n: int, size: int) -> np.ndarray:
     return view_rng(seed, 1000 + stage, step).permutation(n)[:size]
-
-
-def backbone_version(model: DescriptorModel) -> str:
-    h = hashlib.sha256(json.dumps(model.spec.fingerprint_fields(), sort_keys=True).encode())
-    for key, tensor in sorted(model.state_dict().items()):
-        if key.startswith(("backbone.", "pool.")):
-            h.update(key.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------

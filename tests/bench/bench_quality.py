@@ -44,7 +44,8 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 from retrieval import config as config_mod  # noqa: E402
-from retrieval.evaluate import evaluate_results, exact_results, read_truth, thresholds  # noqa: E402
+from retrieval.evaluate import evaluate_results, exact_results, thresholds  # noqa: E402
+from retrieval.metrics import read_truth  # noqa: E402
 
 CLI = [sys.executable, "-m", "retrieval.cli"]
 

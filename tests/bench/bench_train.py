@@ -42,11 +42,10 @@ def _table(title: str, result: dict) -> str:
 def acceptance(asset: str, out: str, shortlist: int) -> dict:
     import torch
 
-    from retrieval.features.model import build_model
+    from retrieval.features.model import build_model, load_delta
     from retrieval.sample import make_sample, real_photos
     from retrieval.training.data import load_images
     from retrieval.training.default_model import write_manifest
-    from retrieval.training.delta import load_delta
     from retrieval.training.evaluate import coarse_query_cost, copies_eval_set, evaluate_models, sample_eval_set
 
     models = {"trained (default)": load_delta(asset), "seed heads": build_model()}
@@ -98,7 +97,7 @@ def dist_vs_single(out: str) -> dict:
 
 
 def main() -> int:
-    from retrieval.training.delta import DEFAULT_MODEL
+    from retrieval.features.model import DEFAULT_MODEL
 
     p = argparse.ArgumentParser()
     p.add_argument("--asset", default=DEFAULT_MODEL)

@@ -16,7 +16,7 @@ from PIL import Image
 from retrieval import config as config_mod
 from retrieval.audit.html import esc, histogram_svg
 from retrieval.audit.runinfo import compact
-from retrieval.audit.scan import ScanSettings, _csv_safe, _TopQueries, band_labels, read_truth, scan
+from retrieval.audit.scan import ScanSettings, _csv_safe, _TopQueries, band_labels, scan
 from retrieval.audit.thumbs import make_thumbnail, make_thumbnails, thumb_name
 from retrieval.features.preprocess import DecodePolicy
 from retrieval.schema import RESULT_REQUIRED
@@ -112,17 +112,6 @@ def test_escaping_and_csv_formula_neutralisation():
     safe = _csv_safe(t).column("query_id").to_pylist()
     assert safe == ["'=1+1", "'+x", "'-y", "'@z", "ok", None]
     assert _csv_safe(t).column("rank").to_pylist() == [1, 2, 3, 4, 5, 6]
-
-
-def test_truth_csv(tmp_path):
-    p = tmp_path / "truth.csv"
-    p.write_text("query_id,gallery_id\na,g1\na,g2\nb,\n")
-    truth = read_truth(str(p))
-    assert truth.positives == 2 and truth.label("a", "g2") is True and truth.label("b", "g1") is False
-    assert truth.label("c", "g1") is None
-    (tmp_path / "bad.csv").write_text("query,gallery\na,b\n")
-    with pytest.raises(ValueError, match="missing column"):
-        read_truth(str(tmp_path / "bad.csv"))
 
 
 def test_thumbnails(tmp_path):

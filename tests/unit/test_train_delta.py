@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.features.model import ModelError, build_model
-from retrieval.training.delta import DEFAULT_MODEL, export_delta, load_delta
+from retrieval.features.model import DEFAULT_MODEL, ModelError, build_model, load_delta
+from retrieval.training.delta import export_delta
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,0 +1,147 @@
+"""The one place the project reads ground truth and computes micro-AP and precision/recall.
+
+Used by ``retrieval evaluate`` (:mod:`retrieval.evaluate`), ``retrieval report``
+(:mod:`retrieval.audit.scan`) and the training evaluation (:mod:`retrieval.training.evaluate`), so
+the same truth file and the same predictions give the same figures everywhere.
+
+Ground truth: a CSV whose header names the columns ``query_id`` and ``gallery_id`` (in any order;
+other named columns are ignored), then one row per true pair. A query may have several rows (several
+true matches); a row with an empty ``gallery_id`` marks a query with no true match (a distractor).
+Blank lines (and lines of empty cells only) are skipped; every other bad row -- an empty
+``query_id``, more cells than the header names -- is a ``ValueError`` naming the file and line.
+
+micro-AP (2021 Image Similarity Challenge): every (query, gallery, score) prediction is pooled and
+ranked by score, descending; among equal scores the wrong predictions come first (the pessimistic
+order, so ties never flatter a model). Precision and recall are taken after each prediction, with
+recall = true pairs found so far / all true pairs (found or not), and
+``micro_ap = sum_i (recall_i - recall_{i-1}) * precision_i``. With no prediction or no true pair
+there is no recall to gain and ``micro_ap`` is 0.0.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from retrieval import fsio
+
+__all__ = ["Truth", "read_truth", "precision_recall", "micro_ap", "operating_points"]
+
+QUERY, GALLERY = "query_id", "gallery_id"
+
+
+@dataclass
+class Truth:
+    """``matches``: query_id -> set of true gallery_ids (an empty set: a distractor query)."""
+    matches: dict[str, set[str]] = field(default_factory=dict)
+
+    @property
+    def n_pairs(self) -> int:
+        """The number of true (query, gallery) pairs: the positives micro-AP's recall is over."""
+        return sum(len(v) for v in self.matches.values())
+
+    @property
+    def matching_queries(self) -> list[str]:
+        return [q for q, g in self.matches.items() if g]
+
+    @property
+    def distractor_queries(self) -> list[str]:
+        return [q for q, g in self.matches.items() if not g]
+
+    def label(self, query_id: str, gallery_id: str) -> bool | None:
+        """Whether (query, gallery) is a true pair; ``None`` for a query not in the truth."""
+        true = self.matches.get(query_id)
+        return None if true is None else gallery_id in true
+
+
+def read_truth(url: str) -> Truth:
+    """Parse the ground-truth CSV at ``url`` (any fsspec URL); bad input is a ``ValueError`` naming
+    the file and the line, a missing file a ``FileNotFoundError`` naming the file."""
+    try:
+        text = fsio.read_text(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"ground truth {url} not found") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"ground truth {url}: not UTF-8 text ({exc})") from None
+    reader = csv.reader(io.StringIO(text.removeprefix("\ufeff")))
+    try:
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in (QUERY, GALLERY) if c not in header]
+        twice = [c for c in (QUERY, GALLERY) if header.count(c) > 1]
+        if missing or twice:
+            why = f"missing column(s) {missing}" if missing else f"named more than once: {twice}"
+            raise ValueError(f"ground truth {url} line 1: the header must name the columns {QUERY} and "
+                             f"{GALLERY} once each ({why}), got {header!r}")
+        qi, gi = header.index(QUERY), header.index(GALLERY)
+        truth = Truth()
+        for row in reader:
+            line = reader.line_num
+            if not any(c.strip() for c in row):
+                continue
+            if len(row) > len(header) and any(c.strip() for c in row[len(header):]):
+                raise ValueError(f"ground truth {url} line {line}: expected {len(header)} columns, "
+                                 f"got {len(row)}")
+            qid = row[qi].strip() if qi < len(row) else ""
+            gid = row[gi].strip() if gi < len(row) else ""
+            if not qid:
+                raise ValueError(f"ground truth {url} line {line}: empty {QUERY}")
+            true = truth.matches.setdefault(qid, set())
+            if gid:
+                true.add(gid)
+    except csv.Error as exc:
+        raise ValueError(f"ground truth {url} line {reader.line_num}: not a readable CSV: {exc}") from None
+    return truth
+
+
+def precision_recall(scores: Sequence[float] | np.ndarray, correct: Sequence[bool] | np.ndarray,
+                     n_positives: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rank the predictions (``scores``, ``correct``: one entry per prediction) by score descending,
+    wrong ones first among equal scores; returns ``(precisions, recalls, scores)`` after each
+    prediction, in that order (recall over ``n_positives`` true pairs, 0 when there are none)."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    correct = np.asarray(correct, dtype=bool).ravel()
+    if scores.shape != correct.shape:
+        raise ValueError(f"precision_recall: {scores.size} scores but {correct.size} labels")
+    order = np.lexsort((correct, -scores))   # score desc; among ties False (wrong) first
+    tp = np.cumsum(correct[order])
+    precisions = tp / np.arange(1, len(order) + 1)
+    recalls = tp / max(n_positives, 1)
+    return precisions, recalls, scores[order]
+
+
+def micro_ap(precisions: np.ndarray, recalls: np.ndarray) -> float:
+    """``sum_i (recall_i - recall_{i-1}) * precision_i`` over :func:`precision_recall`'s arrays;
+    0.0 when there is no prediction (or no true pair: the recalls never rise)."""
+    precisions, recalls = np.asarray(precisions, np.float64), np.asarray(recalls, np.float64)
+    if len(recalls) == 0:
+        return 0.0
+    return float((np.diff(recalls, prepend=0.0) * precisions).sum())
+
+
+def operating_points(precisions: np.ndarray, recalls: np.ndarray, thresholds: np.ndarray,
+                     at_recall: Sequence[float], at_precision: Sequence[float]) -> tuple[dict, dict]:
+    """``({str(r): {"precision", "threshold"} or None}, {str(p): {"recall", "threshold"}})``: the best
+    precision at any cut reaching recall >= r (``None``: never reached), and the best recall at any
+    cut with precision >= p (recall 0.0 and threshold ``None`` when no cut has that precision);
+    the threshold is the score of that cut."""
+    p_at_r: dict[str, dict | None] = {}
+    r_at_p: dict[str, dict] = {}
+    for r in at_recall:
+        i = _best_cut(recalls, r, precisions)
+        p_at_r[str(r)] = None if i is None else {"precision": round(float(precisions[i]), 6),
+                                                 "threshold": round(float(thresholds[i]), 6)}
+    for p in at_precision:
+        i = _best_cut(precisions, p, recalls)
+        r_at_p[str(p)] = {"recall": 0.0, "threshold": None} if i is None else {
+            "recall": round(float(recalls[i]), 6), "threshold": round(float(thresholds[i]), 6)}
+    return p_at_r, r_at_p
+
+
+def _best_cut(reached: np.ndarray, at_least: float, best_of: np.ndarray) -> int | None:
+    """The cut with the highest ``best_of`` among those where ``reached >= at_least`` (the first
+    such cut on a tie; ``None`` when no cut reaches it)."""
+    ok = np.nonzero(reached >= at_least - 1e-12)[0]
+    return int(ok[np.argmax(best_of[ok])]) if len(ok) else None

@@ -1,0 +1,199 @@
+"""The package's layers point one way (issue 14): core (config, fsio, schema, ...) -> extract
+(retrieval.features: model, checkpoints, preprocessing, inputs) -> index -> search -> evaluate / report,
+and training on top of extract. No import circle inside ``retrieval``.
+
+The import graph is read from the source with :mod:`ast` (nothing is imported): every ``import`` and
+``from ... import`` of a ``retrieval`` module, at module level AND inside functions (a lazy import is
+still a dependency: it only moves the failure to run time), relative imports resolved, and
+``from pkg import submodule`` counted as an import of the submodule.
+"""
+from __future__ import annotations
+
+import ast
+import os
+from dataclasses import dataclass
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "retrieval")
+
+# what the feature layer (retrieval.features) must never import: the layers above it
+ABOVE_FEATURES = ("retrieval.training", "retrieval.search", "retrieval.index", "retrieval.audit",
+                  "retrieval.evaluate")
+
+
+@dataclass(frozen=True)
+class Edge:
+    src: str
+    dst: str
+    where: str   # path:line of the import statement
+
+    def __str__(self) -> str:
+        return f"{self.src} -> {self.dst} ({self.where})"
+
+
+def _modules(root: str = ROOT) -> dict[str, str]:
+    """module name -> file, for every .py file under ``root`` (packages named by their __init__)."""
+    base = os.path.dirname(root)
+    mods = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
+        for fn in sorted(filenames):
+            if not fn.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, fn)
+            parts = os.path.relpath(path, base)[:-3].split(os.sep)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join(parts)] = path
+    return mods
+
+
+def _resolve(name: str, mods: dict[str, str]) -> str | None:
+    """The deepest known module ``name`` is, or lies in (``retrieval.x.attr`` -> ``retrieval.x``)."""
+    while name:
+        if name in mods:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def import_edges(root: str = ROOT) -> tuple[dict[str, str], list[Edge]]:
+    mods = _modules(root)
+    top = os.path.basename(root)
+    edges = []
+    for mod, path in mods.items():
+        package = mod if path.endswith("__init__.py") else mod.rpartition(".")[0]
+        with open(path, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read(), filename=path)
+        where = os.path.relpath(path, os.path.dirname(root))
+        for node in ast.walk(tree):        # every import statement, module-level or inside a function
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:             # relative: from . import x / from ..a import b
+                    up = package.split(".")
+                    up = up[: len(up) - (node.level - 1)]
+                    src = ".".join(up + ([node.module] if node.module else []))
+                else:
+                    src = node.module or ""
+                # `from pkg import submodule` imports the submodule; `from mod import name`, the module
+                targets = [f"{src}.{alias.name}" if f"{src}.{alias.name}" in mods else src
+                           for alias in node.names]
+            for target in targets:
+                if target != top and not target.startswith(top + "."):
+                    continue
+                dst = _resolve(target, mods)
+                if dst is not None and dst != mod:
+                    edges.append(Edge(mod, dst, f"{where}:{node.lineno}"))
+    return mods, edges
+
+
+def find_cycles(mods, edges: list[Edge]) -> list[tuple[list[str], list[Edge]]]:
+    """Each strongly connected component of more than one module (Tarjan), with one shortest import
+    circle through it as the edges that make it."""
+    graph: dict[str, dict[str, Edge]] = {m: {} for m in mods}
+    for e in edges:
+        graph[e.src].setdefault(e.dst, e)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def strongconnect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                strongconnect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                components.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            strongconnect(v)
+
+    cycles = []
+    for comp in components:     # a shortest circle through the component's first module (BFS)
+        members, start = set(comp), comp[0]
+        prev: dict[str, Edge] = {}
+        frontier, seen, closing = [start], {start}, None
+        while frontier and closing is None:
+            nxt = []
+            for v in frontier:
+                for w, e in sorted(graph[v].items()):
+                    if w == start:
+                        closing = e
+                        break
+                    if w in members and w not in seen:
+                        seen.add(w)
+                        prev[w] = e
+                        nxt.append(w)
+                if closing is not None:
+                    break
+            frontier = nxt
+        path = [closing]
+        while path[0].src != start:
+            path.insert(0, prev[path[0].src])
+        cycles.append((comp, path))
+    return cycles
+
+
+def test_the_walker_sees_module_level_function_local_and_relative_imports(tmp_path):
+    pkg = tmp_path / "retrieval"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from retrieval.sub import b\n")                 # from pkg import submodule
+    (pkg / "sub" / "b.py").write_text("def f():\n    from .c import g\n")       # function-local, relative
+    (pkg / "sub" / "c.py").write_text("import os\n\ndef g():\n    import retrieval.a\n")
+    (pkg / "d.py").write_text("from retrieval.sub.c import g\nfrom . import a\n")
+    mods, edges = import_edges(str(pkg))
+    pairs = {(e.src, e.dst) for e in edges}
+    assert pairs == {("retrieval.a", "retrieval.sub.b"), ("retrieval.sub.b", "retrieval.sub.c"),
+                     ("retrieval.sub.c", "retrieval.a"), ("retrieval.d", "retrieval.sub.c"),
+                     ("retrieval.d", "retrieval.a")}
+    cycles = find_cycles(mods, edges)
+    assert [[(e.src, e.dst) for e in c] for _, c in cycles] == [
+        [("retrieval.a", "retrieval.sub.b"), ("retrieval.sub.b", "retrieval.sub.c"),
+         ("retrieval.sub.c", "retrieval.a")]]
+
+
+def test_the_graph_of_retrieval_is_read():
+    mods, edges = import_edges()
+    pairs = {(e.src, e.dst) for e in edges}
+    assert "retrieval.features.model" in mods and "retrieval.training.trainer" in mods
+    assert ("retrieval.features.extract", "retrieval.features.preprocess") in pairs      # module level
+    assert ("retrieval.features.extract", "retrieval.features.inputs") in pairs          # from pkg import mod
+    assert ("retrieval.features.extract", "retrieval.sparkutil") in pairs                # function-local
+
+
+def test_no_import_cycle_in_retrieval():
+    mods, edges = import_edges()
+    cycles = find_cycles(mods, edges)
+    if cycles:
+        pytest.fail("import cycles in retrieval/ (module-level and function-local imports):\n" + "\n".join(
+            f"  {' -> '.join([c[0].src] + [e.dst for e in c])}   (circle among {', '.join(comp)})\n"
+            + "\n".join(f"      {e}" for e in c) for comp, c in cycles))
+
+
+def test_the_feature_layer_imports_nothing_above_it():
+    _, edges = import_edges()
+    bad = [e for e in dict.fromkeys(edges) if e.src.startswith("retrieval.features")
+           and any(e.dst == p or e.dst.startswith(p + ".") for p in ABOVE_FEATURES)]
+    assert not bad, ("retrieval.features must not import training / search / index / audit / evaluate:\n"
+                     + "\n".join(f"  {e}" for e in bad))
