@@ -4,7 +4,11 @@ a global shortlist, exact 512-d rerank (docs/search.md).
 - :mod:`retrieval.search.coarse`: shard cache, shard search, shortlist merge
 - :mod:`retrieval.search.rerank`: fetch shortlist vectors by feature file / row group, exact scores
 - :mod:`retrieval.search.queries`: query input (encode or reuse), model_version check, chunks
-- :mod:`retrieval.search.job`: the job (local and Spark engines), output and manifest
+- :mod:`retrieval.search.vectors`: gallery fine vectors and labels read by row group, kept per process
+- :mod:`retrieval.search.blocks`: the gallery-major rerank (blocks, routing, per-block scoring)
+- :mod:`retrieval.search.tasks`: the task bodies, the same in both engines
+- :mod:`retrieval.search.engines`: the local and Spark engines over the tasks
+- :mod:`retrieval.search.job`: the job's plan, run and manifest
 """
 from __future__ import annotations
 

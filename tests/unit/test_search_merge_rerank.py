@@ -10,7 +10,8 @@ from retrieval.features.extract import read_features
 from retrieval.index import idmap
 from retrieval.schema import fine_matrix
 from retrieval.search import coarse, rerank
-from retrieval.search.job import Chunk, SearchJob, chunk_task
+from retrieval.search.queries import Chunk
+from retrieval.search.tasks import SearchJob, chunk_task
 
 N, NQ = 6000, 300
 SPEC = synthetic.SyntheticSpec(n_clusters=200, seed=7)
@@ -481,7 +482,7 @@ def test_int8_kernel_compiles_without_a_writable_cache(monkeypatch):
 def test_gallery_labels_equal_fetch_rows_and_are_read_once(gallery_output):
     """The result rows' image_id/uri come from the cache's row groups: the same values as a direct
     read of those rows (idmap.fetch_rows), in the order asked, each group read once per process."""
-    from retrieval.search.job import gallery_labels
+    from retrieval.search.tasks import gallery_labels
     from retrieval.search.vectors import VectorCache
 
     urls = feature_urls(gallery_output)
