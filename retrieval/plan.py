@@ -201,6 +201,52 @@ def _fmt_time(s: float) -> str:
     return f"{s / 3600:,.1f} h"
 
 
+def _extract_stage(n: int, cluster: Cluster, cfg, images_per_feature_shard: int) -> tuple[int, float, str, float]:
+    """Extraction: linear in N, embarrassingly parallel: ``(tasks, wall, basis, storage)``."""
+    r = RATES
+    feature_shards = max(1, math.ceil(n / images_per_feature_shard))
+    cores = cluster.cores
+    if cluster.gpus:
+        extract_s = n / (r["extract_images_per_gpu_s"] * cluster.gpus)
+        basis = f"{cluster.gpus} GPUs x {r['extract_images_per_gpu_s']:.0f} img/s (ASSUMED, not measured here)"
+    else:
+        onnx = str(cfg["model.runtime"]) == "onnx"
+        rate = r["extract_images_per_core_s_onnx"] if onnx else r["extract_images_per_core_s"]
+        extract_s = n / (rate * cores)
+        basis = f"{cores} cores x {rate} img/s/core (measured here, model.runtime={'onnx' if onnx else 'torch'})"
+        if not onnx:
+            basis += (f"; model.runtime=onnx: {_fmt_time(n / (r['extract_images_per_core_s_onnx'] * cores))}"
+                      f" ({r['extract_images_per_core_s_onnx']} img/s/core)")
+    return feature_shards, extract_s, basis, n * r["feature_bytes_per_image"]
+
+
+def _rerank_basis(rr: dict, queries: int, pairs: float, compute_s: float, read_s: float, shuffle_s: float,
+                  chunks: int) -> str:
+    if rr["mode"] == "gallery":
+        return (f"rerank gallery-major over {rr['blocks']:,} blocks: {pairs:.3g} pairs "
+                f"{_fmt_time(compute_s)} + gallery fine reads {_fmt_bytes(rr['gallery_bytes'])} "
+                f"({rr['gallery_bytes'] / rr['column_bytes']:.2f}x the column) + query reads "
+                f"{_fmt_bytes(rr['query_bytes'])} ({rr['blocks']:,} blocks x {rr['query_touched']:.0%} of "
+                f"{_fmt_bytes(queries * FINE_ROW_BYTES)}) + label reads {_fmt_bytes(rr['label_bytes'])} "
+                f"{_fmt_time(read_s)} + shuffle {_fmt_bytes(rr['shuffle_bytes'])} {_fmt_time(shuffle_s)}")
+    return (f"rerank chunk-major: {pairs:.3g} pairs {_fmt_time(compute_s)} + gallery "
+            f"fine reads {_fmt_bytes(rr['gallery_bytes'])} ({rr['touched']:.0%} of the column x "
+            f"{chunks:,} chunks) + label reads {_fmt_bytes(rr['label_bytes'])} {_fmt_time(read_s)}")
+
+
+def _search_warnings(rr: dict, chunks: int, read_s: float, compute_s: float) -> list[str]:
+    out = []
+    if rr["mode"] == "chunk" and chunks > 1 and rr["touched"] > 0.5 and read_s > compute_s:
+        out.append(f"search: each of the {chunks:,} query chunks reads {rr['touched']:.0%} of the gallery's "
+                   f"fine column; search.rerank=gallery reads it once (or larger chunks, "
+                   f"search.query_chunk, cut the reads proportionally)")
+    if rr["mode"] == "gallery" and rr["query_bytes"] > rr["gallery_bytes"]:
+        out.append(f"search: the {rr['blocks']:,} gallery blocks each read the query vectors "
+                   f"({_fmt_bytes(rr['query_bytes'])} in all); a larger search.vector_cache_mb (the block "
+                   f"size, memory per block task) means fewer blocks")
+    return out
+
+
 def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: int = 0,
          vectors_per_index_shard: int = 10_000_000, images_per_feature_shard: int = 250_000,
          query_chunk: int = 8192, row_group_size: int = 1024, cfg=None) -> dict:
@@ -211,25 +257,9 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
     cfg = cfg if cfg is not None else config.load()
     n = int(images)
     shortlist = int(shortlist) or auto_shortlist(n)     # search.shortlist 0: the size rule
-    ip = index_params(n, cfg, vectors_per_index_shard)
-    dim = 128
-    cores = cluster.cores
+    ip, dim, cores = index_params(n, cfg, vectors_per_index_shard), 128, cluster.cores
     read_bw = min(r["read_bytes_per_executor_s"] * cluster.executors, r["fine_decode_bytes_per_core_s"] * cores)
-    # extract: linear in N, embarrassingly parallel
-    feature_shards = max(1, math.ceil(n / images_per_feature_shard))
-    if cluster.gpus:
-        extract_s = n / (r["extract_images_per_gpu_s"] * cluster.gpus)
-        extract_basis = f"{cluster.gpus} GPUs x {r['extract_images_per_gpu_s']:.0f} img/s (ASSUMED, not measured here)"
-    else:
-        onnx = str(cfg["model.runtime"]) == "onnx"
-        rate = r["extract_images_per_core_s_onnx"] if onnx else r["extract_images_per_core_s"]
-        extract_s = n / (rate * cores)
-        extract_basis = (f"{cores} cores x {rate} img/s/core (measured here, model.runtime="
-                         f"{'onnx' if onnx else 'torch'})")
-        if not onnx:
-            extract_basis += (f"; model.runtime=onnx: {_fmt_time(n / (r['extract_images_per_core_s_onnx'] * cores))}"
-                              f" ({r['extract_images_per_core_s_onnx']} img/s/core)")
-    feature_bytes = n * r["feature_bytes_per_image"]
+    feature_shards, extract_s, extract_basis, feature_bytes = _extract_stage(n, cluster, cfg, images_per_feature_shard)
     # index: one read of the features, k-means on a bounded sample (driver), N adds over the shards
     index_shards = max(1, math.ceil(n / vectors_per_index_shard))
     scan_s = feature_bytes / read_bw
@@ -267,20 +297,11 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
     rerank_s = rerank_compute_s + rerank_read_s + rerank_shuffle_s
     coarse_tasks = (groups * chunks + chunks) if groups > 1 else chunks
     shards_mem = min(shard_cache, index_shards) * shard_bytes * 1.2
+    rerank_basis = _rerank_basis(rr, queries, rerank_pairs, rerank_compute_s, rerank_read_s, rerank_shuffle_s, chunks)
     if rr["mode"] == "gallery":
-        rerank_basis = (f"rerank gallery-major over {rr['blocks']:,} blocks: {rerank_pairs:.3g} pairs "
-                        f"{_fmt_time(rerank_compute_s)} + gallery fine reads {_fmt_bytes(rr['gallery_bytes'])} "
-                        f"({rr['gallery_bytes'] / rr['column_bytes']:.2f}x the column) + query reads "
-                        f"{_fmt_bytes(rr['query_bytes'])} ({rr['blocks']:,} blocks x {rr['query_touched']:.0%} of "
-                        f"{_fmt_bytes(queries * FINE_ROW_BYTES)}) + label reads {_fmt_bytes(rr['label_bytes'])} "
-                        f"{_fmt_time(rerank_read_s)} + shuffle "
-                        f"{_fmt_bytes(rr['shuffle_bytes'])} {_fmt_time(rerank_shuffle_s)}")
         tasks = coarse_tasks + rr["blocks"] + chunks
         memory = max(shards_mem + query_chunk * shortlist * 24, rr["block_task_bytes"])
     else:
-        rerank_basis = (f"rerank chunk-major: {rerank_pairs:.3g} pairs {_fmt_time(rerank_compute_s)} + gallery "
-                        f"fine reads {_fmt_bytes(rr['gallery_bytes'])} ({rr['touched']:.0%} of the column x "
-                        f"{chunks:,} chunks) + label reads {_fmt_bytes(rr['label_bytes'])} {_fmt_time(rerank_read_s)}")
         tasks = coarse_tasks
         memory = shards_mem + query_chunk * shortlist * 24 + rr["cache_bytes"]
     mem_gb = cluster.executor_memory_gb / max(1, cluster.executor_cores)
@@ -301,14 +322,7 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
     }
     warnings = [f"{name}: {_fmt_bytes(s['memory_per_task'])} per task > {mem_gb:.1f} GB per core"
                 for name, s in stages.items() if s["memory_per_task"] > mem_gb * 1e9]
-    if rr["mode"] == "chunk" and chunks > 1 and rr["touched"] > 0.5 and rerank_read_s > rerank_compute_s:
-        warnings.append(f"search: each of the {chunks:,} query chunks reads {rr['touched']:.0%} of the gallery's "
-                        f"fine column; search.rerank=gallery reads it once (or larger chunks, "
-                        f"search.query_chunk, cut the reads proportionally)")
-    if rr["mode"] == "gallery" and rr["query_bytes"] > rr["gallery_bytes"]:
-        warnings.append(f"search: the {rr['blocks']:,} gallery blocks each read the query vectors "
-                        f"({_fmt_bytes(rr['query_bytes'])} in all); a larger search.vector_cache_mb (the block "
-                        f"size, memory per block task) means fewer blocks")
+    warnings += _search_warnings(rr, chunks, rerank_read_s, rerank_compute_s)
     return {"images": n, "queries": queries, "shortlist": shortlist, "shard_shortlist": k_shard, "cluster": cluster.__dict__, "index": ip,
             "feature_shards": feature_shards, "index_shards": index_shards, "query_chunks": chunks,
             "stages": stages, "warnings": warnings, "rates": dict(RATES)}
