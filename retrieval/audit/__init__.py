@@ -6,7 +6,7 @@
   batches, bounded memory): score histogram, threshold bands, flagged matches written to
   ``flagged.parquet`` / ``flagged.csv``, the top-N flagged queries, ground-truth figures;
 - :mod:`retrieval.audit.thumbs`: small JPEG thumbnails of the shown images;
-- :mod:`retrieval.audit.html`: the self-contained, escaped HTML page;
+- :mod:`retrieval.audit.html`: the self-contained, escaped HTML page (jinja2 templates in ``templates/``);
 - :mod:`retrieval.audit.report`: :func:`build_report`, which wires them and writes
   ``summary.json`` last.
 """

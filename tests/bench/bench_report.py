@@ -44,6 +44,7 @@ def write_results(root: str, n_queries: int, k: int, files: int, seed: int = 0) 
             "score": pa.array(scores), "coarse_score": pa.array(scores - 0.05),
             "query_uri": pa.array([f"s3://bucket/q/{i}.jpg" for i in qids]),
             "gallery_uri": pa.array(["s3://bucket/g/x.jpg"] * (n * k)),
+            "norm_score": pa.nulls(n * k, pa.float32()),     # as the search writes it when not normalising
         }, schema=RESULT_SCHEMA)
         name = f"part-{f:05d}.parquet"
         pq.write_table(table, os.path.join(root, name))

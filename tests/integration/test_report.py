@@ -216,6 +216,8 @@ def test_html_escapes_everything_and_embeds_thumbnails(run, report):
     out, _ = report
     page = _html(out)
     assert "<script" not in page.lower()
+    assert ('<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data: \'self\'; '
+            "style-src 'unsafe-inline'\">") in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "onerror=" not in page.replace("onerror=&quot;", "")      # the error text is escaped too
     assert "&lt;img src=x onerror=&quot;alert(2)&quot;&gt;" in page

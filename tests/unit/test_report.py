@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from retrieval import config as config_mod
-from retrieval.audit.html import esc, histogram_svg
+from retrieval.audit.html import ENV, histogram_svg
 from retrieval.audit.runinfo import compact
 from retrieval.audit.scan import ScanSettings, _csv_safe, _TopQueries, band_labels, scan
 from retrieval.audit.thumbs import make_thumbnail, make_thumbnails, thumb_name
@@ -107,7 +107,9 @@ def test_band_labels_and_histogram_svg():
 
 
 def test_escaping_and_csv_formula_neutralisation():
-    assert esc('<script>"x"&\'y\'</script>') == "&lt;script&gt;&quot;x&quot;&amp;&#x27;y&#x27;&lt;/script&gt;"
+    # the report templates' autoescape, spelled as html.escape does (quotes included)
+    assert ENV.from_string("{{ v }}").render(v='<script>"x"&\'y\'</script>') == \
+        "&lt;script&gt;&quot;x&quot;&amp;&#x27;y&#x27;&lt;/script&gt;"
     t = pa.table({"query_id": ["=1+1", "+x", "-y", "@z", "ok", None], "rank": [1, 2, 3, 4, 5, 6]})
     safe = _csv_safe(t).column("query_id").to_pylist()
     assert safe == ["'=1+1", "'+x", "'-y", "'@z", "ok", None]
