@@ -31,6 +31,9 @@ log = logging.getLogger("retrieval")
 # be loaded, a training setting that cannot run
 CLEAR_ERRORS = {"ModelError", "TrainError"}
 
+# third-party Python loggers whose INFO lines are not about the job
+QUIET_LOGGERS = ("py4j", "faiss.loader")
+
 STAGES: dict[str, Callable[[argparse.Namespace, config_mod.Config, Any], Any]] = {}
 
 
@@ -39,7 +42,9 @@ def _common(p: argparse.ArgumentParser, spark_stage: bool = True, engine: str = 
                    help="YAML overlay (repeatable, applied in order)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="override one config key (repeatable), e.g. --set extract.num_shards=16")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO",
+                   help="DEBUG, INFO (default: progress and summary lines), WARNING or ERROR; also sets "
+                        "Spark's JVM logging: WARN for INFO/WARNING, INFO for DEBUG, ERROR for ERROR")
     if spark_stage:
         p.add_argument("--master", default=None, help="Spark master (default: spark.master from config)")
         p.add_argument("--engine", choices=("spark", "local"), default=engine,
@@ -132,7 +137,7 @@ def _spark_for(args: argparse.Namespace, cfg: config_mod.Config):
     master = cfg["spark.master"]
     if os.environ.get("PYSPARK_GATEWAY_PORT") and getattr(args, "master", None) is None:
         master = ""  # launched by spark-submit: keep its --master
-    return get_spark(master, cfg["spark.app_name"], cfg["spark.conf"])
+    return get_spark(master, cfg["spark.app_name"], cfg["spark.conf"], log_level=args.log_level)
 
 
 def _run_extract(args, cfg, spark):
@@ -169,8 +174,14 @@ def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
     so the session's stop does not wait for Python-side server threads (:func:`~retrieval.sparkutil.stop_spark`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if level > logging.DEBUG:
+        # libraries' INFO chatter (py4j's "Closing down clientserver connection", faiss's
+        # "Loading faiss with AVX512 support"): shown with --log-level DEBUG only
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(max(level, logging.WARNING))
     try:
         cfg = config_mod.load(args.conf, args.sets, _overrides(args))
     except config_mod.ConfigError as exc:

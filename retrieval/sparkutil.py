@@ -6,8 +6,114 @@ import sys
 from typing import Any, Mapping
 
 
-def get_spark(master: str | None, app_name: str = "retrieval", conf: Mapping[str, str] | None = None):
-    """A SparkSession; an empty ``master`` keeps what spark-submit set."""
+# --log-level (Python's names) -> the level of Spark's JVM loggers: the project's INFO progress and
+# summary lines come with Spark at WARN; DEBUG lets Spark's INFO lines through (Spark's own DEBUG is
+# thousands of lines per job: ask for it with -Dretrieval.log.level=DEBUG in extraJavaOptions)
+JVM_LEVELS = {"DEBUG": "INFO", "INFO": "WARN", "WARNING": "WARN", "WARN": "WARN", "ERROR": "ERROR",
+              "CRITICAL": "FATAL", "FATAL": "FATAL"}
+LOG4J2_SYSPROPS = ("log4j2.configurationFile", "log4j.configurationFile")
+JAVA_OPTION_KEYS = ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions")
+
+
+def log4j2_file() -> str:
+    """The shipped log4j2 configuration (package data): ``retrieval/conf/log4j2.properties``."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf", "log4j2.properties")
+
+
+def jvm_levels(log_level: str | None) -> tuple[str, str]:
+    """(root level, level of the noisy loggers) of the JVM for the CLI's ``--log-level``."""
+    level = JVM_LEVELS.get(str(log_level or "WARNING").upper(), "WARN")
+    noise = level if level in ("TRACE", "DEBUG", "INFO") else ("FATAL" if level == "FATAL" else "ERROR")
+    return level, noise
+
+
+def java_logging_options(log_level: str | None, existing: str = "") -> str:
+    """``existing`` JVM options with the project's log4j2 file and levels in front: the user's own
+    options come last, so their ``-Dretrieval.log.level=...`` wins; one that names its own log4j
+    configuration file keeps it (nothing is added)."""
+    existing = (existing or "").strip()
+    if any(f"-D{p}=" in existing for p in LOG4J2_SYSPROPS):
+        return existing
+    level, noise = jvm_levels(log_level)
+    path = log4j2_file()
+    path = f'"{path}"' if any(c.isspace() for c in path) else path    # Spark splits options like a shell
+    ours = f"-Dlog4j2.configurationFile={path} -Dretrieval.log.level={level} -Dretrieval.log.noise={noise}"
+    return f"{ours} {existing}".strip()
+
+
+def _spark_conf_dir() -> str | None:
+    return os.environ.get("SPARK_CONF_DIR") or (
+        os.path.join(os.environ["SPARK_HOME"], "conf") if os.environ.get("SPARK_HOME") else None)
+
+
+def _spark_defaults() -> dict[str, str]:
+    """spark-defaults.conf of SPARK_CONF_DIR (or SPARK_HOME/conf): a pyspark-launched driver reads
+    it, but a value given to the builder replaces the file's, so ours are merged with it."""
+    import re
+
+    conf_dir = _spark_conf_dir()
+    out: dict[str, str] = {}
+    if not conf_dir:
+        return out
+    try:
+        with open(os.path.join(conf_dir, "spark-defaults.conf"), encoding="utf-8") as f:
+            for line in f:
+                m = re.match(r"\s*([^\s=:#!][^\s=:]*)\s*[=:\s]\s*(.*?)\s*$", line)
+                if m:
+                    out[m.group(1)] = m.group(2)
+    except OSError:
+        pass
+    return out
+
+
+def _log4j2_source(jvm) -> str:
+    """Where the JVM's log4j2 configuration came from: ``ours`` (the shipped file), ``spark-default``
+    (Spark's built-in profile, or none), ``user`` (a file of the user's or the cluster's)."""
+    try:
+        ctx = jvm.org.apache.logging.log4j.LogManager.getContext(False)
+        location = ctx.getConfiguration().getConfigurationSource().getLocation()
+    except Exception:
+        return "user"                    # unknown: leave it alone
+    if not location or str(location).endswith("log4j2-defaults.properties"):
+        return "spark-default"
+    try:
+        if os.path.samefile(str(location), log4j2_file()):
+            return "ours"
+    except OSError:
+        pass
+    return "user"
+
+
+def _adopt_log4j2_config(jvm, log_level: str | None) -> bool:
+    """Driver JVM already up (spark-submit starts it before this Python process): when it runs on
+    Spark's built-in profile (no configuration of the user's or the cluster's), switch it to the
+    project's file now, before the SparkContext starts and logs its INFO lines. True when the JVM
+    runs on the project's file (now or already), False when it keeps a configuration of its own."""
+    try:
+        # let Spark initialise its logging first (silently): it would otherwise do it when the
+        # SparkContext logs its first line, reloading its defaults over ours
+        jvm.org.apache.spark.SparkConf(False).initializeLogIfNecessary(False, True)
+        source = _log4j2_source(jvm)
+        if source != "spark-default" or any(jvm.java.lang.System.getProperty(p) for p in LOG4J2_SYSPROPS):
+            return source == "ours"
+        level, noise = jvm_levels(log_level)
+        jvm.java.lang.System.setProperty("retrieval.log.level", level)
+        jvm.java.lang.System.setProperty("retrieval.log.noise", noise)
+        jvm.org.apache.logging.log4j.LogManager.getContext(False).setConfigLocation(
+            jvm.java.io.File(log4j2_file()).toURI())
+        return True
+    except Exception:                    # logging only: never fail a job over it
+        return False
+
+
+def get_spark(master: str | None, app_name: str = "retrieval", conf: Mapping[str, str] | None = None,
+              log_level: str | None = None):
+    """A SparkSession; an empty ``master`` keeps what spark-submit set. ``log_level`` (the CLI's
+    ``--log-level``; default: Spark at WARN) sets the JVM's log4j2 levels: the project's
+    configuration (``retrieval/conf/log4j2.properties``: console on stderr, environment noise at
+    ERROR) goes to the driver and local executors through their extraJavaOptions, merged with the
+    configured ones (README "Console output and log levels")."""
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
     if master and master.startswith("local"):
@@ -18,11 +124,35 @@ def get_spark(master: str | None, app_name: str = "retrieval", conf: Mapping[str
         builder = builder.master(master)
     settings = {"spark.sql.execution.arrow.pyspark.enabled": "true",
                 "spark.ui.showConsoleProgress": "false"}
-    settings.update(conf or {})
+    settings.update({k: str(v) for k, v in (conf or {}).items()})
+    if SparkContext._active_spark_context is None:
+        if os.environ.get("PYSPARK_GATEWAY_PORT") or SparkContext._jvm is not None:
+            # the driver JVM is up: started by spark-submit, or by an earlier, stopped session
+            SparkContext._ensure_initialized()
+            jvm = SparkContext._jvm
+            own_conf = not _adopt_log4j2_config(jvm, log_level)
+            configured = {k: jvm.java.lang.System.getProperty(k) or ""
+                          for k in (*JAVA_OPTION_KEYS, "spark.master")}
+        else:                                            # pyspark starts the driver JVM below
+            defaults = _spark_defaults()
+            configured = {k: defaults.get(k, "") for k in (*JAVA_OPTION_KEYS, "spark.master")}
+            conf_dir = _spark_conf_dir()                 # a log4j2.properties there is yours: kept
+            own_conf = bool(conf_dir) and os.path.isfile(os.path.join(conf_dir, "log4j2.properties"))
+            if not own_conf:
+                settings["spark.driver.extraJavaOptions"] = java_logging_options(
+                    log_level, settings.get("spark.driver.extraJavaOptions",
+                                            configured["spark.driver.extraJavaOptions"]))
+        # executors: local masters only (local-cluster runs executor JVMs on this machine, where the
+        # file's path is valid); on a cluster, ship the file (docs/cluster.md "Logging")
+        if not own_conf and (master or configured["spark.master"]).startswith("local"):
+            settings["spark.executor.extraJavaOptions"] = java_logging_options(
+                log_level, settings.get("spark.executor.extraJavaOptions",
+                                        configured["spark.executor.extraJavaOptions"]))
     for k, v in settings.items():
         builder = builder.config(k, str(v))
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
+    if _log4j2_source(spark.sparkContext._jvm) == "spark-default":
+        spark.sparkContext.setLogLevel(jvm_levels(log_level)[0])
     return spark
 
 
