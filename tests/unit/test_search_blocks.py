@@ -12,12 +12,12 @@ from retrieval.search import blocks, rerank
 from retrieval.search.vectors import VectorCache
 
 
-@pytest.fixture(scope="module")
-def gallery(tmp_path_factory):
+@pytest.fixture(scope="module", params=["int8", "float32"])
+def gallery(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("blocks")
     coarse, fine = synthetic.gallery(3000, synthetic.SyntheticSpec(n_clusters=50, seed=3))
     url = str(root / "g")
-    synthetic.write_feature_output(url, coarse, fine, num_files=2, storage="int8", row_group_size=200)
+    synthetic.write_feature_output(url, coarse, fine, num_files=2, storage=request.param, row_group_size=200)
     files = sorted(str(p) for p in (root / "g").glob("*.parquet"))
     return files, fine
 
@@ -26,7 +26,7 @@ def test_blocks_pack_row_groups_up_to_the_budget_and_cover_every_row(gallery):
     files, _ = gallery
     cache = VectorCache(0)
     row = cache.footer(files[0]).row_bytes
-    assert row == 512 + 4                                      # int8 codes + a float32 scale
+    assert row in (512 + 4, 512 * 4)                           # int8 codes + a float32 scale, or float32
     plan = blocks.plan_blocks(cache, files, None, [1500, 1500], 3 * 200 * row)
     assert all(b.decoded_bytes <= 3 * 200 * row for b in plan)
     covered = [(s.file_no, r) for b in plan for s in b.segments for r in range(s.start, s.stop)]
@@ -40,7 +40,8 @@ def test_blocks_pack_row_groups_up_to_the_budget_and_cover_every_row(gallery):
 
 def test_routing_splits_pairs_by_block_and_refuses_unknown_rows(gallery):
     files, _ = gallery
-    plan = blocks.plan_blocks(VectorCache(0), files, None, None, 3 * 200 * 516)
+    row = VectorCache(0).footer(files[0]).row_bytes
+    plan = blocks.plan_blocks(VectorCache(0), files, None, None, 3 * 200 * row)
     rng = np.random.default_rng(0)
     ids = idmap.encode_ids(rng.integers(0, 2, (40, 30)), rng.integers(0, 1500, (40, 30)))
     ids[0, :5] = -1
@@ -76,7 +77,7 @@ def test_keep_topk_keeps_each_querys_best_by_score_then_id():
 
 def test_block_task_scores_like_the_chunk_major_rerank(gallery):
     files, fine = gallery
-    plan = blocks.plan_blocks(VectorCache(0), files, None, None, 2 * 200 * 516)
+    plan = blocks.plan_blocks(VectorCache(0), files, None, None, 2 * 200 * VectorCache(0).footer(files[0]).row_bytes)
     rng = np.random.default_rng(2)
     nq, width, k = 16, 40, 5
     q = rng.standard_normal((nq, 512)).astype(np.float32)
