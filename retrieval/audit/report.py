@@ -52,28 +52,9 @@ def settings_from(cfg: Config, search_manifest: dict | None = None) -> ScanSetti
                         score_column=column)
 
 
-def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str | None = None) -> dict[str, Any]:
-    """Write the report for the search output ``results_url`` into ``output_url``; return the
-    summary (also written as ``summary.json``)."""
-    t0 = time.monotonic()
-    r = cfg["report"]
-    info = runinfo.gather(results_url, errors_shown=int(r["errors_shown"]), verify=bool(r["verify"]))
-    st = settings_from(cfg, info.manifest)
-    total_rows = sum(runinfo.check_result_schema(f) for f in info.result_files)
-    expected = (info.manifest.get("counts") or {}).get("rows")
-    if isinstance(expected, int) and expected != total_rows:
-        raise ValueError(f"{results_url}: the result files hold {total_rows} rows but the manifest "
-                         f"counts {expected} (files missing, extra or altered)")
-    truth = read_truth(truth_url) if truth_url else None
-    fsio.ensure_writable(output_url)
-    summary_url = fsio.join(output_url, SUMMARY)
-    if fsio.exists(summary_url):   # the report is incomplete until summary.json is rewritten
-        fs, p = fsio.url_to_fs(summary_url)
-        fs.rm(p)
-    t_read = time.monotonic()
-    result = scan(info.result_files, output_url, st, truth, total_rows=total_rows)
-    t_scan = time.monotonic()
-
+def _thumbnails(result, r, cfg: Config, st, output_url: str):
+    """The thumbnails of the shown queries and their matches (``report.thumbnails``: embedded,
+    files or none): ``(thumbs, src_of(uri), reason_of(uri))``."""
     uris = [u for fq in result.top for u in [fq.query_uri, *(m.gallery_uri for m in fq.matches)]]
     mode = r["thumbnails"]
     thumbs: dict = {}
@@ -101,15 +82,14 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
         t = thumbs.get(uri)
         return (t.error if t is not None else None) or "unavailable"
 
-    t_thumbs = time.monotonic()
-    generated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    files = {"html": HTML, "flagged_parquet": "flagged.parquet", "flagged_csv": "flagged.csv", "summary": SUMMARY}
-    page = render(info, result, src_of, reason_of, generated, files)
-    fsio.write_bytes(fsio.join(output_url, HTML), page.encode("utf-8"))
-    t_html = time.monotonic()
+    return thumbs, src_of, reason_of
 
+
+def _summary(results_url: str, output_url: str, truth_url: str | None, generated: str, cfg: Config, st,
+             info, result, thumbs: dict, files: dict) -> dict[str, Any]:
+    """``summary.json`` (its timings are added by the caller)."""
     thumb_errors = sum(1 for t in thumbs.values() if t.jpeg is None)
-    summary = {
+    return {
         "stage": "report",
         "results": results_url,
         "output": output_url,
@@ -141,11 +121,44 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
                          "score": round(fq.best, 6)} for fq in result.top[:SUMMARY_TOP]],
         "ground_truth": result.truth,
         "files": files,
-        "timings": {"read_manifests_s": round(t_read - t0, 3), "scan_s": round(t_scan - t_read, 3),
-                    "thumbnails_s": round(t_thumbs - t_scan, 3), "html_s": round(t_html - t_thumbs, 3),
-                    "total_s": round(time.monotonic() - t0, 3),
-                    "rows_per_s": round(result.rows / (t_scan - t_read), 1) if t_scan > t_read else None},
     }
+
+
+def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str | None = None) -> dict[str, Any]:
+    """Write the report for the search output ``results_url`` into ``output_url``; return the
+    summary (also written as ``summary.json``)."""
+    t0 = time.monotonic()
+    r = cfg["report"]
+    info = runinfo.gather(results_url, errors_shown=int(r["errors_shown"]), verify=bool(r["verify"]))
+    st = settings_from(cfg, info.manifest)
+    total_rows = sum(runinfo.check_result_schema(f) for f in info.result_files)
+    expected = (info.manifest.get("counts") or {}).get("rows")
+    if isinstance(expected, int) and expected != total_rows:
+        raise ValueError(f"{results_url}: the result files hold {total_rows} rows but the manifest "
+                         f"counts {expected} (files missing, extra or altered)")
+    truth = read_truth(truth_url) if truth_url else None
+    fsio.ensure_writable(output_url)
+    summary_url = fsio.join(output_url, SUMMARY)
+    if fsio.exists(summary_url):   # the report is incomplete until summary.json is rewritten
+        fs, p = fsio.url_to_fs(summary_url)
+        fs.rm(p)
+    t_read = time.monotonic()
+    result = scan(info.result_files, output_url, st, truth, total_rows=total_rows)
+    t_scan = time.monotonic()
+
+    thumbs, src_of, reason_of = _thumbnails(result, r, cfg, st, output_url)
+    t_thumbs = time.monotonic()
+    generated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    files = {"html": HTML, "flagged_parquet": "flagged.parquet", "flagged_csv": "flagged.csv", "summary": SUMMARY}
+    page = render(info, result, src_of, reason_of, generated, files)
+    fsio.write_bytes(fsio.join(output_url, HTML), page.encode("utf-8"))
+    t_html = time.monotonic()
+
+    summary = _summary(results_url, output_url, truth_url, generated, cfg, st, info, result, thumbs, files)
+    summary["timings"] = {"read_manifests_s": round(t_read - t0, 3), "scan_s": round(t_scan - t_read, 3),
+                          "thumbnails_s": round(t_thumbs - t_scan, 3), "html_s": round(t_html - t_thumbs, 3),
+                          "total_s": round(time.monotonic() - t0, 3),
+                          "rows_per_s": round(result.rows / (t_scan - t_read), 1) if t_scan > t_read else None}
     summary = runinfo.compact(summary)
     fsio.write_json(summary_url, summary)
     log.info("report done: %d rows, %d flagged matches in %d queries, %d shown -> %s (%.1fs)",

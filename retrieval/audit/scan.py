@@ -169,9 +169,7 @@ def scan(files: Sequence[str], output_url: str, settings: ScanSettings, truth: T
     hashes: list[np.ndarray] = []
     top = _TopQueries(st.top_queries)
     out_schema = RESULT_SCHEMA.append(TRUTH_FIELD) if truth is not None else RESULT_SCHEMA
-    tp_pairs: set[tuple[str, str]] = set()
-    fp_rows = 0
-    false_alarm_queries: set[str] = set()
+    tally = _TruthTally(truth) if truth is not None else None
     progress = Progress("report scan", total=total_rows, every=st.progress_seconds, unit="rows")
 
     flagged_url = fsio.join(output_url, "flagged.parquet")
@@ -210,18 +208,8 @@ def scan(files: Sequence[str], output_url: str, settings: ScanSettings, truth: T
                 grouped = flagged.group_by("query_id").aggregate([(st.score_column, "max")])
                 top.offer(grouped.column("query_id").to_pylist(),
                           grouped.column(f"{st.score_column}_max").to_numpy().astype(np.float64))
-                if truth is not None:
-                    labels = []
-                    for q, g in zip(qids.to_pylist(), flagged.column("gallery_id").to_pylist()):
-                        lab = truth.label(q, g)
-                        labels.append(lab)
-                        if lab:
-                            tp_pairs.add((q, g))
-                        elif lab is False:
-                            fp_rows += 1
-                            if not truth.matches[q]:
-                                false_alarm_queries.add(q)
-                    flagged = flagged.append_column(TRUTH_FIELD, pa.array(labels, pa.bool_()))
+                if tally is not None:
+                    flagged = tally.label(flagged)
                 pq_writer.write_table(flagged)
                 csv_writer.write_table(_csv_safe(flagged))
             progress.update(n)
@@ -233,18 +221,46 @@ def scan(files: Sequence[str], output_url: str, settings: ScanSettings, truth: T
     res.flagged_queries = int(np.unique(np.concatenate(hashes)).size) if hashes else 0
     ranked = top.ranked()
     res.top = _top_matches(flagged_url, ranked, st.matches_per_query, st.batch_rows, st.score_column)
-    if truth is not None:
-        labelled_flagged = len(tp_pairs) + fp_rows
-        res.truth = {
+    if tally is not None:
+        res.truth = tally.summary()
+    return res
+
+
+class _TruthTally:
+    """The flagged rows against the ground truth: true pairs flagged, false rows, false alarms."""
+
+    def __init__(self, truth: Truth) -> None:
+        self.truth = truth
+        self.tp_pairs: set[tuple[str, str]] = set()
+        self.fp_rows = 0
+        self.false_alarm_queries: set[str] = set()
+
+    def label(self, flagged: pa.Table) -> pa.Table:
+        """``flagged`` with its truth column (True / False / null for a query not in the truth)."""
+        labels = []
+        for q, g in zip(flagged.column("query_id").to_pylist(), flagged.column("gallery_id").to_pylist()):
+            lab = self.truth.label(q, g)
+            labels.append(lab)
+            if lab:
+                self.tp_pairs.add((q, g))
+            elif lab is False:
+                self.fp_rows += 1
+                if not self.truth.matches[q]:
+                    self.false_alarm_queries.add(q)
+        return flagged.append_column(TRUTH_FIELD, pa.array(labels, pa.bool_()))
+
+    def summary(self) -> dict[str, Any]:
+        truth, tp = self.truth, len(self.tp_pairs)
+        labelled_flagged = tp + self.fp_rows
+        return {
             "queries": len(truth.matches),
             "positives": truth.n_pairs,
-            "true_pairs_flagged": len(tp_pairs),
-            "false_flagged_rows": fp_rows,
-            "flagged_queries_without_true_match": len(false_alarm_queries),
-            "recall": round(len(tp_pairs) / truth.n_pairs, 6) if truth.n_pairs else None,
-            "precision": round(len(tp_pairs) / labelled_flagged, 6) if labelled_flagged else None,
+            "true_pairs_flagged": tp,
+            "false_flagged_rows": self.fp_rows,
+            "flagged_queries_without_true_match": len(self.false_alarm_queries),
+            "recall": round(tp / truth.n_pairs, 6) if truth.n_pairs else None,
+            "precision": round(tp / labelled_flagged, 6) if labelled_flagged else None,
         }
-    return res
 
 
 def _top_matches(flagged_url: str, ranked: list[tuple[str, float]], per_query: int,
