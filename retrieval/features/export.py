@@ -1,7 +1,7 @@
 """``retrieval export``: the configured model written in another format (``--format onnx``: its trunk,
 for ``model.runtime: onnx``; :mod:`retrieval.features.onnx_runtime`).
 
-The command sits above both the model (:func:`~retrieval.features.model.model_from_config`, which
+The command sits above both the model (:func:`~retrieval.features.checkpoints.model_from_config`, which
 attaches an ONNX trunk when ``model.runtime: onnx``) and the ONNX runtime, so neither imports the other
 back."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from retrieval import fsio
 from retrieval.features.common import ModelError
-from retrieval.features.model import model_from_config
+from retrieval.features.checkpoints import model_from_config
 from retrieval.features.onnx_runtime import export_onnx
 
 

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,7 @@ from retrieval import faults, fsio
 from retrieval.config import Config
 from retrieval.features import inputs as inputs_mod
 from retrieval.features.preprocess import DecodePolicy, ImageError, prepare
+from retrieval.features.task import encode, task_model
 from retrieval.progress import Progress
 from retrieval.schema import (DICTIONARY_COLUMNS, ERROR_SCHEMA, column_matrix, feature_compression,
                               feature_schema, int8_to_arrow, quantize_int8, vectors_to_arrow)
@@ -65,53 +66,6 @@ def shard_name(shard: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# the model, once per process
-_MODELS: dict[str, Any] = {}
-
-
-def get_model(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any], device: str = "cpu"):
-    """The model for this config, built once per (executor) process and cached; never pickled."""
-    from retrieval.features.model import model_from_config
-
-    key = json.dumps([dict(model_cfg), dict(preprocess_cfg), device], sort_keys=True)
-    if key not in _MODELS:
-        _MODELS[key] = model_from_config(model_cfg, preprocess_cfg).to(device).eval()
-    return _MODELS[key]
-
-
-def task_model(job, device: str | None = None):
-    """In a task: fsspec options, torch threads, device, and the process's cached model for
-    ``job`` (any job dataclass with model_cfg / preprocess_cfg / model_version / threads /
-    storage_options), checked against the model_version the driver planned. Returns (model, device)."""
-    import torch
-
-    from retrieval.sparkutil import task_device, task_threads
-
-    fsio.configure(job.storage_options)
-    device = device or task_device(job.model_cfg.get("device", "auto"))
-    torch.set_num_threads(task_threads(job.threads))
-    model = get_model(job.model_cfg, job.preprocess_cfg, device)
-    if model.model_version() != job.model_version:
-        raise RuntimeError(f"executor built model_version {model.model_version()} but the driver "
-                           f"planned {job.model_version}: the weights differ between machines")
-    return model, device
-
-
-def encode(model, role: str, hi: list, lo: list, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Batched forward. gallery: one R_hi pass -> adapter 1 + fine head; query: R_lo pass ->
-    adapter 2, R_hi pass -> fine head."""
-    import torch
-
-    with torch.inference_mode():
-        x_hi = torch.stack(hi).to(device)
-        if role == "gallery":
-            coarse, fine = model.encode_gallery(x_hi)
-        else:
-            coarse, fine = model.encode_query(torch.stack(lo).to(device), x_hi)
-    return coarse.float().cpu().numpy(), fine.float().cpu().numpy()
-
-
-# ---------------------------------------------------------------------------------------------
 # one shard
 def _shard_fingerprint(job: ExtractJob, rows: list[tuple[str, str, str | None]]) -> str:
     h = hashlib.sha256(job.fingerprint().encode())
@@ -120,103 +74,134 @@ def _shard_fingerprint(job: ExtractJob, rows: list[tuple[str, str, str | None]])
     return h.hexdigest()[:32]
 
 
+class _ShardRun:
+    """What the phases of :func:`run_shard` share: the job, the model and the shard's errors, counts and
+    timings so far."""
+
+    def __init__(self, job: ExtractJob, shard: int, device: str | None, total: int) -> None:
+        self.job, self.shard, self.name = job, shard, shard_name(shard)
+        self.model, self.device = task_model(job, device)
+        self.policy = DecodePolicy.from_config(job.preprocess_cfg)
+        spec = self.model.spec
+        self.sizes = (spec.size_hi,) if job.role == "gallery" else (spec.size_hi, spec.size_lo)
+        self.schema = feature_schema(spec.coarse_dim, spec.fine_dim, job.storage)
+        self.errors: list[tuple[str, str, str]] = []
+        self.progress = Progress(f"extract {self.name}", total=total, every=job.progress_seconds, unit="images")
+        self.timing = {"decode_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
+        self.n_ok = 0
+
+
 def run_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None]],
               device: str | None = None) -> dict:
-    """Encode one shard's ``(image_id, uri, listing_error)`` rows and commit its files."""
+    """Encode one shard's ``(image_id, uri, listing_error)`` rows and commit its files: the feature
+    part, then the errors part, then the marker."""
     t0 = time.monotonic()
     rows = sorted(rows, key=lambda r: (r[0], r[1]))
-    model, device = task_model(job, device)
-    policy = DecodePolicy.from_config(job.preprocess_cfg)
-    spec = model.spec
-    sizes = (spec.size_hi,) if job.role == "gallery" else (spec.size_hi, spec.size_lo)
-    schema = feature_schema(spec.coarse_dim, spec.fine_dim, job.storage)
-    name = shard_name(shard)
-    errors: list[tuple[str, str, str]] = []
-    progress = Progress(f"extract {name}", total=len(rows), every=job.progress_seconds, unit="images")
-    timing = {"decode_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
-    n_ok = 0
+    run = _ShardRun(job, shard, device, len(rows))
+    run.errors.extend((image_id, uri, err) for image_id, uri, err in rows if err)   # failed in the listing
+    readable = [(image_id, uri) for image_id, uri, err in rows if not err]
+    part_url = _write_part(run, readable)
+    err_url = _write_errors(run)
+    return _commit(run, rows, part_url, err_url, t0)
 
-    listed_errors = {i: e for i, (_, _, e) in enumerate(rows) if e}
-    readable = [(image_id, uri) for i, (image_id, uri, _) in enumerate(rows) if i not in listed_errors]
-    for image_id, uri, err in rows:
-        if err:
-            errors.append((image_id, uri, err))
 
-    part_url = fsio.join(job.output, f"{name}.parquet")
+def _decoded(run: _ShardRun, readable: list[tuple[str, str]]) -> Iterator[tuple[str, str, int, int, list]]:
+    """Read and decode the images: ``(image_id, uri, width, height, tensors)``; failures go to the errors."""
+    for image_id, uri, data, err in inputs_mod.read_items(
+            readable, run.policy.max_bytes, run.job.key_column, run.job.bytes_column):
+        if err is None:
+            try:
+                tensors, w, h = prepare(data, run.sizes, run.model.spec.resize, run.policy)
+            except ImageError as exc:
+                err = str(exc)
+            except Exception as exc:  # a decoder bug must not kill the shard
+                err = f"decode failed: {exc.__class__.__name__}: {exc}"
+        if err is not None:
+            run.errors.append((image_id, uri, err))
+            run.progress.update(0, errors=1)
+            continue
+        yield image_id, uri, w, h, tensors
+
+
+def _write_part(run: _ShardRun, readable: list[tuple[str, str]]) -> str:
+    """Decode, encode (``batch_size`` images per forward) and write ``part-NNNNN.parquet``; its URL."""
+    job = run.job
+    part_url = fsio.join(job.output, f"{run.name}.parquet")
     with fsio.atomic_open(part_url, "wb") as fh:
-        writer = pq.ParquetWriter(fh, schema, compression=feature_compression(schema),
+        writer = pq.ParquetWriter(fh, run.schema, compression=feature_compression(run.schema),
                                   use_dictionary=DICTIONARY_COLUMNS)
         batch: list[tuple[str, str, int, int, list]] = []
-
-        def flush() -> None:
-            nonlocal n_ok
-            if not batch:
-                return
-            t = time.monotonic()
-            coarse, fine = encode(model, job.role, [b[4][0] for b in batch],
-                                  [b[4][1] for b in batch] if job.role == "query" else [], device)
-            timing["forward_s"] += time.monotonic() - t
-            t = time.monotonic()
-            cols: dict[str, Any] = {
-                "image_id": [b[0] for b in batch], "uri": [b[1] for b in batch],
-                "coarse": vectors_to_arrow(coarse.astype(np.float32))}
-            if job.storage == "int8":
-                q, scale = quantize_int8(fine)
-                cols["fine"] = int8_to_arrow(q)
-                cols["fine_scale"] = pa.array(scale, pa.float32())
-            else:
-                cols["fine"] = vectors_to_arrow(fine.astype(np.float32))
-            cols.update({"width": pa.array([b[2] for b in batch], pa.int32()),
-                         "height": pa.array([b[3] for b in batch], pa.int32()),
-                         "model_version": [job.model_version] * len(batch),
-                         "role": [job.role] * len(batch)})
-            writer.write_table(pa.table(cols, schema=schema), row_group_size=job.row_group_size)
-            timing["write_s"] += time.monotonic() - t
-            n_ok += len(batch)
-            progress.update(len(batch))
-            batch.clear()
-            faults.maybe_fail(job.faults, "extract", shard, n_ok + len(errors))
-
         t = time.monotonic()
-        for image_id, uri, data, err in inputs_mod.read_items(
-                readable, policy.max_bytes, job.key_column, job.bytes_column):
-            if err is None:
-                try:
-                    tensors, w, h = prepare(data, sizes, spec.resize, policy)
-                except ImageError as exc:
-                    err = str(exc)
-                except Exception as exc:  # a decoder bug must not kill the shard
-                    err = f"decode failed: {exc.__class__.__name__}: {exc}"
-            if err is not None:
-                errors.append((image_id, uri, err))
-                progress.update(0, errors=1)
-                continue
-            batch.append((image_id, uri, w, h, tensors))
+        for item in _decoded(run, readable):
+            batch.append(item)
             if len(batch) >= job.batch_size:
-                timing["decode_s"] += time.monotonic() - t
-                flush()
+                run.timing["decode_s"] += time.monotonic() - t
+                _write_batch(run, writer, batch)
                 t = time.monotonic()
-        timing["decode_s"] += time.monotonic() - t
-        flush()
+        run.timing["decode_s"] += time.monotonic() - t
+        _write_batch(run, writer, batch)
         writer.close()
+    return part_url
+
+
+def _write_batch(run: _ShardRun, writer: pq.ParquetWriter, batch: list[tuple[str, str, int, int, list]]) -> None:
+    """Encode one batch, write it as row groups of the part, and empty it."""
+    if not batch:
+        return
+    job = run.job
     t = time.monotonic()
-    err_url = fsio.join(job.output, "errors", f"{name}.parquet")
+    coarse, fine = encode(run.model, job.role, [b[4][0] for b in batch],
+                          [b[4][1] for b in batch] if job.role == "query" else [], run.device)
+    run.timing["forward_s"] += time.monotonic() - t
+    t = time.monotonic()
+    cols: dict[str, Any] = {
+        "image_id": [b[0] for b in batch], "uri": [b[1] for b in batch],
+        "coarse": vectors_to_arrow(coarse.astype(np.float32))}
+    if job.storage == "int8":
+        q, scale = quantize_int8(fine)
+        cols["fine"] = int8_to_arrow(q)
+        cols["fine_scale"] = pa.array(scale, pa.float32())
+    else:
+        cols["fine"] = vectors_to_arrow(fine.astype(np.float32))
+    cols.update({"width": pa.array([b[2] for b in batch], pa.int32()),
+                 "height": pa.array([b[3] for b in batch], pa.int32()),
+                 "model_version": [job.model_version] * len(batch),
+                 "role": [job.role] * len(batch)})
+    writer.write_table(pa.table(cols, schema=run.schema), row_group_size=job.row_group_size)
+    run.timing["write_s"] += time.monotonic() - t
+    run.n_ok += len(batch)
+    run.progress.update(len(batch))
+    batch.clear()
+    faults.maybe_fail(job.faults, "extract", run.shard, run.n_ok + len(run.errors))
+
+
+def _write_errors(run: _ShardRun) -> str:
+    """``errors/part-NNNNN.parquet``: the shard's listing and decoding errors; its URL."""
+    errors = run.errors
+    err_url = fsio.join(run.job.output, "errors", f"{run.name}.parquet")
     err_table = pa.table({"image_id": [e[0] for e in errors], "uri": [e[1] for e in errors],
                           "error": [e[2] for e in errors]}, schema=ERROR_SCHEMA)
     with fsio.atomic_open(err_url, "wb") as fh:
         pq.write_table(err_table, fh)
+    return err_url
+
+
+def _commit(run: _ShardRun, rows: list[tuple[str, str, str | None]], part_url: str, err_url: str,
+            t0: float) -> dict:
+    """Write the marker ``_shards/part-NNNNN.json`` (the shard is complete); its stats."""
+    n_ok, n_err, name = run.n_ok, len(run.errors), run.name
     stats = {
-        "shard": shard, "file": f"{name}.parquet", "errors_file": f"errors/{name}.parquet",
-        "inputs": len(rows), "ok": n_ok, "errors": len(errors),
+        "shard": run.shard, "file": f"{name}.parquet", "errors_file": f"errors/{name}.parquet",
+        "inputs": len(rows), "ok": n_ok, "errors": n_err,
         "sha256": fsio.sha256_file(part_url), "errors_sha256": fsio.sha256_file(err_url),
-        "fingerprint": _shard_fingerprint(job, rows), "device": device, "attempt": _attempt(),
+        "fingerprint": _shard_fingerprint(run.job, rows), "device": run.device, "attempt": _attempt(),
         "seconds": round(time.monotonic() - t0, 3),
-        **{k: round(v, 3) for k, v in timing.items()},
+        **{k: round(v, 3) for k, v in run.timing.items()},
     }
-    fsio.write_json(fsio.join(job.output, "_shards", f"{name}.json"), stats)
-    if n_ok + len(errors) != len(rows):
-        raise AssertionError(f"shard {shard}: {n_ok} ok + {len(errors)} errors != {len(rows)} inputs")
-    progress.finish()
+    fsio.write_json(fsio.join(run.job.output, "_shards", f"{name}.json"), stats)
+    if n_ok + n_err != len(rows):
+        raise AssertionError(f"shard {run.shard}: {n_ok} ok + {n_err} errors != {len(rows)} inputs")
+    run.progress.finish()
     return stats
 
 
@@ -299,7 +284,7 @@ def plan(listing: pa.Table, job: ExtractJob, mode: str) -> tuple[dict[int, list]
 
 def extract(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
     """Run the extraction job; returns the manifest. ``spark=None`` runs locally (no JVM)."""
-    from retrieval.features.model import model_from_config
+    from retrieval.features.checkpoints import model_from_config
 
     t0 = time.monotonic()
     ex = cfg.extract

@@ -15,11 +15,11 @@ a model of its own: ``model.backbone: onnx`` (its sha256 enters its own ``model_
 
 The ONNX trunk is used for inference on the CPU only (no autograd: training runs torch; a model on a
 GPU runs torch). The session takes ``torch.get_num_threads()`` intra-op threads when the model is built,
-as a Spark task sets them (retrieval.features.extract.task_model).
+as a Spark task sets them (retrieval.features.task.task_model).
 
 ``model`` below is a :class:`~retrieval.features.model.DescriptorModel`; this module sits under
-:mod:`retrieval.features.model` (whose ``model_from_config`` attaches the trunk) and does not import it
-back. ``retrieval export`` itself is :mod:`retrieval.features.export`.
+:mod:`retrieval.features.checkpoints` (whose ``model_from_config`` attaches the trunk) and does not import
+it back. ``retrieval export`` itself is :mod:`retrieval.features.export`.
 """
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ def pooled_features(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[str,
     """``(image_id, pooled R_hi float16 bytes, pooled R_lo float16 bytes, error)`` per row."""
     import torch
 
-    from retrieval.features.extract import task_model
+    from retrieval.features.task import task_model
     from retrieval.features.preprocess import DecodePolicy, ImageError, prepare
 
     model, device = task_model(job)
@@ -174,7 +174,7 @@ def card_markdown(card: dict) -> str:
 
 def fit(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
     """Run ``retrieval fit``; returns the model card (also written beside the checkpoint)."""
-    from retrieval.features.model import model_from_config, save_checkpoint
+    from retrieval.features.checkpoints import model_from_config, save_checkpoint
 
     t0 = time.monotonic()
     fc = cfg["fit"]

@@ -47,7 +47,7 @@ def check_compatible(query_version: str, index_url: str, index_manifest: dict, w
 
 
 def config_model_version(cfg: Config) -> str:
-    from retrieval.features.model import model_from_config
+    from retrieval.features.checkpoints import model_from_config
 
     return model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict()).model_version()
 

@@ -168,7 +168,7 @@ def _display(path: str) -> str:
 
 def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (),
               max_images: int = MAX_IMAGES) -> dict:
-    from retrieval.features.model import load_checkpoint, load_delta
+    from retrieval.features.checkpoints import load_checkpoint, load_delta
     from retrieval.fit.job import fit
     from retrieval.sample import real_photos
     from retrieval.training.card import to_markdown
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    from retrieval.features.model import DEFAULT_MODEL
+    from retrieval.features.checkpoints import DEFAULT_MODEL
 
     print(json.dumps(reproduce(args.output, args.asset or DEFAULT_MODEL, args.sets, args.conf, args.max_images), indent=2))
     return 0

@@ -9,7 +9,7 @@ verifies. The repository ships the default model this way (``retrieval/assets/de
 a few MB instead of a 26 MB full checkpoint.
 
 This module writes deltas (:func:`export_delta`, training only). Reading one -- the shipped default
-model included -- is :func:`retrieval.features.model.load_delta` (with ``DEFAULT_MODEL``), so the feature
+model included -- is :func:`retrieval.features.checkpoints.load_delta` (with ``DEFAULT_MODEL``), so the feature
 layer loads it without importing training code.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from retrieval import fsio
-from retrieval.features.model import (DELTA_FORMAT, MOBILENET_V2_SHA256, DescriptorModel, ModelSpec, apply_delta,
-                                      delta_base)
+from retrieval.features.checkpoints import DELTA_FORMAT, apply_delta, delta_base
+from retrieval.features.model import MOBILENET_V2_SHA256, DescriptorModel, ModelSpec
 
 _QUANTISE_MIN = 4096  # tensors with fewer elements are stored exactly
 

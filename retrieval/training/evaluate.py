@@ -210,7 +210,7 @@ def evaluate_models(models: Mapping[str, DescriptorModel], evalset: EvalSet, sho
 def evaluate_job(model: DescriptorModel, job) -> dict:
     """The model card's evaluation: the trained model vs the model the job started from, on copies
     of the held-out images in ``train.eval_input``."""
-    from retrieval.features.model import model_from_config
+    from retrieval.features.checkpoints import model_from_config
     from retrieval.features.preprocess import DecodePolicy
 
     t = job.train_cfg

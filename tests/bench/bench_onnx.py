@@ -33,7 +33,7 @@ left in fp32) it kept the descriptors closest to torch fp32 on the agreement ima
 
 Timing: the same preprocessed 224 px batches (the real sample photos and their copies, decoded by the
 pipeline's ``prepare``), batch = extract.batch_size, every variant through
-``retrieval.features.extract.encode`` (torch.inference_mode, gallery role) except ``ort fp32 whole``
+``retrieval.features.task.encode`` (torch.inference_mode, gallery role) except ``ort fp32 whole``
 (bare session.run) and ``torch fp32 channels_last`` (the same torch model in channels-last memory
 format, a torch-side alternative, for reference); per thread count (torch.set_num_threads, which also
 sizes the onnxruntime sessions, as extraction does: a Spark task gets spark.task.cpus threads, 1 by
@@ -66,8 +66,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 from retrieval import config  # noqa: E402
-from retrieval.features.extract import encode  # noqa: E402
-from retrieval.features.model import DescriptorModel, model_from_config, save_checkpoint  # noqa: E402
+from retrieval.features.task import encode  # noqa: E402
+from retrieval.features.checkpoints import model_from_config, save_checkpoint  # noqa: E402
+from retrieval.features.model import DescriptorModel  # noqa: E402
 from retrieval.features.preprocess import prepare  # noqa: E402
 from retrieval.sample import SKIMAGE_PHOTOS, make_sample  # noqa: E402
 

@@ -42,7 +42,8 @@ def _table(title: str, result: dict) -> str:
 def acceptance(asset: str, out: str, shortlist: int) -> dict:
     import torch
 
-    from retrieval.features.model import build_model, load_delta
+    from retrieval.features.checkpoints import load_delta
+    from retrieval.features.model import build_model
     from retrieval.sample import make_sample, real_photos
     from retrieval.training.data import load_images
     from retrieval.training.default_model import write_manifest
@@ -97,7 +98,7 @@ def dist_vs_single(out: str) -> dict:
 
 
 def main() -> int:
-    from retrieval.features.model import DEFAULT_MODEL
+    from retrieval.features.checkpoints import DEFAULT_MODEL
 
     p = argparse.ArgumentParser()
     p.add_argument("--asset", default=DEFAULT_MODEL)

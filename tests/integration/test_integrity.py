@@ -125,7 +125,8 @@ def test_checkpoint(tmp_path):
     from PIL import Image
 
     from retrieval.features.extract import extract
-    from retrieval.features.model import ModelError, build_model, save_checkpoint
+    from retrieval.features.checkpoints import save_checkpoint
+    from retrieval.features.model import ModelError, build_model
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()

@@ -11,7 +11,7 @@ import torch
 
 from retrieval import cli
 from retrieval.config import load
-from retrieval.features.model import load_checkpoint
+from retrieval.features.checkpoints import load_checkpoint
 from retrieval.sample import real_photos
 from retrieval.training import trainer
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from retrieval.features.model import (ModelError, build_model, load_checkpoint, model_from_config,
-                                      save_checkpoint)
+from retrieval.features.checkpoints import load_checkpoint, model_from_config, save_checkpoint
+from retrieval.features.model import ModelError, build_model
 from tests.exports import Fine
 
 pytest.importorskip("onnxruntime")
@@ -157,7 +157,7 @@ def test_model_version_follows_the_model_file(files, tmp_path):
 
 
 def test_shipped_default_model_version_is_unchanged():
-    from retrieval.features.model import load_delta
+    from retrieval.features.checkpoints import load_delta
 
     model = load_delta()
     assert model.model_version() == "709f1b048ba3dac7"   # the default model of issue 12

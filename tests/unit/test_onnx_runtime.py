@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from retrieval import config
-from retrieval.features.model import ModelError, model_from_config
+from retrieval.features.checkpoints import model_from_config
+from retrieval.features.model import ModelError
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

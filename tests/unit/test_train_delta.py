@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.features.model import DEFAULT_MODEL, ModelError, build_model, load_delta
+from retrieval.features.checkpoints import DEFAULT_MODEL, load_delta
+from retrieval.features.model import ModelError, build_model
 from retrieval.training.delta import export_delta
 
 
