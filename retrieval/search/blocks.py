@@ -48,12 +48,19 @@ QUERY_CACHE_BYTES = 256 << 20      # query vectors (float32) of chunks kept per 
 
 @dataclass(frozen=True)
 class Segment:
-    """Rows ``[start, stop)`` of feature file ``file_no``: its row groups ``[g0, g1)``."""
+    """Rows ``[start, stop)`` of feature file ``file_no`` (whole row groups)."""
     file_no: int
     start: int
     stop: int
-    g0: int
-    g1: int
+
+    @property
+    def first_id(self) -> int:
+        """The gallery id of the segment's first row (ids order as (file, row))."""
+        return int(idmap.encode_ids(self.file_no, np.array([self.start]))[0])
+
+    @property
+    def end_id(self) -> int:
+        return int(idmap.encode_ids(self.file_no, np.array([self.stop]))[0])
 
 
 @dataclass(frozen=True)
@@ -113,16 +120,15 @@ def plan_blocks(cache: VectorCache, feature_files: Sequence[str], versions: Sequ
             raise ValueError(f"gallery feature file {url} has {ft.num_rows} rows but the index manifest "
                              f"says {expected}: the file was replaced or truncated after indexing")
         g0 = 0
-        for g in range(len(ft.starts) - 1):
-            nbytes = ft.decoded(np.array([g]))
+        for g, nbytes in enumerate(np.diff(ft.starts) * ft.row_bytes):     # decoded bytes per row group
             if size + nbytes > budget_bytes and (segs or g > g0):
                 if g > g0:
-                    segs.append(Segment(f, int(ft.starts[g0]), int(ft.starts[g]), g0, g))
+                    segs.append(Segment(f, int(ft.starts[g0]), int(ft.starts[g])))
                 close()
                 g0 = g
-            size += nbytes
+            size += int(nbytes)
         if len(ft.starts) > 1:
-            segs.append(Segment(f, int(ft.starts[g0]), int(ft.starts[-1]), g0, len(ft.starts) - 1))
+            segs.append(Segment(f, int(ft.starts[g0]), int(ft.starts[-1])))
     close()
     return blocks
 
@@ -132,8 +138,8 @@ class BlockMap:
 
     def __init__(self, blocks: Sequence[Block]) -> None:
         segs = [(s, b.block) for b in blocks for s in b.segments]
-        self.first = np.array([idmap.encode_ids(s.file_no, np.array([s.start]))[0] for s, _ in segs], np.int64)
-        self.last = np.array([idmap.encode_ids(s.file_no, np.array([s.stop]))[0] for s, _ in segs], np.int64)
+        self.first = np.array([s.first_id for s, _ in segs], np.int64)
+        self.last = np.array([s.end_id for s, _ in segs], np.int64)
         self.block = np.array([b for _, b in segs], np.int64)
         self.n_blocks = max(1, len(blocks))
 
@@ -231,15 +237,15 @@ def read_block(block: Block, rows_by_segment: Sequence[np.ndarray], feature_file
 def block_task(block: Block, items: Iterable[Routed], feature_files: Sequence[str],
                versions: Sequence[str | None] | None, width: int, k: int,
                query_fine: Callable[[int], tuple[np.ndarray, int]], threads: int,
-               cache: VectorCache) -> Iterator[tuple[int, Piece]]:
+               cache: VectorCache, n_chunks: int = 1) -> Iterator[tuple[int, Piece]]:
     """Score every pair routed to ``block`` (its rows read once), keep each query's ``k`` best
     per chunk: ``(chunk, Piece)`` records; chunk metas pass through; the block's own figures go
-    to chunk ``block % chunks`` (``meta["chunks"]``, the number of chunks, is in every chunk's meta)."""
+    to chunk ``block % n_chunks``."""
     t0 = time.monotonic()
     items = list(items)
     metas = [it for it in items if it.meta is not None]
     pairs = [it for it in items if it.meta is None]
-    seg_first = np.array([idmap.encode_ids(s.file_no, np.array([s.start]))[0] for s in block.segments], np.int64)
+    seg_first = np.array([s.first_id for s in block.segments], np.int64)
     gids = np.concatenate([it.gid for it in pairs]) if pairs else np.zeros(0, np.int64)
     seg_of = np.searchsorted(seg_first, gids, side="right") - 1
     _, all_rows = idmap.decode_ids(gids)
@@ -273,11 +279,10 @@ def block_task(block: Block, items: Iterable[Routed], feature_files: Sequence[st
         yield it.chunk, piece
     for it in metas:
         yield it.chunk, Piece(-1, *_empty(Piece), meta={"chunk": it.meta})
-    n_chunks = max([it.meta.get("chunks", 1) for it in metas] + [1])
     stats.update({"block": block.block, "pairs": int(len(gids)), "pairs_kept": kept,
                   "shuffle_bytes": out_bytes, "query_bytes_read": int(query_bytes),
                   "read_s": round(t_read, 4), "score_s": round(score_s, 4)})
-    yield block.block % n_chunks, Piece(-1, *_empty(Piece), meta={"block": stats})
+    yield block.block % max(1, n_chunks), Piece(-1, *_empty(Piece), meta={"block": stats})
 
 
 def assemble(pieces: Iterable[Piece], nq: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,

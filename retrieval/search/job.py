@@ -60,9 +60,14 @@ def plan_rerank(job: SearchJob, configured: str) -> tuple[SearchJob, dict]:
     ``vector_cache_mb`` of decoded fine vectors (one row group at least); ``auto`` picks gallery-major when
     there are several chunks and the gallery's fine column does not fit the vector cache (each
     chunk would read it again). Also the column's size (stored and decoded bytes), from the
-    feature files' footers."""
+    feature files' footers: read once, in parallel (a billion images are thousands of files on
+    object storage), into this process's cache, which the local engine's tasks then reuse."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    footers = vectors.VectorCache(0)
+    footers = vectors.process_cache(job.vector_cache_mb)
+    versions = job.feature_versions or (None,) * len(job.feature_files)
+    with ThreadPoolExecutor(min(16, max(1, len(job.feature_files)))) as pool:
+        list(pool.map(footers.footer, job.feature_files, versions))
     blocks = blocks_mod.plan_blocks(footers, job.feature_files, job.feature_versions,
                                     job.feature_rows if job.verify else None,
                                     job.vector_cache_mb << 20)

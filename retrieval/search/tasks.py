@@ -174,7 +174,7 @@ def _fine_bytes(q: pa.Table) -> int:
     return sum(q.column(c).nbytes for c in ("fine", "fine_scale") if c in q.column_names)
 
 
-def _write_chunk(job: SearchJob, chunk: Chunk, q: pa.Table, q_fine: np.ndarray, scores: np.ndarray,
+def _write_chunk(job: SearchJob, chunk: Chunk, q: pa.Table, q_fine: np.ndarray | None, scores: np.ndarray,
                  ids: np.ndarray, coarse: np.ndarray, cache: vectors.VectorCache, stats: dict,
                  labels: tuple[pa.Array, pa.Array] | None = None) -> dict:
     """Normalise (when configured), map ids to labels, write the chunk's part file atomically;
@@ -209,7 +209,7 @@ def merge_route(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, 
     faults.maybe_fail(job.faults, "search", chunk.chunk, 0)
     t0 = time.monotonic()
     c_scores, c_ids = coarse_mod.merge_shortlists(parts, job.shortlist, job.coarse_threshold)
-    meta = {"chunks": len(job.chunks), "coarse_s": round(coarse_s, 4), "merge_s": 0.0,
+    meta = {"coarse_s": round(coarse_s, 4), "merge_s": 0.0,
             "queries_with_shortlist": int((c_ids >= 0).any(axis=1).sum()) if c_ids.size else 0}
     records = list(blocks_mod.route(chunk.chunk, c_ids, c_scores, _block_map(job), meta))
     meta["merge_s"] = round(merge_s + time.monotonic() - t0, 4)
@@ -243,7 +243,7 @@ def block_task(job: SearchJob, block_no: int, items: Iterable[blocks_mod.Routed]
         return vecs, nbytes if fresh else 0
 
     return blocks_mod.block_task(job.blocks[block_no], items, job.feature_files, job.feature_versions,
-                                 job.shortlist, job.k, query_fine, cache.threads, cache)
+                                 job.shortlist, job.k, query_fine, cache.threads, cache, len(job.chunks))
 
 
 def select_chunk(job: SearchJob, chunk: Chunk, pieces: Iterable[blocks_mod.Piece]) -> list[tuple[int, Any]]:
@@ -288,13 +288,14 @@ def write_task(job: SearchJob, chunk: Chunk, items: Iterable[Any]) -> dict:
     pieces = [it for it in items if isinstance(it, blocks_mod.Labels)]
     label_meta = [p.meta["label_block"] for p in pieces if p.meta is not None]
     labels = blocks_mod.assemble_labels(pieces, int((sel.ids >= 0).sum()))
-    q = _query_table(job, chunk)
+    # the query vectors only for the score normalisation (the blocks scored the pairs)
+    q = _query_table(job, chunk) if job.background is not None else query_rows(job, chunk, ["image_id", "uri"])
     stats = {**sel.stats, "query_fine_bytes_read": _fine_bytes(q),
              "shuffle_bytes": sel.stats["shuffle_bytes"] + sum(
                  p.pos.nbytes + p.image_id.nbytes + p.uri.nbytes for p in pieces if p.meta is None),
              "blocks": sel.stats["blocks"] + label_meta}
-    return _write_chunk(job, chunk, q, fine_matrix(q), sel.scores, sel.ids, sel.coarse, _cache(job), stats,
-                        labels)
+    q_fine = fine_matrix(q) if job.background is not None else None
+    return _write_chunk(job, chunk, q, q_fine, sel.scores, sel.ids, sel.coarse, _cache(job), stats, labels)
 
 
 def gallery_labels(job: SearchJob, gids: np.ndarray, cache: vectors.VectorCache | None = None

@@ -43,11 +43,6 @@ class _Footer:
         self.row_bytes = _decoded_row_bytes(pf.schema_arrow.field("fine").type, self.has_scale) \
             if "fine" in pf.schema_arrow.names else 0
 
-    def decoded(self, groups: np.ndarray) -> int:
-        """Decoded bytes of the fine vectors (+ scales) of ``groups``."""
-        groups = np.asarray(groups, np.int64)
-        return int((self.starts[groups + 1] - self.starts[groups]).sum()) * self.row_bytes
-
     def groups_of(self, rows: np.ndarray, url: str) -> np.ndarray:
         """The distinct row groups (sorted) holding ``rows`` (any order, repeats allowed)."""
         if len(rows) == 0:
