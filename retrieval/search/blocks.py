@@ -217,20 +217,18 @@ def read_block(block: Block, rows_by_segment: Sequence[np.ndarray], feature_file
         if not len(groups):
             out.append((None, None))
             continue
-        n = seg.stop - seg.start
-        arr: dict[str, np.ndarray] = {}
+        n, arr, lock = seg.stop - seg.start, [], threading.Lock()
 
-        def codes_of(dtype, dim: int, arr=arr, n=n) -> np.ndarray:
-            if "codes" not in arr:
-                arr["codes"] = np.empty((n, dim), dtype)
-                arr["scales"] = np.empty(n, np.float32)
-            return arr["codes"]
+        def targets(dtype, dim: int, arr=arr, n=n, has_scale=ft.has_scale, lock=lock):
+            with lock:                      # the segment's arrays, allocated once (lazily backed)
+                if not arr:
+                    arr += [np.empty((n, dim), dtype), np.empty(n, np.float32) if has_scale else None]
+            return arr[0], arr[1]
 
-        stats["bytes_decoded"] += read_groups_into(url, ft, groups.tolist(), codes_of,
-                                                   lambda arr=arr: arr["scales"], seg.start, threads)
+        stats["bytes_decoded"] += read_groups_into(url, ft, groups.tolist(), targets, seg.start, threads)
         stats["row_groups"] += len(groups)
         stats["bytes_read"] += int(ft.stored[groups].sum())
-        out.append((arr["codes"], arr["scales"] if ft.has_scale else None))
+        out.append((arr[0], arr[1]))
     return out, stats
 
 

@@ -68,12 +68,12 @@ def _decoded_row_bytes(fine_type: pa.DataType, has_scale: bool) -> int:
     return width + (4 if has_scale else 0)
 
 
-def read_groups_into(url: str, ft: _Footer, groups: list[int], codes_of, scales_of, base: int,
-                     threads: int) -> int:
-    """Decode the fine vectors (+ scales) of row ``groups`` of ``url`` into arrays: rows
-    ``[a, b)`` of the file go to ``codes[a - base:b - base]`` of the array ``codes_of(dtype, dim)``
-    returns (called on first use: lazily allocated targets); ``scales_of()`` likewise. In
-    ``threads`` parallel parts (pyarrow decodes without the GIL); returns the decoded bytes."""
+def read_groups_into(url: str, ft: _Footer, groups: list[int], targets, base: int, threads: int) -> int:
+    """Decode the fine vectors (+ scales) of row ``groups`` of ``url`` into the arrays
+    ``targets(dtype, dim)`` returns, ``(codes, scales or None)`` (called once the codes' type is
+    known, so the targets can be allocated lazily): rows ``[a, b)`` of the file go to rows
+    ``[a - base, b - base)``. In ``threads`` parallel parts (pyarrow decodes without the GIL);
+    returns the decoded bytes."""
     cols = ["fine", "fine_scale"] if ft.has_scale else ["fine"]
     parts = [p.tolist() for p in np.array_split(np.asarray(groups), max(1, min(threads, len(groups)))) if len(p)]
 
@@ -81,7 +81,7 @@ def read_groups_into(url: str, ft: _Footer, groups: list[int], codes_of, scales_
         table = fsio.parquet_file(url).read_row_groups(part, columns=cols, use_threads=False)
         codes = column_matrix(table.column("fine"))
         scales = table.column("fine_scale").to_numpy() if ft.has_scale else None
-        target, target_s = codes_of(codes.dtype, codes.shape[1]), scales_of() if ft.has_scale else None
+        target, target_s = targets(codes.dtype, codes.shape[1])
         pos = 0
         for g in part:
             a, b = int(ft.starts[g]), int(ft.starts[g + 1])
@@ -204,14 +204,14 @@ class VectorCache:
         """Decode ``groups`` into the entry's whole-file arrays (allocated on the first group)."""
         ft = entry.ft
 
-        def codes_of(dtype, dim: int) -> np.ndarray:
+        def targets(dtype, dim: int) -> tuple[np.ndarray, np.ndarray | None]:
             with self._lock:
                 if entry.codes is None:     # first group of this file: allocate (lazily backed)
                     entry.scales = np.empty(ft.num_rows, np.float32) if ft.has_scale else None
                     entry.codes = np.empty((ft.num_rows, dim), dtype)
-            return entry.codes
+            return entry.codes, entry.scales
 
-        added = read_groups_into(url, ft, groups, codes_of, lambda: entry.scales, 0, self.threads)
+        added = read_groups_into(url, ft, groups, targets, 0, self.threads)
         entry.loaded[groups] = True
         self.reads += len(groups)
         self.bytes_read += int(ft.stored[groups].sum())
