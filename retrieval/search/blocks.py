@@ -29,6 +29,7 @@ buffer.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -40,6 +41,7 @@ import pyarrow as pa
 
 from retrieval.index import idmap
 from retrieval.search import rerank as rerank_mod
+from retrieval.search.coarse import lru_cached
 from retrieval.search.kernels import group_pairs
 from retrieval.search.vectors import VectorCache, read_groups_into
 
@@ -183,7 +185,6 @@ def keep_topk(pos: np.ndarray, gid: np.ndarray, fine: np.ndarray, width: int, k:
 
 
 _QUERIES: "OrderedDict[tuple, tuple[np.ndarray, int]]" = OrderedDict()
-_QLOCK = threading.Lock()
 
 
 def cached_queries(key: tuple, load: Callable[[], tuple[np.ndarray, int]]
@@ -191,16 +192,16 @@ def cached_queries(key: tuple, load: Callable[[], tuple[np.ndarray, int]]
     """A chunk's ``(float32 query vectors, bytes read)`` from ``load()``, loaded at most once per
     process while the most recent ones fit :data:`QUERY_CACHE_BYTES`; and whether it was loaded
     now."""
-    with _QLOCK:
-        if key in _QUERIES:
-            _QUERIES.move_to_end(key)
-            return _QUERIES[key], False
-    value = load()
-    with _QLOCK:
-        _QUERIES[key] = value
-        while len(_QUERIES) > 1 and sum(v[0].nbytes for v in _QUERIES.values()) > QUERY_CACHE_BYTES:
-            _QUERIES.popitem(last=False)
-    return value, True
+    fresh: list[bool] = []
+
+    def compute() -> tuple[np.ndarray, int]:
+        fresh.append(True)
+        return load()
+
+    value = lru_cached(_QUERIES, key, compute,
+                       lambda c: sum(v[0].nbytes for v in c.values()) > QUERY_CACHE_BYTES, "query vectors",
+                       logging.DEBUG)      # a block task streams every chunk: evictions are routine
+    return value, bool(fresh)
 
 
 def read_block(block: Block, rows_by_segment: Sequence[np.ndarray], feature_files: Sequence[str],

@@ -29,10 +29,11 @@ _SHARDS: "OrderedDict[tuple, object]" = OrderedDict()
 _LOCK = threading.Lock()
 
 
-def _cached(cache: OrderedDict, key: tuple, compute: Callable[[], object],
-            over: Callable[[OrderedDict], bool], what: str):
+def lru_cached(cache: OrderedDict, key: tuple, compute: Callable[[], object],
+               over: Callable[[OrderedDict], bool], what: str, log_level: int = logging.INFO):
     """``cache[key]``, computed with ``compute()`` at most once per process while it stays cached;
-    least recently used entries are evicted while ``over(cache)`` (at least one is kept)."""
+    least recently used entries are evicted while ``over(cache)`` (at least one is kept; each
+    eviction logged at ``log_level``)."""
     with _LOCK:
         if key in cache:
             cache.move_to_end(key)
@@ -43,14 +44,14 @@ def _cached(cache: OrderedDict, key: tuple, compute: Callable[[], object],
         cache.move_to_end(key)
         while len(cache) > 1 and over(cache):
             old, _ = cache.popitem(last=False)
-            log.info("%s cache: evicted %s", what, old)
+            log.log(log_level, "%s cache: evicted %s", what, old)
     return value
 
 
 def cached_shard(key: tuple, load: Callable[[], object], capacity: int = 2):
     """The shard for ``key`` (e.g. (index_url, shard_no, sha256)), loading it with ``load()`` at
     most once per process while it stays among the ``capacity`` most recently used."""
-    return _cached(_SHARDS, key, load, lambda c: len(c) > capacity, "shard")
+    return lru_cached(_SHARDS, key, load, lambda c: len(c) > capacity, "shard")
 
 
 def clear_cache() -> None:
@@ -73,7 +74,7 @@ def cached_assignment(key: tuple, compute: Callable[[], "Assignment"]) -> "Assig
     most once per process while it stays among the most recent ``ASSIGNMENT_CACHE_BYTES``: a
     process that searches several shards for the same chunk (in one task or in consecutive ones)
     searches the quantizer once."""
-    return _cached(_ASSIGNMENTS, key, compute,
+    return lru_cached(_ASSIGNMENTS, key, compute,
                    lambda c: sum(a.nbytes for a in c.values()) > ASSIGNMENT_CACHE_BYTES, "assignment")
 
 
