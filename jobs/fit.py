@@ -7,9 +7,7 @@ adapters, adapter-2 re-fit) to a gallery sample. Same as `retrieval fit`.
 then every later stage: --set model.checkpoint=/data/models/gallery-fit.pt (plus the same
 model.backbone / model.backbone_weights keys the model was fitted with).
 """
-import sys
-
-from retrieval.cli import entry
+from retrieval.cli import run_job
 
 if __name__ == "__main__":
-    entry(["fit", *sys.argv[1:]])
+    run_job(__file__)

@@ -14,9 +14,7 @@ On a cluster (see README "Running on a cluster"):
         jobs/search.py --queries s3://bucket/uploads/2026-11-21 --index s3://bucket/index/gallery \
         --output s3://bucket/search/2026-11-21 --conf conf/cluster.yaml
 """
-import sys
-
-from retrieval.cli import entry
+from retrieval.cli import run_job
 
 if __name__ == "__main__":
-    entry(["search", *sys.argv[1:]])
+    run_job(__file__)

@@ -6,9 +6,7 @@
 ``train.processes > 1`` trains data parallel through ``pyspark.ml.torch.distributor.TorchDistributor``
 (``train.local_mode``: processes on the driver, else on executors; gloo on CPU).
 """
-import sys
-
-from retrieval.cli import main
+from retrieval.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run_job(__file__)

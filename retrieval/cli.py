@@ -2,7 +2,7 @@
 
     retrieval extract     --input URL --output URL --role gallery|query
     retrieval fit         --input URL --output MODEL_URL
-    retrieval build-index --features URL --output URL
+    retrieval index       --features URL --output URL     (old name: build-index)
     retrieval search      --queries URL --index URL --output URL
     retrieval evaluate    --results URL --truth CSV
     retrieval report      --results URL --output URL
@@ -12,18 +12,20 @@
 
 Every subcommand takes ``--conf FILE`` (repeatable overlays), ``--set key=value`` (repeatable) and
 ``--master`` (Spark master; default from config, ``local[*]``); ``--engine local`` runs the same
-library code without Spark. The ``jobs/*.py`` spark-submit entry points call :func:`main`.
+library code without Spark. The ``jobs/<stage>.py`` spark-submit entry points call :func:`run_job`.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from retrieval import config as config_mod
+from retrieval.engine import open_engine
 
 log = logging.getLogger("retrieval")
 
@@ -34,7 +36,23 @@ CLEAR_ERRORS = {"ModelError", "TrainError"}
 # third-party Python loggers whose INFO lines are not about the job
 QUIET_LOGGERS = ("py4j", "faiss.loader")
 
-STAGES: dict[str, Callable[[argparse.Namespace, config_mod.Config, Any], Any]] = {}
+# one name per stage: the subcommand, jobs/<stage>.py, the config section, the package or module, the
+# Airflow task ids (<stage> or <stage>_<variant>) and the manifest's "stage". Each module's
+# run_cli(args, cfg, engine) handles the arguments; the library does the work.
+STAGES: dict[str, str] = {
+    "extract": "retrieval.extract.cli",
+    "fit": "retrieval.fit.cli",
+    "index": "retrieval.index.cli",
+    "search": "retrieval.search.cli",
+    "evaluate": "retrieval.evaluate",
+    "report": "retrieval.report.cli",
+    "train": "retrieval.train.cli",
+    "plan": "retrieval.plan",
+    "export": "retrieval.export",
+}
+# old names, accepted (with a deprecation message) until 0.3: subcommands and job files
+ALIASES = {"build-index": "index"}
+JOB_ALIASES = {"extract_features": "extract", "build_index": "index", "audit_report": "report"}
 
 
 def _common(p: argparse.ArgumentParser, spark_stage: bool = True, engine: str = "spark") -> None:
@@ -68,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="checkpoint URL to write (then --set model.checkpoint=URL)")
     _common(p)
 
-    p = sub.add_parser("build-index", help="gallery feature shards -> sharded faiss IVF-PQ index")
+    p = sub.add_parser("index", aliases=list(k for k, v in ALIASES.items() if v == "index"),
+                       help="gallery feature shards -> sharded faiss IVF-PQ index (old name: build-index)")
     p.add_argument("--features", required=True, action="append",
                    help="feature output URL (repeatable; with --append, the new shards to add)")
     p.add_argument("--output", required=True)
@@ -129,49 +148,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _spark_for(args: argparse.Namespace, cfg: config_mod.Config):
-    if getattr(args, "engine", "local") != "spark":
-        return None
-    from retrieval.sparkutil import get_spark
-
-    master = cfg["spark.master"]
-    if os.environ.get("PYSPARK_GATEWAY_PORT") and getattr(args, "master", None) is None:
-        master = ""  # launched by spark-submit: keep its --master
-    return get_spark(master, cfg["spark.app_name"], cfg["spark.conf"], log_level=args.log_level)
-
-
-def _run_extract(args, cfg, spark):
-    from retrieval.features.extract import extract
-
-    m = extract(args.input, args.output, cfg, spark)
-    return {"output": args.output, "counts": m["counts"], "model_version": m["model_version"],
-            "timings": m["timings"]}
-
-
-def _lazy(module: str, func: str) -> Callable:
-    def run(args, cfg, spark):
-        import importlib
-
-        return getattr(importlib.import_module(module), func)(args, cfg, spark)
-    return run
-
-
-STAGES.update({
-    "extract": _run_extract,
-    "fit": _lazy("retrieval.fit.job", "run_cli"),
-    "build-index": _lazy("retrieval.index.cli", "run"),
-    "search": _lazy("retrieval.search.cli", "run"),
-    "evaluate": _lazy("retrieval.evaluate", "run_cli"),
-    "report": _lazy("retrieval.audit.cli", "run"),
-    "train": _lazy("retrieval.training.cli", "run"),
-    "plan": _lazy("retrieval.plan", "run_cli"),
-    "export": _lazy("retrieval.features.export", "run_cli"),
-})
+def _deprecated(old: str, new: str) -> None:
+    print(f"retrieval: {old} is deprecated and will be removed in 0.3: use {new}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
     """Run one stage; returns the exit code. ``exiting``: the process ends right after (``entry``),
-    so the session's stop does not wait for Python-side server threads (:func:`~retrieval.sparkutil.stop_spark`)."""
+    so the session's stop does not wait for Python-side server threads (:func:`~retrieval.engine.open_engine`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     level = getattr(logging, str(args.log_level).upper(), logging.INFO)
@@ -182,15 +165,18 @@ def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
         # "Loading faiss with AVX512 support"): shown with --log-level DEBUG only
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    if args.stage in ALIASES:
+        _deprecated(f"retrieval {args.stage}", f"retrieval {ALIASES[args.stage]}")
+        args.stage = ALIASES[args.stage]
     try:
         cfg = config_mod.load(args.conf, args.sets, _overrides(args))
     except config_mod.ConfigError as exc:
         print(f"retrieval {args.stage}: configuration error: {exc}", file=sys.stderr)
         return 2
-    spark = None
     try:
-        spark = _spark_for(args, cfg)
-        result = STAGES[args.stage](args, cfg, spark)
+        with open_engine(getattr(args, "engine", "local"), cfg, getattr(args, "master", None), args.log_level,
+                         exiting=exiting) as engine:
+            result = importlib.import_module(STAGES[args.stage]).run_cli(args, cfg, engine)
     except (config_mod.ConfigError, FileNotFoundError, PermissionError, ValueError) as exc:
         print(f"retrieval {args.stage}: error: {exc}", file=sys.stderr)
         return 2
@@ -199,11 +185,6 @@ def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
             raise
         print(f"retrieval {args.stage}: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if spark is not None and not os.environ.get("PYSPARK_GATEWAY_PORT"):
-            from retrieval.sparkutil import stop_spark
-
-            stop_spark(spark, join_python_threads=not exiting)
     if result is not None:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
@@ -217,6 +198,18 @@ def entry(argv: Sequence[str] | None = None) -> None:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
+
+
+def run_job(job_file: str) -> None:
+    """``jobs/<stage>.py``: the stage named by the file, with the command line's arguments
+    (an old job file name is accepted with a deprecation message)."""
+    name = os.path.splitext(os.path.basename(job_file))[0]
+    if name in JOB_ALIASES:
+        _deprecated(f"jobs/{name}.py", f"jobs/{JOB_ALIASES[name]}.py")
+        name = JOB_ALIASES[name]
+    if name not in STAGES:
+        raise SystemExit(f"retrieval: {job_file} names no stage ({', '.join(STAGES)})")
+    entry([name, *sys.argv[1:]])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,7 +48,7 @@ FREE_MAPPINGS = {"spark.conf", "io.storage_options"}
 
 
 def _augmentations(v) -> str | None:
-    from retrieval.training.augment import OPS   # the one list of the augmentations' names
+    from retrieval.train.augment import OPS   # the one list of the augmentations' names
 
     unknown = sorted(set(v) - set(OPS))
     return f"unknown augmentation(s) {unknown}; choose from {', '.join(OPS)}" if unknown else None

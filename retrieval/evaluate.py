@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from retrieval import fsio, integrity
+from retrieval import fsio, integrity, outputs
 from retrieval.metrics import Truth, micro_ap, operating_points, precision_recall, read_truth
 
 log = logging.getLogger(__name__)
@@ -168,14 +168,14 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
     """The exact 512-d top ``evaluate.exact_k`` of every query, as a result table (same columns
     as the search output that matter here: query_id, rank, gallery_id, score, and norm_score
     when ``background`` (:class:`~retrieval.search.normalize.Background`) is given)."""
-    from retrieval.features.extract import read_features
+    from retrieval.extract.job import read_features
     from retrieval.index import idmap, store
     from retrieval.schema import fine_matrix
 
     ev = cfg.evaluate
     manifest = store.read_index_manifest(index_url)
     integrity.verify_files([(f["url"], f.get("sha256")) for f in manifest["feature_files"]],
-                           "gallery feature file", fsio.join(index_url, store.MANIFEST))
+                           "gallery feature file", outputs.marker_of(index_url, "index") or outputs.marker_url(index_url))
     qt = read_features(query_features_url, ["image_id", "fine", "fine_scale"]
                        if _is_int8(query_features_url) else ["image_id", "fine"])
     t0 = time.monotonic()
@@ -234,7 +234,7 @@ def threshold_from_evaluation(url: str, precision: float, column: str) -> float:
 
 
 def _is_int8(features_url: str) -> bool:
-    from retrieval.features.extract import read_manifest
+    from retrieval.extract.job import read_manifest
 
     return read_manifest(features_url).get("storage") == "int8"
 
@@ -252,9 +252,10 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
     fsio.configure(cfg["io.storage_options"])
     output_url = output_url or fsio.join(results_url, "eval")
     fsio.ensure_writable(output_url)
+    outputs.begin(output_url)
     results = read_results(results_url)
     truth = read_truth(truth_url)
-    search_manifest = fsio.read_json(fsio.join(results_url, "_manifest.json"))
+    search_manifest = outputs.read(results_url, "search")
     column = score_column(search_manifest)
     d = results.select(["query_id", "rank", "gallery_id", column]).to_pydict()
     metrics, curve = evaluate_results(d["query_id"], d["rank"], d["gallery_id"], d[column], truth,
@@ -303,11 +304,14 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
             exact_curve)
     out["plot"] = fsio.join(output_url, PLOT)
     fsio.write_json(fsio.join(output_url, METRICS), out)
+    outputs.commit(output_url, "evaluate", {
+        "results": results_url, "truth": truth_url, "output": output_url, "counts": out.get("counts"),
+        "files": outputs.file_entries(output_url, [METRICS, PLOT]), "timings": out["timings"]}, cfg=cfg)
     return out
 
 
-def run_cli(args, cfg, spark) -> dict:
-    """``retrieval evaluate`` (runs on the driver: results and truth are small; ``spark`` unused)."""
+def run_cli(args, cfg, engine) -> dict:
+    """``retrieval evaluate`` (runs on the driver: results and truth are small; ``engine`` unused)."""
     m = evaluate(args.results, args.truth, args.output, cfg, args.exact)
     keep = ("micro_ap", "precision_at_recall", "recall_at_precision", "thresholds", "counts", "plot")
     out = {k: v for k, v in m.items() if k.startswith("recall@") or k in keep}

@@ -13,6 +13,8 @@ import logging
 import os
 from typing import Any, Mapping
 
+from retrieval.engine import in_task, task_attempt
+
 log = logging.getLogger(__name__)
 
 
@@ -20,30 +22,12 @@ class InjectedFault(RuntimeError):
     pass
 
 
-def attempt() -> int:
-    """The attempt number of the running Spark task (0 for the first; 0 outside Spark), for the
-    stats a task records, so a test can see that a retry really happened."""
-    try:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-    except Exception:
-        return 0
-    return int(ctx.attemptNumber()) if ctx is not None else 0
-
-
 def maybe_fail(faults: Mapping[str, Any] | None, stage: str, task: int, items_done: int = 0) -> None:
     if not faults or faults.get("stage") != stage or int(faults.get("task", -1)) != task:
         return
     if items_done < int(faults.get("after_items", 0)):
         return
-    try:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-    except Exception:
-        ctx = None
-    if ctx is None or ctx.attemptNumber() > 0:
+    if not in_task() or task_attempt() > 0:
         return
     log.warning("fault injection: %s task %d attempt 0 after %d items: %s", stage, task, items_done,
                 faults.get("kind"))

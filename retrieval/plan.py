@@ -7,7 +7,7 @@ what each stage's cost grows with (docs/billion.md):
 
 - extract: images / (rate per core x cores) (or per GPU): linear in N, embarrassingly parallel;
   storage = bytes per image measured on disk (int8 fine + float32 coarse).
-- build-index: one read of the features (sha256 + coarse codes); k-means on a bounded sample on the
+- index: one read of the features (sha256 + coarse codes); k-means on a bounded sample on the
   driver (grows with nlist, not N); adding N vectors (linear in N, parallel over shards: the
   quantizer assignment dominates); N x bytes/vector written.
 - search, coarse: every (query, group of ``search.shard_cache`` index shards) assigns the query to
@@ -101,7 +101,7 @@ def parse_memory(text: str) -> float:
 
 
 def index_params(n: int, cfg=None, vectors_per_shard: int | None = None) -> dict:
-    """The parameters ``retrieval build-index`` would choose for ``n`` vectors under ``cfg`` (and
+    """The parameters ``retrieval index`` would choose for ``n`` vectors under ``cfg`` (and
     ``vectors_per_shard``, default ``index.vectors_per_shard``):
     :func:`retrieval.index.params.choose_params`: nlist ~ 4 sqrt(N), codes from the memory budget
     (fast-scan where shards fill its blocks), the training sample; and the search's nprobe."""
@@ -308,11 +308,11 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
     stages = {
         "extract": {"tasks": feature_shards, "basis": extract_basis, "wall": extract_s,
                     "storage": feature_bytes, "memory_per_task": 0.6e9 + 1024 * 2600},
-        "build-index": {"tasks": index_shards, "wall": scan_s + train_s + add_s + 60,
-                        "basis": f"read features {_fmt_time(scan_s)}; k-means ({ip['kmeans']}) on "
-                                 f"{ip['train_points']:,} pts on the driver {_fmt_time(train_s)}; add "
-                                 f"{_fmt_time(add_s)} ({1 / add_core_s:,.0f} vec/s/core)",
-                        "storage": index_bytes, "memory_per_task": 1.3 * shard_bytes + ip["nlist"] * 128 * 4 * 2},
+        "index": {"tasks": index_shards, "wall": scan_s + train_s + add_s + 60,
+                  "basis": f"read features {_fmt_time(scan_s)}; k-means ({ip['kmeans']}) on "
+                           f"{ip['train_points']:,} pts on the driver {_fmt_time(train_s)}; add "
+                           f"{_fmt_time(add_s)} ({1 / add_core_s:,.0f} vec/s/core)",
+                  "storage": index_bytes, "memory_per_task": 1.3 * shard_bytes + ip["nlist"] * 128 * 4 * 2},
         "search": {"tasks": tasks, "wall": coarse_s + rerank_s,
                    "basis": f"coarse {_fmt_time(coarse_s)} (assign {queries:.3g} queries x {groups} shard groups "
                             f"{_fmt_time(assign_s)}, scan {codes_scanned:.3g} codes {_fmt_time(scan_codes_s)}, "
@@ -347,7 +347,7 @@ def render(p: dict) -> str:
     return "\n".join(lines)
 
 
-def run_cli(args, cfg, spark) -> dict:
+def run_cli(args, cfg, engine) -> dict:
     cluster = Cluster(executors=args.executors, executor_memory_gb=parse_memory(args.executor_memory),
                       executor_cores=args.executor_cores, gpus=args.gpus)
     p = plan(int(args.images), cluster, queries=int(getattr(args, "queries", 10_000_000)),

@@ -17,19 +17,10 @@ import threading
 import time
 from typing import Any, TextIO
 
+from retrieval.engine import in_task
+
 BAR_WIDTH = 28
 BAR_REDRAW_S = 0.2
-
-
-def _in_spark_task() -> bool:
-    if "pyspark" not in sys.modules:
-        return False
-    try:
-        from pyspark import TaskContext
-
-        return TaskContext.get() is not None
-    except Exception:
-        return False
 
 
 def bar_wanted(stream: TextIO) -> bool:
@@ -42,7 +33,7 @@ def bar_wanted(stream: TextIO) -> bool:
         tty = stream.isatty()
     except Exception:
         tty = False
-    return bool(tty) and not _in_spark_task()
+    return bool(tty) and not in_task()
 
 
 def fmt_seconds(s: float) -> str:

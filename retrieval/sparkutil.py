@@ -1,4 +1,5 @@
-"""Spark session creation and task-side helpers (imported lazily: the local path never starts a JVM)."""
+"""The Spark engine's internals (:class:`retrieval.engine.SparkEngine` imports this module, nothing else does):
+session creation with the project's JVM logging, its stop, and the driver's progress lines."""
 from __future__ import annotations
 
 import os
@@ -168,43 +169,6 @@ def stop_spark(spark, join_python_threads: bool = True) -> None:
         server.server_shutdown = True       # its handlers end at their next poll, if ever
         sc._accumulatorServer = None        # pyspark's stop() skips the join
     spark.stop()
-
-
-def task_threads(configured: int = 0) -> int:
-    """Torch threads for this task: the configured number, else the task's cores (Spark), else all."""
-    if configured > 0:
-        return configured
-    try:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-        if ctx is not None:
-            return max(1, int(ctx.cpus()))
-    except Exception:
-        pass
-    return max(1, os.cpu_count() or 1)
-
-
-def task_device(preference: str = "auto") -> str:
-    """``cuda:<address>`` when Spark assigned this task a GPU (or cuda is forced), else ``cpu``."""
-    import torch
-
-    if preference == "cpu":
-        return "cpu"
-    address: Any = None
-    try:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-        if ctx is not None and "gpu" in ctx.resources():
-            address = ctx.resources()["gpu"].addresses[0]
-    except Exception:
-        address = None
-    if torch.cuda.is_available() and (address is not None or preference == "cuda"):
-        return f"cuda:{address if address is not None else 0}"
-    if preference == "cuda":
-        raise RuntimeError("model.device=cuda but no CUDA device is available")
-    return "cpu"
 
 
 class ProgressMonitor:

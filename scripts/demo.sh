@@ -21,7 +21,7 @@ log "2/6 extract gallery features (gallery role: R_hi -> adapter 1 + fine head),
 $R extract --input "$OUT/sample/gallery" --output "$OUT/gallery_features" --role gallery "${MODEL[@]}" --log-level WARNING > "$OUT/logs/extract.json"
 $R extract --input "$OUT/sample/background" --output "$OUT/background_features" --role gallery "${MODEL[@]}" --log-level WARNING > "$OUT/logs/extract-background.json"
 log "3/6 build the sharded IVF-PQ index over the 128-d coarse codes"
-$R build-index --features "$OUT/gallery_features" --output "$OUT/index" "${MODEL[@]}" --log-level WARNING > "$OUT/logs/build-index.json"
+$R index --features "$OUT/gallery_features" --output "$OUT/index" "${MODEL[@]}" --log-level WARNING > "$OUT/logs/index.json"
 log "4/6 search: encode queries (R_lo -> adapter 2; R_hi -> fine), coarse per shard, merge, exact 512-d rerank, normalise"
 $R search --queries "$OUT/sample/queries" --index "$OUT/index" --output "$OUT/matches" "${MODEL[@]}" \
    --set "search.normalize.background=$OUT/background_features" --log-level WARNING > "$OUT/logs/search.json"
@@ -58,8 +58,9 @@ Outputs under $OUT:
                      background/ (unrelated photos for score normalisation)
   model/             fitted.pt, fitted.pt.card.md                 (retrieval fit)
   gallery_features/  part-*.parquet, errors/, _manifest.json      (retrieval extract; background_features/ too)
-  index/             shard-*.index, manifest.json                 (retrieval build-index)
+  index/             shard-*.index, _manifest.json                (retrieval index)
   matches/           part-*.parquet, query_features/, _manifest.json (retrieval search)
-  eval/              metrics.json, pr_curve.png                   (retrieval evaluate)
-  report/            report.html, flagged.parquet, flagged.csv, summary.json (retrieval report)
+  eval/              metrics.json, pr_curve.png, _manifest.json   (retrieval evaluate)
+  report/            report.html, flagged.parquet, flagged.csv, summary.json, _manifest.json
+                     (retrieval report)
 MSG

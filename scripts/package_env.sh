@@ -102,8 +102,8 @@ quiet_pip "$VPY" -m pip install -q --no-deps --force-reinstall "$WHEEL"
 "$VPY" -m pip freeze --exclude-editable 2>/dev/null | grep -v '^retrieval' > "$OUT/env-requirements.txt"
 step "checking the environment imports"
 (cd / && "$VPY" -c "
-import faiss, pyarrow, torch, torchvision, retrieval.features.extract, retrieval.audit
-from retrieval.features.model import build_model
+import faiss, pyarrow, torch, torchvision, retrieval.extract.job, retrieval.report
+from retrieval.extract.model import build_model
 m = build_model()
 print('env ok: torch', torch.__version__, 'model_version', m.model_version())")
 
@@ -119,5 +119,5 @@ step "done"
 ls -l "$WHEEL" "$OUT/$ARCHIVE" | awk '{printf "%8.1f MB  %s\n", $5 / 1048576, $NF}'
 cat <<EOF
 spark-submit --archives $OUT/$ARCHIVE#env --conf spark.pyspark.python=./env/bin/python \\
-    jobs/extract_features.py --input IMAGES_URL --output FEATURES_URL --role gallery
+    jobs/extract.py --input IMAGES_URL --output FEATURES_URL --role gallery
 EOF

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The Debian packages whose photographs (and photographic textures) retrieval/training/sources.py
+# The Debian packages whose photographs (and photographic textures) retrieval/train/sources.py
 # turns into a training set for the copy-detection model (idempotent; run as root on a fresh machine).
 #
 #   scripts/training_sources.sh          # downloads + unpacks what is missing, prints what it has
-#   python -m retrieval.training.sources # which images are kept (summary JSON)
+#   python -m retrieval.train.sources # which images are kept (summary JSON)
 #
 # Every package is `apt-get download`ed and `dpkg-deb -x`ed into
 # $TRAINING_SOURCES_DIR/<package>/ (default /var/cache/training-sources): no program is installed,

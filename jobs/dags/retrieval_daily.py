@@ -4,12 +4,12 @@ and searched (scores normalised against a background set, when one is configured
 report is written.
 
     check_model --> fit | model_ready --> check_new_gallery, extract_queries, check_background
-    check_new_gallery --> extract_gallery --> choose_index_mode --> build_index | append_index --+
+    check_new_gallery --> extract_gallery --> choose_index_mode --> index | index_append --------+
           |                                                                                      |
           +--> no_new_gallery ---------------------------------------------------------------+   |
     extract_queries --------------------------------------------------------------------------+--+--> search
     check_background --> extract_background | background_ready -------------------------------+
-    search --> audit_report --> publish_summary
+    search --> report --> publish_summary
 
 The model exists before anything is encoded: ``check_model`` runs ``fit`` when the Variable names a
 ``model`` checkpoint that does not exist yet (else ``model_ready``), and every stage that encodes or
@@ -208,8 +208,9 @@ with DAG(
     def choose_index_mode() -> str:
         """Append to the index when it exists (same trained quantizer), else build it."""
         conf = settings()
-        manifest = storage_path(f"{conf['index']}/manifest.json", conf)
-        return "append_index" if manifest.exists() else "build_index"
+        # the index's marker; indexes built before 0.2 named it manifest.json
+        markers = [storage_path(f"{conf['index']}/{name}", conf) for name in ("_manifest.json", "manifest.json")]
+        return "index_append" if any(m.exists() for m in markers) else "index"
 
     @task(task_id="publish_summary", multiple_outputs=False)
     def publish_summary(ds: str | None = None) -> dict[str, Any]:
@@ -230,27 +231,27 @@ with DAG(
     fit = spark_job("fit", "fit.py", ["--input", FIT_INPUT, "--output", s("model")])
     model_ready = EmptyOperator(task_id="model_ready")
     extract_background = spark_job(
-        "extract_background", "extract_features.py",
+        "extract_background", "extract.py",
         ["--input", s("background_input"), "--output", BACKGROUND_FEATURES, "--role", "gallery", *MODEL_ARGS])
     background_ready = EmptyOperator(task_id="background_ready")
     extract_gallery = spark_job(
-        "extract_gallery", "extract_features.py",
+        "extract_gallery", "extract.py",
         ["--input", day("gallery_input"), "--output", GALLERY_FEATURES, "--role", "gallery", *MODEL_ARGS])
-    build_index = spark_job(
-        "build_index", "build_index.py", ["--features", GALLERY_FEATURES, "--output", s("index")])
-    append_index = spark_job(
-        "append_index", "build_index.py", ["--features", GALLERY_FEATURES, "--output", s("index"), "--append"])
+    index_build = spark_job(
+        "index", "index.py", ["--features", GALLERY_FEATURES, "--output", s("index")])
+    index_append = spark_job(
+        "index_append", "index.py", ["--features", GALLERY_FEATURES, "--output", s("index"), "--append"])
     no_new_gallery = EmptyOperator(task_id="no_new_gallery")
     extract_queries = spark_job(
-        "extract_queries", "extract_features.py",
+        "extract_queries", "extract.py",
         ["--input", day("query_input"), "--output", QUERY_FEATURES, "--role", "query", *MODEL_ARGS],
         trigger_rule=AFTER_BRANCH)
     search = spark_job(
         "search", "search.py",
         ["--queries", QUERY_FEATURES, "--index", s("index"), "--output", RESULTS, *MODEL_ARGS, *NORMALIZE_ARGS],
         trigger_rule=AFTER_BRANCH)
-    audit_report = spark_job(
-        "audit_report", "audit_report.py",
+    report_task = spark_job(
+        "report", "report.py",
         ["--results", RESULTS, "--output", REPORT,
          "--truth", "{{ var.json.%s.get('truth') or '' }}" % SETTINGS_VARIABLE, *REPORT_ARGS])
 
@@ -263,7 +264,7 @@ with DAG(
     [fit, model_ready] >> extract_queries
     [fit, model_ready] >> background_branch
     gallery_branch >> [extract_gallery, no_new_gallery]
-    extract_gallery >> index_branch >> [build_index, append_index]
+    extract_gallery >> index_branch >> [index_build, index_append]
     background_branch >> [extract_background, background_ready]
-    [build_index, append_index, no_new_gallery, extract_queries, extract_background, background_ready] >> search
-    search >> audit_report >> publish_summary()
+    [index_build, index_append, no_new_gallery, extract_queries, extract_background, background_ready] >> search
+    search >> report_task >> publish_summary()

@@ -27,7 +27,8 @@ import numpy as np
 
 from retrieval import fsio
 from retrieval.config import Config
-from retrieval.features import inputs as inputs_mod
+from retrieval.engine import Engine, as_engine
+from retrieval.extract import inputs as inputs_mod
 
 log = logging.getLogger(__name__)
 MIN_IMAGES = 20          # fewer decodable images than this: refused (nothing to fit)
@@ -50,8 +51,8 @@ def pooled_features(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[str,
     """``(image_id, pooled R_hi float16 bytes, pooled R_lo float16 bytes, error)`` per row."""
     import torch
 
-    from retrieval.features.task import task_model
-    from retrieval.features.preprocess import DecodePolicy, ImageError, prepare
+    from retrieval.extract.task import task_model
+    from retrieval.extract.preprocess import DecodePolicy, ImageError, prepare
 
     model, device = task_model(job)
     policy = DecodePolicy.from_config(job.preprocess_cfg)
@@ -101,16 +102,10 @@ def sample_rows(listing, sample: int, seed: int) -> list[tuple[str, str]]:
     return sorted(valid)
 
 
-def encode_sample(job: FitJob, rows: list[tuple[str, str]], spark=None) -> list[tuple]:
-    if spark is None:
-        return pooled_features(job, rows)
-    from retrieval.sparkutil import ProgressMonitor
-
-    sc = spark.sparkContext
-    parts = max(1, min(len(rows) // max(job.batch_size, 1), 4 * sc.defaultParallelism))
-    rdd = sc.parallelize(rows, parts).mapPartitions(functools.partial(_partition, job))
-    with ProgressMonitor(spark, "fit", total_tasks=parts):
-        return rdd.collect()
+def encode_sample(job: FitJob, rows: list[tuple[str, str]], engine: Engine) -> list[tuple]:
+    """The sample's pooled features, in batches of rows over the engine's tasks."""
+    parts = max(1, min(len(rows) // max(job.batch_size, 1), 4 * engine.parallelism))
+    return engine.map_batches(functools.partial(_partition, job), rows, parts, "fit")
 
 
 def _as_matrix(blobs: list[bytes], dim: int):
@@ -172,11 +167,13 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fit(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
-    """Run ``retrieval fit``; returns the model card (also written beside the checkpoint)."""
-    from retrieval.features.checkpoints import model_from_config, save_checkpoint
+def fit(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = None) -> dict:
+    """Run ``retrieval fit`` on ``engine`` (:func:`retrieval.engine.as_engine`); returns the model card
+    (also written beside the checkpoint)."""
+    from retrieval.extract.checkpoints import model_from_config, save_checkpoint
 
     t0 = time.monotonic()
+    engine = as_engine(engine)
     fc = cfg["fit"]
     fsio.configure(cfg["io.storage_options"])
     if output_url.endswith(".npz"):
@@ -200,7 +197,7 @@ def fit(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
                  bytes_column=ex.bytes_column)
     log.info("fit %s: %d of %d listed images, base model %s", input_url, len(rows), listing.num_rows,
              base_version)
-    encoded = encode_sample(job, rows, spark)
+    encoded = encode_sample(job, rows, engine)
     ok = sorted((r for r in encoded if r[3] is None), key=lambda r: r[0])
     errors = [r for r in encoded if r[3] is not None]
     if len(ok) < MIN_IMAGES:
@@ -216,7 +213,7 @@ def fit(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
             "images_used": len(ok), "image_errors": len(errors), "sample": fc["sample"], "seed": fc["seed"],
             "sample_sha256": ids_sha, "base_model_version": base_version, "base_heads": base_heads,
             "backbone": model.spec.backbone, "shrinkage": fc["shrinkage"], "power": fc["power"],
-            "facts": facts, "engine": "spark" if spark is not None else "local",
+            "facts": facts, "engine": engine.name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     meta = save_checkpoint(model, output_url, extra={"fit": card})
     card["model_version"] = meta["model_version"]
@@ -226,9 +223,3 @@ def fit(input_url: str, output_url: str, cfg: Config, spark=None) -> dict:
     log.info("fit done: model_version %s from %d images in %.1fs -> %s", card["model_version"], len(ok),
              card["timings"]["total_s"], output_url)
     return card
-
-
-def run_cli(args, cfg, spark) -> dict:
-    card = fit(args.input, args.output, cfg, spark)
-    keep = ("output", "model_version", "base_model_version", "images_used", "image_errors", "timings")
-    return {k: card[k] for k in keep} | {"adapter2": card["facts"]["adapter2"]}

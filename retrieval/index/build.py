@@ -1,21 +1,21 @@
-"""``retrieval build-index``: gallery feature outputs -> a sharded faiss IVF-PQ index directory.
+"""``retrieval index``: gallery feature outputs -> a sharded faiss IVF-PQ index directory.
 
-One entry point, :func:`build_index`, and one switch between engines: ``spark=None`` runs every
-step in this process, a SparkSession runs the per-file and per-shard steps as Spark tasks. Both
-call the same task functions on the same plan, so they write the same bytes (:mod:`.engine`).
+One entry point, :func:`build_index`, on an engine (:mod:`retrieval.engine`): the local engine runs
+every step in this process, the Spark engine runs the per-file and per-shard steps as Spark tasks.
+Both call the same task functions on the same plan, so they write the same bytes.
 Each phase below is a function returning a small dataclass; :func:`build_index` runs them in order.
 
 1. plan: the feature files of the given outputs (checked: complete, gallery, one model_version,
    dimension); parameters from N and the memory budget (:mod:`.params`);
 2. scan: one task per feature file verifies its sha256, counts bad vectors and draws its part
-   of the uniform training sample (:mod:`.train`);
+   of the uniform training sample (:mod:`.quantizer`);
 3. duplicates: ``image_id``s seen before, in (file_no, row) order (:mod:`.dedup`);
 4. train on the driver -> ``trained.index`` (the empty trained index, stored once) (:mod:`.layout`);
 5. shards: one task per slice of ``vectors_per_shard`` vectors adds them to a copy of the
    trained index (shipped as bytes) and writes ``shard-NNNNN.index`` (:mod:`.shard`); a rerun
    reuses finished shards; the tasks also compute their part of the quality figures;
 6. quality + nprobe tuning (:mod:`.quality`); optional ``merged.index`` (``--merge-ondisk``, :mod:`.layout`);
-7. ``manifest.json``, written last.
+7. the marker ``_manifest.json``, written last (:mod:`retrieval.outputs`).
 
 ``append=True`` adds new feature outputs to an existing index with its trained quantizer: new
 file numbers, new shards, updated manifest.
@@ -32,16 +32,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retrieval import fsio
+from retrieval import fsio, outputs
 from retrieval.config import Config
+from retrieval.engine import Engine, as_engine
 from retrieval.index import dedup, layout, skipped_rows
-from retrieval.index.engine import map_reduce, map_tasks, shard_task
 from retrieval.index.params import IndexParams, choose_params, is_fast_scan
 from retrieval.index.quality import K, make_queries, metrics, pick_sources
 from retrieval.index.reader import FeatureFile, FeatureInputError, list_feature_files
-from retrieval.index.shard import ShardJob, ShardResult, plan_slices
-from retrieval.index.store import MANIFEST, TRAINED, read_index_manifest
-from retrieval.index.train import FileScan, ScanJob, deserialize, scan_file
+from retrieval.index.shard import ShardJob, ShardResult, plan_slices, shard_task
+from retrieval.index.store import TRAINED, read_index_manifest
+from retrieval.index.quantizer import FileScan, ScanJob, deserialize, scan_file
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class _Run:
     feature_urls: list[str]
     output_url: str
     cfg: Config
-    spark: Any            # None: the local engine
+    engine: Engine
     append: bool
     merge_ondisk: bool
     ic: Any               # cfg["index"]
@@ -62,10 +62,6 @@ class _Run:
     seed: int
     every: float          # progress_seconds
     storage_options: dict
-
-    @property
-    def engine(self) -> str:
-        return "spark" if self.spark is not None else "local"
 
 
 @dataclass(frozen=True)
@@ -130,7 +126,7 @@ def _fingerprint(*parts: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # the phases of a build
-def _start(feature_urls: Sequence[str] | str, output_url: str, cfg: Config, spark, append: bool,
+def _start(feature_urls: Sequence[str] | str, output_url: str, cfg: Config, engine: Engine, append: bool,
            merge_ondisk: bool) -> _Run:
     """The settings; the output checked writable."""
     ic = cfg["index"]
@@ -138,12 +134,12 @@ def _start(feature_urls: Sequence[str] | str, output_url: str, cfg: Config, spar
     fsio.configure(storage_options)
     feature_urls = [feature_urls] if isinstance(feature_urls, str) else list(feature_urls)
     if not feature_urls:
-        raise ValueError("build-index: no feature outputs given (--features)")
+        raise ValueError("index: no feature outputs given (--features)")
     fsio.ensure_writable(output_url)
     if merge_ondisk and fsio.protocol_of(output_url) not in ("file", "local"):
         raise ValueError(f"--merge-ondisk needs a local output directory (an on-disk index is served "
                          f"from a local disk), got {output_url}")
-    return _Run(feature_urls=feature_urls, output_url=output_url, cfg=cfg, spark=spark, append=append,
+    return _Run(feature_urls=feature_urls, output_url=output_url, cfg=cfg, engine=engine, append=append,
                 merge_ondisk=merge_ondisk, ic=ic, dim=int(cfg["model.coarse_dim"]), seed=int(ic["seed"]),
                 every=float(ic["progress_seconds"]), storage_options=storage_options)
 
@@ -193,8 +189,7 @@ def _scan(run: _Run, plan: _Plan) -> _Scan:
     want = plan.params.train_size if plan.old is None else 4 * ic["quality_queries"]  # append: quality queries only
     job = ScanJob(dim=run.dim, rate=min(1.0, want / plan.n_rows), seed=run.seed, batch_rows=ic["batch_rows"],
                   hash_ids=on_driver, storage_options=run.storage_options)
-    scans: list[FileScan] = map_tasks(run.spark, functools.partial(scan_file, job), plan.files, "index scan",
-                                      run.every)
+    scans: list[FileScan] = run.engine.map(functools.partial(scan_file, job), plan.files, "index scan", run.every)
     return _Scan(job=job, scans=scans, on_driver=on_driver)
 
 
@@ -205,10 +200,10 @@ def _duplicates(run: _Run, plan: _Plan, scan: _Scan) -> dedup.Duplicates:
         hashes = {s.file_no: s.id_hashes for s in scan.scans}
         if old_files:
             hashes.update(zip([f.file_no for f in old_files],
-                              map_tasks(run.spark, dedup.file_hashes, old_files, "index ids", run.every)))
+                              run.engine.map(dedup.file_hashes, old_files, "index ids", run.every)))
         dups = dedup.find_from_hashes(all_files, hashes, first_new)
-    elif run.spark is not None:
-        dups = dedup.find_spark(run.spark, all_files, first_new, run.storage_options)
+    elif run.engine.is_spark:
+        dups = dedup.find_spark(run.engine, all_files, first_new, run.storage_options)
     else:
         dups = dedup.find_local(all_files, first_new)
     if dups.count and ic["duplicates"] == "error":
@@ -262,7 +257,7 @@ def _queries(run: _Run, sel: _Selection) -> _Queries:
 
 def _shards(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, queries: _Queries) -> _Shards:
     """5. one task per slice of ``vectors_per_shard`` vectors (+ their part of the quality figures)."""
-    ic, spark, output_url, old, n_rows = run.ic, run.spark, run.output_url, plan.old, plan.n_rows
+    ic, output_url, old, n_rows = run.ic, run.output_url, plan.old, plan.n_rows
     first_shard = len(old["shards"]) if old is not None else 0
     slices = plan_slices([(f.file_no, f.url, f.rows) for f in plan.files], int(ic["vectors_per_shard"]), first_shard,
                          sel.skip.rows_in, _fingerprint(trained.sha256, plan.params.index_key, ic["duplicates"]))
@@ -272,13 +267,12 @@ def _shards(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, queries:
                    threads=int(ic["threads"]), queries=queries.quality, source_ids=queries.source_ids, k=K,
                    grid=plan.params.nprobe_grid, faults=run.cfg["faults"].to_dict(),
                    storage_options=run.storage_options, progress_seconds=run.every)
-    trained_ref = spark.sparkContext.broadcast(trained.data) if spark is not None else trained.data
+    trained_ref = run.engine.broadcast(trained.data)
     try:
-        result: ShardResult = map_reduce(spark, functools.partial(shard_task, job, trained_ref), slices,
-                                         ShardResult.merge, "index shards", run.every)
+        result: ShardResult = run.engine.map_reduce(functools.partial(shard_task, job, trained_ref), slices,
+                                                    ShardResult.merge, "index shards", run.every)
     finally:
-        if spark is not None:
-            trained_ref.destroy()
+        trained_ref.destroy()
     stats = sorted(result.stats, key=lambda s: s["shard"])
     shard_counts = {k: sum(s["skipped"][k] for s in stats) for k in ("rows", "nan_inf", "zero")}
     skipped = sel.skipped
@@ -328,7 +322,7 @@ def _manifest(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, shards
                   "shards": [shards.first, shards.first + shards.count], "rows": plan.n_rows,
                   "added": sum(s["ntotal"] for s in stats),
                   "shards_reused": sum(1 for s in stats if s.get("reused")), "skipped": sel.skipped,
-                  "quality": quality, "timings": timings, "engine": run.engine,
+                  "quality": quality, "timings": timings, "engine": run.engine.name,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     manifest = {
         "stage": "index", "output": run.output_url, "fingerprint": plan.fingerprint,
@@ -343,7 +337,7 @@ def _manifest(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, shards
         "bytes_on_disk": disk, "bytes_per_vector": round(disk / max(ntotal, 1), 2),
         "quality": quality, "skipped": total_skipped, "timings": timings,
         "builds": (old.get("builds", []) if old is not None else []) + [this_build],
-        "config": run.cfg.to_dict(), "engine": run.engine, "created": this_build["created"],
+        "config": run.cfg.to_dict(), "engine": run.engine.name, "created": this_build["created"],
     }
     if merged is not None:
         manifest["merged"] = merged
@@ -351,21 +345,21 @@ def _manifest(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, shards
 
 
 # ---------------------------------------------------------------------------------------------
-def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config, spark=None,
+def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config, engine: Engine | Any = None,
                 append: bool = False, merge_ondisk: bool = False) -> dict:
     """Build (or, with ``append``, extend) the index at ``output_url`` from gallery feature
-    outputs; returns the manifest. ``spark=None`` runs locally (no JVM)."""
+    outputs on ``engine`` (:func:`retrieval.engine.as_engine`); returns the manifest."""
     t0 = t = time.monotonic()
     timings: dict[str, float] = {}
-    run = _start(feature_urls, output_url, cfg, spark, append, merge_ondisk)
+    run = _start(feature_urls, output_url, cfg, as_engine(engine), append, merge_ondisk)
     plan = _plan(run)
     if not append:
         existing = layout.existing(output_url, run.ic["mode"], plan.fingerprint)
         if existing is not None:
             return existing
-    log.info("build-index %s -> %s: %d feature files, %d rows, %s (%s), %s engine", ", ".join(run.feature_urls),
+    log.info("index %s -> %s: %d feature files, %d rows, %s (%s), %s engine", ", ".join(run.feature_urls),
              output_url, len(plan.files), plan.n_rows, plan.params.index_key, "appending" if append else "new index",
-             run.engine)
+             run.engine.name)
     scan = _scan(run, plan)
     t = _lap(timings, "scan_s", t)
     sel = _select(run, plan, scan)
@@ -383,8 +377,8 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
         _lap(timings, "merge_s", t)
     _lap(timings, "total_s", t0)
     manifest = _manifest(run, plan, sel, trained, shards, quality, merged, timings)
-    fsio.write_json(fsio.join(output_url, MANIFEST), manifest)  # 7. written last
-    log.info("build-index done: %d vectors in %d shards (%d reused), %s, nprobe %d, %.1f B/vector, %.1fs -> %s",
+    manifest = outputs.commit(output_url, "index", manifest)  # 7. written last
+    log.info("index done: %d vectors in %d shards (%d reused), %s, nprobe %d, %.1f B/vector, %.1fs -> %s",
              manifest["ntotal"], len(shards.manifest), manifest["builds"][-1]["shards_reused"], plan.params.index_key,
              manifest["nprobe"], manifest["bytes_per_vector"], timings["total_s"], output_url)
     return manifest

@@ -1,16 +1,15 @@
-"""``retrieval build-index``: argument handling only; the work is :func:`retrieval.index.build.build_index`."""
+"""``retrieval index`` (old name ``index``): argument handling only; the work is :func:`retrieval.index.build.build_index`."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
-
 from retrieval.config import Config
+from retrieval.engine import Engine
 
 
-def run(args: argparse.Namespace, cfg: Config, spark: Any) -> dict:
+def run_cli(args: argparse.Namespace, cfg: Config, engine: Engine) -> dict:
     from retrieval.index.build import build_index
 
-    m = build_index(args.features, args.output, cfg, spark, append=bool(args.append),
+    m = build_index(args.features, args.output, cfg, engine, append=bool(args.append),
                     merge_ondisk=bool(getattr(args, "merge_ondisk", False)))
     q = m["quality"]
     return {"output": args.output, "index_key": m["index_key"], "ntotal": m["ntotal"],

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from retrieval import fsio
+from retrieval.engine import as_engine
 from retrieval.index.reader import FeatureFile, FeatureInputError, read_column
 
 ID_SCHEMA = pa.schema([("image_id", pa.string()), ("file_no", pa.int64()), ("row", pa.int64())])
@@ -151,22 +152,24 @@ def _ids_task(storage_options: dict | None, batches: Iterable[pa.RecordBatch]) -
             yield from ids_table(f).to_batches()
 
 
-def find_spark(spark, files: Sequence[FeatureFile], first_new: int,
+def find_spark(engine, files: Sequence[FeatureFile], first_new: int,
                storage_options: dict | None = None) -> Duplicates:
+    """The Spark engine's plan: every file's ids read by tasks, one shuffle by id, the occurrences of
+    ids seen more than once back to the driver."""
     if not files:
         return Duplicates()
+    engine = as_engine(engine)
+    spark = engine.spark
     rows = [f.to_dict() for f in files]
     df = spark.createDataFrame(rows, "file_no long, url string, sha256 string, rows long, storage string, "
                                      "model_version string, output string")
-    n = max(1, min(len(rows), spark.sparkContext.defaultParallelism * 4))
+    n = max(1, min(len(rows), engine.parallelism * 4))
     ids = df.repartition(n).mapInArrow(functools.partial(_ids_task, storage_options),
                                        "image_id string, file_no long, row long")
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
     # one read, one shuffle (into ~2M ids per partition): the occurrences of ids seen more than once
-    parts = max(spark.sparkContext.defaultParallelism, -(-sum(f.rows for f in files) // 2_000_000))
-    occ = (ids.repartition(parts, "image_id")
-           .withColumn("n", F.count("*").over(Window.partitionBy("image_id")))
-           .filter("n > 1").select("image_id", "file_no", "row").toArrow())
+    parts = max(engine.parallelism, -(-sum(f.rows for f in files) // 2_000_000))
+    occ = engine.run("index duplicates", n + parts, lambda: (
+        ids.repartition(parts, "image_id")
+        .selectExpr("image_id", "file_no", "row", "count(1) OVER (PARTITION BY image_id) AS n")
+        .filter("n > 1").select("image_id", "file_no", "row").toArrow()))
     return resolve(occ.select(["image_id", "file_no", "row"]).cast(ID_SCHEMA), first_new)

@@ -9,11 +9,11 @@ from typing import Sequence
 
 import numpy as np
 
-from retrieval import fsio
+from retrieval import fsio, outputs
 from retrieval.index.params import IndexParams
 from retrieval.index.reader import FeatureInputError
-from retrieval.index.store import MANIFEST, TRAINED, read_index_manifest
-from retrieval.index.train import deserialize, serialize, set_threads, train_index
+from retrieval.index.store import TRAINED, read_index_manifest
+from retrieval.index.quantizer import deserialize, serialize, set_threads, train_index
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ def index_files(output_url: str) -> list[str]:
     out = []
     for p in fs.ls(root, detail=False):
         base = p.rstrip("/").rsplit("/", 1)[-1]
-        if base.startswith(("shard-", ".tmp-")) or base in (MANIFEST, TRAINED, TRAINED_MARKER, "_shards",
+        if base.startswith(("shard-", ".tmp-")) or base in (outputs.MARKER, *outputs.LEGACY_MARKERS.values(),
+                                                              TRAINED, TRAINED_MARKER, "_shards",
                                                               MERGED_INDEX, MERGED_DATA):
             out.append(base)
     return out
@@ -45,16 +46,18 @@ def index_files(output_url: str) -> list[str]:
 def existing(output_url: str, mode: str, build_fp: str) -> dict | None:
     """A complete index already at ``output_url``: returned when it is this very build, removed with
     ``mode=overwrite``, refused otherwise."""
-    if not fsio.exists(fsio.join(output_url, MANIFEST)):
+    if outputs.marker_of(output_url, "index") is None:
         return None
     existing = read_index_manifest(output_url)
     if mode == "overwrite":
         log.info("index.mode=overwrite: removing the index at %s", output_url)
-        remove(output_url, [MANIFEST])
+        remove(output_url, [outputs.MARKER, *outputs.LEGACY_MARKERS.values()])
         remove(output_url, index_files(output_url))
         return None
     if existing.get("fingerprint") == build_fp:
         log.info("%s is already complete for these inputs and settings: nothing to do", output_url)
+        if outputs.marker_of(output_url, "index") != outputs.marker_url(output_url):
+            existing = outputs.commit(output_url, "index", existing)      # the marker's pre-0.2 name
         return existing
     raise FileExistsError(f"{output_url} already holds a complete index built from other inputs or settings; "
                           "add to it with --append, or rebuild with --set index.mode=overwrite")

@@ -15,12 +15,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from retrieval import fsio
+from retrieval import fsio, outputs
+from retrieval.engine import task_error
 from retrieval.schema import column_matrix
 
-MANIFEST = "_manifest.json"
 
-
+@task_error
 class FeatureInputError(ValueError):
     """A gallery feature input cannot be indexed (the message names the output or file)."""
 
@@ -44,17 +44,11 @@ class FeatureFile:
 
 
 def read_extract_manifest(output_url: str) -> dict:
-    url = fsio.join(output_url, MANIFEST)
-    if not fsio.exists(url):
-        raise FeatureInputError(f"{output_url} has no {MANIFEST}: not a (complete) feature output "
-                                "of 'retrieval extract'")
+    """The extraction output's manifest; any problem with it is a :class:`FeatureInputError`."""
     try:
-        manifest = fsio.read_json(url)
-    except Exception as exc:
-        raise FeatureInputError(f"{url}: unreadable manifest: {exc}") from exc
-    if manifest.get("stage") != "extract":
-        raise FeatureInputError(f"{url}: not an extraction manifest (stage={manifest.get('stage')!r})")
-    return manifest
+        return outputs.read(output_url, "extract")
+    except (FileNotFoundError, outputs.OutputError) as exc:
+        raise FeatureInputError(str(exc)) from None
 
 
 def list_feature_files(output_urls: Sequence[str], first_file_no: int = 0,

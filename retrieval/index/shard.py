@@ -25,31 +25,22 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import faiss
 import numpy as np
 
 from retrieval import faults, fsio
+from retrieval.engine import task_attempt
 from retrieval.index import idmap
 from retrieval.index.quality import Partial, cell_of_ids, exact_topk
 from retrieval.index.reader import clean, iter_coarse
-from retrieval.index.train import deserialize, set_threads
+from retrieval.index.quantizer import deserialize, set_threads
 from retrieval.progress import Progress
 
 log = logging.getLogger(__name__)
 
 _TRAINED: dict[str, faiss.Index] = {}
-
-
-def _attempt() -> int:
-    """The Spark task attempt number (0 locally)."""
-    try:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-        return int(ctx.attemptNumber()) if ctx is not None else 0
-    except ImportError:  # pragma: no cover - pyspark is a dependency
-        return 0
 
 
 def shard_file(shard: int) -> str:
@@ -236,7 +227,7 @@ def run_shard(job: ShardJob, trained_data: bytes, spec: SliceSpec) -> ShardResul
                  "bytes": len(data), "ntotal": int(index.ntotal), "fingerprint": spec.fingerprint,
                  "trained_sha256": job.trained_sha256,
                  "segments": [[f, s, e] for f, _, s, e in spec.segments], "skipped": counts,
-                 "seconds": round(time.monotonic() - t0, 3), "reused": False, "attempt": _attempt()}
+                 "seconds": round(time.monotonic() - t0, 3), "reused": False, "attempt": task_attempt()}
         fsio.write_json(marker_url, stats)
     else:
         marker, data = reuse
@@ -258,3 +249,9 @@ def run_shard(job: ShardJob, trained_data: bytes, spec: SliceSpec) -> ShardResul
     log.info("shard %d: %d vectors (%s) in %.1fs", spec.shard, stats["ntotal"],
              "reused" if reuse else "built", time.monotonic() - t0)
     return ShardResult([json.loads(json.dumps(stats))], quality)
+
+
+def shard_task(job: ShardJob, trained: Any, spec: SliceSpec) -> ShardResult:
+    """The engine's task: one slice -> one shard file. ``trained``: the trained index's bytes, or a
+    :class:`retrieval.engine.Shared` holding them."""
+    return run_shard(job, trained.value if hasattr(trained, "value") else trained, spec)

@@ -6,7 +6,7 @@ import numpy as np
 
 from retrieval.index import dedup, idmap
 from retrieval.index.reader import FeatureFile
-from retrieval.index.train import FileScan
+from retrieval.index.quantizer import FileScan
 
 
 def sample_of(scans: list[FileScan], dups: dedup.Duplicates, dim: int) -> tuple[np.ndarray, np.ndarray]:

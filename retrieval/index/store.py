@@ -2,7 +2,8 @@
 
 Layout of an index directory (docs/index.md)::
 
-    manifest.json            written LAST: parameters, feature files, shards, quality, sha256s
+    _manifest.json           written LAST: parameters, feature files, shards, quality, sha256s
+                             (indexes built before 0.2: manifest.json, still read)
     trained.index            the empty trained index (quantizer + codebooks), stored once
     shard-NNNNN.index        inverted lists (codes + int64 ids) with an empty quantizer
     _shards/shard-NNNNN.json per-shard completion markers (resume)
@@ -21,11 +22,12 @@ from collections import OrderedDict
 import faiss
 import numpy as np
 
-from retrieval import fsio
+from retrieval import fsio, outputs
+from retrieval.engine import task_error
 from retrieval.index.shard import attach
-from retrieval.index.train import deserialize
+from retrieval.index.quantizer import deserialize
 
-MANIFEST = "manifest.json"
+MANIFEST = outputs.MARKER
 TRAINED = "trained.index"
 
 _CACHE: "OrderedDict[tuple, faiss.Index]" = OrderedDict()
@@ -33,20 +35,15 @@ _LOCK = threading.Lock()
 _CACHE_SIZE = 2
 
 
+@task_error
 class IndexIntegrityError(ValueError):
     """An index file is missing or does not match the sha256 in the manifest."""
 
 
 def read_index_manifest(index_url: str) -> dict:
     """The manifest of a COMPLETE index (clear error if missing, unreadable or incomplete)."""
-    url = fsio.join(index_url, MANIFEST)
-    if not fsio.exists(url):
-        raise FileNotFoundError(f"{index_url} has no {MANIFEST}: not a (complete) index; "
-                                "build it with 'retrieval build-index'")
-    try:
-        manifest = fsio.read_json(url)
-    except Exception as exc:
-        raise ValueError(f"{url}: unreadable index manifest: {exc}") from exc
+    manifest = outputs.read(index_url, "index", hint="; build it with 'retrieval index'")
+    url = outputs.marker_of(index_url, "index")
     missing = [k for k in ("stage", "index_key", "trained", "shards", "feature_files", "nprobe")
                if k not in manifest]
     if manifest.get("stage") != "index" or missing:

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from retrieval.engine import Engine
 from retrieval.search import blocks as blocks_mod
 from retrieval.search import coarse as coarse_mod
 from retrieval.search.queries import Chunk
@@ -162,16 +163,14 @@ def _write_partition(job: SearchJob, index: int, records: Iterable[tuple]) -> It
     yield write_task(job, job.chunks[index], (r for _, r in records))
 
 
-def run_spark(spark, job: SearchJob, progress_seconds: float = 10.0) -> list[dict]:
+def run_spark(engine: Engine, job: SearchJob, progress_seconds: float = 10.0) -> list[dict]:
     """Up to ``shard_cache`` shards: one task per chunk searches every shard and merges
     (:func:`_fused_task`). More: one coarse task per (shard group x chunk), group-major so
     consecutive tasks reuse the cached shards, their per-shard lists shuffled by chunk
     (``partitionBy``) to one merge task per chunk. Chunk-major: that task also reranks and writes.
     Gallery-major: it routes the pairs to one task per gallery block (shuffle), whose kept pairs
     go to one task per chunk (shuffle) that selects and writes."""
-    from retrieval.sparkutil import ProgressMonitor
-
-    sc = spark.sparkContext
+    sc = engine.spark.sparkContext
     n_chunks = len(job.chunks)
     groups = shard_groups(job)
     chunk_major = job.rerank == "chunk"
@@ -191,5 +190,4 @@ def run_spark(spark, job: SearchJob, progress_seconds: float = 10.0) -> list[dic
                          (_label_partition, len(job.blocks)), (_write_partition, n_chunks)):
             rdd = rdd.partitionBy(n, lambda key: key).mapPartitionsWithIndex(functools.partial(stage, job))
         total += 2 * (len(job.blocks) + n_chunks)
-    with ProgressMonitor(spark, "search", total_tasks=total, every=progress_seconds):
-        return rdd.collect()
+    return engine.run("search", total, rdd.collect, every=progress_seconds)

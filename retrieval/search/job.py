@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval import fsio, integrity
+from retrieval import fsio, integrity, outputs
+from retrieval.engine import Engine, as_engine
 from retrieval.schema import RESULT_SCHEMA, conform_results
 from retrieval.search import blocks as blocks_mod
 from retrieval.search import coarse as coarse_mod
@@ -27,32 +29,30 @@ from retrieval.search.engines import run_local, run_spark
 from retrieval.search.tasks import SearchJob, part_name
 
 log = logging.getLogger(__name__)
-MANIFEST = "_manifest.json"
 QUERY_FEATURES = "query_features"
 
 
 def _clean_output(output_url: str) -> None:
     """Remove the manifest first (the output is incomplete from now on), then old result parts."""
+    outputs.begin(output_url)
     fs, root = fsio.url_to_fs(output_url)
     root = root.rstrip("/")
-    if fs.exists(f"{root}/{MANIFEST}"):
-        fs.rm(f"{root}/{MANIFEST}")
     for p in fs.glob(f"{root}/part-*.parquet") + fs.glob(f"{root}/.tmp-*"):
         fs.rm(p)
 
 
-def verify_index_inputs(index_url: str, index_manifest: dict, spark=None, storage_options=None) -> None:
+def verify_index_inputs(index_url: str, index_manifest: dict, engine=None, storage_options=None) -> None:
     """Every file the index manifest lists (trained part, shards, gallery feature files) against its
     sha256, hashed once per run in parallel, before anything is written: a clear error naming the
     file on both engines (tasks verify the shards they load again, as they read them anyway)."""
     from retrieval.index import store
 
-    where = fsio.join(index_url, store.MANIFEST)
+    where = outputs.marker_of(index_url, "index") or outputs.marker_url(index_url)
     index_files = [(fsio.join(index_url, fsio.safe_relpath(e["file"])), e.get("sha256"))
                    for e in [index_manifest["trained"], *index_manifest["shards"]]]
-    integrity.verify_files(index_files, "index file", where, spark, storage_options)
+    integrity.verify_files(index_files, "index file", where, engine, storage_options)
     integrity.verify_files([(f["url"], f.get("sha256")) for f in index_manifest["feature_files"]],
-                           "gallery feature file", where, spark, storage_options)
+                           "gallery feature file", where, engine, storage_options)
 
 
 def plan_rerank(job: SearchJob, configured: str) -> tuple[SearchJob, dict]:
@@ -139,7 +139,7 @@ def make_job(output_url: str, index_url: str, index_manifest: dict, qfiles: list
     return plan_rerank(job, sc.rerank)
 
 
-def run(job: SearchJob, spark=None, progress_seconds: float = 10.0) -> list[dict]:
+def run(job: SearchJob, engine: Engine, progress_seconds: float = 10.0) -> list[dict]:
     """Every chunk's part file written by the engine (an empty part for no queries): their stats
     in chunk order."""
     if not job.chunks:
@@ -148,27 +148,28 @@ def run(job: SearchJob, spark=None, progress_seconds: float = 10.0) -> list[dict
             pq.write_table(RESULT_SCHEMA.empty_table(), fh)
         return [{"chunk": 0, "file": part_name(0), "rows": 0, "sha256": fsio.sha256_file(url),
                  "queries": 0, "queries_with_results": 0, "queries_with_shortlist": 0}]
-    stats = run_local(job) if spark is None else run_spark(spark, job, progress_seconds)
+    stats = run_spark(engine, job, progress_seconds) if engine.is_spark else run_local(job)
     return sorted(stats, key=lambda s: s["chunk"])
 
 
-def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -> dict:
-    """Run the two-stage search; returns the manifest. ``spark=None`` runs locally (no JVM)."""
+def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engine | Any = None) -> dict:
+    """Run the two-stage search on ``engine`` (:func:`retrieval.engine.as_engine`: an engine, a
+    SparkSession, or None for this process); returns the manifest."""
     from retrieval.index import store
 
     t0 = time.monotonic()
+    engine = as_engine(engine)
     sc = cfg.search
-    fsio.configure(cfg["io.storage_options"])
-    fsio.ensure_writable(output_url)
+    outputs.prepare(output_url, cfg["io.storage_options"])
     index_manifest = store.read_index_manifest(index_url)
     # before anything is written: a background of another model is an error, not an empty output
     background = normalize_mod.load_background(sc.normalize, index_manifest,
                                                list(store.feature_file_urls(index_manifest)))
     if sc.verify:
-        verify_index_inputs(index_url, index_manifest, spark, cfg["io.storage_options"])
+        verify_index_inputs(index_url, index_manifest, engine, cfg["io.storage_options"])
     _clean_output(output_url)
     qf_url, qman, encode_s = q_mod.resolve_queries(queries_url, output_url, index_url, index_manifest,
-                                                   cfg, spark)
+                                                   cfg, engine)
     qfiles, qrows = q_mod.query_files(qf_url, qman, sc.verify)
     job, column = make_job(output_url, index_url, index_manifest, qfiles, qman, qrows, cfg, background)
     log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, "
@@ -176,16 +177,14 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, spark=None) -
              job.n_shards, job.nprobe, job.shortlist, job.shard_shortlist, job.k, job.rerank,
              f" over {len(job.blocks)} gallery blocks" if job.blocks else "")
     t1 = time.monotonic()
-    stats = run(job, spark, sc.progress_seconds)
-    manifest = {
-        "stage": "search", "model_version": index_manifest.get("model_version"),
+    stats = run(job, engine, sc.progress_seconds)
+    manifest = outputs.commit(output_url, "search", {
+        "model_version": index_manifest.get("model_version"),
         "index": index_url, "queries": queries_url, "query_features": qf_url, "output": output_url,
-        "engine": "spark" if spark is not None else "local", "schema": RESULT_SCHEMA.to_string(),
+        "schema": RESULT_SCHEMA.to_string(),
         **summarize(job, cfg, stats, qrows, qman, column, {"encode_s": encode_s, "search_s": time.monotonic() - t1,
                                                             "total_s": time.monotonic() - t0}),
-        "config": cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    fsio.write_json(fsio.join(output_url, MANIFEST), manifest)
+    }, engine=engine, cfg=cfg)
     log.info("search done: %d queries, %d with results, %d rows in %.1fs -> %s", manifest["counts"]["queries"],
              manifest["counts"]["queries_with_results"], manifest["counts"]["rows"],
              manifest["timings"]["total_s"], output_url)
@@ -237,16 +236,11 @@ def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: di
 
 def read_results(output_url: str) -> pa.Table:
     """All result rows of a COMPLETE search output (files checked against the manifest)."""
-    murl = fsio.join(output_url, MANIFEST)
-    if not fsio.exists(murl):
-        raise FileNotFoundError(f"{output_url} has no {MANIFEST}: not a (complete) search output")
-    m = fsio.read_json(murl)
-    if m.get("stage") != "search":
-        raise ValueError(f"{murl}: stage is {m.get('stage')!r}, expected 'search'")
+    m = outputs.read(output_url, "search")
     tables = []
     for f in m.get("files", []):
         url = fsio.join(output_url, fsio.safe_relpath(f["file"]))
         if f.get("sha256") and fsio.sha256_file(url) != f["sha256"]:
-            raise ValueError(f"result file {url} does not match the sha256 in {murl}")
+            raise ValueError(f"result file {url} does not match the sha256 in {outputs.marker_url(output_url)}")
         tables.append(conform_results(fsio.read_parquet(url)))
     return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()

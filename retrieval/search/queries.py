@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from retrieval import fsio
+from retrieval import fsio, outputs
 from retrieval.config import Config
 
 log = logging.getLogger(__name__)
@@ -16,17 +16,8 @@ class IncompatibleModelError(ValueError):
 
 
 def extraction_manifest(url: str) -> dict | None:
-    """The ``_manifest.json`` of an extraction output at ``url``, or None if ``url`` is not one."""
-    murl = fsio.join(url, "_manifest.json")
-    try:
-        if not fsio.exists(murl):
-            return None
-        m = fsio.read_json(murl)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except ValueError as exc:
-        raise ValueError(f"{murl} is not valid JSON: {exc}") from None
-    return m if isinstance(m, dict) and m.get("stage") == "extract" else None
+    """The manifest of an extraction output at ``url``, or None if ``url`` is not one."""
+    return outputs.find(url, "extract")
 
 
 def check_compatible(query_version: str, index_url: str, index_manifest: dict, where: str) -> None:
@@ -47,13 +38,13 @@ def check_compatible(query_version: str, index_url: str, index_manifest: dict, w
 
 
 def config_model_version(cfg: Config) -> str:
-    from retrieval.features.checkpoints import model_from_config
+    from retrieval.extract.checkpoints import model_from_config
 
     return model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict()).model_version()
 
 
 def resolve_queries(queries_url: str, output_url: str, index_url: str, index_manifest: dict,
-                    cfg: Config, spark=None) -> tuple[str, dict, float]:
+                    cfg: Config, engine=None) -> tuple[str, dict, float]:
     """``(query_features_url, its manifest, encode seconds)``. Query features are used as they
     are; anything else is an extraction input, encoded with role=query into
     ``<output>/query_features`` (incremental: a rerun reuses finished shards) - but only after the
@@ -69,11 +60,11 @@ def resolve_queries(queries_url: str, output_url: str, index_url: str, index_man
         check_compatible(m.get("model_version"), index_url, index_manifest, queries_url)
         return queries_url, m, 0.0
     check_compatible(config_model_version(cfg), index_url, index_manifest, "the configured model")
-    from retrieval.features.extract import extract   # torch: only when queries are images
+    from retrieval.extract.job import extract   # torch: only when queries are images
 
     t0 = time.monotonic()
     qf_url = fsio.join(output_url, "query_features")
-    m = extract(queries_url, qf_url, cfg.with_overrides({"extract.role": "query"}), spark)
+    m = extract(queries_url, qf_url, cfg.with_overrides({"extract.role": "query"}), engine)
     check_compatible(m["model_version"], index_url, index_manifest, qf_url)
     return qf_url, m, time.monotonic() - t0
 

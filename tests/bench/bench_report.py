@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval import config, fsio
-from retrieval.audit import build_report
-from retrieval.audit.scan import RESULT_SCHEMA
+from retrieval.report import build_report
+from retrieval.report.scan import RESULT_SCHEMA
 
 
 def write_results(root: str, n_queries: int, k: int, files: int, seed: int = 0) -> int:

@@ -6,7 +6,7 @@
     .venv/bin/python tests/bench/bench_scale.py --n 300000 --match 500 --nomatch 500 --exact-sample 200  # quick
 
 Resumable: every step leaves a completion marker in ``--workdir`` and is skipped when it is there
-(gallery parts and queries: their ``_manifest.json``; index: ``manifest.json``; search:
+(gallery parts and queries: their ``_manifest.json``; index: ``_manifest.json``; search:
 ``_manifest.json``; measurements: ``*.json`` beside them), so a killed run is restarted by running
 the same command again.
 
@@ -16,7 +16,7 @@ the same command again.
    memory at a time.
 2. **queries**: ``--match`` perturbed copies of known gallery rows and ``--nomatch`` fresh items
    (``synthetic.queries``), as a query feature output.
-3. **build-index**: ``retrieval build-index --engine local`` (every default: the index parameters
+3. **index**: ``retrieval index --engine local`` (every default: the index parameters
    come from N and the memory budget) in a child process.
 4. **search**: ``retrieval search --engine local`` (defaults: shortlist by gallery size --
    ``search.shortlist`` 0, 1,050 at 10M --, k 10, ``search.nprobe``) in a child process; then again
@@ -150,7 +150,7 @@ import json, sys, time
 import retrieval.index
 import numpy as np
 from retrieval.evaluate import exact_search
-from retrieval.features.extract import read_features
+from retrieval.extract.job import read_features
 from retrieval.index import store
 from retrieval.schema import fine_matrix
 work, queries, index, sample_n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -170,7 +170,7 @@ import retrieval.index
 import faiss
 import numpy as np
 from retrieval import fsio
-from retrieval.features.extract import read_features
+from retrieval.extract.job import read_features
 from retrieval.index import store
 from retrieval.schema import coarse_matrix
 work, queries, index, nprobe = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -206,7 +206,7 @@ import json, sys, time
 import retrieval.index
 import faiss
 import numpy as np
-from retrieval.features.extract import read_features
+from retrieval.extract.job import read_features
 from retrieval.index import store
 from retrieval.schema import coarse_matrix
 work, queries, index = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -339,7 +339,7 @@ def locality(work: Path, cli: list[str], qurl: str, sets: list[str], spec: str) 
 def figures(work: Path, args, source: np.ndarray, runs: dict, searches: list[str]) -> dict:
     import pyarrow as pa
 
-    im = json.loads((work / "index" / "manifest.json").read_text())
+    im = json.loads((work / "index" / "_manifest.json").read_text())
     n = args.n
     feat_bytes = du(work / "gallery")
     return {
@@ -396,10 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     qurl, source = write_queries(work, args.n, args.match, args.nomatch)
     sets = [x for s in args.sets for x in ("--set", s)]
     cli = [PY, "-c", "import sys; from retrieval.cli import entry; entry(sys.argv[1:])"]
-    if not (work / "index" / "manifest.json").exists():
-        (work / "build-index.json").unlink(missing_ok=True)
-    runs["build-index"] = measured("build-index", work, cli + [
-        "build-index", *[x for p in parts for x in ("--features", p)], "--output", str(work / "index"),
+    if not (work / "index" / "_manifest.json").exists():
+        (work / "index.json").unlink(missing_ok=True)
+    runs["index"] = measured("index", work, cli + [
+        "index", *[x for p in parts for x in ("--features", p)], "--output", str(work / "index"),
         "--engine", "local", *sets])
     if args.locality:
         loc = locality(work, cli, qurl, sets, args.locality)

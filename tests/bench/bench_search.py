@@ -13,7 +13,7 @@ the sizes match):
 3. exact 512-d brute force: faiss ``IndexFlatIP`` over the stored (dequantised) gallery vectors,
    all queries once (the exact lists, cached), then re-timed on ``--brute-sample`` queries in every
    repeat (search only: loading the vectors is not counted, which favours it);
-4. the library path (``search(..., spark=None)``) at shortlist 100/500/1000 x two nprobe values, and
+4. the library path (``search(..., engine=None)``) at shortlist 100/500/1000 x two nprobe values, and
    the Spark job end to end (``retrieval search`` in a subprocess: JVM start, planning, writing and
    the manifest included) for the default setting (``--spark-grid``: for every setting);
 5. ``--repeats`` times (default 3): brute force re-timed, the library run of every setting, the Spark
@@ -43,7 +43,7 @@ sys.path.insert(0, ROOT)
 # after every kernel call (see retrieval/__init__.py)
 import retrieval  # noqa: E402,F401
 from retrieval import config, fsio, synthetic  # noqa: E402
-from retrieval.features.extract import read_features  # noqa: E402
+from retrieval.extract.job import read_features  # noqa: E402
 from retrieval.schema import fine_matrix  # noqa: E402
 
 
@@ -76,11 +76,11 @@ def prepare(args) -> tuple[str, str, str, np.ndarray]:
                                        storage="int8", role="query", id_prefix="q")
         np.save(src_file, source)
         log(f"queries: {len(source)} written in {time.monotonic() - t:.0f}s")
-    if not fsio.exists(os.path.join(idx, "manifest.json")):   # retrieval.index.store.MANIFEST
+    if not fsio.exists(os.path.join(idx, "_manifest.json")):   # retrieval.index.store.MANIFEST
         from retrieval.index.build import build_index
 
         t = time.monotonic()
-        build_index([gal], idx, config.load(), spark=None)
+        build_index([gal], idx, config.load(), engine=None)
         log(f"index built in {time.monotonic() - t:.0f}s")
     return gal, qf, idx, np.load(src_file)
 
@@ -185,7 +185,7 @@ def run_library(qf: str, idx: str, out: str, sets: list[str]) -> float:
 
     cfg = config.load(sets=[*sets, "search.verify=false"])
     t = time.monotonic()
-    search(qf, idx, out, cfg, spark=None)
+    search(qf, idx, out, cfg, engine=None)
     return time.monotonic() - t
 
 

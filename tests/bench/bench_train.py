@@ -42,12 +42,12 @@ def _table(title: str, result: dict) -> str:
 def acceptance(asset: str, out: str, shortlist: int) -> dict:
     import torch
 
-    from retrieval.features.checkpoints import load_delta
-    from retrieval.features.model import build_model
+    from retrieval.extract.checkpoints import load_delta
+    from retrieval.extract.model import build_model
     from retrieval.sample import make_sample, real_photos
-    from retrieval.training.data import load_images
-    from retrieval.training.default_model import write_manifest
-    from retrieval.training.evaluate import coarse_query_cost, copies_eval_set, evaluate_models, sample_eval_set
+    from retrieval.train.data import load_images
+    from retrieval.train.default_model import write_manifest
+    from retrieval.train.evaluate import coarse_query_cost, copies_eval_set, evaluate_models, sample_eval_set
 
     models = {"trained (default)": load_delta(asset), "seed heads": build_model()}
     sample = make_sample(os.path.join(out, "sample"), seed=0)
@@ -71,8 +71,8 @@ def dist_vs_single(out: str) -> dict:
     from retrieval.config import load
     from retrieval.sample import real_photos
     from retrieval.sparkutil import get_spark
-    from retrieval.training.default_model import write_manifest
-    from retrieval.training.trainer import TrainJob, run_distributed, run_training
+    from retrieval.train.default_model import write_manifest
+    from retrieval.train.trainer import TrainJob, run_distributed, run_training
 
     photos = write_manifest(real_photos("train")[:16], os.path.join(out, "train16.csv"))
     sets = ["train.stages=[1,2,3]", "train.stage1.steps=4", "train.stage2.steps=30", "train.stage3.steps=30",
@@ -86,7 +86,7 @@ def dist_vs_single(out: str) -> dict:
     try:
         t0 = time.monotonic()
         job = TrainJob.from_config(photos, os.path.join(out, "dist"), load(sets=[*sets, "train.processes=2"]))
-        res["torchdistributor"] = run_distributed(job, processes=2)
+        res["torchdistributor"] = run_distributed(spark, job, processes=2)
         res["torchdistributor"]["wall_s"] = round(time.monotonic() - t0, 1)
     finally:
         spark.stop()
@@ -98,7 +98,7 @@ def dist_vs_single(out: str) -> dict:
 
 
 def main() -> int:
-    from retrieval.features.checkpoints import DEFAULT_MODEL
+    from retrieval.extract.checkpoints import DEFAULT_MODEL
 
     p = argparse.ArgumentParser()
     p.add_argument("--asset", default=DEFAULT_MODEL)

@@ -3,7 +3,7 @@ search's coarse stage with faiss on that machine (one prepared run, for plan.py'
 
 What it measures (each part runs even when another one fails; one JSON summary at the end):
 
-1. ``extract_job``: the extraction job's own library code, ``retrieval.features.extract.extract``,
+1. ``extract_job``: the extraction job's own library code, ``retrieval.extract.job.extract``,
    on ~4,096 generated photo-like JPEGs (512 x 384, quality 90), role gallery, the shipped default
    model (``model.checkpoint=default``, MobileNetV2), ``model.device=cuda``,
    ``extract.batch_size=256``, R_hi 224 px, int8 storage (the default), 4 shards. It is run twice
@@ -14,12 +14,12 @@ What it measures (each part runs even when another one fails; one JSON summary a
 2. ``bare_forward``: the same model (``model_from_config``) on the same GPU, fp32, on tensors
    decoded beforehand from the same JPEGs: the gallery path (``encode_gallery``, one 224 px pass),
    batch 256, input already on the GPU, timed with ``torch.cuda.synchronize``, median of the timed
-   batches after warm-up. Also: the same batch through ``retrieval.features.task.encode`` (stack + host->device
+   batches after warm-up. Also: the same batch through ``retrieval.extract.task.encode`` (stack + host->device
    copy + forward + device->host copy: what the job calls per batch), and the query path
    (``encode_query``: R_lo 160 coarse + R_hi 224 fine).
 3. ``faiss_coarse``: the index the project builds for 1,000,000 128-d coarse vectors
    (``retrieval.index.params.choose_params`` -> e.g. ``IVF4096,PQ32x4fs``, trained by
-   ``retrieval.index.train.train_index`` on its training sample), over synthetic clustered
+   ``retrieval.index.quantizer.train_index`` on its training sample), over synthetic clustered
    vectors (``retrieval.synthetic``); 65,536 queries (half perturbed copies of gallery vectors),
    nprobe 16, k 200 (``search.shortlist`` at 1M) and k 2000, 16 threads; two ways: faiss's own
    ``index.search``, and the search job's path (``retrieval.search.coarse.assign`` +
@@ -27,7 +27,7 @@ What it measures (each part runs even when another one fails; one JSON summary a
 
 Why Spark is not in it: the device machine has no Java and cannot install pyspark (the wheel is
 far above what may travel there). A Spark extraction task calls exactly ``run_shard`` (one shard
-per task, ``mapInArrow``), and ``extract(..., spark=None)`` calls the same ``run_shard`` shard after
+per task, ``mapInArrow``), and ``extract(..., engine=None)`` calls the same ``run_shard`` shard after
 shard, so the local path measures what one GPU task does; Spark's own per-task overhead (JVM,
 Arrow hand-off of the listing rows, scheduling) is not included. ``run_shard`` imports
 ``pyspark.TaskContext`` for the attempt number, so a stub whose ``TaskContext.get()`` returns
@@ -150,7 +150,7 @@ def extract_cfg():
 
 
 def part_extract(images: str) -> dict:
-    from retrieval.features.extract import extract
+    from retrieval.extract.job import extract
 
     cfg = extract_cfg()
     runs = []
@@ -158,7 +158,7 @@ def part_extract(images: str) -> dict:
         out = os.path.join(WORK, f"features_run{r}")
         shutil.rmtree(out, ignore_errors=True)
         t = time.monotonic()
-        m = extract(images, out, cfg, spark=None)
+        m = extract(images, out, cfg, engine=None)
         wall = time.monotonic() - t
         sh = m["shards"]
         ok = m["counts"]["ok"]
@@ -181,7 +181,7 @@ def part_extract(images: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # 2. bare forward
 def _decode(paths: list[str], sizes: tuple[int, ...]) -> list[list]:
-    from retrieval.features.preprocess import DecodePolicy, prepare
+    from retrieval.extract.preprocess import DecodePolicy, prepare
 
     pol = DecodePolicy()
     out = []
@@ -221,9 +221,9 @@ def _rate(times: list[float], batch: int) -> dict:
 def part_bare(images: str) -> dict:
     import torch
 
-    from retrieval.features.task import encode
-    from retrieval.features.checkpoints import model_from_config
-    from retrieval.sparkutil import task_device, task_threads
+    from retrieval.extract.task import encode
+    from retrieval.extract.checkpoints import model_from_config
+    from retrieval.engine import task_device, task_threads
 
     cfg = extract_cfg()
     device = task_device(DEVICE)
@@ -316,7 +316,7 @@ def part_faiss() -> dict:
     from retrieval import config
     from retrieval.index.params import choose_params
     from retrieval.index.store import set_nprobe
-    from retrieval.index.train import set_threads, train_index
+    from retrieval.index.quantizer import set_threads, train_index
     from retrieval.search.coarse import assign, search_shard
 
     threads = set_threads(FAISS_THREADS)

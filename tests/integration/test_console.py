@@ -3,7 +3,7 @@ shows the project's progress and summary lines, not the JVM's log4j banner and w
 shipped ``retrieval/conf/log4j2.properties`` goes to the driver (and local executors) through
 extraJavaOptions merged with the user's, and ``--log-level`` governs the JVM's level too.
 
-Real runs in subprocesses (each its own driver JVM, as a user's run): ``build-index`` on 2,000
+Real runs in subprocesses (each its own driver JVM, as a user's run): ``index`` on 2,000
 synthetic vectors is the cheapest stage that starts a SparkSession (~10 s each here)."""
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _env() -> dict:
 
 
 def _build_index(features: str, out: str, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "retrieval.cli", "build-index", "--features", features, "--output", out,
+    cmd = [sys.executable, "-m", "retrieval.cli", "index", "--features", features, "--output", out,
            "--master", "local[1]", "--set", "index.quality_queries=50", *extra]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
 
@@ -59,7 +59,7 @@ def _assert_quiet(console: str) -> None:
     chatter += [ln for ln in lines if re.search(r" INFO (py4j|faiss)", ln)]   # libraries' INFO lines
     assert not chatter, chatter[:20]
     # the project's own lines: the stage's start, its steps and its one summary line
-    assert any(PROJECT_LINE.match(ln) and "build-index done:" in ln for ln in lines), console[-4000:]
+    assert any(PROJECT_LINE.match(ln) and "index done:" in ln for ln in lines), console[-4000:]
     assert any(PROJECT_LINE.match(ln) and "spark engine" in ln for ln in lines), console[-4000:]
     # anything else is a JVM warning or error (e.g. a heartbeat timeout on a loaded machine), not
     # a banner, INFO chatter or a library's INFO line
@@ -86,14 +86,14 @@ def test_debug_lets_sparks_info_through_and_keeps_the_users_java_options(feature
     assert "Using Spark's default log4j profile" not in err
     assert "Setting default log level to" not in err     # Spark's shell filter would hide INFO
     assert "NativeCodeLoader" not in err                 # the user's -Dretrieval.log.noise=ERROR
-    assert any(PROJECT_LINE.match(ln) and "build-index done:" in ln for ln in err.splitlines())
+    assert any(PROJECT_LINE.match(ln) and "index done:" in ln for ln in err.splitlines())
 
 
 def test_spark_submit_job_is_quiet_too(features, tmp_path):
     """jobs/*.py under spark-submit: the driver JVM is up before Python runs (on Spark's built-in
     profile); get_spark switches it to the project's file before the SparkContext logs."""
     cmd = [os.path.join(os.path.dirname(sys.executable), "spark-submit"), "--master", "local[1]",
-           os.path.join(ROOT, "jobs", "build_index.py"), "--features", features,
+           os.path.join(ROOT, "jobs", "index.py"), "--features", features,
            "--output", str(tmp_path / "idx"), "--set", "index.quality_queries=50"]
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=180)
     # spark-submit's PythonRunner copies the Python process's stderr to its stdout

@@ -19,19 +19,19 @@ pytestmark = pytest.mark.skipif(
     not (os.environ.get("CI") or os.environ.get("RETRIEVAL_SLOW_TESTS")),
     reason="slow (Airflow install ~1.5 min once, a full pipeline run ~3 min): runs in CI (CI set) "
            "or with RETRIEVAL_SLOW_TESTS=1")
-SPARK_TASKS = {"fit": "fit.py", "extract_gallery": "extract_features.py", "build_index": "build_index.py",
-               "append_index": "build_index.py", "extract_queries": "extract_features.py",
-               "extract_background": "extract_features.py", "search": "search.py",
-               "audit_report": "audit_report.py"}
+SPARK_TASKS = {"fit": "fit.py", "extract_gallery": "extract.py", "index": "index.py",
+               "index_append": "index.py", "extract_queries": "extract.py",
+               "extract_background": "extract.py", "search": "search.py",
+               "report": "report.py"}
 MODEL_TASKS = {"extract_gallery", "extract_queries", "extract_background", "search"}   # --set model.checkpoint
 AFTER_MODEL = ["check_background", "check_new_gallery", "extract_queries"]
 EDGES = {"check_model": ["fit", "model_ready"], "fit": AFTER_MODEL, "model_ready": AFTER_MODEL,
          "check_background": ["background_ready", "extract_background"],
          "extract_background": ["search"], "background_ready": ["search"],
          "check_new_gallery": ["extract_gallery", "no_new_gallery"], "extract_gallery": ["choose_index_mode"],
-         "choose_index_mode": ["append_index", "build_index"], "build_index": ["search"],
-         "append_index": ["search"], "no_new_gallery": ["search"], "extract_queries": ["search"],
-         "search": ["audit_report"], "audit_report": ["publish_summary"], "publish_summary": []}
+         "choose_index_mode": ["index", "index_append"], "index": ["search"],
+         "index_append": ["search"], "no_new_gallery": ["search"], "extract_queries": ["search"],
+         "search": ["report"], "report": ["publish_summary"], "publish_summary": []}
 
 
 def _run(*args: str, timeout: int) -> subprocess.CompletedProcess:
@@ -64,15 +64,15 @@ def test_dagbag_imports_the_dag_with_its_structure(airflow):
         assert "var.json.retrieval_pipeline" in t["properties_file"]
         args = " ".join(t["application_args"])
         # paths come from the Variable, per run date; no cluster detail in the DAG
-        if task_id not in ("build_index", "append_index", "extract_background"):   # the background: once
+        if task_id not in ("index", "index_append", "extract_background"):   # the background: once
             assert "{{ ds }}" in args, (task_id, args)
         assert "local[" not in args and "yarn" not in args and "/tmp" not in args
         # the Variable's model for every stage that encodes or compares codes; fit starts from the base model
         assert ("model.checkpoint" in args) == (task_id in MODEL_TASKS), (task_id, args)
     assert "search.normalize.background" in " ".join(tasks["search"]["application_args"])
-    assert "report.threshold" in " ".join(tasks["audit_report"]["application_args"])
-    assert "--append" in tasks["append_index"]["application_args"]
-    assert "--append" not in tasks["build_index"]["application_args"]
+    assert "report.threshold" in " ".join(tasks["report"]["application_args"])
+    assert "--append" in tasks["index_append"]["application_args"]
+    assert "--append" not in tasks["index"]["application_args"]
 
 
 def test_dags_test_runs_the_whole_pipeline_on_the_sample(airflow, tmp_path):
@@ -81,7 +81,7 @@ def test_dags_test_runs_the_whole_pipeline_on_the_sample(airflow, tmp_path):
     assert proc.returncode == 0, proc.stderr[-6000:]
     states = json.loads((work / "task-states.json").read_text())
     # first day: the model is fitted, the background extracted, the index built
-    skipped = {"model_ready", "background_ready", "no_new_gallery", "append_index"}
+    skipped = {"model_ready", "background_ready", "no_new_gallery", "index_append"}
     assert states == {t: "skipped" if t in skipped else "success" for t in EDGES}
     # every feature output was made with the fitted model, and the search normalised its scores
     card = json.loads((work / "models" / "gallery-fit.pt.card.json").read_text())

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from retrieval import cli
-from retrieval.features.extract import read_features, read_manifest
-from retrieval.features.model import build_model
+from retrieval.extract.job import read_features, read_manifest
+from retrieval.extract.model import build_model
 from retrieval.sample import real_photos
 from retrieval.schema import coarse_matrix, fine_matrix
 from tests.exports import Fine
@@ -59,7 +59,7 @@ def test_cli_extract_with_an_onnx_backbone(setup, tmp_path, capsys, role):
     np.testing.assert_allclose(np.linalg.norm(coarse, axis=1), 1.0, atol=1e-5)
     assert set(t["model_version"].to_pylist()) == {m["model_version"]}
     # the fine vectors are the exported model's (= our model's fine descriptor of the same pixels)
-    from retrieval.features.preprocess import prepare
+    from retrieval.extract.preprocess import prepare
 
     ids = t["image_id"].to_pylist()
     x = torch.stack([prepare(open(os.path.join(photos, i), "rb").read(), (224,))[0][0] for i in ids])

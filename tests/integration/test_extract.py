@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from retrieval import config, fsio
-from retrieval.features.extract import extract, read_features, read_manifest
-from retrieval.features.inputs import InputError
+from retrieval.extract.job import extract, read_features, read_manifest
+from retrieval.extract.inputs import InputError
 from retrieval.schema import coarse_matrix, fine_matrix
 from tests.imagezoo import EXPECTED, make_zoo
 

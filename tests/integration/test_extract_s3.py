@@ -4,7 +4,7 @@ import os
 import numpy as np
 
 from retrieval import config
-from retrieval.features.extract import extract, read_features, read_manifest
+from retrieval.extract.job import extract, read_features, read_manifest
 from retrieval.schema import fine_matrix
 
 

@@ -12,8 +12,8 @@ import torch
 
 from retrieval import fsio
 from retrieval.cli import main
-from retrieval.features.extract import read_features
-from retrieval.features.checkpoints import load_checkpoint
+from retrieval.extract.job import read_features
+from retrieval.extract.checkpoints import load_checkpoint
 from retrieval.schema import coarse_matrix, fine_matrix
 
 FAST = ["--set", "fit.adapter2_steps=60", "--set", "extract.num_shards=2"]
@@ -28,7 +28,7 @@ def fitted(sample, tmp_path_factory):
 
 
 def test_fit_writes_a_checkpoint_that_later_stages_load(sample, fitted):
-    from retrieval.features.checkpoints import load_delta
+    from retrieval.extract.checkpoints import load_delta
 
     card, url = fitted["card"], fitted["url"]
     model = load_checkpoint(url)
@@ -68,7 +68,7 @@ def test_spark_and_local_fit_the_same_model(sample, fitted, spark, tmp_path):
     from retrieval.fit.job import fit
 
     url = str(tmp_path / "spark.pt")
-    card = fit(sample["gallery"], url, config.load(sets=["fit.adapter2_steps=60"]), spark=spark)
+    card = fit(sample["gallery"], url, config.load(sets=["fit.adapter2_steps=60"]), engine=spark)
     assert card["engine"] == "spark" and card["images_used"] == fitted["card"]["images_used"]
     a, b = load_checkpoint(fitted["url"]), load_checkpoint(url)
     x = torch.randn(64, a.spec.channels).abs()

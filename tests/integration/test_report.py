@@ -21,8 +21,8 @@ from PIL import Image
 
 from retrieval import config as config_mod
 from retrieval import fsio
-from retrieval.audit import build_report
-from retrieval.audit.scan import RESULT_SCHEMA
+from retrieval.report import build_report
+from retrieval.report.scan import RESULT_SCHEMA
 
 SCRIPT_ID = "<script>alert(1)</script>"
 FORMULA_ID = '=HYPERLINK("http://evil")'
@@ -121,7 +121,7 @@ def make_run(root: str, model_version: str = "mv-test") -> Run:
                     "errors": 1, "ok": 8}],
         "timings": {"total_s": 2.5}})
     fsio.write_json(os.path.join(index, "manifest.json"), {
-        "stage": "build-index", "index_key": "IVF16,PQ16", "nlist": 16, "model_version": model_version,
+        "stage": "index", "index_key": "IVF16,PQ16", "nlist": 16, "model_version": model_version,
         "feature_files": [{"url": os.path.join(gfeat, "part-00000.parquet"), "rows": 6}],
         "timings": {"train_s": 1.5, "add_s": 0.5, "total_s": 2.4}})
     fsio.write_json(os.path.join(results, "_manifest.json"), {

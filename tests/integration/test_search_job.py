@@ -31,7 +31,7 @@ def world(tmp_path_factory):
     idx = str(root / "index")
     # a quick-to-train index (4-bit PQ) in 3 shards: the merge across shards is exercised
     build_index([gal], idx, config.load(sets=["index.index_key=IVF32,PQ16x4", "index.vectors_per_shard=2000",
-                                              "index.quality_queries=100"]), spark=None)
+                                              "index.quality_queries=100"]), engine=None)
     return {"root": root, "gallery": gal, "queries": qf, "index": idx, "source": source}
 
 
@@ -50,8 +50,8 @@ def _rows(url):
 
 def test_library_and_spark_give_the_same_results(world, spark, tmp_path):
     cfg = _cfg()
-    lib = search(world["queries"], world["index"], str(tmp_path / "lib"), cfg, spark=None)
-    spk = search(world["queries"], world["index"], str(tmp_path / "spark"), cfg, spark=spark)
+    lib = search(world["queries"], world["index"], str(tmp_path / "lib"), cfg, engine=None)
+    spk = search(world["queries"], world["index"], str(tmp_path / "spark"), cfg, engine=spark)
     assert lib["counts"] == spk["counts"]
     assert lib["counts"]["queries"] == MATCH + NOMATCH and lib["counts"]["chunks"] == 6
     assert lib["counts"]["shards"] == 3
@@ -73,11 +73,11 @@ def test_library_and_spark_give_the_same_results(world, spark, tmp_path):
     assert m["params"]["shard_shortlist"] == 53 and spk["params"]["shard_shortlist"] == 53
     # every shard in one task's cache: one task per chunk, no shuffle; the same rows
     fused = search(world["queries"], world["index"], str(tmp_path / "fused"), _cfg(**{"search.shard_cache": 3}),
-                   spark=spark)
+                   engine=spark)
     assert fused["counts"] == lib["counts"] and _rows(tmp_path / "fused") == _rows(tmp_path / "lib")
     # one coarse task per (shard x chunk): the same rows
     single = search(world["queries"], world["index"], str(tmp_path / "single"), _cfg(**{"search.shard_cache": 1}),
-                    spark=spark)
+                    engine=spark)
     assert single["counts"] == lib["counts"] and _rows(tmp_path / "single") == _rows(tmp_path / "lib")
     # and the local engine's chunk-by-chunk plan for the same case
     search(world["queries"], world["index"], str(tmp_path / "lib_fused"), _cfg(**{"search.shard_cache": 3}))
@@ -93,12 +93,12 @@ def test_gallery_major_rerank_reads_each_block_once_and_gives_the_same_rows(worl
     small = {"search.vector_cache_mb": 1}
     vectors._CACHES.clear()            # this process's caches: each run below reads what it needs
     by_chunk = search(world["queries"], world["index"], str(tmp_path / "chunk"),
-                      _cfg(**small, **{"search.rerank": "chunk"}), spark=None)
+                      _cfg(**small, **{"search.rerank": "chunk"}), engine=None)
     vectors._CACHES.clear()
-    auto = search(world["queries"], world["index"], str(tmp_path / "auto"), _cfg(**small), spark=None)
-    spk = search(world["queries"], world["index"], str(tmp_path / "spark"), _cfg(**small), spark=spark)
+    auto = search(world["queries"], world["index"], str(tmp_path / "auto"), _cfg(**small), engine=None)
+    spk = search(world["queries"], world["index"], str(tmp_path / "spark"), _cfg(**small), engine=spark)
     fused = search(world["queries"], world["index"], str(tmp_path / "fused"),
-                   _cfg(**small, **{"search.shard_cache": 3}), spark=spark)
+                   _cfg(**small, **{"search.shard_cache": 3}), engine=spark)
     assert by_chunk["params"]["rerank"] == "chunk" and by_chunk["blocks"] == []
     for m in (auto, spk, fused):
         assert m["params"]["rerank"] == "gallery" and m["params"]["rerank_configured"] == "auto"
@@ -126,7 +126,7 @@ def test_gallery_major_rerank_reads_each_block_once_and_gives_the_same_rows(worl
     assert sum(b["pairs"] for b in auto["blocks"]) == io_g["pairs_scored"]
     # with every candidate below a coarse threshold no pair is routed: every chunk is still written
     none = search(world["queries"], world["index"], str(tmp_path / "none"),
-                  _cfg(**small, **{"search.rerank": "gallery", "search.coarse_threshold": 0.999}), spark=spark)
+                  _cfg(**small, **{"search.rerank": "gallery", "search.coarse_threshold": 0.999}), engine=spark)
     assert none["counts"]["rows"] == 0 and len(none["files"]) == none["counts"]["chunks"] == 6
     # thresholds: the same rows as the chunk-major rerank
     sets = {"search.match_threshold": 0.8, "search.coarse_threshold": 0.3}
@@ -138,15 +138,15 @@ def test_gallery_major_rerank_reads_each_block_once_and_gives_the_same_rows(worl
 def test_shard_lists_shorter_than_the_shortlist_keep_the_results(world, tmp_path):
     """K' < S (the default) against K' = S (a merge that is always exact): the same result rows
     for all 300 queries (the bound lets a merged shortlist lose tail entries for 1e-4 of them)."""
-    auto = search(world["queries"], world["index"], str(tmp_path / "auto"), _cfg(), spark=None)
+    auto = search(world["queries"], world["index"], str(tmp_path / "auto"), _cfg(), engine=None)
     exact = search(world["queries"], world["index"], str(tmp_path / "exact"),
-                   _cfg(**{"search.shard_shortlist": 100}), spark=None)
+                   _cfg(**{"search.shard_shortlist": 100}), engine=None)
     assert auto["params"]["shard_shortlist"] == 53 and exact["params"]["shard_shortlist"] == 100
     assert _rows(tmp_path / "auto") == _rows(tmp_path / "exact")
 
 
 def test_results_find_sources_and_map_back(world, tmp_path):
-    search(world["queries"], world["index"], str(tmp_path / "out"), _cfg(), spark=None)
+    search(world["queries"], world["index"], str(tmp_path / "out"), _cfg(), engine=None)
     rows = _rows(tmp_path / "out")
     top = {q: (g, s, c, qu, gu) for q, r, g, s, c, qu, gu in rows if r == 1}
     src = world["source"]
@@ -184,7 +184,7 @@ def test_empty_query_set(world, tmp_path):
     qf = str(tmp_path / "empty_q")
     synthetic.write_feature_output(qf, np.zeros((0, 128), np.float32), np.zeros((0, 512), np.float32),
                                    num_files=1, role="query")
-    m = search(qf, world["index"], str(tmp_path / "out"), _cfg(), spark=None)
+    m = search(qf, world["index"], str(tmp_path / "out"), _cfg(), engine=None)
     assert m["counts"]["queries"] == 0 and m["counts"]["rows"] == 0
     assert read_results(str(tmp_path / "out")).num_rows == 0
 
@@ -247,15 +247,15 @@ def _background(root, n=400, model_version="synthetic-v1"):
 
 
 def test_score_normalisation_keeps_rankings_and_subtracts_the_background_level(world, spark, tmp_path):
-    from retrieval.features.extract import read_features
+    from retrieval.extract.job import read_features
     from retrieval.schema import fine_matrix
 
     bg_url = _background(tmp_path)
     plain = read_results(search(world["queries"], world["index"], str(tmp_path / "plain"), _cfg())["output"])
     cfg = _cfg(**{"search.normalize.background": bg_url, "search.normalize.k": 7,
                   "search.normalize.beta": 0.8})
-    lib = search(world["queries"], world["index"], str(tmp_path / "lib"), cfg, spark=None)
-    spk = search(world["queries"], world["index"], str(tmp_path / "spk"), cfg, spark=spark)
+    lib = search(world["queries"], world["index"], str(tmp_path / "lib"), cfg, engine=None)
+    spk = search(world["queries"], world["index"], str(tmp_path / "spk"), cfg, engine=spark)
     assert lib["params"]["normalize"] == {"background": bg_url, "background_size": 400, "k": 7, "beta": 0.8}
     assert lib["timings"]["normalize_s"] > 0
     a, b = read_results(str(tmp_path / "lib")), read_results(str(tmp_path / "spk"))

@@ -7,7 +7,7 @@ import json
 
 from retrieval import config, fsio
 from retrieval.evaluate import evaluate
-from retrieval.features.extract import extract
+from retrieval.extract.job import extract
 from retrieval.search import search
 
 
@@ -16,11 +16,11 @@ def test_sample_copies_find_their_source(sample, spark, tmp_path):
 
     cfg = config.load(sets=["extract.num_shards=2"])
     gal = str(tmp_path / "gallery_features")
-    extract(sample["gallery"], gal, cfg, spark=None)
+    extract(sample["gallery"], gal, cfg, engine=None)
     idx = str(tmp_path / "index")
-    build_index([gal], idx, cfg, spark=None)
+    build_index([gal], idx, cfg, engine=None)
     out = str(tmp_path / "search")
-    m = search(sample["queries"], idx, out, cfg, spark=spark)
+    m = search(sample["queries"], idx, out, cfg, engine=spark)
     assert m["query_features"] == fsio.join(out, "query_features")
     qman = json.loads(fsio.read_text(fsio.join(out, "query_features", "_manifest.json")))
     assert qman["role"] == "query" and qman["model_version"] == m["model_version"]

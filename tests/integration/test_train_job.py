@@ -11,9 +11,9 @@ import torch
 
 from retrieval import cli
 from retrieval.config import load
-from retrieval.features.checkpoints import load_checkpoint
+from retrieval.extract.checkpoints import load_checkpoint
 from retrieval.sample import real_photos
-from retrieval.training import trainer
+from retrieval.train import trainer
 
 TINY = ["model.checkpoint=", "preprocess.size_hi=64", "preprocess.size_lo=48", "train.batch_size=6", "train.cache_views=3",
         "train.max_side=96", "train.checkpoint_every=2", "train.progress_seconds=5", "train.threads=1"]
@@ -122,7 +122,7 @@ def test_torch_distributor_matches_single_process(photos, tmp_path, spark):
             "train.batch_size=4"]
     single = trainer.run_training(trainer.TrainJob.from_config(photos, str(tmp_path / "one"), _cfg(sets)))
     job = trainer.TrainJob.from_config(photos, str(tmp_path / "two"), _cfg([*sets, "train.processes=2"]))
-    dist = trainer.run_distributed(job, processes=2)
+    dist = trainer.run_distributed(spark, job, processes=2)
     assert dist["schedule"]["processes"] == 2
     for s in ("1", "2"):
         a = [x[1] for x in single["stages"][s]["loss_curve"]]

@@ -1,5 +1,5 @@
 """The package's layers point one way (issue 14): core (config, fsio, schema, ...) -> extract
-(retrieval.features: model, checkpoints, preprocessing, inputs) -> index -> search -> evaluate / report,
+(retrieval.extract: model, checkpoints, preprocessing, inputs) -> index -> search -> evaluate / report,
 and training on top of extract. No import circle inside ``retrieval``.
 
 The import graph is read from the source with :mod:`ast` (nothing is imported): every ``import`` and
@@ -17,8 +17,8 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "retrieval")
 
-# what the feature layer (retrieval.features) must never import: the layers above it
-ABOVE_FEATURES = ("retrieval.training", "retrieval.search", "retrieval.index", "retrieval.audit",
+# what the feature layer (retrieval.extract) must never import: the layers above it
+ABOVE_FEATURES = ("retrieval.train", "retrieval.search", "retrieval.index", "retrieval.report",
                   "retrieval.evaluate")
 
 
@@ -176,10 +176,10 @@ def test_the_walker_sees_module_level_function_local_and_relative_imports(tmp_pa
 def test_the_graph_of_retrieval_is_read():
     mods, edges = import_edges()
     pairs = {(e.src, e.dst) for e in edges}
-    assert "retrieval.features.model" in mods and "retrieval.training.trainer" in mods
-    assert ("retrieval.features.extract", "retrieval.features.preprocess") in pairs      # module level
-    assert ("retrieval.features.extract", "retrieval.features.inputs") in pairs          # from pkg import mod
-    assert ("retrieval.features.extract", "retrieval.sparkutil") in pairs                # function-local
+    assert "retrieval.extract.model" in mods and "retrieval.train.trainer" in mods
+    assert ("retrieval.extract.job", "retrieval.extract.preprocess") in pairs      # module level
+    assert ("retrieval.extract.job", "retrieval.extract.inputs") in pairs          # from pkg import mod
+    assert ("retrieval.extract.job", "retrieval.extract.checkpoints") in pairs     # function-local
 
 
 def test_no_import_cycle_in_retrieval():
@@ -193,7 +193,23 @@ def test_no_import_cycle_in_retrieval():
 
 def test_the_feature_layer_imports_nothing_above_it():
     _, edges = import_edges()
-    bad = [e for e in dict.fromkeys(edges) if e.src.startswith("retrieval.features")
+    bad = [e for e in dict.fromkeys(edges) if e.src.startswith("retrieval.extract")
            and any(e.dst == p or e.dst.startswith(p + ".") for p in ABOVE_FEATURES)]
-    assert not bad, ("retrieval.features must not import training / search / index / audit / evaluate:\n"
+    assert not bad, ("retrieval.extract must not import training / search / index / audit / evaluate:\n"
                      + "\n".join(f"  {e}" for e in bad))
+
+
+def test_spark_is_imported_by_the_spark_engine_only():
+    """pyspark (and the Spark engine's internals, retrieval.sparkutil) are imported by
+    retrieval/engine.py and retrieval/sparkutil.py only: every stage runs on an engine."""
+    allowed = {os.path.join(ROOT, "engine.py"), os.path.join(ROOT, "sparkutil.py")}
+    offenders = []
+    for name, path in _modules().items():
+        if path in allowed:
+            continue
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{name}:{node.lineno} imports {n}" for n in names
+                          if n == "pyspark" or n.startswith(("pyspark.", "retrieval.sparkutil"))]
+    assert not offenders, offenders

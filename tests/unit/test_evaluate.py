@@ -8,7 +8,7 @@ import pytest
 
 from retrieval import evaluate as ev
 from retrieval import synthetic
-from retrieval.features.extract import read_features
+from retrieval.extract.job import read_features
 from retrieval.index import idmap
 from retrieval.metrics import Truth, read_truth
 from retrieval.schema import fine_matrix

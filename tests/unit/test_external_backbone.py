@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from retrieval.features.checkpoints import load_checkpoint, model_from_config, save_checkpoint
-from retrieval.features.model import ModelError, build_model
+from retrieval.extract.checkpoints import load_checkpoint, model_from_config, save_checkpoint
+from retrieval.extract.model import ModelError, build_model
 from tests.exports import Fine
 
 pytest.importorskip("onnxruntime")
@@ -157,7 +157,7 @@ def test_model_version_follows_the_model_file(files, tmp_path):
 
 
 def test_shipped_default_model_version_is_unchanged():
-    from retrieval.features.checkpoints import load_delta
+    from retrieval.extract.checkpoints import load_delta
 
     model = load_delta()
     assert model.model_version() == "709f1b048ba3dac7"   # the default model of issue 12
@@ -199,7 +199,7 @@ def test_checkpoint_holds_the_heads_and_needs_the_same_file(x, files, tmp_path):
 
 
 def test_delta_format_refuses_external_backbones(files, tmp_path):
-    from retrieval.training.delta import export_delta
+    from retrieval.train.delta import export_delta
 
     with pytest.raises(ModelError, match=r"\.npz delta format .* torchscript backbone"):
         export_delta(_build("torchscript", files["ts"]), str(tmp_path / "d.npz"))
@@ -306,9 +306,9 @@ def test_torchscript_outputs_that_do_not_fit(tmp_path):
 # (7) training: stage 1 refuses (the backbone is frozen), stages 2-3 train the heads
 @pytest.fixture(scope="module")
 def images():
-    from retrieval.features.preprocess import DecodePolicy
+    from retrieval.extract.preprocess import DecodePolicy
     from retrieval.sample import real_photos
-    from retrieval.training.data import decode_all
+    from retrieval.train.data import decode_all
 
     rows = []
     for p in real_photos("train")[:6]:
@@ -319,7 +319,7 @@ def images():
 
 def _job(tmp_path, path, **train):
     from retrieval.config import load
-    from retrieval.training import trainer
+    from retrieval.train import trainer
 
     sets = {"model.checkpoint": "", "model.backbone": "onnx", "model.backbone_weights": path,
             "preprocess.size_hi": HI, "preprocess.size_lo": LO, "train.batch_size": 6, "train.cache_views": 2,
@@ -328,8 +328,8 @@ def _job(tmp_path, path, **train):
 
 
 def test_training_stage1_refuses_and_stage3_trains_adapter2(files, images, tmp_path):
-    from retrieval.training import trainer
-    from retrieval.training.dist import Dist
+    from retrieval.train import trainer
+    from retrieval.train.dist import Dist
 
     job = _job(tmp_path, files["pooled"], **{"train.stages": [1, 2, 3]})
     model = model_from_config(job.model_cfg, job.preprocess_cfg)
@@ -354,7 +354,7 @@ def test_training_stage1_refuses_and_stage3_trains_adapter2(files, images, tmp_p
 
 
 def test_training_run_with_stages_2_3_writes_a_loadable_checkpoint(files, images, tmp_path, monkeypatch):
-    from retrieval.training import trainer
+    from retrieval.train import trainer
 
     monkeypatch.setattr(trainer, "load_images", lambda *a, **k: images)
     job = _job(tmp_path, files["onnx"], **{"train.stages": [2, 3], "train.stage2.steps": 2,

@@ -12,7 +12,7 @@ from retrieval.index import dedup
 from retrieval.index.params import choose_nlist, choose_params, nprobe_grid
 from retrieval.index.quality import Partial, _topk
 from retrieval.index.reader import clean
-from retrieval.index.train import sample_mask
+from retrieval.index.quantizer import sample_mask
 
 
 def test_nlist_rule():

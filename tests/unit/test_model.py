@@ -3,8 +3,8 @@ import io
 import pytest
 import torch
 
-from retrieval.features.checkpoints import load_checkpoint, save_checkpoint
-from retrieval.features.model import GeM, ModelError, build_model
+from retrieval.extract.checkpoints import load_checkpoint, save_checkpoint
+from retrieval.extract.model import GeM, ModelError, build_model
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def test_plan_uses_the_index_rule_and_models_the_rerank_reads():
 
     assert plan(10_000_000, Cluster())["shortlist"] == auto_shortlist(10_000_000) == 1050
     assert auto_shortlist(1_000_000) == auto_shortlist(1000) == 200
-    # above 16,384 cells the quantizer is HNSW, as build-index makes it
+    # above 16,384 cells the quantizer is HNSW, as index makes it
     assert index_params(1_000_000_000)["quantizer"] == "hnsw" and index_params(10_000_000)["quantizer"] == "flat"
     # every (query, index shard) pays the cell assignment: fewer, bigger shards, less coarse work
     few = plan(1_000_000_000, Cluster(), vectors_per_index_shard=100_000_000)["stages"]["search"]["wall"]
@@ -94,7 +94,7 @@ def test_plan_models_shard_lists_and_the_fused_plan():
 
 def test_plan_warns_when_a_task_does_not_fit():
     p = plan(1_000_000_000, Cluster(executors=10, executor_memory_gb=1, executor_cores=4))
-    assert any(w.startswith("build-index") for w in p["warnings"])
+    assert any(w.startswith("index") for w in p["warnings"])
 
 
 def test_plan_cli(capsys):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval.features.preprocess import DecodePolicy, ImageError, decode_image, prepare, resize
+from retrieval.extract.preprocess import DecodePolicy, ImageError, decode_image, prepare, resize
 from tests.imagezoo import EXPECTED, make_zoo
 
 

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from retrieval import config as config_mod
-from retrieval.audit.html import ENV, histogram_svg
-from retrieval.audit.runinfo import compact
-from retrieval.audit.scan import ScanSettings, _csv_safe, _TopQueries, band_labels, scan
-from retrieval.audit.thumbs import make_thumbnail, make_thumbnails, thumb_name
-from retrieval.features.preprocess import DecodePolicy
+from retrieval.report.html import ENV, histogram_svg
+from retrieval.report.runinfo import compact
+from retrieval.report.scan import ScanSettings, _csv_safe, _TopQueries, band_labels, scan
+from retrieval.report.thumbs import make_thumbnail, make_thumbnails, thumb_name
+from retrieval.extract.preprocess import DecodePolicy
 from retrieval.schema import RESULT_REQUIRED
 from retrieval.schema import RESULT_SCHEMA as FULL_SCHEMA
 

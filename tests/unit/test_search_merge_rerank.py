@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from retrieval import synthetic
-from retrieval.features.extract import read_features
+from retrieval.extract.job import read_features
 from retrieval.index import idmap
 from retrieval.schema import fine_matrix
 from retrieval.search import coarse, rerank

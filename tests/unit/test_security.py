@@ -48,7 +48,7 @@ def test_hostile_ids_in_a_manifest_cannot_write_outside_the_output(tmp_path):
     from PIL import Image
 
     from retrieval import config
-    from retrieval.features.extract import extract, read_features
+    from retrieval.extract.job import extract, read_features
 
     img = tmp_path / "in" / "a.jpg"
     img.parent.mkdir()

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from retrieval.sample import real_photos
-from retrieval.training.augment import FRAMES, OPS, USES_OTHER, augment, check_ops
+from retrieval.train.augment import FRAMES, OPS, USES_OTHER, augment, check_ops
 
 SIZE_KEPT = {"flip", "vflip", "perspective", "color", "grayscale", "blur", "noise", "pixelization", "sharpen",
              "text", "emoji", "stripes", "overlay_image", "mixup", "jpeg"}
@@ -137,7 +137,7 @@ def test_font_tables_are_read_without_unpickling():
 
     import augly.utils as au
 
-    from retrieval.training.augment import _fonts, pickled_int_list
+    from retrieval.train.augment import _fonts, pickled_int_list
 
     files = sorted(glob.glob(os.path.join(au.FONTS_DIR, "*.pkl")))
     assert len(files) > 50

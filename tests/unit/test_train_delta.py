@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.features.checkpoints import DEFAULT_MODEL, load_delta
-from retrieval.features.model import ModelError, build_model
-from retrieval.training.delta import export_delta
+from retrieval.extract.checkpoints import DEFAULT_MODEL, load_delta
+from retrieval.extract.model import ModelError, build_model
+from retrieval.train.delta import export_delta
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

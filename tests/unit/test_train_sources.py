@@ -8,8 +8,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from retrieval.training import sources
-from retrieval.training.default_model import crop_boxes, training_images
+from retrieval.train import sources
+from retrieval.train.default_model import crop_boxes, training_images
 
 
 def _photo(path: str, size: tuple[int, int], seed: int) -> None:

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from retrieval.config import load
-from retrieval.features.model import build_model
-from retrieval.features.preprocess import DecodePolicy
+from retrieval.extract.model import build_model
+from retrieval.extract.preprocess import DecodePolicy
 from retrieval.sample import real_photos
-from retrieval.training import trainer
-from retrieval.training.data import decode_all
-from retrieval.training.dist import Dist
+from retrieval.train import trainer
+from retrieval.train.data import decode_all
+from retrieval.train.dist import Dist
 
 SIZES = {"model.checkpoint": "", "preprocess.size_hi": 64, "preprocess.size_lo": 48}
 
@@ -145,7 +145,7 @@ def test_lr_schedule_and_batches():
 
 
 def test_too_few_images_is_a_clear_error(tmp_path, images):
-    from retrieval.training.data import ImageSet
+    from retrieval.train.data import ImageSet
 
     one = ImageSet(images.ids[:1], images.images[:1])
     job = _job(tmp_path)

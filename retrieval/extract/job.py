@@ -1,0 +1,367 @@
+"""Feature extraction: images -> Parquet feature shards (``retrieval extract``).
+
+One function, :func:`run_shard`, encodes one shard; the local path calls it shard after shard,
+the Spark path calls it inside ``mapInArrow`` with exactly one shard per task. So both paths give
+the same bytes. Per shard, in this order, each file written atomically (temp + rename):
+``errors/part-NNNNN.parquet``, ``part-NNNNN.parquet``, then ``_shards/part-NNNNN.json`` - the
+marker that says the shard is complete, with a fingerprint of the job and of the shard's inputs.
+A rerun (mode ``incremental``) skips shards whose marker fingerprint matches; ``overwrite`` redoes
+all. ``_manifest.json`` is deleted when a run starts and written when it ends: its presence means
+the whole output is complete.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval import faults, fsio, outputs
+from retrieval.config import Config
+from retrieval.engine import Engine, as_engine, task_attempt
+from retrieval.extract import inputs as inputs_mod
+from retrieval.extract.preprocess import DecodePolicy, ImageError, prepare
+from retrieval.extract.task import encode, task_model
+from retrieval.progress import Progress
+from retrieval.schema import (DICTIONARY_COLUMNS, ERROR_SCHEMA, column_matrix, feature_compression,
+                              feature_schema, int8_to_arrow, quantize_int8, vectors_to_arrow)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    """Plain, picklable values that a task needs (the model is rebuilt from them per process)."""
+    output: str
+    role: str
+    model_cfg: dict
+    preprocess_cfg: dict
+    model_version: str
+    num_shards: int
+    batch_size: int = 32
+    storage: str = "float32"
+    threads: int = 0
+    row_group_size: int = 1024
+    progress_seconds: float = 10.0
+    key_column: str | None = None
+    bytes_column: str | None = None
+    faults: dict | None = None
+    storage_options: dict | None = None
+
+    def fingerprint(self) -> str:
+        d = {k: v for k, v in asdict(self).items()
+             if k in ("role", "preprocess_cfg", "model_version", "num_shards", "storage")}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shard_name(shard: int) -> str:
+    return f"part-{shard:05d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# one shard
+def _shard_fingerprint(job: ExtractJob, rows: list[tuple[str, str, str | None]]) -> str:
+    h = hashlib.sha256(job.fingerprint().encode())
+    for image_id, uri, err in rows:
+        h.update(f"{image_id}\t{uri}\t{err or ''}\n".encode())
+    return h.hexdigest()[:32]
+
+
+class _ShardRun:
+    """What the phases of :func:`run_shard` share: the job, the model and the shard's errors, counts and
+    timings so far."""
+
+    def __init__(self, job: ExtractJob, shard: int, device: str | None, total: int) -> None:
+        self.job, self.shard, self.name = job, shard, shard_name(shard)
+        self.model, self.device = task_model(job, device)
+        self.policy = DecodePolicy.from_config(job.preprocess_cfg)
+        spec = self.model.spec
+        self.sizes = (spec.size_hi,) if job.role == "gallery" else (spec.size_hi, spec.size_lo)
+        self.schema = feature_schema(spec.coarse_dim, spec.fine_dim, job.storage)
+        self.errors: list[tuple[str, str, str]] = []
+        self.progress = Progress(f"extract {self.name}", total=total, every=job.progress_seconds, unit="images")
+        self.timing = {"decode_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
+        self.n_ok = 0
+
+
+def run_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None]],
+              device: str | None = None) -> dict:
+    """Encode one shard's ``(image_id, uri, listing_error)`` rows and commit its files: the feature
+    part, then the errors part, then the marker."""
+    t0 = time.monotonic()
+    rows = sorted(rows, key=lambda r: (r[0], r[1]))
+    run = _ShardRun(job, shard, device, len(rows))
+    run.errors.extend((image_id, uri, err) for image_id, uri, err in rows if err)   # failed in the listing
+    readable = [(image_id, uri) for image_id, uri, err in rows if not err]
+    part_url = _write_part(run, readable)
+    err_url = _write_errors(run)
+    return _commit(run, rows, part_url, err_url, t0)
+
+
+def _decoded(run: _ShardRun, readable: list[tuple[str, str]]) -> Iterator[tuple[str, str, int, int, list]]:
+    """Read and decode the images: ``(image_id, uri, width, height, tensors)``; failures go to the errors."""
+    for image_id, uri, data, err in inputs_mod.read_items(
+            readable, run.policy.max_bytes, run.job.key_column, run.job.bytes_column):
+        if err is None:
+            try:
+                tensors, w, h = prepare(data, run.sizes, run.model.spec.resize, run.policy)
+            except ImageError as exc:
+                err = str(exc)
+            except Exception as exc:  # a decoder bug must not kill the shard
+                err = f"decode failed: {exc.__class__.__name__}: {exc}"
+        if err is not None:
+            run.errors.append((image_id, uri, err))
+            run.progress.update(0, errors=1)
+            continue
+        yield image_id, uri, w, h, tensors
+
+
+def _write_part(run: _ShardRun, readable: list[tuple[str, str]]) -> str:
+    """Decode, encode (``batch_size`` images per forward) and write ``part-NNNNN.parquet``; its URL."""
+    job = run.job
+    part_url = fsio.join(job.output, f"{run.name}.parquet")
+    with fsio.atomic_open(part_url, "wb") as fh:
+        writer = pq.ParquetWriter(fh, run.schema, compression=feature_compression(run.schema),
+                                  use_dictionary=DICTIONARY_COLUMNS)
+        batch: list[tuple[str, str, int, int, list]] = []
+        t = time.monotonic()
+        for item in _decoded(run, readable):
+            batch.append(item)
+            if len(batch) >= job.batch_size:
+                run.timing["decode_s"] += time.monotonic() - t
+                _write_batch(run, writer, batch)
+                t = time.monotonic()
+        run.timing["decode_s"] += time.monotonic() - t
+        _write_batch(run, writer, batch)
+        writer.close()
+    return part_url
+
+
+def _write_batch(run: _ShardRun, writer: pq.ParquetWriter, batch: list[tuple[str, str, int, int, list]]) -> None:
+    """Encode one batch, write it as row groups of the part, and empty it."""
+    if not batch:
+        return
+    job = run.job
+    t = time.monotonic()
+    coarse, fine = encode(run.model, job.role, [b[4][0] for b in batch],
+                          [b[4][1] for b in batch] if job.role == "query" else [], run.device)
+    run.timing["forward_s"] += time.monotonic() - t
+    t = time.monotonic()
+    cols: dict[str, Any] = {
+        "image_id": [b[0] for b in batch], "uri": [b[1] for b in batch],
+        "coarse": vectors_to_arrow(coarse.astype(np.float32))}
+    if job.storage == "int8":
+        q, scale = quantize_int8(fine)
+        cols["fine"] = int8_to_arrow(q)
+        cols["fine_scale"] = pa.array(scale, pa.float32())
+    else:
+        cols["fine"] = vectors_to_arrow(fine.astype(np.float32))
+    cols.update({"width": pa.array([b[2] for b in batch], pa.int32()),
+                 "height": pa.array([b[3] for b in batch], pa.int32()),
+                 "model_version": [job.model_version] * len(batch),
+                 "role": [job.role] * len(batch)})
+    writer.write_table(pa.table(cols, schema=run.schema), row_group_size=job.row_group_size)
+    run.timing["write_s"] += time.monotonic() - t
+    run.n_ok += len(batch)
+    run.progress.update(len(batch))
+    batch.clear()
+    faults.maybe_fail(job.faults, "extract", run.shard, run.n_ok + len(run.errors))
+
+
+def _write_errors(run: _ShardRun) -> str:
+    """``errors/part-NNNNN.parquet``: the shard's listing and decoding errors; its URL."""
+    errors = run.errors
+    err_url = fsio.join(run.job.output, "errors", f"{run.name}.parquet")
+    err_table = pa.table({"image_id": [e[0] for e in errors], "uri": [e[1] for e in errors],
+                          "error": [e[2] for e in errors]}, schema=ERROR_SCHEMA)
+    with fsio.atomic_open(err_url, "wb") as fh:
+        pq.write_table(err_table, fh)
+    return err_url
+
+
+def _commit(run: _ShardRun, rows: list[tuple[str, str, str | None]], part_url: str, err_url: str,
+            t0: float) -> dict:
+    """Write the marker ``_shards/part-NNNNN.json`` (the shard is complete); its stats."""
+    n_ok, n_err, name = run.n_ok, len(run.errors), run.name
+    stats = {
+        "shard": run.shard, "file": f"{name}.parquet", "errors_file": f"errors/{name}.parquet",
+        "inputs": len(rows), "ok": n_ok, "errors": n_err,
+        "sha256": fsio.sha256_file(part_url), "errors_sha256": fsio.sha256_file(err_url),
+        "fingerprint": _shard_fingerprint(run.job, rows), "device": run.device, "attempt": task_attempt(),
+        "seconds": round(time.monotonic() - t0, 3),
+        **{k: round(v, 3) for k, v in run.timing.items()},
+    }
+    fsio.write_json(fsio.join(run.job.output, "_shards", f"{name}.json"), stats)
+    if n_ok + n_err != len(rows):
+        raise AssertionError(f"shard {run.shard}: {n_ok} ok + {n_err} errors != {len(rows)} inputs")
+    run.progress.finish()
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# planning and running
+def _arrow_task(job: ExtractJob, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: this partition holds exactly one shard's listing rows."""
+    by_shard: dict[int, list[tuple[str, str, str | None]]] = {}
+    for b in batches:
+        d = b.to_pydict()
+        for s, i, u, e in zip(d["shard"], d["image_id"], d["uri"], d["error"]):
+            by_shard.setdefault(s, []).append((i, u, e))
+    for shard, rows in by_shard.items():
+        stats = run_shard(job, shard, rows)
+        yield pa.RecordBatch.from_pydict({"shard": pa.array([shard], pa.int32()),
+                                          "stats": pa.array([json.dumps(stats)], pa.string())})
+
+
+def _run_spark(engine: Engine, job: ExtractJob, todo: dict[int, list]) -> list[dict]:
+    """One task per shard: the listing rows shuffled to their shard's partition, encoded by
+    ``mapInArrow`` (the rows travel as Arrow, not in the task closures)."""
+    spark = engine.spark
+    order = sorted(todo)
+    position = {s: i for i, s in enumerate(order)}
+    data = [(s, (s, i, u, e)) for s in order for (i, u, e) in todo[s]]
+    sc = spark.sparkContext
+    rdd = sc.parallelize(data, max(1, min(len(order), sc.defaultParallelism))) \
+        .partitionBy(len(order), lambda s: position[s]).values()
+    listing = spark.createDataFrame(rdd, "shard int, image_id string, uri string, error string")
+    out = listing.mapInArrow(functools.partial(_arrow_task, job), "shard int, stats string")
+    rows = engine.run("extract", len(order), out.collect, every=job.progress_seconds)
+    return [json.loads(r["stats"]) for r in rows]
+
+
+def _intact(output: str, stats: dict) -> bool:
+    """A finished shard's files still match the sha256 its marker recorded (else it is redone)."""
+    for key, sha in (("file", "sha256"), ("errors_file", "errors_sha256")):
+        if not (stats.get(key) and stats.get(sha)):
+            return False
+        url = fsio.join(output, fsio.safe_relpath(stats[key]))
+        try:
+            ok = fsio.sha256_file(url) == stats[sha]
+        except FileNotFoundError:
+            ok = False
+        if not ok:
+            log.warning("%s is missing or does not match the sha256 of its marker: recomputing shard %s",
+                        url, stats.get("shard"))
+            return False
+    return True
+
+
+def plan(listing: pa.Table, job: ExtractJob, mode: str) -> tuple[dict[int, list], dict[int, dict]]:
+    """Split the listing by shard; return (shards to run, finished shards' stats to keep)."""
+    by_shard: dict[int, list[tuple[str, str, str | None]]] = {}
+    d = listing.to_pydict()
+    for i, u, s, e in zip(d["image_id"], d["uri"], d["shard"], d["error"]):
+        by_shard.setdefault(s, []).append((i, u, e))
+    todo, done = {}, {}
+    for shard, rows in sorted(by_shard.items()):
+        marker = fsio.join(job.output, "_shards", f"{shard_name(shard)}.json")
+        if mode == "incremental" and fsio.exists(marker):
+            try:
+                stats = fsio.read_json(marker)
+            except Exception:
+                stats = {}
+            if stats.get("fingerprint") == _shard_fingerprint(job, sorted(rows, key=lambda r: (r[0], r[1]))) \
+                    and _intact(job.output, stats):
+                done[shard] = stats
+                continue
+        todo[shard] = rows
+    return todo, done
+
+
+def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = None) -> dict:
+    """Run the extraction job on ``engine`` (:func:`retrieval.engine.as_engine`: an engine, a
+    SparkSession, or None for this process); returns the manifest."""
+    from retrieval.extract.checkpoints import model_from_config
+
+    t0 = time.monotonic()
+    engine = as_engine(engine)
+    ex = cfg.extract
+    outputs.prepare(output_url, cfg["io.storage_options"])
+    model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict())
+    listing = inputs_mod.list_inputs(input_url, ex.input_format, ex.num_shards,
+                                     ex.key_column, ex.bytes_column)
+    t_list = time.monotonic() - t0
+    job = ExtractJob(output=output_url, role=ex.role, model_cfg=cfg["model"].to_dict(),
+                     preprocess_cfg=cfg["preprocess"].to_dict(), model_version=model.model_version(),
+                     num_shards=ex.num_shards, batch_size=ex.batch_size, storage=ex.storage,
+                     threads=ex.threads, row_group_size=ex.row_group_size,
+                     progress_seconds=ex.progress_seconds, key_column=ex.key_column,
+                     bytes_column=ex.bytes_column, faults=cfg["faults"].to_dict(),
+                     storage_options=cfg["io.storage_options"])
+    outputs.begin(output_url)
+    todo, done = plan(listing, job, ex.mode)
+    fsio.remove_stale(output_url, "part", ("errors", "_shards"), keep=set(todo) | set(done))
+    log.info("extract %s -> %s: %d images, %d shards to run, %d already complete",
+             input_url, output_url, listing.num_rows, len(todo), len(done))
+    t1 = time.monotonic()
+    if not todo:
+        results = []
+    elif engine.is_spark:
+        results = _run_spark(engine, job, todo)
+    else:
+        results = [run_shard(job, s, rows) for s, rows in sorted(todo.items())]
+    t_run = time.monotonic() - t1
+    fsio.remove_stale(output_url, "part", ("errors", "_shards"), keep=None)   # leftovers of killed attempts
+    shards = sorted([*done.values(), *results], key=lambda s: s["shard"])
+    counts = {"inputs": listing.num_rows, "ok": sum(s["ok"] for s in shards),
+              "errors": sum(s["errors"] for s in shards), "shards": len(shards),
+              "shards_skipped": len(done), "shards_run": len(results)}
+    if counts["ok"] + counts["errors"] != counts["inputs"]:
+        raise AssertionError(f"counts do not add up: {counts}")
+    images_run = sum(s["inputs"] for s in results)
+    manifest = outputs.commit(output_url, "extract", {
+        "role": ex.role, "input": input_url, "output": output_url,
+        "model_version": job.model_version, "model": model.metadata(),
+        "heads": model.spec.heads, "storage": ex.storage,
+        "schema": feature_schema(model.spec.coarse_dim, model.spec.fine_dim, ex.storage).to_string(),
+        "counts": counts, "shards": shards,
+        "timings": {"listing_s": round(t_list, 3), "run_s": round(t_run, 3),
+                    "total_s": round(time.monotonic() - t0, 3),
+                    "images_per_s": round(images_run / t_run, 2) if t_run > 0 and images_run else None},
+    }, engine=engine, cfg=cfg)
+    log.info("extract done: %d ok, %d errors, %d shards (%d skipped) in %.1fs -> %s",
+             counts["ok"], counts["errors"], counts["shards"], counts["shards_skipped"],
+             manifest["timings"]["total_s"], output_url)
+    return manifest
+
+
+def read_manifest(output_url: str) -> dict:
+    """The manifest of a COMPLETE extraction output (clear error otherwise)."""
+    return outputs.read(output_url, "extract")
+
+
+def binary_int8_fine(table: pa.Table) -> pa.Table:
+    """A shard written before int8 codes were stored as ``fixed_size_binary`` (a
+    ``fixed_size_list<int8>`` column) converted to the current form, so the shards of an output
+    extended incrementally across that change concatenate."""
+    if "fine" not in table.column_names:
+        return table
+    ftype = table.schema.field("fine").type
+    if not (pa.types.is_fixed_size_list(ftype) and ftype.value_type == pa.int8()):
+        return table
+    i = table.column_names.index("fine")
+    return table.set_column(i, pa.field("fine", pa.binary(ftype.list_size)),
+                            int8_to_arrow(column_matrix(table.column("fine"))))
+
+
+def read_features(output_url: str, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
+    """All feature rows of a complete output (verifying each shard's sha256)."""
+    manifest = read_manifest(output_url)
+    tables = []
+    for s in manifest["shards"]:
+        url = fsio.join(output_url, fsio.safe_relpath(s["file"]))
+        if verify and fsio.sha256_file(url) != s["sha256"]:
+            raise ValueError(f"feature shard {url} does not match the sha256 in its manifest "
+                             "(truncated or altered)")
+        tables.append(binary_int8_fine(fsio.read_parquet(url, columns=columns)))
+    if not tables:
+        schema = feature_schema(storage=manifest.get("storage", "float32"))
+        return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+    return pa.concat_tables(tables)

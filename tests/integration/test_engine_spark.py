@@ -1,0 +1,52 @@
+"""The Spark engine (retrieval/engine.py) against a real local Spark session: the same results as the
+local engine, broadcasts, and a task's registered error re-raised on the driver as itself."""
+from __future__ import annotations
+
+import operator
+
+import pytest
+
+from retrieval.engine import LOCAL, SparkEngine, as_engine, in_task, task_attempt
+from retrieval.index.reader import FeatureInputError
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def _batch_sums(rows):
+    rows = list(rows)
+    if rows:
+        yield (len(rows), sum(rows))
+
+
+def _bad(x: int) -> int:
+    if x == 2:
+        raise FeatureInputError(f"feature file {x} is not a (complete) feature output")
+    return x
+
+
+def _read_shared(shared, x: int) -> tuple:
+    return shared.value[x], in_task(), task_attempt()
+
+
+def test_spark_engine_matches_the_local_engine(spark):
+    eng = as_engine(spark)
+    assert isinstance(eng, SparkEngine) and eng.is_spark and eng.name == "spark" and eng.spark is spark
+    items = list(range(7))
+    assert eng.map(_square, items, "t", every=60) == LOCAL.map(_square, items, "t")
+    assert eng.map(_square, [], "t") == []
+    assert eng.map_reduce(_square, items, operator.add, "t", every=60) == LOCAL.map_reduce(_square, items, operator.add, "t")
+    batches = eng.map_batches(_batch_sums, items, 3, "t", every=60)
+    assert len(batches) == 3 and sum(n for n, _ in batches) == 7 and sum(s for _, s in batches) == 21
+    shared = eng.broadcast({i: i * 10 for i in items})
+    try:
+        got = eng.map(lambda x: _read_shared(shared, x), items, "t", every=60)
+    finally:
+        shared.destroy()
+    assert got == [(i * 10, True, 0) for i in items]          # read inside Spark tasks, first attempts
+
+
+def test_a_task_error_comes_back_as_itself(spark):
+    with pytest.raises(FeatureInputError, match=r"^feature file 2 is not a \(complete\) feature output$"):
+        as_engine(spark).map(_bad, [1, 2, 3], "t", every=60)
