@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 # torch (via read_features) and faiss used to be loaded before it was set, so numba's workers spun
 # after every kernel call (see retrieval/__init__.py)
 import retrieval  # noqa: E402,F401
-from retrieval import config, fsio, synthetic  # noqa: E402
+from retrieval import config, fsio, outputs, synthetic  # noqa: E402
 from retrieval.extract.job import read_features  # noqa: E402
 from retrieval.schema import fine_matrix  # noqa: E402
 
@@ -76,7 +76,7 @@ def prepare(args) -> tuple[str, str, str, np.ndarray]:
                                        storage="int8", role="query", id_prefix="q")
         np.save(src_file, source)
         log(f"queries: {len(source)} written in {time.monotonic() - t:.0f}s")
-    if not fsio.exists(os.path.join(idx, "_manifest.json")):   # retrieval.index.store.MANIFEST
+    if outputs.marker_of(idx, "index") is None:     # an index cached before 0.2: manifest.json
         from retrieval.index.build import build_index
 
         t = time.monotonic()
