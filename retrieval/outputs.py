@@ -64,12 +64,15 @@ def prepare(output_url: str, storage_options: dict | None) -> None:
     fsio.ensure_writable(output_url)
 
 
-def begin(output_url: str) -> None:
-    """The output is being (re)written: remove its marker first."""
-    url = marker_url(output_url)
+def _remove(url: str) -> None:
     if fsio.exists(url):
         fs, path = fsio.url_to_fs(url)
         fs.rm(path)
+
+
+def begin(output_url: str) -> None:
+    """The output is being (re)written: remove its marker first."""
+    _remove(marker_url(output_url))
 
 
 def commit(output_url: str, stage: str, manifest: dict[str, Any], engine: Any = None, cfg: Any = None) -> dict:
@@ -82,10 +85,8 @@ def commit(output_url: str, stage: str, manifest: dict[str, Any], engine: Any = 
         out.setdefault("config", cfg.to_dict())
     out.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     fsio.write_json(marker_url(output_url), out)
-    legacy = LEGACY_MARKERS.get(stage)
-    if legacy and fsio.exists(fsio.join(output_url, legacy)):
-        fs, path = fsio.url_to_fs(fsio.join(output_url, legacy))
-        fs.rm(path)
+    if stage in LEGACY_MARKERS:
+        _remove(fsio.join(output_url, LEGACY_MARKERS[stage]))
     return out
 
 

@@ -1,4 +1,4 @@
-"""``retrieval index`` (old name ``index``): argument handling only; the work is :func:`retrieval.index.build.build_index`."""
+"""``retrieval index`` (old name ``build-index``): argument handling only; the work is :func:`retrieval.index.build.build_index`."""
 from __future__ import annotations
 
 import argparse

@@ -46,7 +46,8 @@ def index_files(output_url: str) -> list[str]:
 def existing(output_url: str, mode: str, build_fp: str) -> dict | None:
     """A complete index already at ``output_url``: returned when it is this very build, removed with
     ``mode=overwrite``, refused otherwise."""
-    if outputs.marker_of(output_url, "index") is None:
+    marker = outputs.marker_of(output_url, "index")
+    if marker is None:
         return None
     existing = read_index_manifest(output_url)
     if mode == "overwrite":
@@ -56,7 +57,7 @@ def existing(output_url: str, mode: str, build_fp: str) -> dict | None:
         return None
     if existing.get("fingerprint") == build_fp:
         log.info("%s is already complete for these inputs and settings: nothing to do", output_url)
-        if outputs.marker_of(output_url, "index") != outputs.marker_url(output_url):
+        if marker != outputs.marker_url(output_url):
             existing = outputs.commit(output_url, "index", existing)      # the marker's pre-0.2 name
         return existing
     raise FileExistsError(f"{output_url} already holds a complete index built from other inputs or settings; "

@@ -27,7 +27,6 @@ from retrieval.engine import task_error
 from retrieval.index.shard import attach
 from retrieval.index.quantizer import deserialize
 
-MANIFEST = outputs.MARKER
 TRAINED = "trained.index"
 
 _CACHE: "OrderedDict[tuple, faiss.Index]" = OrderedDict()
@@ -40,15 +39,17 @@ class IndexIntegrityError(ValueError):
     """An index file is missing or does not match the sha256 in the manifest."""
 
 
+def manifest_url(index_url: str) -> str:
+    """Where the index's marker is (``_manifest.json``, or the pre-0.2 ``manifest.json``), for messages."""
+    return outputs.marker_of(index_url, "index") or outputs.marker_url(index_url)
+
+
 def read_index_manifest(index_url: str) -> dict:
     """The manifest of a COMPLETE index (clear error if missing, unreadable or incomplete)."""
     manifest = outputs.read(index_url, "index", hint="; build it with 'retrieval index'")
-    url = outputs.marker_of(index_url, "index")
-    missing = [k for k in ("stage", "index_key", "trained", "shards", "feature_files", "nprobe")
-               if k not in manifest]
-    if manifest.get("stage") != "index" or missing:
-        raise ValueError(f"{url}: not a complete index manifest (stage={manifest.get('stage')!r}, "
-                         f"missing keys {missing})")
+    missing = [k for k in ("index_key", "trained", "shards", "feature_files", "nprobe") if k not in manifest]
+    if missing:
+        raise ValueError(f"{manifest_url(index_url)}: not a complete index manifest (missing keys {missing})")
     return manifest
 
 

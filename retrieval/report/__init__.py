@@ -7,8 +7,8 @@
   ``flagged.parquet`` / ``flagged.csv``, the top-N flagged queries, ground-truth figures;
 - :mod:`retrieval.report.thumbs`: small JPEG thumbnails of the shown images;
 - :mod:`retrieval.report.html`: the self-contained, escaped HTML page (jinja2 templates in ``templates/``);
-- :mod:`retrieval.report.job`: :func:`build_report`, which wires them and writes
-  ``summary.json`` last.
+- :mod:`retrieval.report.job`: :func:`build_report`, which wires them and writes the marker
+  ``_manifest.json`` last (:mod:`retrieval.outputs`).
 """
 from retrieval.report.job import build_report
 

@@ -5,6 +5,7 @@ needs no Spark executors; under spark-submit the engine is simply not used."""
 from __future__ import annotations
 
 import argparse
+
 from retrieval.config import Config
 from retrieval.engine import Engine
 from retrieval.report.job import build_report

@@ -7,8 +7,10 @@ Output directory (any fsspec URL), each file written atomically:
 - ``flagged.parquet`` / ``flagged.csv``: every result row with ``score >= report.threshold``
   (the results schema, plus ``true_match`` when ground truth is given);
 - ``thumbs/*.jpg`` only with ``report.thumbnails=files`` (default ``embed``: data: URIs);
-- ``summary.json``, written LAST (its presence marks a complete report): counts, thresholds,
-  versions, a few top flagged pairs; small enough for an Airflow XCom or an alert message.
+- ``summary.json``: counts, thresholds, versions, a few top flagged pairs; small enough for an
+  Airflow XCom or an alert message;
+- ``_manifest.json``, written LAST (its presence marks a complete report, :mod:`retrieval.outputs`):
+  the sha256 of the files above, counts, timings.
 """
 from __future__ import annotations
 

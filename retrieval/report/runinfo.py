@@ -19,8 +19,6 @@ import pyarrow.parquet as pq
 from retrieval import fsio, outputs
 from retrieval.schema import RESULT_REQUIRED
 
-RESULTS_MANIFEST = outputs.MARKER
-
 
 @dataclass
 class StageInfo:
@@ -108,7 +106,7 @@ def result_files(results_url: str, manifest: dict[str, Any], verify: bool = True
         urls = [resolve(str(e["file"]), results_url) for e in listed]
         for e, url in zip(listed, urls):
             if not fsio.exists(url):
-                raise FileNotFoundError(f"result file {url} listed in {RESULTS_MANIFEST} is missing")
+                raise FileNotFoundError(f"result file {url} listed in {outputs.MARKER} is missing")
             if verify and e.get("sha256") and fsio.sha256_file(url) != e["sha256"]:
                 raise ValueError(f"result file {url} does not match the sha256 in its manifest "
                                  "(truncated or altered)")

@@ -47,7 +47,7 @@ def verify_index_inputs(index_url: str, index_manifest: dict, engine=None, stora
     file on both engines (tasks verify the shards they load again, as they read them anyway)."""
     from retrieval.index import store
 
-    where = outputs.marker_of(index_url, "index") or outputs.marker_url(index_url)
+    where = store.manifest_url(index_url)
     index_files = [(fsio.join(index_url, fsio.safe_relpath(e["file"])), e.get("sha256"))
                    for e in [index_manifest["trained"], *index_manifest["shards"]]]
     integrity.verify_files(index_files, "index file", where, engine, storage_options)
