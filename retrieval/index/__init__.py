@@ -3,9 +3,5 @@
 ``build.build_index`` builds or extends an index; ``store`` reads one (manifest, shards);
 ``idmap`` defines the int64 ids.
 """
-import os
-
-# faiss runs OpenMP loops; with busy-waiting threads (libgomp's default) a CPU shared with other
-# work (Spark tasks, other jobs) makes k-means 10x slower. Passive waiting costs nothing
-# measurable here. Read once, when faiss is first imported in the process.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OMP_WAIT_POLICY=PASSIVE (faiss's k-means is 10x slower with busy-waiting OpenMP threads on a
+# shared CPU) is set by the ``retrieval`` package itself, which Python imports before this one.
