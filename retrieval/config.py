@@ -3,9 +3,9 @@
 Every key that exists is in ``retrieval/conf/defaults.yaml`` (or, for a stage that brings its own
 section, in its :class:`~retrieval.stage.Stage`'s ``defaults``). An overlay may only change existing
 keys; values keep the type of the default (``null`` defaults are typed in ``NULLABLE``). The value
-rules: ``CHECKS`` here for the sections no stage owns, and each stage's ``checks``, which
-:func:`retrieval.registry.load_config` passes in as :class:`Rules` (the command line always loads
-through it). Any violation raises :class:`ConfigError` naming the key and the value, before any
+rules: ``CHECKS`` here for the sections no stage owns, and each stage's ``checks``, which the stage
+registry (:mod:`retrieval.registry`, imported with the package) provides as :class:`Rules` through
+:func:`use_rules`: this core module reads the registry without importing it. Any violation raises :class:`ConfigError` naming the key and the value, before any
 work starts.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -87,16 +87,31 @@ class Rules:
 
 CORE = Rules()
 
+# where the stages' rules come from: retrieval.registry installs itself here when it is imported
+# (retrieval/__init__.py imports it), so this core module reads the registry without importing it
+_RULES_SOURCE: list[Callable[[], Rules]] = []
+
+
+def use_rules(source: Callable[[], Rules]) -> None:
+    """Install the function that returns the stages' :class:`Rules` (the registry's)."""
+    _RULES_SOURCE[:] = [source]
+
+
+def _resolve(rules: Rules | None) -> Rules:
+    if rules is not None:
+        return rules
+    return _RULES_SOURCE[0]() if _RULES_SOURCE else CORE
+
 
 @functools.lru_cache(maxsize=1)
 def _defaults_text() -> str:
     return resources.files("retrieval.conf").joinpath("defaults.yaml").read_text()
 
 
-def defaults(rules: Rules = CORE) -> dict:
-    """The embedded defaults (plus the sections ``rules`` brings), as a fresh nested dict."""
+def defaults(rules: Rules | None = None) -> dict:
+    """The embedded defaults (plus the sections the stages bring), as a fresh nested dict."""
     data = yaml.safe_load(_defaults_text())
-    for section, values in rules.sections.items():
+    for section, values in _resolve(rules).sections.items():
         if section in data:
             raise ConfigError(f"config section {section!r} is declared twice (defaults.yaml and a stage)")
         data[section] = copy.deepcopy(dict(values))
@@ -265,11 +280,11 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 
 def load(conf_files: Iterable[str] = (), sets: Iterable[str] = (),
-         overrides: Mapping[str, Any] | None = None, rules: Rules = CORE) -> Config:
+         overrides: Mapping[str, Any] | None = None, rules: Rules | None = None) -> Config:
     """Defaults, then each overlay file (any fsspec URL) in order, then ``--set`` items, then
-    ``overrides`` (already-typed values from CLI flags). ``rules``: the stages' checks
-    (:func:`retrieval.registry.load_config` passes them all; without them only the types and the
-    core sections' values are checked)."""
+    ``overrides`` (already-typed values from CLI flags), validated with ``CHECKS`` and the stages'
+    rules (``rules``, default: the registry's)."""
+    rules = _resolve(rules)
     data = defaults(rules)
     for url in conf_files:
         try:

@@ -7,7 +7,9 @@ stage table (:func:`stage_table`) and the stage-name tests read it. Adding a sta
 (with ``stage.py``) plus one line here (then ``python -m retrieval.registry --write-jobs`` writes its
 ``jobs/<stage>.py``; docs/architecture.md has a worked example).
 
-This module sits above the stages (it imports them); the stages never import it.
+This module sits above the stages (it imports them); the stages never import it. It installs
+:func:`rules` in :mod:`retrieval.config` (``config.use_rules``) when imported, which
+``retrieval/__init__.py`` does, so every configuration is checked with every stage's rules.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from typing import Any, Iterable, Mapping
 from retrieval import config as config_mod
 from retrieval.stage import Stage
 
-# the module of each stage's STAGE, in pipeline order
+# the module of each stage's STAGE (a stage's package or module, or a recipe), in pipeline order
 STAGE_MODULES: list[str] = [
+    "retrieval.recipes.run",        # the one command: the stages below, chained
     "retrieval.extract.stage",
     "retrieval.fit.stage",
     "retrieval.index.stage",
@@ -90,9 +93,12 @@ def rules(selected: Iterable[Stage] | None = None) -> config_mod.Rules:
 
 def load_config(conf_files: Iterable[str] = (), sets: Iterable[str] = (),
                 overrides: Mapping[str, Any] | None = None) -> config_mod.Config:
-    """The configuration, validated with every stage's rules (:func:`retrieval.config.load` with
-    :func:`rules`): what the command line and the Python API use."""
+    """The configuration, validated with every stage's rules (what :func:`retrieval.config.load` does
+    once this module is imported)."""
     return config_mod.load(conf_files, sets, overrides, rules=rules())
+
+
+config_mod.use_rules(rules)     # config.load validates with the registered stages' rules
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,14 +37,15 @@ def test_repository_overlays_are_valid():
 ])
 def test_bad_values_are_clear_errors(item, message):
     with pytest.raises(config.ConfigError, match=message.replace("(", r"\(")):
-        registry.load_config(sets=[item])
+        config.load(sets=[item])
 
 
 def test_stage_value_rules_come_from_the_registry():
-    """Each stage declares the checks of its own section; the registry's loader applies them all
-    (the command line loads through it), the bare loader only the types and the shared sections."""
+    """Each stage declares the checks of its own section; every load applies them (the registry
+    installs its rules in the core config module, which does not import it); without them only the
+    types and the shared sections are checked."""
     assert "extract.batch_size" not in config.CHECKS and "extract.batch_size" in registry.get("extract").checks
-    assert config.load(sets=["extract.batch_size=0"])["extract.batch_size"] == 0
+    assert config.load(sets=["extract.batch_size=0"], rules=config.CORE)["extract.batch_size"] == 0
     with pytest.raises(config.ConfigError, match="must be > 0"):
         registry.load_config(sets=["extract.batch_size=0"])
     with pytest.raises(config.ConfigError, match="must be > 0"):    # kept by with_overrides

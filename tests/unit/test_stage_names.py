@@ -18,7 +18,7 @@ PKG = os.path.join(ROOT, "retrieval")
 # stages that have settings of their own (plan reads other sections; export reads model)
 CONFIGURED = {"extract", "fit", "index", "search", "evaluate", "report", "train"}
 # stages whose output directory carries the marker (fit writes one checkpoint file + its card)
-MARKED = {"extract", "index", "search", "evaluate", "report", "train"}
+MARKED = {"run", "extract", "index", "search", "evaluate", "report", "train"}
 
 
 STAGES = registry.stages()
@@ -35,12 +35,12 @@ def _subcommands() -> dict[str, str]:
 def test_cli_subcommands_are_the_registered_stages_plus_the_old_names():
     subs = _subcommands()
     assert set(subs) == set(STAGES) | set(ALIASES)
-    assert list(STAGES)[:4] == ["extract", "fit", "index", "search"]
+    assert list(STAGES)[:5] == ["run", "extract", "fit", "index", "search"]
 
 
 def test_every_stage_is_declared_by_its_own_package_or_module():
     for module, (name, stage) in zip(registry.STAGE_MODULES, STAGES.items()):
-        assert module in (f"retrieval.{name}", f"retrieval.{name}.stage"), (name, module)
+        assert module in (f"retrieval.{name}", f"retrieval.{name}.stage", f"retrieval.recipes.{name}"), (name, module)
         assert stage.section in (None, name), (name, stage.section)
         assert "output" in {a.dest for a in stage.args} or not stage.writes, name
     # no package left under an old name, no leftover CLI adapter modules
