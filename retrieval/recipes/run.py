@@ -157,7 +157,7 @@ def run_all(gallery: str, queries: str, output: str, cfg: Config, engine: Any, b
                       deps=("results", "eval"))
     return outputs.commit(output, "run", {
         "gallery": gallery, "queries": queries, "background": bg_url, "truth": truth, "fit": fit,
-        "steps": run.steps, "report": fsio.join(run.url("report"), "report.html"),
+        "steps": [{"name": name, **step} for name, step in run.steps.items()], "report": fsio.join(run.url("report"), "report.html"),
         "counts": (report or {}).get("counts"), "results": results_url,
         "model_version": results.get("model_version"),
         "timings": {"total_s": round(time.monotonic() - t0, 1)}}, engine=engine, cfg=report_cfg)
@@ -171,7 +171,7 @@ def _run(inputs: Mapping[str, Any], output: str | None, cfg: Config, engine: Any
 def _summary(m: dict, inputs: Mapping[str, Any], output: str | None) -> dict:
     counts = m.get("counts") or {}
     return {"output": output, "report": m["report"], "results": m["results"], "model_version": m["model_version"],
-            "steps": {name: ("skipped" if s["skipped"] else f"{s.get('seconds', 0)} s") for name, s in m["steps"].items()},
+            "steps": {s["name"]: ("skipped" if s["skipped"] else f"{s.get('seconds', 0)} s") for s in m["steps"]},
             "flagged": {k: counts.get(k) for k in ("queries", "flagged_queries", "flagged_matches")},
             "timings": m["timings"]}
 
