@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Distributed batch pipeline for billion-scale image gallery indexing and copy detection",
     packages=find_packages(include=["retrieval", "retrieval.*"]),
-    package_data={"retrieval": ["conf/*.yaml", "conf/log4j2.properties", "assets/*", "report/templates/*.j2"]},
+    package_data={"retrieval": ["conf/*.yaml", "conf/log4j2.properties", "assets/*", "assets/background/*", "report/templates/*.j2"]},
     python_requires=">=3.10",
     install_requires=[
         "pyspark>=4.0,<5",

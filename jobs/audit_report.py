@@ -1,4 +1,11 @@
-"""Deprecated name of ``jobs/report.py`` (accepted until 0.3, with a deprecation message): runs the same stage."""
+"""`retrieval report` as a Spark job: audit report: HTML, flagged matches, summary.json.
+
+    spark-submit --master local[*] jobs/audit_report.py --results URL --output URL
+
+Deprecated name (removed in 0.3): use jobs/report.py.
+
+Options: `retrieval report --help`. On a cluster: docs/cluster.md.
+"""
 from retrieval.cli import run_job
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
-"""Job: evaluate search results against ground truth (recall@k, micro-AP, PR curve; optionally
-exact 512-d search for comparison). Same as `retrieval evaluate`; runs on the driver.
+"""`retrieval evaluate` as a Spark job: recall@k, micro-AP and a PR curve against ground truth.
 
-    spark-submit --master local[*] jobs/evaluate.py \
-        --results /data/search/2026-11-21 --truth /data/truth.csv \
-        [--output /data/search/2026-11-21/eval] [--exact /data/index/gallery]
+    spark-submit --master local[*] jobs/evaluate.py --results URL --truth CSV
+
+Options: `retrieval evaluate --help`. On a cluster: docs/cluster.md.
 """
 from retrieval.cli import run_job
 

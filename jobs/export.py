@@ -1,7 +1,8 @@
-"""The configured model's trunk as an ONNX file for ``model.runtime: onnx`` (``retrieval export``); runs on
-the driver, no Spark.
+"""`retrieval export` as a Spark job: the model's trunk (backbone + GeM) as an ONNX file for model.runtime=onnx.
 
-    python jobs/export.py --format onnx --output /data/models/trunk.onnx
+    spark-submit --master local[*] jobs/export.py --format onnx --output FILE
+
+Options: `retrieval export --help`. On a cluster: docs/cluster.md.
 """
 from retrieval.cli import run_job
 

@@ -1,14 +1,8 @@
-"""Spark job: images -> Parquet feature shards (coarse 128-d + fine 512-d). Same as `retrieval extract`.
+"""`retrieval extract` as a Spark job: images -> Parquet feature shards (coarse 128-d + fine 512-d).
 
-    spark-submit --master local[*] jobs/extract.py \
-        --input /data/gallery --output /data/features/gallery --role gallery \
-        [--conf conf/cluster.yaml] [--set extract.num_shards=64]
+    spark-submit --master local[*] jobs/extract.py --input URL --output URL --role gallery|query
 
-On a cluster (see README "Running on a cluster"):
-    spark-submit --master yarn --archives env.tar.gz#env \
-        --conf spark.pyspark.python=./env/bin/python \
-        jobs/extract.py --input s3://bucket/uploads/2026-11-21 \
-        --output s3://bucket/features/gallery/2026-11-21 --role gallery --conf conf/cluster.yaml
+Options: `retrieval extract --help`. On a cluster: docs/cluster.md.
 """
 from retrieval.cli import run_job
 

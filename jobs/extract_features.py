@@ -1,4 +1,11 @@
-"""Deprecated name of ``jobs/extract.py`` (accepted until 0.3, with a deprecation message): runs the same stage."""
+"""`retrieval extract` as a Spark job: images -> Parquet feature shards (coarse 128-d + fine 512-d).
+
+    spark-submit --master local[*] jobs/extract_features.py --input URL --output URL --role gallery|query
+
+Deprecated name (removed in 0.3): use jobs/extract.py.
+
+Options: `retrieval extract --help`. On a cluster: docs/cluster.md.
+"""
 from retrieval.cli import run_job
 
 if __name__ == "__main__":

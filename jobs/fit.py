@@ -1,11 +1,8 @@
-"""Spark job: fit the model's label-free post-processing (whitening, PCA heads for untrained
-adapters, adapter-2 re-fit) to a gallery sample. Same as `retrieval fit`.
+"""`retrieval fit` as a Spark job: fit whitening (+ PCA heads, adapter-2 re-fit) of the model to a gallery sample -> a checkpoint for model.checkpoint.
 
-    spark-submit --master local[*] jobs/fit.py \
-        --input /data/gallery/images --output /data/models/gallery-fit.pt [--set fit.sample=100000]
+    spark-submit --master local[*] jobs/fit.py --input URL --output MODEL_URL
 
-then every later stage: --set model.checkpoint=/data/models/gallery-fit.pt (plus the same
-model.backbone / model.backbone_weights keys the model was fitted with).
+Options: `retrieval fit --help`. On a cluster: docs/cluster.md.
 """
 from retrieval.cli import run_job
 

@@ -1,18 +1,8 @@
-"""Spark job: gallery feature shards -> sharded faiss IVF-PQ index. Same as `retrieval index`.
+"""`retrieval index` as a Spark job: gallery feature shards -> sharded faiss IVF-PQ index (old name: build-index).
 
-    spark-submit --master local[*] jobs/index.py \
-        --features /data/features/gallery --output /data/index/gallery \
-        [--conf conf/cluster.yaml] [--set index.vectors_per_shard=10000000]
+    spark-submit --master local[*] jobs/index.py --features URL --output URL
 
-Add new gallery features to an existing index (same trained quantizer, new shards):
-    spark-submit --master local[*] jobs/index.py \
-        --features /data/features/gallery-2026-11-22 --output /data/index/gallery --append
-
-On a cluster (see README "Running on a cluster"):
-    spark-submit --master yarn --archives env.tar.gz#env \
-        --conf spark.pyspark.python=./env/bin/python \
-        jobs/index.py --features s3://bucket/features/gallery/2026-11-21 \
-        --output s3://bucket/index/gallery --conf conf/cluster.yaml
+Options: `retrieval index --help`. On a cluster: docs/cluster.md.
 """
 from retrieval.cli import run_job
 

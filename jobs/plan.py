@@ -1,6 +1,8 @@
-"""Capacity plan for N images from the measured rates (``retrieval plan``); runs on the driver, no Spark.
+"""`retrieval plan` as a Spark job: capacity plan for N images from measured rates.
 
-    python jobs/plan.py --images 1e9 [--executors 100] [--gpus 0]
+    spark-submit --master local[*] jobs/plan.py --images 1e9
+
+Options: `retrieval plan --help`. On a cluster: docs/cluster.md.
 """
 from retrieval.cli import run_job
 

@@ -1,16 +1,8 @@
-"""Audit report over one search output (``retrieval report``).
+"""`retrieval report` as a Spark job: audit report: HTML, flagged matches, summary.json.
 
-    spark-submit --master 'local[2]' jobs/report.py --results RESULTS_URL --output REPORT_URL \
-        [--truth TRUTH_CSV] [--set report.threshold=0.8] [--conf conf/local.yaml]
+    spark-submit --master local[*] jobs/report.py --results URL --output URL
 
-On a cluster (see docs/cluster.md), with the packed environment:
-
-    spark-submit --master yarn --deploy-mode cluster --archives env.tar.gz#env \
-        --conf spark.pyspark.python=./env/bin/python jobs/report.py \
-        --results s3://bucket/work/2024-01-01/results --output s3://bucket/reports/2024-01-01
-
-Writes ``report.html`` (self-contained), ``flagged.parquet``, ``flagged.csv`` and, last,
-``summary.json``. The results are streamed with pyarrow on the driver (bounded memory).
+Options: `retrieval report --help`. On a cluster: docs/cluster.md.
 """
 from retrieval.cli import run_job
 

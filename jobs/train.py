@@ -1,10 +1,8 @@
-"""Three-stage training of the descriptor model (``retrieval train``).
+"""`retrieval train` as a Spark job: three-stage training of the descriptor model.
 
-    spark-submit --master 'local[2]' jobs/train.py --input IMAGES_URL --output CHECKPOINT_DIR_URL \
-        [--set train.processes=2] [--set train.stages=[2,3]] [--conf conf/local.yaml]
+    spark-submit --master local[*] jobs/train.py --input URL --output URL
 
-``train.processes > 1`` trains data parallel through ``pyspark.ml.torch.distributor.TorchDistributor``
-(``train.local_mode``: processes on the driver, else on executors; gloo on CPU).
+Options: `retrieval train --help`. On a cluster: docs/cluster.md.
 """
 from retrieval.cli import run_job
 

@@ -14,3 +14,7 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+# the stage registry: installs the stages' config rules in retrieval.config (the stage modules
+# themselves are imported only when a configuration is loaded or the CLI is built)
+from retrieval import registry as _registry  # noqa: E402,F401

@@ -29,13 +29,14 @@ import io
 import logging
 import time
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from retrieval import fsio, integrity, outputs
 from retrieval.metrics import Truth, micro_ap, operating_points, precision_recall, read_truth
+from retrieval.stage import Stage, arg, positive
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.json"
@@ -310,12 +311,44 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
     return out
 
 
-def run_cli(args, cfg, engine) -> dict:
+def _run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
     """``retrieval evaluate`` (runs on the driver: results and truth are small; ``engine`` unused)."""
-    m = evaluate(args.results, args.truth, args.output, cfg, args.exact)
+    return evaluate(inputs["results"], inputs["truth"], output, cfg, inputs.get("exact"))
+
+
+def _summary(m: dict, inputs: Mapping[str, Any], output: str | None) -> dict:
     keep = ("micro_ap", "precision_at_recall", "recall_at_precision", "thresholds", "counts", "plot")
     out = {k: v for k, v in m.items() if k.startswith("recall@") or k in keep}
     if "exact" in m:
         out["exact"] = {k: v for k, v in m["exact"].items() if k != "metrics"}
         out["exact"]["micro_ap"] = m["exact"]["metrics"]["micro_ap"]
     return out
+
+
+STAGE = Stage(
+    name="evaluate",
+    help="recall@k, micro-AP and a PR curve against ground truth",
+    usage="--results URL --truth CSV",
+    args=(
+        arg("--results", required=True, help="search output URL"),
+        arg("--truth", required=True, help="CSV: query_id, gallery_id (empty: no true match)"),
+        arg("--output", default=None, help="where to write metrics.json and pr_curve.png (default: <results>/eval)"),
+        arg("--exact", default=None, metavar="INDEX",
+            help="also compare with exact 512-d search over this index's gallery"),
+    ),
+    run=_run,
+    summary=_summary,
+    section="evaluate",
+    checks={
+        "evaluate.recall_at": lambda v: None if v and all(isinstance(k, int) and not isinstance(k, bool)
+                                                          and k > 0 for k in v) else "must be a list of ints > 0",
+        "evaluate.precision_at_recall": lambda v: None if all(isinstance(r, (int, float)) and 0 < r <= 1
+                                                              for r in v) else "must be a list in (0, 1]",
+        "evaluate.recall_at_precision": lambda v: None if all(isinstance(r, (int, float)) and 0 < r <= 1
+                                                              for r in v) else "must be a list in (0, 1]",
+        "evaluate.exact_k": positive,
+        "evaluate.exact_batch_rows": positive,
+        "evaluate.exact_query_chunk": positive,
+    },
+    engine="local",     # reads results with pyarrow: no executors needed
+)

@@ -25,6 +25,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any, Mapping
+
+from retrieval.stage import Stage, arg
 
 # ---- measured here (2-core CPU machine, 21-22 Nov 2026); docs/reliability.md and docs/billion.md ----
 RATES = {
@@ -347,11 +350,29 @@ def render(p: dict) -> str:
     return "\n".join(lines)
 
 
-def run_cli(args, cfg, engine) -> dict:
-    cluster = Cluster(executors=args.executors, executor_memory_gb=parse_memory(args.executor_memory),
-                      executor_cores=args.executor_cores, gpus=args.gpus)
-    p = plan(int(args.images), cluster, queries=int(getattr(args, "queries", 10_000_000)),
+def _run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> None:
+    cluster = Cluster(executors=inputs["executors"], executor_memory_gb=parse_memory(inputs["executor_memory"]),
+                      executor_cores=inputs["executor_cores"], gpus=inputs["gpus"])
+    p = plan(int(inputs["images"]), cluster, queries=int(inputs["queries"]),
              shortlist=cfg["search.shortlist"], query_chunk=cfg["search.query_chunk"],
              row_group_size=cfg["extract.row_group_size"], cfg=cfg)
     print(render(p))
     return None
+
+
+STAGE = Stage(
+    name="plan",
+    help="capacity plan for N images from measured rates",
+    usage="--images 1e9",
+    args=(
+        arg("--images", required=True, type=float, help="gallery images, e.g. 1e9"),
+        arg("--queries", type=float, default=10_000_000, help="queries per search run"),
+        arg("--executors", type=int, default=100, help="Spark executors"),
+        arg("--executor-memory", default="16g", help="memory per executor"),
+        arg("--executor-cores", type=int, default=4, help="cores per executor"),
+        arg("--gpus", type=int, default=0, help="GPUs in the cluster (extraction on GPU executors)"),
+    ),
+    run=_run,
+    engine=None,
+    writes=False,
+)

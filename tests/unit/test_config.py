@@ -1,6 +1,6 @@
 import pytest
 
-from retrieval import config
+from retrieval import config, registry
 
 
 def test_defaults_load_and_dotted_access():
@@ -38,6 +38,20 @@ def test_repository_overlays_are_valid():
 def test_bad_values_are_clear_errors(item, message):
     with pytest.raises(config.ConfigError, match=message.replace("(", r"\(")):
         config.load(sets=[item])
+
+
+def test_stage_value_rules_come_from_the_registry():
+    """Each stage declares the checks of its own section; every load applies them (the registry
+    installs its rules in the core config module, which does not import it); without them only the
+    types and the shared sections are checked."""
+    assert "extract.batch_size" not in config.CHECKS and "extract.batch_size" in registry.get("extract").checks
+    assert config.load(sets=["extract.batch_size=0"], rules=config.CORE)["extract.batch_size"] == 0
+    with pytest.raises(config.ConfigError, match="must be > 0"):
+        registry.load_config(sets=["extract.batch_size=0"])
+    with pytest.raises(config.ConfigError, match="must be > 0"):    # kept by with_overrides
+        registry.load_config().with_overrides({"extract.batch_size": 0})
+    with pytest.raises(config.ConfigError, match="unknown augmentation"):
+        registry.load_config(sets=["train.augmentations=[blur, nonsense]"])
 
 
 def test_bad_files(tmp_path):

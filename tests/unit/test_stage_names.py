@@ -1,6 +1,7 @@
-"""One name per stage (issue 14): the CLI subcommand, ``jobs/<stage>.py``, the config section, the
-library package or module, the Airflow task ids and the manifest's ``stage`` line up; the old names
-are accepted with a deprecation message."""
+"""One name per stage, read from the stage registry: the CLI subcommand, ``jobs/<stage>.py`` (generated
+from the registry), the config section, the library package or module, the README's stage table, the
+Airflow task ids and the manifest's ``stage`` line up; the old names are accepted with a deprecation
+message."""
 from __future__ import annotations
 
 import ast
@@ -10,14 +11,19 @@ import sys
 
 import yaml
 
-from retrieval import cli
+from retrieval import cli, config, registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PKG = os.path.join(ROOT, "retrieval")
 # stages that have settings of their own (plan reads other sections; export reads model)
 CONFIGURED = {"extract", "fit", "index", "search", "evaluate", "report", "train"}
 # stages whose output directory carries the marker (fit writes one checkpoint file + its card)
-MARKED = {"extract", "index", "search", "evaluate", "report", "train"}
+MARKED = {"run", "extract", "index", "search", "evaluate", "report", "train"}
+
+
+STAGES = registry.stages()
+ALIASES = {old: st.name for st in STAGES.values() for old in st.aliases}
+JOB_ALIASES = {old: st.name for st in STAGES.values() for old in st.job_aliases}
 
 
 def _subcommands() -> dict[str, str]:
@@ -26,42 +32,62 @@ def _subcommands() -> dict[str, str]:
     return {name: p.prog.split()[-1] for name, p in sub.choices.items()}
 
 
-def test_cli_subcommands_are_the_stages_plus_the_old_names():
+def test_cli_subcommands_are_the_registered_stages_plus_the_old_names():
     subs = _subcommands()
-    assert set(subs) == set(cli.STAGES) | set(cli.ALIASES)
-    assert all(cli.ALIASES[old] in cli.STAGES for old in cli.ALIASES)
+    assert set(subs) == set(STAGES) | set(ALIASES)
+    assert list(STAGES)[:5] == ["run", "extract", "fit", "index", "search"]
 
 
-def test_every_stage_has_its_package_or_module_and_one_entry():
-    for stage, module in cli.STAGES.items():
-        assert module in (f"retrieval.{stage}", f"retrieval.{stage}.cli"), (stage, module)
-        path = os.path.join(ROOT, *module.split(".")) + ".py"
-        assert os.path.isfile(path), path
-        tree = ast.parse(open(path, encoding="utf-8").read())
-        entries = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run_cli"]
-        assert len(entries) == 1 and [a.arg for a in entries[0].args.args] == ["args", "cfg", "engine"], path
-    # no package left under an old name
+def test_every_stage_is_declared_by_its_own_package_or_module():
+    for module, (name, stage) in zip(registry.STAGE_MODULES, STAGES.items()):
+        assert module in (f"retrieval.{name}", f"retrieval.{name}.stage", f"retrieval.recipes.{name}"), (name, module)
+        assert stage.section in (None, name), (name, stage.section)
+        assert "output" in {a.dest for a in stage.args} or not stage.writes, name
+    # no package left under an old name, no leftover CLI adapter modules
     for old in ("features", "audit", "training"):
         assert not os.path.exists(os.path.join(PKG, old)), old
+    for name in STAGES:
+        assert not os.path.exists(os.path.join(PKG, name, "cli.py")), name
 
 
-def test_every_job_file_is_a_stage_or_an_old_name_and_a_thin_wrapper():
+def test_every_job_file_is_generated_from_the_registry():
     jobs = {f[:-3] for f in os.listdir(os.path.join(ROOT, "jobs")) if f.endswith(".py")}
-    assert jobs == set(cli.STAGES) | set(cli.JOB_ALIASES)
-    assert all(cli.JOB_ALIASES[old] in cli.STAGES for old in cli.JOB_ALIASES)
+    assert jobs == set(STAGES) | set(JOB_ALIASES)
     for name in jobs:
-        tree = ast.parse(open(os.path.join(ROOT, "jobs", name + ".py"), encoding="utf-8").read())
-        body = tree.body[1:] if isinstance(tree.body[0], ast.Expr) else tree.body    # after the docstring
-        code = ast.unparse(ast.Module(body=body, type_ignores=[]))
-        assert code == "from retrieval.cli import run_job\nif __name__ == '__main__':\n    run_job(__file__)", name
+        with open(os.path.join(ROOT, "jobs", name + ".py"), encoding="utf-8") as fh:
+            text = fh.read()
+        assert text == registry.job_file_text(registry.get(name), name), (
+            f"jobs/{name}.py differs from the registry: python -m retrieval.registry --write-jobs")
+        tree = ast.parse(text)     # and it is the thin wrapper
+        body = ast.unparse(ast.Module(body=tree.body[1:], type_ignores=[]))
+        assert body == "from retrieval.cli import run_job\nif __name__ == '__main__':\n    run_job(__file__)", name
 
 
-def test_config_sections_are_the_configured_stages():
+def test_config_sections_are_the_stages_sections_plus_the_shared_ones():
     with open(os.path.join(PKG, "conf", "defaults.yaml"), encoding="utf-8") as fh:
         sections = set(yaml.safe_load(fh))
-    assert CONFIGURED <= set(cli.STAGES) and CONFIGURED <= sections
+    owned = {st.section for st in STAGES.values() if st.section}
+    assert owned == CONFIGURED and owned <= sections
     assert not sections & {"features", "audit", "training", "build_index", "build-index"}
-    assert sections - CONFIGURED == {"spark", "io", "model", "preprocess", "faults"}   # not stages
+    assert sections - owned == set(registry.SHARED_SECTIONS)   # not stages
+
+
+def test_every_check_belongs_to_a_key_of_its_stages_section():
+    defaults = config.defaults()
+    for stage in STAGES.values():
+        for key in stage.checks:
+            node = defaults
+            for part in key.split("."):
+                assert part in node, (stage.name, key)
+                node = node[part]
+    for key in config.CHECKS:
+        assert key.split(".")[0] in registry.SHARED_SECTIONS, key
+
+
+def test_the_readme_stage_table_is_the_registrys():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    assert registry.stage_table() in readme, "README's stage table: python -m retrieval.registry --table"
 
 
 def test_dag_task_ids_are_stage_names():
@@ -72,7 +98,7 @@ def test_dag_task_ids_are_stage_names():
     for call in calls:
         task_id, job = (a.value for a in call.args[:2])
         stage = job[:-3]
-        assert stage in cli.STAGES and stage not in cli.JOB_ALIASES, job
+        assert stage in STAGES and stage not in JOB_ALIASES, job
         assert task_id == stage or task_id.startswith(stage + "_"), (task_id, job)
         seen.add(stage)
     assert seen == {"fit", "extract", "index", "search", "report"}
@@ -91,6 +117,7 @@ def test_manifests_name_their_stage():
                             and getattr(n.func.value, "id", None) == "outputs":
                         committed.add(n.args[1].value)
     assert committed == MARKED
+    assert MARKED | {"fit", "export"} == {n for n, st in STAGES.items() if st.writes}
 
 
 def test_old_subcommand_is_accepted_with_a_deprecation_message(tmp_path, capsys):

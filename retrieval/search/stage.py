@@ -1,0 +1,54 @@
+"""The ``search`` stage: two-stage search, coarse IVF-PQ per shard, merge, exact 512-d rerank.
+
+    retrieval search --queries URL --index URL --output URL
+
+The work is :func:`retrieval.search.job.search`."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from retrieval.stage import Stage, arg, choice, non_negative, positive
+
+
+def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
+    from retrieval.search.job import search
+
+    return search(inputs["queries"], inputs["index"], output, cfg, engine)
+
+
+def summary(m: dict, inputs: Mapping[str, Any], output: str | None) -> dict:
+    return {"output": output, "counts": m["counts"], "model_version": m["model_version"],
+            "params": m["params"], "timings": m["timings"]}
+
+
+STAGE = Stage(
+    name="search",
+    help="two-stage search: coarse IVF-PQ per shard, merge, exact 512-d rerank",
+    usage="--queries URL --index URL --output URL",
+    args=(
+        arg("--queries", required=True, help="query images (any extract input) or query features"),
+        arg("--index", required=True, help="index output URL"),
+        arg("--output", required=True, help="results output URL (a directory of Parquet match rows)"),
+    ),
+    run=run,
+    summary=summary,
+    section="search",
+    checks={
+        "search.shortlist": non_negative,
+        "search.shard_shortlist": non_negative,
+        "search.k": positive,
+        "search.nprobe": non_negative,
+        "search.coarse_threshold": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
+        "search.match_threshold": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
+        "search.query_chunk": positive,
+        "search.vector_cache_mb": non_negative,
+        "search.rerank": choice("auto", "chunk", "gallery"),
+        "search.shard_cache": positive,
+        "search.threads": non_negative,
+        "search.progress_seconds": positive,
+        "search.normalize.k": positive,
+        "search.normalize.beta": non_negative,
+        "search.normalize.sample": positive,
+        "search.normalize.seed": non_negative,
+    },
+)
