@@ -220,3 +220,23 @@ def test_compact_bounds_strings():
     out = compact({"a": "x" * 500, "b": [1, 2.5, None, True], "c": {"d": ("y",)}}, max_len=50)
     assert len(out["a"]) == 50 and out["a"].endswith("...")
     assert out["b"] == [1, 2.5, None, True] and out["c"] == {"d": ["y"]}
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_docs_screenshots_are_current_pages(width):
+    """docs/report-<width>.png (scripts/report_screenshots.sh): checked in, embedded in
+    docs/report.md, small, the top 2000 px of a rendered page that shows the band colours."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(repo, "docs", f"report-{width}.png")
+    assert os.path.getsize(path) < 400_000
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (width, 2000)
+        rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    assert rgb.std() > 20
+    # a confident block's red edge, the review chip (legend, scores); at 1280 px a review block's amber edge
+    colours = [(0xb3, 0x26, 0x1e), (0xff, 0xf0, 0xd1)] + ([(0xd9, 0x8a, 0x00)] if width == 1280 else [])
+    for colour in colours:
+        near = (np.abs(rgb - np.array(colour)).max(axis=2) <= 12).sum()
+        assert near > 500, (colour, near)
+    with open(os.path.join(repo, "docs", "report.md"), encoding="utf-8") as fh:
+        assert f"(report-{width}.png)" in fh.read()
