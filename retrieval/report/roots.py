@@ -8,7 +8,8 @@ by the search manifest, the gallery features listed by the index manifest): a di
 its own root, a file input (a CSV / Parquet listing or a Parquet-bytes file) roots its directory.
 Local paths are compared after ``realpath`` (no ``..`` or symlink escapes); other URLs after
 normalising their path; the scheme must match. Parquet-bytes URIs (``<file>#row=<n>``) are
-checked by their file.
+checked by their file. A relative input (as the extraction was given it) is taken relative to the
+report's working directory.
 """
 from __future__ import annotations
 

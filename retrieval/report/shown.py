@@ -25,7 +25,7 @@ class ShownImages:
     roots: InputRoots
     thumbs: dict = field(default_factory=dict)          # uri -> Thumb (those read)
     rel: dict[str, str] = field(default_factory=dict)   # uri -> thumbs/<hash>.jpg (files mode)
-    outside: list[str] = field(default_factory=list)    # shown URIs refused: outside the roots
+    outside: dict[str, None] = field(default_factory=dict)   # shown URIs refused (outside the roots), in order
 
     def src(self, uri: str) -> str | None:
         """A thumbnail's ``src`` (None: no thumbnail, :meth:`reason` says why)."""
@@ -42,14 +42,10 @@ class ShownImages:
     def reason(self, uri: str) -> str:
         if self.mode == "none":
             return "thumbnails off (report.thumbnails=none)"
-        if uri in self._outside_set:
+        if uri in self.outside:
             return OUTSIDE
         t = self.thumbs.get(uri)
         return (t.error if t is not None else None) or "unavailable"
-
-    @property
-    def _outside_set(self) -> set[str]:
-        return set(self.outside)
 
     @property
     def errors(self) -> int:
@@ -59,7 +55,7 @@ class ShownImages:
         if not self.outside:
             return []
         return [f"{len(self.outside):,} shown image URI(s) lie outside the input roots the manifests record "
-                f"({self.roots.describe()}): not read, no thumbnail. First: {self.outside[0]}"]
+                f"({self.roots.describe()}): not read, no thumbnail. First: {next(iter(self.outside))}"]
 
 
 def shown_images(result, r: Any, cfg: Config, input_urls: list[str], progress_seconds: float,
@@ -69,16 +65,15 @@ def shown_images(result, r: Any, cfg: Config, input_urls: list[str], progress_se
     shown = ShownImages(mode=r["thumbnails"], roots=InputRoots.from_inputs(input_urls))
     if shown.mode == "none" or not uris:
         return shown
-    shown.outside = [u for u in uris if u and not shown.roots.allows(u)]
+    shown.outside = dict.fromkeys(u for u in uris if u and not shown.roots.allows(u))
     if shown.outside:
         log.warning("report: %d shown image URI(s) outside the input roots the manifests record (%s) are not "
-                    "read, e.g. %s", len(shown.outside), shown.roots.describe(), shown.outside[:3])
-    refused = set(shown.outside)
+                    "read, e.g. %s", len(shown.outside), shown.roots.describe(), list(shown.outside)[:3])
     # imported here: the image decoder pulls in torch, which a report without thumbnails skips
     from retrieval.extract.preprocess import DecodePolicy
     from retrieval.report.thumbs import make_thumbnails, write_thumbnails
 
-    shown.thumbs = make_thumbnails([u for u in uris if u not in refused], int(r["thumbnail_size"]),
+    shown.thumbs = make_thumbnails([u for u in uris if u not in shown.outside], int(r["thumbnail_size"]),
                                    DecodePolicy.from_config(cfg["preprocess"].to_dict()),
                                    threads=int(r["thumbnail_threads"]), progress_seconds=progress_seconds,
                                    full_size=int(r["full_size"]), output_url=output_url)

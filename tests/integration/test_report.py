@@ -411,6 +411,9 @@ function keyElements(doc) {   // what a reviewer must find, in page order
           first_block_before_histogram: !!(firstBlock && doc.getElementById("distribution") &&
             (firstBlock.compareDocumentPosition(doc.getElementById("distribution")) & 4)),
           uri_wbr: doc.querySelectorAll("#flagged .uri wbr").length,
+          uri_breaks: Array.from(doc.querySelectorAll(".uri")).map(function (e) {
+            var cs = getComputedStyle(e); return cs.wordBreak + "/" + cs.overflowWrap; })
+            .filter(function (v, i, a) { return a.indexOf(v) === i; }),
           thumb_px: firstBlock ? firstBlock.querySelector("img").getBoundingClientRect().width : 0};
 }
 window.addEventListener("load", function () {   // fires after the iframes' own load
@@ -496,5 +499,6 @@ def test_report_is_built_for_review_in_chromium(report, tmp_path):
         assert re.fullmatch(r"full/[0-9a-f]{32}\.jpg", href) and natural > 0
         assert os.path.isfile(os.path.join(out, href))
     assert k["first_block_before_histogram"] and k["uri_wbr"] > 0
+    assert k["uri_breaks"] == ["normal/normal"], k["uri_breaks"]    # paths break at the <wbr> only
     assert k["thumb_px"] == 256
     assert result["mobile_overflow"] <= 0, result["mobile_overflow"]

@@ -15,6 +15,7 @@ from PIL import Image
 
 from retrieval import config as config_mod
 from retrieval.report.html import ENV, band_of, confident_edge, histogram_svg, tick, wrap_path
+from retrieval.report.job import threshold_meaning
 from retrieval.report.roots import InputRoots
 from retrieval.report.runinfo import compact
 from retrieval.report.scan import ScanSettings, _csv_safe, _TopQueries, band_labels, scan
@@ -141,6 +142,16 @@ def test_tick_wrap_path_and_bands():
     assert [band_of(s, 0.75, 0.95) for s in (0.96, 0.95, 0.9499, 0.75, 0.7499, None, float("nan"))] == \
         ["confident", "confident", "review", "review", "below", "below", "below"]
     assert band_of(np.float32(0.75), 0.75, 0.95) == "review"   # float32 score at the threshold: flagged
+
+
+def test_threshold_meaning():
+    st = ScanSettings(threshold=0.75, bands=(0.5, 0.95))
+    fixed = threshold_meaning(0.75, st)
+    assert "0.75" in fixed and "fixed setting" in fixed and "not calibrated" in fixed
+    calibrated = threshold_meaning({"from_evaluation": "s3://b/eval/metrics.json", "precision": 0.95},
+                                   ScanSettings(threshold=0.8125, bands=(0.5,), score_column="norm_score"))
+    assert "0.8125" in calibrated and "95%" in calibrated and "s3://b/eval/metrics.json" in calibrated
+    assert "normalised score" in calibrated
 
 
 def test_input_roots(tmp_path):
