@@ -45,9 +45,9 @@ class Thumb:
         return "data:image/jpeg;base64," + base64.b64encode(self.jpeg).decode("ascii")
 
 
-def _jpeg(img: Image.Image, quality: int) -> bytes:
+def _jpeg(img: Image.Image, quality: int, optimize: bool = True) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality, optimize=True)
+    img.save(buf, format="JPEG", quality=quality, optimize=optimize)
     return buf.getvalue()
 
 
@@ -58,10 +58,9 @@ def make_images(data: bytes, size: int, policy: DecodePolicy = DecodePolicy(), f
     try:
         img, _, _ = decode_image(data, policy, draft_size=max(size, full_size))
         full = None
-        if full_size > 0:
-            big = img.copy()
-            big.thumbnail((full_size, full_size), Image.LANCZOS)
-            full = _jpeg(big, 85)
+        if full_size > 0:       # shrunk in place (Pillow's bilinear is antialiased): the thumbnail follows
+            img.thumbnail((full_size, full_size), Image.BILINEAR)
+            full = _jpeg(img, 85, optimize=False)
         img.thumbnail((size, size), Image.BILINEAR)
         thumb = _jpeg(img, quality)
     except ImageError as exc:
