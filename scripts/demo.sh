@@ -61,6 +61,6 @@ Outputs under $OUT:
   index/             shard-*.index, _manifest.json                (retrieval index)
   matches/           part-*.parquet, query_features/, _manifest.json (retrieval search)
   eval/              metrics.json, pr_curve.png, _manifest.json   (retrieval evaluate)
-  report/            report.html, flagged.parquet, flagged.csv, summary.json, _manifest.json
-                     (retrieval report)
+  report/            report.html, full/ (full-size images), flagged.parquet, flagged.csv,
+                     summary.json, _manifest.json (retrieval report)
 MSG
