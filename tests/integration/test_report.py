@@ -416,6 +416,24 @@ function keyElements(doc) {   // what a reviewer must find, in page order
             .filter(function (v, i, a) { return a.indexOf(v) === i; }),
           thumb_px: firstBlock ? firstBlock.querySelector("img").getBoundingClientRect().width : 0};
 }
+function lineBreaks(doc) {   // where the paths wrap: [breaks at a separator, breaks mid-word (the text)]
+  var atSeparator = 0, midWord = [];
+  doc.querySelectorAll(".uri").forEach(function (el) {
+    var walker = doc.createTreeWalker(el, NodeFilter.SHOW_TEXT), node, prev = null, prevTop = null;
+    while ((node = walker.nextNode())) {
+      for (var i = 0; i < node.length; i++) {
+        var r = doc.createRange(); r.setStart(node, i); r.setEnd(node, i + 1);
+        var rects = r.getClientRects();
+        if (!rects.length) continue;
+        if (prevTop !== null && rects[0].top > prevTop + 2) {
+          if (/[\\/_\\-.#=?&\\s]/.test(prev)) atSeparator++; else midWord.push(el.textContent);
+        }
+        prevTop = rects[0].top; prev = node.data[i];
+      }
+    }
+  });
+  return [atSeparator, midWord];
+}
 window.addEventListener("load", function () {   // fires after the iframes' own load
   var out = {};
   try {
@@ -423,6 +441,7 @@ window.addEventListener("load", function () {   // fires after the iframes' own 
     var mob = document.getElementById("m").contentDocument;
     out.keys = keyElements(doc);
     out.mobile_overflow = mob.documentElement.scrollWidth - 390;
+    out.mobile_breaks = lineBreaks(mob);
     out.images = imgs.length;
     out.broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
                      .map(function (i) { return i.getAttribute("src").slice(0, 60); });
@@ -499,6 +518,9 @@ def test_report_is_built_for_review_in_chromium(report, tmp_path):
         assert re.fullmatch(r"full/[0-9a-f]{32}\.jpg", href) and natural > 0
         assert os.path.isfile(os.path.join(out, href))
     assert k["first_block_before_histogram"] and k["uri_wbr"] > 0
-    assert k["uri_breaks"] == ["normal/normal"], k["uri_breaks"]    # paths break at the <wbr> only
+    assert k["uri_breaks"] == ["normal/break-word"], k["uri_breaks"]   # no break-all
+    # at 390 px the long paths wrap, each time after a separator (the <wbr>s), never mid-word
+    at_separator, mid_word = result["mobile_breaks"]
+    assert at_separator > 0 and mid_word == [], result["mobile_breaks"]
     assert k["thumb_px"] == 256
     assert result["mobile_overflow"] <= 0, result["mobile_overflow"]
