@@ -1,5 +1,9 @@
 """The report page: one self-contained HTML file (inline CSS, inline SVG histogram, thumbnails as
-``data:`` URIs or relative ``thumbs/*.jpg``), no script, no external resource.
+``data:`` URIs or relative ``thumbs/*.jpg``, each a plain link to its relative ``full/*.jpg``), no
+script, no external resource. Built for review: a how-to-review note (band legend, the
+``threshold_meaning`` sentence), the flagged pairs first, scores coloured by band
+(:func:`band_of`: confident / review / below), paths wrapped at separators (:func:`wrap_path`),
+axis ticks without ``-0`` (:func:`tick`), the settings collapsed at the end.
 
 The markup lives in jinja2 templates (``retrieval/report/templates/``: ``report.html.j2`` the page,
 ``macros.html.j2`` its tables and flagged-query blocks, ``histogram.svg.j2`` the chart); this module
