@@ -25,6 +25,11 @@ if [ ! -d /usr/share/doc/opencv-doc/examples/data ] && command -v apt-get >/dev/
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq opencv-doc) \
     >/dev/null 2>&1 || echo "bootstrap: opencv-doc not installed; the sample uses scikit-image photos only" >&2
 fi
+# Chromium for the report's browser tests (tests/integration/test_report.py) and scripts/report_screenshots.sh
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+    || echo "bootstrap: chromium not installed; the report's browser tests will skip" >&2
+fi
 # libmagic for AugLy's python-magic (the training augmentations)
 if ! ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1' && command -v apt-get >/dev/null 2>&1 \
    && [ "$(id -u)" = 0 ]; then

@@ -43,6 +43,6 @@ Outputs under $OUT/run (each a stage's output with its _manifest.json; docs/outp
   index/               the sharded IVF-PQ index                  (retrieval index)
   results/             match rows (Parquet)                      (retrieval search)
   eval/                metrics.json, pr_curve.png                (retrieval evaluate)
-  report/              report.html, flagged.csv, summary.json    (retrieval report)
+  report/              report.html, full/ (full-size images), flagged.csv, summary.json (retrieval report)
 A rerun of the same command skips what is complete.
 MSG

@@ -7,6 +7,7 @@ Output directory (any fsspec URL), each file written atomically:
 - ``flagged.parquet`` / ``flagged.csv``: every result row with ``score >= report.threshold``
   (the results schema, plus ``true_match`` when ground truth is given);
 - ``thumbs/*.jpg`` only with ``report.thumbnails=files`` (default ``embed``: data: URIs);
+- ``full/*.jpg``: the full-size copies the thumbnails link to (``report.full_size``; not with ``none``);
 - ``summary.json``: counts, thresholds, versions, a few top flagged pairs; small enough for an
   Airflow XCom or an alert message;
 - ``_manifest.json``, written LAST (its presence marks a complete report, :mod:`retrieval.outputs`):
@@ -22,6 +23,7 @@ from retrieval import fsio, outputs
 from retrieval.report import runinfo
 from retrieval.report.html import render
 from retrieval.report.scan import ScanSettings, scan
+from retrieval.report.shown import ShownImages, shown_images
 from retrieval.config import Config
 from retrieval.metrics import read_truth
 
@@ -54,43 +56,22 @@ def settings_from(cfg: Config, search_manifest: dict | None = None) -> ScanSetti
                         score_column=column)
 
 
-def _thumbnails(result, r, cfg: Config, st, output_url: str):
-    """The thumbnails of the shown queries and their matches (``report.thumbnails``: embedded,
-    files or none): ``(thumbs, src_of(uri), reason_of(uri))``."""
-    uris = [u for fq in result.top for u in [fq.query_uri, *(m.gallery_uri for m in fq.matches)]]
-    mode = r["thumbnails"]
-    thumbs: dict = {}
-    rel: dict[str, str] = {}
-    if mode != "none" and uris:
-        # imported here: the image decoder pulls in torch, which a report without thumbnails skips
-        from retrieval.report.thumbs import make_thumbnails, write_thumbnails
-        from retrieval.extract.preprocess import DecodePolicy
-
-        thumbs = make_thumbnails(uris, int(r["thumbnail_size"]),
-                                 DecodePolicy.from_config(cfg["preprocess"].to_dict()),
-                                 threads=int(r["thumbnail_threads"]), progress_seconds=st.progress_seconds)
-        if mode == "files":
-            rel = write_thumbnails(thumbs, output_url)
-
-    def src_of(uri: str) -> str | None:
-        t = thumbs.get(uri)
-        if t is None or t.jpeg is None:
-            return None
-        return rel.get(uri) if mode == "files" else t.data_uri()
-
-    def reason_of(uri: str) -> str:
-        if mode == "none":
-            return "thumbnails off (report.thumbnails=none)"
-        t = thumbs.get(uri)
-        return (t.error if t is not None else None) or "unavailable"
-
-    return thumbs, src_of, reason_of
+def threshold_meaning(configured: Any, st) -> str:
+    """One sentence for the page's review note: what the flag threshold means."""
+    score = "normalised score" if st.score_column == "norm_score" else "score"
+    if isinstance(configured, dict):
+        p = float(configured.get("precision", 0.9))
+        return (f"The threshold {st.threshold:g} is the {score} at which retrieval evaluate measured a precision of "
+                f"{p:.0%} on its labelled set ({configured.get('from_evaluation')}): on data like that set, about "
+                f"{p:.0%} of the matches at or above it are true copies.")
+    return (f"The threshold {st.threshold:g} is a fixed setting (report.threshold), not calibrated on your data: "
+            f"matches with a {score} at or above it are flagged for review, and how many of them are false "
+            f"matches is unknown until retrieval evaluate measures it on labelled pairs.")
 
 
 def _summary(results_url: str, output_url: str, truth_url: str | None, generated: str, cfg: Config, st,
-             info, result, thumbs: dict, files: dict) -> dict[str, Any]:
+             info, result, shown: ShownImages, files: dict) -> dict[str, Any]:
     """``summary.json`` (its timings are added by the caller)."""
-    thumb_errors = sum(1 for t in thumbs.values() if t.jpeg is None)
     return {
         "stage": "report",
         "results": results_url,
@@ -108,8 +89,9 @@ def _summary(results_url: str, output_url: str, truth_url: str | None, generated
             "flagged_queries_shown": len(result.top),
             "flagged_queries_not_shown": result.more_flagged_queries,
             "nonfinite_scores": result.nonfinite_scores,
-            "thumbnails": len(thumbs),
-            "thumbnail_errors": thumb_errors,
+            "thumbnails": len(shown.thumbs),
+            "thumbnail_errors": shown.errors,
+            "thumbnails_outside_roots": len(shown.outside),
         },
         "bands": [{"band": label, "matches": m, "queries": q}
                   for label, m, q in zip(result.band_labels, result.band_matches, result.band_queries)],
@@ -149,15 +131,16 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
     result = scan(info.result_files, output_url, st, truth, total_rows=total_rows)
     t_scan = time.monotonic()
 
-    thumbs, src_of, reason_of = _thumbnails(result, r, cfg, st, output_url)
+    shown = shown_images(result, r, cfg, info.input_urls(), st.progress_seconds, output_url)
     t_thumbs = time.monotonic()
     generated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     files = {"html": HTML, "flagged_parquet": "flagged.parquet", "flagged_csv": "flagged.csv", "summary": SUMMARY}
-    page = render(info, result, src_of, reason_of, generated, files)
+    page = render(info, result, shown.src, shown.reason, generated, files, full_of=shown.full,
+                  threshold_meaning=threshold_meaning(cfg["report.threshold"], st), extra_warnings=shown.warnings())
     fsio.write_bytes(fsio.join(output_url, HTML), page.encode("utf-8"))
     t_html = time.monotonic()
 
-    summary = _summary(results_url, output_url, truth_url, generated, cfg, st, info, result, thumbs, files)
+    summary = _summary(results_url, output_url, truth_url, generated, cfg, st, info, result, shown, files)
     summary["timings"] = {"read_manifests_s": round(t_read - t0, 3), "scan_s": round(t_scan - t_read, 3),
                           "thumbnails_s": round(t_thumbs - t_scan, 3), "html_s": round(t_html - t_thumbs, 3),
                           "total_s": round(time.monotonic() - t0, 3),

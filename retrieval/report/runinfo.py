@@ -32,6 +32,7 @@ class StageInfo:
     model_versions: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     error_samples: list[tuple[str, str, str]] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)    # the image inputs its manifest(s) record
 
     def to_summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"available": self.available, "counts": self.counts}
@@ -53,6 +54,10 @@ class RunInfo:
 
     def stage(self, name: str) -> StageInfo:
         return next(s for s in self.stages if s.name == name)
+
+    def input_urls(self) -> list[str]:
+        """The image inputs of the extractions behind the results (the roots thumbnails may read)."""
+        return [u for s in self.stages for u in s.inputs]
 
     def version_problems(self) -> list[str]:
         """Model versions that differ between the stages (the search refuses such runs; a report
@@ -182,6 +187,8 @@ def _extract_stage(name: str, url: str | None, errors_shown: int) -> StageInfo:
         info.model_versions = [str(m["model_version"])]
     info.details = {"outputs": 1, "storage": m.get("storage"), "engine": m.get("engine")}
     info.error_samples = error_samples(url, m, errors_shown)
+    if m.get("input"):
+        info.inputs = [str(m["input"])]     # as the extraction was given it (a relative path: its cwd)
     return info
 
 
@@ -219,6 +226,7 @@ def _gallery_stage(index_manifest: dict[str, Any] | None, index_url: str | None,
     missing = [s.problem for s in stages if not s.available]
     if missing:
         info.problem = f"{len(missing)} of {len(parents)} gallery outputs unavailable, e.g. {missing[0]}"
+    info.inputs = list(dict.fromkeys(u for s in ok for u in s.inputs))
     for s in ok:
         info.error_samples += s.error_samples[: max(0, errors_shown - len(info.error_samples))]
     return info

@@ -44,6 +44,7 @@ STAGE = Stage(
         "report.matches_per_query": positive,
         "report.thumbnails": choice("embed", "files", "none"),
         "report.thumbnail_size": lambda v: None if 16 <= v <= 1024 else "must be in [16, 1024]",
+        "report.full_size": lambda v: None if v == 0 or 256 <= v <= 8192 else "must be 0 (off) or in [256, 8192]",
         "report.thumbnail_threads": positive,
         "report.histogram_bins": lambda v: None if 1 <= v <= 1000 else "must be in [1, 1000]",
         "report.histogram_min": lambda v: None if -1.0 <= v < 1.0 else "must be in [-1, 1)",

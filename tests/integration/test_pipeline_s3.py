@@ -95,6 +95,8 @@ def test_extract_index_search_evaluate_report_all_on_s3(bucket, spark, tmp_path,
     summary = build_report(out, f"{root}/report", cfg, truth_url=f"{root}/in/truth.csv")
     assert summary["counts"]["queries"] == N_COPIES + N_OTHER
     assert summary["counts"]["thumbnails"] > 0 and summary["counts"]["thumbnail_errors"] == 0
+    assert summary["counts"]["thumbnails_outside_roots"] == 0          # the inputs the manifests record
+    assert fs.find(f"{root}/report/full")                             # full-size copies on S3 too
     html = fsio.read_text(f"{root}/report/report.html")
     assert "data:image/jpeg;base64," in html               # thumbnails read back from S3
 

@@ -106,7 +106,7 @@ def make_run(root: str, model_version: str = "mv-test") -> Run:
         {"image_id": ["broken.jpg"], "uri": [gallery["broken.jpg"]],
          "error": ["not an image: looks like text"]}, schema=err_schema))
     fsio.write_json(os.path.join(gfeat, "_manifest.json"), {
-        "stage": "extract", "role": "gallery", "model_version": model_version, "storage": "int8",
+        "stage": "extract", "role": "gallery", "input": gallery_dir, "model_version": model_version, "storage": "int8",
         "counts": {"inputs": 7, "ok": 6, "errors": 1},
         "shards": [{"shard": 0, "file": "part-00000.parquet", "errors_file": "errors/part-00000.parquet",
                     "errors": 1, "ok": 6}],
@@ -115,7 +115,7 @@ def make_run(root: str, model_version: str = "mv-test") -> Run:
         {"image_id": ["q7-missing"], "uri": [os.path.join(query_dir, "deleted.jpg")],
          "error": [EVIL_ERROR]}, schema=err_schema))
     fsio.write_json(os.path.join(qfeat, "_manifest.json"), {
-        "stage": "extract", "role": "query", "model_version": model_version,
+        "stage": "extract", "role": "query", "input": query_dir, "model_version": model_version,
         "counts": {"inputs": 9, "ok": 8, "errors": 1},
         "shards": [{"shard": 0, "file": "part-00000.parquet", "errors_file": "errors/part-00000.parquet",
                     "errors": 1, "ok": 8}],
@@ -227,7 +227,7 @@ def test_html_escapes_everything_and_embeds_thumbnails(run, report):
     assert len(srcs) == 2 + 4 and all(s.startswith("data:image/jpeg;base64,") for s in srcs)
     for s in srcs:
         img = Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1])))
-        assert img.format == "JPEG" and max(img.size) <= 128
+        assert img.format == "JPEG" and max(img.size) <= 256
     assert "missing file" in page
     for attr in re.findall(r'(?:src|href)="([^"]*)"', page):
         assert not attr.startswith(("/", "file:")), attr       # never an absolute local path
@@ -246,6 +246,61 @@ def test_thumbnails_as_files_beside_the_report(run, tmp_path):
     assert summary["counts"]["thumbnail_errors"] == 2
     assert "not an image" in page
     assert summary["counts"]["flagged_queries_not_shown"] == 0 and "more flagged queries" not in page
+
+
+def test_thumbnails_link_to_full_size_copies(run, report):
+    """Every thumbnail is a link to its full-size copy beside the report (a relative path: works
+    offline, without scripts, wherever the folder is copied), a re-encoded JPEG of the source."""
+    out, _ = report
+    page = _html(out)
+    links = re.findall(r'<a class="full" href="([^"]*)" target="_blank" title="open full size"><img src="data:', page)
+    assert len(links) == len(re.findall(r"<img ", page)) == 6
+    for href in links:
+        assert re.fullmatch(r"full/[0-9a-f]{32}\.jpg", href)
+        with Image.open(os.path.join(out, href)) as full:
+            assert full.format == "JPEG" and max(full.size) > 256    # the sources are 320 px: not shrunk
+    assert "<a class=\"full\"" not in _html_without_full(run)
+
+
+def _html_without_full(run) -> str:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        build_report(run.results, out, cfg_with(full_size=0, top_queries=2))
+        assert not os.path.exists(os.path.join(out, "full"))
+        return _html(out)
+
+
+def test_thumbnails_only_from_the_input_roots(run, tmp_path, caplog):
+    """A result row naming a file outside the inputs the manifests record (a planted /etc/passwd,
+    a real photo elsewhere) gets no thumbnail, is counted and logged, and the page warns."""
+    res = tmp_path / "res"
+    shutil.copytree(run.results, res)
+    outside = tmp_path / "elsewhere" / "photo.jpg"
+    outside.parent.mkdir()
+    shutil.copy(os.path.join(run.gallery_dir, "astronaut.jpg"), outside)
+    planted = [{"query_id": "planted", "rank": 1, "gallery_id": "passwd", "score": 0.99, "coarse_score": 0.9,
+                "query_uri": str(outside), "gallery_uri": "/etc/passwd"},
+               {"query_id": "planted", "rank": 2, "gallery_id": "dotdot", "score": 0.98, "coarse_score": 0.9,
+                "query_uri": str(outside), "gallery_uri": os.path.join(run.gallery_dir, "..", "elsewhere.jpg")}]
+    pq.write_table(pa.Table.from_pylist(planted, schema=RESULT_SCHEMA), res / "part-00009.parquet")
+    m = json.loads((res / "_manifest.json").read_text())
+    m["counts"]["rows"] += len(planted)
+    (res / "_manifest.json").write_text(json.dumps(m))
+    out = str(tmp_path / "out")
+    with caplog.at_level("WARNING", logger="retrieval.report.shown"):
+        summary = build_report(str(res), out, cfg_with(top_queries=2, matches_per_query=2))
+    assert summary["top_flagged"][0]["query_id"] == "planted"
+    assert summary["counts"]["thumbnails_outside_roots"] == 3
+    assert any("outside the input roots" in r.getMessage() and "/etc/passwd" in r.getMessage() for r in caplog.records)
+    page = _html(out)
+    assert "3 shown image URI(s) lie outside the input roots the manifests record" in page
+    assert page.count("not read: outside the input roots the manifests record") >= 3
+    # the planted query block: placeholders only; SCRIPT_ID's block (inside the roots): real thumbnails
+    planted_block = page.split('<span class="id">planted</span>')[0].rsplit('<div class="q ', 1)[1]
+    assert "<img" not in planted_block
+    assert len(re.findall(r"<img ", page)) == 3         # SCRIPT_ID's query + its 2 matches
+    assert len(os.listdir(os.path.join(out, "full"))) == 3   # full-size copies of those 3 only
 
 
 def test_bad_inputs_give_clear_errors(run, tmp_path):
@@ -336,12 +391,57 @@ def _chromium() -> str:
 
 
 HARNESS = """<!DOCTYPE html><html><body><pre id="result">pending</pre>
-<iframe id="f" src="report.html" width="1200" height="900"></iframe>
+<iframe id="f" src="report.html" width="1280" height="900"></iframe>
+<iframe id="m" src="report.html" width="390" height="900"></iframe>
 <script>
-window.addEventListener("load", function () {   // fires after the iframe's own load
+function keyElements(doc) {   // what a reviewer must find, in page order
+  var main = doc.querySelector("main"), order = [];
+  Array.from(main.children).forEach(function (el) { if (el.id) order.push(el.id); });
+  var settings = doc.getElementById("settings"), flagged = doc.getElementById("flagged");
+  var firstBlock = flagged ? flagged.querySelector(".q") : null;
+  return {order: order,
+          settings_tag: settings ? settings.tagName : null, settings_open: settings ? settings.open : null,
+          review_note: (doc.getElementById("review") || {}).innerText || "",
+          threshold_meaning: (doc.getElementById("threshold-meaning") || {}).innerText || "",
+          bands: ["confident", "review", "below"].map(function (b) {
+            return doc.querySelectorAll("#flagged .band-" + b).length; }),
+          legend: doc.querySelectorAll("#review .legend .chip").length,
+          full_links: Array.from(doc.querySelectorAll("#flagged a.full")).map(function (a) {
+            return [a.getAttribute("href"), a.querySelector("img") ? a.querySelector("img").naturalWidth : 0]; }),
+          first_block_before_histogram: !!(firstBlock && doc.getElementById("distribution") &&
+            (firstBlock.compareDocumentPosition(doc.getElementById("distribution")) & 4)),
+          uri_wbr: doc.querySelectorAll("#flagged .uri wbr").length,
+          uri_breaks: Array.from(doc.querySelectorAll(".uri")).map(function (e) {
+            var cs = getComputedStyle(e); return cs.wordBreak + "/" + cs.overflowWrap; })
+            .filter(function (v, i, a) { return a.indexOf(v) === i; }),
+          thumb_px: firstBlock ? firstBlock.querySelector("img").getBoundingClientRect().width : 0};
+}
+function lineBreaks(doc) {   // where the paths wrap: [breaks at a separator, breaks mid-word (the text)]
+  var atSeparator = 0, midWord = [];
+  doc.querySelectorAll(".uri").forEach(function (el) {
+    var walker = doc.createTreeWalker(el, NodeFilter.SHOW_TEXT), node, prev = null, prevTop = null;
+    while ((node = walker.nextNode())) {
+      for (var i = 0; i < node.length; i++) {
+        var r = doc.createRange(); r.setStart(node, i); r.setEnd(node, i + 1);
+        var rects = r.getClientRects();
+        if (!rects.length) continue;
+        if (prevTop !== null && rects[0].top > prevTop + 2) {
+          if (/[\\/_\\-.#=?&\\s]/.test(prev)) atSeparator++; else midWord.push(el.textContent);
+        }
+        prevTop = rects[0].top; prev = node.data[i];
+      }
+    }
+  });
+  return [atSeparator, midWord];
+}
+window.addEventListener("load", function () {   // fires after the iframes' own load
   var out = {};
   try {
     var doc = document.getElementById("f").contentDocument, imgs = Array.from(doc.images);
+    var mob = document.getElementById("m").contentDocument;
+    out.keys = keyElements(doc);
+    out.mobile_overflow = mob.documentElement.scrollWidth - 390;
+    out.mobile_breaks = lineBreaks(mob);
     out.images = imgs.length;
     out.broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
                      .map(function (i) { return i.getAttribute("src").slice(0, 60); });
@@ -394,3 +494,33 @@ def test_report_in_headless_chromium(run, report, tmp_path):
     build_report(run.results, files_out, cfg_with(thumbnails="files"))
     result = _browser_check(chromium, files_out, home)
     assert result["images"] > 0 and result["broken"] == [], result
+
+
+def test_report_is_built_for_review_in_chromium(report, tmp_path):
+    """Rendered by a real browser, the page puts the evidence first: the review note (band legend,
+    threshold meaning), then the flagged pairs with band-coloured scores and thumbnails linked to
+    full-size copies, before the histogram; the settings collapsed in a <details> at the end; at
+    390 px wide nothing runs off the side."""
+    chromium = _chromium()
+    out, _ = report
+    result = _browser_check(chromium, out, str(tmp_path / "home"))
+    assert result.get("error") is None, result
+    k = result["keys"]
+    assert k["order"][:3] == ["review", "flagged", "distribution"], k["order"]
+    assert k["order"][-1] == "settings" and k["settings_tag"] == "DETAILS" and k["settings_open"] is False
+    assert "How to review this report" in k["review_note"] and "Click a thumbnail" in k["review_note"]
+    assert "fixed setting (report.threshold)" in k["threshold_meaning"] and "0.75" in k["threshold_meaning"]
+    assert k["legend"] == 3
+    # flagged scores 0.97 .. 0.77 with threshold 0.75 and the confident edge 0.95: both classes shown
+    assert k["bands"][0] > 0 and k["bands"][1] > 0 and k["bands"][2] == 0, k["bands"]
+    assert len(k["full_links"]) == 6
+    for href, natural in k["full_links"]:
+        assert re.fullmatch(r"full/[0-9a-f]{32}\.jpg", href) and natural > 0
+        assert os.path.isfile(os.path.join(out, href))
+    assert k["first_block_before_histogram"] and k["uri_wbr"] > 0
+    assert k["uri_breaks"] == ["normal/break-word"], k["uri_breaks"]   # no break-all
+    # at 390 px the long paths wrap, each time after a separator (the <wbr>s), never mid-word
+    at_separator, mid_word = result["mobile_breaks"]
+    assert at_separator > 0 and mid_word == [], result["mobile_breaks"]
+    assert k["thumb_px"] == 256
+    assert result["mobile_overflow"] <= 0, result["mobile_overflow"]
