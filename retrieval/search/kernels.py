@@ -71,7 +71,7 @@ def _kernels() -> dict:
     return _KERNELS
 
 
-def _compile(cache: bool) -> dict:
+def _compile(cache: bool) -> dict:  # size-exempt: the numba kernels are defined in one factory (compiled together, cached per process)
     import numba
 
     @numba.njit(parallel=True, fastmath=True, cache=cache, nogil=True)
