@@ -12,7 +12,7 @@ behaviour and outputs as the command line (each function runs the registered sta
     api.search("photos/uploads", "out/index", "out/results", config=cfg, engine="spark")
 
 ``engine``: ``"local"`` (this process, no JVM: the default here), ``"spark"`` (a local Spark session
-from ``spark.*`` config, stopped afterwards), or an engine / SparkSession you already hold (kept
+from ``spark.*`` config, stopped afterwards), or an engine / Spark session you already hold (kept
 open). Every function returns the stage's manifest (the ``_manifest.json`` it wrote).
 """
 from __future__ import annotations
