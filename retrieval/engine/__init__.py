@@ -9,9 +9,9 @@ ships them by reference) and hands them to the engine:
 - :meth:`Engine.map`: one task per item, the results in item order;
 - :meth:`Engine.map_reduce`: one task per item, the results merged pairwise (Spark: ``treeReduce``);
 - :meth:`Engine.map_batches`: items in ``parts`` contiguous batches, a task yields per batch;
-- :meth:`Engine.run_stages`: a keyed plan of :class:`Stage` s: a task per item, then per stage a
+- :meth:`Engine.run_steps`: a keyed plan of :class:`Step` s: a task per item, then per step a
   shuffle of ``(key, value)`` records and a task per key (Spark: ``partitionBy``; locally loops
-  over dicts, a stage's ``combine`` folding a key's values as they arrive): the search's plans;
+  over dicts, a step's ``combine`` folding a key's values as they arrive): the search's plans;
 - :meth:`Engine.map_arrow`: one task per key of an Arrow table, over its rows as record batches
   (Spark: ``mapInArrow`` after a shuffle by key): the extraction's shards;
 - :meth:`Engine.find_duplicates`: the rows of tables read by tasks whose key repeats (Spark: one
@@ -34,12 +34,12 @@ import contextlib
 import os
 from typing import Any, Iterator
 
-from retrieval.engine.base import TASK_ERRORS, Engine, Shared, Stage, task_error, translate
+from retrieval.engine.base import TASK_ERRORS, Engine, Shared, Step, task_error, translate
 from retrieval.engine.local import LOCAL, LocalEngine
 from retrieval.engine.spark import SparkEngine
 from retrieval.engine.task import in_task, task_attempt, task_device, task_threads
 
-__all__ = ["TASK_ERRORS", "Engine", "LOCAL", "LocalEngine", "Shared", "SparkEngine", "Stage", "as_engine",
+__all__ = ["TASK_ERRORS", "Engine", "LOCAL", "LocalEngine", "Shared", "SparkEngine", "Step", "as_engine",
            "in_task", "open_engine", "task_attempt", "task_device", "task_error", "task_threads", "translate"]
 
 

@@ -1,4 +1,4 @@
-"""The engine interface (:class:`Engine`), the plans' shared pieces (:class:`Stage`, :class:`Shared`)
+"""The engine interface (:class:`Engine`), the plans' shared pieces (:class:`Step`, :class:`Shared`)
 and the task errors the driver re-raises as themselves (:func:`task_error`, :func:`translate`).
 The two implementations: :mod:`retrieval.engine.local` and :mod:`retrieval.engine.spark`."""
 from __future__ import annotations
@@ -46,16 +46,16 @@ class Shared:
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One stage of :meth:`Engine.run_stages`. The first stage runs ``fn(item)`` once per item; each
+class Step:
+    """One step of :meth:`Engine.run_steps`. The first step runs ``fn(item)`` once per item; each
     later one runs ``fn(key, values)`` once per key in ``range(parts)``, over the values of the
-    ``(key, value)`` records the stage before it yielded (a shuffle by key). A stage yields
-    ``(key, value)`` records for the next stage, the last one its results.
+    ``(key, value)`` records the step before it yielded (a shuffle by key). A step yields
+    ``(key, value)`` records for the next step, the last one its results.
 
     ``combine(a, b)``: the values of one key MAY be merged pairwise before ``fn`` sees them (the
     local engine folds each value into its key's as it arrives, so one value per key is held; Spark
     ships them as they are): ``fn`` must give the same result either way. ``progress``/``unit``:
-    the local engine's progress line for the stage (None: none; Spark has one for the whole plan)."""
+    the local engine's progress line for the step (None: none; Spark has one for the whole plan)."""
     fn: Callable[..., Iterable]
     parts: int = 0
     progress: str | None = None
@@ -87,9 +87,9 @@ class Engine:
         """``items`` in ``parts`` contiguous batches; ``fn(batch)`` yields results, all returned."""
         raise NotImplementedError
 
-    def run_stages(self, label: str, items: Sequence, stages: Sequence[Stage], every: float = 10.0) -> list:
-        """A keyed plan (:class:`Stage`): one task per item, then per stage a shuffle of the records by
-        key and one task per key; the last stage's results (in key order locally, partition order
+    def run_steps(self, label: str, items: Sequence, steps: Sequence[Step], every: float = 10.0) -> list:
+        """A keyed plan (:class:`Step`): one task per item, then per step a shuffle of the records by
+        key and one task per key; the last step's results (in key order locally, partition order
         on Spark)."""
         raise NotImplementedError
 

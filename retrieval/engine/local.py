@@ -6,7 +6,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Sequence
 
-from retrieval.engine.base import Engine, Stage
+from retrieval.engine.base import Engine, Step
 
 
 class LocalEngine(Engine):
@@ -31,16 +31,16 @@ class LocalEngine(Engine):
     def map_batches(self, fn, items, parts, label, every=10.0):
         return list(fn(iter(items)))
 
-    def run_stages(self, label: str, items: Sequence, stages: Sequence[Stage], every: float = 10.0) -> list:
-        """Stage by stage in loops: the first over the items, each next over its keys in order, a
-        key's values gathered (or folded with the stage's ``combine``) as the stage before yields them."""
+    def run_steps(self, label: str, items: Sequence, steps: Sequence[Step], every: float = 10.0) -> list:
+        """Step by step in loops: the first over the items, each next over its keys in order, a
+        key's values gathered (or folded with the step's ``combine``) as the step before yields them."""
         inbox: dict[Any, list] = {}
         results: list = []
-        for n, stage in enumerate(stages):
-            nxt = stages[n + 1] if n + 1 < len(stages) else None
+        for n, step in enumerate(steps):
+            nxt = steps[n + 1] if n + 1 < len(steps) else None
             outbox: dict[Any, list] = {}
-            total = len(items) if n == 0 else stage.parts
-            for out in _progressed(stage, total, _tasks(stage, n, items, inbox), every):
+            total = len(items) if n == 0 else step.parts
+            for out in _progressed(step, total, _tasks(step, n, items, inbox), every):
                 if nxt is None:
                     results.extend(out)
                     continue
@@ -85,21 +85,21 @@ class LocalEngine(Engine):
         return fn(arg)
 
 
-def _tasks(stage: Stage, n: int, items: Sequence, inbox: dict[Any, list]) -> Iterator[Iterable]:
-    """The outputs of a stage's tasks, one task at a time (a key's values released once it ran)."""
+def _tasks(step: Step, n: int, items: Sequence, inbox: dict[Any, list]) -> Iterator[Iterable]:
+    """The outputs of a step's tasks, one task at a time (a key's values released once it ran)."""
     if n == 0:
         for x in items:
-            yield stage.fn(x)
+            yield step.fn(x)
         return
-    for key in range(stage.parts):
-        yield stage.fn(key, iter(inbox.pop(key, [])))
+    for key in range(step.parts):
+        yield step.fn(key, iter(inbox.pop(key, [])))
 
 
-def _progressed(stage: Stage, total: int, outputs: Iterator[Iterable], every: float) -> Iterator[list]:
-    """Each task's output, materialised, with the stage's progress line (if any) per task."""
+def _progressed(step: Step, total: int, outputs: Iterator[Iterable], every: float) -> Iterator[list]:
+    """Each task's output, materialised, with the step's progress line (if any) per task."""
     from retrieval.progress import Progress
 
-    progress = Progress(stage.progress, total=total, every=every, unit=stage.unit) if stage.progress else None
+    progress = Progress(step.progress, total=total, every=every, unit=step.unit) if step.progress else None
     for out in outputs:
         out = list(out)
         if progress is not None:

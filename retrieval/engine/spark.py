@@ -1,14 +1,14 @@
 """The Spark engine: one Spark task per work unit of a SparkSession, under the driver's progress
 lines (:class:`retrieval.engine.session.ProgressMonitor`) and the task errors' translation. Every
-Spark plan of the project is here: RDD maps, the keyed stages' ``partitionBy`` shuffles
-(:meth:`SparkEngine.run_stages`), ``mapInArrow`` (:meth:`SparkEngine.map_arrow`), the window that
+Spark plan of the project is here: RDD maps, the keyed steps' ``partitionBy`` shuffles
+(:meth:`SparkEngine.run_steps`), ``mapInArrow`` (:meth:`SparkEngine.map_arrow`), the window that
 finds duplicate keys (:meth:`SparkEngine.find_duplicates`). pyspark is imported when used."""
 from __future__ import annotations
 
 import functools
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from retrieval.engine.base import Engine, Shared, Stage, translate
+from retrieval.engine.base import Engine, Shared, Step, translate
 
 
 class SparkEngine(Engine):
@@ -54,15 +54,15 @@ class SparkEngine(Engine):
         rdd = self._rdd(items, parts).mapPartitions(fn)
         return self.run(label, parts, rdd.collect, every)
 
-    def run_stages(self, label: str, items: Sequence, stages: Sequence[Stage], every: float = 10.0) -> list:
-        """One job: a task per item (``flatMap``), then per stage ``partitionBy(parts)`` on the
+    def run_steps(self, label: str, items: Sequence, steps: Sequence[Step], every: float = 10.0) -> list:
+        """One job: a task per item (``flatMap``), then per step ``partitionBy(parts)`` on the
         records' keys and a task per partition (``mapPartitionsWithIndex``); ``combine`` is not
         used (the records are shuffled as they are)."""
-        rdd = self._rdd(items, len(items)).flatMap(stages[0].fn)
-        for stage in stages[1:]:
-            rdd = rdd.partitionBy(stage.parts, _identity).mapPartitionsWithIndex(
-                functools.partial(_values_to, stage.fn))
-        return self.run(label, len(items) + sum(s.parts for s in stages[1:]), rdd.collect, every)
+        rdd = self._rdd(items, len(items)).flatMap(steps[0].fn)
+        for step in steps[1:]:
+            rdd = rdd.partitionBy(step.parts, _identity).mapPartitionsWithIndex(
+                functools.partial(_values_to, step.fn))
+        return self.run(label, len(items) + sum(s.parts for s in steps[1:]), rdd.collect, every)
 
     def map_arrow(self, fn, table, key, schema, label, every=10.0):
         """The rows shuffled to one partition per value of ``key`` (in sorted order), made a
@@ -120,7 +120,7 @@ def _identity(key: int) -> int:
 
 
 def _values_to(fn: Callable[[int, Iterable], Iterable], index: int, records: Iterable[tuple]) -> Iterable:
-    """A stage's task over one partition: ``fn(partition, its records' values)``."""
+    """A step's task over one partition: ``fn(partition, its records' values)``."""
     return fn(index, (value for _, value in records))
 
 

@@ -1,12 +1,12 @@
-"""The search's plan over the task bodies of :mod:`retrieval.search.tasks`: keyed stages
-(:class:`retrieval.engine.Stage`) that the engine runs (:meth:`retrieval.engine.Engine.run_stages`:
+"""The search's plan over the task bodies of :mod:`retrieval.search.tasks`: keyed steps
+(:class:`retrieval.engine.Step`) that the engine runs (:meth:`retrieval.engine.Engine.run_steps`:
 Spark tasks and ``partitionBy`` shuffles, or loops in this process over the same functions).
 
 When every shard fits one task's shard cache, one task per chunk searches every shard and merges
 (no shuffle); otherwise one task per (shard group x chunk), group-major so consecutive tasks reuse
 the cached shards, their lists keyed by chunk to one task per chunk (the local engine folds a
 chunk's lists as they arrive, :func:`_fold`: one shortlist per chunk in memory). Chunk-major, that
-task also reranks and writes; gallery-major, four more stages follow (block scoring, chunk
+task also reranks and writes; gallery-major, four more steps follow (block scoring, chunk
 selection, block labels, chunk write), each after a shuffle by key.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from retrieval.engine import Engine, Stage
+from retrieval.engine import Engine, Step
 from retrieval.search import blocks as blocks_mod
 from retrieval.search import coarse as coarse_mod
 from retrieval.search.queries import Chunk
@@ -65,14 +65,14 @@ def _chunk_lists(job: SearchJob, chunk_no: int, records: Iterable[Lists]
             sum(r.nbytes for r in got), sum(r.merge_s for r in got))
 
 
-def _chunk_stage(job: SearchJob, chunk_no: int, records: Iterable[Lists]) -> list[dict]:
+def _chunk_step(job: SearchJob, chunk_no: int, records: Iterable[Lists]) -> list[dict]:
     chunk, parts, secs, shuffled, merge_s = _chunk_lists(job, chunk_no, records)
     st = chunk_task(job, chunk, parts, secs, shuffled)
     st["merge_s"] = round(st["merge_s"] + merge_s, 4)
     return [st]
 
 
-def _route_stage(job: SearchJob, chunk_no: int, records: Iterable[Lists]) -> list[tuple[int, blocks_mod.Routed]]:
+def _route_step(job: SearchJob, chunk_no: int, records: Iterable[Lists]) -> list[tuple[int, blocks_mod.Routed]]:
     chunk, parts, secs, shuffled, merge_s = _chunk_lists(job, chunk_no, records)
     return merge_route(job, chunk, parts, secs, shuffled, merge_s)
 
@@ -91,16 +91,16 @@ def _fused_route(job: SearchJob, chunk_no: int) -> list[tuple[int, blocks_mod.Ro
     return merge_route(job, chunk, [(s, i) for _, s, i in parts], secs)
 
 
-def _select_stage(job: SearchJob, chunk_no: int, records: Iterable) -> list[tuple]:
+def _select_step(job: SearchJob, chunk_no: int, records: Iterable) -> list[tuple]:
     return select_chunk(job, job.chunks[chunk_no], records)
 
 
-def _write_stage(job: SearchJob, chunk_no: int, records: Iterable) -> list[dict]:
+def _write_step(job: SearchJob, chunk_no: int, records: Iterable) -> list[dict]:
     return [write_task(job, job.chunks[chunk_no], records)]
 
 
-def stages(job: SearchJob) -> tuple[list, list[Stage]]:
-    """The plan's items and stages. Up to ``shard_cache`` shards: one task per chunk searches every
+def steps(job: SearchJob) -> tuple[list, list[Step]]:
+    """The plan's items and steps. Up to ``shard_cache`` shards: one task per chunk searches every
     shard and merges (:func:`_fused_task`). More: one coarse task per (shard group x chunk),
     group-major so consecutive tasks reuse the cached shards, their lists keyed by chunk to one
     merge task per chunk. Chunk-major: that task also reranks and writes. Gallery-major: it routes
@@ -111,22 +111,22 @@ def stages(job: SearchJob) -> tuple[list, list[Stage]]:
     chunk_major = job.rerank == "chunk"
     if len(groups) == 1:
         items: list = list(range(n_chunks))
-        plan = [Stage(functools.partial(_fused_task if chunk_major else _fused_route, job),
-                      progress="search", unit="chunks")]
+        plan = [Step(functools.partial(_fused_task if chunk_major else _fused_route, job),
+                     progress="search", unit="chunks")]
     else:
         items = [(g, c) for g in range(len(groups)) for c in range(n_chunks)]   # group-major
-        plan = [Stage(functools.partial(_coarse_records, job), progress="search coarse", unit="tasks"),
-                Stage(functools.partial(_chunk_stage if chunk_major else _route_stage, job), n_chunks,
-                      progress="search", unit="chunks", combine=functools.partial(_fold, job))]
+        plan = [Step(functools.partial(_coarse_records, job), progress="search coarse", unit="tasks"),
+                Step(functools.partial(_chunk_step if chunk_major else _route_step, job), n_chunks,
+                     progress="search", unit="chunks", combine=functools.partial(_fold, job))]
     if not chunk_major:        # block scoring, selection, label lookups by block, writing by chunk
-        plan += [Stage(functools.partial(block_task, job), len(job.blocks), progress="search rerank", unit="blocks"),
-                 Stage(functools.partial(_select_stage, job), n_chunks),
-                 Stage(functools.partial(label_task, job), len(job.blocks), progress="search labels", unit="blocks"),
-                 Stage(functools.partial(_write_stage, job), n_chunks)]
+        plan += [Step(functools.partial(block_task, job), len(job.blocks), progress="search rerank", unit="blocks"),
+                 Step(functools.partial(_select_step, job), n_chunks),
+                 Step(functools.partial(label_task, job), len(job.blocks), progress="search labels", unit="blocks"),
+                 Step(functools.partial(_write_step, job), n_chunks)]
     return items, plan
 
 
 def run(engine: Engine, job: SearchJob, progress_seconds: float = 10.0) -> list[dict]:
-    """Every chunk's stats (in no particular order): the plan (:func:`stages`) on ``engine``."""
-    items, plan = stages(job)
-    return engine.run_stages("search", items, plan, every=progress_seconds)
+    """Every chunk's stats (in no particular order): the plan (:func:`steps`) on ``engine``."""
+    items, plan = steps(job)
+    return engine.run_steps("search", items, plan, every=progress_seconds)

@@ -1,5 +1,5 @@
 """The Spark engine (retrieval/engine/spark.py) against a real local Spark session: the same results as the
-local engine (maps, keyed stages, Arrow maps, duplicate keys), broadcasts, and a task's registered error
+local engine (maps, keyed steps, Arrow maps, duplicate keys), broadcasts, and a task's registered error
 re-raised on the driver as itself."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import operator
 
 import pytest
 
-from retrieval.engine import LOCAL, SparkEngine, Stage, as_engine, in_task, task_attempt
+from retrieval.engine import LOCAL, SparkEngine, Step, as_engine, in_task, task_attempt
 from retrieval.index.reader import FeatureInputError
-from tests.unit.test_engine import (ARROW_IN, ARROW_OUT, ID_FILES, ID_SCHEMA, STAGES, _all, _by_rest,
+from tests.unit.test_engine import (ARROW_IN, ARROW_OUT, ID_FILES, ID_SCHEMA, STEPS, _all, _by_rest,
                                     _concat, _count_rows, _ids, _key_sums)
 
 
@@ -58,10 +58,10 @@ def test_a_task_error_comes_back_as_itself(spark):
 def test_spark_engine_runs_the_local_engines_plans(spark):
     eng = as_engine(spark)
     items = list(range(7))
-    assert eng.run_stages("t", items, STAGES, every=60) == LOCAL.run_stages("t", items, STAGES)
+    assert eng.run_steps("t", items, STEPS, every=60) == LOCAL.run_steps("t", items, STEPS)
     # Spark shuffles a key's values as they are (combine is the local engine's fold)
-    folded = [Stage(_by_rest), Stage(_key_sums, 4, combine=_concat), Stage(_all, 1)]
-    assert eng.run_stages("t", items, folded, every=60) == [(0, 3, 9), (1, 2, 5), (2, 2, 7), (3, 0, 0)]
+    folded = [Step(_by_rest), Step(_key_sums, 4, combine=_concat), Step(_all, 1)]
+    assert eng.run_steps("t", items, folded, every=60) == [(0, 3, 9), (1, 2, 5), (2, 2, 7), (3, 0, 0)]
 
     def by_key(table):
         return {r["k"]: (r["n"], sorted(r["v"].split(","))) for r in table.to_pylist()}

@@ -10,7 +10,7 @@ import pytest
 from retrieval import engine as engine_mod
 import pyarrow as pa
 
-from retrieval.engine import LOCAL, LocalEngine, Stage, as_engine, task_attempt, task_threads
+from retrieval.engine import LOCAL, LocalEngine, Step, as_engine, task_attempt, task_threads
 from retrieval.index.reader import FeatureInputError
 from retrieval.index.store import IndexIntegrityError
 from retrieval.integrity import IntegrityError
@@ -57,7 +57,7 @@ def _concat(a: list, b: list) -> list:
     return a + b
 
 
-STAGES = [Stage(_by_rest), Stage(_key_sums, 4), Stage(_all, 1)]
+STEPS = [Step(_by_rest), Step(_key_sums, 4), Step(_all, 1)]
 
 
 def _count_rows(batches):
@@ -80,20 +80,20 @@ def _ids(item: tuple) -> pa.Table:
 ID_FILES = [(0, ["a", "b", "c"]), (1, ["d", "b"]), (2, []), (3, ["c", "e", "c"])]
 
 
-def test_local_engine_runs_keyed_stages():
-    # key 3 has no records: its task still runs (with no values); results of the last stage in order
-    assert LOCAL.run_stages("t", list(range(7)), STAGES) == [(0, 3, 9), (1, 2, 5), (2, 2, 7), (3, 0, 0)]
+def test_local_engine_runs_keyed_steps():
+    # key 3 has no records: its task still runs (with no values); results of the last step in order
+    assert LOCAL.run_steps("t", list(range(7)), STEPS) == [(0, 3, 9), (1, 2, 5), (2, 2, 7), (3, 0, 0)]
     seen = []
 
     def watch(key, values):
         values = list(values)
         seen.append((key, values))
         return _key_sums(key, values)
-    folded = [Stage(_by_rest), Stage(watch, 4, combine=_concat), Stage(_all, 1)]
+    folded = [Step(_by_rest), Step(watch, 4, combine=_concat), Step(_all, 1)]
     # combine folds a key's values as they arrive: one value per key (the same sums)
-    assert LOCAL.run_stages("t", list(range(7)), folded) == [(0, 1, 9), (1, 1, 5), (2, 1, 7), (3, 0, 0)]
+    assert LOCAL.run_steps("t", list(range(7)), folded) == [(0, 1, 9), (1, 1, 5), (2, 1, 7), (3, 0, 0)]
     assert seen == [(0, [[0, 3, 6]]), (1, [[1, 4]]), (2, [[2, 5]]), (3, [])]
-    assert LOCAL.run_stages("t", [], STAGES) == [(0, 0, 0), (1, 0, 0), (2, 0, 0), (3, 0, 0)]
+    assert LOCAL.run_steps("t", [], STEPS) == [(0, 0, 0), (1, 0, 0), (2, 0, 0), (3, 0, 0)]
 
 
 def test_local_engine_maps_arrow_by_key():
