@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-from retrieval.engine import in_task
+from retrieval.engine.task import in_task
 
 BAR_WIDTH = 28
 BAR_REDRAW_S = 0.2

@@ -24,7 +24,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def spark():
-    from retrieval.sparkutil import get_spark
+    from retrieval.engine.session import get_spark
 
     # local[2,4]: two cores, and tasks are retried up to 4 times (as on a cluster)
     session = get_spark("local[2,4]", "retrieval-tests", {"spark.ui.enabled": "false",

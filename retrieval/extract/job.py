@@ -208,7 +208,7 @@ def _commit(run: _ShardRun, rows: list[tuple[str, str, str | None]], part_url: s
 # ---------------------------------------------------------------------------------------------
 # planning and running
 def _arrow_task(job: ExtractJob, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: this partition holds exactly one shard's listing rows."""
+    """A shard's task (``mapInArrow`` body on Spark): this partition holds exactly one shard's listing rows."""
     by_shard: dict[int, list[tuple[str, str, str | None]]] = {}
     for b in batches:
         d = b.to_pydict()
@@ -220,20 +220,23 @@ def _arrow_task(job: ExtractJob, batches: Iterable[pa.RecordBatch]) -> Iterator[
                                           "stats": pa.array([json.dumps(stats)], pa.string())})
 
 
-def _run_spark(engine: Engine, job: ExtractJob, todo: dict[int, list]) -> list[dict]:
-    """One task per shard: the listing rows shuffled to their shard's partition, encoded by
-    ``mapInArrow`` (the rows travel as Arrow, not in the task closures)."""
-    spark = engine.spark
+# the rows a shard's task gets, and what it returns (:meth:`retrieval.engine.Engine.map_arrow`)
+SHARD_ROWS = pa.schema([("shard", pa.int32()), ("image_id", pa.string()), ("uri", pa.string()),
+                        ("error", pa.string())])
+SHARD_STATS = pa.schema([("shard", pa.int32()), ("stats", pa.string())])
+
+
+def _run_shards(engine: Engine, job: ExtractJob, todo: dict[int, list]) -> list[dict]:
+    """One task per shard, in shard order (:meth:`~retrieval.engine.Engine.map_arrow`: on Spark the
+    listing rows shuffled to their shard's partition and encoded by ``mapInArrow``, so they travel
+    as Arrow, not in the task closures; locally shard after shard)."""
     order = sorted(todo)
-    position = {s: i for i, s in enumerate(order)}
-    data = [(s, (s, i, u, e)) for s in order for (i, u, e) in todo[s]]
-    sc = spark.sparkContext
-    rdd = sc.parallelize(data, max(1, min(len(order), sc.defaultParallelism))) \
-        .partitionBy(len(order), lambda s: position[s]).values()
-    listing = spark.createDataFrame(rdd, "shard int, image_id string, uri string, error string")
-    out = listing.mapInArrow(functools.partial(_arrow_task, job), "shard int, stats string")
-    rows = engine.run("extract", len(order), out.collect, every=job.progress_seconds)
-    return [json.loads(r["stats"]) for r in rows]
+    rows = [(s, i, u, e) for s in order for (i, u, e) in todo[s]]
+    listing = pa.table([pa.array([r[n] for r in rows], f.type) for n, f in enumerate(SHARD_ROWS)],
+                       schema=SHARD_ROWS)
+    out = engine.map_arrow(functools.partial(_arrow_task, job), listing, "shard", SHARD_STATS, "extract",
+                           every=job.progress_seconds)
+    return [json.loads(st) for st in out.column("stats").to_pylist()]
 
 
 def _intact(output: str, stats: dict) -> bool:
@@ -277,7 +280,7 @@ def plan(listing: pa.Table, job: ExtractJob, mode: str) -> tuple[dict[int, list]
 
 def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = None) -> dict:
     """Run the extraction job on ``engine`` (:func:`retrieval.engine.as_engine`: an engine, a
-    SparkSession, or None for this process); returns the manifest."""
+    Spark session, or None for this process); returns the manifest."""
     from retrieval.extract.checkpoints import model_from_config
 
     t0 = time.monotonic()
@@ -303,10 +306,8 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
     t1 = time.monotonic()
     if not todo:
         results = []
-    elif engine.is_spark:
-        results = _run_spark(engine, job, todo)
     else:
-        results = [run_shard(job, s, rows) for s, rows in sorted(todo.items())]
+        results = _run_shards(engine, job, todo)
     t_run = time.monotonic() - t1
     fsio.remove_stale(output_url, "part", ("errors", "_shards"), keep=None)   # leftovers of killed attempts
     shards = sorted([*done.values(), *results], key=lambda s: s["shard"])

@@ -202,10 +202,8 @@ def _duplicates(run: _Run, plan: _Plan, scan: _Scan) -> dedup.Duplicates:
             hashes.update(zip([f.file_no for f in old_files],
                               run.engine.map(dedup.file_hashes, old_files, "index ids", run.every)))
         dups = dedup.find_from_hashes(all_files, hashes, first_new)
-    elif run.engine.is_spark:
-        dups = dedup.find_spark(run.engine, all_files, first_new, run.storage_options)
     else:
-        dups = dedup.find_local(all_files, first_new)
+        dups = dedup.find(run.engine, all_files, first_new, run.storage_options)
     if dups.count and ic["duplicates"] == "error":
         ex = dups.examples[0]
         raise FeatureInputError(f"{dups.count} duplicate image_id rows (index.duplicates=error), e.g. "

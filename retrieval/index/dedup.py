@@ -12,19 +12,18 @@ Three ways to find them, all giving the same answer (tested):
   64-bit hash of every ``image_id`` (8 bytes a row); the driver sorts them, and only rows whose hash
   occurs more than once have their real ``image_id`` read back (:func:`find_from_hashes`), so a
   hash collision can never drop an image;
-- above that, on Spark: a DataFrame window over the ``image_id`` column read by the tasks (one
-  shuffle; only duplicated ids reach the driver) (:func:`find_spark`);
-- above that, locally: a pyarrow group-by (:func:`find_local`).
+- above that, the engine's :meth:`~retrieval.engine.Engine.find_duplicates` over the ``image_id``
+  columns read by the tasks (:func:`find`): on Spark a window over one shuffle by id (only
+  duplicated ids reach the driver), locally a pyarrow group-by.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from retrieval import fsio
 from retrieval.engine import as_engine
@@ -133,43 +132,18 @@ def resolve(occurrences: pa.Table, first_new: int) -> Duplicates:
     return out
 
 
-def find_local(files: Sequence[FeatureFile], first_new: int) -> Duplicates:
-    if not files:
-        return Duplicates()
-    table = pa.concat_tables([ids_table(f) for f in files])
-    counts = table.group_by("image_id").aggregate([("image_id", "count")])
-    dup_ids = counts.filter(pc.greater(counts.column("image_id_count"), 1)).column("image_id")
-    return resolve(table.filter(pc.is_in(table.column("image_id"), value_set=dup_ids.combine_chunks())),
-                   first_new)
-
-
-def _ids_task(storage_options: dict | None, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _read_ids(storage_options: dict | None, f: FeatureFile) -> pa.Table:
+    """A task: one file's ``(image_id, file_no, row)`` table."""
     fsio.configure(storage_options)
-    for b in batches:
-        d = b.to_pydict()
-        for d_ in (dict(zip(d, vals)) for vals in zip(*d.values())):
-            f = FeatureFile.from_dict(d_)
-            yield from ids_table(f).to_batches()
+    return ids_table(f)
 
 
-def find_spark(engine, files: Sequence[FeatureFile], first_new: int,
-               storage_options: dict | None = None) -> Duplicates:
-    """The Spark engine's plan: every file's ids read by tasks, one shuffle by id, the occurrences of
-    ids seen more than once back to the driver."""
+def find(engine, files: Sequence[FeatureFile], first_new: int, storage_options: dict | None = None) -> Duplicates:
+    """Every file's ids read by tasks, the occurrences of ids seen more than once found by the
+    engine (:meth:`~retrieval.engine.Engine.find_duplicates`) and resolved on the driver."""
     if not files:
         return Duplicates()
-    engine = as_engine(engine)
-    spark = engine.spark
-    rows = [f.to_dict() for f in files]
-    df = spark.createDataFrame(rows, "file_no long, url string, sha256 string, rows long, storage string, "
-                                     "model_version string, output string")
-    n = max(1, min(len(rows), engine.parallelism * 4))
-    ids = df.repartition(n).mapInArrow(functools.partial(_ids_task, storage_options),
-                                       "image_id string, file_no long, row long")
-    # one read, one shuffle (into ~2M ids per partition): the occurrences of ids seen more than once
-    parts = max(engine.parallelism, -(-sum(f.rows for f in files) // 2_000_000))
-    occ = engine.run("index duplicates", n + parts, lambda: (
-        ids.repartition(parts, "image_id")
-        .selectExpr("image_id", "file_no", "row", "count(1) OVER (PARTITION BY image_id) AS n")
-        .filter("n > 1").select("image_id", "file_no", "row").toArrow()))
-    return resolve(occ.select(["image_id", "file_no", "row"]).cast(ID_SCHEMA), first_new)
+    occ = as_engine(engine).find_duplicates(functools.partial(_read_ids, storage_options), list(files),
+                                            "image_id", ID_SCHEMA, "index duplicates",
+                                            rows=sum(f.rows for f in files))
+    return resolve(occ, first_new)

@@ -7,7 +7,7 @@ a global shortlist, exact 512-d rerank (docs/search.md).
 - :mod:`retrieval.search.vectors`: gallery fine vectors and labels read by row group, kept per process
 - :mod:`retrieval.search.blocks`: the gallery-major rerank (blocks, routing, per-block scoring)
 - :mod:`retrieval.search.tasks`: the task bodies, the same in both engines
-- :mod:`retrieval.search.engines`: the local and Spark engines over the tasks
+- :mod:`retrieval.search.flow`: the plan (keyed stages over the tasks) that an engine runs
 - :mod:`retrieval.search.job`: the job's plan, run and manifest
 """
 from __future__ import annotations

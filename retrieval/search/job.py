@@ -3,7 +3,7 @@
 The plan (:func:`search`): the index manifest and its files checked, the queries resolved (query
 features, or images encoded here) and cut into chunks, the shortlist and K' resolved, the rerank's
 mode and gallery blocks chosen (:func:`plan_rerank`); then an engine runs the task bodies
-(:mod:`retrieval.search.engines`, :mod:`retrieval.search.tasks`) and the manifest is committed:
+(:mod:`retrieval.search.flow`, :mod:`retrieval.search.tasks`) and the manifest is committed:
 ``_manifest.json`` is removed when a run starts and written when it ends, so its presence means
 the output is complete.
 """
@@ -25,7 +25,7 @@ from retrieval.search import coarse as coarse_mod
 from retrieval.search import normalize as normalize_mod
 from retrieval.search import queries as q_mod
 from retrieval.search import vectors
-from retrieval.search.engines import run_local, run_spark
+from retrieval.search import flow
 from retrieval.search.tasks import SearchJob, part_name
 
 log = logging.getLogger(__name__)
@@ -148,13 +148,13 @@ def run(job: SearchJob, engine: Engine, progress_seconds: float = 10.0) -> list[
             pq.write_table(RESULT_SCHEMA.empty_table(), fh)
         return [{"chunk": 0, "file": part_name(0), "rows": 0, "sha256": fsio.sha256_file(url),
                  "queries": 0, "queries_with_results": 0, "queries_with_shortlist": 0}]
-    stats = run_spark(engine, job, progress_seconds) if engine.is_spark else run_local(job)
+    stats = flow.run(engine, job, progress_seconds)
     return sorted(stats, key=lambda s: s["chunk"])
 
 
 def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engine | Any = None) -> dict:
     """Run the two-stage search on ``engine`` (:func:`retrieval.engine.as_engine`: an engine, a
-    SparkSession, or None for this process); returns the manifest."""
+    Spark session, or None for this process); returns the manifest."""
     from retrieval.index import store
 
     t0 = time.monotonic()

@@ -1,4 +1,4 @@
-"""The search's task bodies, the same in both engines (:mod:`retrieval.search.engines` drives them).
+"""The search's task bodies, the same in both engines (the plan of :mod:`retrieval.search.flow` runs them).
 
 - a **query chunk** is up to ``search.query_chunk`` consecutive rows of one query feature file;
   it is the unit of memory (its ``nq x S`` shortlist) and of output (``part-NNNNN.parquet`` with

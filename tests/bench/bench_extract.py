@@ -103,7 +103,7 @@ def main() -> None:
     bare_before = {} if args.compare_only else \
         {role: bare_forward(model, hi, lo, role, args.batch, threads=2) for role in ("gallery", "query")}
 
-    from retrieval.sparkutil import get_spark
+    from retrieval.engine.session import get_spark
     spark = get_spark("local[2]", "bench-extract", {"spark.ui.enabled": "false"})
     # warm-up: the first job of a session starts the Python workers and builds the model in each
     # (~6 s here), which a real shard of 250,000 images amortises; it is timed and reported apart

@@ -158,7 +158,7 @@ def _ours_child(work: Path, master: str, budget_mb: float, n: int) -> None:
     from retrieval import config
     from retrieval.index import store
     from retrieval.index.build import build_index
-    from retrieval.sparkutil import get_spark
+    from retrieval.engine.session import get_spark
 
     t0 = time.monotonic()
     spark = get_spark(master, "bench-index", {"spark.ui.enabled": "false"})

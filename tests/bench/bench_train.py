@@ -70,7 +70,7 @@ def acceptance(asset: str, out: str, shortlist: int) -> dict:
 def dist_vs_single(out: str) -> dict:
     from retrieval.config import load
     from retrieval.sample import real_photos
-    from retrieval.sparkutil import get_spark
+    from retrieval.engine.session import get_spark
     from retrieval.train.default_model import write_manifest
     from retrieval.train.trainer import TrainJob, run_distributed, run_training
 

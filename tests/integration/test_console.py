@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from retrieval import sparkutil
+from retrieval.engine import session
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROJECT_LINE = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ (DEBUG|INFO|WARNING|ERROR) retrieval[.\w]*: ")
@@ -103,22 +103,22 @@ def test_spark_submit_job_is_quiet_too(features, tmp_path):
 
 
 def test_java_options_merge_with_the_users():
-    path = sparkutil.log4j2_file()
+    path = session.log4j2_file()
     assert os.path.isfile(path)
-    opts = sparkutil.java_logging_options("INFO", "-XX:+UseG1GC -Dretrieval.log.level=DEBUG")
+    opts = session.java_logging_options("INFO", "-XX:+UseG1GC -Dretrieval.log.level=DEBUG")
     assert opts.startswith(f"-Dlog4j2.configurationFile={path} -Dretrieval.log.level=WARN ")
     assert opts.endswith("-XX:+UseG1GC -Dretrieval.log.level=DEBUG")       # theirs kept, and last
     own = "-Dlog4j2.configurationFile=/etc/spark/log4j2.properties -Xss4m"
-    assert sparkutil.java_logging_options("DEBUG", own) == own                # their file stays theirs
-    assert sparkutil.jvm_levels("DEBUG") == ("INFO", "INFO")
-    assert sparkutil.jvm_levels("info") == ("WARN", "ERROR")
-    assert sparkutil.jvm_levels("ERROR") == ("ERROR", "ERROR")
-    assert sparkutil.jvm_levels(None) == ("WARN", "ERROR")
+    assert session.java_logging_options("DEBUG", own) == own                # their file stays theirs
+    assert session.jvm_levels("DEBUG") == ("INFO", "INFO")
+    assert session.jvm_levels("info") == ("WARN", "ERROR")
+    assert session.jvm_levels("ERROR") == ("ERROR", "ERROR")
+    assert session.jvm_levels(None) == ("WARN", "ERROR")
 
 
 def test_spark_defaults_are_merged(tmp_path, monkeypatch):
     (tmp_path / "spark-defaults.conf").write_text(
         "# comment\nspark.driver.extraJavaOptions   -Dfoo=1 -Dbar=2\nspark.executor.memory=4g\n")
     monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path))
-    d = sparkutil._spark_defaults()
+    d = session._spark_defaults()
     assert d["spark.driver.extraJavaOptions"] == "-Dfoo=1 -Dbar=2" and d["spark.executor.memory"] == "4g"

@@ -297,13 +297,13 @@ def test_duplicate_detection_agrees_across_methods(data, tmp_path, spark):
     files = list_feature_files([str(tmp_path / n) for n in ("f1", "f2", "f3")])
     for first_new in (0, 2, 3):
         a = dedup.find_from_hashes(files, {f.file_no: dedup.file_hashes(f) for f in files}, first_new)
-        b = dedup.find_spark(spark, files, first_new)
-        c = dedup.find_local(files, first_new)
+        b = dedup.find(spark, files, first_new)
+        c = dedup.find(None, files, first_new)
         for d in (b, c):
             assert d.count == a.count and d.examples == a.examples
             assert {k: v.tolist() for k, v in d.skip.items()} == {k: v.tolist() for k, v in a.skip.items()}
     assert a.count == 20 and a.skip[3].tolist() == list(range(20))  # ids 980-999 of f3 (first_new=3)
-    full = dedup.find_local(files, 0)
+    full = dedup.find(None, files, 0)
     assert full.count == 300 + 20 and full.skip[2].tolist() == list(range(300))
 
 

@@ -70,7 +70,7 @@ def test_wheel_and_archive_contents(packed):
     assert len(wheels) == 1
     names = zipfile.ZipFile(packed / wheels[0]).namelist()
     assert "retrieval/conf/defaults.yaml" in names and "retrieval/report/job.py" in names
-    assert "retrieval/conf/log4j2.properties" in names             # the JVMs' quiet console (sparkutil)
+    assert "retrieval/conf/log4j2.properties" in names             # the JVMs' quiet console (engine/session.py)
     assert "retrieval/assets/default_model.npz" in names          # the shipped trained heads
     assert not any(n.startswith(("tests/", "jobs/")) for n in names)
     with tarfile.open(packed / "env.tar.gz") as tar:

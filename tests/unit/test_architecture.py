@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -199,17 +200,75 @@ def test_the_feature_layer_imports_nothing_above_it():
                      + "\n".join(f"  {e}" for e in bad))
 
 
-def test_spark_is_imported_by_the_spark_engine_only():
-    """pyspark (and the Spark engine's internals, retrieval.sparkutil) are imported by
-    retrieval/engine.py and retrieval/sparkutil.py only: every stage runs on an engine."""
-    allowed = {os.path.join(ROOT, "engine.py"), os.path.join(ROOT, "sparkutil.py")}
-    offenders = []
-    for name, path in _modules().items():
-        if path in allowed:
+# what no module outside the engine package (retrieval/engine/) may mention or import (issue 21): the
+# engine decides where a stage runs, so nothing else touches a SparkSession or branches on the engine
+SPARK_MENTIONS = re.compile(r"SparkSession|\bengine\.spark\b|\bis_spark\b|\bsparkContext\b")
+
+
+def spark_leaks(root: str = ROOT) -> list[str]:
+    """``module:line: what`` for every module under ``root`` outside its ``engine`` package that
+    mentions a SparkSession, ``engine.spark``, ``is_spark`` or ``sparkContext`` (code, comment or
+    docstring), or imports pyspark or the Spark engine's own modules (``engine.spark``,
+    ``engine.session``, the old ``sparkutil``), at module level or inside a function."""
+    top = os.path.basename(root)
+    engine_pkg = f"{top}.engine"
+    banned = ("pyspark", f"{top}.sparkutil", f"{engine_pkg}.session", f"{engine_pkg}.spark")
+    leaks = []
+    for mod, path in _modules(root).items():
+        if mod == engine_pkg or mod.startswith(engine_pkg + "."):
             continue
-        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{name}:{node.lineno} imports {n}" for n in names
-                          if n == "pyspark" or n.startswith(("pyspark.", "retrieval.sparkutil"))]
-    assert not offenders, offenders
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        for n, line in enumerate(text.splitlines(), 1):
+            leaks += [f"{mod}:{n}: mentions {m.group(0)}" for m in SPARK_MENTIONS.finditer(line)]
+        package = mod if path.endswith("__init__.py") else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(text, filename=path)):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                up = package.split(".")[: len(package.split(".")) - (node.level - 1)] if node.level else []
+                src = ".".join(up + ([node.module] if node.module else []))
+                names = [src] + [f"{src}.{alias.name}" for alias in node.names]
+            leaks += [f"{mod}:{node.lineno}: imports {name}" for name in dict.fromkeys(names)
+                      if any(name == b or name.startswith(b + ".") for b in banned)]
+    return leaks
+
+
+def test_the_spark_checker_catches_planted_leaks(tmp_path):
+    pkg = tmp_path / "retrieval"
+    (pkg / "engine").mkdir(parents=True)
+    (pkg / "stage").mkdir()
+    for init in ("__init__.py", "engine/__init__.py", "stage/__init__.py"):
+        (pkg / init).write_text("")
+    # the engine package may do all of it
+    (pkg / "engine" / "spark.py").write_text("import pyspark\n\ndef f(engine):\n"
+                                             "    return engine.spark.sparkContext if engine.is_spark else None\n")
+    (pkg / "engine" / "session.py").write_text('"""SparkSession helpers."""\n')
+    # outside it, each of these is a leak
+    (pkg / "stage" / "doc.py").write_text('"""Takes a SparkSession."""\n')
+    (pkg / "stage" / "branch.py").write_text("def f(run):\n    if run.engine.is_spark:\n        pass\n")
+    (pkg / "stage" / "attr.py").write_text("def f(engine):\n    return engine.spark\n")
+    (pkg / "stage" / "lazy.py").write_text("def f():\n    from pyspark.sql import functions\n")
+    (pkg / "stage" / "rel.py").write_text("from ..engine import session\n")
+    (pkg / "stage" / "helper.py").write_text("from retrieval.engine.session import get_spark\n")
+    (pkg / "old.py").write_text("import retrieval.sparkutil\n")
+    # and these are not: the engine's public names, a Spark session in words
+    (pkg / "stage" / "clean.py").write_text('"""Runs on an engine (a Spark session or None)."""\n'
+                                            "from retrieval.engine import Stage, as_engine\n"
+                                            "from retrieval import engine\n")
+    leaks = spark_leaks(str(pkg))
+    assert sorted({leak.split(":")[0] for leak in leaks}) == [
+        "retrieval.old", "retrieval.stage.attr", "retrieval.stage.branch", "retrieval.stage.doc",
+        "retrieval.stage.helper", "retrieval.stage.lazy", "retrieval.stage.rel"], leaks
+    assert "retrieval.stage.lazy:2: imports pyspark.sql" in leaks
+    assert "retrieval.stage.rel:1: imports retrieval.engine.session" in leaks
+    assert "retrieval.stage.branch:2: mentions is_spark" in leaks
+
+
+def test_spark_stays_behind_the_engine():
+    """No module of retrieval/ outside retrieval/engine/ mentions a SparkSession, ``engine.spark``
+    or ``is_spark``, nor imports pyspark or the Spark session helpers: every Spark plan is an
+    engine method (issue 21)."""
+    leaks = spark_leaks()
+    assert not leaks, "Spark outside the engine package (retrieval/engine/):\n" + "\n".join(leaks)

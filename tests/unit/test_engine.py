@@ -1,4 +1,4 @@
-"""The engine interface (retrieval/engine.py) on the local engine, and what does not need a JVM:
+"""The engine interface (retrieval/engine/) on the local engine, and what does not need a JVM:
 error translation, the task-side helpers outside a task. The Spark engine: tests/integration/test_engine_spark.py."""
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import operator
 import pytest
 
 from retrieval import engine as engine_mod
-from retrieval.engine import LOCAL, LocalEngine, as_engine, task_attempt, task_threads
+import pyarrow as pa
+
+from retrieval.engine import LOCAL, LocalEngine, Step, as_engine, task_attempt, task_threads
 from retrieval.index.reader import FeatureInputError
 from retrieval.index.store import IndexIntegrityError
 from retrieval.integrity import IntegrityError
@@ -35,6 +37,80 @@ def test_local_engine_runs_the_task_functions_in_order():
     assert shared.value == b"trained"
     shared.destroy()
     assert eng.run("t", 1, lambda: 42) == 42
+
+
+# a keyed plan: numbers to (n % 3, [n]); per key the values summed; the sums to one key
+def _by_rest(n: int) -> list:
+    return [(n % 3, [n])]
+
+
+def _key_sums(key: int, values) -> list:
+    values = list(values)
+    return [(0, (key, len(values), sum(sum(v) for v in values)))]
+
+
+def _all(key: int, values) -> list:
+    return sorted(values)
+
+
+def _concat(a: list, b: list) -> list:
+    return a + b
+
+
+STEPS = [Step(_by_rest), Step(_key_sums, 4), Step(_all, 1)]
+
+
+def _count_rows(batches):
+    """Per task (one key): its key, row count and values in arrival order."""
+    t = pa.Table.from_batches(list(batches))
+    yield pa.RecordBatch.from_pydict({"k": [t.column("k")[0].as_py()], "n": [t.num_rows],
+                                      "v": [",".join(t.column("v").to_pylist())]})
+
+
+ARROW_OUT = pa.schema([("k", pa.int64()), ("n", pa.int64()), ("v", pa.string())])
+ARROW_IN = pa.table({"k": [2, 0, 2, 1, 0, 2], "v": ["a", "b", "c", "d", "e", "f"]})
+ID_SCHEMA = pa.schema([("id", pa.string()), ("file", pa.int64())])
+
+
+def _ids(item: tuple) -> pa.Table:
+    file, ids = item
+    return pa.table({"id": ids, "file": [file] * len(ids)}, schema=ID_SCHEMA)
+
+
+ID_FILES = [(0, ["a", "b", "c"]), (1, ["d", "b"]), (2, []), (3, ["c", "e", "c"])]
+
+
+def test_local_engine_runs_keyed_steps():
+    # key 3 has no records: its task still runs (with no values); results of the last step in order
+    assert LOCAL.run_steps("t", list(range(7)), STEPS) == [(0, 3, 9), (1, 2, 5), (2, 2, 7), (3, 0, 0)]
+    seen = []
+
+    def watch(key, values):
+        values = list(values)
+        seen.append((key, values))
+        return _key_sums(key, values)
+    folded = [Step(_by_rest), Step(watch, 4, combine=_concat), Step(_all, 1)]
+    # combine folds a key's values as they arrive: one value per key (the same sums)
+    assert LOCAL.run_steps("t", list(range(7)), folded) == [(0, 1, 9), (1, 1, 5), (2, 1, 7), (3, 0, 0)]
+    assert seen == [(0, [[0, 3, 6]]), (1, [[1, 4]]), (2, [[2, 5]]), (3, [])]
+    assert LOCAL.run_steps("t", [], STEPS) == [(0, 0, 0), (1, 0, 0), (2, 0, 0), (3, 0, 0)]
+
+
+def test_local_engine_maps_arrow_by_key():
+    out = LOCAL.map_arrow(_count_rows, ARROW_IN, "k", ARROW_OUT, "t")
+    assert out.schema == ARROW_OUT
+    assert out.to_pylist() == [{"k": 0, "n": 2, "v": "b,e"}, {"k": 1, "n": 1, "v": "d"},
+                               {"k": 2, "n": 3, "v": "a,c,f"}]          # keys in order, rows in theirs
+    assert LOCAL.map_arrow(_count_rows, ARROW_IN.slice(0, 0), "k", ARROW_OUT, "t").num_rows == 0
+
+
+def test_local_engine_finds_duplicate_keys():
+    dups = LOCAL.find_duplicates(_ids, ID_FILES, "id", ID_SCHEMA, "t", rows=8)
+    assert dups.schema == ID_SCHEMA
+    assert sorted(dups.to_pylist(), key=lambda r: (r["id"], r["file"])) == [
+        {"id": "b", "file": 0}, {"id": "b", "file": 1}, {"id": "c", "file": 0}, {"id": "c", "file": 3},
+        {"id": "c", "file": 3}]
+    assert LOCAL.find_duplicates(_ids, [], "id", ID_SCHEMA, "t").num_rows == 0
 
 
 def test_local_engine_refuses_distributed_training():

@@ -1,5 +1,6 @@
-"""The Spark engine's internals (:class:`retrieval.engine.SparkEngine` imports this module, nothing else does):
-session creation with the project's JVM logging, its stop, and the driver's progress lines."""
+"""The Spark session helpers of the Spark engine (:mod:`retrieval.engine`; no module outside the
+engine package imports them): session creation with the project's JVM logging, its stop, and the
+driver's progress lines."""
 from __future__ import annotations
 
 import os
@@ -18,7 +19,8 @@ JAVA_OPTION_KEYS = ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOp
 
 def log4j2_file() -> str:
     """The shipped log4j2 configuration (package data): ``retrieval/conf/log4j2.properties``."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf", "log4j2.properties")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # retrieval/
+    return os.path.join(package, "conf", "log4j2.properties")
 
 
 def jvm_levels(log_level: str | None) -> tuple[str, str]:

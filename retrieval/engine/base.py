@@ -1,0 +1,121 @@
+"""The engine interface (:class:`Engine`), the plans' shared pieces (:class:`Step`, :class:`Shared`)
+and the task errors the driver re-raises as themselves (:func:`task_error`, :func:`translate`).
+The two implementations: :mod:`retrieval.engine.local` and :mod:`retrieval.engine.spark`."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Sequence
+
+# class name -> class, of the errors a task raises that the driver re-raises as themselves
+TASK_ERRORS: dict[str, type[Exception]] = {}
+
+
+def task_error(cls: type[Exception]) -> type[Exception]:
+    """Class decorator: this error's message is clear, so a Spark task's instance is re-raised on
+    the driver as the same class and message (:meth:`Engine.run`)."""
+    TASK_ERRORS[cls.__name__] = cls
+    return cls
+
+
+def translate(exc: BaseException) -> BaseException | None:
+    """The registered task error that ``exc`` (a Spark failure's Java/Python trace) carries, or None."""
+    if type(exc).__name__ in TASK_ERRORS or not TASK_ERRORS:
+        return None
+    names = "|".join(sorted(map(re.escape, TASK_ERRORS), key=len, reverse=True))
+    m = re.search(rf"\b({names}): ([^\n]+)", str(exc))
+    return TASK_ERRORS[m.group(1)](m.group(2)) if m else None
+
+
+class Shared:
+    """A broadcast value: ``.value`` in every task, ``destroy()`` when the stage is done."""
+
+    def __init__(self, value: Any, handle: Any = None) -> None:
+        self._value, self._handle = value, handle
+
+    @property
+    def value(self) -> Any:
+        return self._handle.value if self._handle is not None else self._value
+
+    def __getstate__(self) -> dict:        # a Spark broadcast travels as its handle, not its bytes
+        return {"_value": None if self._handle is not None else self._value, "_handle": self._handle}
+
+    def destroy(self) -> None:
+        if self._handle is not None:
+            self._handle.destroy()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of :meth:`Engine.run_steps`. The first step runs ``fn(item)`` once per item; each
+    later one runs ``fn(key, values)`` once per key in ``range(parts)``, over the values of the
+    ``(key, value)`` records the step before it yielded (a shuffle by key). A step yields
+    ``(key, value)`` records for the next step, the last one its results.
+
+    ``combine(a, b)``: the values of one key MAY be merged pairwise before ``fn`` sees them (the
+    local engine folds each value into its key's as it arrives, so one value per key is held; Spark
+    ships them as they are): ``fn`` must give the same result either way. ``progress``/``unit``:
+    the local engine's progress line for the step (None: none; Spark has one for the whole plan)."""
+    fn: Callable[..., Iterable]
+    parts: int = 0
+    progress: str | None = None
+    unit: str = "tasks"
+    combine: Callable[[Any, Any], Any] | None = None
+
+
+class Engine:
+    """What a stage needs from where it runs (see :mod:`retrieval.engine`)."""
+
+    name: ClassVar[str] = "engine"
+    is_spark: ClassVar[bool] = False
+    spark: Any = None
+
+    @property
+    def parallelism(self) -> int:
+        raise NotImplementedError
+
+    def map(self, fn: Callable, items: Sequence, label: str, every: float = 10.0, threads: int = 1) -> list:
+        """``fn`` over ``items``, one task each; the results in item order."""
+        raise NotImplementedError
+
+    def map_reduce(self, fn: Callable, items: Sequence, merge: Callable, label: str, every: float = 10.0) -> Any:
+        """``fn`` over ``items``, one task each; the results merged pairwise with ``merge``."""
+        raise NotImplementedError
+
+    def map_batches(self, fn: Callable[[Iterable], Iterable], items: Sequence, parts: int, label: str,
+                    every: float = 10.0) -> list:
+        """``items`` in ``parts`` contiguous batches; ``fn(batch)`` yields results, all returned."""
+        raise NotImplementedError
+
+    def run_steps(self, label: str, items: Sequence, steps: Sequence[Step], every: float = 10.0) -> list:
+        """A keyed plan (:class:`Step`): one task per item, then per step a shuffle of the records by
+        key and one task per key; the last step's results (in key order locally, partition order
+        on Spark)."""
+        raise NotImplementedError
+
+    def map_arrow(self, fn: Callable[[Iterable], Iterable], table: Any, key: str, schema: Any, label: str,
+                  every: float = 10.0) -> Any:
+        """One task per distinct value of ``table``'s column ``key`` (a ``pyarrow.Table``):
+        ``fn(batches)`` gets that value's rows as record batches and yields record batches of
+        ``schema``; all of them, as one table."""
+        raise NotImplementedError
+
+    def find_duplicates(self, fn: Callable[[Any], Any], items: Sequence, key: str, schema: Any, label: str,
+                        rows: int = 0, every: float = 10.0) -> Any:
+        """``fn(item)`` is a table of ``schema`` per item (read in a task); the rows of all of them
+        whose ``key`` occurs more than once, in no particular order. ``rows``: their expected total,
+        to size a shuffle."""
+        raise NotImplementedError
+
+    def broadcast(self, value: Any) -> Shared:
+        """A read-only value every task sees (:class:`Shared`)."""
+        return Shared(value)
+
+    def run(self, label: str, total: int, action: Callable[[], Any], every: float = 10.0) -> Any:
+        """``action()`` under the engine's progress lines (``total`` tasks) and error translation."""
+        return action()
+
+    def run_torch(self, fn: Callable, processes: int, arg: Any, local_mode: bool = True,
+                  use_gpu: bool = False) -> Any:
+        """Data-parallel torch training: ``fn(arg)`` in ``processes`` processes."""
+        raise NotImplementedError

@@ -1,0 +1,112 @@
+"""The local engine: every task function in this process, in order (no JVM)."""
+from __future__ import annotations
+
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Iterator, Sequence
+
+from retrieval.engine.base import Engine, Step
+
+
+class LocalEngine(Engine):
+    """The task functions in this process, in order (``threads > 1``: a thread pool, for I/O-bound
+    tasks such as hashing files). No JVM."""
+
+    name = "local"
+
+    @property
+    def parallelism(self) -> int:
+        return max(1, os.cpu_count() or 1)
+
+    def map(self, fn, items, label, every=10.0, threads=1):
+        if threads > 1 and len(items) > 1:
+            with ThreadPoolExecutor(min(threads, len(items))) as pool:
+                return list(pool.map(fn, items))
+        return [fn(x) for x in items]
+
+    def map_reduce(self, fn, items, merge, label, every=10.0):
+        return functools.reduce(merge, (fn(x) for x in items))
+
+    def map_batches(self, fn, items, parts, label, every=10.0):
+        return list(fn(iter(items)))
+
+    def run_steps(self, label: str, items: Sequence, steps: Sequence[Step], every: float = 10.0) -> list:
+        """Step by step in loops: the first over the items, each next over its keys in order, a
+        key's values gathered (or folded with the step's ``combine``) as the step before yields them."""
+        inbox: dict[Any, list] = {}
+        results: list = []
+        for n, step in enumerate(steps):
+            nxt = steps[n + 1] if n + 1 < len(steps) else None
+            outbox: dict[Any, list] = {}
+            total = len(items) if n == 0 else step.parts
+            for out in _progressed(step, total, _tasks(step, n, items, inbox), every):
+                if nxt is None:
+                    results.extend(out)
+                    continue
+                for key, value in out:
+                    got = outbox.get(key)
+                    if got is None:
+                        outbox[key] = [value]
+                    elif nxt.combine is not None:
+                        got[0] = nxt.combine(got[0], value)
+                    else:
+                        got.append(value)
+            inbox = outbox
+        return results
+
+    def map_arrow(self, fn, table, key, schema, label, every=10.0):
+        import pyarrow as pa
+
+        out = []
+        if table.num_rows:
+            table = table.sort_by(key)          # stable: a value's rows keep their order
+            values = table.column(key).to_numpy(zero_copy_only=False)
+            bounds = [0, *(i for i in range(1, len(values)) if values[i] != values[i - 1]), len(values)]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                out.extend(fn(iter(table.slice(a, b - a).to_batches())))
+        return pa.Table.from_batches(out, schema=schema)
+
+    def find_duplicates(self, fn, items, key, schema, label, rows=0, every=10.0):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not items:
+            return schema.empty_table()
+        table = pa.concat_tables([fn(x) for x in items])
+        counts = table.group_by(key).aggregate([(key, "count")])
+        dup = counts.filter(pc.greater(counts.column(f"{key}_count"), 1)).column(key)
+        return table.filter(pc.is_in(table.column(key), value_set=dup.combine_chunks()))
+
+    def run_torch(self, fn, processes, arg, local_mode=True, use_gpu=False):
+        if processes > 1:
+            raise ValueError(f"train.processes={processes} runs through Spark's TorchDistributor: use --engine "
+                             "spark (or train.processes=1 with --engine local)")
+        return fn(arg)
+
+
+def _tasks(step: Step, n: int, items: Sequence, inbox: dict[Any, list]) -> Iterator[Iterable]:
+    """The outputs of a step's tasks, one task at a time (a key's values released once it ran)."""
+    if n == 0:
+        for x in items:
+            yield step.fn(x)
+        return
+    for key in range(step.parts):
+        yield step.fn(key, iter(inbox.pop(key, [])))
+
+
+def _progressed(step: Step, total: int, outputs: Iterator[Iterable], every: float) -> Iterator[list]:
+    """Each task's output, materialised, with the step's progress line (if any) per task."""
+    from retrieval.progress import Progress
+
+    progress = Progress(step.progress, total=total, every=every, unit=step.unit) if step.progress else None
+    for out in outputs:
+        out = list(out)
+        if progress is not None:
+            progress.update(1)
+        yield out
+    if progress is not None:
+        progress.finish()
+
+
+LOCAL = LocalEngine()

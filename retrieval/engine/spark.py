@@ -1,0 +1,133 @@
+"""The Spark engine: one Spark task per work unit of a SparkSession, under the driver's progress
+lines (:class:`retrieval.engine.session.ProgressMonitor`) and the task errors' translation. Every
+Spark plan of the project is here: RDD maps, the keyed steps' ``partitionBy`` shuffles
+(:meth:`SparkEngine.run_steps`), ``mapInArrow`` (:meth:`SparkEngine.map_arrow`), the window that
+finds duplicate keys (:meth:`SparkEngine.find_duplicates`). pyspark is imported when used."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from retrieval.engine.base import Engine, Shared, Step, translate
+
+
+class SparkEngine(Engine):
+    """Spark tasks of ``spark`` (a SparkSession), one per work unit, with the driver's progress lines
+    (tasks done, rate, ETA) every ``every`` seconds."""
+
+    name = "spark"
+    is_spark = True
+
+    def __init__(self, spark: Any) -> None:
+        self.spark = spark
+
+    @property
+    def parallelism(self) -> int:
+        return int(self.spark.sparkContext.defaultParallelism)
+
+    def run(self, label, total, action, every=10.0):
+        from retrieval.engine.session import ProgressMonitor
+
+        try:
+            with ProgressMonitor(self.spark, label, total_tasks=total, every=every):
+                return action()
+        except Exception as exc:
+            clear = translate(exc)
+            if clear is not None:
+                raise clear from None
+            raise
+
+    def _rdd(self, items: Sequence, parts: int):
+        return self.spark.sparkContext.parallelize(list(items), max(1, parts))
+
+    def map(self, fn, items, label, every=10.0, threads=1):
+        if not items:
+            return []
+        rdd = self._rdd(items, len(items)).map(fn)
+        return self.run(label, len(items), rdd.collect, every)
+
+    def map_reduce(self, fn, items, merge, label, every=10.0):
+        rdd = self._rdd(items, len(items)).map(fn)
+        return self.run(label, len(items), lambda: rdd.treeReduce(merge, depth=2), every)
+
+    def map_batches(self, fn, items, parts, label, every=10.0):
+        rdd = self._rdd(items, parts).mapPartitions(fn)
+        return self.run(label, parts, rdd.collect, every)
+
+    def run_steps(self, label: str, items: Sequence, steps: Sequence[Step], every: float = 10.0) -> list:
+        """One job: a task per item (``flatMap``), then per step ``partitionBy(parts)`` on the
+        records' keys and a task per partition (``mapPartitionsWithIndex``); ``combine`` is not
+        used (the records are shuffled as they are)."""
+        rdd = self._rdd(items, len(items)).flatMap(steps[0].fn)
+        for step in steps[1:]:
+            rdd = rdd.partitionBy(step.parts, _identity).mapPartitionsWithIndex(
+                functools.partial(_values_to, step.fn))
+        return self.run(label, len(items) + sum(s.parts for s in steps[1:]), rdd.collect, every)
+
+    def map_arrow(self, fn, table, key, schema, label, every=10.0):
+        """The rows shuffled to one partition per value of ``key`` (in sorted order), made a
+        DataFrame, ``mapInArrow(fn)`` (the rows reach the tasks as Arrow, not in their closures)."""
+        import pyarrow as pa
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        if not table.num_rows:
+            return schema.empty_table()
+        names = table.column_names
+        k = names.index(key)
+        data = [(row[k], row) for row in zip(*(table.column(c).to_pylist() for c in names))]
+        position = {v: i for i, v in enumerate(sorted({v for v, _ in data}))}
+        sc = self.spark.sparkContext
+        rdd = sc.parallelize(data, max(1, min(len(position), sc.defaultParallelism))) \
+            .partitionBy(len(position), lambda v: position[v]).values()
+        frame = self.spark.createDataFrame(rdd, from_arrow_schema(table.schema))
+        out = frame.mapInArrow(fn, from_arrow_schema(schema))
+        rows = self.run(label, len(position), out.collect, every)
+        return pa.Table.from_pylist([r.asDict() for r in rows], schema=schema)
+
+    def find_duplicates(self, fn, items, key, schema, label, rows=0, every=10.0):
+        """The items read by tasks (``mapInArrow``), one shuffle by ``key`` (into ~2M rows a
+        partition), a window count over it: only the rows of repeated keys reach the driver."""
+        from pyspark import cloudpickle
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        if not items:
+            return schema.empty_table()
+        frame = self.spark.createDataFrame([(cloudpickle.dumps(x),) for x in items], "item binary")
+        n = max(1, min(len(items), self.parallelism * 4))
+        tables = frame.repartition(n).mapInArrow(functools.partial(_tables_of, fn), from_arrow_schema(schema))
+        parts = max(self.parallelism, -(-int(rows) // 2_000_000))
+        cols = [f"`{c}`" for c in schema.names]
+        occ = self.run(label, n + parts, lambda: (
+            tables.repartition(parts, key)
+            .selectExpr(*cols, f"count(1) OVER (PARTITION BY `{key}`) AS `__count`")
+            .filter("`__count` > 1").select(*schema.names).toArrow()))
+        return occ.select(schema.names).cast(schema)
+
+    def broadcast(self, value):
+        return Shared(None, self.spark.sparkContext.broadcast(value))
+
+    def run_torch(self, fn, processes, arg, local_mode=True, use_gpu=False):
+        from pyspark.ml.torch.distributor import TorchDistributor
+
+        distributor = TorchDistributor(num_processes=processes, local_mode=local_mode, use_gpu=use_gpu)
+        return self.run("train", processes, lambda: distributor.run(fn, arg))
+
+
+# ---------------------------------------------------------------------------------------------
+# task side of the plans above
+def _identity(key: int) -> int:
+    return key
+
+
+def _values_to(fn: Callable[[int, Iterable], Iterable], index: int, records: Iterable[tuple]) -> Iterable:
+    """A step's task over one partition: ``fn(partition, its records' values)``."""
+    return fn(index, (value for _, value in records))
+
+
+def _tables_of(fn: Callable[[Any], Any], batches: Iterable) -> Iterator:
+    """``mapInArrow`` body: ``fn`` of every pickled item of this partition, as record batches."""
+    import pickle
+
+    for b in batches:
+        for blob in b.column(0).to_pylist():
+            yield from fn(pickle.loads(blob)).to_batches()
