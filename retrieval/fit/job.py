@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 MIN_IMAGES = 20          # fewer decodable images than this: refused (nothing to fit)
 
 
+class TooFewImagesError(ValueError):
+    """The gallery has fewer than ``MIN_IMAGES`` readable images: nothing to fit."""
+
+
 @dataclass(frozen=True)
 class FitJob:
     """Plain values a task needs (the model is rebuilt from them per process)."""
@@ -183,7 +187,7 @@ def fit(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = Non
     listing = inputs_mod.list_inputs(input_url, ex.input_format, 1, ex.key_column, ex.bytes_column)
     rows = sample_rows(listing, fc["sample"], fc["seed"])
     if len(rows) < MIN_IMAGES:
-        raise ValueError(f"fit needs at least {MIN_IMAGES} readable gallery images; {input_url} "
+        raise TooFewImagesError(f"fit needs at least {MIN_IMAGES} readable gallery images; {input_url} "
                          f"lists {len(rows)} valid ones")
     fsio.ensure_writable(output_url.rstrip("/").rsplit("/", 1)[0] if "/" in output_url else ".")
     fs, path = fsio.url_to_fs(output_url)
@@ -201,7 +205,7 @@ def fit(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = Non
     ok = sorted((r for r in encoded if r[3] is None), key=lambda r: r[0])
     errors = [r for r in encoded if r[3] is not None]
     if len(ok) < MIN_IMAGES:
-        raise ValueError(f"fit needs at least {MIN_IMAGES} decodable images; {len(errors)} of "
+        raise TooFewImagesError(f"fit needs at least {MIN_IMAGES} decodable images; {len(errors)} of "
                          f"{len(encoded)} sampled could not be read (first: {errors[0][3] if errors else '-'})")
     t_encode = time.monotonic() - t0
     k = model.spec.channels

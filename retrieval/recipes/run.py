@@ -99,8 +99,9 @@ class Runner:
         return m
 
     def fit(self, gallery: str) -> Config:
-        """The gallery-fitted model (``model.checkpoint`` of every later stage)."""
-        from retrieval.fit.job import fit
+        """The gallery-fitted model (``model.checkpoint`` of every later stage); the configured model
+        as it is when the gallery is too small to fit (with a warning)."""
+        from retrieval.fit.job import TooFewImagesError, fit
 
         url = self.url("model/fitted.pt")
         card = fsio.read_json(url + ".card.json") if fsio.exists(url + ".card.json") else None
@@ -110,7 +111,12 @@ class Runner:
             log.info("run: the fitted model is complete for the same gallery and settings: skipped (%s)", url)
         else:
             log.info("run: fit -> %s", url)
-            fit(gallery, url, self.cfg, self.engine)
+            try:
+                fit(gallery, url, self.cfg, self.engine)
+            except TooFewImagesError as exc:
+                log.warning("run: %s; using the configured model as it is (no fit)", exc)
+                self.steps["fit"] = {"stage": "fit", "output": None, "skipped": True, "reason": str(exc)}
+                return self.cfg
         self.steps["fit"] = {"stage": "fit", "output": url, "skipped": same}
         if not same:
             self.steps["fit"]["seconds"] = round(time.monotonic() - t0, 1)
