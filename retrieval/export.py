@@ -1,7 +1,7 @@
 """``retrieval export``: the configured model written in another format (``--format onnx``: its trunk,
-for ``model.runtime: onnx``; :mod:`retrieval.extract.onnx_runtime`).
+for ``model.runtime: onnx``; :mod:`retrieval.model.onnx_runtime`).
 
-The command sits above both the model (:func:`~retrieval.extract.checkpoints.model_from_config`, which
+The command sits above both the model (:func:`~retrieval.model.checkpoints.model_from_config`, which
 attaches an ONNX trunk when ``model.runtime: onnx``) and the ONNX runtime, so neither imports the other
 back."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from retrieval import fsio
-from retrieval.extract.common import ModelError
-from retrieval.extract.checkpoints import model_from_config
-from retrieval.extract.onnx_runtime import export_onnx
+from retrieval.model.common import ModelError
+from retrieval.model.checkpoints import model_from_config
+from retrieval.model.onnx_runtime import export_onnx
 
 
 def run_cli(args, cfg, engine) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from retrieval.config import Config
 from retrieval.engine import Engine, as_engine, task_attempt
 from retrieval.extract import inputs as inputs_mod
 from retrieval.extract.preprocess import DecodePolicy, ImageError, prepare
-from retrieval.extract.task import encode, task_model
+from retrieval.model.task import encode, task_model
 from retrieval.progress import Progress
 from retrieval.schema import (DICTIONARY_COLUMNS, ERROR_SCHEMA, column_matrix, feature_compression,
                               feature_schema, int8_to_arrow, quantize_int8, vectors_to_arrow)
@@ -278,7 +278,7 @@ def plan(listing: pa.Table, job: ExtractJob, mode: str) -> tuple[dict[int, list]
 def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = None) -> dict:
     """Run the extraction job on ``engine`` (:func:`retrieval.engine.as_engine`: an engine, a
     SparkSession, or None for this process); returns the manifest."""
-    from retrieval.extract.checkpoints import model_from_config
+    from retrieval.model.checkpoints import model_from_config
 
     t0 = time.monotonic()
     engine = as_engine(engine)

@@ -51,7 +51,7 @@ def pooled_features(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[str,
     """``(image_id, pooled R_hi float16 bytes, pooled R_lo float16 bytes, error)`` per row."""
     import torch
 
-    from retrieval.extract.task import task_model
+    from retrieval.model.task import task_model
     from retrieval.extract.preprocess import DecodePolicy, ImageError, prepare
 
     model, device = task_model(job)
@@ -170,7 +170,7 @@ def card_markdown(card: dict) -> str:
 def fit(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = None) -> dict:
     """Run ``retrieval fit`` on ``engine`` (:func:`retrieval.engine.as_engine`); returns the model card
     (also written beside the checkpoint)."""
-    from retrieval.extract.checkpoints import model_from_config, save_checkpoint
+    from retrieval.model.checkpoints import model_from_config, save_checkpoint
 
     t0 = time.monotonic()
     engine = as_engine(engine)

@@ -38,7 +38,7 @@ def check_compatible(query_version: str, index_url: str, index_manifest: dict, w
 
 
 def config_model_version(cfg: Config) -> str:
-    from retrieval.extract.checkpoints import model_from_config
+    from retrieval.model.checkpoints import model_from_config
 
     return model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict()).model_version()
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.extract.checkpoints import DEFAULT_MODEL, load_delta
-from retrieval.extract.model import ModelError, build_model
-from retrieval.train.delta import export_delta
+from retrieval.model.checkpoints import DEFAULT_MODEL, load_delta
+from retrieval.model.network import ModelError, build_model
+from retrieval.model.delta import export_delta
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

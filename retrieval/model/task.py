@@ -16,7 +16,7 @@ _MODELS: dict[str, Any] = {}
 
 def get_model(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any], device: str = "cpu"):
     """The model for this config, built once per (executor) process and cached; never pickled."""
-    from retrieval.extract.checkpoints import model_from_config
+    from retrieval.model.checkpoints import model_from_config
 
     key = json.dumps([dict(model_cfg), dict(preprocess_cfg), device], sort_keys=True)
     if key not in _MODELS:

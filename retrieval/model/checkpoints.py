@@ -1,14 +1,14 @@
-"""Checkpoints of the descriptor model (:mod:`retrieval.extract.model`), and the model a config asks for.
+"""Checkpoints of the descriptor model (:mod:`retrieval.model.network`), and the model a config asks for.
 
 A checkpoint is one ``torch.save`` dict ``{"format", "meta", "state_dict"}`` loadable from any fsspec
 URL with ``weights_only=True``; ``meta["model_version"]`` is the model's fingerprint
-(:meth:`~retrieval.extract.model.DescriptorModel.model_version`), verified on load. A checkpoint of
+(:meth:`~retrieval.model.network.DescriptorModel.model_version`), verified on load. A checkpoint of
 an external backbone (torchscript / onnx) holds the heads only.
 
 A trained mobilenet_v2 model may also be a compact ``.npz`` delta from the reproducible base (the shipped
-default model, ``DEFAULT_MODEL``): :func:`load_delta` reads it; :mod:`retrieval.train.delta` writes it.
+default model, ``DEFAULT_MODEL``): :func:`load_delta` reads it; :mod:`retrieval.model.delta` writes it.
 
-This module sits above :mod:`retrieval.extract.model` (model.py never imports it).
+This module sits above :mod:`retrieval.model.network` (model.py never imports it).
 """
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ import torch
 from torch import nn
 
 from retrieval import fsio
-from retrieval.extract.common import ModelError
-from retrieval.extract.model import (EXTERNAL_BACKBONES, DescriptorModel, ModelSpec, build_backbone,
+from retrieval.model.common import ModelError
+from retrieval.model.network import (EXTERNAL_BACKBONES, DescriptorModel, ModelSpec, build_backbone,
                                       build_model, torch_load)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "retrieval-checkpoint-v1"
-# compact "delta" checkpoints (.npz): read here, written by retrieval.train.delta.export_delta
+# compact "delta" checkpoints (.npz): read here, written by retrieval.model.delta.export_delta
 DELTA_FORMAT = "retrieval-delta-v1"
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
                              "default_model.npz")
@@ -64,7 +64,7 @@ def load_checkpoint(url: str, device: str | torch.device = "cpu",
     recorded = meta.pop("model_version", None)
     spec = ModelSpec(**{k: meta[k] for k in ModelSpec.__dataclass_fields__ if k in meta})
     if spec.backbone in EXTERNAL_BACKBONES:
-        from retrieval.extract.external import load_external
+        from retrieval.model.external import load_external
 
         if not backbone_weights or backbone_weights in ("default", "none"):
             made = spec.extra.get("backbone_file") if isinstance(spec.extra, dict) else None
@@ -92,7 +92,7 @@ def load_checkpoint(url: str, device: str | torch.device = "cpu",
 
 
 # -- delta checkpoints: a trained model as its difference from a reproducible base --------------------
-# (the format is described in retrieval/train/delta.py, which writes it; reading it lives here,
+# (the format is described in retrieval/model/delta.py, which writes it; reading it lives here,
 # so that model.checkpoint=default -- the shipped retrieval/assets/default_model.npz -- needs no training code)
 def delta_base(spec: ModelSpec, head_seed: int) -> DescriptorModel:
     """The reproducible base a delta is taken from: the bundled ImageNet weights + the seeded heads."""
@@ -159,7 +159,7 @@ def model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str,
     onnxruntime from ``model.onnx_file`` (same model_version; features/onnx_runtime.py)."""
     model = _model_from_config(model_cfg, preprocess_cfg)
     if model_cfg.get("runtime", "torch") == "onnx":
-        from retrieval.extract.onnx_runtime import attach_onnx
+        from retrieval.model.onnx_runtime import attach_onnx
 
         attach_onnx(model, model_cfg.get("onnx_file"))
     return model

@@ -2,7 +2,7 @@
 to an embedding (``model.backbone: torchscript | onnx``, ``model.backbone_weights: URL``).
 
 The embedding (N x K) is the base feature: it replaces backbone + GeM, and the heads of
-:class:`~retrieval.extract.model.DescriptorModel` sit on top of it. The file is frozen (inference
+:class:`~retrieval.model.network.DescriptorModel` sit on top of it. The file is frozen (inference
 only, no autograd through it) and never enters a checkpoint: its sha256 does (``ModelSpec.backbone_sha256``,
 part of ``model_version``), and loading a checkpoint needs the same file again.
 
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from retrieval import fsio
-from retrieval.extract.common import IMAGENET_MEAN, IMAGENET_STD, ModelError
+from retrieval.model.common import IMAGENET_MEAN, IMAGENET_STD, ModelError
 
 log = logging.getLogger(__name__)
 

