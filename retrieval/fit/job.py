@@ -51,8 +51,8 @@ def pooled_features(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[str,
     """``(image_id, pooled R_hi float16 bytes, pooled R_lo float16 bytes, error)`` per row."""
     import torch
 
+    from retrieval.extract.preprocess import DecodePolicy, prepare_items
     from retrieval.model.task import task_model
-    from retrieval.extract.preprocess import DecodePolicy, ImageError, prepare
 
     model, device = task_model(job)
     policy = DecodePolicy.from_config(job.preprocess_cfg)
@@ -70,14 +70,8 @@ def pooled_features(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[str,
             out.append((image_id, h.tobytes(), lw.tobytes(), None))
         batch.clear()
 
-    for image_id, _, data, err in inputs_mod.read_items(rows, policy.max_bytes, job.key_column, job.bytes_column):
-        if err is None:
-            try:
-                tensors, _, _ = prepare(data, (spec.size_hi, spec.size_lo), spec.resize, policy)
-            except ImageError as exc:
-                err = str(exc)
-            except Exception as exc:  # a decoder bug must not kill the task
-                err = f"decode failed: {exc.__class__.__name__}: {exc}"
+    for image_id, _, tensors, _, _, err in prepare_items(rows, (spec.size_hi, spec.size_lo), spec.resize, policy,
+                                                         job.key_column, job.bytes_column):
         if err is not None:
             out.append((image_id, None, None, err))
             continue
