@@ -1,24 +1,14 @@
 """``retrieval export``: the configured model written in another format (``--format onnx``: its trunk,
-for ``model.runtime: onnx``; :mod:`retrieval.model.onnx_runtime`).
-
-The command sits above both the model (:func:`~retrieval.model.checkpoints.model_from_config`, which
-attaches an ONNX trunk when ``model.runtime: onnx``) and the ONNX runtime, so neither imports the other
-back."""
+for ``model.runtime: onnx``). The stage's CLI adapter; the library is :mod:`retrieval.model.export`."""
 from __future__ import annotations
 
 from typing import Any
 
 from retrieval import fsio
-from retrieval.model.common import ModelError
-from retrieval.model.checkpoints import model_from_config
-from retrieval.model.onnx_runtime import export_onnx
+from retrieval.model.export import export_model
 
 
 def run_cli(args, cfg, engine) -> dict[str, Any]:
     """``retrieval export --format onnx --output URL``: the configured model's trunk."""
-    if args.format != "onnx":
-        raise ModelError(f"unknown export format {args.format!r}")
     fsio.configure(cfg["io.storage_options"])
-    model_cfg = {**cfg["model"].to_dict(), "runtime": "torch"}
-    model = model_from_config(model_cfg, cfg["preprocess"].to_dict())
-    return export_onnx(model, args.output)
+    return export_model(cfg["model"].to_dict(), cfg["preprocess"].to_dict(), args.format, args.output)

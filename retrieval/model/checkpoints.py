@@ -6,34 +6,30 @@ URL with ``weights_only=True``; ``meta["model_version"]`` is the model's fingerp
 an external backbone (torchscript / onnx) holds the heads only.
 
 A trained mobilenet_v2 model may also be a compact ``.npz`` delta from the reproducible base (the shipped
-default model, ``DEFAULT_MODEL``): :func:`load_delta` reads it; :mod:`retrieval.model.delta` writes it.
+default model, ``DEFAULT_MODEL``): :mod:`retrieval.model.delta` reads and writes it.
 
-This module sits above :mod:`retrieval.model.network` (model.py never imports it).
+This module sits above :mod:`retrieval.model.network` and :mod:`retrieval.model.delta` (neither imports
+it). :mod:`retrieval.model.version` gives the ``model_version`` of the model a config asks for without
+building it.
 """
 from __future__ import annotations
 
 import io
-import json
 import logging
-import os
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
 from retrieval import fsio
 from retrieval.model.common import ModelError
+from retrieval.model.delta import DEFAULT_MODEL, load_delta
 from retrieval.model.network import (EXTERNAL_BACKBONES, DescriptorModel, ModelSpec, build_backbone,
-                                      build_model, torch_load)
+                                     build_model, torch_load)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "retrieval-checkpoint-v1"
-# compact "delta" checkpoints (.npz): read here, written by retrieval.model.delta.export_delta
-DELTA_FORMAT = "retrieval-delta-v1"
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
-                             "default_model.npz")
 
 
 def save_checkpoint(model: DescriptorModel, url: str, extra: Mapping[str, Any] | None = None) -> dict:
@@ -48,13 +44,10 @@ def save_checkpoint(model: DescriptorModel, url: str, extra: Mapping[str, Any] |
     return meta
 
 
-def load_checkpoint(url: str, device: str | torch.device = "cpu",
-                    backbone_weights: str | None = None) -> DescriptorModel:
-    """Load a checkpoint (weights only, no pickle code) and verify its model_version.
-
-    A checkpoint of an external backbone (torchscript / onnx) holds the heads only: ``backbone_weights``
-    must name the model file it was made with (same sha256; ``model_from_config`` passes
-    ``model.backbone_weights``)."""
+def read_checkpoint(url: str, backbone_weights: str | None = None) -> tuple[dict, ModelSpec, str | None]:
+    """A checkpoint file (weights only, no pickle code): ``(the saved dict, its spec, the recorded
+    model_version)``. A checkpoint of an external backbone needs ``backbone_weights``, the model file
+    it was made with (a clear error otherwise; the file itself is checked by the caller)."""
     obj = torch_load(url, f"checkpoint not found: {url}",
                      lambda exc: f"checkpoint {url} is corrupt or not a retrieval checkpoint: "
                                  f"{exc.__class__.__name__}: {str(exc)[:200]}")
@@ -62,15 +55,26 @@ def load_checkpoint(url: str, device: str | torch.device = "cpu",
         raise ModelError(f"checkpoint {url}: unknown format (expected {CHECKPOINT_FORMAT})")
     meta = dict(obj["meta"])
     recorded = meta.pop("model_version", None)
-    spec = ModelSpec(**{k: meta[k] for k in ModelSpec.__dataclass_fields__ if k in meta})
+    spec = ModelSpec.from_meta(meta)
+    if spec.backbone in EXTERNAL_BACKBONES and (not backbone_weights or backbone_weights in ("default", "none")):
+        made = spec.extra.get("backbone_file") if isinstance(spec.extra, dict) else None
+        raise ModelError(f"checkpoint {url} was made with a {spec.backbone} model file as its backbone "
+                         f"(sha256 {spec.backbone_sha256}{f', {made}' if made else ''}): set "
+                         f"model.backbone_weights to that file (and model.backbone={spec.backbone})")
+    return obj, spec, recorded
+
+
+def load_checkpoint(url: str, device: str | torch.device = "cpu",
+                    backbone_weights: str | None = None) -> DescriptorModel:
+    """Load a checkpoint (weights only, no pickle code) and verify its model_version.
+
+    A checkpoint of an external backbone (torchscript / onnx) holds the heads only: ``backbone_weights``
+    must name the model file it was made with (same sha256; ``model_from_config`` passes
+    ``model.backbone_weights``)."""
+    obj, spec, recorded = read_checkpoint(url, backbone_weights)
     if spec.backbone in EXTERNAL_BACKBONES:
         from retrieval.model.external import load_external
 
-        if not backbone_weights or backbone_weights in ("default", "none"):
-            made = spec.extra.get("backbone_file") if isinstance(spec.extra, dict) else None
-            raise ModelError(f"checkpoint {url} was made with a {spec.backbone} model file as its backbone "
-                             f"(sha256 {spec.backbone_sha256}{f', {made}' if made else ''}): set "
-                             f"model.backbone_weights to that file (and model.backbone={spec.backbone})")
         trunk: nn.Module = load_external(spec.backbone, backbone_weights, spec.input_layout,
                                          (spec.size_hi, spec.size_lo), expect_sha256=spec.backbone_sha256,
                                          checkpoint=url)
@@ -91,72 +95,11 @@ def load_checkpoint(url: str, device: str | torch.device = "cpu",
     return model.eval().to(device)
 
 
-# -- delta checkpoints: a trained model as its difference from a reproducible base --------------------
-# (the format is described in retrieval/model/delta.py, which writes it; reading it lives here,
-# so that model.checkpoint=default -- the shipped retrieval/assets/default_model.npz -- needs no training code)
-def delta_base(spec: ModelSpec, head_seed: int) -> DescriptorModel:
-    """The reproducible base a delta is taken from: the bundled ImageNet weights + the seeded heads."""
-    if spec.backbone in EXTERNAL_BACKBONES:
-        raise ModelError(f"the .npz delta format holds models on the bundled mobilenet_v2 weights only, not a "
-                         f"{spec.backbone} backbone: save a full checkpoint (.pt) instead, which later stages "
-                         "load with the same model.backbone / model.backbone_weights")
-    model = build_model(spec.backbone, "default", fine_dim=spec.fine_dim, coarse_dim=spec.coarse_dim,
-                        size_hi=spec.size_hi, size_lo=spec.size_lo, resize=spec.resize, gem_p=spec.gem_p,
-                        head_seed=head_seed)
-    if spec.whiten:
-        model.enable_whitening()
-    return model
-
-
-def apply_delta(model: DescriptorModel, arrays: dict[str, np.ndarray], names: list[str]) -> None:
-    """Set the tensors ``names`` of ``model`` from a delta's arrays (exact values or per-row int8 deltas)."""
-    sd = model.state_dict()
-    with torch.no_grad():
-        for name in names:
-            if name not in sd:
-                raise ModelError(f"delta names tensor {name!r}, which the model does not have")
-            target = sd[name]
-            if f"{name}::value" in arrays:
-                new = torch.from_numpy(arrays[f"{name}::value"].copy()).to(target.dtype)
-            else:
-                q = torch.from_numpy(arrays[f"{name}::q"].astype(np.float32))
-                scale = torch.from_numpy(arrays[f"{name}::scale"])
-                new = target.float() + (q * scale[:, None]).reshape(target.shape)
-            if new.shape != target.shape:
-                raise ModelError(f"delta tensor {name}: shape {tuple(new.shape)} != {tuple(target.shape)}")
-            target.copy_(new.to(target.dtype))
-
-
-def load_delta(url: str = DEFAULT_MODEL) -> DescriptorModel:
-    """Rebuild the model a delta file describes and verify its ``model_version``."""
-    try:
-        data = fsio.read_bytes(url)
-    except FileNotFoundError:
-        raise ModelError(f"delta checkpoint not found: {url}") from None
-    try:
-        npz = np.load(io.BytesIO(data), allow_pickle=False)
-        arrays = {k: npz[k] for k in npz.files}
-        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
-    except Exception as exc:
-        raise ModelError(f"{url}: not a delta checkpoint ({exc.__class__.__name__}: {exc})") from None
-    if meta.get("format") != DELTA_FORMAT:
-        raise ModelError(f"{url}: unknown format {meta.get('format')!r} (expected {DELTA_FORMAT})")
-    spec = ModelSpec(**{k: meta["spec"][k] for k in ModelSpec.__dataclass_fields__ if k in meta["spec"]})
-    model = delta_base(spec, int(meta["head_seed"]))
-    apply_delta(model, arrays, list(meta["tensors"]))
-    model.spec = spec
-    actual = model.model_version()
-    if actual != meta["model_version"]:
-        raise ModelError(f"{url}: model_version mismatch (recorded {meta['model_version']}, rebuilt "
-                         f"{actual}): the file or the base weights differ")
-    return model.eval()
-
-
 def model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any]) -> DescriptorModel:
     """The model the config asks for: a checkpoint (``default`` = the shipped trained model for the
     default backbone, mobilenet_v2, and seeded heads for any other; a ``.npz`` delta; or a full
     checkpoint), or backbone weights + seeded heads. ``model.runtime: onnx``: its trunk runs on
-    onnxruntime from ``model.onnx_file`` (same model_version; features/onnx_runtime.py)."""
+    onnxruntime from ``model.onnx_file`` (same model_version; retrieval/model/onnx_runtime.py)."""
     model = _model_from_config(model_cfg, preprocess_cfg)
     if model_cfg.get("runtime", "torch") == "onnx":
         from retrieval.model.onnx_runtime import attach_onnx
@@ -165,7 +108,9 @@ def model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str,
     return model
 
 
-def _model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any]) -> DescriptorModel:
+def configured_checkpoint(model_cfg: Mapping[str, Any]) -> str | None:
+    """The file the config's model is loaded from: a ``.npz`` delta (``default``: the shipped one,
+    ``DEFAULT_MODEL``), a full checkpoint, or None (backbone weights + seeded heads)."""
     ckpt = model_cfg.get("checkpoint")
     backbone = model_cfg["backbone"]
     if ckpt == "default" and backbone != "mobilenet_v2":
@@ -173,21 +118,38 @@ def _model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str
         # (then `retrieval fit` or training), without having to say model.checkpoint=null
         log.info("model.checkpoint=default is the shipped mobilenet_v2 model; model.backbone=%s: seeded "
                  "heads (head_seed %s)", backbone, model_cfg["head_seed"])
-        ckpt = None
-    if ckpt:
-        if ckpt == "default" or ckpt.endswith(".npz"):
-            if backbone in EXTERNAL_BACKBONES:     # (checkpoint=default became seeded heads above)
-                raise ModelError(f"model.checkpoint={ckpt}: a .npz delta is a mobilenet_v2 model; with "
-                                 f"model.backbone={backbone} set "
-                                 "model.checkpoint=null (seeded heads on the model file's embedding) or to a "
-                                 "full checkpoint (.pt) made with that file")
-            model = load_delta(DEFAULT_MODEL if ckpt == "default" else ckpt)
+        return None
+    if not ckpt:
+        return None
+    if ckpt == "default" or ckpt.endswith(".npz"):
+        if backbone in EXTERNAL_BACKBONES:     # (checkpoint=default became seeded heads above)
+            raise ModelError(f"model.checkpoint={ckpt}: a .npz delta is a mobilenet_v2 model; with "
+                             f"model.backbone={backbone} set "
+                             "model.checkpoint=null (seeded heads on the model file's embedding) or to a "
+                             "full checkpoint (.pt) made with that file")
+        return DEFAULT_MODEL if ckpt == "default" else ckpt
+    return ckpt
+
+
+def check_checkpoint_backbone(model_cfg: Mapping[str, Any], ckpt: str, spec: ModelSpec) -> None:
+    """Refuse a checkpoint of another backbone when the config names an external model file (the
+    checkpoint would ignore that file)."""
+    backbone = model_cfg["backbone"]
+    if backbone in EXTERNAL_BACKBONES and spec.backbone != backbone:
+        raise ModelError(f"model.backbone={backbone} (model.backbone_weights="
+                         f"{model_cfg.get('backbone_weights')}) but checkpoint {ckpt} is a "
+                         f"{spec.backbone} model, which would ignore that file")
+
+
+def _model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any]) -> DescriptorModel:
+    url = configured_checkpoint(model_cfg)
+    if url is not None:
+        ckpt = model_cfg.get("checkpoint")
+        if url.endswith(".npz"):
+            model = load_delta(url)
         else:
-            model = load_checkpoint(ckpt, backbone_weights=model_cfg.get("backbone_weights"))
-            if backbone in EXTERNAL_BACKBONES and model.spec.backbone != backbone:
-                raise ModelError(f"model.backbone={backbone} (model.backbone_weights="
-                                 f"{model_cfg.get('backbone_weights')}) but checkpoint {ckpt} is a "
-                                 f"{model.spec.backbone} model, which would ignore that file")
+            model = load_checkpoint(url, backbone_weights=model_cfg.get("backbone_weights"))
+            check_checkpoint_backbone(model_cfg, url, model.spec)
         s = model.spec
         if (s.size_hi, s.size_lo, s.resize) != (preprocess_cfg["size_hi"], preprocess_cfg["size_lo"],
                                                 preprocess_cfg["resize"]):

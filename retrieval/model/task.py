@@ -1,6 +1,6 @@
 """The model inside a task (a Spark task, or the driver with ``--engine local``): built once per process
 from plain config values, checked against the ``model_version`` the driver planned, and run on batches.
-:mod:`retrieval.extract.job` and ``retrieval fit`` (:mod:`retrieval.fit.job`) use it."""
+``retrieval extract`` (:mod:`retrieval.extract.job`) and ``retrieval fit`` (:mod:`retrieval.fit.job`) use it."""
 from __future__ import annotations
 
 import json

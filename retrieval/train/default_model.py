@@ -168,11 +168,11 @@ def _display(path: str) -> str:
 
 def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (),
               max_images: int = MAX_IMAGES) -> dict:
-    from retrieval.model.checkpoints import load_checkpoint, load_delta
     from retrieval.fit.job import fit
+    from retrieval.model.checkpoints import load_checkpoint
+    from retrieval.model.delta import export_delta, load_delta
     from retrieval.sample import real_photos
     from retrieval.train.card import to_markdown
-    from retrieval.model.delta import export_delta
     from retrieval.train.trainer import TrainJob, run_training
 
     t0 = time.monotonic()
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    from retrieval.model.checkpoints import DEFAULT_MODEL
+    from retrieval.model.delta import DEFAULT_MODEL
 
     print(json.dumps(reproduce(args.output, args.asset or DEFAULT_MODEL, args.sets, args.conf, args.max_images), indent=2))
     return 0

@@ -42,7 +42,7 @@ def _table(title: str, result: dict) -> str:
 def acceptance(asset: str, out: str, shortlist: int) -> dict:
     import torch
 
-    from retrieval.model.checkpoints import load_delta
+    from retrieval.model.delta import load_delta
     from retrieval.model.network import build_model
     from retrieval.sample import make_sample, real_photos
     from retrieval.train.data import load_images
@@ -98,7 +98,7 @@ def dist_vs_single(out: str) -> dict:
 
 
 def main() -> int:
-    from retrieval.model.checkpoints import DEFAULT_MODEL
+    from retrieval.model.delta import DEFAULT_MODEL
 
     p = argparse.ArgumentParser()
     p.add_argument("--asset", default=DEFAULT_MODEL)

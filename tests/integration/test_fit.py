@@ -28,7 +28,7 @@ def fitted(sample, tmp_path_factory):
 
 
 def test_fit_writes_a_checkpoint_that_later_stages_load(sample, fitted):
-    from retrieval.model.checkpoints import load_delta
+    from retrieval.model.delta import load_delta
 
     card, url = fitted["card"], fitted["url"]
     model = load_checkpoint(url)

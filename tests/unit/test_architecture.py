@@ -1,6 +1,7 @@
-"""The package's layers point one way (issue 14): core (config, fsio, schema, ...) -> extract
-(retrieval.extract: model, checkpoints, preprocessing, inputs) -> index -> search -> evaluate / report,
-and training on top of extract. No import circle inside ``retrieval``.
+"""The package's layers point one way (issues 14, 21): core (config, fsio, schema, ...) -> model
+(retrieval.model: the network, checkpoints and deltas, external model files, the ONNX runtime, export,
+model_version) -> extract (retrieval.extract: preprocessing, inputs, the stage) -> index -> search ->
+evaluate / report, and fit / training on top of extract. No import circle inside ``retrieval``.
 
 The import graph is read from the source with :mod:`ast` (nothing is imported): every ``import`` and
 ``from ... import`` of a ``retrieval`` module, at module level AND inside functions (a lazy import is
@@ -20,6 +21,9 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 # what the feature layer (retrieval.extract) must never import: the layers above it
 ABOVE_FEATURES = ("retrieval.train", "retrieval.search", "retrieval.index", "retrieval.report",
                   "retrieval.evaluate")
+# what the model layer (retrieval.model) must never import: every layer above core
+ABOVE_MODEL = ("retrieval.extract", "retrieval.fit", *ABOVE_FEATURES, "retrieval.export", "retrieval.cli",
+               "retrieval.plan")
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,18 @@ def test_the_feature_layer_imports_nothing_above_it():
            and any(e.dst == p or e.dst.startswith(p + ".") for p in ABOVE_FEATURES)]
     assert not bad, ("retrieval.extract must not import training / search / index / audit / evaluate:\n"
                      + "\n".join(f"  {e}" for e in bad))
+
+
+def test_the_model_layer_imports_nothing_above_it():
+    """retrieval.model (building, loading, exporting and versioning the descriptor model) sits below
+    extract, fit, train and search, which all use it; it imports core modules only."""
+    mods, edges = import_edges()
+    assert "retrieval.model.network" in mods and "retrieval.model.version" in mods
+    assert ("retrieval.search.queries", "retrieval.model.version") in {(e.src, e.dst) for e in edges}
+    bad = [e for e in dict.fromkeys(edges) if e.src.startswith("retrieval.model")
+           and any(e.dst == p or e.dst.startswith(p + ".") for p in ABOVE_MODEL)]
+    assert not bad, ("retrieval.model must not import extract / fit / train / search / index / report / "
+                     "evaluate / the drivers:\n" + "\n".join(f"  {e}" for e in bad))
 
 
 def test_spark_is_imported_by_the_spark_engine_only():

@@ -157,7 +157,7 @@ def test_model_version_follows_the_model_file(files, tmp_path):
 
 
 def test_shipped_default_model_version_is_unchanged():
-    from retrieval.model.checkpoints import load_delta
+    from retrieval.model.delta import load_delta
 
     model = load_delta()
     assert model.model_version() == "709f1b048ba3dac7"   # the default model of issue 12
