@@ -164,7 +164,8 @@ def trunk_state(name: str, state: dict[str, torch.Tensor], source: str) -> dict[
             raise ModelError(f"{source}: does not fit {name}: unexpected tensor {key!r}")
         trunk[f"backbone.{key}"] = value.to(torch.float32 if value.is_floating_point() else torch.int64)
     if len(trunk) != TRUNK_TENSORS[name]:
-        raise ModelError(f"{source}: does not fit {name}: {len(trunk)} trunk tensors, expected {TRUNK_TENSORS[name]}")
+        raise ModelError(f"{source}: does not fit {name}: {len(trunk)} trunk tensors, "
+                         f"expected {TRUNK_TENSORS[name]}")
     return trunk
 
 

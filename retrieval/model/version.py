@@ -54,9 +54,10 @@ def _delta_version(url: str) -> str:
 
     meta = delta_meta(url)
     spec = ModelSpec.from_meta(meta["spec"])
-    if spec.backbone != "mobilenet_v2" or meta.get("backbone_weights_sha256", MOBILENET_V2_SHA256) != MOBILENET_V2_SHA256:
+    base = meta.get("backbone_weights_sha256", MOBILENET_V2_SHA256)
+    if spec.backbone != "mobilenet_v2" or base != MOBILENET_V2_SHA256:
         raise ModelError(f"{url}: a delta from {spec.backbone} weights "
-                         f"(sha256 {meta.get('backbone_weights_sha256')}): the base of a delta is the bundled "
+                         f"(sha256 {base}): the base of a delta is the bundled "
                          "mobilenet_v2 weights")
     mobilenet_default_weights()      # the base is installed and intact (sha256), as loading needs
     return str(meta["model_version"])
