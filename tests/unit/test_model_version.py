@@ -80,6 +80,18 @@ def test_seeded_heads_on_a_resnet_weights_file(tmp_path, monkeypatch):
         configured_model_version({**cfg, "backbone": "resnet50"}, SMALL)
 
 
+def test_random_backbone_weights_are_built_for_their_version():
+    """backbone_weights=none draws the trunk from torch's global generator: no identity apart from the
+    network, so that one case builds it (the same draw gives the same version)."""
+    cfg = _cfg(checkpoint=None, backbone_weights="none")
+    torch.manual_seed(5)
+    built = model_from_config(cfg, SMALL).model_version()
+    torch.manual_seed(5)
+    assert configured_model_version(cfg, SMALL) == built
+    torch.manual_seed(6)
+    assert configured_model_version(cfg, SMALL) != built
+
+
 def test_trunk_tensor_counts_match_torchvision():
     import torchvision
 
