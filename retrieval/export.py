@@ -1,9 +1,5 @@
 """``retrieval export``: the configured model written in another format (``--format onnx``: its trunk,
-for ``model.runtime: onnx``; :mod:`retrieval.extract.onnx_runtime`).
-
-The command sits above both the model (:func:`~retrieval.extract.checkpoints.model_from_config`, which
-attaches an ONNX trunk when ``model.runtime: onnx``) and the ONNX runtime, so neither imports the other
-back."""
+for ``model.runtime: onnx``). The stage's declaration; the library is :mod:`retrieval.model.export`."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -14,16 +10,10 @@ from retrieval.stage import Stage, arg
 def export(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any = None) -> dict[str, Any]:
     """``retrieval export --format onnx --output URL``: the configured model's trunk."""
     from retrieval import fsio
-    from retrieval.extract.checkpoints import model_from_config
-    from retrieval.extract.common import ModelError
-    from retrieval.extract.onnx_runtime import export_onnx
+    from retrieval.model.export import export_model
 
-    if inputs.get("format", "onnx") != "onnx":
-        raise ModelError(f"unknown export format {inputs['format']!r}")
     fsio.configure(cfg["io.storage_options"])
-    model_cfg = {**cfg["model"].to_dict(), "runtime": "torch"}
-    model = model_from_config(model_cfg, cfg["preprocess"].to_dict())
-    return export_onnx(model, output)
+    return export_model(cfg["model"].to_dict(), cfg["preprocess"].to_dict(), inputs.get("format", "onnx"), output)
 
 
 STAGE = Stage(

@@ -103,7 +103,7 @@ quiet_pip "$VPY" -m pip install -q --no-deps --force-reinstall "$WHEEL"
 step "checking the environment imports"
 (cd / && "$VPY" -c "
 import faiss, pyarrow, torch, torchvision, retrieval.extract.job, retrieval.report
-from retrieval.extract.model import build_model
+from retrieval.model.network import build_model
 m = build_model()
 print('env ok: torch', torch.__version__, 'model_version', m.model_version())")
 

@@ -27,8 +27,8 @@ from retrieval import faults, fsio, outputs
 from retrieval.config import Config
 from retrieval.engine import Engine, as_engine, task_attempt
 from retrieval.extract import inputs as inputs_mod
-from retrieval.extract.preprocess import DecodePolicy, ImageError, prepare
-from retrieval.extract.task import encode, task_model
+from retrieval.extract.preprocess import DecodePolicy, prepare_items
+from retrieval.model.task import encode, task_model
 from retrieval.progress import Progress
 from retrieval.schema import (DICTIONARY_COLUMNS, ERROR_SCHEMA, column_matrix, feature_compression,
                               feature_schema, int8_to_arrow, quantize_int8, vectors_to_arrow)
@@ -107,15 +107,8 @@ def run_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None
 
 def _decoded(run: _ShardRun, readable: list[tuple[str, str]]) -> Iterator[tuple[str, str, int, int, list]]:
     """Read and decode the images: ``(image_id, uri, width, height, tensors)``; failures go to the errors."""
-    for image_id, uri, data, err in inputs_mod.read_items(
-            readable, run.policy.max_bytes, run.job.key_column, run.job.bytes_column):
-        if err is None:
-            try:
-                tensors, w, h = prepare(data, run.sizes, run.model.spec.resize, run.policy)
-            except ImageError as exc:
-                err = str(exc)
-            except Exception as exc:  # a decoder bug must not kill the shard
-                err = f"decode failed: {exc.__class__.__name__}: {exc}"
+    for image_id, uri, tensors, w, h, err in prepare_items(readable, run.sizes, run.model.spec.resize, run.policy,
+                                                           run.job.key_column, run.job.bytes_column):
         if err is not None:
             run.errors.append((image_id, uri, err))
             run.progress.update(0, errors=1)
@@ -281,7 +274,7 @@ def plan(listing: pa.Table, job: ExtractJob, mode: str) -> tuple[dict[int, list]
 def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = None) -> dict:
     """Run the extraction job on ``engine`` (:func:`retrieval.engine.as_engine`: an engine, a
     Spark session, or None for this process); returns the manifest."""
-    from retrieval.extract.checkpoints import model_from_config
+    from retrieval.model.checkpoints import model_from_config
 
     t0 = time.monotonic()
     engine = as_engine(engine)

@@ -19,10 +19,13 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from retrieval.extract.inputs import read_items
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")   # MPO opens through JPEG
 Image.init()   # register every plugin so that formats=ALLOWED_FORMATS resolves (MPO...)
@@ -155,3 +158,21 @@ def prepare(data: bytes, sizes: tuple[int, ...], mode: str = "squash",
     """Bytes -> one tensor per requested size, plus the original width and height."""
     img, w, h = decode_image(data, policy, draft_size=max(sizes))
     return [to_tensor(resize(img, s, mode)) for s in sizes], w, h
+
+
+def prepare_items(rows: list[tuple[str, str]], sizes: tuple[int, ...], mode: str, policy: DecodePolicy,
+                  key_column: str | None = None, bytes_column: str | None = None
+                  ) -> Iterator[tuple[str, str, list[torch.Tensor] | None, int, int, str | None]]:
+    """Read, decode and resize ``(image_id, uri)`` rows in order (``retrieval extract`` and
+    ``retrieval fit``): ``(image_id, uri, tensors, width, height, error)``, one per row; ``error`` (the
+    error row's reason) is set, and ``tensors`` None, for an input that could not be read or decoded."""
+    for image_id, uri, data, err in read_items(rows, policy.max_bytes, key_column, bytes_column):
+        tensors, w, h = None, 0, 0
+        if err is None:
+            try:
+                tensors, w, h = prepare(data, sizes, mode, policy)
+            except ImageError as exc:
+                err = str(exc)
+            except Exception as exc:  # a decoder bug must not kill the task
+                err = f"decode failed: {exc.__class__.__name__}: {exc}"
+        yield image_id, uri, (None if err is not None else tensors), w, h, err

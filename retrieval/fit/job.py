@@ -55,8 +55,8 @@ def pooled_features(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[str,
     """``(image_id, pooled R_hi float16 bytes, pooled R_lo float16 bytes, error)`` per row."""
     import torch
 
-    from retrieval.extract.task import task_model
-    from retrieval.extract.preprocess import DecodePolicy, ImageError, prepare
+    from retrieval.extract.preprocess import DecodePolicy, prepare_items
+    from retrieval.model.task import task_model
 
     model, device = task_model(job)
     policy = DecodePolicy.from_config(job.preprocess_cfg)
@@ -74,14 +74,8 @@ def pooled_features(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[str,
             out.append((image_id, h.tobytes(), lw.tobytes(), None))
         batch.clear()
 
-    for image_id, _, data, err in inputs_mod.read_items(rows, policy.max_bytes, job.key_column, job.bytes_column):
-        if err is None:
-            try:
-                tensors, _, _ = prepare(data, (spec.size_hi, spec.size_lo), spec.resize, policy)
-            except ImageError as exc:
-                err = str(exc)
-            except Exception as exc:  # a decoder bug must not kill the task
-                err = f"decode failed: {exc.__class__.__name__}: {exc}"
+    for image_id, _, tensors, _, _, err in prepare_items(rows, (spec.size_hi, spec.size_lo), spec.resize, policy,
+                                                         job.key_column, job.bytes_column):
         if err is not None:
             out.append((image_id, None, None, err))
             continue
@@ -174,7 +168,7 @@ def card_markdown(card: dict) -> str:
 def fit(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = None) -> dict:
     """Run ``retrieval fit`` on ``engine`` (:func:`retrieval.engine.as_engine`); returns the model card
     (also written beside the checkpoint)."""
-    from retrieval.extract.checkpoints import model_from_config, save_checkpoint
+    from retrieval.model.checkpoints import model_from_config, save_checkpoint
 
     t0 = time.monotonic()
     engine = as_engine(engine)

@@ -38,9 +38,11 @@ def check_compatible(query_version: str, index_url: str, index_manifest: dict, w
 
 
 def config_model_version(cfg: Config) -> str:
-    from retrieval.extract.checkpoints import model_from_config
+    """The configured model's ``model_version``, from its metadata: the network is not built here
+    (:func:`retrieval.model.version.configured_model_version`)."""
+    from retrieval.model.version import configured_model_version
 
-    return model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict()).model_version()
+    return configured_model_version(cfg["model"].to_dict(), cfg["preprocess"].to_dict())
 
 
 def resolve_queries(queries_url: str, output_url: str, index_url: str, index_manifest: dict,

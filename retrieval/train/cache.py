@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from retrieval import fsio
-from retrieval.extract.model import DescriptorModel, backbone_version
+from retrieval.model.network import DescriptorModel, backbone_version
 from retrieval.progress import Progress
 from retrieval.train.data import ImageSet, other_picker, same_view, view_rng
 from retrieval.train.dist import Dist

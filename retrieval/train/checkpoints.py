@@ -8,8 +8,8 @@ import logging
 import torch
 
 from retrieval import fsio
-from retrieval.extract.checkpoints import save_checkpoint
-from retrieval.extract.model import DescriptorModel
+from retrieval.model.checkpoints import save_checkpoint
+from retrieval.model.network import DescriptorModel
 from retrieval.train import card as card_mod
 from retrieval.train.data import ImageSet
 from retrieval.train.job import TrainError, TrainJob

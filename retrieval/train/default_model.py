@@ -14,7 +14,7 @@
    last :data:`RECIPE` ``backbone_blocks`` blocks of the backbone (InfoNCE + KoLeo on AugLy views),
    stage 2 the heads, stage 3 the query adapter;
 3. post-processes like ``retrieval fit`` (whitening learned on the training images' features);
-4. exports the result as a compact delta (:mod:`retrieval.train.delta`) to ``--asset`` and
+4. exports the result as a compact delta (:mod:`retrieval.model.delta`) to ``--asset`` and
    writes the model card beside it (``default_model.card.json`` / ``.md``).
 """
 from __future__ import annotations
@@ -168,11 +168,11 @@ def _display(path: str) -> str:
 
 def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (),
               max_images: int = MAX_IMAGES) -> dict:
-    from retrieval.extract.checkpoints import load_checkpoint, load_delta
     from retrieval.fit.job import fit
+    from retrieval.model.checkpoints import load_checkpoint
+    from retrieval.model.delta import export_delta, load_delta
     from retrieval.sample import real_photos
     from retrieval.train.card import to_markdown
-    from retrieval.train.delta import export_delta
     from retrieval.train.trainer import TrainJob, run_training
 
     t0 = time.monotonic()
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    from retrieval.extract.checkpoints import DEFAULT_MODEL
+    from retrieval.model.delta import DEFAULT_MODEL
 
     print(json.dumps(reproduce(args.output, args.asset or DEFAULT_MODEL, args.sets, args.conf, args.max_images), indent=2))
     return 0

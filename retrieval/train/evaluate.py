@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retrieval.extract.model import DescriptorModel, backbone_version
+from retrieval.model.network import DescriptorModel, backbone_version
 from retrieval.extract.preprocess import resize, to_tensor
 from retrieval.metrics import micro_ap, precision_recall, read_truth
 from retrieval.train.augment import OPS, augment
@@ -210,7 +210,7 @@ def evaluate_models(models: Mapping[str, DescriptorModel], evalset: EvalSet, sho
 def evaluate_job(model: DescriptorModel, job) -> dict:
     """The model card's evaluation: the trained model vs the model the job started from, on copies
     of the held-out images in ``train.eval_input``."""
-    from retrieval.extract.checkpoints import model_from_config
+    from retrieval.model.checkpoints import model_from_config
     from retrieval.extract.preprocess import DecodePolicy
 
     t = job.train_cfg

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from retrieval.extract.checkpoints import load_checkpoint
+from retrieval.model.checkpoints import load_checkpoint
 
 
 @dataclass
@@ -21,7 +21,7 @@ class Teacher:
 def load_teacher(url: str, size: int, preprocess_cfg: dict) -> Teacher:
     """``.onnx`` -> an ONNX model, a name with ``torchscript`` / ``.ts`` -> TorchScript (their raw
     embedding); anything else is this project's checkpoint (its fine descriptor)."""
-    from retrieval.extract.model import build_model
+    from retrieval.model.network import build_model
 
     name = url.lower()
     kind = "onnx" if name.endswith(".onnx") else "torchscript" if ("torchscript" in name or name.endswith(".ts")) \

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from retrieval.extract.model import DescriptorModel
+from retrieval.model.network import DescriptorModel
 from retrieval.train.job import TrainError, external_stage1_error
 
 

@@ -49,8 +49,8 @@ import torch
 
 from retrieval import fsio, outputs
 from retrieval.engine import Engine, as_engine
-from retrieval.extract.checkpoints import load_checkpoint, model_from_config, save_checkpoint
-from retrieval.extract.model import EXTERNAL_BACKBONES, DescriptorModel, backbone_version
+from retrieval.model.checkpoints import load_checkpoint, model_from_config, save_checkpoint
+from retrieval.model.network import EXTERNAL_BACKBONES, DescriptorModel, backbone_version
 from retrieval.extract.preprocess import DecodePolicy
 from retrieval.progress import Progress
 from retrieval.train import card as card_mod

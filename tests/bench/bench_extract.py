@@ -24,7 +24,7 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 from retrieval import config  # noqa: E402
 from retrieval.extract.job import extract, read_features  # noqa: E402
-from retrieval.extract.model import build_model  # noqa: E402
+from retrieval.model.network import build_model  # noqa: E402
 from retrieval.extract.preprocess import prepare  # noqa: E402
 from retrieval.sample import make_sample  # noqa: E402
 from retrieval.schema import dequantize_int8, fine_matrix, quantize_int8  # noqa: E402

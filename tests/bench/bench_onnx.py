@@ -16,7 +16,7 @@ its stages; ``--reuse`` keeps each configuration's rows in --work):
 What is exported: the part that dominates the cost, backbone (MobileNetV2 trunk) + GeM, as a
 float32 N x 3 x H x W (ImageNet-normalised) -> N x 1280 model with dynamic N, H, W (opset 17, the
 TorchScript-based exporter ``dynamo=False``: the dynamo exporter needs ``onnxscript``). That file is
-exactly what ``model.backbone=onnx`` loads (retrieval/extract/external.py), so the ONNX variants run
+exactly what ``model.backbone=onnx`` loads (retrieval/model/external.py), so the ONNX variants run
 through the project's own extraction code path: ``model_from_config`` with ``model.backbone=onnx``,
 ``model.backbone_weights=<file>`` and ``model.checkpoint=<heads .pt>``, where the .pt holds the shipped
 model's trained heads + whitening (unchanged) on top of the file. The whole gallery forward
@@ -33,7 +33,7 @@ left in fp32) it kept the descriptors closest to torch fp32 on the agreement ima
 
 Timing: the same preprocessed 224 px batches (the real sample photos and their copies, decoded by the
 pipeline's ``prepare``), batch = extract.batch_size, every variant through
-``retrieval.extract.task.encode`` (torch.inference_mode, gallery role) except ``ort fp32 whole``
+``retrieval.model.task.encode`` (torch.inference_mode, gallery role) except ``ort fp32 whole``
 (bare session.run) and ``torch fp32 channels_last`` (the same torch model in channels-last memory
 format, a torch-side alternative, for reference); per thread count (torch.set_num_threads, which also
 sizes the onnxruntime sessions, as extraction does: a Spark task gets spark.task.cpus threads, 1 by
@@ -66,9 +66,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 from retrieval import config  # noqa: E402
-from retrieval.extract.task import encode  # noqa: E402
-from retrieval.extract.checkpoints import model_from_config, save_checkpoint  # noqa: E402
-from retrieval.extract.model import DescriptorModel  # noqa: E402
+from retrieval.model.task import encode  # noqa: E402
+from retrieval.model.checkpoints import model_from_config, save_checkpoint  # noqa: E402
+from retrieval.model.network import DescriptorModel  # noqa: E402
 from retrieval.extract.preprocess import prepare  # noqa: E402
 from retrieval.sample import SKIMAGE_PHOTOS, make_sample  # noqa: E402
 
@@ -173,7 +173,7 @@ def quantize(fp32: str, out_dir: str, calib: list[torch.Tensor], mean, std, cali
 def heads_checkpoint(ref: DescriptorModel, onnx_path: str, ckpt: str) -> None:
     """The shipped model's heads (+ whitening) on top of the ONNX file: a full checkpoint that
     ``model.backbone=onnx`` + ``model.backbone_weights=onnx_path`` + ``model.checkpoint=ckpt`` loads."""
-    from retrieval.extract.external import load_external
+    from retrieval.model.external import load_external
 
     s = ref.spec
     trunk = load_external("onnx", onnx_path, "auto", (s.size_hi, s.size_lo))

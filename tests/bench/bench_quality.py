@@ -215,7 +215,7 @@ def print_table(rows: list[tuple[str, dict, dict]], split: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # --tune: grids on the tune split (features computed once per image through the library)
 def _pooled(model_sets: list[str], urls: list[tuple[str, str]]):
-    from retrieval.extract.checkpoints import model_from_config
+    from retrieval.model.checkpoints import model_from_config
     from retrieval.fit.job import FitJob, _as_matrix, pooled_features
 
     cfg = config_mod.load(sets=model_sets)
@@ -251,7 +251,7 @@ def tune(data: str, model_sets: list[str], name: str, work: str) -> None:
     t0 = time.monotonic()
     cache = os.path.join(work, f"tune-pooled-{name}.pt")
     if os.path.exists(cache):
-        from retrieval.extract.checkpoints import model_from_config
+        from retrieval.model.checkpoints import model_from_config
 
         cfg = config_mod.load(sets=model_sets)
         model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict())

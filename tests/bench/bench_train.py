@@ -42,8 +42,8 @@ def _table(title: str, result: dict) -> str:
 def acceptance(asset: str, out: str, shortlist: int) -> dict:
     import torch
 
-    from retrieval.extract.checkpoints import load_delta
-    from retrieval.extract.model import build_model
+    from retrieval.model.delta import load_delta
+    from retrieval.model.network import build_model
     from retrieval.sample import make_sample, real_photos
     from retrieval.train.data import load_images
     from retrieval.train.default_model import write_manifest
@@ -98,7 +98,7 @@ def dist_vs_single(out: str) -> dict:
 
 
 def main() -> int:
-    from retrieval.extract.checkpoints import DEFAULT_MODEL
+    from retrieval.model.delta import DEFAULT_MODEL
 
     p = argparse.ArgumentParser()
     p.add_argument("--asset", default=DEFAULT_MODEL)

@@ -14,7 +14,7 @@ What it measures (each part runs even when another one fails; one JSON summary a
 2. ``bare_forward``: the same model (``model_from_config``) on the same GPU, fp32, on tensors
    decoded beforehand from the same JPEGs: the gallery path (``encode_gallery``, one 224 px pass),
    batch 256, input already on the GPU, timed with ``torch.cuda.synchronize``, median of the timed
-   batches after warm-up. Also: the same batch through ``retrieval.extract.task.encode`` (stack + host->device
+   batches after warm-up. Also: the same batch through ``retrieval.model.task.encode`` (stack + host->device
    copy + forward + device->host copy: what the job calls per batch), and the query path
    (``encode_query``: R_lo 160 coarse + R_hi 224 fine).
 3. ``faiss_coarse``: the index the project builds for 1,000,000 128-d coarse vectors
@@ -221,8 +221,8 @@ def _rate(times: list[float], batch: int) -> dict:
 def part_bare(images: str) -> dict:
     import torch
 
-    from retrieval.extract.task import encode
-    from retrieval.extract.checkpoints import model_from_config
+    from retrieval.model.task import encode
+    from retrieval.model.checkpoints import model_from_config
     from retrieval.engine import task_device, task_threads
 
     cfg = extract_cfg()

@@ -11,7 +11,7 @@ import torch
 
 from retrieval import cli
 from retrieval.extract.job import read_features, read_manifest
-from retrieval.extract.model import build_model
+from retrieval.model.network import build_model
 from retrieval.sample import real_photos
 from retrieval.schema import coarse_matrix, fine_matrix
 from tests.exports import Fine

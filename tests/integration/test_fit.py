@@ -13,7 +13,7 @@ import torch
 from retrieval import fsio
 from retrieval.cli import main
 from retrieval.extract.job import read_features
-from retrieval.extract.checkpoints import load_checkpoint
+from retrieval.model.checkpoints import load_checkpoint
 from retrieval.schema import coarse_matrix, fine_matrix
 
 FAST = ["--set", "fit.adapter2_steps=60", "--set", "extract.num_shards=2"]
@@ -28,7 +28,7 @@ def fitted(sample, tmp_path_factory):
 
 
 def test_fit_writes_a_checkpoint_that_later_stages_load(sample, fitted):
-    from retrieval.extract.checkpoints import load_delta
+    from retrieval.model.delta import load_delta
 
     card, url = fitted["card"], fitted["url"]
     model = load_checkpoint(url)

@@ -125,8 +125,8 @@ def test_checkpoint(tmp_path):
     from PIL import Image
 
     from retrieval.extract.job import extract
-    from retrieval.extract.checkpoints import save_checkpoint
-    from retrieval.extract.model import ModelError, build_model
+    from retrieval.model.checkpoints import save_checkpoint
+    from retrieval.model.network import ModelError, build_model
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()

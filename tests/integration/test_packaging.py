@@ -151,7 +151,7 @@ def test_spark_submit_extraction_with_the_packed_env(packed, spark_tmp):
     # refuses a model_version that differs from the driver's plan. The default config loads the
     # shipped trained heads (model.checkpoint: default), which the wheel carries as package data.
     from retrieval import config
-    from retrieval.extract.checkpoints import model_from_config
+    from retrieval.model.checkpoints import model_from_config
 
     cfg = config.load()
     expected = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict()).model_version()

@@ -11,7 +11,7 @@ import torch
 
 from retrieval import cli
 from retrieval.config import load
-from retrieval.extract.checkpoints import load_checkpoint
+from retrieval.model.checkpoints import load_checkpoint
 from retrieval.sample import real_photos
 from retrieval.train import trainer
 

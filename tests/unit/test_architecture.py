@@ -1,6 +1,7 @@
-"""The package's layers point one way (issue 14): core (config, fsio, schema, ...) -> extract
-(retrieval.extract: model, checkpoints, preprocessing, inputs) -> index -> search -> evaluate / report,
-and training on top of extract. No import circle inside ``retrieval``.
+"""The package's layers point one way (issues 14, 21): core (config, fsio, schema, ...) -> model
+(retrieval.model: the network, checkpoints and deltas, external model files, the ONNX runtime, export,
+model_version) -> extract (retrieval.extract: preprocessing, inputs, the stage) -> index -> search ->
+evaluate / report, and fit / training on top of extract. No import circle inside ``retrieval``.
 
 The import graph is read from the source with :mod:`ast` (nothing is imported): every ``import`` and
 ``from ... import`` of a ``retrieval`` module, at module level AND inside functions (a lazy import is
@@ -21,6 +22,9 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 # what the feature layer (retrieval.extract) must never import: the layers above it
 ABOVE_FEATURES = ("retrieval.train", "retrieval.search", "retrieval.index", "retrieval.report",
                   "retrieval.evaluate")
+# what the model layer (retrieval.model) must never import: every layer above core
+ABOVE_MODEL = ("retrieval.extract", "retrieval.fit", *ABOVE_FEATURES, "retrieval.export", "retrieval.cli",
+               "retrieval.plan")
 
 
 @dataclass(frozen=True)
@@ -177,10 +181,10 @@ def test_the_walker_sees_module_level_function_local_and_relative_imports(tmp_pa
 def test_the_graph_of_retrieval_is_read():
     mods, edges = import_edges()
     pairs = {(e.src, e.dst) for e in edges}
-    assert "retrieval.extract.model" in mods and "retrieval.train.trainer" in mods
+    assert "retrieval.model.network" in mods and "retrieval.train.trainer" in mods
     assert ("retrieval.extract.job", "retrieval.extract.preprocess") in pairs      # module level
     assert ("retrieval.extract.job", "retrieval.extract.inputs") in pairs          # from pkg import mod
-    assert ("retrieval.extract.job", "retrieval.extract.checkpoints") in pairs     # function-local
+    assert ("retrieval.extract.job", "retrieval.model.checkpoints") in pairs     # function-local
 
 
 def test_no_import_cycle_in_retrieval():
@@ -272,3 +276,15 @@ def test_spark_stays_behind_the_engine():
     engine method (issue 21)."""
     leaks = spark_leaks()
     assert not leaks, "Spark outside the engine package (retrieval/engine/):\n" + "\n".join(leaks)
+
+
+def test_the_model_layer_imports_nothing_above_it():
+    """retrieval.model (building, loading, exporting and versioning the descriptor model) sits below
+    extract, fit, train and search, which all use it; it imports core modules only."""
+    mods, edges = import_edges()
+    assert "retrieval.model.network" in mods and "retrieval.model.version" in mods
+    assert ("retrieval.search.queries", "retrieval.model.version") in {(e.src, e.dst) for e in edges}
+    bad = [e for e in dict.fromkeys(edges) if e.src.startswith("retrieval.model")
+           and any(e.dst == p or e.dst.startswith(p + ".") for p in ABOVE_MODEL)]
+    assert not bad, ("retrieval.model must not import extract / fit / train / search / index / report / "
+                     "evaluate / the drivers:\n" + "\n".join(f"  {e}" for e in bad))

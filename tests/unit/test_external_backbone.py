@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from retrieval.extract.checkpoints import load_checkpoint, model_from_config, save_checkpoint
-from retrieval.extract.model import ModelError, build_model
+from retrieval.model.checkpoints import load_checkpoint, model_from_config, save_checkpoint
+from retrieval.model.network import ModelError, build_model
 from tests.exports import Fine
 
 pytest.importorskip("onnxruntime")
@@ -157,7 +157,7 @@ def test_model_version_follows_the_model_file(files, tmp_path):
 
 
 def test_shipped_default_model_version_is_unchanged():
-    from retrieval.extract.checkpoints import load_delta
+    from retrieval.model.delta import load_delta
 
     model = load_delta()
     assert model.model_version() == "709f1b048ba3dac7"   # the default model of issue 12
@@ -199,7 +199,7 @@ def test_checkpoint_holds_the_heads_and_needs_the_same_file(x, files, tmp_path):
 
 
 def test_delta_format_refuses_external_backbones(files, tmp_path):
-    from retrieval.train.delta import export_delta
+    from retrieval.model.delta import export_delta
 
     with pytest.raises(ModelError, match=r"\.npz delta format .* torchscript backbone"):
         export_delta(_build("torchscript", files["ts"]), str(tmp_path / "d.npz"))

@@ -58,7 +58,7 @@ def test_pca_projection_spans_the_top_directions_and_pads_when_too_few():
 
 
 def test_adapter2_refit_improves_the_held_out_match_and_touches_only_adapter2():
-    from retrieval.extract.model import ModelSpec, DescriptorModel
+    from retrieval.model.network import ModelSpec, DescriptorModel
 
     torch.manual_seed(0)
     spec = ModelSpec(backbone="mobilenet_v2", channels=32, fine_dim=16, coarse_dim=8)

@@ -3,8 +3,8 @@ import io
 import pytest
 import torch
 
-from retrieval.extract.checkpoints import load_checkpoint, save_checkpoint
-from retrieval.extract.model import GeM, ModelError, build_model
+from retrieval.model.checkpoints import load_checkpoint, save_checkpoint
+from retrieval.model.network import GeM, ModelError, build_model
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from retrieval import config
-from retrieval.extract.checkpoints import model_from_config
-from retrieval.extract.model import ModelError
+from retrieval.model.checkpoints import model_from_config
+from retrieval.model.network import ModelError
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -28,7 +28,7 @@ def _model(*sets: str):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from retrieval.extract.onnx_runtime import export_onnx
+    from retrieval.model.onnx_runtime import export_onnx
 
     path = str(tmp_path_factory.mktemp("onnx") / "trunk.onnx")
     model = _model()

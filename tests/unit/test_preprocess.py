@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval.extract.preprocess import DecodePolicy, ImageError, decode_image, prepare, resize
+from retrieval.extract.preprocess import DecodePolicy, ImageError, decode_image, prepare, prepare_items, resize
 from tests.imagezoo import EXPECTED, make_zoo
 
 
@@ -56,3 +56,21 @@ def test_squash_keeps_whole_image_and_letterbox_pads():
     assert sq.size == (64, 64) and sq.getpixel((63, 32))[0] > 200   # the edge content survives
     lb = resize(img, 64, "letterbox")
     assert lb.size == (64, 64) and lb.getpixel((32, 2)) == (124, 116, 104)  # padded band
+
+
+def test_prepare_items_is_the_loop_extract_and_fit_share(zoo, tmp_path):
+    """One row out per row in, in order: the tensors ``prepare`` gives, or the error row's reason (a file
+    that cannot be read, an image that cannot be decoded)."""
+    names = sorted(EXPECTED)
+    rows = [(name, zoo[name]) for name in names] + [("gone", str(tmp_path / "missing.jpg"))]
+    out = list(prepare_items(rows, (64, 48), "letterbox", DecodePolicy()))
+    assert [(o[0], o[1]) for o in out] == rows
+    for (image_id, _, tensors, w, h, err), name in zip(out, names):
+        if EXPECTED[name] == "ok":
+            want, ww, wh = prepare(open(zoo[name], "rb").read(), (64, 48), "letterbox")
+            assert err is None and (w, h) == (ww, wh)
+            assert [t.shape for t in tensors] == [(3, 64, 64), (3, 48, 48)]
+            assert all(torch.equal(a, b) for a, b in zip(tensors, want))
+        else:
+            assert tensors is None and err is not None and EXPECTED[name] in err, (name, err)
+    assert out[-1][2] is None and out[-1][5] == "missing file: not found"

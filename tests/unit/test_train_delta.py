@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.extract.checkpoints import DEFAULT_MODEL, load_delta
-from retrieval.extract.model import ModelError, build_model
-from retrieval.train.delta import export_delta
+from retrieval.model.delta import DEFAULT_MODEL, export_delta, load_delta
+from retrieval.model.network import ModelError, build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

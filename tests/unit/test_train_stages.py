@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from retrieval.config import load
-from retrieval.extract.model import build_model
+from retrieval.model.network import build_model
 from retrieval.extract.preprocess import DecodePolicy
 from retrieval.sample import real_photos
 from retrieval.train import trainer

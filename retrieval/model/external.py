@@ -2,7 +2,7 @@
 to an embedding (``model.backbone: torchscript | onnx``, ``model.backbone_weights: URL``).
 
 The embedding (N x K) is the base feature: it replaces backbone + GeM, and the heads of
-:class:`~retrieval.extract.model.DescriptorModel` sit on top of it. The file is frozen (inference
+:class:`~retrieval.model.network.DescriptorModel` sit on top of it. The file is frozen (inference
 only, no autograd through it) and never enters a checkpoint: its sha256 does (``ModelSpec.backbone_sha256``,
 part of ``model_version``), and loading a checkpoint needs the same file again.
 
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from retrieval import fsio
-from retrieval.extract.common import IMAGENET_MEAN, IMAGENET_STD, ModelError
+from retrieval.model.common import IMAGENET_MEAN, IMAGENET_STD, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -283,26 +283,63 @@ class ExternalBackbone(nn.Module):
         return out
 
 
-def load_external(kind: str, url: str, layout: str = "auto", sizes: tuple[int, ...] = (224,),
-                  expect_sha256: str | None = None, checkpoint: str | None = None) -> ExternalBackbone:
-    """Open and check a model file: type, input signature, one test forward (batch of 2 at the smallest
-    of ``sizes``) that must give N x K; returns the backbone with ``dim`` = K and the resolved layout.
-    ``expect_sha256``: refuse a file whose sha256 differs (loading a checkpoint made with it)."""
+def _kind_layout(kind: str, layout: str) -> str:
+    """Check ``model.backbone`` / ``model.input_layout``; TorchScript's ``auto`` is ``float_nchw``."""
     if kind not in KINDS:
         raise ModelError(f"unknown external backbone {kind!r}; choose one of {', '.join(KINDS)}")
     if layout not in ("auto", *LAYOUTS):
         raise ModelError(f"model.input_layout={layout!r}: choose auto, {', '.join(LAYOUTS)}")
     if kind == "torchscript" and layout == "auto":
         layout = "float_nchw"   # TorchScript has no typed signature
+    return layout
+
+
+def _static_k(sess) -> int | None:
+    """The embedding width an ONNX model declares (None: a dynamic axis)."""
+    return _dim((sess.get_outputs()[0].shape or [None, None])[-1])
+
+
+def check_model_file(url: str, expect_sha256: str | None = None,
+                     checkpoint: str | None = None) -> tuple[bytes, str]:
+    """The model file's bytes and sha256; ``expect_sha256``: refuse a file whose sha256 differs (the
+    file a checkpoint was made with)."""
     data, digest = read_model_file(url)
     if expect_sha256 is not None and digest != expect_sha256:
         raise ModelError(f"checkpoint {checkpoint} was made with backbone file sha256 {expect_sha256}; "
                          f"model.backbone_weights={url} has {digest}")
+    return data, digest
+
+
+def external_identity(kind: str, url: str, layout: str = "auto",
+                      sizes: tuple[int, ...] = (224,)) -> tuple[str, str, int]:
+    """``(sha256, layout, K)`` of a model file, what :func:`load_external` finds (the identity of a
+    model on it: :mod:`retrieval.model.version`). An ONNX file that declares its output width is read
+    from its signature, without running it; otherwise (TorchScript has no typed signature) K comes from
+    :func:`load_external`'s one test forward of the file."""
+    layout = _kind_layout(kind, layout)
+    if kind == "onnx":
+        data, digest = read_model_file(url)
+        sess = _onnx_session(data, url, torch.device("cpu"))
+        layout, _ = _onnx_layout(sess, url, layout, sizes)
+        k = _static_k(sess)
+        if k is not None:
+            return digest, layout, k
+    backbone = load_external(kind, url, layout, sizes)
+    return backbone.sha256, backbone.layout, backbone.dim
+
+
+def load_external(kind: str, url: str, layout: str = "auto", sizes: tuple[int, ...] = (224,),
+                  expect_sha256: str | None = None, checkpoint: str | None = None) -> ExternalBackbone:
+    """Open and check a model file: type, input signature, one test forward (batch of 2 at the smallest
+    of ``sizes``) that must give N x K; returns the backbone with ``dim`` = K and the resolved layout.
+    ``expect_sha256``: refuse a file whose sha256 differs (loading a checkpoint made with it)."""
+    layout = _kind_layout(kind, layout)
+    data, digest = check_model_file(url, expect_sha256, checkpoint)
     fixed_batch = 0
     if kind == "onnx":
         sess = _onnx_session(data, url, torch.device("cpu"))
         layout, fixed_batch = _onnx_layout(sess, url, layout, sizes)
-        static_k = _dim((sess.get_outputs()[0].shape or [None, None])[-1])
+        static_k = _static_k(sess)
     backbone = ExternalBackbone(kind, url, digest, layout, 0, fixed_batch)
     if kind == "onnx":
         backbone._sessions["cpu"] = sess

@@ -15,11 +15,11 @@ a model of its own: ``model.backbone: onnx`` (its sha256 enters its own ``model_
 
 The ONNX trunk is used for inference on the CPU only (no autograd: training runs torch; a model on a
 GPU runs torch). The session takes ``torch.get_num_threads()`` intra-op threads when the model is built,
-as a Spark task sets them (retrieval.extract.task.task_model).
+as a Spark task sets them (retrieval.model.task.task_model).
 
-``model`` below is a :class:`~retrieval.extract.model.DescriptorModel`; this module sits under
-:mod:`retrieval.extract.checkpoints` (whose ``model_from_config`` attaches the trunk) and does not import
-it back. ``retrieval export`` itself is :mod:`retrieval.export`.
+``model`` below is a :class:`~retrieval.model.network.DescriptorModel`; this module sits under
+:mod:`retrieval.model.checkpoints` (whose ``model_from_config`` attaches the trunk) and does not import
+it back. ``retrieval export`` is :mod:`retrieval.model.export` (the stage: :mod:`retrieval.export`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from retrieval import fsio
-from retrieval.extract.common import ModelError
+from retrieval.model.common import ModelError
+from retrieval.model.spec import EXTERNAL_BACKBONES
 
 log = logging.getLogger(__name__)
 
@@ -89,25 +90,45 @@ def export_onnx(model: nn.Module, url: str, opset: int = OPSET) -> dict[str, Any
             "use": f"--set model.runtime=onnx --set model.onnx_file={url}"}
 
 
-def attach_onnx(model: nn.Module, url: str | None) -> nn.Module:
-    """Run ``model``'s trunk from the ONNX file ``url`` (made by :func:`export_onnx` from this model's
-    weights); the model, its weights and its ``model_version`` are unchanged."""
-    from retrieval.extract.external import load_external
-
-    if model.external:
+def _check_runtime(backbone: str, url: str | None) -> None:
+    if backbone in EXTERNAL_BACKBONES:
         raise ModelError(f"model.runtime=onnx runs a built-in backbone through onnxruntime; model.backbone="
-                         f"{model.spec.backbone} is already a model file (set model.runtime=torch)")
+                         f"{backbone} is already a model file (set model.runtime=torch)")
     if not url:
         raise ModelError("model.runtime=onnx needs model.onnx_file = the file `retrieval export --format onnx` "
                          "wrote for this model")
-    s = model.spec
-    version = model.model_version()
-    trunk = load_external("onnx", url, "float_nchw", (s.size_hi, s.size_lo))
-    made = trunk._session(torch.device("cpu")).get_modelmeta().custom_metadata_map.get(META_VERSION)
+
+
+def _check_made(url: str, session, version: str) -> None:
+    """The ONNX file (its onnxruntime ``session``) was exported from the model ``version``."""
+    made = session.get_modelmeta().custom_metadata_map.get(META_VERSION)
     if made != version:
         made = made or "(unknown: not a retrieval export)"
         raise ModelError(f"model.onnx_file={url} was exported from model_version {made}, but the configured "
                          f"model is {version}: run retrieval export --format onnx with this model's configuration")
+
+
+def check_onnx_file(backbone: str, url: str | None, version: str) -> None:
+    """``model.runtime: onnx``'s checks of the file that need no model (:mod:`retrieval.model.version`):
+    a built-in backbone, a file, exported from ``version``. (Loading it also compares one forward with
+    the torch trunk: :func:`attach_onnx`.)"""
+    from retrieval.model.external import _onnx_session, read_model_file
+
+    _check_runtime(backbone, url)
+    data, _ = read_model_file(url)
+    _check_made(url, _onnx_session(data, url, torch.device("cpu")), version)
+
+
+def attach_onnx(model: nn.Module, url: str | None) -> nn.Module:
+    """Run ``model``'s trunk from the ONNX file ``url`` (made by :func:`export_onnx` from this model's
+    weights); the model, its weights and its ``model_version`` are unchanged."""
+    from retrieval.model.external import load_external
+
+    _check_runtime(model.spec.backbone, url)
+    s = model.spec
+    version = model.model_version()
+    trunk = load_external("onnx", url, "float_nchw", (s.size_hi, s.size_lo))
+    _check_made(url, trunk._session(torch.device("cpu")), version)
     if trunk.dim != s.channels:
         raise ModelError(f"model.onnx_file={url}: {trunk.dim}-d output, the model's trunk has {s.channels}")
     probe = torch.rand(2, 3, s.size_lo, s.size_lo, generator=torch.Generator().manual_seed(0))

