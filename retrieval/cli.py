@@ -25,6 +25,7 @@ import sys
 from typing import Any, Sequence
 
 from retrieval import config as config_mod
+from retrieval import fsio
 from retrieval.engine import open_engine
 
 log = logging.getLogger("retrieval")
@@ -32,9 +33,12 @@ log = logging.getLogger("retrieval")
 # library errors whose message says what is wrong (no traceback): a model / checkpoint that cannot
 # be loaded, a training setting that cannot run
 CLEAR_ERRORS = {"ModelError", "TrainError"}
+# error types whose message says what is wrong: bad configuration or input, a missing file, no
+# permission, a URL that cannot be reached (fsio.StorageError)
+CLEAR_TYPES = (config_mod.ConfigError, FileNotFoundError, PermissionError, ValueError, fsio.StorageError)
 
 # third-party Python loggers whose INFO lines are not about the job
-QUIET_LOGGERS = ("py4j", "faiss.loader")
+QUIET_LOGGERS = ("py4j", "faiss.loader", "botocore", "aiobotocore", "s3fs")
 
 # one name per stage: the subcommand, jobs/<stage>.py, the config section, the package or module, the
 # Airflow task ids (<stage> or <stage>_<variant>) and the manifest's "stage". Each module's
@@ -148,6 +152,24 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def clear_error(exc: BaseException) -> str | None:
+    """The one-line message the CLI prints for ``exc`` (exit code 2, no traceback), or None for an
+    unexpected error (its traceback is shown). Clear: bad configuration or input (``ValueError``,
+    a missing file, no permission; wrong-stage inputs are ``ValueError``), the library's own
+    :data:`CLEAR_ERRORS`, and storage errors (no or wrong credentials, an unreachable endpoint or
+    URL: :func:`retrieval.fsio.describe_error`)."""
+    storage = fsio.describe_error(exc)
+    if isinstance(exc, CLEAR_TYPES) or exc.__class__.__name__ in CLEAR_ERRORS:
+        text = str(exc) or exc.__class__.__name__
+        if storage is not None and storage not in text:
+            text = f"{text}: {storage}"
+    elif storage is not None:
+        text = storage
+    else:
+        return None
+    return " ".join(text.split())
+
+
 def _deprecated(old: str, new: str) -> None:
     print(f"retrieval: {old} is deprecated and will be removed in 0.3: use {new}", file=sys.stderr)
 
@@ -177,13 +199,11 @@ def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
         with open_engine(getattr(args, "engine", "local"), cfg, getattr(args, "master", None), args.log_level,
                          exiting=exiting) as engine:
             result = importlib.import_module(STAGES[args.stage]).run_cli(args, cfg, engine)
-    except (config_mod.ConfigError, FileNotFoundError, PermissionError, ValueError) as exc:
-        print(f"retrieval {args.stage}: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        if exc.__class__.__name__ not in CLEAR_ERRORS:
+    except Exception as exc:
+        message = clear_error(exc)
+        if message is None:
             raise
-        print(f"retrieval {args.stage}: error: {exc}", file=sys.stderr)
+        print(f"retrieval {args.stage}: error: {message}", file=sys.stderr)
         return 2
     if result is not None:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
