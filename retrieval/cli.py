@@ -25,6 +25,7 @@ import sys
 from typing import Any, Sequence
 
 from retrieval import config as config_mod
+from retrieval import console
 from retrieval import fsio
 from retrieval.engine import open_engine
 
@@ -180,8 +181,8 @@ def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = getattr(logging, str(args.log_level).upper(), logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    # the console: the project's lines; the run's log file: the same and third-party output
+    log_file = console.setup_logging(level, args.stage, getattr(args, "log_file", None))
     if level > logging.DEBUG:
         # libraries' INFO chatter (py4j's "Closing down clientserver connection", faiss's
         # "Loading faiss with AVX512 support"): shown with --log-level DEBUG only
@@ -205,6 +206,10 @@ def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
             raise
         print(f"retrieval {args.stage}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        captured = console.thirdparty_lines(log_file)
+        if captured:
+            log.info("third-party output (%d lines, e.g. faiss warnings) is in the log file %s", captured, log_file)
     if result is not None:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
