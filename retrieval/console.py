@@ -73,6 +73,21 @@ def _libc():
         return None
 
 
+STDERR = ConsoleStream()
+
+
+class _LogStream(ConsoleStream):
+    """The console log handler's stream: a progress bar on the terminal is cleared before a log
+    line and redrawn after it (tqdm's ``external_write_mode``), so lines and bar do not mix."""
+
+    def write(self, s: str) -> int:
+        tqdm_mod = sys.modules.get("tqdm")
+        if tqdm_mod is not None and getattr(tqdm_mod.tqdm, "_instances", None):
+            with tqdm_mod.tqdm.external_write_mode(file=STDERR):
+                return STDERR.write(s)
+        return STDERR.write(s)
+
+
 def _flush_c_stdio() -> None:
     libc = _libc()
     if libc is not None:
@@ -204,7 +219,7 @@ def setup_logging(level: int, stage: str, log_file: str | None = None) -> str | 
         return None
     path = log_file or os.environ.get(LOG_FILE_ENV) or default_log_file(stage)
     formatter = logging.Formatter(FORMAT)
-    console = logging.StreamHandler(ConsoleStream())
+    console = logging.StreamHandler(_LogStream())
     console.addFilter(_not_thirdparty)
     handlers: list[logging.Handler] = [console]
     try:

@@ -32,7 +32,9 @@ import os
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, ContextManager, Iterable, Iterator, Sequence
+
+from retrieval import progress as progress_mod
 
 # class name -> class, of the errors a task raises that the driver re-raises as themselves
 TASK_ERRORS: dict[str, type[Exception]] = {}
@@ -99,6 +101,13 @@ class Engine:
     def run(self, label: str, total: int, action: Callable[[], Any], every: float = 10.0) -> Any:
         return action()
 
+    def progress(self, label: str, total: int | None, unit: str, every: float = 10.0) -> ContextManager:
+        """A stage's one bar (or log lines) in ``unit`` (images, vectors) for work done in this
+        process: the local engine's; the progress of the stage's parts (a shard's
+        :class:`~retrieval.progress.Progress` in the same unit) counts into it. On Spark a context
+        that does nothing: the driver shows the tasks of each action (:meth:`run`)."""
+        return contextlib.nullcontext()
+
     def run_torch(self, fn: Callable, processes: int, arg: Any, local_mode: bool = True,
                   use_gpu: bool = False) -> Any:
         raise NotImplementedError
@@ -114,17 +123,28 @@ class LocalEngine(Engine):
     def parallelism(self) -> int:
         return max(1, os.cpu_count() or 1)
 
+    def progress(self, label, total, unit, every=10.0):
+        return progress_mod.stage(label, total, unit, every)
+
     def map(self, fn, items, label, every=10.0, threads=1):
-        if threads > 1 and len(items) > 1:
-            with ThreadPoolExecutor(min(threads, len(items))) as pool:
-                return list(pool.map(fn, items))
-        return [fn(x) for x in items]
+        with progress_mod.stage(label, len(items), "tasks", every) as p:
+            fn = _counted(fn, p)
+            if threads > 1 and len(items) > 1:
+                with ThreadPoolExecutor(min(threads, len(items))) as pool:
+                    return list(pool.map(fn, items))
+            return [fn(x) for x in items]
 
     def map_reduce(self, fn, items, merge, label, every=10.0):
-        return functools.reduce(merge, (fn(x) for x in items))
+        with progress_mod.stage(label, len(items), "tasks", every) as p:
+            return functools.reduce(merge, (_counted(fn, p)(x) for x in items))
 
     def map_batches(self, fn, items, parts, label, every=10.0):
-        return list(fn(iter(items)))
+        with progress_mod.stage(label, len(items), "items", every) as p:
+            def counted(seq: Iterable) -> Iterator:
+                for x in seq:
+                    yield x
+                    p.update(1)
+            return list(fn(counted(iter(items))))
 
     def run_torch(self, fn, processes, arg, local_mode=True, use_gpu=False):
         if processes > 1:
@@ -184,6 +204,14 @@ class SparkEngine(Engine):
 
         distributor = TorchDistributor(num_processes=processes, local_mode=local_mode, use_gpu=use_gpu)
         return self.run("train", processes, lambda: distributor.run(fn, arg))
+
+
+def _counted(fn: Callable, p: Any) -> Callable:
+    def run(x: Any) -> Any:
+        out = fn(x)
+        p.update(1)
+        return out
+    return run
 
 
 LOCAL = LocalEngine()
