@@ -122,3 +122,61 @@ def test_spark_defaults_are_merged(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path))
     d = sparkutil._spark_defaults()
     assert d["spark.driver.extraJavaOptions"] == "-Dfoo=1 -Dbar=2" and d["spark.executor.memory"] == "4g"
+
+
+# ---------------------------------------------------------------------------------------------
+# third-party output (faiss prints from C++ to fd 2) goes to the run's log file, not the console
+CLUSTERING = re.compile(r"WARNING clustering \d+ points to \d+ centroids: please provide at least \d+ training points")
+
+
+def test_faiss_warnings_go_to_the_log_file_not_the_console(features, tmp_path):
+    """64 IVF cells for 2,000 vectors: faiss warns (k-means and the PQ training), on fd 2."""
+    log_file = tmp_path / "logs" / "index.log"
+    cmd = [sys.executable, "-m", "retrieval.cli", "index", "--features", features, "--output", str(tmp_path / "idx"),
+           "--engine", "local", "--set", "index.quality_queries=50", "--set", "index.nlist=64"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(_env(), RETRIEVAL_LOG_FILE=str(log_file)), capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "clustering" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr[-4000:]
+    logged = log_file.read_text()
+    thirdparty = [ln for ln in logged.splitlines() if " WARNING retrieval.thirdparty: faiss: " in ln]
+    assert thirdparty and all(CLUSTERING.search(ln) for ln in thirdparty), logged[-4000:]
+    assert "index done:" in logged                      # the run's own lines are in the file too
+    assert f"third-party output ({len(thirdparty)} lines, e.g. faiss warnings) is in the log file {log_file}" \
+        in proc.stderr
+
+
+SPARK_TASK_SCRIPT = """
+import sys
+from retrieval.sparkutil import get_spark
+from retrieval.engine import SparkEngine
+from tests.integration.test_console import kmeans_task
+spark = get_spark("local[1]", "capture-test", {"spark.ui.enabled": "false"})
+print(SparkEngine(spark).map(kmeans_task, [0, 1], "kmeans"), flush=True)
+spark.stop()
+"""
+
+
+def kmeans_task(seed: int) -> int:
+    """A Spark task that trains faiss k-means on too few points, inside the capture."""
+    import faiss
+    import numpy as np
+
+    from retrieval.console import native_output
+
+    x = np.random.default_rng(seed).standard_normal((30, 8)).astype(np.float32)
+    with native_output("faiss"):
+        faiss.Kmeans(8, 16, niter=2, seed=1).train(x)
+    return seed
+
+
+def test_faiss_warnings_in_spark_tasks_go_to_the_log_file(tmp_path):
+    """Spark's local Python workers inherit RETRIEVAL_LOG_FILE and append their third-party lines."""
+    log_file = tmp_path / "run.log"
+    env = dict(_env(), RETRIEVAL_LOG_FILE=str(log_file), PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", SPARK_TASK_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0 and "[0, 1]" in proc.stdout, proc.stderr[-4000:]
+    assert "clustering" not in proc.stderr, proc.stderr[-4000:]
+    lines = [ln for ln in log_file.read_text().splitlines() if CLUSTERING.search(ln)]
+    assert len(lines) == 2 and all(re.search(r" WARNING retrieval\.thirdparty\[\d+\]: faiss: ", ln) for ln in lines)
