@@ -180,3 +180,52 @@ def test_faiss_warnings_in_spark_tasks_go_to_the_log_file(tmp_path):
     assert "clustering" not in proc.stderr, proc.stderr[-4000:]
     lines = [ln for ln in log_file.read_text().splitlines() if CLUSTERING.search(ln)]
     assert len(lines) == 2 and all(re.search(r" WARNING retrieval\.thirdparty\[\d+\]: faiss: ", ln) for ln in lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# one progress bar per stage on a terminal, plain lines elsewhere (local engine, from the CLI)
+def _index_local(features: str, out: str, stderr, env: dict) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "retrieval.cli", "index", "--features", features, "--output", out,
+           "--engine", "local", "--set", "index.quality_queries=50", "--set", "index.vectors_per_shard=500",
+           "--set", "index.progress_seconds=0.001"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def test_local_stage_draws_one_bar_on_a_terminal_and_lines_otherwise(features, tmp_path):
+    import pty
+
+    env = {k: v for k, v in _env().items() if k != "RETRIEVAL_PROGRESS"}
+    master, slave = pty.openpty()
+    proc = _index_local(features, str(tmp_path / "tty"), slave, env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:                       # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=180) == 0
+    tty = b"".join(chunks).decode(errors="replace")
+    frames = [f.strip() for f in re.split(r"[\r\n]", tty) if f.strip() and not PROJECT_LINE.match(f.strip())]
+    # the 4 shards of 500 vectors make ONE bar in vectors (no bar or line per shard)
+    shard_bars = [f for f in frames if f.startswith("index shards:")]
+    assert shard_bars and shard_bars[-1].startswith("index shards: 100%|") and "2000/2000 vectors [" in shard_bars[-1]
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d, [\d.]+ vectors/s\]$", shard_bars[-1]), shard_bars[-1]
+    assert not any(re.match(r"index shard \d", f) for f in frames) and "index shard 0" not in tty
+    assert all(f.startswith(("index scan:", "index shards:")) for f in frames), frames   # bars only
+
+    proc = _index_local(features, str(tmp_path / "log"), subprocess.PIPE, env)    # not a terminal
+    err = proc.communicate(timeout=180)[1].decode()
+    assert proc.returncode == 0, err[-3000:]
+    assert "\r" not in err and "%|" not in err
+    lines = [ln.split(": ", 1)[1] for ln in err.splitlines() if " INFO retrieval.progress: " in ln]
+    shard_lines = [ln for ln in lines if ln.startswith("index shards: ")]
+    assert len(shard_lines) >= 4, lines
+    for n, ln in zip((500, 1000, 1500, 2000), shard_lines):     # count, share, rate, ETA
+        assert ln.startswith(f"index shards: {n}/2000 vectors ({n / 20:.1f}%), ") and " vectors/s, ETA " in ln, ln
+    assert any(ln.startswith("done: index shards: 2000/2000 vectors (100.0%)") for ln in lines)
+    assert not any(ln.startswith(("index shard 0", "done: index shard 0")) for ln in lines)
