@@ -10,7 +10,7 @@ a line that says warning, ERROR for one that says error, else INFO). Nested and 
 
 :func:`setup_logging` (the CLI) sends the project's log lines to the console and everything,
 third-party lines included, to the run's log file (``RETRIEVAL_LOG_FILE``, default
-``<tempdir>/retrieval-logs/<stage>-<time>-<pid>.log``); the console shows none of the third-party
+``<tempdir>/retrieval-logs-<user>/<stage>-<time>-<pid>.log``); the console shows none of the third-party
 lines, and one line at the end says how many went to the file. Spark's Python workers on this
 machine (local masters) inherit ``RETRIEVAL_LOG_FILE`` and append their third-party lines to the
 same file; on a cluster, where that path does not exist, they go to the executor's log.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import getpass
 import io
 import logging
 import os
@@ -63,6 +64,12 @@ class ConsoleStream(io.TextIOBase):
         with _lock:
             saved = _state["saved"]
             return os.isatty(saved) if saved is not None else sys.stderr.isatty()
+
+    def fileno(self) -> int:
+        """The terminal's descriptor (tqdm asks it for the terminal's width)."""
+        with _lock:
+            saved = _state["saved"]
+            return saved if saved is not None else sys.stderr.fileno()
 
 
 @functools.lru_cache(maxsize=1)
@@ -200,7 +207,13 @@ def _thirdparty_logger() -> logging.Logger:
 
 
 def default_log_file(stage: str) -> str:
-    return os.path.join(tempfile.gettempdir(), "retrieval-logs",
+    """``<tempdir>/retrieval-logs-<user>/<stage>-<time>-<pid>.log`` (one directory per user: a
+    shared machine's temporary directory is everyone's)."""
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = str(os.getuid()) if hasattr(os, "getuid") else "user"
+    return os.path.join(tempfile.gettempdir(), f"retrieval-logs-{user}",
                         f"{stage}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log")
 
 

@@ -66,6 +66,15 @@ def fmt_seconds(s: float) -> str:
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
 
 
+def _columns(stream: TextIO) -> int:
+    """The terminal's width (a terminal of unknown size, e.g. a fresh pty: 100)."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        columns = 0
+    return columns if columns > 0 else 100
+
+
 def _outermost() -> "Progress | None":
     with _OPEN_LOCK:
         return _OPEN[0] if _OPEN else None
@@ -99,7 +108,7 @@ class Progress:
             from tqdm import tqdm
 
             self._tqdm = tqdm(total=self.total, desc=self.label, unit=f" {self.unit}", file=self.stream,
-                              mininterval=BAR_REDRAW_S, dynamic_ncols=True, leave=True,
+                              mininterval=BAR_REDRAW_S, ncols=_columns(self.stream), leave=True,
                               bar_format=BAR_FORMAT if self.total else BAR_FORMAT_NO_TOTAL)
         except Exception:          # no terminal after all (or no tqdm): log lines
             self.bar, self._tqdm = False, None
