@@ -127,7 +127,7 @@ class LocalEngine(Engine):
         return progress_mod.stage(label, total, unit, every)
 
     def map(self, fn, items, label, every=10.0, threads=1):
-        with progress_mod.stage(label, len(items), "tasks", every) as p:
+        with progress_mod.stage(label, len(items), "tasks", every, brief=True) as p:
             fn = _counted(fn, p)
             if threads > 1 and len(items) > 1:
                 with ThreadPoolExecutor(min(threads, len(items))) as pool:
@@ -135,11 +135,11 @@ class LocalEngine(Engine):
             return [fn(x) for x in items]
 
     def map_reduce(self, fn, items, merge, label, every=10.0):
-        with progress_mod.stage(label, len(items), "tasks", every) as p:
+        with progress_mod.stage(label, len(items), "tasks", every, brief=True) as p:
             return functools.reduce(merge, (_counted(fn, p)(x) for x in items))
 
     def map_batches(self, fn, items, parts, label, every=10.0):
-        with progress_mod.stage(label, len(items), "items", every) as p:
+        with progress_mod.stage(label, len(items), "items", every, brief=True) as p:
             def counted(seq: Iterable) -> Iterator:
                 for x in seq:
                     yield x

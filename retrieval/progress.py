@@ -85,8 +85,11 @@ class Progress:
 
     def __init__(self, label: str, total: int | None = None, every: float = 10.0,
                  logger: logging.Logger | None = None, unit: str = "items",
-                 bar: bool | None = None, stream: TextIO | None = None) -> None:
+                 bar: bool | None = None, stream: TextIO | None = None, brief: bool = False) -> None:
         self.label, self.total, self.every, self.unit = label, total, every, unit
+        # brief: a step done within ``every`` seconds leaves no trace (its bar is cleared, its
+        # summary line logged at DEBUG), e.g. the local engine's hashing of a few files
+        self.brief = brief
         self.log = logger or logging.getLogger("retrieval.progress")
         self.start = self.last = time.monotonic()
         self.done = 0
@@ -176,12 +179,14 @@ class Progress:
             if self._finished is not None:
                 return self._finished
             line = f"{self.line()}, {self.elapsed():.1f}s total"
+            shown = not self.quiet and not (self.brief and self.elapsed() < self.every)
             if self._tqdm is not None:
                 try:
+                    self._tqdm.leave = shown
                     self._tqdm.close()
                 except Exception:  # a closed terminal must not fail the job
                     pass
-            self.log.log(logging.DEBUG if self.quiet else logging.INFO, "done: %s", line)
+            self.log.log(logging.INFO if shown else logging.DEBUG, "done: %s", line)
             self._finished = line
             return line
 
@@ -194,10 +199,10 @@ class Progress:
 
 @contextlib.contextmanager
 def stage(label: str, total: int | None, unit: str = "items", every: float = 10.0,
-          stream: TextIO | None = None) -> Iterator[Progress]:
+          stream: TextIO | None = None, brief: bool = False) -> Iterator[Progress]:
     """A stage's overall progress in this process (module doc): the one bar (or log lines) that the
     progress of its parts, created inside the block in the same ``unit``, counts into."""
-    p = Progress(label, total=total, every=every, unit=unit, stream=stream)
+    p = Progress(label, total=total, every=every, unit=unit, stream=stream, brief=brief)
     with _OPEN_LOCK:
         _OPEN.append(p)
     try:

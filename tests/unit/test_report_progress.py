@@ -126,3 +126,20 @@ def test_local_engine_map_is_one_stage_with_count_rate_eta(caplog, monkeypatch):
     with LOCAL.progress("index", 4, "rows", every=1e9) as overall:
         LOCAL.map(task, [0, 1], "index shards")
     assert overall.done == 4           # the tasks' rows counted into the stage's bar
+
+
+def test_a_brief_step_leaves_no_trace(caplog, monkeypatch):
+    """The local engine's quick steps (hashing a few files): within ``every`` seconds, the bar is
+    cleared and the summary is a DEBUG line; a longer one keeps both."""
+    monkeypatch.delenv("RETRIEVAL_PROGRESS", raising=False)
+    caplog.set_level(logging.DEBUG, logger="retrieval.progress")
+    tty = _Tty()
+    p = Progress("verify files", total=3, every=60.0, unit="tasks", stream=tty, brief=True)
+    p.update(3)
+    p.finish()
+    assert caplog.records[-1].levelno == logging.DEBUG
+    assert not tty.getvalue().endswith("\n")                  # cleared, not left on the screen
+    q = Progress("verify files", total=3, every=0.0, unit="tasks", stream=_Tty(), brief=True)
+    q.update(3)
+    q.finish()
+    assert caplog.records[-1].levelno == logging.INFO and q.stream.getvalue().endswith("\n")
