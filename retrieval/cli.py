@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 from retrieval import __version__
 from retrieval import config as config_mod
+from retrieval import console
+from retrieval import fsio
 from retrieval import registry
 from retrieval.engine import open_engine
 from retrieval.stage import Stage
@@ -26,9 +28,12 @@ log = logging.getLogger("retrieval")
 # library errors whose message says what is wrong (no traceback): a model / checkpoint that cannot
 # be loaded, a training setting that cannot run
 CLEAR_ERRORS = {"ModelError", "TrainError"}
+# error types whose message says what is wrong: bad configuration or input, a missing file, no
+# permission, a URL that cannot be reached (fsio.StorageError)
+CLEAR_TYPES = (config_mod.ConfigError, FileNotFoundError, PermissionError, ValueError, fsio.StorageError)
 
 # third-party Python loggers whose INFO lines are not about the job
-QUIET_LOGGERS = ("py4j", "faiss.loader")
+QUIET_LOGGERS = ("py4j", "faiss.loader", "botocore", "aiobotocore", "s3fs")
 
 
 DESCRIPTION = ("Billion-scale image gallery indexing and copy detection on Spark. "
@@ -56,6 +61,10 @@ def _common(p: argparse.ArgumentParser, stage: Stage) -> None:
     p.add_argument("--log-level", default="INFO",
                    help="DEBUG, INFO (progress and summary lines), WARNING or ERROR; also sets "
                         "Spark's JVM logging: WARN for INFO/WARNING, INFO for DEBUG, ERROR for ERROR")
+    p.add_argument("--log-file", default=None, metavar="FILE",
+                   help="the run's log file: its lines at every level and third-party output such as "
+                        "faiss's warnings (default: $RETRIEVAL_LOG_FILE, else one per run under the temp "
+                        "directory, named on the console)")
     if stage.engine is not None:
         p.add_argument("--master", default=None, help="Spark master (default: spark.master from config)")
         p.add_argument("--engine", choices=("spark", "local"), default=stage.engine,
@@ -95,6 +104,24 @@ def _split(stage: Stage, args: argparse.Namespace) -> tuple[dict[str, Any], str 
     return inputs, output, overrides
 
 
+def clear_error(exc: BaseException) -> str | None:
+    """The one-line message the CLI prints for ``exc`` (exit code 2, no traceback), or None for an
+    unexpected error (its traceback is shown). Clear: bad configuration or input (``ValueError``,
+    a missing file, no permission; wrong-stage inputs are ``ValueError``), the library's own
+    :data:`CLEAR_ERRORS`, and storage errors (no or wrong credentials, an unreachable endpoint or
+    URL: :func:`retrieval.fsio.describe_error`)."""
+    storage = fsio.describe_error(exc)
+    if isinstance(exc, CLEAR_TYPES) or exc.__class__.__name__ in CLEAR_ERRORS:
+        text = str(exc) or exc.__class__.__name__
+        if storage is not None and storage not in text:
+            text = f"{text}: {storage}"
+    elif storage is not None:
+        text = storage
+    else:
+        return None
+    return " ".join(text.split())
+
+
 def _deprecated(old: str, new: str) -> None:
     print(f"retrieval: {old} is deprecated and will be removed in 0.3: use {new}", file=sys.stderr)
 
@@ -105,8 +132,8 @@ def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = getattr(logging, str(args.log_level).upper(), logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    # the console: the project's lines; the run's log file: the same and third-party output
+    log_file = console.setup_logging(level, args.stage, getattr(args, "log_file", None))
     if level > logging.DEBUG:
         # libraries' INFO chatter (py4j's "Closing down clientserver connection", faiss's
         # "Loading faiss with AVX512 support"): shown with --log-level DEBUG only
@@ -127,14 +154,16 @@ def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
                          exiting=exiting) as engine:
             manifest = stage.run(inputs, output, stage.settings(cfg), engine)
             result = stage.summary(manifest, inputs, output) if manifest is not None else None
-    except (config_mod.ConfigError, FileNotFoundError, PermissionError, ValueError) as exc:
-        print(f"retrieval {args.stage}: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        if exc.__class__.__name__ not in CLEAR_ERRORS:
+    except Exception as exc:
+        message = clear_error(exc)
+        if message is None:
             raise
-        print(f"retrieval {args.stage}: error: {exc}", file=sys.stderr)
+        print(f"retrieval {args.stage}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        captured = console.thirdparty_lines(log_file)
+        if captured:
+            log.info("third-party output (%d lines, e.g. faiss warnings) is in the log file %s", captured, log_file)
     if result is not None:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -20,11 +21,16 @@ from fsspec.core import url_to_fs
 
 __all__ = ["configure", "arrow_fs", "parquet_file", "read_parquet", "url_to_fs", "join", "exists", "read_bytes", "read_text", "write_bytes", "write_json",
            "read_json", "atomic_open", "sha256_file", "sha256_bytes", "safe_relpath",
-           "UnsafePathError", "ensure_writable", "protocol_of", "strip_protocol", "to_url"]
+           "UnsafePathError", "StorageError", "describe_error", "ensure_writable", "protocol_of", "strip_protocol", "to_url"]
 
 
 class UnsafePathError(ValueError):
     """A relative path from input data would escape its root (``..``, absolute, or a scheme)."""
+
+
+class StorageError(OSError):
+    """A URL that could not be reached or read for another reason than its absence: no or wrong
+    credentials, an unreachable endpoint (:func:`describe_error` words the message)."""
 
 
 def configure(storage_options: dict | None) -> None:
@@ -130,8 +136,25 @@ def safe_relpath(rel: str) -> str:
 
 
 def exists(url: str) -> bool:
+    """Whether ``url`` exists; a :class:`StorageError` naming the URL when it cannot be known (no or
+    wrong credentials, an unreachable endpoint). fsspec's HTTP ``exists`` takes a refused
+    connection for absence: HTTP URLs are asked for their info instead."""
     fs, path = url_to_fs(url)
-    return fs.exists(path)
+    try:
+        if protocol_of(url) in ("http", "https"):
+            try:
+                fs.info(path)
+                return True
+            except FileNotFoundError as exc:    # fsspec's, also for a refused connection
+                if describe_error(exc) is None:
+                    return False
+                raise
+        return fs.exists(path)
+    except Exception as exc:
+        msg = describe_error(exc)
+        if msg is None:
+            raise
+        raise StorageError(f"{url}: {msg}") from exc
 
 
 def read_bytes(url: str) -> bytes:
@@ -224,4 +247,63 @@ def ensure_writable(url: str) -> None:
             fh.write(b"ok")
         fs.rm(probe)
     except Exception as exc:
-        raise PermissionError(f"output {url} is not writable: {exc}") from exc
+        raise PermissionError(f"output {url} is not writable: {describe_error(exc) or exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# one-line messages for storage errors (the CLI prints them instead of a traceback)
+_S3_CREDENTIALS = "AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or io.storage_options.s3.key + secret"
+_S3_REFUSED = {"InvalidAccessKeyId": "InvalidAccessKeyId: the access key is not known to the server",
+               "SignatureDoesNotMatch": "SignatureDoesNotMatch: the secret key does not match the access key",
+               "ExpiredToken": "ExpiredToken: the session token has expired",
+               "InvalidToken": "InvalidToken: the session token is not valid",
+               "AccessDenied": "AccessDenied", "403": "403 Forbidden"}
+# exception class names met in a Spark task's error text (the driver sees a Java trace)
+_IN_TASK_TEXT = re.compile(r"\b(NoCredentialsError|PartialCredentialsError|EndpointConnectionError|"
+                           r"ConnectTimeoutError|ClientConnectorError): ([^\n]+)")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen and len(seen) < 8:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _one(exc: BaseException) -> str | None:
+    name = type(exc).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return f"no S3 credentials found ({exc}): set {_S3_CREDENTIALS}"
+    if name == "ClientError":                   # botocore: the server answered with an error code
+        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+        if code in _S3_REFUSED:
+            return (f"S3 refused the request ({_S3_REFUSED[code]}): check the credentials "
+                    f"({_S3_CREDENTIALS}) and the bucket's permissions")
+        if code in ("NoSuchBucket", "404"):
+            return f"S3: no such bucket or key ({code}: {exc})"
+        return None
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
+        return f"cannot reach the storage endpoint: {exc} (check io.storage_options' endpoint_url and the network)"
+    if name in ("ClientConnectorError", "ServerTimeoutError", "ClientConnectionError"):
+        return f"cannot reach the server: {exc}"
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return f"cannot connect: {exc}"
+    return None
+
+
+def describe_error(exc: BaseException) -> str | None:
+    """A one-line message for a storage error (missing or wrong credentials, an unreachable endpoint
+    or URL), from ``exc`` or the errors it was raised from (s3fs wraps botocore's; a Spark task's
+    error arrives as the text of a Java trace); None for any other error."""
+    for e in _chain(exc):
+        msg = _one(e)
+        if msg is not None:
+            return " ".join(msg.split())
+    m = _IN_TASK_TEXT.search(str(exc))
+    if m:
+        kind = m.group(1)
+        if "Credentials" in kind:
+            return f"no S3 credentials found in a Spark task ({m.group(2).strip()}): set {_S3_CREDENTIALS}"
+        return f"cannot reach the storage endpoint from a Spark task: {m.group(2).strip()}"
+    return None

@@ -3,9 +3,10 @@ and the task errors the driver re-raises as themselves (:func:`task_error`, :fun
 The two implementations: :mod:`retrieval.engine.local` and :mod:`retrieval.engine.spark`."""
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, ContextManager, Iterable, Sequence
 
 # class name -> class, of the errors a task raises that the driver re-raises as themselves
 TASK_ERRORS: dict[str, type[Exception]] = {}
@@ -114,6 +115,13 @@ class Engine:
     def run(self, label: str, total: int, action: Callable[[], Any], every: float = 10.0) -> Any:
         """``action()`` under the engine's progress lines (``total`` tasks) and error translation."""
         return action()
+
+    def progress(self, label: str, total: int | None, unit: str, every: float = 10.0) -> ContextManager:
+        """A stage's one bar (or log lines) in ``unit`` (images, vectors) for work done in this
+        process: the local engine's; the progress of the stage's parts (a shard's
+        :class:`~retrieval.progress.Progress` in the same unit) counts into it. On Spark a context
+        that does nothing: the driver shows the tasks of each action (:meth:`run`)."""
+        return contextlib.nullcontext()
 
     def run_torch(self, fn: Callable, processes: int, arg: Any, local_mode: bool = True,
                   use_gpu: bool = False) -> Any:

@@ -6,6 +6,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Sequence
 
+from retrieval import progress as progress_mod
 from retrieval.engine.base import Engine, Step
 
 
@@ -19,17 +20,28 @@ class LocalEngine(Engine):
     def parallelism(self) -> int:
         return max(1, os.cpu_count() or 1)
 
+    def progress(self, label, total, unit, every=10.0):
+        return progress_mod.stage(label, total, unit, every)
+
     def map(self, fn, items, label, every=10.0, threads=1):
-        if threads > 1 and len(items) > 1:
-            with ThreadPoolExecutor(min(threads, len(items))) as pool:
-                return list(pool.map(fn, items))
-        return [fn(x) for x in items]
+        with progress_mod.stage(label, len(items), "tasks", every, brief=True) as p:
+            fn = _counted(fn, p)
+            if threads > 1 and len(items) > 1:
+                with ThreadPoolExecutor(min(threads, len(items))) as pool:
+                    return list(pool.map(fn, items))
+            return [fn(x) for x in items]
 
     def map_reduce(self, fn, items, merge, label, every=10.0):
-        return functools.reduce(merge, (fn(x) for x in items))
+        with progress_mod.stage(label, len(items), "tasks", every, brief=True) as p:
+            return functools.reduce(merge, (_counted(fn, p)(x) for x in items))
 
     def map_batches(self, fn, items, parts, label, every=10.0):
-        return list(fn(iter(items)))
+        with progress_mod.stage(label, len(items), "items", every, brief=True) as p:
+            def counted(seq: Iterable) -> Iterator:
+                for x in seq:
+                    yield x
+                    p.update(1)
+            return list(fn(counted(iter(items))))
 
     def run_steps(self, label: str, items: Sequence, steps: Sequence[Step], every: float = 10.0) -> list:
         """Step by step in loops: the first over the items, each next over its keys in order, a
@@ -107,6 +119,14 @@ def _progressed(step: Step, total: int, outputs: Iterator[Iterable], every: floa
         yield out
     if progress is not None:
         progress.finish()
+
+
+def _counted(fn: Any, p: Any) -> Any:
+    def run(x: Any) -> Any:
+        out = fn(x)
+        p.update(1)
+        return out
+    return run
 
 
 LOCAL = LocalEngine()

@@ -174,37 +174,70 @@ def stop_spark(spark, join_python_threads: bool = True) -> None:
 
 
 class ProgressMonitor:
-    """Driver-side progress of a Spark action: tasks done / total, rate and ETA, logged every
-    ``every`` seconds from the status tracker (tasks log their own per-item progress)."""
+    """Driver-side progress of a Spark action: one bar (a terminal) or log lines every ``every``
+    seconds (:class:`retrieval.progress.Progress`) of the tasks done, their rate and the ETA, from
+    the status tracker. The action's jobs run in a job group of their own (named after ``label`` in
+    Spark's UI), so the count is of this action's tasks only, over all its stages (a shuffle's map
+    stage included: the total grows to their sum); the caller's job group is restored after."""
+
+    POLL_S = 0.5
 
     def __init__(self, spark, label: str, total_tasks: int, every: float = 10.0) -> None:
         import threading
+        import uuid
 
-        self.spark, self.label, self.total, self.every = spark, label, total_tasks, every
+        from retrieval.progress import Progress
+
+        self.spark, self.label, self.every = spark, label, every
+        self.group = f"retrieval-{label.replace(' ', '-')}-{uuid.uuid4().hex[:8]}"
+        self.progress = Progress(label, total=total_tasks, every=every, unit="tasks")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._saved: dict[str, Any] = {}
 
-    def _loop(self) -> None:
-        import logging
-        import time
-
-        log = logging.getLogger("retrieval.progress")
+    def counts(self) -> tuple[int, int]:
+        """(tasks completed, tasks in all stages) of the action's jobs so far."""
         tracker = self.spark.sparkContext.statusTracker()
-        start = time.monotonic()
-        while not self._stop.wait(self.every):
-            done = 0
-            for sid in tracker.getActiveStageIds():
-                info = tracker.getStageInfo(sid)
+        done = total = 0
+        for job_id in tracker.getJobIdsForGroup(self.group):
+            job = tracker.getJobInfo(job_id)
+            for stage_id in (job.stageIds if job is not None else []):
+                info = tracker.getStageInfo(stage_id)
                 if info is not None:
                     done += info.numCompletedTasks
-            rate = done / max(time.monotonic() - start, 1e-9)
-            eta = f", ETA {(self.total - done) / rate:.0f}s" if rate > 0 else ""
-            log.info("%s: %d/%d tasks done, %.2f tasks/s%s", self.label, done, self.total, rate, eta)
+                    total += info.numTasks
+        return done, total
+
+    def _poll(self) -> None:
+        done, total = self.counts()
+        self.progress.set_done(done, max(total, self.progress.total or 0))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(min(self.POLL_S, self.every)):
+            try:
+                self._poll()
+            except Exception:             # the session stopping under us: no more progress
+                return
+
+    _GROUP_KEYS = ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel")
 
     def __enter__(self) -> "ProgressMonitor":
+        sc = self.spark.sparkContext
+        self._saved = {k: sc.getLocalProperty(k) for k in self._GROUP_KEYS}
+        sc.setJobGroup(self.group, self.label)
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type, *exc: Any) -> None:
         self._stop.set()
-        self._thread.join(timeout=1)
+        self._thread.join(timeout=2)
+        sc = self.spark.sparkContext
+        try:
+            if exc_type is None:
+                self._poll()
+                self.progress.set_done(self.progress.total or self.progress.done)   # skipped stages
+            for k, v in self._saved.items():
+                sc.setLocalProperty(k, v)
+        except Exception:
+            pass
+        self.progress.finish()

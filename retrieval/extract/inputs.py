@@ -41,7 +41,7 @@ def shard_of(image_id: str, num_shards: int) -> int:
 
 def detect_format(url: str) -> str:
     fs, path = fsio.url_to_fs(url)
-    if not fs.exists(path):
+    if not fsio.exists(url):     # StorageError when it cannot be known (credentials, network)
         raise InputError(f"input not found: {url}")
     if fs.isdir(path):
         files = [p for p in fs.find(path) if not _hidden(p, path)]

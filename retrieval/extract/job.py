@@ -99,6 +99,7 @@ def run_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None
     rows = sorted(rows, key=lambda r: (r[0], r[1]))
     run = _ShardRun(job, shard, device, len(rows))
     run.errors.extend((image_id, uri, err) for image_id, uri, err in rows if err)   # failed in the listing
+    run.progress.update(len(run.errors), errors=len(run.errors))
     readable = [(image_id, uri) for image_id, uri, err in rows if not err]
     part_url = _write_part(run, readable)
     err_url = _write_errors(run)
@@ -111,7 +112,7 @@ def _decoded(run: _ShardRun, readable: list[tuple[str, str]]) -> Iterator[tuple[
                                                            run.job.key_column, run.job.bytes_column):
         if err is not None:
             run.errors.append((image_id, uri, err))
-            run.progress.update(0, errors=1)
+            run.progress.update(1, errors=1)
             continue
         yield image_id, uri, w, h, tensors
 
@@ -299,8 +300,9 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
     t1 = time.monotonic()
     if not todo:
         results = []
-    else:
-        results = _run_shards(engine, job, todo)
+    else:       # one bar for the stage, in images (local: the shards' own progress counts into it)
+        with engine.progress("extract", sum(map(len, todo.values())), "images", ex.progress_seconds):
+            results = _run_shards(engine, job, todo)
     t_run = time.monotonic() - t1
     fsio.remove_stale(output_url, "part", ("errors", "_shards"), keep=None)   # leftovers of killed attempts
     shards = sorted([*done.values(), *results], key=lambda s: s["shard"])

@@ -5,9 +5,31 @@
 The work is :func:`retrieval.extract.job.extract`."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
+from retrieval import fsio
 from retrieval.stage import Stage, arg, choice, non_negative, positive
+
+log = logging.getLogger(__name__)
+
+# failed images named in the summary (all of them are in <output>/errors/*.parquet)
+ERROR_EXAMPLES = 5
+
+
+def error_examples(output: str, manifest: dict, limit: int = ERROR_EXAMPLES) -> list[dict]:
+    """The first ``limit`` failed images of an extraction (shard order), ``{"file", "error"}``,
+    read from the shards' error files that the manifest lists."""
+    out: list[dict] = []
+    for shard in manifest["shards"]:
+        if not shard.get("errors"):
+            continue
+        table = fsio.read_parquet(fsio.join(output, fsio.safe_relpath(shard["errors_file"])), columns=["uri", "error"])
+        for uri, error in zip(table.column("uri").to_pylist(), table.column("error").to_pylist()):
+            out.append({"file": uri, "error": error})
+            if len(out) >= limit:
+                return out
+    return out
 
 
 def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
@@ -17,8 +39,18 @@ def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) ->
 
 
 def summary(m: dict, inputs: Mapping[str, Any], output: str | None) -> dict:
-    return {"output": output, "counts": m["counts"], "model_version": m["model_version"],
-            "timings": m["timings"]}
+    """What the command prints: counts, model, timings, and the first failed files with their error."""
+    out = {"output": output, "counts": m["counts"], "model_version": m["model_version"], "timings": m["timings"]}
+    failed = m["counts"]["errors"]
+    if failed:
+        first = error_examples(output, m)
+        where = fsio.join(output, "errors")
+        out["failed"] = {"count": failed, "first": first, "all_in": where}
+        log.warning("extract: %d of %d images failed (all listed in %s/*.parquet)%s", failed,
+                    m["counts"]["inputs"], where, f"; the first {len(first)}:" if failed > len(first) else ":")
+        for e in first:
+            log.warning("extract: failed: %s: %s", e["file"], " ".join(str(e["error"]).split()))
+    return out
 
 
 STAGE = Stage(

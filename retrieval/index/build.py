@@ -267,8 +267,10 @@ def _shards(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, queries:
                    storage_options=run.storage_options, progress_seconds=run.every)
     trained_ref = run.engine.broadcast(trained.data)
     try:
-        result: ShardResult = run.engine.map_reduce(functools.partial(shard_task, job, trained_ref), slices,
-                                                    ShardResult.merge, "index shards", run.every)
+        # local engine: one bar in vectors (the shards' own progress counts into it); Spark: tasks
+        with run.engine.progress("index shards", sum(s.rows() for s in slices), "vectors", run.every):
+            result: ShardResult = run.engine.map_reduce(functools.partial(shard_task, job, trained_ref), slices,
+                                                        ShardResult.merge, "index shards", run.every)
     finally:
         trained_ref.destroy()
     stats = sorted(result.stats, key=lambda s: s["shard"])

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
+from retrieval.console import native_output
+
 K = 100
 
 
@@ -86,7 +88,8 @@ class Exact:
 def exact_topk(q: np.ndarray, x: np.ndarray, ids: np.ndarray, k: int) -> Exact:
     """Exact inner-product top-k of ``q`` over the rows ``x`` (their index ids ``ids``)."""
     kk = min(k, len(x))
-    d, i = faiss.knn(q, np.ascontiguousarray(x), kk, metric=faiss.METRIC_INNER_PRODUCT)
+    with native_output("faiss"):
+        d, i = faiss.knn(q, np.ascontiguousarray(x), kk, metric=faiss.METRIC_INNER_PRODUCT)
     gid = np.where(i >= 0, ids[np.clip(i, 0, None)], -1)
     s, g, _ = _topk(d, gid, k)
     return Exact(s, g)
@@ -167,7 +170,8 @@ def query_cells(trained: faiss.Index, q: np.ndarray, nprobe: int) -> np.ndarray:
         x = trained.apply_chain(len(q), faiss.swig_ptr(np.ascontiguousarray(q)))
         x = faiss.rev_swig_ptr(x, len(q) * trained.index.d).reshape(len(q), -1).copy()
     ivf = faiss.extract_index_ivf(trained)
-    _, cells = ivf.quantizer.search(np.ascontiguousarray(x, dtype=np.float32), min(nprobe, ivf.nlist))
+    with native_output("faiss"):
+        _, cells = ivf.quantizer.search(np.ascontiguousarray(x, dtype=np.float32), min(nprobe, ivf.nlist))
     return cells
 
 

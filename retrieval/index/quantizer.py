@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 
 from retrieval import fsio
+from retrieval.console import native_output
 from retrieval.index.params import IndexParams
 from retrieval.index.reader import FeatureFile, check_file, clean, iter_coarse
 
@@ -133,7 +134,8 @@ def train_index(params: IndexParams, sample: np.ndarray, seed: int = 0) -> faiss
     if isinstance(index, faiss.IndexPreTransform):
         for i in range(index.chain.size()):
             vt = index.chain.at(i)
-            vt.train(x)
+            with native_output("faiss"):     # its warnings go to the log file, not the console
+                vt.train(x)
             x = vt.apply(x)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))  # a non-owning view of the IVF level
     if ivf is None:  # pragma: no cover - parse_forced_key refuses non-IVF keys first
@@ -143,11 +145,14 @@ def train_index(params: IndexParams, sample: np.ndarray, seed: int = 0) -> faiss
     ivf.cp.seed = seed
     if params.nlist > 1:
         t = time.monotonic()
-        ivf.quantizer.add(_kmeans(x, params, seed))
+        with native_output("faiss"):         # "WARNING clustering N points to K centroids ..."
+            centroids = _kmeans(x, params, seed)
+        ivf.quantizer.add(centroids)
         log.info("k-means: %d cells from %d vectors (%s) in %.1fs", params.nlist, len(x), params.kmeans,
                  time.monotonic() - t)
     t = time.monotonic()
-    ivf.train(x)  # quantizer already holds nlist centroids: trains only the codes (PQ on residuals)
+    with native_output("faiss"):
+        ivf.train(x)  # quantizer already holds nlist centroids: trains only the codes (PQ on residuals)
     log.info("codes trained in %.1fs", time.monotonic() - t)
     index.is_trained = True
     return index

@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from retrieval.console import native_output
+
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +179,8 @@ def assign(index, xq: np.ndarray) -> Assignment:
     nprobe = int(ivf.nprobe)
     if len(xt) == 0:
         return Assignment(xt, np.zeros((0, nprobe), np.float32), np.zeros((0, nprobe), np.int64))
-    scores, cells = ivf.quantizer.search(xt, nprobe)
+    with native_output("faiss"):
+        scores, cells = ivf.quantizer.search(xt, nprobe)
     return Assignment(xt, scores, cells)
 
 
@@ -194,7 +197,8 @@ def search_shard(index, xq: np.ndarray | None, k: int, assignment: Assignment | 
     if len(xq) == 0 or index.ntotal == 0:
         return (np.full((len(xq), k), -np.inf, np.float32), np.full((len(xq), k), -1, np.int64))
     if assignment is None:
-        scores, ids = index.search(xq, k)
+        with native_output("faiss"):
+            scores, ids = index.search(xq, k)
     else:
         ivf, _ = _ivf(index)
         a = assignment
@@ -210,14 +214,15 @@ def search_shard(index, xq: np.ndarray | None, k: int, assignment: Assignment | 
                 faiss.omp_set_num_threads(1)     # this (pool) thread's OpenMP setting only
             return ivf.search_preassigned(a.xt[lo:hi], k, a.cells[lo:hi], a.cell_scores[lo:hi])
 
-        if len(bounds) == 2:
-            scores, ids = scan(0)
-        else:
-            from concurrent.futures import ThreadPoolExecutor
+        with native_output("faiss"):
+            if len(bounds) == 2:
+                scores, ids = scan(0)
+            else:
+                from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(len(bounds) - 1) as pool:
-                parts = list(pool.map(scan, range(len(bounds) - 1)))
-            scores, ids = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+                with ThreadPoolExecutor(len(bounds) - 1) as pool:
+                    parts = list(pool.map(scan, range(len(bounds) - 1)))
+                scores, ids = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     scores = scores.astype(np.float32, copy=False)
     scores[ids < 0] = -np.inf
     return scores, ids.astype(np.int64, copy=False)

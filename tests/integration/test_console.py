@@ -122,3 +122,110 @@ def test_spark_defaults_are_merged(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path))
     d = session._spark_defaults()
     assert d["spark.driver.extraJavaOptions"] == "-Dfoo=1 -Dbar=2" and d["spark.executor.memory"] == "4g"
+
+
+# ---------------------------------------------------------------------------------------------
+# third-party output (faiss prints from C++ to fd 2) goes to the run's log file, not the console
+CLUSTERING = re.compile(r"WARNING clustering \d+ points to \d+ centroids: please provide at least \d+ training points")
+
+
+def test_faiss_warnings_go_to_the_log_file_not_the_console(features, tmp_path):
+    """64 IVF cells for 2,000 vectors: faiss warns (k-means and the PQ training), on fd 2."""
+    log_file = tmp_path / "logs" / "index.log"
+    cmd = [sys.executable, "-m", "retrieval.cli", "index", "--features", features, "--output", str(tmp_path / "idx"),
+           "--engine", "local", "--set", "index.quality_queries=50", "--set", "index.nlist=64"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(_env(), RETRIEVAL_LOG_FILE=str(log_file)), capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "clustering" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr[-4000:]
+    logged = log_file.read_text()
+    thirdparty = [ln for ln in logged.splitlines() if " WARNING retrieval.thirdparty: faiss: " in ln]
+    assert thirdparty and all(CLUSTERING.search(ln) for ln in thirdparty), logged[-4000:]
+    assert "index done:" in logged                      # the run's own lines are in the file too
+    assert f"third-party output ({len(thirdparty)} lines, e.g. faiss warnings) is in the log file {log_file}" \
+        in proc.stderr
+
+
+SPARK_TASK_SCRIPT = """
+import sys
+from retrieval.engine.session import get_spark
+from retrieval.engine import SparkEngine
+from tests.integration.test_console import kmeans_task
+spark = get_spark("local[1]", "capture-test", {"spark.ui.enabled": "false"})
+print(SparkEngine(spark).map(kmeans_task, [0, 1], "kmeans"), flush=True)
+spark.stop()
+"""
+
+
+def kmeans_task(seed: int) -> int:
+    """A Spark task that trains faiss k-means on too few points, inside the capture."""
+    import faiss
+    import numpy as np
+
+    from retrieval.console import native_output
+
+    x = np.random.default_rng(seed).standard_normal((30, 8)).astype(np.float32)
+    with native_output("faiss"):
+        faiss.Kmeans(8, 16, niter=2, seed=1).train(x)
+    return seed
+
+
+def test_faiss_warnings_in_spark_tasks_go_to_the_log_file(tmp_path):
+    """Spark's local Python workers inherit RETRIEVAL_LOG_FILE and append their third-party lines."""
+    log_file = tmp_path / "run.log"
+    env = dict(_env(), RETRIEVAL_LOG_FILE=str(log_file), PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", SPARK_TASK_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0 and "[0, 1]" in proc.stdout, proc.stderr[-4000:]
+    assert "clustering" not in proc.stderr, proc.stderr[-4000:]
+    lines = [ln for ln in log_file.read_text().splitlines() if CLUSTERING.search(ln)]
+    assert len(lines) == 2 and all(re.search(r" WARNING retrieval\.thirdparty\[\d+\]: faiss: ", ln) for ln in lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# one progress bar per stage on a terminal, plain lines elsewhere (local engine, from the CLI)
+def _index_local(features: str, out: str, stderr, env: dict) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "retrieval.cli", "index", "--features", features, "--output", out,
+           "--engine", "local", "--set", "index.quality_queries=50", "--set", "index.vectors_per_shard=500",
+           "--set", "index.progress_seconds=0.001"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def test_local_stage_draws_one_bar_on_a_terminal_and_lines_otherwise(features, tmp_path):
+    import pty
+
+    env = {k: v for k, v in _env().items() if k != "RETRIEVAL_PROGRESS"}
+    master, slave = pty.openpty()
+    proc = _index_local(features, str(tmp_path / "tty"), slave, env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:                       # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=180) == 0
+    tty = b"".join(chunks).decode(errors="replace")
+    frames = [f.strip() for f in re.split(r"[\r\n]", tty) if f.strip() and not PROJECT_LINE.match(f.strip())]
+    # the 4 shards of 500 vectors make ONE bar in vectors (no bar or line per shard)
+    shard_bars = [f for f in frames if f.startswith("index shards:")]
+    assert shard_bars and shard_bars[-1].startswith("index shards: 100%|") and "2000/2000 vectors [" in shard_bars[-1]
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d, [\d.]+ vectors/s\]$", shard_bars[-1]), shard_bars[-1]
+    assert not any(re.match(r"index shard \d", f) for f in frames) and "index shard 0" not in tty
+    assert all(f.startswith(("index scan:", "index shards:")) for f in frames), frames   # bars only
+
+    proc = _index_local(features, str(tmp_path / "log"), subprocess.PIPE, env)    # not a terminal
+    err = proc.communicate(timeout=180)[1].decode()
+    assert proc.returncode == 0, err[-3000:]
+    assert "\r" not in err and "%|" not in err
+    lines = [ln.split(": ", 1)[1] for ln in err.splitlines() if " INFO retrieval.progress: " in ln]
+    shard_lines = [ln for ln in lines if ln.startswith("index shards: ")]
+    assert len(shard_lines) >= 4, lines
+    for n, ln in zip((500, 1000, 1500, 2000), shard_lines):     # count, share, rate, ETA
+        assert ln.startswith(f"index shards: {n}/2000 vectors ({n / 20:.1f}%), ") and " vectors/s, ETA " in ln, ln
+    assert any(ln.startswith("done: index shards: 2000/2000 vectors (100.0%)") for ln in lines)
+    assert not any(ln.startswith(("index shard 0", "done: index shard 0")) for ln in lines)
