@@ -87,20 +87,23 @@ class SparkEngine(Engine):
     def find_duplicates(self, fn, items, key, schema, label, rows=0, every=10.0):
         """The items read by tasks (``mapInArrow``), one shuffle by ``key`` (into ~2M rows a
         partition), a window count over it: only the rows of repeated keys reach the driver."""
-        from pyspark import cloudpickle
         from pyspark.sql.pandas.types import from_arrow_schema
 
         if not items:
             return schema.empty_table()
-        frame = self.spark.createDataFrame([(cloudpickle.dumps(x),) for x in items], "item binary")
+        shared = self.broadcast(list(items))       # the items travel as a broadcast, the rows as their index
+        frame = self.spark.createDataFrame([(i,) for i in range(len(items))], "item long")
         n = max(1, min(len(items), self.parallelism * 4))
-        tables = frame.repartition(n).mapInArrow(functools.partial(_tables_of, fn), from_arrow_schema(schema))
+        tables = frame.repartition(n).mapInArrow(functools.partial(_tables_of, fn, shared), from_arrow_schema(schema))
         parts = max(self.parallelism, -(-int(rows) // 2_000_000))
         cols = [f"`{c}`" for c in schema.names]
-        occ = self.run(label, n + parts, lambda: (
-            tables.repartition(parts, key)
-            .selectExpr(*cols, f"count(1) OVER (PARTITION BY `{key}`) AS `__count`")
-            .filter("`__count` > 1").select(*schema.names).toArrow()))
+        try:
+            occ = self.run(label, n + parts, lambda: (
+                tables.repartition(parts, key)
+                .selectExpr(*cols, f"count(1) OVER (PARTITION BY `{key}`) AS `__count`")
+                .filter("`__count` > 1").select(*schema.names).toArrow()))
+        finally:
+            shared.destroy()
         return occ.select(schema.names).cast(schema)
 
     def broadcast(self, value):
@@ -124,10 +127,10 @@ def _values_to(fn: Callable[[int, Iterable], Iterable], index: int, records: Ite
     return fn(index, (value for _, value in records))
 
 
-def _tables_of(fn: Callable[[Any], Any], batches: Iterable) -> Iterator:
-    """``mapInArrow`` body: ``fn`` of every pickled item of this partition, as record batches."""
-    import pickle
-
+def _tables_of(fn: Callable[[Any], Any], shared: Any, batches: Iterable) -> Iterator:
+    """``mapInArrow`` body: ``fn`` of every item of this partition (rows: the items' indexes in the
+    broadcast ``shared``), as record batches."""
+    items = shared.value
     for b in batches:
-        for blob in b.column(0).to_pylist():
-            yield from fn(pickle.loads(blob)).to_batches()
+        for i in b.column(0).to_pylist():
+            yield from fn(items[i]).to_batches()
