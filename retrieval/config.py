@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import warnings
 from importlib import resources
 from typing import Any, Callable, Iterable, Mapping
 
@@ -26,8 +27,6 @@ class ConfigError(ValueError):
 NULLABLE: dict[str, type] = {
     "model.checkpoint": str,
     "model.onnx_file": str,
-    "extract.key_column": str,
-    "extract.bytes_column": str,
     "train.eval_input": str,
     "train.teacher": str,
     "search.coarse_threshold": float,
@@ -37,6 +36,15 @@ NULLABLE: dict[str, type] = {
 
 # keys that take either a number or the word "auto"
 NUMBER_OR_AUTO = {"fit.shrinkage"}
+
+# "choose for me" is spelled `auto` in every key. These keys spelled it 0 or null before 0.2: the old
+# spelling is still accepted (read as auto) with a deprecation warning until 0.3. A key's other values:
+# a positive int, or (the two column keys) a column name.
+AUTO_OLD_SPELLING: dict[str, Any] = {
+    "extract.threads": 0, "index.threads": 0, "search.threads": 0, "fit.threads": 0, "train.threads": 0,
+    "index.nlist": 0, "index.nprobe": 0, "search.nprobe": 0, "search.shortlist": 0,
+    "search.shard_shortlist": 0, "extract.key_column": None, "extract.bytes_column": None,
+}
 
 # keys that take either a number or a mapping with these keys (and their types)
 NUMBER_OR_MAPPING: dict[str, dict[str, type]] = {
@@ -66,6 +74,10 @@ def _non_negative(v: Any) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
+def _positive_or_auto(v: Any) -> str | None:
+    return None if v == "auto" or (not isinstance(v, str) and v > 0) else "must be 'auto' or > 0"
+
+
 def _ascending_scores(v: Any) -> str | None:
     return None if all(isinstance(b, (int, float)) and not isinstance(b, bool) and -1.0 <= b <= 1.0
                        for b in v) and list(v) == sorted(set(v)) \
@@ -93,19 +105,19 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "extract.batch_size": _positive,
     "extract.storage": _choice("float32", "int8"),
     "extract.mode": _choice("incremental", "overwrite"),
-    "extract.threads": _non_negative,
+    "extract.threads": _positive_or_auto,
     "extract.row_group_size": _positive,
     "extract.progress_seconds": _positive,
     "index.index_key": lambda v: None if v.strip() else "must be 'auto' or a faiss factory string",
     "index.bytes_per_vector": _positive,
     "index.max_pq_bytes": _positive,
-    "index.nlist": _non_negative,
+    "index.nlist": _positive_or_auto,
     "index.train_points_per_centroid": _positive,
     "index.max_train_points": _positive,
     "index.kmeans": _choice("auto", "flat", "two_level"),
     "index.kmeans_iters": _positive,
     "index.vectors_per_shard": _positive,
-    "index.nprobe": _non_negative,
+    "index.nprobe": _positive_or_auto,
     "index.max_nprobe": _positive,
     "index.target_recall": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
     "index.quality_queries": _non_negative,
@@ -116,23 +128,23 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "index.dedup_on_driver_max": _non_negative,
     "index.mode": _choice("incremental", "overwrite"),
     "index.batch_rows": _positive,
-    "index.threads": _non_negative,
+    "index.threads": _positive_or_auto,
     "index.seed": _non_negative,
     "index.progress_seconds": _positive,
     "faults.stage": _choice("", "extract", "index", "search"),
     "faults.kind": _choice("raise", "kill"),
     "faults.after_items": _non_negative,
-    "search.shortlist": _non_negative,
-    "search.shard_shortlist": _non_negative,
+    "search.shortlist": _positive_or_auto,
+    "search.shard_shortlist": _positive_or_auto,
     "search.k": _positive,
-    "search.nprobe": _non_negative,
+    "search.nprobe": _positive_or_auto,
     "search.coarse_threshold": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
     "search.match_threshold": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
     "search.query_chunk": _positive,
     "search.vector_cache_mb": _non_negative,
     "search.rerank": _choice("auto", "chunk", "gallery"),
     "search.shard_cache": _positive,
-    "search.threads": _non_negative,
+    "search.threads": _positive_or_auto,
     "search.progress_seconds": _positive,
     "evaluate.recall_at": lambda v: None if v and all(isinstance(k, int) and not isinstance(k, bool)
                                                       and k > 0 for k in v) else "must be a list of ints > 0",
@@ -157,7 +169,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "fit.adapter2_steps": _non_negative,
     "fit.adapter2_lr": _positive,
     "fit.batch_size": _positive,
-    "fit.threads": _non_negative,
+    "fit.threads": _positive_or_auto,
     "fit.progress_seconds": _positive,
     "report.bands": _ascending_scores,
     "report.norm_bands": _ascending_scores,
@@ -195,7 +207,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "train.checkpoint_every": _positive,
     "train.keep_checkpoints": _positive,
     "train.processes": _positive,
-    "train.threads": _non_negative,
+    "train.threads": _positive_or_auto,
     "train.progress_seconds": _positive,
     "train.eval_copies": _positive,
     "train.eval_shortlist": _positive,
@@ -275,7 +287,25 @@ def _default_of(key: str, base: dict) -> Any:
     return node
 
 
+def _coerce_auto(key: str, value: Any, source: str) -> Any:
+    """A key of :data:`AUTO_OLD_SPELLING`: ``auto`` (also for the old spelling, with a warning), an
+    int, or (a column key) a string."""
+    old = AUTO_OLD_SPELLING[key]
+    if value == "auto":
+        return value
+    if value is old or (old == 0 and isinstance(value, int) and not isinstance(value, bool) and value == 0):
+        warnings.warn(f"{source}: config key {key!r} = {value!r} is deprecated and will be removed in 0.3: "
+                      f"use {key}: auto", FutureWarning, stacklevel=4)
+        return "auto"
+    want = str if old is None else int
+    if not isinstance(value, want) or isinstance(value, bool):
+        raise ConfigError(f"{source}: config key {key!r} must be 'auto' or {want.__name__}, got {value!r}")
+    return value
+
+
 def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    if key in AUTO_OLD_SPELLING:
+        return _coerce_auto(key, value, source)
     if value is None:
         if default is None or key in NULLABLE:
             return None

@@ -47,7 +47,7 @@ class ExtractJob:
     num_shards: int
     batch_size: int = 32
     storage: str = "float32"
-    threads: int = 0
+    threads: int | str = "auto"     # a number or auto (the task's cores)
     row_group_size: int = 1024
     progress_seconds: float = 10.0
     key_column: str | None = None

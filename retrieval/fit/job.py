@@ -41,7 +41,7 @@ class FitJob:
     preprocess_cfg: dict
     model_version: str
     batch_size: int
-    threads: int
+    threads: int | str              # a number or auto
     storage_options: dict | None = None
     key_column: str | None = None
     bytes_column: str | None = None

@@ -173,6 +173,8 @@ def _plan(run: _Run) -> _Plan:
         # faiss cannot merge fast-scan (blocked) lists on disk: an on-disk build uses 8-bit PQ codes
         params = choose_params(n_rows, dim, cfg, fast_scan=bool(cfg["index.fast_scan"]) and not run.merge_ondisk)
     settings = {k: v for k, v in cfg["index"].to_dict().items() if k not in ("mode", "threads", "progress_seconds")}
+    # auto enters the fingerprint as 0, its spelling before 0.2: an interrupted older run still resumes
+    settings.update({k: 0 for k in ("nlist", "nprobe") if settings[k] == "auto"})
     settings["index_key_chosen"] = params.index_key
     build_fp = _fingerprint([f.to_dict() for f in files], settings, dim, old and old.get("fingerprint"))
     if run.merge_ondisk and is_fast_scan(params.index_key):
@@ -264,7 +266,7 @@ def _shards(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, queries:
     # shard files of an earlier, different plan (e.g. an interrupted run over other inputs)
     fsio.remove_stale(output_url, "shard", ("_shards",), keep=set(range(first_shard)) | {s.shard for s in slices})
     job = ShardJob(output=output_url, trained_sha256=trained.sha256, batch_rows=int(ic["batch_rows"]),
-                   threads=int(ic["threads"]), queries=queries.quality, source_ids=queries.source_ids, k=K,
+                   threads=ic["threads"], queries=queries.quality, source_ids=queries.source_ids, k=K,
                    grid=plan.params.nprobe_grid, faults=run.cfg["faults"].to_dict(),
                    storage_options=run.storage_options, progress_seconds=run.every)
     trained_ref = run.engine.broadcast(trained.data)
@@ -293,7 +295,8 @@ def _quality(run: _Run, plan: _Plan, result: ShardResult, trained_data: bytes, q
                           queries.source_ids, float(ic["target_recall"]))
     # without quality queries (index.quality_queries=0): 1/64 of the cells
     tuned = quality.get("tuned_nprobe", max(1, params.nlist // 64))
-    nprobe = int(ic["nprobe"]) or (max(tuned, int(old["nprobe"])) if old is not None else tuned)
+    nprobe = (max(tuned, int(old["nprobe"])) if old is not None else tuned) if ic["nprobe"] == "auto" \
+        else int(ic["nprobe"])
     at = next((r for r in quality.get("by_nprobe", []) if r["nprobe"] == nprobe), {})
     at = {k: v for k, v in at.items() if k != "nprobe"}
     if quality.get("queries"):

@@ -77,7 +77,7 @@ def train_or_reuse(output_url: str, params: IndexParams, sample: np.ndarray, fin
             return data, int(marker.get("train_size", len(sample)))
     if len(sample) < params.nlist:
         raise FeatureInputError(f"{len(sample)} valid training vectors for {params.nlist} cells")
-    set_threads(int(ic["threads"]))
+    set_threads(ic["threads"])
     data = serialize(train_index(params, sample, int(ic["seed"])))
     fsio.remove_stale(output_url, "shard", ("_shards",), keep=set())  # shards of another quantizer are useless
     fsio.write_bytes(trained_url, data)

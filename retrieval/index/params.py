@@ -136,7 +136,7 @@ def choose_params(n: int, dim: int, cfg: Config, fast_scan: bool | None = None) 
         nlist, pq_m, nbits = parse_forced_key(ic["index_key"])
         key = ic["index_key"]
     else:
-        nlist = ic["nlist"] or choose_nlist(n)
+        nlist = choose_nlist(n) if ic["nlist"] == "auto" else ic["nlist"]
     train_size = int(min(n, nlist * ic["train_points_per_centroid"], ic["max_train_points"]))
     train_size = max(train_size, min(n, nlist))  # k-means needs at least one point per centroid
     if not forced and n < TINY:

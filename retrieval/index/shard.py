@@ -67,7 +67,7 @@ class ShardJob:
     output: str
     trained_sha256: str
     batch_rows: int
-    threads: int
+    threads: int | str              # a number or auto
     queries: np.ndarray  # quality queries (nq x d), may be empty
     source_ids: np.ndarray  # the gallery ids the quality and tuning queries were made from
     k: int

@@ -116,19 +116,19 @@ def _binomial_sf(n: int, p: float) -> np.ndarray:
     return np.clip(1.0 - np.cumsum(pmf), 0.0, 1.0)
 
 
-def shard_shortlist(shortlist: int, n_shards: int, configured: int = 0,
+def shard_shortlist(shortlist: int, n_shards: int, configured: int | str = "auto",
                     eps: float = SHARD_SHORTLIST_EPS) -> int:
     """K', the candidates each index shard returns per query (``search.shard_shortlist``).
 
     ``configured > 0``: that many, at most ``shortlist`` (= ``shortlist``: the merge is exact:
-    every shard returns enough to fill the global top S on its own). ``0`` (auto): the smallest
+    every shard returns enough to fill the global top S on its own). ``auto``: the smallest
     K' with ``n_shards x P(Binomial(S, 1/n_shards) > K') <= eps``. Shards are cut from the
     gallery in feature-file order, which says nothing about content, so the global top S of a
     query spreads over the shards like S draws with probability 1/n each: with K' from this rule
     a query's merged shortlist equals the exact one except with probability ``eps`` (1e-4), and
     then only its last entries (the lowest coarse scores) differ. 2 shards, S = 200: K' = 127;
     20 shards, S = 1,050: K' = 86 (a 12x smaller shuffle and heap)."""
-    if configured > 0:
+    if configured != "auto" and configured > 0:
         return int(min(configured, shortlist))
     if n_shards <= 1:
         return int(shortlist)

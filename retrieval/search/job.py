@@ -106,10 +106,10 @@ def io_counts(stats: list[dict], block_stats: list[dict], column: dict) -> dict:
     }
 
 
-def resolve_shortlist(configured: int, index_manifest: dict) -> int:
-    """``search.shortlist``, or for 0 the size-dependent default of
+def resolve_shortlist(configured: int | str, index_manifest: dict) -> int:
+    """``search.shortlist``, or for ``auto`` the size-dependent default of
     :func:`~retrieval.search.coarse.auto_shortlist` from the index's vector count."""
-    if configured > 0:
+    if configured != "auto" and configured > 0:
         return int(configured)
     ntotal = index_manifest.get("ntotal") or sum(int(s.get("ntotal", 0)) for s in index_manifest["shards"])
     return coarse_mod.auto_shortlist(int(ntotal))
@@ -130,7 +130,7 @@ def make_job(output_url: str, index_url: str, index_manifest: dict, qfiles: list
         feature_files=tuple(store.feature_file_urls(index_manifest)),
         feature_rows=tuple(f.get("rows") for f in ffiles),
         feature_versions=tuple(f.get("sha256") for f in ffiles), n_shards=n_shards,
-        nprobe=int(sc.nprobe if sc.nprobe > 0 else index_manifest.get("nprobe", 1)),
+        nprobe=int(index_manifest.get("nprobe", 1) if sc.nprobe == "auto" else sc.nprobe),
         shortlist=shortlist, shard_shortlist=coarse_mod.shard_shortlist(shortlist, n_shards, sc.shard_shortlist),
         k=sc.k, coarse_threshold=sc.coarse_threshold, match_threshold=sc.match_threshold,
         vector_cache_mb=sc.vector_cache_mb, shard_cache=sc.shard_cache,

@@ -90,9 +90,9 @@ def batch_indices(seed: int, stage: int, step: int, n: int, size: int) -> np.nda
 
 
 def _threads(job: TrainJob, d: Dist) -> int:
-    configured = int(job.t["threads"])
-    if configured > 0:
-        return configured
+    configured = job.t["threads"]
+    if configured != "auto" and int(configured) > 0:
+        return int(configured)
     return max(1, (os.cpu_count() or 1) // d.world)
 
 
