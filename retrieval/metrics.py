@@ -1,7 +1,7 @@
 """The one place the project reads ground truth and computes micro-AP and precision/recall.
 
 Used by ``retrieval evaluate`` (:mod:`retrieval.evaluate`), ``retrieval report``
-(:mod:`retrieval.report.scan`) and the training evaluation (:mod:`retrieval.train.evaluate`), so
+(:mod:`retrieval.report.scan`) and the training evaluation (:mod:`retrieval.train.validation`), so
 the same truth file and the same predictions give the same figures everywhere.
 
 Ground truth: a CSV whose header names the columns ``query_id`` and ``gallery_id`` (in any order;

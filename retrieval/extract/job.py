@@ -1,6 +1,6 @@
 """Feature extraction: images -> Parquet feature shards (``retrieval extract``).
 
-One function, :func:`run_shard`, encodes one shard; the local path calls it shard after shard,
+One function, :func:`extract_shard`, encodes one shard; the local path calls it shard after shard,
 the Spark path calls it inside ``mapInArrow`` with exactly one shard per task. So both paths give
 the same bytes. Per shard, in this order, each file written atomically (temp + rename):
 ``errors/part-NNNNN.parquet``, ``part-NNNNN.parquet``, then ``_shards/part-NNNNN.json`` - the
@@ -75,7 +75,7 @@ def _shard_fingerprint(job: ExtractJob, rows: list[tuple[str, str, str | None]])
 
 
 class _ShardRun:
-    """What the phases of :func:`run_shard` share: the job, the model and the shard's errors, counts and
+    """What the phases of :func:`extract_shard` share: the job, the model and the shard's errors, counts and
     timings so far."""
 
     def __init__(self, job: ExtractJob, shard: int, device: str | None, total: int) -> None:
@@ -91,7 +91,7 @@ class _ShardRun:
         self.n_ok = 0
 
 
-def run_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None]],
+def extract_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None]],
               device: str | None = None) -> dict:
     """Encode one shard's ``(image_id, uri, listing_error)`` rows and commit its files: the feature
     part, then the errors part, then the marker."""
@@ -215,7 +215,7 @@ def _arrow_task(job: ExtractJob, batches: Iterable[pa.RecordBatch]) -> Iterator[
         for s, i, u, e in zip(d["shard"], d["image_id"], d["uri"], d["error"]):
             by_shard.setdefault(s, []).append((i, u, e))
     for shard, rows in by_shard.items():
-        stats = run_shard(job, shard, rows)
+        stats = extract_shard(job, shard, rows)
         yield pa.RecordBatch.from_pydict({"shard": pa.array([shard], pa.int32()),
                                           "stats": pa.array([json.dumps(stats)], pa.string())})
 
@@ -253,7 +253,7 @@ def _intact(output: str, stats: dict) -> bool:
     return True
 
 
-def plan(listing: pa.Table, job: ExtractJob, mode: str) -> tuple[dict[int, list], dict[int, dict]]:
+def plan_shards(listing: pa.Table, job: ExtractJob, mode: str) -> tuple[dict[int, list], dict[int, dict]]:
     """Split the listing by shard; return (shards to run, finished shards' stats to keep)."""
     by_shard: dict[int, list[tuple[str, str, str | None]]] = {}
     d = listing.to_pydict()
@@ -282,21 +282,21 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
 
     t0 = time.monotonic()
     engine = as_engine(engine)
-    ex = cfg.extract
+    extract_cfg = cfg.extract
     outputs.prepare(output_url, cfg["io.storage_options"])
     model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict())
-    listing = inputs_mod.list_inputs(input_url, ex.input_format, ex.num_shards,
-                                     ex.key_column, ex.bytes_column)
+    listing = inputs_mod.list_inputs(input_url, extract_cfg.input_format, extract_cfg.num_shards,
+                                     extract_cfg.key_column, extract_cfg.bytes_column)
     t_list = time.monotonic() - t0
-    job = ExtractJob(output=output_url, role=ex.role, model_cfg=cfg["model"].to_dict(),
+    job = ExtractJob(output=output_url, role=extract_cfg.role, model_cfg=cfg["model"].to_dict(),
                      preprocess_cfg=cfg["preprocess"].to_dict(), model_version=model.model_version(),
-                     num_shards=ex.num_shards, batch_size=ex.batch_size, storage=ex.storage,
-                     threads=ex.threads, row_group_size=ex.row_group_size,
-                     progress_seconds=ex.progress_seconds, key_column=ex.key_column,
-                     bytes_column=ex.bytes_column, faults=cfg["faults"].to_dict(),
+                     num_shards=extract_cfg.num_shards, batch_size=extract_cfg.batch_size, storage=extract_cfg.storage,
+                     threads=extract_cfg.threads, row_group_size=extract_cfg.row_group_size,
+                     progress_seconds=extract_cfg.progress_seconds, key_column=extract_cfg.key_column,
+                     bytes_column=extract_cfg.bytes_column, faults=cfg["faults"].to_dict(),
                      storage_options=cfg["io.storage_options"])
     outputs.begin(output_url)
-    todo, done = plan(listing, job, ex.mode)
+    todo, done = plan_shards(listing, job, extract_cfg.mode)
     fsio.remove_stale(output_url, "part", ("errors", "_shards"), keep=set(todo) | set(done))
     log.info("extract %s -> %s: %d images, %d shards to run, %d already complete",
              input_url, output_url, listing.num_rows, len(todo), len(done))
@@ -306,7 +306,7 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
     elif engine.is_spark:
         results = _run_spark(engine, job, todo)
     else:
-        results = [run_shard(job, s, rows) for s, rows in sorted(todo.items())]
+        results = [extract_shard(job, s, rows) for s, rows in sorted(todo.items())]
     t_run = time.monotonic() - t1
     fsio.remove_stale(output_url, "part", ("errors", "_shards"), keep=None)   # leftovers of killed attempts
     shards = sorted([*done.values(), *results], key=lambda s: s["shard"])
@@ -317,10 +317,10 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
         raise AssertionError(f"counts do not add up: {counts}")
     images_run = sum(s["inputs"] for s in results)
     manifest = outputs.commit(output_url, "extract", {
-        "role": ex.role, "input": input_url, "output": output_url,
+        "role": extract_cfg.role, "input": input_url, "output": output_url,
         "model_version": job.model_version, "model": model.metadata(),
-        "heads": model.spec.heads, "storage": ex.storage,
-        "schema": feature_schema(model.spec.coarse_dim, model.spec.fine_dim, ex.storage).to_string(),
+        "heads": model.spec.heads, "storage": extract_cfg.storage,
+        "schema": feature_schema(model.spec.coarse_dim, model.spec.fine_dim, extract_cfg.storage).to_string(),
         "counts": counts, "shards": shards,
         "timings": {"listing_s": round(t_list, 3), "run_s": round(t_run, 3),
                     "total_s": round(time.monotonic() - t0, 3),

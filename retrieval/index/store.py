@@ -117,7 +117,7 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     ivf.nprobe = max(1, min(int(nprobe), ivf.nlist))
 
 
-def search(index_url: str, x: np.ndarray, k: int, nprobe: int | None = None,
+def search_shards(index_url: str, x: np.ndarray, k: int, nprobe: int | None = None,
            manifest: dict | None = None, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Search every shard, one at a time, and merge: ``(scores, ids)`` of the global top ``k``
     (ties broken by the smaller id). For checks and small jobs; the search stage distributes it."""

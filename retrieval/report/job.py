@@ -38,27 +38,29 @@ def settings_from(cfg: Config, search_manifest: dict | None = None) -> ScanSetti
     from retrieval.evaluate import threshold_from_evaluation
     from retrieval.search.normalize import score_column
 
-    r = cfg["report"]
+    report_cfg = cfg["report"]
     column = score_column(search_manifest or {})
-    threshold = r["threshold"]
+    threshold = report_cfg["threshold"]
     if isinstance(threshold, dict):
         threshold = threshold_from_evaluation(threshold["from_evaluation"], float(threshold.get("precision", 0.9)),
                                               column)
-    bands, hist_min = r["bands"], float(r["histogram_min"])
+    bands, histogram_min = report_cfg["bands"], float(report_cfg["histogram_min"])
     if column == "norm_score":          # normalised scores sit lower: their own bands, histogram from -0.5
-        bands, hist_min = r["norm_bands"], min(hist_min, -0.5)
+        bands, histogram_min = report_cfg["norm_bands"], min(histogram_min, -0.5)
     return ScanSettings(threshold=float(threshold), bands=tuple(float(b) for b in bands),
-                        top_queries=int(r["top_queries"]), matches_per_query=int(r["matches_per_query"]),
-                        hist_bins=int(r["histogram_bins"]), hist_min=hist_min,
-                        batch_rows=int(r["batch_rows"]), progress_seconds=float(r["progress_seconds"]),
+                        top_queries=int(report_cfg["top_queries"]),
+                        matches_per_query=int(report_cfg["matches_per_query"]),
+                        histogram_bins=int(report_cfg["histogram_bins"]), histogram_min=histogram_min,
+                        batch_rows=int(report_cfg["batch_rows"]),
+                        progress_seconds=float(report_cfg["progress_seconds"]),
                         score_column=column)
 
 
-def _thumbnails(result, r, cfg: Config, st, output_url: str):
+def _thumbnails(result, report_cfg, cfg: Config, settings, output_url: str):
     """The thumbnails of the shown queries and their matches (``report.thumbnails``: embedded,
     files or none): ``(thumbs, src_of(uri), reason_of(uri))``."""
     uris = [u for fq in result.top for u in [fq.query_uri, *(m.gallery_uri for m in fq.matches)]]
-    mode = r["thumbnails"]
+    mode = report_cfg["thumbnails"]
     thumbs: dict = {}
     rel: dict[str, str] = {}
     if mode != "none" and uris:
@@ -66,9 +68,10 @@ def _thumbnails(result, r, cfg: Config, st, output_url: str):
         from retrieval.report.thumbs import make_thumbnails, write_thumbnails
         from retrieval.extract.preprocess import DecodePolicy
 
-        thumbs = make_thumbnails(uris, int(r["thumbnail_size"]),
+        thumbs = make_thumbnails(uris, int(report_cfg["thumbnail_size"]),
                                  DecodePolicy.from_config(cfg["preprocess"].to_dict()),
-                                 threads=int(r["thumbnail_threads"]), progress_seconds=st.progress_seconds)
+                                 threads=int(report_cfg["thumbnail_threads"]),
+                                 progress_seconds=settings.progress_seconds)
         if mode == "files":
             rel = write_thumbnails(thumbs, output_url)
 
@@ -87,7 +90,7 @@ def _thumbnails(result, r, cfg: Config, st, output_url: str):
     return thumbs, src_of, reason_of
 
 
-def _summary(results_url: str, output_url: str, truth_url: str | None, generated: str, cfg: Config, st,
+def _summary(results_url: str, output_url: str, truth_url: str | None, generated: str, cfg: Config, settings,
              info, result, thumbs: dict, files: dict) -> dict[str, Any]:
     """``summary.json`` (its timings are added by the caller)."""
     thumb_errors = sum(1 for t in thumbs.values() if t.jpeg is None)
@@ -97,7 +100,7 @@ def _summary(results_url: str, output_url: str, truth_url: str | None, generated
         "output": output_url,
         "truth": truth_url,
         "generated": generated,
-        "thresholds": {"flag": st.threshold, "bands": list(st.bands), "score": st.score_column,
+        "thresholds": {"flag": settings.threshold, "bands": list(settings.bands), "score": settings.score_column,
                        "configured": cfg["report.threshold"]},
         "counts": {
             "queries": info.stage("search").counts.get("queries", result.queries),
@@ -130,9 +133,9 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
     """Write the report for the search output ``results_url`` into ``output_url``; return the
     summary (also written as ``summary.json``)."""
     t0 = time.monotonic()
-    r = cfg["report"]
-    info = runinfo.gather(results_url, errors_shown=int(r["errors_shown"]), verify=bool(r["verify"]))
-    st = settings_from(cfg, info.manifest)
+    report_cfg = cfg["report"]
+    info = runinfo.gather(results_url, errors_shown=int(report_cfg["errors_shown"]), verify=bool(report_cfg["verify"]))
+    settings = settings_from(cfg, info.manifest)
     total_rows = sum(runinfo.check_result_schema(f) for f in info.result_files)
     expected = (info.manifest.get("counts") or {}).get("rows")
     if isinstance(expected, int) and expected != total_rows:
@@ -146,10 +149,10 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
         fs, p = fsio.url_to_fs(summary_url)
         fs.rm(p)
     t_read = time.monotonic()
-    result = scan(info.result_files, output_url, st, truth, total_rows=total_rows)
+    result = scan(info.result_files, output_url, settings, truth, total_rows=total_rows)
     t_scan = time.monotonic()
 
-    thumbs, src_of, reason_of = _thumbnails(result, r, cfg, st, output_url)
+    thumbs, src_of, reason_of = _thumbnails(result, report_cfg, cfg, settings, output_url)
     t_thumbs = time.monotonic()
     generated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     files = {"html": HTML, "flagged_parquet": "flagged.parquet", "flagged_csv": "flagged.csv", "summary": SUMMARY}
@@ -157,7 +160,7 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
     fsio.write_bytes(fsio.join(output_url, HTML), page.encode("utf-8"))
     t_html = time.monotonic()
 
-    summary = _summary(results_url, output_url, truth_url, generated, cfg, st, info, result, thumbs, files)
+    summary = _summary(results_url, output_url, truth_url, generated, cfg, settings, info, result, thumbs, files)
     summary["timings"] = {"read_manifests_s": round(t_read - t0, 3), "scan_s": round(t_scan - t_read, 3),
                           "thumbnails_s": round(t_thumbs - t_scan, 3), "html_s": round(t_html - t_thumbs, 3),
                           "total_s": round(time.monotonic() - t0, 3),

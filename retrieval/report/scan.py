@@ -42,8 +42,8 @@ class ScanSettings:
     bands: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
     top_queries: int = 100
     matches_per_query: int = 5
-    hist_bins: int = 40
-    hist_min: float = 0.0
+    histogram_bins: int = 40
+    histogram_min: float = 0.0
     batch_rows: int = 65536
     progress_seconds: float = 10.0
     score_column: str = "score"      # "norm_score" when the search normalised its scores
@@ -157,13 +157,13 @@ def scan(files: Sequence[str], output_url: str, settings: ScanSettings, truth: T
     """Stream ``files``; write ``flagged.parquet`` and ``flagged.csv`` under ``output_url``; return
     the aggregates and the top flagged queries (with their top matches)."""
     st = settings
-    edges = np.linspace(st.hist_min, 1.0, st.hist_bins + 1)
+    edges = np.linspace(st.histogram_min, 1.0, st.histogram_bins + 1)
     # scores are float32: compare in float32, so a score stored as 0.9 is in the ">= 0.9" band
     bands = np.asarray(st.bands, dtype=np.float32)
     threshold = np.float32(st.threshold)
     res = ScanResult(settings=st, hist_edges=[round(float(e), 6) for e in edges],
                      band_labels=band_labels(st.bands))
-    hist = np.zeros(st.hist_bins, dtype=np.int64)
+    hist = np.zeros(st.histogram_bins, dtype=np.int64)
     band_m = np.zeros(len(bands) + 1, dtype=np.int64)
     band_q = np.zeros(len(bands) + 1, dtype=np.int64)
     hashes: list[np.ndarray] = []

@@ -82,7 +82,7 @@ def _configure_process(job: SearchJob) -> None:
     faiss.omp_set_num_threads(task_threads(job.threads))
 
 
-def load_shard(job: SearchJob, shard_no: int):
+def cached_shard(job: SearchJob, shard_no: int):
     """The searchable shard, from this process's cache (loaded and verified at most once)."""
     from retrieval.index import store
 
@@ -127,7 +127,7 @@ def coarse_task(job: SearchJob, shard_nos: Sequence[int], chunk: Chunk
     k = job.shard_shortlist or job.shortlist
     out = []
     for shard_no in shard_nos:
-        index = load_shard(job, shard_no)
+        index = cached_shard(job, shard_no)
         a = chunk_assignment(job, chunk, index)
         scores, ids = coarse_mod.search_shard(index, None, k, assignment=a, threads=threads)
         out.append((shard_no, scores, ids))

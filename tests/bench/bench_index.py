@@ -170,7 +170,7 @@ def _ours_child(work: Path, master: str, budget_mb: float, n: int) -> None:
     spark.stop()
     xq = np.load(work / "xq.npy")
     t3 = time.monotonic()
-    _, ids = store.search(str(work / "ours"), xq, SHORTLIST)
+    _, ids = store.search_shards(str(work / "ours"), xq, SHORTLIST)
     search_s = time.monotonic() - t3
     from retrieval.index import idmap
 

@@ -47,7 +47,7 @@ def acceptance(asset: str, out: str, shortlist: int) -> dict:
     from retrieval.sample import make_sample, real_photos
     from retrieval.train.data import load_images
     from retrieval.train.default_model import write_manifest
-    from retrieval.train.evaluate import coarse_query_cost, copies_eval_set, evaluate_models, sample_eval_set
+    from retrieval.train.validation import coarse_query_cost, copies_eval_set, evaluate_models, sample_eval_set
 
     models = {"trained (default)": load_delta(asset), "seed heads": build_model()}
     sample = make_sample(os.path.join(out, "sample"), seed=0)

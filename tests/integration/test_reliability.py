@@ -95,7 +95,7 @@ def test_index_task_failure_mid_shard_is_retried_to_the_same_index(world, spark,
     expected = np.sort(np.concatenate([idmap.encode_ids(f["file_no"], np.arange(f["rows"]))
                                        for f in m["feature_files"]]))
     assert np.array_equal(ids, expected)
-    got, want = store.search(idx, world["xq"], 20), store.search(world["index"], world["xq"], 20)
+    got, want = store.search_shards(idx, world["xq"], 20), store.search_shards(world["index"], world["xq"], 20)
     assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
 
 

@@ -213,11 +213,11 @@ def evaluate_job(model: DescriptorModel, job) -> dict:
     from retrieval.extract.checkpoints import model_from_config
     from retrieval.extract.preprocess import DecodePolicy
 
-    t = job.train_cfg
-    images = load_images(t["eval_input"], DecodePolicy.from_config(job.preprocess_cfg), 512)
-    evalset = copies_eval_set(images, copies=int(t["eval_copies"]), seed=int(t["seed"]) + 12345)
+    train_cfg = job.train_cfg
+    images = load_images(train_cfg["eval_input"], DecodePolicy.from_config(job.preprocess_cfg), 512)
+    evalset = copies_eval_set(images, copies=int(train_cfg["eval_copies"]), seed=int(train_cfg["seed"]) + 12345)
     start = model_from_config(job.model_cfg, job.preprocess_cfg)
-    result = evaluate_models({"trained": model, "start": start}, evalset, int(t["eval_shortlist"]))
+    result = evaluate_models({"trained": model, "start": start}, evalset, int(train_cfg["eval_shortlist"]))
     log.info("evaluation: %s", {k: {m: round(v, 4) for m, v in r.items() if isinstance(v, float)}
                                 for k, r in result["models"].items()})
     return result
