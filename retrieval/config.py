@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import warnings
 from importlib import resources
 from typing import Any, Callable, Iterable, Mapping
@@ -259,9 +258,6 @@ class Config(Mapping[str, Any]):
 
     def to_dict(self) -> dict:
         return copy.deepcopy(self._data)
-
-    def to_json(self) -> str:
-        return json.dumps(self._data, sort_keys=True)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
         data = self.to_dict()
