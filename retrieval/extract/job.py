@@ -293,7 +293,7 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
                      num_shards=extract_cfg.num_shards, batch_size=extract_cfg.batch_size, storage=extract_cfg.storage,
                      threads=extract_cfg.threads, row_group_size=extract_cfg.row_group_size,
                      progress_seconds=extract_cfg.progress_seconds, key_column=extract_cfg.key_column,
-                     bytes_column=extract_cfg.bytes_column, faults=cfg["faults"].to_dict(),
+                     bytes_column=extract_cfg.bytes_column, faults=faults.configured(),
                      storage_options=cfg["io.storage_options"])
     outputs.begin(output_url)
     todo, done = plan_shards(listing, job, extract_cfg.mode)

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retrieval import fsio, outputs
+from retrieval import faults, fsio, outputs
 from retrieval.config import Config
 from retrieval.engine import Engine, as_engine
 from retrieval.index import dedup, layout, skipped_rows
@@ -270,7 +270,7 @@ def _shards(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, queries:
     fsio.remove_stale(output_url, "shard", ("_shards",), keep=set(range(first_shard)) | {s.shard for s in slices})
     job = ShardJob(output=output_url, trained_sha256=trained.sha256, batch_rows=int(index_cfg["batch_rows"]),
                    threads=index_cfg["threads"], queries=queries.quality, source_ids=queries.source_ids, k=K,
-                   grid=plan.params.nprobe_grid, faults=run.cfg["faults"].to_dict(),
+                   grid=plan.params.nprobe_grid, faults=faults.configured(),
                    storage_options=run.storage_options, progress_seconds=run.every)
     trained_ref = run.engine.broadcast(trained.data)
     try:

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval import fsio, integrity, outputs
+from retrieval import faults, fsio, integrity, outputs
 from retrieval.engine import Engine, as_engine
 from retrieval.schema import RESULT_SCHEMA, conform_results
 from retrieval.search import blocks as blocks_mod
@@ -137,7 +137,7 @@ def make_job(output_url: str, index_url: str, index_manifest: dict, qfiles: list
         vector_cache_mb=search_cfg.vector_cache_mb, shard_cache=search_cfg.shard_cache,
         threads=search_cfg.threads, verify=search_cfg.verify,
         chunks=tuple(q_mod.plan_chunks(qrows, search_cfg.query_chunk)),
-        faults=cfg["faults"].to_dict(), storage_options=cfg["io.storage_options"], background=background)
+        faults=faults.configured(), storage_options=cfg["io.storage_options"], background=background)
     return plan_rerank(job, search_cfg.rerank)
 
 

@@ -10,7 +10,7 @@ Resumable: every step leaves a completion marker in ``--workdir`` and is skipped
 ``_manifest.json``; measurements: ``*.json`` beside them), so a killed run is restarted by running
 the same command again.
 
-1. **gallery**: N rows of ``retrieval.synthetic`` (default ``SyntheticSpec``, seed 0: 128-d coarse +
+1. **gallery**: N rows of ``tests/synthetic.py`` (default ``SyntheticSpec``, seed 0: 128-d coarse +
    512-d fine, stored int8 as extraction does), written as ``--parts`` complete feature outputs of
    N / parts rows each (``synthetic.gallery_chunks(first=...)``): at most one part's vectors are in
    memory at a time.
@@ -108,7 +108,7 @@ def wait_for_disk(path: Path, need: int, margin: int = 3 << 30, patience_s: floa
 
 
 def write_gallery(work: Path, n: int, parts: int) -> tuple[list[str], dict]:
-    from retrieval import synthetic
+    from tests import synthetic
 
     step = n // parts
     if step % synthetic.CHUNK:
@@ -133,7 +133,7 @@ def write_gallery(work: Path, n: int, parts: int) -> tuple[list[str], dict]:
 
 
 def write_queries(work: Path, n: int, match: int, nomatch: int) -> tuple[str, np.ndarray]:
-    from retrieval import synthetic
+    from tests import synthetic
 
     url, src = work / "queries", work / "sources.npy"
     if not (url / "_manifest.json").exists():

@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from faiss.contrib.evaluation import check_ref_knn_with_draws
 
-from retrieval import config, synthetic
+from retrieval import config
+
+from tests import synthetic
 from retrieval.cli import main
 from retrieval.index import idmap, store
 from retrieval.index.build import build_index
@@ -227,13 +229,14 @@ def test_append_equals_from_scratch_with_same_quantizer(built, data, tmp_path):
         build_index([data["b"]], idx, cfg(), append=True)
 
 
-def test_resume_after_failed_shard(built, data, tmp_path, spark):
+def test_resume_after_failed_shard(built, data, tmp_path, spark, monkeypatch):
     """A Spark task that fails mid-shard is retried: same bytes. A run that died (one shard file
     missing, one corrupted, a temp file left, no manifest) resumes: finished shards reused."""
     out, m0 = built
     idx = str(tmp_path / "idx")
-    m = build_index([data["a"]], idx, cfg("faults.stage=index", "faults.task=1", "faults.after_items=1000"),
-                    engine=spark)
+    monkeypatch.setenv("RETRIEVAL_FAULTS", "stage=index,task=1,after_items=1000")
+    m = build_index([data["a"]], idx, cfg(), engine=spark)
+    monkeypatch.delenv("RETRIEVAL_FAULTS")
     assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in m0["shards"]]
     markers = [json.load(open(os.path.join(idx, "_shards", f"shard-{i:05d}.json"))) for i in range(3)]
     assert [mk["attempt"] for mk in markers] == [0, 1, 0]  # shard 1 failed once, then succeeded

@@ -5,7 +5,7 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval import synthetic
+from tests import synthetic
 from retrieval.extract.job import read_features
 from retrieval.index import idmap
 from retrieval.schema import fine_matrix

@@ -61,7 +61,7 @@ def test_config_sections_are_the_configured_stages():
         sections = set(yaml.safe_load(fh))
     assert CONFIGURED <= set(cli.STAGES) and CONFIGURED <= sections
     assert not sections & {"features", "audit", "training", "build_index", "build-index"}
-    assert sections - CONFIGURED == {"spark", "io", "model", "preprocess", "faults"}   # not stages
+    assert sections - CONFIGURED == {"spark", "io", "model", "preprocess"}   # not stages
 
 
 def test_dag_task_ids_are_stage_names():
