@@ -35,10 +35,10 @@ import numpy as np
 import pyarrow as pa
 
 from retrieval import fsio, integrity, outputs
-from retrieval.metrics import Truth, micro_ap, operating_points, precision_recall, read_truth
+from retrieval.metrics import (METRICS, Truth, micro_ap, operating_points, precision_recall, read_truth,  # noqa: F401
+                               threshold_from_evaluation)
 
 log = logging.getLogger(__name__)
-METRICS = "metrics.json"
 PLOT = "pr_curve.png"
 THRESHOLD_PRECISIONS = (0.9, 0.95)     # evaluate writes the report thresholds at these precisions
 
@@ -168,7 +168,7 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
     """The exact 512-d top ``evaluate.exact_k`` of every query, as a result table (same columns
     as the search output that matter here: query_id, rank, gallery_id, score, and norm_score
     when ``background`` (:class:`~retrieval.search.normalize.Background`) is given)."""
-    from retrieval.extract.job import read_features
+    from retrieval.extract.features import read_features
     from retrieval.index import idmap, store
     from retrieval.schema import fine_matrix
 
@@ -209,32 +209,8 @@ def thresholds(metrics: dict, column: str, curve: dict) -> dict:
             "recall": {str(p): (r_at_p[str(p)] or {}).get("recall") for p in THRESHOLD_PRECISIONS}}
 
 
-def threshold_from_evaluation(url: str, precision: float, column: str) -> float:
-    """The threshold ``retrieval evaluate`` wrote at ``precision`` (``url``: its metrics.json or
-    the folder holding it); refused when it was measured on another score column."""
-    if not url.endswith(".json"):
-        url = fsio.join(url, METRICS)
-    try:
-        m = fsio.read_json(url)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"report.threshold.from_evaluation: {url} not found") from None
-    th = m.get("thresholds") if isinstance(m, dict) else None
-    if not th or m.get("stage") != "evaluate":
-        raise ValueError(f"report.threshold.from_evaluation: {url} is not the metrics.json of "
-                         "`retrieval evaluate` (no thresholds)")
-    if th.get("score") != column:
-        raise ValueError(f"report.threshold.from_evaluation: {url} measured thresholds on "
-                         f"{th.get('score')!r}, but these results are scored by {column!r} "
-                         "(normalised and raw scores are on different scales)")
-    value = th.get("precision", {}).get(str(precision))
-    if value is None:
-        raise ValueError(f"report.threshold.from_evaluation: {url} never reached precision {precision} "
-                         "(no threshold at that precision)")
-    return float(value)
-
-
 def _is_int8(features_url: str) -> bool:
-    from retrieval.extract.job import read_manifest
+    from retrieval.extract.features import read_manifest
 
     return read_manifest(features_url).get("storage") == "int8"
 
@@ -244,7 +220,7 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
              ) -> dict:
     """Write ``metrics.json`` and ``pr_curve.png`` under ``output_url`` (default
     ``<results>/eval``); returns the metrics."""
-    from retrieval.search import read_results
+    from retrieval.search.results import read_results
     from retrieval.search.normalize import score_column
 
     t0 = time.monotonic()

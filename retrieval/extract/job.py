@@ -27,11 +27,12 @@ from retrieval import faults, fsio, outputs
 from retrieval.config import Config
 from retrieval.engine import Engine, as_engine, task_attempt
 from retrieval.extract import inputs as inputs_mod
+from retrieval.extract.features import binary_int8_fine, read_features, read_manifest  # noqa: F401 (their old home)
 from retrieval.extract.preprocess import DecodePolicy, ImageError, prepare
 from retrieval.extract.task import encode, task_model
 from retrieval.progress import Progress
-from retrieval.schema import (DICTIONARY_COLUMNS, ERROR_SCHEMA, column_matrix, feature_compression,
-                              feature_schema, int8_to_arrow, quantize_int8, vectors_to_arrow)
+from retrieval.schema import (DICTIONARY_COLUMNS, ERROR_SCHEMA, feature_compression, feature_schema,
+                              int8_to_arrow, quantize_int8, vectors_to_arrow)
 
 log = logging.getLogger(__name__)
 
@@ -330,38 +331,3 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
              counts["ok"], counts["errors"], counts["shards"], counts["shards_skipped"],
              manifest["timings"]["total_s"], output_url)
     return manifest
-
-
-def read_manifest(output_url: str) -> dict:
-    """The manifest of a COMPLETE extraction output (clear error otherwise)."""
-    return outputs.read(output_url, "extract")
-
-
-def binary_int8_fine(table: pa.Table) -> pa.Table:
-    """A shard written before int8 codes were stored as ``fixed_size_binary`` (a
-    ``fixed_size_list<int8>`` column) converted to the current form, so the shards of an output
-    extended incrementally across that change concatenate."""
-    if "fine" not in table.column_names:
-        return table
-    ftype = table.schema.field("fine").type
-    if not (pa.types.is_fixed_size_list(ftype) and ftype.value_type == pa.int8()):
-        return table
-    i = table.column_names.index("fine")
-    return table.set_column(i, pa.field("fine", pa.binary(ftype.list_size)),
-                            int8_to_arrow(column_matrix(table.column("fine"))))
-
-
-def read_features(output_url: str, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
-    """All feature rows of a complete output (verifying each shard's sha256)."""
-    manifest = read_manifest(output_url)
-    tables = []
-    for s in manifest["shards"]:
-        url = fsio.join(output_url, fsio.safe_relpath(s["file"]))
-        if verify and fsio.sha256_file(url) != s["sha256"]:
-            raise ValueError(f"feature shard {url} does not match the sha256 in its manifest "
-                             "(truncated or altered)")
-        tables.append(binary_int8_fine(fsio.read_parquet(url, columns=columns)))
-    if not tables:
-        schema = feature_schema(storage=manifest.get("storage", "float32"))
-        return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-    return pa.concat_tables(tables)

@@ -35,7 +35,7 @@ def settings_from(cfg: Config, search_manifest: dict | None = None) -> ScanSetti
     """Scan settings; the score is ``norm_score`` when the search normalised (its manifest's
     ``params.normalize``), and ``report.threshold: {from_evaluation: URL, precision: p}`` is the
     threshold ``retrieval evaluate`` measured at precision p on that same score."""
-    from retrieval.evaluate import threshold_from_evaluation
+    from retrieval.metrics import threshold_from_evaluation
     from retrieval.search.normalize import score_column
 
     report_cfg = cfg["report"]

@@ -14,18 +14,18 @@ import logging
 import time
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval import faults, fsio, integrity, outputs
 from retrieval.engine import Engine, as_engine
-from retrieval.schema import RESULT_SCHEMA, conform_results
+from retrieval.schema import RESULT_SCHEMA
 from retrieval.search import blocks as blocks_mod
 from retrieval.search import coarse as coarse_mod
 from retrieval.search import normalize as normalize_mod
 from retrieval.search import queries as q_mod
 from retrieval.search import vectors
 from retrieval.search.engines import run_local, run_spark
+from retrieval.search.results import read_results  # noqa: F401 (its old home)
 from retrieval.search.tasks import SearchJob, part_name
 
 log = logging.getLogger(__name__)
@@ -234,15 +234,3 @@ def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: di
         "chunks": [{k: v for k, v in s.items() if k not in ("file", "sha256")} for s in stats],
         "blocks": block_stats, "timings": timings,
     }
-
-
-def read_results(output_url: str) -> pa.Table:
-    """All result rows of a COMPLETE search output (files checked against the manifest)."""
-    m = outputs.read(output_url, "search")
-    tables = []
-    for f in m.get("files", []):
-        url = fsio.join(output_url, fsio.safe_relpath(f["file"]))
-        if f.get("sha256") and fsio.sha256_file(url) != f["sha256"]:
-            raise ValueError(f"result file {url} does not match the sha256 in {outputs.marker_url(output_url)}")
-        tables.append(conform_results(fsio.read_parquet(url)))
-    return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()

@@ -1,4 +1,4 @@
-"""The three training stages of METHOD.md, resumable and data-parallel.
+"""The three training stages of the method (docs/method.md), resumable and data-parallel.
 
 1. ``backbone``: InfoNCE (temperature ``train.temperature``) between the L2-normalised GeM-pooled
    features of an anchor view at R_hi and a positive view at R_lo of the same image; the other images
@@ -31,7 +31,7 @@ a resumed run and a data-parallel run draw the same batches.
 
 This module is the loop and the entry points; the pieces live by role in :mod:`.job` (settings),
 :mod:`.trainable` (what each stage trains), :mod:`.losses`, :mod:`.teacher`, :mod:`.cache`,
-:mod:`.steps` (one step of each stage) and :mod:`.checkpoints` (state, checkpoints, resume).
+:mod:`.steps` (one step of each stage) and :mod:`.saving` (state, checkpoints, resume).
 """
 from __future__ import annotations
 

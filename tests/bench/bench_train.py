@@ -46,7 +46,7 @@ def acceptance(asset: str, out: str, shortlist: int) -> dict:
     from retrieval.extract.model import build_model
     from retrieval.sample import make_sample, real_photos
     from retrieval.train.data import load_images
-    from retrieval.train.default_model import write_manifest
+    from retrieval.recipes.default_model import write_manifest
     from retrieval.train.validation import coarse_query_cost, copies_eval_set, evaluate_models, sample_eval_set
 
     models = {"trained (default)": load_delta(asset), "seed heads": build_model()}
@@ -71,7 +71,7 @@ def dist_vs_single(out: str) -> dict:
     from retrieval.config import load
     from retrieval.sample import real_photos
     from retrieval.sparkutil import get_spark
-    from retrieval.train.default_model import write_manifest
+    from retrieval.recipes.default_model import write_manifest
     from retrieval.train.trainer import TrainJob, run_distributed, run_training
 
     photos = write_manifest(real_photos("train")[:16], os.path.join(out, "train16.csv"))
