@@ -202,7 +202,7 @@ def _fmt_time(s: float) -> str:
     return f"{s / 3600:,.1f} h"
 
 
-def _extract_stage(n: int, cluster: Cluster, cfg, images_per_feature_shard: int) -> tuple[int, float, str, float]:
+def _extract_estimate(n: int, cluster: Cluster, cfg, images_per_feature_shard: int) -> tuple[int, float, str, float]:
     """Extraction: linear in N, embarrassingly parallel: ``(tasks, wall, basis, storage)``."""
     r = RATES
     feature_shards = max(1, math.ceil(n / images_per_feature_shard))
@@ -260,7 +260,8 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
     shortlist = auto_shortlist(n) if shortlist in ("auto", 0) else int(shortlist)   # auto: the size rule
     ip, dim, cores = index_params(n, cfg, vectors_per_index_shard), 128, cluster.cores
     read_bw = min(r["read_bytes_per_executor_s"] * cluster.executors, r["fine_decode_bytes_per_core_s"] * cores)
-    feature_shards, extract_s, extract_basis, feature_bytes = _extract_stage(n, cluster, cfg, images_per_feature_shard)
+    feature_shards, extract_s, extract_basis, feature_bytes = _extract_estimate(n, cluster, cfg,
+                                                                                 images_per_feature_shard)
     # index: one read of the features, k-means on a bounded sample (driver), N adds over the shards
     index_shards = max(1, math.ceil(n / vectors_per_index_shard))
     scan_s = feature_bytes / read_bw
@@ -329,7 +330,7 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
             "stages": stages, "warnings": warnings, "rates": dict(RATES)}
 
 
-def render(p: dict) -> str:
+def render_plan(p: dict) -> str:
     c = p["cluster"]
     lines = [f"Plan for {p['images']:,} gallery images and {p['queries']:,} queries on "
              f"{c['executors']} executors x {c['executor_cores']} cores, {c['executor_memory_gb']:g} GB"
@@ -354,5 +355,5 @@ def run_cli(args, cfg, engine) -> dict:
     p = plan(int(args.images), cluster, queries=int(getattr(args, "queries", 10_000_000)),
              shortlist=cfg["search.shortlist"], query_chunk=cfg["search.query_chunk"],
              row_group_size=cfg["extract.row_group_size"], cfg=cfg)
-    print(render(p))
+    print(render_plan(p))
     return None

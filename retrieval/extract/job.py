@@ -284,7 +284,7 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
     t0 = time.monotonic()
     engine = as_engine(engine)
     extract_cfg = cfg.extract
-    outputs.prepare(output_url, cfg["io.storage_options"])
+    outputs.configure_and_check_writable(output_url, cfg["io.storage_options"])
     model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict())
     listing = inputs_mod.list_inputs(input_url, extract_cfg.input_format, extract_cfg.num_shards,
                                      extract_cfg.key_column, extract_cfg.bytes_column)

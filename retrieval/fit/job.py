@@ -47,7 +47,7 @@ class FitJob:
     bytes_column: str | None = None
 
 
-def pooled_features(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[str, bytes | None, bytes | None, str | None]]:
+def pooled_feature_rows(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[str, bytes | None, bytes | None, str | None]]:
     """``(image_id, pooled R_hi float16 bytes, pooled R_lo float16 bytes, error)`` per row."""
     import torch
 
@@ -89,7 +89,7 @@ def pooled_features(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[str,
 
 
 def _partition(job: FitJob, rows: Iterator[tuple[str, str]]) -> Iterator[tuple]:
-    yield from pooled_features(job, list(rows))
+    yield from pooled_feature_rows(job, list(rows))
 
 
 def sample_rows(listing, sample: int, seed: int) -> list[tuple[str, str]]:

@@ -104,10 +104,10 @@ def find_from_hashes(files: Sequence[FeatureFile], hashes: dict[int, np.ndarray]
                            idmap.encode_ids(file_no - base, row), ["image_id"]).column("image_id")
     occ = pa.table({"image_id": ids.cast(pa.string()), "file_no": pa.array(file_no), "row": pa.array(row)},
                    schema=ID_SCHEMA)
-    return resolve(occ, first_new)
+    return resolve_duplicates(occ, first_new)
 
 
-def resolve(occurrences: pa.Table, first_new: int) -> Duplicates:
+def resolve_duplicates(occurrences: pa.Table, first_new: int) -> Duplicates:
     """From all occurrences of the duplicated ids: which rows of files >= ``first_new`` to skip."""
     out = Duplicates()
     if occurrences.num_rows == 0:
@@ -139,7 +139,7 @@ def find_local(files: Sequence[FeatureFile], first_new: int) -> Duplicates:
     table = pa.concat_tables([ids_table(f) for f in files])
     counts = table.group_by("image_id").aggregate([("image_id", "count")])
     dup_ids = counts.filter(pc.greater(counts.column("image_id_count"), 1)).column("image_id")
-    return resolve(table.filter(pc.is_in(table.column("image_id"), value_set=dup_ids.combine_chunks())),
+    return resolve_duplicates(table.filter(pc.is_in(table.column("image_id"), value_set=dup_ids.combine_chunks())),
                    first_new)
 
 
@@ -172,4 +172,4 @@ def find_spark(engine, files: Sequence[FeatureFile], first_new: int,
         ids.repartition(parts, "image_id")
         .selectExpr("image_id", "file_no", "row", "count(1) OVER (PARTITION BY image_id) AS n")
         .filter("n > 1").select("image_id", "file_no", "row").toArrow()))
-    return resolve(occ.select(["image_id", "file_no", "row"]).cast(ID_SCHEMA), first_new)
+    return resolve_duplicates(occ.select(["image_id", "file_no", "row"]).cast(ID_SCHEMA), first_new)

@@ -114,7 +114,7 @@ def _stage_rows(stages: Sequence[StageInfo]) -> list[list[Any]]:
     return rows
 
 
-def render(info: RunInfo, scan: ScanResult, src_of: Callable[[str], str | None],
+def render_page(info: RunInfo, scan: ScanResult, src_of: Callable[[str], str | None],
            reason_of: Callable[[str], str], generated: str, files: Mapping[str, str]) -> str:
     """The page (``report.html.j2``); ``src_of(uri)`` is a thumbnail's ``src`` (None: no thumbnail,
     then ``reason_of(uri)`` says why)."""

@@ -20,7 +20,7 @@ from typing import Any
 
 from retrieval import fsio, outputs
 from retrieval.report import runinfo
-from retrieval.report.html import render
+from retrieval.report.html import render_page
 from retrieval.report.scan import ScanSettings, scan
 from retrieval.config import Config
 from retrieval.metrics import read_truth
@@ -156,7 +156,7 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
     t_thumbs = time.monotonic()
     generated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     files = {"html": HTML, "flagged_parquet": "flagged.parquet", "flagged_csv": "flagged.csv", "summary": SUMMARY}
-    page = render(info, result, src_of, reason_of, generated, files)
+    page = render_page(info, result, src_of, reason_of, generated, files)
     fsio.write_bytes(fsio.join(output_url, HTML), page.encode("utf-8"))
     t_html = time.monotonic()
 

@@ -162,7 +162,7 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
     t0 = time.monotonic()
     engine = as_engine(engine)
     search_cfg = cfg.search
-    outputs.prepare(output_url, cfg["io.storage_options"])
+    outputs.configure_and_check_writable(output_url, cfg["io.storage_options"])
     index_manifest = store.read_index_manifest(index_url)
     # before anything is written: a background of another model is an error, not an empty output
     background = normalize_mod.load_background(search_cfg.normalize, index_manifest,

@@ -89,7 +89,7 @@ def batch_indices(seed: int, stage: int, step: int, n: int, size: int) -> np.nda
     return view_rng(seed, 1000 + stage, step).permutation(n)[:size]
 
 
-def _threads(job: TrainJob, d: Dist) -> int:
+def _torch_threads(job: TrainJob, d: Dist) -> int:
     configured = job.train_cfg["threads"]
     if configured != "auto" and int(configured) > 0:
         return int(configured)
@@ -168,7 +168,7 @@ def run_training(job: TrainJob, d: Dist | None = None) -> dict:
     """Run the selected stages (``train.stages``) of ``job``; returns the final model card."""
     d = d or Dist()
     threads = torch.get_num_threads()
-    torch.set_num_threads(_threads(job, d))
+    torch.set_num_threads(_torch_threads(job, d))
     try:
         return _run_training(job, d)
     finally:
