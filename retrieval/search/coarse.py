@@ -142,15 +142,15 @@ def shard_shortlist(shortlist: int, n_shards: int, configured: int | str = "auto
 @dataclass(frozen=True)
 class Assignment:
     """The ``nprobe`` IVF cells of each query (``cells``, ``cell_scores``: ``nq x nprobe``) and the
-    queries as the IVF level sees them (``xt``: after any transform such as OPQ). Every shard of an
+    queries as the IVF level sees them (``queries``: after any transform such as OPQ). Every shard of an
     index shares one trained quantizer, so one assignment serves all of them."""
-    xt: np.ndarray
+    queries: np.ndarray
     cell_scores: np.ndarray
     cells: np.ndarray
 
     @property
     def nbytes(self) -> int:
-        return self.xt.nbytes + self.cell_scores.nbytes + self.cells.nbytes
+        return self.queries.nbytes + self.cell_scores.nbytes + self.cells.nbytes
 
 
 def _ivf(index):
@@ -190,7 +190,7 @@ def search_shard(index, xq: np.ndarray | None, k: int, assignment: Assignment | 
     ``search_preassigned``, in ``threads`` slices of the queries, each scanned by one thread
     (faiss releases the GIL), which is faster than faiss's own parallel loop for this call; ``xq``
     is then not needed (the assignment holds the queries)."""
-    xq = assignment.xt if assignment is not None else np.ascontiguousarray(xq, dtype=np.float32)
+    xq = assignment.queries if assignment is not None else np.ascontiguousarray(xq, dtype=np.float32)
     if len(xq) == 0 or index.ntotal == 0:
         return (np.full((len(xq), k), -np.inf, np.float32), np.full((len(xq), k), -1, np.int64))
     if assignment is None:
@@ -208,7 +208,7 @@ def search_shard(index, xq: np.ndarray | None, k: int, assignment: Assignment | 
             lo, hi = bounds[part], bounds[part + 1]
             if len(bounds) > 2:
                 faiss.omp_set_num_threads(1)     # this (pool) thread's OpenMP setting only
-            return ivf.search_preassigned(a.xt[lo:hi], k, a.cells[lo:hi], a.cell_scores[lo:hi])
+            return ivf.search_preassigned(a.queries[lo:hi], k, a.cells[lo:hi], a.cell_scores[lo:hi])
 
         if len(bounds) == 2:
             scores, ids = scan(0)
