@@ -349,7 +349,9 @@ def _set(data: dict, key: str, value: Any, source: str) -> None:
     try:
         default = _default_of(key, base)
     except (KeyError, TypeError):
-        raise ConfigError(f"{source}: unknown config key {key!r}") from None
+        hint = ("; fault injection is no longer configured: it is a test hook, the environment variable "
+                "RETRIEVAL_FAULTS (docs/reliability.md)") if key.split(".")[0] == "faults" else ""
+        raise ConfigError(f"{source}: unknown config key {key!r}{hint}") from None
     if isinstance(default, dict) and key not in FREE_MAPPINGS:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: config key {key!r} is a section, got {value!r}")
