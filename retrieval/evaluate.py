@@ -172,7 +172,7 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
     from retrieval.index import idmap, store
     from retrieval.schema import fine_matrix
 
-    ev = cfg.evaluate
+    evaluate_cfg = cfg.evaluate
     manifest = store.read_index_manifest(index_url)
     integrity.verify_files([(f["url"], f.get("sha256")) for f in manifest["feature_files"]],
                            "gallery feature file", store.manifest_url(index_url))
@@ -181,7 +181,8 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
     t0 = time.monotonic()
     files = store.feature_file_urls(manifest)
     q_fine = fine_matrix(qt)
-    s, i = exact_search(q_fine, files, ev.exact_k, ev.exact_batch_rows, ev.exact_query_chunk)
+    s, i = exact_search(q_fine, files, evaluate_cfg.exact_k, evaluate_cfg.exact_batch_rows,
+                        evaluate_cfg.exact_query_chunk)
     norm = None
     if background is not None:
         from retrieval.search.normalize import normalized
@@ -224,7 +225,7 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
     from retrieval.search.normalize import score_column
 
     t0 = time.monotonic()
-    ev = cfg.evaluate
+    evaluate_cfg = cfg.evaluate
     fsio.configure(cfg["io.storage_options"])
     output_url = output_url or fsio.join(results_url, "eval")
     fsio.ensure_writable(output_url)
@@ -235,7 +236,8 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
     column = score_column(search_manifest)
     d = results.select(["query_id", "rank", "gallery_id", column]).to_pydict()
     metrics, curve = evaluate_results(d["query_id"], d["rank"], d["gallery_id"], d[column], truth,
-                                      ev.recall_at, ev.precision_at_recall, ev.recall_at_precision)
+                                      evaluate_cfg.recall_at, evaluate_cfg.precision_at_recall,
+                                      evaluate_cfg.recall_at_precision)
     out: dict[str, Any] = {"stage": "evaluate", "results": results_url, "truth": truth_url,
                            "model_version": search_manifest.get("model_version"),
                            "search_params": search_manifest.get("params"), **metrics,
@@ -256,14 +258,14 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
         exact, seconds = exact_results(qf, exact_index, cfg, background)
         e = exact.to_pydict()
         e_metrics, exact_curve = evaluate_results(e["query_id"], e["rank"], e["gallery_id"], e[column],
-                                                  truth, ev.recall_at, ev.precision_at_recall,
-                                                  ev.recall_at_precision)
+                                                  truth, evaluate_cfg.recall_at, evaluate_cfg.precision_at_recall,
+                                                  evaluate_cfg.recall_at_precision)
         per_query: dict[str, list[tuple[int, str]]] = defaultdict(list)
         for q, r, g in zip(e["query_id"], e["rank"], e["gallery_id"]):
             per_query[q].append((r, g))
         qids = sorted(per_query)
         cmp = compare_with_exact(results, qids, [[g for _, g in sorted(per_query[q])] for q in qids],
-                                 ev.exact_k)
+                                 evaluate_cfg.exact_k)
         # of the matching queries the exact search ranks right, how many the two-stage search does
         exact_hits = {q for q in truth.matching_queries if per_query.get(q) and
                       sorted(per_query[q])[0][1] in truth.matches[q]}
