@@ -7,4 +7,7 @@ both).
 - :mod:`retrieval.recipes.default_model`: the shipped default model: training images from the
   Debian photo packages, ``retrieval train`` with the recipe's settings, then ``retrieval fit``,
   exported as the packaged delta with its model card.
+
+The end-to-end demo (sample -> fit -> extract -> index -> search -> evaluate -> report) is a recipe
+too, written against the command line: ``scripts/demo.sh``.
 """
