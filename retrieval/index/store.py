@@ -136,6 +136,16 @@ def search_shards(index_url: str, x: np.ndarray, k: int, nprobe: int | None = No
     return best_s, best_i
 
 
+def search(*args, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Deprecated until 0.3: the old name of :func:`search_shards` (the search stage is
+    :func:`retrieval.search.job.search`)."""
+    import warnings
+
+    warnings.warn("retrieval.index.store.search is deprecated and will be removed in 0.3: use "
+                  "retrieval.index.store.search_shards", FutureWarning, stacklevel=2)
+    return search_shards(*args, **kwargs)
+
+
 def load_merged(index_url: str, manifest: dict | None = None, verify: bool = True) -> faiss.Index:
     """The single on-disk index written by ``--merge-ondisk`` (memory-mapped; local output only)."""
     manifest = manifest or read_index_manifest(index_url)

@@ -99,6 +99,9 @@ def test_sharded_equals_single_index(built, data):
     d_ref, i_ref = ref.search(data["xq"], 50)
     d, i = store.search_shards(out, data["xq"], 50)
     check_ref_knn_with_draws(d_ref, i_ref, d, i)
+    with pytest.warns(FutureWarning, match="store.search is deprecated.*search_shards"):
+        d_old, i_old = store.search(out, data["xq"], 50)     # the name before 0.2, until 0.3
+    assert np.array_equal(i_old, i) and np.array_equal(d_old, d)
     # and each loaded shard is a plain searchable faiss index returning gallery ids
     shard = store.load_shard(out, 1, m)
     assert shard.ntotal == m["shards"][1]["ntotal"]
