@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable, Iterable, Mapping
@@ -31,13 +31,20 @@ class ConfigError(ValueError):
 NULLABLE: dict[str, type] = {
     "model.checkpoint": str,
     "model.onnx_file": str,
-    "extract.key_column": str,
-    "extract.bytes_column": str,
     "train.eval_input": str,
     "train.teacher": str,
     "search.coarse_threshold": float,
     "search.match_threshold": float,
     "search.normalize.background": str,
+}
+
+# "choose for me" is spelled `auto` in every key. These keys spelled it 0 or null before 0.2: the old
+# spelling is still accepted (read as auto) with a deprecation warning until 0.3. A key's other values:
+# a positive int, or (the two column keys) a column name.
+AUTO_OLD_SPELLING: dict[str, Any] = {
+    "extract.threads": 0, "index.threads": 0, "search.threads": 0, "fit.threads": 0, "train.threads": 0,
+    "index.nlist": 0, "index.nprobe": 0, "search.nprobe": 0, "search.shortlist": 0,
+    "search.shard_shortlist": 0, "extract.key_column": None, "extract.bytes_column": None,
 }
 
 # keys that take either a number or the word "auto"
@@ -52,7 +59,7 @@ NUMBER_OR_MAPPING: dict[str, dict[str, type]] = {
 FREE_MAPPINGS = {"spark.conf", "io.storage_options"}
 
 
-# value rules of the sections no stage owns (model, preprocess, faults); each stage declares the rules
+# value rules of the sections no stage owns (model, preprocess); each stage declares the rules
 # of its own section (retrieval/stage.py, collected by retrieval.registry.load_config)
 CHECKS: dict[str, Check] = {
     "model.backbone": choice("mobilenet_v2", "resnet18", "resnet50", "torchscript", "onnx"),
@@ -69,9 +76,6 @@ CHECKS: dict[str, Check] = {
     "preprocess.max_pixels": positive,
     "preprocess.min_side": positive,
     "preprocess.max_aspect": lambda v: None if v >= 1 else "must be >= 1",
-    "faults.stage": choice("", "extract", "index", "search"),
-    "faults.kind": choice("raise", "kill"),
-    "faults.after_items": non_negative,
 }
 
 
@@ -155,9 +159,6 @@ class Config(Mapping[str, Any]):
     def to_dict(self) -> dict:
         return copy.deepcopy(self._data)
 
-    def to_json(self) -> str:
-        return json.dumps(self._data, sort_keys=True)
-
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
         data = self.to_dict()
         for key, value in overrides.items():
@@ -182,7 +183,25 @@ def _default_of(key: str, base: dict) -> Any:
     return node
 
 
+def _coerce_auto(key: str, value: Any, source: str) -> Any:
+    """A key of :data:`AUTO_OLD_SPELLING`: ``auto`` (also for the old spelling, with a warning), an
+    int, or (a column key) a string."""
+    old = AUTO_OLD_SPELLING[key]
+    if value == "auto":
+        return value
+    if value is old or (old == 0 and isinstance(value, int) and not isinstance(value, bool) and value == 0):
+        warnings.warn(f"{source}: config key {key!r} = {value!r} is deprecated and will be removed in 0.3: "
+                      f"use {key}: auto", FutureWarning, stacklevel=4)
+        return "auto"
+    want = str if old is None else int
+    if not isinstance(value, want) or isinstance(value, bool):
+        raise ConfigError(f"{source}: config key {key!r} must be 'auto' or {want.__name__}, got {value!r}")
+    return value
+
+
 def _coerce(key: str, value: Any, default: Any, source: str, rules: Rules = CORE) -> Any:
+    if key in AUTO_OLD_SPELLING:
+        return _coerce_auto(key, value, source)
     nullable = {**NULLABLE, **rules.nullable}
     if value is None:
         if default is None or key in nullable:
@@ -234,7 +253,9 @@ def _set(data: dict, key: str, value: Any, source: str, rules: Rules = CORE) -> 
     try:
         default = _default_of(key, base)
     except (KeyError, TypeError):
-        raise ConfigError(f"{source}: unknown config key {key!r}") from None
+        hint = ("; fault injection is no longer configured: it is a test hook, the environment variable "
+                "RETRIEVAL_FAULTS (docs/reliability.md)") if key.split(".")[0] == "faults" else ""
+        raise ConfigError(f"{source}: unknown config key {key!r}{hint}") from None
     if isinstance(default, dict) and key not in FREE_MAPPINGS:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: config key {key!r} is a section, got {value!r}")

@@ -35,11 +35,11 @@ import numpy as np
 import pyarrow as pa
 
 from retrieval import fsio, integrity, outputs
-from retrieval.metrics import Truth, micro_ap, operating_points, precision_recall, read_truth
+from retrieval.metrics import (METRICS, Truth, micro_ap, operating_points, precision_recall, read_truth,  # noqa: F401
+                               threshold_from_evaluation)
 from retrieval.stage import Stage, arg, positive
 
 log = logging.getLogger(__name__)
-METRICS = "metrics.json"
 PLOT = "pr_curve.png"
 THRESHOLD_PRECISIONS = (0.9, 0.95)     # evaluate writes the report thresholds at these precisions
 
@@ -169,11 +169,11 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
     """The exact 512-d top ``evaluate.exact_k`` of every query, as a result table (same columns
     as the search output that matter here: query_id, rank, gallery_id, score, and norm_score
     when ``background`` (:class:`~retrieval.search.normalize.Background`) is given)."""
-    from retrieval.extract.job import read_features
+    from retrieval.extract.features import read_features
     from retrieval.index import idmap, store
     from retrieval.schema import fine_matrix
 
-    ev = cfg.evaluate
+    evaluate_cfg = cfg.evaluate
     manifest = store.read_index_manifest(index_url)
     integrity.verify_files([(f["url"], f.get("sha256")) for f in manifest["feature_files"]],
                            "gallery feature file", store.manifest_url(index_url))
@@ -182,7 +182,8 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
     t0 = time.monotonic()
     files = store.feature_file_urls(manifest)
     q_fine = fine_matrix(qt)
-    s, i = exact_search(q_fine, files, ev.exact_k, ev.exact_batch_rows, ev.exact_query_chunk)
+    s, i = exact_search(q_fine, files, evaluate_cfg.exact_k, evaluate_cfg.exact_batch_rows,
+                        evaluate_cfg.exact_query_chunk)
     norm = None
     if background is not None:
         from retrieval.search.normalize import normalized
@@ -210,32 +211,8 @@ def thresholds(metrics: dict, column: str, curve: dict) -> dict:
             "recall": {str(p): (r_at_p[str(p)] or {}).get("recall") for p in THRESHOLD_PRECISIONS}}
 
 
-def threshold_from_evaluation(url: str, precision: float, column: str) -> float:
-    """The threshold ``retrieval evaluate`` wrote at ``precision`` (``url``: its metrics.json or
-    the folder holding it); refused when it was measured on another score column."""
-    if not url.endswith(".json"):
-        url = fsio.join(url, METRICS)
-    try:
-        m = fsio.read_json(url)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"report.threshold.from_evaluation: {url} not found") from None
-    th = m.get("thresholds") if isinstance(m, dict) else None
-    if not th or m.get("stage") != "evaluate":
-        raise ValueError(f"report.threshold.from_evaluation: {url} is not the metrics.json of "
-                         "`retrieval evaluate` (no thresholds)")
-    if th.get("score") != column:
-        raise ValueError(f"report.threshold.from_evaluation: {url} measured thresholds on "
-                         f"{th.get('score')!r}, but these results are scored by {column!r} "
-                         "(normalised and raw scores are on different scales)")
-    value = th.get("precision", {}).get(str(precision))
-    if value is None:
-        raise ValueError(f"report.threshold.from_evaluation: {url} never reached precision {precision} "
-                         "(no threshold at that precision)")
-    return float(value)
-
-
 def _is_int8(features_url: str) -> bool:
-    from retrieval.extract.job import read_manifest
+    from retrieval.extract.features import read_manifest
 
     return read_manifest(features_url).get("storage") == "int8"
 
@@ -245,11 +222,11 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
              ) -> dict:
     """Write ``metrics.json`` and ``pr_curve.png`` under ``output_url`` (default
     ``<results>/eval``); returns the metrics."""
-    from retrieval.search import read_results
+    from retrieval.search.results import read_results
     from retrieval.search.normalize import score_column
 
     t0 = time.monotonic()
-    ev = cfg.evaluate
+    evaluate_cfg = cfg.evaluate
     fsio.configure(cfg["io.storage_options"])
     output_url = output_url or fsio.join(results_url, "eval")
     fsio.ensure_writable(output_url)
@@ -260,7 +237,8 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
     column = score_column(search_manifest)
     d = results.select(["query_id", "rank", "gallery_id", column]).to_pydict()
     metrics, curve = evaluate_results(d["query_id"], d["rank"], d["gallery_id"], d[column], truth,
-                                      ev.recall_at, ev.precision_at_recall, ev.recall_at_precision)
+                                      evaluate_cfg.recall_at, evaluate_cfg.precision_at_recall,
+                                      evaluate_cfg.recall_at_precision)
     out: dict[str, Any] = {"stage": "evaluate", "results": results_url, "truth": truth_url,
                            "model_version": search_manifest.get("model_version"),
                            "search_params": search_manifest.get("params"), **metrics,
@@ -281,14 +259,14 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
         exact, seconds = exact_results(qf, exact_index, cfg, background)
         e = exact.to_pydict()
         e_metrics, exact_curve = evaluate_results(e["query_id"], e["rank"], e["gallery_id"], e[column],
-                                                  truth, ev.recall_at, ev.precision_at_recall,
-                                                  ev.recall_at_precision)
+                                                  truth, evaluate_cfg.recall_at, evaluate_cfg.precision_at_recall,
+                                                  evaluate_cfg.recall_at_precision)
         per_query: dict[str, list[tuple[int, str]]] = defaultdict(list)
         for q, r, g in zip(e["query_id"], e["rank"], e["gallery_id"]):
             per_query[q].append((r, g))
         qids = sorted(per_query)
         cmp = compare_with_exact(results, qids, [[g for _, g in sorted(per_query[q])] for q in qids],
-                                 ev.exact_k)
+                                 evaluate_cfg.exact_k)
         # of the matching queries the exact search ranks right, how many the two-stage search does
         exact_hits = {q for q in truth.matching_queries if per_query.get(q) and
                       sorted(per_query[q])[0][1] in truth.matches[q]}

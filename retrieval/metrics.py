@@ -1,7 +1,7 @@
 """The one place the project reads ground truth and computes micro-AP and precision/recall.
 
 Used by ``retrieval evaluate`` (:mod:`retrieval.evaluate`), ``retrieval report``
-(:mod:`retrieval.report.scan`) and the training evaluation (:mod:`retrieval.train.evaluate`), so
+(:mod:`retrieval.report.scan`) and the training evaluation (:mod:`retrieval.train.validation`), so
 the same truth file and the same predictions give the same figures everywhere.
 
 Ground truth: a CSV whose header names the columns ``query_id`` and ``gallery_id`` (in any order;
@@ -145,3 +145,31 @@ def _best_cut(reached: np.ndarray, at_least: float, best_of: np.ndarray) -> int 
     such cut on a tie; ``None`` when no cut reaches it)."""
     ok = np.nonzero(reached >= at_least - 1e-12)[0]
     return int(ok[np.argmax(best_of[ok])]) if len(ok) else None
+
+
+# the metrics file of `retrieval evaluate`, and the thresholds it measured (read by the report)
+METRICS = "metrics.json"
+
+
+def threshold_from_evaluation(url: str, precision: float, column: str) -> float:
+    """The threshold ``retrieval evaluate`` wrote at ``precision`` (``url``: its metrics.json or
+    the folder holding it); refused when it was measured on another score column."""
+    if not url.endswith(".json"):
+        url = fsio.join(url, METRICS)
+    try:
+        m = fsio.read_json(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"report.threshold.from_evaluation: {url} not found") from None
+    th = m.get("thresholds") if isinstance(m, dict) else None
+    if not th or m.get("stage") != "evaluate":
+        raise ValueError(f"report.threshold.from_evaluation: {url} is not the metrics.json of "
+                         "`retrieval evaluate` (no thresholds)")
+    if th.get("score") != column:
+        raise ValueError(f"report.threshold.from_evaluation: {url} measured thresholds on "
+                         f"{th.get('score')!r}, but these results are scored by {column!r} "
+                         "(normalised and raw scores are on different scales)")
+    value = th.get("precision", {}).get(str(precision))
+    if value is None:
+        raise ValueError(f"report.threshold.from_evaluation: {url} never reached precision {precision} "
+                         "(no threshold at that precision)")
+    return float(value)

@@ -57,7 +57,7 @@ def marker_of(output_url: str, stage: str) -> str | None:
     return None
 
 
-def prepare(output_url: str, storage_options: dict | None) -> None:
+def configure_and_check_writable(output_url: str, storage_options: dict | None) -> None:
     """Before a stage reads anything: the filesystems configured (``io.storage_options``) and the
     output checked writable, so a bad URL fails before any work."""
     fsio.configure(storage_options)

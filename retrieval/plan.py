@@ -115,7 +115,8 @@ def index_params(n: int, cfg=None, vectors_per_shard: int | None = None) -> dict
     if vectors_per_shard:
         cfg = cfg.with_overrides({"index.vectors_per_shard": int(vectors_per_shard)})
     p = choose_params(max(int(n), 1), int(cfg["model.coarse_dim"]), cfg)
-    nprobe = int(cfg["search.nprobe"] or cfg["index.nprobe"] or 16)
+    # search.nprobe, else (auto: the index's tuned value) index.nprobe, else (auto: tuned at build) 16
+    nprobe = int(next((v for v in (cfg["search.nprobe"], cfg["index.nprobe"]) if v != "auto"), 16))
     return {"index_key": p.index_key, "nlist": p.nlist, "pq_bytes": p.pq_bytes, "nprobe": min(nprobe, p.nlist),
             "train_points": p.train_size, "kmeans": p.kmeans, "kmeans_iters": p.kmeans_iters,
             "quantizer": "flat" if p.nlist <= FLAT_QUANTIZER_MAX else "hnsw",
@@ -204,7 +205,7 @@ def _fmt_time(s: float) -> str:
     return f"{s / 3600:,.1f} h"
 
 
-def _extract_stage(n: int, cluster: Cluster, cfg, images_per_feature_shard: int) -> tuple[int, float, str, float]:
+def _extract_estimate(n: int, cluster: Cluster, cfg, images_per_feature_shard: int) -> tuple[int, float, str, float]:
     """Extraction: linear in N, embarrassingly parallel: ``(tasks, wall, basis, storage)``."""
     r = RATES
     feature_shards = max(1, math.ceil(n / images_per_feature_shard))
@@ -250,7 +251,7 @@ def _search_warnings(rr: dict, chunks: int, read_s: float, compute_s: float) -> 
     return out
 
 
-def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: int = 0,
+def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: int | str = "auto",
          vectors_per_index_shard: int = 10_000_000, images_per_feature_shard: int = 250_000,
          query_chunk: int = 8192, row_group_size: int = 1024, cfg=None) -> dict:
     from retrieval import config
@@ -259,10 +260,11 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
     r = RATES
     cfg = cfg if cfg is not None else config.load()
     n = int(images)
-    shortlist = int(shortlist) or auto_shortlist(n)     # search.shortlist 0: the size rule
+    shortlist = auto_shortlist(n) if shortlist in ("auto", 0) else int(shortlist)   # auto: the size rule
     ip, dim, cores = index_params(n, cfg, vectors_per_index_shard), 128, cluster.cores
     read_bw = min(r["read_bytes_per_executor_s"] * cluster.executors, r["fine_decode_bytes_per_core_s"] * cores)
-    feature_shards, extract_s, extract_basis, feature_bytes = _extract_stage(n, cluster, cfg, images_per_feature_shard)
+    feature_shards, extract_s, extract_basis, feature_bytes = _extract_estimate(n, cluster, cfg,
+                                                                                 images_per_feature_shard)
     # index: one read of the features, k-means on a bounded sample (driver), N adds over the shards
     index_shards = max(1, math.ceil(n / vectors_per_index_shard))
     scan_s = feature_bytes / read_bw
@@ -284,7 +286,7 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
     scan_rate = r["coarse_fs_codes_per_core_s"] if ip["fast_scan"] else r["coarse_codes_per_core_s"]
     scan_codes_s = codes_scanned / (scan_rate * cores)
     # the per-shard top-K' lists travel to one merge task per chunk (none when one group holds all)
-    k_shard = shard_shortlist(shortlist, index_shards, int(cfg["search.shard_shortlist"]))
+    k_shard = shard_shortlist(shortlist, index_shards, cfg["search.shard_shortlist"])
     shuffle_bytes = queries * k_shard * 12.0 * index_shards if groups > 1 else 0.0
     shuffle_s = shuffle_bytes / (r["read_bytes_per_executor_s"] * cluster.executors)
     coarse_s = assign_s + scan_codes_s + shuffle_s
@@ -331,7 +333,7 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
             "stages": stages, "warnings": warnings, "rates": dict(RATES)}
 
 
-def render(p: dict) -> str:
+def render_plan(p: dict) -> str:
     c = p["cluster"]
     lines = [f"Plan for {p['images']:,} gallery images and {p['queries']:,} queries on "
              f"{c['executors']} executors x {c['executor_cores']} cores, {c['executor_memory_gb']:g} GB"
@@ -356,7 +358,7 @@ def _run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -
     p = plan(int(inputs["images"]), cluster, queries=int(inputs["queries"]),
              shortlist=cfg["search.shortlist"], query_chunk=cfg["search.query_chunk"],
              row_group_size=cfg["extract.row_group_size"], cfg=cfg)
-    print(render(p))
+    print(render_plan(p))
     return None
 
 

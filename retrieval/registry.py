@@ -40,7 +40,7 @@ STAGE_MODULES: list[str] = [
 PLUGINS_ENV = "RETRIEVAL_STAGES"
 
 # sections of the configuration that no stage owns
-SHARED_SECTIONS = ("spark", "io", "model", "preprocess", "faults")
+SHARED_SECTIONS = ("spark", "io", "model", "preprocess")
 
 
 @functools.lru_cache(maxsize=None)

@@ -115,6 +115,11 @@ def non_negative(v: Any) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
+def positive_or_auto(v: Any) -> str | None:
+    """``auto`` (choose for me) or a number > 0."""
+    return None if v == "auto" or (not isinstance(v, str) and v > 0) else "must be 'auto' or > 0"
+
+
 def between(low: float, high: float) -> Check:
     """``low <= value <= high``."""
     return lambda v: None if low <= v <= high else f"must be in [{low:g}, {high:g}]"

@@ -29,9 +29,9 @@ def task_attempt() -> int:
     return int(ctx.attemptNumber()) if ctx is not None else 0
 
 
-def task_threads(configured: int = 0) -> int:
-    """Threads for this task: the configured number, else the task's cores (Spark), else all."""
-    if configured > 0:
+def task_threads(configured: int | str = "auto") -> int:
+    """Threads for this task: the configured number, else (``auto``) the task's cores (Spark), else all."""
+    if configured != "auto" and configured > 0:
         return configured
     ctx = _task_context()
     if ctx is not None:

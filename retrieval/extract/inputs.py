@@ -113,6 +113,8 @@ def _list_manifest(url: str) -> list[tuple[str, str]]:
 
 def parquet_columns(schema: pa.Schema, key_column: str | None, bytes_column: str | None,
                     url: str) -> tuple[str, str]:
+    """The (key, bytes) columns: the configured ones, or for ``auto`` (None) the first candidates present."""
+    key_column, bytes_column = (None if c == "auto" else c for c in (key_column, bytes_column))
     key = key_column or next((c for c in KEY_CANDIDATES if c in schema.names), None)
     data = bytes_column or next((c for c in BYTES_CANDIDATES if c in schema.names
                                  and pa.types.is_binary(schema.field(c).type)

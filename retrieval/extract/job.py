@@ -1,6 +1,6 @@
 """Feature extraction: images -> Parquet feature shards (``retrieval extract``).
 
-One function, :func:`run_shard`, encodes one shard; the local path calls it shard after shard,
+One function, :func:`extract_shard`, encodes one shard; the local path calls it shard after shard,
 the Spark path calls it inside ``mapInArrow`` with exactly one shard per task. So both paths give
 the same bytes. Per shard, in this order, each file written atomically (temp + rename):
 ``errors/part-NNNNN.parquet``, ``part-NNNNN.parquet``, then ``_shards/part-NNNNN.json`` - the
@@ -27,11 +27,12 @@ from retrieval import faults, fsio, outputs
 from retrieval.config import Config
 from retrieval.engine import Engine, as_engine, task_attempt
 from retrieval.extract import inputs as inputs_mod
+from retrieval.extract.features import binary_int8_fine, read_features, read_manifest  # noqa: F401 (their old home)
 from retrieval.extract.preprocess import DecodePolicy, prepare_items
 from retrieval.model.task import encode, task_model
 from retrieval.progress import Progress
-from retrieval.schema import (DICTIONARY_COLUMNS, ERROR_SCHEMA, column_matrix, feature_compression,
-                              feature_schema, int8_to_arrow, quantize_int8, vectors_to_arrow)
+from retrieval.schema import (DICTIONARY_COLUMNS, ERROR_SCHEMA, feature_compression, feature_schema,
+                              int8_to_arrow, quantize_int8, vectors_to_arrow)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class ExtractJob:
     num_shards: int
     batch_size: int = 32
     storage: str = "float32"
-    threads: int = 0
+    threads: int | str = "auto"     # a number or auto (the task's cores)
     row_group_size: int = 1024
     progress_seconds: float = 10.0
     key_column: str | None = None
@@ -75,7 +76,7 @@ def _shard_fingerprint(job: ExtractJob, rows: list[tuple[str, str, str | None]])
 
 
 class _ShardRun:
-    """What the phases of :func:`run_shard` share: the job, the model and the shard's errors, counts and
+    """What the phases of :func:`extract_shard` share: the job, the model and the shard's errors, counts and
     timings so far."""
 
     def __init__(self, job: ExtractJob, shard: int, device: str | None, total: int) -> None:
@@ -91,7 +92,7 @@ class _ShardRun:
         self.n_ok = 0
 
 
-def run_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None]],
+def extract_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None]],
               device: str | None = None) -> dict:
     """Encode one shard's ``(image_id, uri, listing_error)`` rows and commit its files: the feature
     part, then the errors part, then the marker."""
@@ -209,7 +210,7 @@ def _arrow_task(job: ExtractJob, batches: Iterable[pa.RecordBatch]) -> Iterator[
         for s, i, u, e in zip(d["shard"], d["image_id"], d["uri"], d["error"]):
             by_shard.setdefault(s, []).append((i, u, e))
     for shard, rows in by_shard.items():
-        stats = run_shard(job, shard, rows)
+        stats = extract_shard(job, shard, rows)
         yield pa.RecordBatch.from_pydict({"shard": pa.array([shard], pa.int32()),
                                           "stats": pa.array([json.dumps(stats)], pa.string())})
 
@@ -250,7 +251,7 @@ def _intact(output: str, stats: dict) -> bool:
     return True
 
 
-def plan(listing: pa.Table, job: ExtractJob, mode: str) -> tuple[dict[int, list], dict[int, dict]]:
+def plan_shards(listing: pa.Table, job: ExtractJob, mode: str) -> tuple[dict[int, list], dict[int, dict]]:
     """Split the listing by shard; return (shards to run, finished shards' stats to keep)."""
     by_shard: dict[int, list[tuple[str, str, str | None]]] = {}
     d = listing.to_pydict()
@@ -279,21 +280,21 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
 
     t0 = time.monotonic()
     engine = as_engine(engine)
-    ex = cfg.extract
-    outputs.prepare(output_url, cfg["io.storage_options"])
+    extract_cfg = cfg.extract
+    outputs.configure_and_check_writable(output_url, cfg["io.storage_options"])
     model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict())
-    listing = inputs_mod.list_inputs(input_url, ex.input_format, ex.num_shards,
-                                     ex.key_column, ex.bytes_column)
+    listing = inputs_mod.list_inputs(input_url, extract_cfg.input_format, extract_cfg.num_shards,
+                                     extract_cfg.key_column, extract_cfg.bytes_column)
     t_list = time.monotonic() - t0
-    job = ExtractJob(output=output_url, role=ex.role, model_cfg=cfg["model"].to_dict(),
+    job = ExtractJob(output=output_url, role=extract_cfg.role, model_cfg=cfg["model"].to_dict(),
                      preprocess_cfg=cfg["preprocess"].to_dict(), model_version=model.model_version(),
-                     num_shards=ex.num_shards, batch_size=ex.batch_size, storage=ex.storage,
-                     threads=ex.threads, row_group_size=ex.row_group_size,
-                     progress_seconds=ex.progress_seconds, key_column=ex.key_column,
-                     bytes_column=ex.bytes_column, faults=cfg["faults"].to_dict(),
+                     num_shards=extract_cfg.num_shards, batch_size=extract_cfg.batch_size, storage=extract_cfg.storage,
+                     threads=extract_cfg.threads, row_group_size=extract_cfg.row_group_size,
+                     progress_seconds=extract_cfg.progress_seconds, key_column=extract_cfg.key_column,
+                     bytes_column=extract_cfg.bytes_column, faults=faults.configured(),
                      storage_options=cfg["io.storage_options"])
     outputs.begin(output_url)
-    todo, done = plan(listing, job, ex.mode)
+    todo, done = plan_shards(listing, job, extract_cfg.mode)
     fsio.remove_stale(output_url, "part", ("errors", "_shards"), keep=set(todo) | set(done))
     log.info("extract %s -> %s: %d images, %d shards to run, %d already complete",
              input_url, output_url, listing.num_rows, len(todo), len(done))
@@ -301,7 +302,7 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
     if not todo:
         results = []
     else:       # one bar for the stage, in images (local: the shards' own progress counts into it)
-        with engine.progress("extract", sum(map(len, todo.values())), "images", ex.progress_seconds):
+        with engine.progress("extract", sum(map(len, todo.values())), "images", extract_cfg.progress_seconds):
             results = _run_shards(engine, job, todo)
     t_run = time.monotonic() - t1
     fsio.remove_stale(output_url, "part", ("errors", "_shards"), keep=None)   # leftovers of killed attempts
@@ -313,10 +314,10 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
         raise AssertionError(f"counts do not add up: {counts}")
     images_run = sum(s["inputs"] for s in results)
     manifest = outputs.commit(output_url, "extract", {
-        "role": ex.role, "input": input_url, "output": output_url,
+        "role": extract_cfg.role, "input": input_url, "output": output_url,
         "model_version": job.model_version, "model": model.metadata(),
-        "heads": model.spec.heads, "storage": ex.storage,
-        "schema": feature_schema(model.spec.coarse_dim, model.spec.fine_dim, ex.storage).to_string(),
+        "heads": model.spec.heads, "storage": extract_cfg.storage,
+        "schema": feature_schema(model.spec.coarse_dim, model.spec.fine_dim, extract_cfg.storage).to_string(),
         "counts": counts, "shards": shards,
         "timings": {"listing_s": round(t_list, 3), "run_s": round(t_run, 3),
                     "total_s": round(time.monotonic() - t0, 3),
@@ -326,38 +327,3 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
              counts["ok"], counts["errors"], counts["shards"], counts["shards_skipped"],
              manifest["timings"]["total_s"], output_url)
     return manifest
-
-
-def read_manifest(output_url: str) -> dict:
-    """The manifest of a COMPLETE extraction output (clear error otherwise)."""
-    return outputs.read(output_url, "extract")
-
-
-def binary_int8_fine(table: pa.Table) -> pa.Table:
-    """A shard written before int8 codes were stored as ``fixed_size_binary`` (a
-    ``fixed_size_list<int8>`` column) converted to the current form, so the shards of an output
-    extended incrementally across that change concatenate."""
-    if "fine" not in table.column_names:
-        return table
-    ftype = table.schema.field("fine").type
-    if not (pa.types.is_fixed_size_list(ftype) and ftype.value_type == pa.int8()):
-        return table
-    i = table.column_names.index("fine")
-    return table.set_column(i, pa.field("fine", pa.binary(ftype.list_size)),
-                            int8_to_arrow(column_matrix(table.column("fine"))))
-
-
-def read_features(output_url: str, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
-    """All feature rows of a complete output (verifying each shard's sha256)."""
-    manifest = read_manifest(output_url)
-    tables = []
-    for s in manifest["shards"]:
-        url = fsio.join(output_url, fsio.safe_relpath(s["file"]))
-        if verify and fsio.sha256_file(url) != s["sha256"]:
-            raise ValueError(f"feature shard {url} does not match the sha256 in its manifest "
-                             "(truncated or altered)")
-        tables.append(binary_int8_fine(fsio.read_parquet(url, columns=columns)))
-    if not tables:
-        schema = feature_schema(storage=manifest.get("storage", "float32"))
-        return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-    return pa.concat_tables(tables)

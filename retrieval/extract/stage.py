@@ -9,7 +9,7 @@ import logging
 from typing import Any, Mapping
 
 from retrieval import fsio
-from retrieval.stage import Stage, arg, choice, non_negative, positive
+from retrieval.stage import Stage, arg, positive_or_auto, choice, non_negative, positive
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ STAGE = Stage(
         "extract.batch_size": positive,
         "extract.storage": choice("float32", "int8"),
         "extract.mode": choice("incremental", "overwrite"),
-        "extract.threads": non_negative,
+        "extract.threads": positive_or_auto,
         "extract.row_group_size": positive,
         "extract.progress_seconds": positive,
     },

@@ -45,13 +45,13 @@ class FitJob:
     preprocess_cfg: dict
     model_version: str
     batch_size: int
-    threads: int
+    threads: int | str              # a number or auto
     storage_options: dict | None = None
     key_column: str | None = None
     bytes_column: str | None = None
 
 
-def pooled_features(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[str, bytes | None, bytes | None, str | None]]:
+def pooled_feature_rows(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[str, bytes | None, bytes | None, str | None]]:
     """``(image_id, pooled R_hi float16 bytes, pooled R_lo float16 bytes, error)`` per row."""
     import torch
 
@@ -87,7 +87,7 @@ def pooled_features(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[str,
 
 
 def _partition(job: FitJob, rows: Iterator[tuple[str, str]]) -> Iterator[tuple]:
-    yield from pooled_features(job, list(rows))
+    yield from pooled_feature_rows(job, list(rows))
 
 
 def sample_rows(listing, sample: int, seed: int) -> list[tuple[str, str]]:
@@ -112,7 +112,7 @@ def _as_matrix(blobs: list[bytes], dim: int):
     return torch.from_numpy(np.frombuffer(b"".join(blobs), np.float16).reshape(-1, dim).astype(np.float32))
 
 
-def fit_model(model, p_hi, p_lo, fc: Config) -> dict:
+def fit_model(model, p_hi, p_lo, fit_cfg: Config) -> dict:
     """Steps 2-4 of the module doc on ``model`` (in place), from pooled features; returns the facts
     for the model card."""
     import torch
@@ -137,11 +137,11 @@ def fit_model(model, p_hi, p_lo, fc: Config) -> dict:
         fine = torch.nn.functional.normalize(model.fine_head(p_hi), dim=-1).numpy()
         coarse = torch.nn.functional.normalize(model.adapter1(p_hi), dim=-1).numpy()
     for name, layer, x in (("fine", model.fine_white, fine), ("coarse", model.coarse_white, coarse)):
-        wt = whiten.fit_whitening(x, None if fc["shrinkage"] == "auto" else fc["shrinkage"], fc["power"])
+        wt = whiten.fit_whitening(x, None if fit_cfg["shrinkage"] == "auto" else fit_cfg["shrinkage"], fit_cfg["power"])
         whiten.set_linear(layer, wt.weight, wt.bias)
         facts[f"{name}_whitening"] = wt.summary()
-    facts["adapter2"] = whiten.refit_adapter2(model, p_hi, p_lo, fc["adapter2_steps"], fc["adapter2_lr"],
-                                              seed=fc["seed"])
+    facts["adapter2"] = whiten.refit_adapter2(model, p_hi, p_lo, fit_cfg["adapter2_steps"], fit_cfg["adapter2_lr"],
+                                              seed=fit_cfg["seed"])
     return facts
 
 
@@ -172,14 +172,15 @@ def fit(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = Non
 
     t0 = time.monotonic()
     engine = as_engine(engine)
-    fc = cfg["fit"]
+    fit_cfg = cfg["fit"]
     fsio.configure(cfg["io.storage_options"])
     if output_url.endswith(".npz"):
         raise ValueError(f"--output {output_url}: fit writes a full checkpoint; give a URL not ending in "
                          ".npz (e.g. model.pt)")
-    ex = cfg.extract
-    listing = inputs_mod.list_inputs(input_url, ex.input_format, 1, ex.key_column, ex.bytes_column)
-    rows = sample_rows(listing, fc["sample"], fc["seed"])
+    extract_cfg = cfg.extract
+    listing = inputs_mod.list_inputs(input_url, extract_cfg.input_format, 1, extract_cfg.key_column,
+                                     extract_cfg.bytes_column)
+    rows = sample_rows(listing, fit_cfg["sample"], fit_cfg["seed"])
     if len(rows) < MIN_IMAGES:
         raise TooFewImagesError(f"fit needs at least {MIN_IMAGES} readable gallery images; {input_url} "
                          f"lists {len(rows)} valid ones")
@@ -190,9 +191,9 @@ def fit(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = Non
     model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict())
     base_version, base_heads = model.model_version(), model.spec.heads
     job = FitJob(model_cfg=cfg["model"].to_dict(), preprocess_cfg=cfg["preprocess"].to_dict(),
-                 model_version=base_version, batch_size=fc["batch_size"], threads=fc["threads"],
-                 storage_options=cfg["io.storage_options"], key_column=ex.key_column,
-                 bytes_column=ex.bytes_column)
+                 model_version=base_version, batch_size=fit_cfg["batch_size"], threads=fit_cfg["threads"],
+                 storage_options=cfg["io.storage_options"], key_column=extract_cfg.key_column,
+                 bytes_column=extract_cfg.bytes_column)
     log.info("fit %s: %d of %d listed images, base model %s", input_url, len(rows), listing.num_rows,
              base_version)
     encoded = encode_sample(job, rows, engine)
@@ -204,13 +205,13 @@ def fit(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = Non
     t_encode = time.monotonic() - t0
     k = model.spec.channels
     p_hi, p_lo = _as_matrix([r[1] for r in ok], k), _as_matrix([r[2] for r in ok], k)
-    facts = fit_model(model, p_hi, p_lo, fc)
+    facts = fit_model(model, p_hi, p_lo, fit_cfg)
     model.spec.heads = "fitted"
     ids_sha = hashlib.sha256("\n".join(r[0] for r in ok).encode()).hexdigest()
     card = {"stage": "fit", "input": input_url, "output": output_url, "images_listed": listing.num_rows,
-            "images_used": len(ok), "image_errors": len(errors), "sample": fc["sample"], "seed": fc["seed"],
+            "images_used": len(ok), "image_errors": len(errors), "sample": fit_cfg["sample"], "seed": fit_cfg["seed"],
             "sample_sha256": ids_sha, "base_model_version": base_version, "base_heads": base_heads,
-            "backbone": model.spec.backbone, "shrinkage": fc["shrinkage"], "power": fc["power"],
+            "backbone": model.spec.backbone, "shrinkage": fit_cfg["shrinkage"], "power": fit_cfg["power"],
             "facts": facts, "engine": engine.name,
             "config": {s: cfg[s].to_dict() for s in ("model", "preprocess", "fit")},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from retrieval.stage import Stage, arg, non_negative, positive
+from retrieval.stage import Stage, arg, positive_or_auto, non_negative, positive
 
 
 def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
@@ -42,7 +42,7 @@ STAGE = Stage(
         "fit.adapter2_steps": non_negative,
         "fit.adapter2_lr": positive,
         "fit.batch_size": positive,
-        "fit.threads": non_negative,
+        "fit.threads": positive_or_auto,
         "fit.progress_seconds": positive,
     },
 )

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retrieval import fsio, outputs
+from retrieval import faults, fsio, outputs
 from retrieval.config import Config
 from retrieval.engine import Engine, as_engine
 from retrieval.index import dedup, layout, skipped_rows
@@ -57,7 +57,7 @@ class _Run:
     engine: Engine
     append: bool
     merge_ondisk: bool
-    ic: Any               # cfg["index"]
+    index_cfg: Any               # cfg["index"]
     dim: int
     seed: int
     every: float          # progress_seconds
@@ -129,7 +129,7 @@ def _fingerprint(*parts: Any) -> str:
 def _start(feature_urls: Sequence[str] | str, output_url: str, cfg: Config, engine: Engine, append: bool,
            merge_ondisk: bool) -> _Run:
     """The settings; the output checked writable."""
-    ic = cfg["index"]
+    index_cfg = cfg["index"]
     storage_options = cfg["io.storage_options"]
     fsio.configure(storage_options)
     feature_urls = [feature_urls] if isinstance(feature_urls, str) else list(feature_urls)
@@ -140,8 +140,9 @@ def _start(feature_urls: Sequence[str] | str, output_url: str, cfg: Config, engi
         raise ValueError(f"--merge-ondisk needs a local output directory (an on-disk index is served "
                          f"from a local disk), got {output_url}")
     return _Run(feature_urls=feature_urls, output_url=output_url, cfg=cfg, engine=engine, append=append,
-                merge_ondisk=merge_ondisk, ic=ic, dim=int(cfg["model.coarse_dim"]), seed=int(ic["seed"]),
-                every=float(ic["progress_seconds"]), storage_options=storage_options)
+                merge_ondisk=merge_ondisk, index_cfg=index_cfg, dim=int(cfg["model.coarse_dim"]),
+                seed=int(index_cfg["seed"]),
+                every=float(index_cfg["progress_seconds"]), storage_options=storage_options)
 
 
 def _plan(run: _Run) -> _Plan:
@@ -173,6 +174,8 @@ def _plan(run: _Run) -> _Plan:
         # faiss cannot merge fast-scan (blocked) lists on disk: an on-disk build uses 8-bit PQ codes
         params = choose_params(n_rows, dim, cfg, fast_scan=bool(cfg["index.fast_scan"]) and not run.merge_ondisk)
     settings = {k: v for k, v in cfg["index"].to_dict().items() if k not in ("mode", "threads", "progress_seconds")}
+    # auto enters the fingerprint as 0, its spelling before 0.2: an interrupted older run still resumes
+    settings.update({k: 0 for k in ("nlist", "nprobe") if settings[k] == "auto"})
     settings["index_key_chosen"] = params.index_key
     build_fp = _fingerprint([f.to_dict() for f in files], settings, dim, old and old.get("fingerprint"))
     if run.merge_ondisk and is_fast_scan(params.index_key):
@@ -184,17 +187,18 @@ def _plan(run: _Run) -> _Plan:
 
 def _scan(run: _Run, plan: _Plan) -> _Scan:
     """2. one task per new feature file: checks, bad vectors, training sample (+ id hashes)."""
-    ic = run.ic
-    on_driver = sum(f.rows for f in plan.old_files + plan.files) <= int(ic["dedup_on_driver_max"])
-    want = plan.params.train_size if plan.old is None else 4 * ic["quality_queries"]  # append: quality queries only
-    job = ScanJob(dim=run.dim, rate=min(1.0, want / plan.n_rows), seed=run.seed, batch_rows=ic["batch_rows"],
+    index_cfg = run.index_cfg
+    on_driver = sum(f.rows for f in plan.old_files + plan.files) <= int(index_cfg["dedup_on_driver_max"])
+    # an append samples the quality queries only
+    want = plan.params.train_size if plan.old is None else 4 * index_cfg["quality_queries"]
+    job = ScanJob(dim=run.dim, rate=min(1.0, want / plan.n_rows), seed=run.seed, batch_rows=index_cfg["batch_rows"],
                   hash_ids=on_driver, storage_options=run.storage_options)
     scans: list[FileScan] = run.engine.map(functools.partial(scan_file, job), plan.files, "index scan", run.every)
     return _Scan(job=job, scans=scans, on_driver=on_driver)
 
 
 def _duplicates(run: _Run, plan: _Plan, scan: _Scan) -> dedup.Duplicates:
-    old_files, files, ic = plan.old_files, plan.files, run.ic
+    old_files, files, index_cfg = plan.old_files, plan.files, run.index_cfg
     first_new, all_files = files[0].file_no, old_files + files
     if scan.on_driver:
         hashes = {s.file_no: s.id_hashes for s in scan.scans}
@@ -204,21 +208,21 @@ def _duplicates(run: _Run, plan: _Plan, scan: _Scan) -> dedup.Duplicates:
         dups = dedup.find_from_hashes(all_files, hashes, first_new)
     else:
         dups = dedup.find(run.engine, all_files, first_new, run.storage_options)
-    if dups.count and ic["duplicates"] == "error":
+    if dups.count and index_cfg["duplicates"] == "error":
         ex = dups.examples[0]
         raise FeatureInputError(f"{dups.count} duplicate image_id rows (index.duplicates=error), e.g. "
                                 f"{ex['image_id']!r} at (file_no, row) {ex['kept']} and {ex['duplicates']}")
     if dups.count:
         log.warning("%d duplicate image_id rows (%s)", dups.count,
-                    "skipped" if ic["duplicates"] == "skip" else "kept")
+                    "skipped" if index_cfg["duplicates"] == "skip" else "kept")
     return dups
 
 
 def _select(run: _Run, plan: _Plan, scan: _Scan) -> _Selection:
     """3. duplicates (the new files are verified now), the bad-vector counts, the training sample."""
     dups = _duplicates(run, plan, scan)
-    skip = dups if run.ic["duplicates"] == "skip" else dedup.Duplicates()
-    skipped = skipped_rows.block(plan.files, scan.scans, dups, run.ic["duplicates"])
+    skip = dups if run.index_cfg["duplicates"] == "skip" else dedup.Duplicates()
+    skipped = skipped_rows.block(plan.files, scan.scans, dups, run.index_cfg["duplicates"])
     valid = sum(s.valid for s in scan.scans) - skipped["duplicates"]
     if skipped["nan_inf"] or skipped["zero"]:
         log.warning("skipping %d NaN/inf and %d all-zero coarse vectors", skipped["nan_inf"], skipped["zero"])
@@ -231,7 +235,7 @@ def _select(run: _Run, plan: _Plan, scan: _Scan) -> _Selection:
 
 def _trained_index(run: _Run, plan: _Plan, scan: _Scan, sel: _Selection) -> _Trained:
     """4. the trained index: trained here, or the index's own (append)."""
-    output_url, ic, old = run.output_url, run.ic, plan.old
+    output_url, index_cfg, old = run.output_url, run.index_cfg, plan.old
     if old is not None:
         data = fsio.read_bytes(fsio.join(output_url, TRAINED))
         if fsio.sha256_bytes(data) != old["trained"]["sha256"]:
@@ -239,31 +243,32 @@ def _trained_index(run: _Run, plan: _Plan, scan: _Scan, sel: _Selection) -> _Tra
         train_size = int(old["train_sample_size"])
     else:
         train_fp = _fingerprint(plan.params.to_dict(), run.seed, [f.sha256 for f in plan.files], scan.job.rate,
-                                ic["duplicates"])
-        data, train_size = layout.train_or_reuse(output_url, plan.params, sel.sample, train_fp, ic)
+                                index_cfg["duplicates"])
+        data, train_size = layout.train_or_reuse(output_url, plan.params, sel.sample, train_fp, index_cfg)
     return _Trained(data=data, sha256=fsio.sha256_bytes(data), train_size=train_size)
 
 
 def _queries(run: _Run, sel: _Selection) -> _Queries:
     """The quality and nprobe-tuning queries: noisy copies of sample vectors."""
-    ic, seed = run.ic, run.seed
-    pos = pick_sources(len(sel.sample), max(int(ic["quality_queries"]), int(ic["tune_queries"])), seed)
-    queries = make_queries(sel.sample[pos[:int(ic["quality_queries"])]], float(ic["quality_noise"]), seed)
-    tune_queries = make_queries(sel.sample[pos[:int(ic["tune_queries"])]], float(ic["tune_noise"]), seed)
+    index_cfg, seed = run.index_cfg, run.seed
+    pos = pick_sources(len(sel.sample), max(int(index_cfg["quality_queries"]), int(index_cfg["tune_queries"])), seed)
+    queries = make_queries(sel.sample[pos[:int(index_cfg["quality_queries"])]], float(index_cfg["quality_noise"]), seed)
+    tune_queries = make_queries(sel.sample[pos[:int(index_cfg["tune_queries"])]], float(index_cfg["tune_noise"]), seed)
     return _Queries(quality=queries, tune=tune_queries, source_ids=sel.sample_ids[pos])
 
 
 def _shards(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, queries: _Queries) -> _Shards:
     """5. one task per slice of ``vectors_per_shard`` vectors (+ their part of the quality figures)."""
-    ic, output_url, old, n_rows = run.ic, run.output_url, plan.old, plan.n_rows
+    index_cfg, output_url, old, n_rows = run.index_cfg, run.output_url, plan.old, plan.n_rows
     first_shard = len(old["shards"]) if old is not None else 0
-    slices = plan_slices([(f.file_no, f.url, f.rows) for f in plan.files], int(ic["vectors_per_shard"]), first_shard,
-                         sel.skip.rows_in, _fingerprint(trained.sha256, plan.params.index_key, ic["duplicates"]))
+    slices = plan_slices([(f.file_no, f.url, f.rows) for f in plan.files], int(index_cfg["vectors_per_shard"]),
+                         first_shard,
+                         sel.skip.rows_in, _fingerprint(trained.sha256, plan.params.index_key, index_cfg["duplicates"]))
     # shard files of an earlier, different plan (e.g. an interrupted run over other inputs)
     fsio.remove_stale(output_url, "shard", ("_shards",), keep=set(range(first_shard)) | {s.shard for s in slices})
-    job = ShardJob(output=output_url, trained_sha256=trained.sha256, batch_rows=int(ic["batch_rows"]),
-                   threads=int(ic["threads"]), queries=queries.quality, source_ids=queries.source_ids, k=K,
-                   grid=plan.params.nprobe_grid, faults=run.cfg["faults"].to_dict(),
+    job = ShardJob(output=output_url, trained_sha256=trained.sha256, batch_rows=int(index_cfg["batch_rows"]),
+                   threads=index_cfg["threads"], queries=queries.quality, source_ids=queries.source_ids, k=K,
+                   grid=plan.params.nprobe_grid, faults=faults.configured(),
                    storage_options=run.storage_options, progress_seconds=run.every)
     trained_ref = run.engine.broadcast(trained.data)
     try:
@@ -286,14 +291,15 @@ def _shards(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, queries:
 
 def _quality(run: _Run, plan: _Plan, result: ShardResult, trained_data: bytes, queries: _Queries) -> dict:
     """6. the manifest's ``quality`` block; its ``nprobe`` is the index's default."""
-    ic, old, params = run.ic, plan.old, plan.params
+    index_cfg, old, params = run.index_cfg, plan.old, plan.params
     quality = {"queries": 0}
     if result.quality is not None:
         quality = metrics(result.quality, deserialize(trained_data), queries.quality, queries.tune,
-                          queries.source_ids, float(ic["target_recall"]))
+                          queries.source_ids, float(index_cfg["target_recall"]))
     # without quality queries (index.quality_queries=0): 1/64 of the cells
     tuned = quality.get("tuned_nprobe", max(1, params.nlist // 64))
-    nprobe = int(ic["nprobe"]) or (max(tuned, int(old["nprobe"])) if old is not None else tuned)
+    nprobe = (max(tuned, int(old["nprobe"])) if old is not None else tuned) if index_cfg["nprobe"] == "auto" \
+        else int(index_cfg["nprobe"])
     at = next((r for r in quality.get("by_nprobe", []) if r["nprobe"] == nprobe), {})
     at = {k: v for k, v in at.items() if k != "nprobe"}
     if quality.get("queries"):
@@ -301,16 +307,16 @@ def _quality(run: _Run, plan: _Plan, result: ShardResult, trained_data: bytes, q
                  "recall@100 %.4f, cell_recall@10 %.4f, source_cell_recall %.4f (tuned nprobe %d)", nprobe,
                  quality["queries"], at.get("recall@10", float("nan")), at.get("recall@100", float("nan")),
                  at.get("cell_recall@10", float("nan")), at.get("source_cell_recall", float("nan")), tuned)
-    return {"nprobe": nprobe, "queries": quality.get("queries", 0), "noise": float(ic["quality_noise"]),
-            "tune_queries": quality.get("tune_queries", 0), "tune_noise": float(ic["tune_noise"]), **at,
+    return {"nprobe": nprobe, "queries": quality.get("queries", 0), "noise": float(index_cfg["quality_noise"]),
+            "tune_queries": quality.get("tune_queries", 0), "tune_noise": float(index_cfg["tune_noise"]), **at,
             "by_nprobe": quality.get("by_nprobe", []),
-            "tuned_nprobe": tuned, "target_recall": float(ic["target_recall"])}
+            "tuned_nprobe": tuned, "target_recall": float(index_cfg["target_recall"])}
 
 
 def _manifest(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, shards: _Shards, quality: dict,
               merged: dict | None, timings: dict[str, float]) -> dict:
     """7. the manifest: this build's figures in ``builds``, the whole index's at the top."""
-    ic, old, params, files, stats = run.ic, plan.old, plan.params, plan.files, shards.stats
+    index_cfg, old, params, files, stats = run.index_cfg, plan.old, plan.params, plan.files, shards.stats
     ntotal = sum(s["ntotal"] for s in shards.manifest)
     disk = sum(s["bytes"] for s in shards.manifest) + len(trained.data)
     total_skipped = dict(sel.skipped)
@@ -333,7 +339,7 @@ def _manifest(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, shards
         "feature_files": (old["feature_files"] if old is not None else []) + [f.to_dict() for f in files],
         "shards": shards.manifest, "ntotal": ntotal,
         "trained": {"file": TRAINED, "sha256": trained.sha256, "bytes": len(trained.data)},
-        "train_sample_size": trained.train_size, "vectors_per_shard": int(ic["vectors_per_shard"]),
+        "train_sample_size": trained.train_size, "vectors_per_shard": int(index_cfg["vectors_per_shard"]),
         "bytes_on_disk": disk, "bytes_per_vector": round(disk / max(ntotal, 1), 2),
         "quality": quality, "skipped": total_skipped, "timings": timings,
         "builds": (old.get("builds", []) if old is not None else []) + [this_build],
@@ -354,7 +360,7 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
     run = _start(feature_urls, output_url, cfg, as_engine(engine), append, merge_ondisk)
     plan = _plan(run)
     if not append:
-        existing = layout.existing(output_url, run.ic["mode"], plan.fingerprint)
+        existing = layout.existing(output_url, run.index_cfg["mode"], plan.fingerprint)
         if existing is not None:
             return existing
     log.info("index %s -> %s: %d feature files, %d rows, %s (%s), %s engine", ", ".join(run.feature_urls),

@@ -103,10 +103,10 @@ def find_from_hashes(files: Sequence[FeatureFile], hashes: dict[int, np.ndarray]
                            idmap.encode_ids(file_no - base, row), ["image_id"]).column("image_id")
     occ = pa.table({"image_id": ids.cast(pa.string()), "file_no": pa.array(file_no), "row": pa.array(row)},
                    schema=ID_SCHEMA)
-    return resolve(occ, first_new)
+    return resolve_duplicates(occ, first_new)
 
 
-def resolve(occurrences: pa.Table, first_new: int) -> Duplicates:
+def resolve_duplicates(occurrences: pa.Table, first_new: int) -> Duplicates:
     """From all occurrences of the duplicated ids: which rows of files >= ``first_new`` to skip."""
     out = Duplicates()
     if occurrences.num_rows == 0:
@@ -146,4 +146,4 @@ def find(engine, files: Sequence[FeatureFile], first_new: int, storage_options: 
     occ = as_engine(engine).find_duplicates(functools.partial(_read_ids, storage_options), list(files),
                                             "image_id", ID_SCHEMA, "index duplicates",
                                             rows=sum(f.rows for f in files))
-    return resolve(occ, first_new)
+    return resolve_duplicates(occ, first_new)

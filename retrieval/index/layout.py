@@ -64,12 +64,12 @@ def existing(output_url: str, mode: str, build_fp: str) -> dict | None:
                           "add to it with --append, or rebuild with --set index.mode=overwrite")
 
 
-def train_or_reuse(output_url: str, params: IndexParams, sample: np.ndarray, fingerprint: str, ic
+def train_or_reuse(output_url: str, params: IndexParams, sample: np.ndarray, fingerprint: str, index_cfg
                     ) -> tuple[bytes, int]:
     """``(trained index bytes, training sample size)``: reused from an interrupted run with the
     same fingerprint (training is not bit-reproducible across thread counts), else trained now."""
     trained_url, marker_url = fsio.join(output_url, TRAINED), fsio.join(output_url, TRAINED_MARKER)
-    if ic["mode"] == "incremental" and fsio.exists(marker_url) and fsio.exists(trained_url):
+    if index_cfg["mode"] == "incremental" and fsio.exists(marker_url) and fsio.exists(trained_url):
         marker = fsio.read_json(marker_url)
         data = fsio.read_bytes(trained_url)
         if marker.get("fingerprint") == fingerprint and marker.get("sha256") == fsio.sha256_bytes(data):
@@ -77,8 +77,8 @@ def train_or_reuse(output_url: str, params: IndexParams, sample: np.ndarray, fin
             return data, int(marker.get("train_size", len(sample)))
     if len(sample) < params.nlist:
         raise FeatureInputError(f"{len(sample)} valid training vectors for {params.nlist} cells")
-    set_threads(int(ic["threads"]))
-    data = serialize(train_index(params, sample, int(ic["seed"])))
+    set_threads(index_cfg["threads"])
+    data = serialize(train_index(params, sample, int(index_cfg["seed"])))
     fsio.remove_stale(output_url, "shard", ("_shards",), keep=set())  # shards of another quantizer are useless
     fsio.write_bytes(trained_url, data)
     fsio.write_json(marker_url, {"fingerprint": fingerprint, "sha256": fsio.sha256_bytes(data),

@@ -127,17 +127,17 @@ def parse_forced_key(key: str) -> tuple[int, int, int]:
 def choose_params(n: int, dim: int, cfg: Config, fast_scan: bool | None = None) -> IndexParams:
     """The index parameters for ``n`` gallery vectors of dimension ``dim`` under ``cfg.index``
     (``fast_scan``: 4-bit fast-scan codes; default ``index.fast_scan``)."""
-    ic = cfg["index"]
-    fast_scan = bool(ic["fast_scan"]) if fast_scan is None else fast_scan
+    index_cfg = cfg["index"]
+    fast_scan = bool(index_cfg["fast_scan"]) if fast_scan is None else fast_scan
     if n <= 0:
         raise ValueError("no vectors to index")
-    forced = ic["index_key"] != "auto"
+    forced = index_cfg["index_key"] != "auto"
     if forced:
-        nlist, pq_m, nbits = parse_forced_key(ic["index_key"])
-        key = ic["index_key"]
+        nlist, pq_m, nbits = parse_forced_key(index_cfg["index_key"])
+        key = index_cfg["index_key"]
     else:
-        nlist = ic["nlist"] or choose_nlist(n)
-    train_size = int(min(n, nlist * ic["train_points_per_centroid"], ic["max_train_points"]))
+        nlist = choose_nlist(n) if index_cfg["nlist"] == "auto" else index_cfg["nlist"]
+    train_size = int(min(n, nlist * index_cfg["train_points_per_centroid"], index_cfg["max_train_points"]))
     train_size = max(train_size, min(n, nlist))  # k-means needs at least one point per centroid
     if not forced and n < TINY:
         # a tiny gallery: one exact list (memory is no concern, PQ codebooks cannot be trained)
@@ -145,17 +145,17 @@ def choose_params(n: int, dim: int, cfg: Config, fast_scan: bool | None = None) 
         train_size = min(n, TINY)
     elif not forced:
         # fast-scan only where a shard's lists fill its 32-vector blocks on average
-        fast_scan = fast_scan and _shard_size(n, ic["vectors_per_shard"]) / nlist >= FAST_SCAN_BLOCK
+        fast_scan = fast_scan and _shard_size(n, index_cfg["vectors_per_shard"]) / nlist >= FAST_SCAN_BLOCK
         # PQ codebooks have 2^nbits centroids per sub-quantizer: keep >= 16 points each
         nbits = 4 if fast_scan else min(8, max(4, int(math.log2(train_size / 16))))
         pq_m = 0
         # the trained part (centroids + codebooks) counts, amortised over N; for a tiny gallery
         # where it alone exceeds the budget, only codes + ids are held to it
-        pad = _block_padding(n, nlist, ic["vectors_per_shard"]) if fast_scan else 0.0
+        pad = _block_padding(n, nlist, index_cfg["vectors_per_shard"]) if fast_scan else 0.0
         for trained in (_trained_bytes(dim, nlist, nbits) / n, 0.0):
-            budget = ic["bytes_per_vector"] - ID_BYTES - trained
+            budget = index_cfg["bytes_per_vector"] - ID_BYTES - trained
             m = 2 if fast_scan else 1   # fast-scan packs codes two 4-bit sub-quantizers per byte
-            while m <= min(dim, ic["max_pq_bytes"] * 8 // nbits):
+            while m <= min(dim, index_cfg["max_pq_bytes"] * 8 // nbits):
                 if dim % m == 0 and m * nbits / 8 * (1 + pad) <= budget:
                     pq_m = m
                 m *= 2
@@ -163,20 +163,20 @@ def choose_params(n: int, dim: int, cfg: Config, fast_scan: bool | None = None) 
                 break
         if pq_m == 0:
             raise ConfigError(
-                f"config key 'index.bytes_per_vector' = {ic['bytes_per_vector']}: too small "
+                f"config key 'index.bytes_per_vector' = {index_cfg['bytes_per_vector']}: too small "
                 f"(an int64 id takes {ID_BYTES} B per vector, plus at least 1 B of code)")
         quantizer = "" if nlist <= FLAT_QUANTIZER_MAX else "_HNSW32"
         suffix = "x4fs" if fast_scan else ("" if nbits == 8 else f"x{nbits}")
         key = f"IVF{nlist}{quantizer},PQ{pq_m}{suffix}"
     pq_bytes = (pq_m * nbits + 7) // 8
-    kmeans = ic["kmeans"]
+    kmeans = index_cfg["kmeans"]
     if kmeans == "auto":
         kmeans = "flat" if nlist <= FLAT_QUANTIZER_MAX else "two_level"
     code = pq_bytes if pq_bytes else 4 * dim
     if is_fast_scan(key):
-        code *= 1 + _block_padding(n, nlist, ic["vectors_per_shard"])
+        code *= 1 + _block_padding(n, nlist, index_cfg["vectors_per_shard"])
     est = code + ID_BYTES + _trained_bytes(dim, nlist, nbits) / n
     return IndexParams(index_key=key, nlist=nlist, pq_m=pq_m, pq_nbits=nbits, pq_bytes=pq_bytes,
-                       train_size=train_size, kmeans=kmeans, kmeans_iters=ic["kmeans_iters"],
-                       nprobe_grid=nprobe_grid(nlist, ic["max_nprobe"]), forced=forced,
+                       train_size=train_size, kmeans=kmeans, kmeans_iters=index_cfg["kmeans_iters"],
+                       nprobe_grid=nprobe_grid(nlist, index_cfg["max_nprobe"]), forced=forced,
                        bytes_per_vector_est=round(est, 2))

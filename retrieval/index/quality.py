@@ -122,20 +122,20 @@ def cell_of_ids(ivf: faiss.IndexIVF, ids: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Partial:
-    nq: int
+    n_queries: int
     k: int
     exact: Exact | None = None
     approx: dict = field(default_factory=dict)  # nprobe -> (scores, ids)
     source_cells: np.ndarray | None = None      # cell of each query's source (-1: not in this part)
 
     @classmethod
-    def from_shard(cls, exact: Exact | None, approx: dict, nq: int, k: int,
+    def from_shard(cls, exact: Exact | None, approx: dict, n_queries: int, k: int,
                    source_cells: np.ndarray | None = None) -> "Partial":
         out = {}
         for nprobe, (d, i) in approx.items():
             s, g, _ = _topk(d, i.astype(np.int64), k)
             out[nprobe] = (s, g)
-        return cls(nq, k, exact, out, source_cells)
+        return cls(n_queries, k, exact, out, source_cells)
 
     def merge(self, other: "Partial") -> "Partial":
         if self.exact is None:
@@ -154,7 +154,7 @@ class Partial:
             cells = self.source_cells if other.source_cells is None else other.source_cells
         else:
             cells = np.maximum(self.source_cells, other.source_cells)
-        return Partial(self.nq, self.k, exact, approx, cells)
+        return Partial(self.n_queries, self.k, exact, approx, cells)
 
 
 def _intersection(a: np.ndarray, b: np.ndarray, k: int) -> float:

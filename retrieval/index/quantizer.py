@@ -103,8 +103,9 @@ def scan_file(job: ScanJob, f: FeatureFile) -> FileScan:
     return out
 
 
-def set_threads(threads: int) -> int:
-    n = threads if threads > 0 else (os.cpu_count() or 1)
+def set_threads(threads: int | str) -> int:
+    """faiss's OpenMP threads: ``threads``, or for ``auto`` all cores."""
+    n = threads if threads != "auto" and threads > 0 else (os.cpu_count() or 1)
     faiss.omp_set_num_threads(n)
     return n
 

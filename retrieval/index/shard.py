@@ -67,7 +67,7 @@ class ShardJob:
     output: str
     trained_sha256: str
     batch_rows: int
-    threads: int
+    threads: int | str              # a number or auto
     queries: np.ndarray  # quality queries (nq x d), may be empty
     source_ids: np.ndarray  # the gallery ids the quality and tuning queries were made from
     k: int
@@ -197,7 +197,7 @@ def _populate(job: ShardJob, spec: SliceSpec, trained_data: bytes, build: bool):
     return index, counts, exact
 
 
-def run_shard(job: ShardJob, trained_data: bytes, spec: SliceSpec) -> ShardResult:
+def build_shard(job: ShardJob, trained_data: bytes, spec: SliceSpec) -> ShardResult:
     """Build (or reuse, when finished by an earlier run) one shard; return its stats and its part
     of the quality figures."""
     t0 = time.monotonic()
@@ -254,4 +254,4 @@ def run_shard(job: ShardJob, trained_data: bytes, spec: SliceSpec) -> ShardResul
 def shard_task(job: ShardJob, trained: Any, spec: SliceSpec) -> ShardResult:
     """The engine's task: one slice -> one shard file. ``trained``: the trained index's bytes, or a
     :class:`retrieval.engine.Shared` holding them."""
-    return run_shard(job, trained.value if hasattr(trained, "value") else trained, spec)
+    return build_shard(job, trained.value if hasattr(trained, "value") else trained, spec)

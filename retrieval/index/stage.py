@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from retrieval.stage import Stage, arg, between, choice, non_negative, positive
+from retrieval.stage import Stage, arg, positive_or_auto, between, choice, non_negative, positive
 
 
 def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
@@ -46,13 +46,13 @@ STAGE = Stage(
         "index.index_key": lambda v: None if v.strip() else "must be 'auto' or a faiss factory string",
         "index.bytes_per_vector": positive,
         "index.max_pq_bytes": positive,
-        "index.nlist": non_negative,
+        "index.nlist": positive_or_auto,
         "index.train_points_per_centroid": positive,
         "index.max_train_points": positive,
         "index.kmeans": choice("auto", "flat", "two_level"),
         "index.kmeans_iters": positive,
         "index.vectors_per_shard": positive,
-        "index.nprobe": non_negative,
+        "index.nprobe": positive_or_auto,
         "index.max_nprobe": positive,
         "index.target_recall": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
         "index.quality_queries": non_negative,
@@ -63,7 +63,7 @@ STAGE = Stage(
         "index.dedup_on_driver_max": non_negative,
         "index.mode": choice("incremental", "overwrite"),
         "index.batch_rows": positive,
-        "index.threads": non_negative,
+        "index.threads": positive_or_auto,
         "index.seed": non_negative,
         "index.progress_seconds": positive,
     },

@@ -117,7 +117,7 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     ivf.nprobe = max(1, min(int(nprobe), ivf.nlist))
 
 
-def search(index_url: str, x: np.ndarray, k: int, nprobe: int | None = None,
+def search_shards(index_url: str, x: np.ndarray, k: int, nprobe: int | None = None,
            manifest: dict | None = None, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Search every shard, one at a time, and merge: ``(scores, ids)`` of the global top ``k``
     (ties broken by the smaller id). For checks and small jobs; the search stage distributes it."""
@@ -134,6 +134,16 @@ def search(index_url: str, x: np.ndarray, k: int, nprobe: int | None = None,
         best_s, best_i, _ = _topk(np.concatenate([best_s, s], axis=1),
                                   np.concatenate([best_i, i], axis=1), k)
     return best_s, best_i
+
+
+def search(*args, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Deprecated until 0.3: the old name of :func:`search_shards` (the search stage is
+    :func:`retrieval.search.job.search`)."""
+    import warnings
+
+    warnings.warn("retrieval.index.store.search is deprecated and will be removed in 0.3: use "
+                  "retrieval.index.store.search_shards", FutureWarning, stacklevel=2)
+    return search_shards(*args, **kwargs)
 
 
 def load_merged(index_url: str, manifest: dict | None = None, verify: bool = True) -> faiss.Index:

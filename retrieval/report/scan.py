@@ -42,8 +42,8 @@ class ScanSettings:
     bands: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
     top_queries: int = 100
     matches_per_query: int = 5
-    hist_bins: int = 40
-    hist_min: float = 0.0
+    histogram_bins: int = 40
+    histogram_min: float = 0.0
     batch_rows: int = 65536
     progress_seconds: float = 10.0
     score_column: str = "score"      # "norm_score" when the search normalised its scores
@@ -156,21 +156,20 @@ def scan(files: Sequence[str], output_url: str, settings: ScanSettings, truth: T
          total_rows: int | None = None) -> ScanResult:
     """Stream ``files``; write ``flagged.parquet`` and ``flagged.csv`` under ``output_url``; return
     the aggregates and the top flagged queries (with their top matches)."""
-    st = settings
-    edges = np.linspace(st.hist_min, 1.0, st.hist_bins + 1)
+    edges = np.linspace(settings.histogram_min, 1.0, settings.histogram_bins + 1)
     # scores are float32: compare in float32, so a score stored as 0.9 is in the ">= 0.9" band
-    bands = np.asarray(st.bands, dtype=np.float32)
-    threshold = np.float32(st.threshold)
-    res = ScanResult(settings=st, hist_edges=[round(float(e), 6) for e in edges],
-                     band_labels=band_labels(st.bands))
-    hist = np.zeros(st.hist_bins, dtype=np.int64)
+    bands = np.asarray(settings.bands, dtype=np.float32)
+    threshold = np.float32(settings.threshold)
+    res = ScanResult(settings=settings, hist_edges=[round(float(e), 6) for e in edges],
+                     band_labels=band_labels(settings.bands))
+    hist = np.zeros(settings.histogram_bins, dtype=np.int64)
     band_m = np.zeros(len(bands) + 1, dtype=np.int64)
     band_q = np.zeros(len(bands) + 1, dtype=np.int64)
     hashes: list[np.ndarray] = []
-    top = _TopQueries(st.top_queries)
+    top = _TopQueries(settings.top_queries)
     out_schema = RESULT_SCHEMA.append(TRUTH_FIELD) if truth is not None else RESULT_SCHEMA
     tally = _TruthTally(truth) if truth is not None else None
-    progress = Progress("report scan", total=total_rows, every=st.progress_seconds, unit="rows")
+    progress = Progress("report scan", total=total_rows, every=settings.progress_seconds, unit="rows")
 
     flagged_url = fsio.join(output_url, "flagged.parquet")
     csv_url = fsio.join(output_url, "flagged.csv")
@@ -180,10 +179,10 @@ def scan(files: Sequence[str], output_url: str, settings: ScanSettings, truth: T
         stack.callback(pq_writer.close)
         csv_writer = pacsv.CSVWriter(stack.enter_context(fsio.atomic_open(csv_url, "wb")), out_schema)
         stack.callback(csv_writer.close)
-        for _, batch in _batches(files, st.batch_rows):
+        for _, batch in _batches(files, settings.batch_rows):
             n = batch.num_rows
             res.rows += n
-            scores = batch.column(st.score_column).to_numpy(zero_copy_only=False).astype(np.float32)
+            scores = batch.column(settings.score_column).to_numpy(zero_copy_only=False).astype(np.float32)
             finite = np.isfinite(scores)
             res.nonfinite_scores += int(n - finite.sum())
             s = scores[finite]
@@ -205,9 +204,9 @@ def scan(files: Sequence[str], output_url: str, settings: ScanSettings, truth: T
                 qids = flagged.column("query_id")
                 hashes.append(np.unique(pd.util.hash_array(
                     np.asarray(qids.to_pylist(), dtype=object), categorize=False)))
-                grouped = flagged.group_by("query_id").aggregate([(st.score_column, "max")])
+                grouped = flagged.group_by("query_id").aggregate([(settings.score_column, "max")])
                 top.offer(grouped.column("query_id").to_pylist(),
-                          grouped.column(f"{st.score_column}_max").to_numpy().astype(np.float64))
+                          grouped.column(f"{settings.score_column}_max").to_numpy().astype(np.float64))
                 if tally is not None:
                     flagged = tally.label(flagged)
                 pq_writer.write_table(flagged)
@@ -220,7 +219,7 @@ def scan(files: Sequence[str], output_url: str, settings: ScanSettings, truth: T
     res.band_queries = band_q.tolist()
     res.flagged_queries = int(np.unique(np.concatenate(hashes)).size) if hashes else 0
     ranked = top.ranked()
-    res.top = _top_matches(flagged_url, ranked, st.matches_per_query, st.batch_rows, st.score_column)
+    res.top = _top_matches(flagged_url, ranked, settings.matches_per_query, settings.batch_rows, settings.score_column)
     if tally is not None:
         res.truth = tally.summary()
     return res

@@ -9,9 +9,11 @@ a global shortlist, exact 512-d rerank (docs/search.md).
 - :mod:`retrieval.search.tasks`: the task bodies, the same in both engines
 - :mod:`retrieval.search.flow`: the plan (keyed stages over the tasks) that an engine runs
 - :mod:`retrieval.search.job`: the job's plan, run and manifest
+- :mod:`retrieval.search.results`: the reader of a search output
 """
 from __future__ import annotations
 
-from retrieval.search.job import RESULT_SCHEMA, read_results, search
+from retrieval.search.job import RESULT_SCHEMA, search
+from retrieval.search.results import read_results
 
 __all__ = ["search", "read_results", "RESULT_SCHEMA"]

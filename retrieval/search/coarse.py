@@ -118,19 +118,19 @@ def _binomial_sf(n: int, p: float) -> np.ndarray:
     return np.clip(1.0 - np.cumsum(pmf), 0.0, 1.0)
 
 
-def shard_shortlist(shortlist: int, n_shards: int, configured: int = 0,
+def shard_shortlist(shortlist: int, n_shards: int, configured: int | str = "auto",
                     eps: float = SHARD_SHORTLIST_EPS) -> int:
     """K', the candidates each index shard returns per query (``search.shard_shortlist``).
 
     ``configured > 0``: that many, at most ``shortlist`` (= ``shortlist``: the merge is exact:
-    every shard returns enough to fill the global top S on its own). ``0`` (auto): the smallest
+    every shard returns enough to fill the global top S on its own). ``auto``: the smallest
     K' with ``n_shards x P(Binomial(S, 1/n_shards) > K') <= eps``. Shards are cut from the
     gallery in feature-file order, which says nothing about content, so the global top S of a
     query spreads over the shards like S draws with probability 1/n each: with K' from this rule
     a query's merged shortlist equals the exact one except with probability ``eps`` (1e-4), and
     then only its last entries (the lowest coarse scores) differ. 2 shards, S = 200: K' = 127;
     20 shards, S = 1,050: K' = 86 (a 12x smaller shuffle and heap)."""
-    if configured > 0:
+    if configured != "auto" and configured > 0:
         return int(min(configured, shortlist))
     if n_shards <= 1:
         return int(shortlist)
@@ -144,15 +144,15 @@ def shard_shortlist(shortlist: int, n_shards: int, configured: int = 0,
 @dataclass(frozen=True)
 class Assignment:
     """The ``nprobe`` IVF cells of each query (``cells``, ``cell_scores``: ``nq x nprobe``) and the
-    queries as the IVF level sees them (``xt``: after any transform such as OPQ). Every shard of an
+    queries as the IVF level sees them (``queries``: after any transform such as OPQ). Every shard of an
     index shares one trained quantizer, so one assignment serves all of them."""
-    xt: np.ndarray
+    queries: np.ndarray
     cell_scores: np.ndarray
     cells: np.ndarray
 
     @property
     def nbytes(self) -> int:
-        return self.xt.nbytes + self.cell_scores.nbytes + self.cells.nbytes
+        return self.queries.nbytes + self.cell_scores.nbytes + self.cells.nbytes
 
 
 def _ivf(index):
@@ -193,7 +193,7 @@ def search_shard(index, xq: np.ndarray | None, k: int, assignment: Assignment | 
     ``search_preassigned``, in ``threads`` slices of the queries, each scanned by one thread
     (faiss releases the GIL), which is faster than faiss's own parallel loop for this call; ``xq``
     is then not needed (the assignment holds the queries)."""
-    xq = assignment.xt if assignment is not None else np.ascontiguousarray(xq, dtype=np.float32)
+    xq = assignment.queries if assignment is not None else np.ascontiguousarray(xq, dtype=np.float32)
     if len(xq) == 0 or index.ntotal == 0:
         return (np.full((len(xq), k), -np.inf, np.float32), np.full((len(xq), k), -1, np.int64))
     if assignment is None:
@@ -212,7 +212,7 @@ def search_shard(index, xq: np.ndarray | None, k: int, assignment: Assignment | 
             lo, hi = bounds[part], bounds[part + 1]
             if len(bounds) > 2:
                 faiss.omp_set_num_threads(1)     # this (pool) thread's OpenMP setting only
-            return ivf.search_preassigned(a.xt[lo:hi], k, a.cells[lo:hi], a.cell_scores[lo:hi])
+            return ivf.search_preassigned(a.queries[lo:hi], k, a.cells[lo:hi], a.cell_scores[lo:hi])
 
         with native_output("faiss"):
             if len(bounds) == 2:

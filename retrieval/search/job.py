@@ -14,18 +14,18 @@ import logging
 import time
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval import fsio, integrity, outputs
+from retrieval import faults, fsio, integrity, outputs
 from retrieval.engine import Engine, as_engine
-from retrieval.schema import RESULT_SCHEMA, conform_results
+from retrieval.schema import RESULT_SCHEMA
 from retrieval.search import blocks as blocks_mod
 from retrieval.search import coarse as coarse_mod
 from retrieval.search import normalize as normalize_mod
 from retrieval.search import queries as q_mod
 from retrieval.search import vectors
 from retrieval.search import flow
+from retrieval.search.results import read_results  # noqa: F401 (its old home)
 from retrieval.search.tasks import SearchJob, part_name
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,10 @@ def io_counts(stats: list[dict], block_stats: list[dict], column: dict) -> dict:
     }
 
 
-def resolve_shortlist(configured: int, index_manifest: dict) -> int:
-    """``search.shortlist``, or for 0 the size-dependent default of
+def resolve_shortlist(configured: int | str, index_manifest: dict) -> int:
+    """``search.shortlist``, or for ``auto`` the size-dependent default of
     :func:`~retrieval.search.coarse.auto_shortlist` from the index's vector count."""
-    if configured > 0:
+    if configured != "auto" and configured > 0:
         return int(configured)
     ntotal = index_manifest.get("ntotal") or sum(int(s.get("ntotal", 0)) for s in index_manifest["shards"])
     return coarse_mod.auto_shortlist(int(ntotal))
@@ -121,22 +121,24 @@ def make_job(output_url: str, index_url: str, index_manifest: dict, qfiles: list
     gallery fine column's size."""
     from retrieval.index import store
 
-    sc = cfg.search
+    search_cfg = cfg.search
     ffiles = index_manifest["feature_files"]
-    shortlist, n_shards = resolve_shortlist(sc.shortlist, index_manifest), len(index_manifest["shards"])
+    shortlist, n_shards = resolve_shortlist(search_cfg.shortlist, index_manifest), len(index_manifest["shards"])
     job = SearchJob(
         output=output_url, index_url=index_url, index_manifest=index_manifest,
         query_files=tuple(qfiles), query_int8=qman.get("storage") == "int8",
         feature_files=tuple(store.feature_file_urls(index_manifest)),
         feature_rows=tuple(f.get("rows") for f in ffiles),
         feature_versions=tuple(f.get("sha256") for f in ffiles), n_shards=n_shards,
-        nprobe=int(sc.nprobe if sc.nprobe > 0 else index_manifest.get("nprobe", 1)),
-        shortlist=shortlist, shard_shortlist=coarse_mod.shard_shortlist(shortlist, n_shards, sc.shard_shortlist),
-        k=sc.k, coarse_threshold=sc.coarse_threshold, match_threshold=sc.match_threshold,
-        vector_cache_mb=sc.vector_cache_mb, shard_cache=sc.shard_cache,
-        threads=sc.threads, verify=sc.verify, chunks=tuple(q_mod.plan_chunks(qrows, sc.query_chunk)),
-        faults=cfg["faults"].to_dict(), storage_options=cfg["io.storage_options"], background=background)
-    return plan_rerank(job, sc.rerank)
+        nprobe=int(index_manifest.get("nprobe", 1) if search_cfg.nprobe == "auto" else search_cfg.nprobe),
+        shortlist=shortlist,
+        shard_shortlist=coarse_mod.shard_shortlist(shortlist, n_shards, search_cfg.shard_shortlist),
+        k=search_cfg.k, coarse_threshold=search_cfg.coarse_threshold, match_threshold=search_cfg.match_threshold,
+        vector_cache_mb=search_cfg.vector_cache_mb, shard_cache=search_cfg.shard_cache,
+        threads=search_cfg.threads, verify=search_cfg.verify,
+        chunks=tuple(q_mod.plan_chunks(qrows, search_cfg.query_chunk)),
+        faults=faults.configured(), storage_options=cfg["io.storage_options"], background=background)
+    return plan_rerank(job, search_cfg.rerank)
 
 
 def run(job: SearchJob, engine: Engine, progress_seconds: float = 10.0) -> list[dict]:
@@ -159,25 +161,25 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
 
     t0 = time.monotonic()
     engine = as_engine(engine)
-    sc = cfg.search
-    outputs.prepare(output_url, cfg["io.storage_options"])
+    search_cfg = cfg.search
+    outputs.configure_and_check_writable(output_url, cfg["io.storage_options"])
     index_manifest = store.read_index_manifest(index_url)
     # before anything is written: a background of another model is an error, not an empty output
-    background = normalize_mod.load_background(sc.normalize, index_manifest,
+    background = normalize_mod.load_background(search_cfg.normalize, index_manifest,
                                                list(store.feature_file_urls(index_manifest)))
-    if sc.verify:
+    if search_cfg.verify:
         verify_index_inputs(index_url, index_manifest, engine, cfg["io.storage_options"])
     _clean_output(output_url)
     qf_url, qman, encode_s = q_mod.resolve_queries(queries_url, output_url, index_url, index_manifest,
                                                    cfg, engine)
-    qfiles, qrows = q_mod.query_files(qf_url, qman, sc.verify)
+    qfiles, qrows = q_mod.query_files(qf_url, qman, search_cfg.verify)
     job, column = make_job(output_url, index_url, index_manifest, qfiles, qman, qrows, cfg, background)
     log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, "
              "%d per shard, k %d; %s-major rerank%s)", qf_url, sum(qrows), len(job.chunks), index_url,
              job.n_shards, job.nprobe, job.shortlist, job.shard_shortlist, job.k, job.rerank,
              f" over {len(job.blocks)} gallery blocks" if job.blocks else "")
     t1 = time.monotonic()
-    stats = run(job, engine, sc.progress_seconds)
+    stats = run(job, engine, search_cfg.progress_seconds)
     manifest = outputs.commit(output_url, "search", {
         "model_version": index_manifest.get("model_version"),
         "index": index_url, "queries": queries_url, "query_features": qf_url, "output": output_url,
@@ -194,7 +196,7 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
 def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: dict, column: dict,
               walls: dict) -> dict:
     """The manifest's counts, params, io, files, chunks, blocks and timings from the tasks' stats."""
-    sc = cfg.search
+    search_cfg = cfg.search
     counts = {"queries": sum(qrows), "query_errors": int(qman.get("counts", {}).get("errors", 0)),
               "queries_with_results": sum(s["queries_with_results"] for s in stats),
               "queries_with_shortlist": sum(s["queries_with_shortlist"] for s in stats),
@@ -220,11 +222,11 @@ def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: di
     return {
         "counts": counts,
         "params": {"shortlist": job.shortlist, "shard_shortlist": job.shard_shortlist, "k": job.k,
-                   "nprobe": job.nprobe, "shard_shortlist_configured": sc.shard_shortlist,
+                   "nprobe": job.nprobe, "shard_shortlist_configured": search_cfg.shard_shortlist,
                    "coarse_threshold": job.coarse_threshold, "match_threshold": job.match_threshold,
-                   "query_chunk": sc.query_chunk, "shortlist_configured": sc.shortlist,
+                   "query_chunk": search_cfg.query_chunk, "shortlist_configured": search_cfg.shortlist,
                    "normalize": job.background.describe() if job.background is not None else None,
-                   "rerank": job.rerank, "rerank_configured": sc.rerank, "blocks": len(job.blocks),
+                   "rerank": job.rerank, "rerank_configured": search_cfg.rerank, "blocks": len(job.blocks),
                    "vector_cache_mb": job.vector_cache_mb},
         "io": io_counts(stats, block_stats, column),
         "files": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"], "chunk": s["chunk"],
@@ -232,15 +234,3 @@ def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: di
         "chunks": [{k: v for k, v in s.items() if k not in ("file", "sha256")} for s in stats],
         "blocks": block_stats, "timings": timings,
     }
-
-
-def read_results(output_url: str) -> pa.Table:
-    """All result rows of a COMPLETE search output (files checked against the manifest)."""
-    m = outputs.read(output_url, "search")
-    tables = []
-    for f in m.get("files", []):
-        url = fsio.join(output_url, fsio.safe_relpath(f["file"]))
-        if f.get("sha256") and fsio.sha256_file(url) != f["sha256"]:
-            raise ValueError(f"result file {url} does not match the sha256 in {outputs.marker_url(output_url)}")
-        tables.append(conform_results(fsio.read_parquet(url)))
-    return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()

@@ -180,7 +180,7 @@ def _compile(cache: bool) -> dict:  # size-exempt: the numba kernels are defined
             "select_topk": select_topk}
 
 
-def _threads(threads: int) -> None:
+def _set_numba_threads(threads: int) -> None:
     import numba
 
     if threads > 0:
@@ -195,7 +195,7 @@ def pair_scores_int8_into(out: np.ndarray, queries: np.ndarray, pos: np.ndarray,
         return
     if codes.dtype != np.int8 or codes.ndim != 2 or queries.shape[1] != codes.shape[1]:
         raise ValueError(f"pair_scores_int8: codes {codes.dtype}{codes.shape} vs queries {queries.shape}")
-    _threads(threads)
+    _set_numba_threads(threads)
     _kernels()["dots_int8_at"](np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(pos, np.int64),
                                int(width), codes, np.ascontiguousarray(rows, np.int64),
                                np.ascontiguousarray(scale, np.float32), out)
@@ -220,7 +220,7 @@ def select_topk(scores: np.ndarray, ids: np.ndarray, k: int, threads: int = 0
     out_c = np.empty((n, k), np.int64)
     if n == 0 or k == 0:
         return out_s, out_i, out_c
-    _threads(threads)
+    _set_numba_threads(threads)
     _kernels()["select_topk"](np.ascontiguousarray(scores, np.float32), np.ascontiguousarray(ids, np.int64),
                               int(k), out_s, out_i, out_c)
     return out_s, out_i, out_c

@@ -71,7 +71,7 @@ def normalized(scores: np.ndarray, query_fine: np.ndarray, bg: Background) -> np
 
 
 def _from_features(url: str, model_version: str | None) -> np.ndarray:
-    from retrieval.extract.job import read_features, read_manifest
+    from retrieval.extract.features import read_features, read_manifest
 
     manifest = read_manifest(url)
     bg_version = manifest.get("model_version")

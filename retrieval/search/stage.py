@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from retrieval.stage import Stage, arg, choice, non_negative, positive
+from retrieval.stage import Stage, arg, positive_or_auto, choice, non_negative, positive
 
 
 def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
@@ -34,17 +34,17 @@ STAGE = Stage(
     summary=summary,
     section="search",
     checks={
-        "search.shortlist": non_negative,
-        "search.shard_shortlist": non_negative,
+        "search.shortlist": positive_or_auto,
+        "search.shard_shortlist": positive_or_auto,
         "search.k": positive,
-        "search.nprobe": non_negative,
+        "search.nprobe": positive_or_auto,
         "search.coarse_threshold": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
         "search.match_threshold": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
         "search.query_chunk": positive,
         "search.vector_cache_mb": non_negative,
         "search.rerank": choice("auto", "chunk", "gallery"),
         "search.shard_cache": positive,
-        "search.threads": non_negative,
+        "search.threads": positive_or_auto,
         "search.progress_seconds": positive,
         "search.normalize.k": positive,
         "search.normalize.beta": non_negative,

@@ -59,7 +59,7 @@ class SearchJob:
     match_threshold: float | None = None
     vector_cache_mb: int = 1024
     shard_cache: int = 2
-    threads: int = 0
+    threads: int | str = "auto"     # a number or auto (the task's cores)
     verify: bool = True
     feature_versions: tuple[str | None, ...] | None = None
     chunks: tuple[Chunk, ...] = field(default_factory=tuple)
@@ -74,7 +74,7 @@ def part_name(chunk: int) -> str:
     return f"part-{chunk:05d}.parquet"
 
 
-def _set_threads(job: SearchJob) -> None:
+def _configure_process(job: SearchJob) -> None:
     """Per-task process setup: faiss threads, fsspec storage options."""
     import faiss
 
@@ -82,7 +82,7 @@ def _set_threads(job: SearchJob) -> None:
     faiss.omp_set_num_threads(task_threads(job.threads))
 
 
-def load_shard(job: SearchJob, shard_no: int):
+def cached_shard(job: SearchJob, shard_no: int):
     """The searchable shard, from this process's cache (loaded and verified at most once)."""
     from retrieval.index import store
 
@@ -122,12 +122,12 @@ def coarse_task(job: SearchJob, shard_nos: Sequence[int], chunk: Chunk
     """Shard-local top K' of one chunk for each of ``shard_nos``: ``([(shard, scores, ids)],
     seconds)``. The chunk's cells are assigned once (the shards share one quantizer)."""
     t0 = time.monotonic()
-    _set_threads(job)
+    _configure_process(job)
     threads = task_threads(job.threads)
     k = job.shard_shortlist or job.shortlist
     out = []
     for shard_no in shard_nos:
-        index = load_shard(job, shard_no)
+        index = cached_shard(job, shard_no)
         a = chunk_assignment(job, chunk, index)
         scores, ids = coarse_mod.search_shard(index, None, k, assignment=a, threads=threads)
         out.append((shard_no, scores, ids))
@@ -148,7 +148,7 @@ def chunk_task(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, n
                coarse_s: float = 0.0, shuffle_bytes: int = 0) -> dict:
     """Chunk-major rerank: merge the shards' lists of one chunk (``parts`` in shard order),
     rerank through the process's vector cache, write its part file; returns the chunk's stats."""
-    _set_threads(job)
+    _configure_process(job)
     faults.maybe_fail(job.faults, "search", chunk.chunk, 0)
     t0 = time.monotonic()
     c_scores, c_ids = coarse_mod.merge_shortlists(parts, job.shortlist, job.coarse_threshold)
@@ -205,7 +205,7 @@ def merge_route(job: SearchJob, chunk: Chunk, parts: Sequence[tuple[np.ndarray, 
                 ) -> list[tuple[int, blocks_mod.Routed]]:
     """Merge the shards' lists of one chunk into its global top S, then split its pairs by
     gallery block: ``(block, Routed)`` records (and the chunk's figures, to one block)."""
-    _set_threads(job)
+    _configure_process(job)
     faults.maybe_fail(job.faults, "search", chunk.chunk, 0)
     t0 = time.monotonic()
     c_scores, c_ids = coarse_mod.merge_shortlists(parts, job.shortlist, job.coarse_threshold)
@@ -229,7 +229,7 @@ def _block_map(job: SearchJob) -> blocks_mod.BlockMap:
 def block_task(job: SearchJob, block_no: int, items: Iterable[blocks_mod.Routed]
                ) -> Iterator[tuple[int, blocks_mod.Piece]]:
     """Score the pairs routed to one gallery block (read once), each query's k best kept."""
-    _set_threads(job)
+    _configure_process(job)
     cache = _cache(job)
 
     def query_fine(chunk_no: int) -> tuple[np.ndarray, int]:
@@ -250,7 +250,7 @@ def select_chunk(job: SearchJob, chunk: Chunk, pieces: Iterable[blocks_mod.Piece
     """The chunk's scored pairs from every block back in its shortlist and the rerank's selection;
     its result ids go to their blocks for their labels (``(block, LabelAsk)``), the selection and the
     chunk's figures to one block, passed on to the chunk's writer (``(block, Selected)``)."""
-    _set_threads(job)
+    _configure_process(job)
     t0 = time.monotonic()
     fine, ids, coarse_all, chunk_meta, block_meta = blocks_mod.assemble(pieces, chunk.stop - chunk.start,
                                                                          job.shortlist)
@@ -272,14 +272,14 @@ def select_chunk(job: SearchJob, chunk: Chunk, pieces: Iterable[blocks_mod.Piece
 
 def label_task(job: SearchJob, block_no: int, items: Iterable[Any]) -> Iterator[tuple[int, Any]]:
     """The labels of the result rows whose gallery ids lie in one block (its label groups read once)."""
-    _set_threads(job)
+    _configure_process(job)
     return blocks_mod.label_task(block_no, items, job.feature_files, job.feature_versions, _cache(job),
                                  len(job.chunks))
 
 
 def write_task(job: SearchJob, chunk: Chunk, items: Iterable[Any]) -> dict:
     """The chunk's selection and its result rows' labels from the blocks: normalise, write."""
-    _set_threads(job)
+    _configure_process(job)
     items = list(items)
     selected = [it for it in items if isinstance(it, blocks_mod.Selected)]
     if len(selected) != 1:

@@ -70,9 +70,10 @@ def pooled_cache(model: DescriptorModel, cache: FeatureCache, chunk: int = 256) 
 
 
 def _views_key(images: ImageSet, job: TrainJob) -> str:
-    t = job.t
-    ops_key = hashlib.sha256(",".join(t["augmentations"]).encode()).hexdigest()[:8]
-    return f"{images.fingerprint()}-v{int(t['cache_views'])}-s{t['augment_strength']}-a{ops_key}-seed{t['seed']}"
+    train_cfg = job.train_cfg
+    ops_key = hashlib.sha256(",".join(train_cfg["augmentations"]).encode()).hexdigest()[:8]
+    return (f"{images.fingerprint()}-v{int(train_cfg['cache_views'])}-s{train_cfg['augment_strength']}"
+            f"-a{ops_key}-seed{train_cfg['seed']}")
 
 
 @torch.no_grad()
@@ -81,8 +82,8 @@ def build_cache(model: DescriptorModel, images: ImageSet, job: TrainJob, d: Dist
     """The cached views' features (``blocks`` > 0: activations entering the last ``blocks`` blocks;
     else pooled); with ``teacher``, also the teacher's embedding of every view (its own cache file:
     the student's cache is the one a run without a teacher writes)."""
-    t, spec = job.t, model.spec
-    n_views = int(t["cache_views"])
+    train_cfg, spec = job.train_cfg, model.spec
+    n_views = int(train_cfg["cache_views"])
     kind = f"prefix{blocks}" if blocks else "pooled"
     url = fsio.join(job.output, "_cache", f"{kind}-{backbone_version(model)}-{_views_key(images, job)}.pt")
     t_url = (fsio.join(job.output, "_cache", f"teacher-{teacher.version}-{teacher.size}-{_views_key(images, job)}.pt")
@@ -97,7 +98,7 @@ def build_cache(model: DescriptorModel, images: ImageSet, job: TrainJob, d: Dist
             return FeatureCache(have["hi"], have["lo"], blocks, tobj.get("teacher"))
     mine = [i for i in range(len(images)) if i % d.world == d.rank]
     progress = Progress(f"{kind} feature cache (rank {d.rank})", total=len(mine) * n_views,
-                        every=float(t["progress_seconds"]), unit="views")
+                        every=float(train_cfg["progress_seconds"]), unit="views")
     todo: list[tuple[int, int, list[torch.Tensor]]] = []
     out: dict[int, tuple[list, ...]] = {i: ([None] * n_views, [None] * n_views, [None] * n_views) for i in mine}
     sizes = (spec.size_hi, spec.size_lo) + ((teacher.size,) if teacher else ())
@@ -118,9 +119,9 @@ def build_cache(model: DescriptorModel, images: ImageSet, job: TrainJob, d: Dist
 
     for i in mine:
         for v in range(n_views):
-            strength = 0.0 if v == 0 else float(t["augment_strength"])
-            views = same_view(images.images[i], view_rng(t["seed"], CACHE_KEY, i, v), sizes, strength,
-                              t["augmentations"], spec.resize, other_picker(images, i))
+            strength = 0.0 if v == 0 else float(train_cfg["augment_strength"])
+            views = same_view(images.images[i], view_rng(train_cfg["seed"], CACHE_KEY, i, v), sizes, strength,
+                              train_cfg["augmentations"], spec.resize, other_picker(images, i))
             todo.append((i, v, views))
             if len(todo) >= chunk:
                 flush()

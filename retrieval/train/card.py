@@ -9,7 +9,7 @@ from retrieval import fsio
 
 def build_card(model, job, images, state: dict, checkpoint: str,
                evaluation: dict | None = None) -> dict[str, Any]:
-    t = job.train_cfg
+    train_cfg = job.train_cfg
     losses = state.get("losses", {})
     stages = {}
     for s in sorted({*state.get("completed", {}), *losses}):
@@ -30,14 +30,15 @@ def build_card(model, job, images, state: dict, checkpoint: str,
         "base": {"backbone": job.model_cfg["backbone"], "backbone_weights": job.model_cfg["backbone_weights"],
                  "start_checkpoint": job.model_cfg.get("checkpoint"), "head_seed": job.model_cfg["head_seed"]},
         "data": state.get("data") or images.summary(),
-        "augmentations": {"ops": list(t["augmentations"]), "strength": t["augment_strength"]},
-        "schedule": {"stages_selected": list(t["stages"]), "seed": t["seed"], "batch_size": t["batch_size"],
-                     "temperature": t["temperature"], "backbone_blocks": t["backbone_blocks"],
-                     "fine_head": t["fine_head"], "cache_views": t["cache_views"],
+        "augmentations": {"ops": list(train_cfg["augmentations"]), "strength": train_cfg["augment_strength"]},
+        "schedule": {"stages_selected": list(train_cfg["stages"]), "seed": train_cfg["seed"],
+                     "batch_size": train_cfg["batch_size"],
+                     "temperature": train_cfg["temperature"], "backbone_blocks": train_cfg["backbone_blocks"],
+                     "fine_head": train_cfg["fine_head"], "cache_views": train_cfg["cache_views"],
                      "processes": state.get("processes", 1)},
         "stages": stages,
         "evaluation": evaluation,
-        "train_config": t,
+        "train_config": train_cfg,
     }
 
 

@@ -28,10 +28,6 @@ class TrainJob:
                    cfg["train"].to_dict(), cfg["extract.input_format"], cfg["extract.key_column"],
                    cfg["extract.bytes_column"])
 
-    @property
-    def t(self) -> dict:
-        return self.train_cfg
-
     def stage_cfg(self, stage: int) -> dict:
         return self.train_cfg[f"stage{stage}"]
 

@@ -8,7 +8,7 @@ programs installed) into ``$TRAINING_SOURCES_DIR/<package>/`` (default
 ``/var/cache/training-sources``). :func:`training_photos` walks them and keeps the images that look
 like real photographs (photos, photographic textures of real surfaces, planet maps), drops exact
 and near duplicates, and returns them in a deterministic order; the default-model recipe
-(:func:`retrieval.train.default_model.training_images`) crops them and writes the manifest that
+(:func:`retrieval.recipes.default_model.training_images`) crops them and writes the manifest that
 ``retrieval train`` reads.
 
 Disjoint from the evaluation data by construction:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from retrieval.stage import Stage, arg, choice, non_negative, positive
+from retrieval.stage import Stage, arg, positive_or_auto, choice, non_negative, positive
 
 
 def _augmentations(v: Any) -> str | None:
@@ -73,7 +73,7 @@ STAGE = Stage(
         "train.checkpoint_every": positive,
         "train.keep_checkpoints": positive,
         "train.processes": positive,
-        "train.threads": non_negative,
+        "train.threads": positive_or_auto,
         "train.progress_seconds": positive,
         "train.eval_copies": positive,
         "train.eval_shortlist": positive,

@@ -1,4 +1,4 @@
-"""The three training stages of METHOD.md, resumable and data-parallel.
+"""The three training stages of the method (docs/method.md), resumable and data-parallel.
 
 1. ``backbone``: InfoNCE (temperature ``train.temperature``) between the L2-normalised GeM-pooled
    features of an anchor view at R_hi and a positive view at R_lo of the same image; the other images
@@ -31,7 +31,7 @@ a resumed run and a data-parallel run draw the same batches.
 
 This module is the loop and the entry points; the pieces live by role in :mod:`.job` (settings),
 :mod:`.trainable` (what each stage trains), :mod:`.losses`, :mod:`.teacher`, :mod:`.cache`,
-:mod:`.steps` (one step of each stage) and :mod:`.checkpoints` (state, checkpoints, resume).
+:mod:`.steps` (one step of each stage) and :mod:`.saving` (state, checkpoints, resume).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ from retrieval.extract.preprocess import DecodePolicy
 from retrieval.progress import Progress
 from retrieval.train import card as card_mod
 from retrieval.train.cache import FeatureCache, PooledCache, build_cache, pooled_cache, suffix_pooled
-from retrieval.train.checkpoints import STATE, read_state, write_checkpoint
+from retrieval.train.saving import STATE, read_state, write_checkpoint
 from retrieval.train.data import ImageSet, load_images, view_rng
 from retrieval.train.dist import Dist
 from retrieval.train.job import STAGES, TrainError, TrainJob, external_stage1_error
@@ -89,20 +89,20 @@ def batch_indices(seed: int, stage: int, step: int, n: int, size: int) -> np.nda
     return view_rng(seed, 1000 + stage, step).permutation(n)[:size]
 
 
-def _threads(job: TrainJob, d: Dist) -> int:
-    configured = int(job.t["threads"])
-    if configured > 0:
-        return configured
+def _torch_threads(job: TrainJob, d: Dist) -> int:
+    configured = job.train_cfg["threads"]
+    if configured != "auto" and int(configured) > 0:
+        return int(configured)
     return max(1, (os.cpu_count() or 1) // d.world)
 
 
 def run_stage(model: DescriptorModel, job: TrainJob, images: ImageSet, stage: int, state: dict,
               d: Dist, cache: FeatureCache | None, teacher: Teacher | None = None) -> dict:
-    t, sc = job.t, job.stage_cfg(stage)
-    steps, base_lr = int(sc["steps"]), float(sc["lr"])
-    names = trainable_names(model, stage, int(t["backbone_blocks"]), bool(t["fine_head"]))
+    train_cfg, stage_cfg = job.train_cfg, job.stage_cfg(stage)
+    steps, base_lr = int(stage_cfg["steps"]), float(stage_cfg["lr"])
+    names = trainable_names(model, stage, int(train_cfg["backbone_blocks"]), bool(train_cfg["fine_head"]))
     params = set_trainable(model, names)
-    opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=float(t["weight_decay"]))
+    opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=float(train_cfg["weight_decay"]))
     start = 0
     losses: list[list[float]] = state.setdefault("losses", {}).setdefault(str(stage), [])
     cur = state.get("current") or {}
@@ -111,24 +111,24 @@ def run_stage(model: DescriptorModel, job: TrainJob, images: ImageSet, stage: in
         opt.load_state_dict(torch.load(io.BytesIO(fsio.read_bytes(cur["optimizer"])), weights_only=True))
         losses[:] = [x for x in losses if x[0] <= start]
         log.info("stage %d (%s): resuming after step %d of %d", stage, STAGES[stage], start, steps)
-    if stage == 3 and start == 0 and sc.get("init", "adapter1") == "adapter1":
+    if stage == 3 and start == 0 and stage_cfg.get("init", "adapter1") == "adapter1":
         model.adapter2_from_adapter1()  # distil from adapter 1's own function on R_lo inputs
-    bsz = min(int(t["batch_size"]), len(images))
+    bsz = min(int(train_cfg["batch_size"]), len(images))
     bsz -= bsz % d.world
     if bsz < 2:
         raise TrainError(f"a batch of {bsz} cannot hold negatives: need at least 2 images per batch "
                          f"(images: {len(images)}, processes: {d.world})")
     per = bsz // d.world
-    every = max(1, int(t["checkpoint_every"]))
+    every = max(1, int(train_cfg["checkpoint_every"]))
     progress = Progress(f"train stage {stage} ({STAGES[stage]})", total=steps,
-                        every=float(t["progress_seconds"]), unit="steps")
+                        every=float(train_cfg["progress_seconds"]), unit="steps")
     progress.done = start
     t0 = time.monotonic()
     threads = torch.get_num_threads()
     if cache is not None:
         torch.set_num_threads(1)  # small tensors on cached features: extra threads mostly spin
     for step in range(start + 1, steps + 1):
-        idx = batch_indices(int(t["seed"]), stage, step, len(images), bsz)[d.rank * per:(d.rank + 1) * per]
+        idx = batch_indices(int(train_cfg["seed"]), stage, step, len(images), bsz)[d.rank * per:(d.rank + 1) * per]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, base_lr)
         opt.zero_grad(set_to_none=True)
@@ -154,7 +154,7 @@ def run_stage(model: DescriptorModel, job: TrainJob, images: ImageSet, stage: in
     last = [x[1] for x in losses[-k:]]
     summary = {"stage": stage, "name": STAGES[stage], "steps": steps, "lr": base_lr, "batch_size": bsz,
                "processes": d.world, "trainable": names if stage != 1 else
-               f"{len(names)} tensors: last {t['backbone_blocks'] or 'all'} backbone blocks + pool.p",
+               f"{len(names)} tensors: last {train_cfg['backbone_blocks'] or 'all'} backbone blocks + pool.p",
                "trainable_parameters": int(sum(p.numel() for p in params)),
                "first_loss": round(float(np.mean(first)), 6) if first else None,
                "final_loss": round(float(np.mean(last)), 6) if last else None,
@@ -168,7 +168,7 @@ def run_training(job: TrainJob, d: Dist | None = None) -> dict:
     """Run the selected stages (``train.stages``) of ``job``; returns the final model card."""
     d = d or Dist()
     threads = torch.get_num_threads()
-    torch.set_num_threads(_threads(job, d))
+    torch.set_num_threads(_torch_threads(job, d))
     try:
         return _run_training(job, d)
     finally:
@@ -176,18 +176,18 @@ def run_training(job: TrainJob, d: Dist | None = None) -> dict:
 
 
 def _run_training(job: TrainJob, d: Dist) -> dict:
-    t = job.t
-    torch.manual_seed(int(t["seed"]))
-    if 1 in [int(s) for s in t["stages"]] and job.model_cfg["backbone"] in EXTERNAL_BACKBONES:
+    train_cfg = job.train_cfg
+    torch.manual_seed(int(train_cfg["seed"]))
+    if 1 in [int(s) for s in train_cfg["stages"]] and job.model_cfg["backbone"] in EXTERNAL_BACKBONES:
         raise external_stage1_error(job.model_cfg["backbone"])   # before any work
     if d.main:
         fsio.ensure_writable(job.output)
         outputs.begin(job.output)          # incomplete until the marker is rewritten
     d.barrier()
     policy = DecodePolicy.from_config(job.preprocess_cfg)
-    images = load_images(job.input, policy, int(t["max_side"]), job.input_format, job.key_column,
+    images = load_images(job.input, policy, int(train_cfg["max_side"]), job.input_format, job.key_column,
                          job.bytes_column)
-    state = read_state(job) if t["resume"] else None
+    state = read_state(job) if train_cfg["resume"] else None
     if state is None:
         state = {"job": json.loads(json.dumps(job.fingerprint(), default=str)), "completed": {},
                  "losses": {}, "data": images.summary(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
@@ -200,16 +200,16 @@ def _run_training(job: TrainJob, d: Dist) -> dict:
         log.info("resuming %s from %s (completed stages: %s)", job.output, ckpt,
                  sorted(state.get("completed", {})) or "none")
     state["processes"] = d.world
-    stages = [int(s) for s in t["stages"]]
+    stages = [int(s) for s in train_cfg["stages"]]
     if model.external and 1 in stages and "1" not in state["completed"]:
         raise external_stage1_error(model.spec.backbone)   # e.g. model.checkpoint of an external backbone
     prefix: FeatureCache | None = None
     cache: FeatureCache | None = None
-    blocks = int(t["backbone_blocks"])
-    use_cache = int(t["cache_views"]) > 0
+    blocks = int(train_cfg["backbone_blocks"])
+    use_cache = int(train_cfg["cache_views"]) > 0
     teacher = None
-    if t.get("teacher") and 1 in stages and "1" not in state["completed"]:
-        teacher = load_teacher(t["teacher"], int(t["teacher_size"]), job.preprocess_cfg)
+    if train_cfg.get("teacher") and 1 in stages and "1" not in state["completed"]:
+        teacher = load_teacher(train_cfg["teacher"], int(train_cfg["teacher_size"]), job.preprocess_cfg)
         state["teacher"] = {"url": teacher.url, "model_version": teacher.version, "size": teacher.size}
         log.info("stage 1 teacher %s (model_version %s, %d px)", teacher.url, teacher.version, teacher.size)
     for stage in stages:
@@ -235,8 +235,8 @@ def _run_training(job: TrainJob, d: Dist) -> dict:
     result: dict[str, Any] = {}
     if d.main:
         evaluation = None
-        if t["eval_input"]:
-            from retrieval.train.evaluate import evaluate_job
+        if train_cfg["eval_input"]:
+            from retrieval.train.validation import evaluate_job
 
             evaluation = evaluate_job(model, job)
         final = fsio.join(job.output, "model.pt")

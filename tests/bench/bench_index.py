@@ -3,7 +3,7 @@
     .venv/bin/python tests/bench/bench_index.py                 # 1,000,000 gallery items, 10,000 queries
     .venv/bin/python tests/bench/bench_index.py --n 100000 --queries 2000   # quick check
 
-Data: ``retrieval.synthetic`` with the default ``SyntheticSpec`` (seed 0): N gallery items written
+Data: ``tests/synthetic.py`` with the default ``SyntheticSpec`` (seed 0): N gallery items written
 as a real extraction output (8 feature files), and ``--queries`` perturbed copies of known items
 (the same generator as the search benchmark). The coarse vectors are also saved as .npy for
 autofaiss.
@@ -117,7 +117,7 @@ def run_measured(cmd: list[str], env: dict | None = None, log_path: Path | None 
 # ---------------------------------------------------------------------------------------------
 def prepare(work: Path, n: int, nq: int) -> None:
     """Feature output, .npy copies, queries and exact ground truth (cached in ``work``)."""
-    from retrieval import synthetic
+    from tests import synthetic
 
     meta = {"n": n, "queries": nq, "spec": repr(synthetic.SyntheticSpec())}
     if (work / "data.json").exists() and json.loads((work / "data.json").read_text()) == meta:
@@ -170,7 +170,7 @@ def _ours_child(work: Path, master: str, budget_mb: float, n: int) -> None:
     spark.stop()
     xq = np.load(work / "xq.npy")
     t3 = time.monotonic()
-    _, ids = store.search(str(work / "ours"), xq, SHORTLIST)
+    _, ids = store.search_shards(str(work / "ours"), xq, SHORTLIST)
     search_s = time.monotonic() - t3
     from retrieval.index import idmap
 

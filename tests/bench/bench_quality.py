@@ -216,14 +216,14 @@ def print_table(rows: list[tuple[str, dict, dict]], split: str) -> None:
 # --tune: grids on the tune split (features computed once per image through the library)
 def _pooled(model_sets: list[str], urls: list[tuple[str, str]]):
     from retrieval.model.checkpoints import model_from_config
-    from retrieval.fit.job import FitJob, _as_matrix, pooled_features
+    from retrieval.fit.job import FitJob, _as_matrix, pooled_feature_rows
 
     cfg = config_mod.load(sets=model_sets)
 
     model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict())
     job = FitJob(model_cfg=cfg["model"].to_dict(), preprocess_cfg=cfg["preprocess"].to_dict(),
                  model_version=model.model_version(), batch_size=32, threads=0)
-    out = pooled_features(job, urls)
+    out = pooled_feature_rows(job, urls)
     bad = [r for r in out if r[3]]
     if bad:
         raise SystemExit(f"{len(bad)} images failed: {bad[:3]}")

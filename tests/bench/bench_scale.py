@@ -10,7 +10,7 @@ Resumable: every step leaves a completion marker in ``--workdir`` and is skipped
 ``_manifest.json``; measurements: ``*.json`` beside them), so a killed run is restarted by running
 the same command again.
 
-1. **gallery**: N rows of ``retrieval.synthetic`` (default ``SyntheticSpec``, seed 0: 128-d coarse +
+1. **gallery**: N rows of ``tests/synthetic.py`` (default ``SyntheticSpec``, seed 0: 128-d coarse +
    512-d fine, stored int8 as extraction does), written as ``--parts`` complete feature outputs of
    N / parts rows each (``synthetic.gallery_chunks(first=...)``): at most one part's vectors are in
    memory at a time.
@@ -27,7 +27,7 @@ the same command again.
    for a fixed-seed sample of ``--exact-sample`` queries (``evaluate.exact_search``), in a child.
 6. **coarse diagnosis**, same sample: where a missed source is lost. The exact 128-d top-S over all
    gallery coarse codes (float32 brute force: the best ANY coarse index can do with these codes) and
-   the IVF-PQ index's top-S at the search's nprobe (``store.search``), for S = 100 ... 5000.
+   the IVF-PQ index's top-S at the search's nprobe (``store.search_shards``), for S = 100 ... 5000.
 7. **coarse rates** (for ``retrieval plan``): on one index shard, flat-quantizer assignment
    (multiply-adds/s), PQ code scanning (the same search at nprobe 1 and 128: extra codes / extra
    time), and the HNSW32 quantizer a billion-vector index gets (131,072 centroids, 256 cells per
@@ -108,7 +108,7 @@ def wait_for_disk(path: Path, need: int, margin: int = 3 << 30, patience_s: floa
 
 
 def write_gallery(work: Path, n: int, parts: int) -> tuple[list[str], dict]:
-    from retrieval import synthetic
+    from tests import synthetic
 
     step = n // parts
     if step % synthetic.CHUNK:
@@ -133,7 +133,7 @@ def write_gallery(work: Path, n: int, parts: int) -> tuple[list[str], dict]:
 
 
 def write_queries(work: Path, n: int, match: int, nomatch: int) -> tuple[str, np.ndarray]:
-    from retrieval import synthetic
+    from tests import synthetic
 
     url, src = work / "queries", work / "sources.npy"
     if not (url / "_manifest.json").exists():
@@ -191,7 +191,7 @@ for f in sorted(m["feature_files"], key=lambda f: f["file_no"]):
 heap.finalize()
 exact_s = time.monotonic() - t
 t = time.monotonic()
-_, ivf = store.search(index, xq, max(S), nprobe=nprobe, manifest=m)
+_, ivf = store.search_shards(index, xq, max(S), nprobe=nprobe, manifest=m)
 starts = np.cumsum([0] + [f["rows"] for f in sorted(m["feature_files"], key=lambda f: f["file_no"])])
 fno, r = ivf >> 32, ivf & 0xFFFFFFFF
 ivf_rows = np.where(ivf >= 0, starts[np.clip(fno, 0, len(starts) - 2)] + r, -1)

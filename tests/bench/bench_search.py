@@ -6,7 +6,7 @@
 
 What it does, in one run (fixed seed; the data and index are cached in --workdir and reused when
 the sizes match):
-1. a synthetic gallery (``retrieval.synthetic``, default ``SyntheticSpec``) written as a real
+1. a synthetic gallery (``tests/synthetic.py``, default ``SyntheticSpec``) written as a real
    extraction output (int8 fine vectors, 8 files), and matching + non-matching queries written as a
    query feature output;
 2. the index, built once with ``retrieval.index.build.build_index`` (its default parameters);
@@ -42,7 +42,8 @@ sys.path.insert(0, ROOT)
 # torch (via read_features) and faiss used to be loaded before it was set, so numba's workers spun
 # after every kernel call (see retrieval/__init__.py)
 import retrieval  # noqa: E402,F401
-from retrieval import config, fsio, outputs, synthetic  # noqa: E402
+from retrieval import config, fsio, outputs  # noqa: E402
+from tests import synthetic  # noqa: E402
 from retrieval.extract.job import read_features  # noqa: E402
 from retrieval.schema import fine_matrix  # noqa: E402
 

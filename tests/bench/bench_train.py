@@ -39,15 +39,44 @@ def _table(title: str, result: dict) -> str:
     return "\n".join(lines)
 
 
+def sample_eval_set(gallery_url: str, queries_url: str, truth_csv: str, max_side: int = 1024):
+    """An eval set from a gallery input, a query input and a truth CSV (``query_id,gallery_id``,
+    empty gallery_id = no match), e.g. the output of :func:`retrieval.sample.make_sample`."""
+    import numpy as np
+
+    from retrieval.metrics import read_truth
+    from retrieval.train.data import load_images
+    from retrieval.train.validation import EvalSet
+
+    g = load_images(gallery_url, max_side=max_side)
+    q = load_images(queries_url, max_side=max_side)
+    gidx = {gid: k for k, gid in enumerate(g.ids)}
+    matches = read_truth(truth_csv).matches
+    truth = []
+    for qid in q.ids:
+        if qid not in matches:
+            raise ValueError(f"{truth_csv}: no row for query {qid!r}")
+        if len(matches[qid]) > 1:
+            raise ValueError(f"{truth_csv}: query {qid!r} has {len(matches[qid])} true matches; "
+                             "this evaluation takes at most one per query")
+        gid = next(iter(matches[qid]), "")
+        if gid and gid not in gidx:
+            raise ValueError(f"{truth_csv}: query {qid!r} -> {gid!r}, which is not in {gallery_url}")
+        truth.append(gidx[gid] if gid else -1)
+    return EvalSet(g.images, g.ids, q.images, q.ids, np.array(truth, np.int64),
+                   f"{gallery_url} ({len(g)} images) vs {queries_url} ({len(q)} queries, "
+                   f"{int((np.array(truth) >= 0).sum())} with a true match)")
+
+
 def acceptance(asset: str, out: str, shortlist: int) -> dict:
     import torch
 
     from retrieval.model.delta import load_delta
     from retrieval.model.network import build_model
+    from retrieval.recipes.default_model import write_manifest
     from retrieval.sample import make_sample, real_photos
     from retrieval.train.data import load_images
-    from retrieval.train.default_model import write_manifest
-    from retrieval.train.evaluate import coarse_query_cost, copies_eval_set, evaluate_models, sample_eval_set
+    from retrieval.train.validation import coarse_query_cost, copies_eval_set, evaluate_models
 
     models = {"trained (default)": load_delta(asset), "seed heads": build_model()}
     sample = make_sample(os.path.join(out, "sample"), seed=0)
@@ -69,9 +98,9 @@ def acceptance(asset: str, out: str, shortlist: int) -> dict:
 
 def dist_vs_single(out: str) -> dict:
     from retrieval.config import load
+    from retrieval.recipes.default_model import write_manifest
     from retrieval.sample import real_photos
     from retrieval.engine.session import get_spark
-    from retrieval.train.default_model import write_manifest
     from retrieval.train.trainer import TrainJob, run_distributed, run_training
 
     photos = write_manifest(real_photos("train")[:16], os.path.join(out, "train16.csv"))

@@ -20,7 +20,7 @@ What it measures (each part runs even when another one fails; one JSON summary a
 3. ``faiss_coarse``: the index the project builds for 1,000,000 128-d coarse vectors
    (``retrieval.index.params.choose_params`` -> e.g. ``IVF4096,PQ32x4fs``, trained by
    ``retrieval.index.quantizer.train_index`` on its training sample), over synthetic clustered
-   vectors (``retrieval.synthetic``); 65,536 queries (half perturbed copies of gallery vectors),
+   vectors (``tests/synthetic.py``); 65,536 queries (half perturbed copies of gallery vectors),
    nprobe 16, k 200 (``search.shortlist`` at 1M) and k 2000, 16 threads; two ways: faiss's own
    ``index.search``, and the search job's path (``retrieval.search.coarse.assign`` +
    ``search_shard`` with 16 threads, in chunks of ``search.query_chunk`` = 8,192 queries).
@@ -282,7 +282,7 @@ def part_bare(images: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # 3. faiss coarse stage
 def _gallery_coarse(n: int) -> np.ndarray:
-    from retrieval import synthetic
+    from tests import synthetic
 
     out = np.empty((n, synthetic.COARSE_DIM), np.float32)
     starts = list(range(0, n, synthetic.CHUNK))
@@ -297,7 +297,7 @@ def _gallery_coarse(n: int) -> np.ndarray:
 
 
 def _queries(gallery: np.ndarray, n: int) -> np.ndarray:
-    from retrieval import synthetic
+    from tests import synthetic
 
     rng = np.random.default_rng([11, n])
     m = n // 2

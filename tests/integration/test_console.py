@@ -28,7 +28,7 @@ BANNERS = ("Using Spark's default log4j profile", "Setting default log level to"
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
-    from retrieval import synthetic
+    from tests import synthetic
 
     url = str(tmp_path_factory.mktemp("console") / "features")
     coarse, fine = synthetic.gallery(2000, synthetic.SyntheticSpec(n_clusters=50))

@@ -167,10 +167,11 @@ def test_clear_errors_before_any_work(zoo_dir, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["raise", "kill"])
-def test_task_failure_mid_shard_is_retried_to_an_identical_output(spark, zoo_dir, local_out, tmp_path, kind):
+def test_task_failure_mid_shard_is_retried_to_an_identical_output(spark, zoo_dir, local_out, tmp_path, kind,
+                                                                   monkeypatch):
     out = str(tmp_path / f"fault_{kind}")
-    m = extract(zoo_dir, out, cfg(**{"faults.stage": "extract", "faults.task": 1, "faults.kind": kind,
-                                     "faults.after_items": 4}), spark)
+    monkeypatch.setenv("RETRIEVAL_FAULTS", f"stage=extract,task=1,kind={kind},after_items=4")
+    m = extract(zoo_dir, out, cfg(), spark)
     ref = read_manifest(local_out)
     assert [s["attempt"] for s in m["shards"]] == [0, 1, 0]   # shard 1 failed once and was retried
     assert m["counts"]["ok"] == ref["counts"]["ok"] and m["counts"]["errors"] == ref["counts"]["errors"]

@@ -14,7 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrieval import config, fsio, synthetic
+from retrieval import config, fsio
+
+from tests import synthetic
 from retrieval.report.job import build_report
 from retrieval.evaluate import evaluate
 from retrieval.index.build import build_index

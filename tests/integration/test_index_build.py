@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from faiss.contrib.evaluation import check_ref_knn_with_draws
 
-from retrieval import config, synthetic
+from retrieval import config
+
+from tests import synthetic
 from retrieval.cli import main
 from retrieval.index import idmap, store
 from retrieval.index.build import build_index
@@ -95,8 +97,11 @@ def test_sharded_equals_single_index(built, data):
     out, m = built
     ref = single_index(out, m)
     d_ref, i_ref = ref.search(data["xq"], 50)
-    d, i = store.search(out, data["xq"], 50)
+    d, i = store.search_shards(out, data["xq"], 50)
     check_ref_knn_with_draws(d_ref, i_ref, d, i)
+    with pytest.warns(FutureWarning, match="store.search is deprecated.*search_shards"):
+        d_old, i_old = store.search(out, data["xq"], 50)     # the name before 0.2, until 0.3
+    assert np.array_equal(i_old, i) and np.array_equal(d_old, d)
     # and each loaded shard is a plain searchable faiss index returning gallery ids
     shard = store.load_shard(out, 1, m)
     assert shard.ntotal == m["shards"][1]["ntotal"]
@@ -113,14 +118,14 @@ def test_recall_bound_on_clustered_vectors(built, data):
     q = x[pick] + 0.5 * rng.standard_normal((300, 128)).astype(np.float32) / np.sqrt(128)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     exact = ids[np.argsort(-(q @ x.T), axis=1)[:, :100]]
-    _, approx = store.search(out, q, 100)
+    _, approx = store.search_shards(out, q, 100)
     recall100 = np.mean([len(np.intersect1d(a, e)) / 100 for a, e in zip(approx, exact)])
     assert recall100 >= 0.85, recall100
     assert (approx == ids[pick][:, None]).any(axis=1).mean() >= 0.99  # the source is in the top 100
     # the manifest's build-time figure measures the same thing
     assert abs(m["quality"]["recall@100"] - recall100) < 0.05
     # synthetic copies (the benchmark's generator): the true source lands in the top 500
-    _, top = store.search(out, data["xq"], 500)
+    _, top = store.search_shards(out, data["xq"], 500)
     assert (top == idmap.encode_ids(data["src"] // 2000, data["src"] % 2000)[:, None]).any(axis=1).mean() >= 0.99
 
 
@@ -131,7 +136,7 @@ def test_forced_factory_string_with_transform(data, tmp_path):
     assert m["index_key"] == "OPQ8_64,IVF64,PQ8" and m["nlist"] == 64 and len(m["shards"]) == 3
     shard = store.load_shard(out, 0, m)
     assert isinstance(shard, faiss.IndexPreTransform)
-    check_ref_knn_with_draws(*single_index(out, m).search(data["xq"], 20), *store.search(out, data["xq"], 20))
+    check_ref_knn_with_draws(*single_index(out, m).search(data["xq"], 20), *store.search_shards(out, data["xq"], 20))
 
 
 def test_default_fast_scan_codes_where_shards_fill_the_blocks(data, tmp_path):
@@ -140,7 +145,7 @@ def test_default_fast_scan_codes_where_shards_fill_the_blocks(data, tmp_path):
     out = str(tmp_path / "idx")
     m = build_index([data["a"]], out, cfg("index.vectors_per_shard=6000", "index.quality_queries=100"))
     assert m["index_key"] == "IVF128,PQ32x4fs" and m["pq_bytes"] == 16 and len(m["shards"]) == 1
-    check_ref_knn_with_draws(*single_index(out, m).search(data["xq"], 20), *store.search(out, data["xq"], 20))
+    check_ref_knn_with_draws(*single_index(out, m).search(data["xq"], 20), *store.search_shards(out, data["xq"], 20))
     merged = build_index([data["a"]], str(tmp_path / "merged"),
                          cfg("index.vectors_per_shard=6000", "index.quality_queries=100"), merge_ondisk=True)
     assert merged["index_key"] == "IVF128,PQ16" and store.load_merged(str(tmp_path / "merged")).ntotal == N_A
@@ -152,7 +157,7 @@ def test_forced_fast_scan_index_and_its_ondisk_merge_refusal(data, tmp_path):
     out = str(tmp_path / "idx")
     m = build_index([data["a"]], out, cfg("index.index_key=IVF64,PQ16x4fs", "index.quality_queries=100"))
     assert m["index_key"] == "IVF64,PQ16x4fs" and len(m["shards"]) == 3
-    check_ref_knn_with_draws(*single_index(out, m).search(data["xq"], 20), *store.search(out, data["xq"], 20))
+    check_ref_knn_with_draws(*single_index(out, m).search(data["xq"], 20), *store.search_shards(out, data["xq"], 20))
     with pytest.raises(ValueError, match="fast-scan"):
         build_index([data["a"]], str(tmp_path / "idx2"), cfg("index.index_key=IVF64,PQ16x4fs"), merge_ondisk=True)
     assert not os.path.exists(tmp_path / "idx2" / "_manifest.json")
@@ -181,7 +186,7 @@ def test_corrupted_shard_is_caught(built, data, tmp_path):
     with pytest.raises(store.IndexIntegrityError, match="shard-00001.index"):
         store.load_shard(copy, 1, m)
     with pytest.raises(store.IndexIntegrityError, match="shard-00001.index"):
-        store.search(copy, data["xq"], 10)
+        store.search_shards(copy, data["xq"], 10)
     store.load_shard(copy, 0, m)  # the others still load
     open(os.path.join(copy, "trained.index"), "wb").write(b"truncated")
     store._CACHE.clear()
@@ -219,21 +224,22 @@ def test_append_equals_from_scratch_with_same_quantizer(built, data, tmp_path):
     assert [b["kind"] for b in m["builds"]] == ["build", "append"]
     ref = single_index(idx, m)
     xq = data["coarse"][N_A:N_A + 100] + 0.01
-    check_ref_knn_with_draws(*ref.search(xq, 20), *store.search(idx, xq, 20))
+    check_ref_knn_with_draws(*ref.search(xq, 20), *store.search_shards(idx, xq, 20))
     # an item of the appended output is found under its new id: file 3 or 4
-    _, top = store.search(idx, data["coarse"][N_A + 1500:N_A + 1501], 1)
+    _, top = store.search_shards(idx, data["coarse"][N_A + 1500:N_A + 1501], 1)
     assert idmap.decode_ids(top)[0][0, 0] == 4 and idmap.decode_ids(top)[1][0, 0] == 500
     with pytest.raises(FeatureInputError, match="already in the index"):
         build_index([data["b"]], idx, cfg(), append=True)
 
 
-def test_resume_after_failed_shard(built, data, tmp_path, spark):
+def test_resume_after_failed_shard(built, data, tmp_path, spark, monkeypatch):
     """A Spark task that fails mid-shard is retried: same bytes. A run that died (one shard file
     missing, one corrupted, a temp file left, no manifest) resumes: finished shards reused."""
     out, m0 = built
     idx = str(tmp_path / "idx")
-    m = build_index([data["a"]], idx, cfg("faults.stage=index", "faults.task=1", "faults.after_items=1000"),
-                    engine=spark)
+    monkeypatch.setenv("RETRIEVAL_FAULTS", "stage=index,task=1,after_items=1000")
+    m = build_index([data["a"]], idx, cfg(), engine=spark)
+    monkeypatch.delenv("RETRIEVAL_FAULTS")
     assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in m0["shards"]]
     markers = [json.load(open(os.path.join(idx, "_shards", f"shard-{i:05d}.json"))) for i in range(3)]
     assert [mk["attempt"] for mk in markers] == [0, 1, 0]  # shard 1 failed once, then succeeded
@@ -275,7 +281,7 @@ def test_bad_vectors_and_duplicates(data, tmp_path):
     assert ("nan_inf", "img0000000005") in reasons and ("zero", "img0000000040") in reasons
     assert any(e["reason"] == "duplicate" and e["kept"][0] in (0, 1) and e["duplicates"][0][0] == 2
                for e in sk["examples"])
-    _, top = store.search(str(tmp_path / "idx"), x[[41, 300]] / np.linalg.norm(x[[41, 300]], axis=1,
+    _, top = store.search_shards(str(tmp_path / "idx"), x[[41, 300]] / np.linalg.norm(x[[41, 300]], axis=1,
                                                                                   keepdims=True), 1)
     assert idmap.decode_ids(top)[0][:, 0].tolist() == [0, 0]  # the first occurrence, not file 2
     with pytest.raises(FeatureInputError, match="duplicate image_id"):
@@ -345,7 +351,7 @@ def test_merge_ondisk_and_cli(data, tmp_path, capsys):
     m = store.read_index_manifest(out)
     merged = store.load_merged(out, m)
     assert merged.ntotal == N_A
-    check_ref_knn_with_draws(*store.search(out, data["xq"], 30), *merged.search(data["xq"], 30))
+    check_ref_knn_with_draws(*store.search_shards(out, data["xq"], 30), *merged.search(data["xq"], 30))
     rc = main(["index", "--features", str(tmp_path / "missing"), "--output", str(tmp_path / "x"),
                "--engine", "local"])
     assert rc == 2 and "_manifest.json" in capsys.readouterr().err

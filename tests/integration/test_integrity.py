@@ -10,7 +10,9 @@ import shutil
 import retrieval.index  # noqa: F401  (before faiss)
 import pytest
 
-from retrieval import config, fsio, synthetic
+from retrieval import config, fsio
+
+from tests import synthetic
 from retrieval.report.job import build_report
 from retrieval.evaluate import evaluate
 from retrieval.index.build import build_index

@@ -147,7 +147,7 @@ def test_spark_submit_extraction_with_the_packed_env(packed, spark_tmp):
     assert executor_dirs, "no executor work directory holds the unpacked env"
     assert os.path.isfile(os.path.join(executor_dirs[0], "env", "lib", "python%d.%d" % sys.version_info[:2],
                                        "site-packages", "retrieval", "extract", "job.py"))
-    # the executors (packed env) built the same model as the driver (project venv): run_shard
+    # the executors (packed env) built the same model as the driver (project venv): extract_shard
     # refuses a model_version that differs from the driver's plan. The default config loads the
     # shipped trained heads (model.checkpoint: default), which the wheel carries as package data.
     from retrieval import config

@@ -14,7 +14,9 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval import config, synthetic
+from retrieval import config
+
+from tests import synthetic
 from retrieval.report.job import build_report
 from retrieval.index import idmap, store
 from retrieval.index.build import build_index
@@ -81,13 +83,12 @@ def markers(index_url: str, n: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # task failures
 @pytest.mark.parametrize("kind", ["raise", "kill"])
-def test_index_task_failure_mid_shard_is_retried_to_the_same_index(world, spark, tmp_path, kind):
+def test_index_task_failure_mid_shard_is_retried_to_the_same_index(world, spark, tmp_path, kind, monkeypatch):
     ref = world["manifest"]
     idx = str(tmp_path / "idx")
     # shard 1 fails after 500 of its 1,000 vectors (2 batches of 250), on its first attempt only
-    m = build_index([world["gallery"]], idx, index_cfg("faults.stage=index", "faults.task=1",
-                                                        f"faults.kind={kind}", "faults.after_items=500"),
-                    engine=spark)
+    monkeypatch.setenv("RETRIEVAL_FAULTS", f"stage=index,task=1,kind={kind},after_items=500")
+    m = build_index([world["gallery"]], idx, index_cfg(), engine=spark)
     assert [mk["attempt"] for mk in markers(idx, 3)] == [0, 1, 0]   # the fault fired, then Spark retried
     assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in ref["shards"]]
     assert m["trained"]["sha256"] == ref["trained"]["sha256"] and m["ntotal"] == N
@@ -95,19 +96,18 @@ def test_index_task_failure_mid_shard_is_retried_to_the_same_index(world, spark,
     expected = np.sort(np.concatenate([idmap.encode_ids(f["file_no"], np.arange(f["rows"]))
                                        for f in m["feature_files"]]))
     assert np.array_equal(ids, expected)
-    got, want = store.search(idx, world["xq"], 20), store.search(world["index"], world["xq"], 20)
+    got, want = store.search_shards(idx, world["xq"], 20), store.search_shards(world["index"], world["xq"], 20)
     assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
 
 
 @pytest.mark.parametrize("kind,rerank", [("raise", "chunk"), ("kill", "chunk"), ("kill", "gallery")])
-def test_search_task_failure_is_retried_to_the_same_rows(world, spark, tmp_path, kind, rerank):
+def test_search_task_failure_is_retried_to_the_same_rows(world, spark, tmp_path, kind, rerank, monkeypatch):
     out = str(tmp_path / "search")
     # chunk 1's task fails on its first attempt after its rerank, before its part file is written
     # (gallery-major: the task that assembles chunk 1 from the blocks' shuffled output)
+    monkeypatch.setenv("RETRIEVAL_FAULTS", f"stage=search,task=1,kind={kind},after_items=1")
     m = search(world["queries"], world["index"], out,
-               search_cfg(**{"faults.stage": "search", "faults.task": 1, "faults.kind": kind,
-                             "faults.after_items": 1, "search.rerank": rerank,
-                             "search.vector_cache_mb": 1}), engine=spark)
+               search_cfg(**{"search.rerank": rerank, "search.vector_cache_mb": 1}), engine=spark)
     assert m["params"]["rerank"] == rerank and (m["params"]["blocks"] > 1) == (rerank == "gallery")
     assert [c["attempt"] for c in m["chunks"]] == [0, 1, 0, 0]
     rows = rows_of(out)

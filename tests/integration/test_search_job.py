@@ -8,7 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from retrieval import config, fsio, synthetic
+from retrieval import config, fsio
+
+from tests import synthetic
 from retrieval.search import read_results, search
 from retrieval.search.queries import IncompatibleModelError
 

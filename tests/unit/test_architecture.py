@@ -288,3 +288,85 @@ def test_the_model_layer_imports_nothing_above_it():
            and any(e.dst == p or e.dst.startswith(p + ".") for p in ABOVE_MODEL)]
     assert not bad, ("retrieval.model must not import extract / fit / train / search / index / report / "
                      "evaluate / the drivers:\n" + "\n".join(f"  {e}" for e in bad))
+
+
+# the stages, and each stage's job: the module holding its stage function, its Stage declaration and a
+# package __init__ that re-exports the stage function. Readers of a stage's output live apart from
+# its job (retrieval.extract.features, retrieval.search.results, retrieval.metrics) so that the next
+# stage imports them, never the job.
+STAGE_PACKAGES = ("retrieval.extract", "retrieval.fit", "retrieval.index", "retrieval.search",
+                  "retrieval.report", "retrieval.train", "retrieval.evaluate")
+JOB_MODULES = {
+    "retrieval.extract": ("retrieval.extract.job", "retrieval.extract.stage"),
+    "retrieval.fit": ("retrieval.fit.job", "retrieval.fit.stage"),
+    "retrieval.index": ("retrieval.index.build", "retrieval.index.stage"),
+    "retrieval.search": ("retrieval.search", "retrieval.search.job", "retrieval.search.stage"),
+    "retrieval.report": ("retrieval.report", "retrieval.report.job", "retrieval.report.stage"),
+    "retrieval.train": ("retrieval.train.job", "retrieval.train.trainer", "retrieval.train.stage"),
+    "retrieval.evaluate": ("retrieval.evaluate",),
+}
+RECIPES = "retrieval.recipes"
+# the one stage that runs another: search encodes image queries with the extract stage (query role)
+# into <output>/query_features (docs/search.md). Anything else that chains stages is a recipe.
+STAGE_JOB_ALLOWED = {("retrieval.search.queries", "retrieval.extract.job")}
+
+
+def _stage_of(module: str) -> str | None:
+    return next((p for p in STAGE_PACKAGES if module == p or module.startswith(p + ".")), None)
+
+
+def stage_job_violations(edges: list[Edge], allowed=frozenset()) -> list[Edge]:
+    """Imports by a stage package of another stage's job module, or of a recipe."""
+    bad = []
+    for e in dict.fromkeys(edges):
+        src = _stage_of(e.src)
+        if src is None or (e.src, e.dst) in allowed:
+            continue
+        if e.dst == RECIPES or e.dst.startswith(RECIPES + "."):
+            bad.append(e)
+        elif (dst := _stage_of(e.dst)) is not None and dst != src and e.dst in JOB_MODULES[dst]:
+            bad.append(e)
+    return bad
+
+
+def test_the_stage_rule_catches_a_planted_violation(tmp_path):
+    pkg = tmp_path / "retrieval"
+    files = {
+        "__init__.py": "", "metrics.py": "",
+        "extract/__init__.py": "", "extract/job.py": "", "extract/features.py": "",
+        "fit/__init__.py": "", "fit/job.py": "from retrieval.extract.features import read_features\n",
+        "index/__init__.py": "", "index/build.py": "",
+        "search/__init__.py": "from retrieval.search.job import search\n", "search/job.py": "",
+        "search/queries.py": "def encode():\n    from retrieval.extract.job import extract\n",
+        "report/__init__.py": "", "report/job.py": "from retrieval.search.results import read_results\n",
+        "search/results.py": "",
+        "train/__init__.py": "", "train/job.py": "", "train/trainer.py": "",
+        "train/data.py": "from retrieval.extract import features\n",
+        "train/bad.py": "def f():\n    from retrieval.fit import job\n",           # another stage's job
+        "evaluate.py": "from retrieval import search\n",                                  # search's package
+        "report/uses_recipe.py": "import retrieval.recipes.default_model\n",              # a recipe
+        "recipes/__init__.py": "",
+        "recipes/default_model.py": "from retrieval.fit.job import fit\nfrom retrieval.train import trainer\n",
+    }
+    for name, text in files.items():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / name).write_text(text)
+    _, edges = import_edges(str(pkg))
+    found = {(e.src, e.dst) for e in stage_job_violations(edges, STAGE_JOB_ALLOWED)}
+    assert found == {("retrieval.train.bad", "retrieval.fit.job"), ("retrieval.evaluate", "retrieval.search"),
+                     ("retrieval.report.uses_recipe", "retrieval.recipes.default_model")}
+    # without the allowance, search's query encoding is reported too
+    assert ("retrieval.search.queries", "retrieval.extract.job") in {
+        (e.src, e.dst) for e in stage_job_violations(edges)}
+
+
+def test_stages_never_import_another_stages_job_nor_a_recipe():
+    mods, edges = import_edges()
+    assert set(JOB_MODULES) == set(STAGE_PACKAGES) and all(m in mods for ms in JOB_MODULES.values() for m in ms)
+    assert "retrieval.recipes.default_model" in mods
+    bad = stage_job_violations(edges, STAGE_JOB_ALLOWED)
+    assert not bad, ("a stage imports another stage's job or a recipe (chain stages in retrieval/recipes/; "
+                     "read another stage's output with its reader):\n" + "\n".join(f"  {e}" for e in bad))
+    # a recipe chains stages: the default model's recipe runs training, then fit
+    pairs = {(e.src, e.dst) for e in edges}
+    assert ("retrieval.recipes.default_model", "retrieval.fit.job") in pairs

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from retrieval import evaluate as ev
-from retrieval import synthetic
+from tests import synthetic
 from retrieval.extract.job import read_features
 from retrieval.index import idmap
 from retrieval.metrics import Truth, read_truth

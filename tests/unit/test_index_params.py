@@ -100,7 +100,7 @@ def test_duplicate_rule_first_occurrence_wins():
                     "file_no": [0, 0, 2, 1, 3, 2, 2], "row": [5, 6, 1, 9, 0, 4, 2]},
                    schema=dedup.ID_SCHEMA)
     # files 0-1 are already indexed: only rows of files >= 2 can be skipped
-    d = dedup.resolve(occ, first_new=2)
+    d = dedup.resolve_duplicates(occ, first_new=2)
     assert d.count == 3  # a@(2,1), b@(3,0), c@(2,4) ; a@(1,9) is old, c@(2,2) is c's first
     assert d.skip[2].tolist() == [1, 4] and d.skip[3].tolist() == [0]
     ex = {e["image_id"]: e for e in d.examples}

@@ -115,7 +115,7 @@ def test_training_evaluation_uses_the_same_micro_ap():
 
     import torch
 
-    from retrieval.train.evaluate import head_metrics
+    from retrieval.train.validation import head_metrics
 
     class Identity:   # heads that pass the pooled features through: scores are plain dot products
         def coarse_gallery(self, x):

@@ -60,7 +60,7 @@ def test_scan_matches_a_pandas_reference(tmp_path, seed):
     df = _random_results(400, 7, seed)
     files = _write_parts(df, str(tmp_path / "res"), 3, seed)
     st = ScanSettings(threshold=0.8, bands=(0.3, 0.5, 0.8, 0.9), top_queries=15, matches_per_query=3,
-                      hist_bins=20, batch_rows=101)
+                      histogram_bins=20, batch_rows=101)
     res = scan(files, str(tmp_path / "out"), st, total_rows=len(df))
     flagged = df[df.score >= np.float32(0.8)]
     assert res.rows == len(df) and res.queries == 400

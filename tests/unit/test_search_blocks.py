@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval import synthetic
+from tests import synthetic
 from retrieval.index import idmap
 from retrieval.search import blocks, rerank
 from retrieval.search.vectors import VectorCache

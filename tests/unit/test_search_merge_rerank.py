@@ -5,7 +5,7 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval import synthetic
+from tests import synthetic
 from retrieval.extract.job import read_features
 from retrieval.index import idmap
 from retrieval.schema import fine_matrix
@@ -143,7 +143,7 @@ def test_one_assignment_serves_every_shard(data, key):
         shards.append(sh)
     a = coarse.assign(shards[0], q_coarse)                    # made on shard 0, used for both
     # xt: the queries as the IVF level sees them (OPQ8_64 rotates and reduces them to 64-d)
-    assert a.cells.shape == a.cell_scores.shape == (NQ, 6) and a.xt.shape == (NQ, faiss.extract_index_ivf(trained).d)
+    assert a.cells.shape == a.cell_scores.shape == (NQ, 6) and a.queries.shape == (NQ, faiss.extract_index_ivf(trained).d)
     for sh in shards:
         ref_s, ref_i = coarse.search_shard(sh, q_coarse, 40)
         for threads in (1, 2):

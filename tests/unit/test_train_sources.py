@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.train import sources
-from retrieval.train.default_model import crop_boxes, training_images
+from retrieval.recipes.default_model import crop_boxes, training_images
 
 
 def _photo(path: str, size: tuple[int, int], seed: int) -> None:

@@ -85,7 +85,7 @@ def test_stage2_without_fine_head_leaves_it_alone(tmp_path, images):
 
 
 def _losses(model, job, images, stage, steps, cache=None):
-    names = trainer.trainable_names(model, stage, int(job.t["backbone_blocks"]), True)
+    names = trainer.trainable_names(model, stage, int(job.train_cfg["backbone_blocks"]), True)
     params = trainer.set_trainable(model, names)
     opt = torch.optim.AdamW(params, lr=job.stage_cfg(stage)["lr"])
     out = []

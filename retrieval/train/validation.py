@@ -30,7 +30,7 @@ from PIL import Image
 
 from retrieval.model.network import DescriptorModel, backbone_version
 from retrieval.extract.preprocess import resize, to_tensor
-from retrieval.metrics import micro_ap, precision_recall, read_truth
+from retrieval.metrics import micro_ap, precision_recall
 from retrieval.train.augment import OPS, augment
 from retrieval.train.data import ImageSet, load_images, view_rng
 
@@ -67,29 +67,6 @@ def copies_eval_set(images: ImageSet, copies: int = 2, seed: int = 12345, streng
                    f"{images.source}: {len(keep)} gallery images, {len(queries)} queries "
                    f"({copies} augmented copies each at strength {strength}, seed {seed}; copies of "
                    f"{len(out)} images not in the gallery are non-matching)")
-
-
-def sample_eval_set(gallery_url: str, queries_url: str, truth_csv: str, max_side: int = 1024) -> EvalSet:
-    """An eval set from a gallery input, a query input and a truth CSV (``query_id,gallery_id``,
-    empty gallery_id = no match), e.g. the output of :func:`retrieval.sample.make_sample`."""
-    g = load_images(gallery_url, max_side=max_side)
-    q = load_images(queries_url, max_side=max_side)
-    gidx = {gid: k for k, gid in enumerate(g.ids)}
-    matches = read_truth(truth_csv).matches
-    truth = []
-    for qid in q.ids:
-        if qid not in matches:
-            raise ValueError(f"{truth_csv}: no row for query {qid!r}")
-        if len(matches[qid]) > 1:
-            raise ValueError(f"{truth_csv}: query {qid!r} has {len(matches[qid])} true matches; "
-                             "this evaluation takes at most one per query")
-        gid = next(iter(matches[qid]), "")
-        if gid and gid not in gidx:
-            raise ValueError(f"{truth_csv}: query {qid!r} -> {gid!r}, which is not in {gallery_url}")
-        truth.append(gidx[gid] if gid else -1)
-    return EvalSet(g.images, g.ids, q.images, q.ids, np.array(truth, np.int64),
-                   f"{gallery_url} ({len(g)} images) vs {queries_url} ({len(q)} queries, "
-                   f"{int((np.array(truth) >= 0).sum())} with a true match)")
 
 
 @torch.no_grad()
@@ -213,11 +190,11 @@ def evaluate_job(model: DescriptorModel, job) -> dict:
     from retrieval.model.checkpoints import model_from_config
     from retrieval.extract.preprocess import DecodePolicy
 
-    t = job.train_cfg
-    images = load_images(t["eval_input"], DecodePolicy.from_config(job.preprocess_cfg), 512)
-    evalset = copies_eval_set(images, copies=int(t["eval_copies"]), seed=int(t["seed"]) + 12345)
+    train_cfg = job.train_cfg
+    images = load_images(train_cfg["eval_input"], DecodePolicy.from_config(job.preprocess_cfg), 512)
+    evalset = copies_eval_set(images, copies=int(train_cfg["eval_copies"]), seed=int(train_cfg["seed"]) + 12345)
     start = model_from_config(job.model_cfg, job.preprocess_cfg)
-    result = evaluate_models({"trained": model, "start": start}, evalset, int(t["eval_shortlist"]))
+    result = evaluate_models({"trained": model, "start": start}, evalset, int(train_cfg["eval_shortlist"]))
     log.info("evaluation: %s", {k: {m: round(v, 4) for m, v in r.items() if isinstance(v, float)}
                                 for k, r in result["models"].items()})
     return result

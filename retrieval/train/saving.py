@@ -54,7 +54,7 @@ def write_checkpoint(model: DescriptorModel, opt: torch.optim.Optimizer, job: Tr
     fsio.write_json(base + ".card.json", card)
     fsio.write_json(fsio.join(job.output, STATE), state)  # LAST: the resume point
     log.info("checkpoint %s.pt (stage %d step %d, model_version %s)", base, stage, step, meta["model_version"])
-    _prune(job, stage, int(job.t["keep_checkpoints"]))
+    _prune(job, stage, int(job.train_cfg["keep_checkpoints"]))
 
 
 def _prune(job: TrainJob, stage: int, keep: int) -> None:
