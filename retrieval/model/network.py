@@ -1,4 +1,4 @@
-"""The dual-descriptor model of METHOD.md.
+"""The dual-descriptor model of docs/method.md.
 
 ``backbone (conv) -> GeM (learnable p) -> {fine head -> 512-d, adapter 1 -> 128-d, adapter 2 -> 128-d}``,
 each output L2-normalised. Gallery images use adapter 1 + fine head on one R_hi pass; queries use

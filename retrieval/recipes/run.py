@@ -134,7 +134,7 @@ def run_all(gallery: str, queries: str, output: str, cfg: Config, engine: Any, b
     from retrieval.report.job import build_report
     from retrieval.search.job import search
 
-    outputs.prepare(output, cfg["io.storage_options"])
+    outputs.configure_and_check_writable(output, cfg["io.storage_options"])
     t0 = time.monotonic()
     run = Runner(output, cfg, engine)
     model_cfg = run.fit(gallery) if fit else cfg

@@ -22,7 +22,7 @@ def square(work: tuple[int, int]) -> dict:
 
 def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
     numbers = [int(x) for x in fsio.read_text(inputs["input"]).split()]
-    outputs.prepare(output, cfg["io.storage_options"])
+    outputs.configure_and_check_writable(output, cfg["io.storage_options"])
     outputs.begin(output)
     rows = engine.map(square, [(cfg["toy.factor"], n) for n in numbers], label="toy")
     with fsio.atomic_open(fsio.join(output, PART)) as fh:

@@ -113,3 +113,14 @@ def test_the_readme_has_no_hard_coded_demo_figures():
         readme = fh.read()
     demo = readme.split("## ", 2)[1]     # the quick start section
     assert not re.search(r"recall@1 \d|µAP \d|micro-AP \d|\d+ matches flagged", demo), demo
+
+
+def test_every_file_the_docs_name_exists():
+    """A path to a module, test or script named in the README or docs/ exists (renames update docs)."""
+    missing = []
+    for path in DOCS:
+        with open(path, encoding="utf-8") as fh:
+            for name in sorted(set(re.findall(r"(?<![\w/])((?:retrieval|tests|scripts|jobs)/[\w/]+\.(?:py|sh|yaml|md))", fh.read()))):
+                if not os.path.exists(os.path.join(ROOT, name)):
+                    missing.append(f"{os.path.relpath(path, ROOT)}: {name}")
+    assert not missing, missing
