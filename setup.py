@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="retrieval",
-    version="0.1.0",
+    version="0.2.0",
     description="Distributed batch pipeline for billion-scale image gallery indexing and copy detection",
     packages=find_packages(include=["retrieval", "retrieval.*"]),
     package_data={"retrieval": ["conf/*.yaml", "conf/log4j2.properties", "assets/*", "assets/background/*", "report/templates/*.j2"]},

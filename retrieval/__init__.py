@@ -13,7 +13,7 @@ import os as _os
 # A value the user set is kept. Import ``retrieval`` before torch / faiss for it to take effect.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # the stage registry: installs the stages' config rules in retrieval.config (the stage modules
 # themselves are imported only when a configuration is loaded or the CLI is built)

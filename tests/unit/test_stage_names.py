@@ -135,3 +135,20 @@ def test_old_job_file_is_accepted_with_a_deprecation_message(tmp_path):
                           capture_output=True, text=True, timeout=120, env=env)
     assert "jobs/audit_report.py is deprecated" in proc.stderr and "use jobs/report.py" in proc.stderr
     assert proc.returncode == 2 and "retrieval report: error:" in proc.stderr, proc.stderr
+
+
+def test_one_version_everywhere(capsys):
+    """setup.py, retrieval.__version__, `retrieval --version` and the CHANGELOG's newest entry agree."""
+    import re
+
+    import retrieval
+
+    with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as fh:
+        assert f'version="{retrieval.__version__}"' in fh.read()
+    try:
+        cli.main(["--version"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    assert capsys.readouterr().out.strip() == f"retrieval {retrieval.__version__}"
+    with open(os.path.join(ROOT, "CHANGELOG.md"), encoding="utf-8") as fh:
+        assert re.search(r"^## (\S+)", fh.read(), re.M).group(1) == retrieval.__version__
