@@ -36,7 +36,7 @@ NULLABLE: dict[str, type] = {
 }
 
 # keys that take either a number or the word "auto"
-NUMBER_OR_AUTO = {"fit.shrinkage"}
+NUMBER_OR_AUTO = {"fit.shrinkage", "report.threshold"}
 
 # keys that take either a number or a mapping with these keys (and their types)
 NUMBER_OR_MAPPING: dict[str, dict[str, type]] = {
@@ -145,7 +145,9 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "evaluate.exact_query_chunk": _positive,
     "report.threshold": lambda v: (None if v.get("precision", 0.9) in (0.9, 0.95) and v.get("from_evaluation")
                                    else "from_evaluation needs a metrics.json URL and precision 0.9 or 0.95")
-    if isinstance(v, Mapping) else None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
+    if isinstance(v, Mapping) else None if v == "auto" or -1.0 <= v <= 1.0 else "must be in [-1, 1]",
+    "report.target_fmr": lambda v: None if 0.0 < v < 1.0 else "must be in (0, 1)",
+    "search.normalize.fmr_queries": _positive,
     "search.normalize.k": _positive,
     "search.normalize.beta": _non_negative,
     "search.normalize.sample": _positive,
@@ -281,12 +283,13 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
             return None
         raise ConfigError(f"{source}: config key {key!r} must not be null")
     want: type = NULLABLE.get(key, type(default)) if default is None else type(default)
-    if key in NUMBER_OR_AUTO:
+    if key in NUMBER_OR_AUTO and not (key in NUMBER_OR_MAPPING and isinstance(value, Mapping)):
         if value == "auto":
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"{source}: config key {key!r} must be a number or 'auto', got {value!r}")
+        extra = f" or a mapping with keys {', '.join(NUMBER_OR_MAPPING[key])}" if key in NUMBER_OR_MAPPING else ""
+        raise ConfigError(f"{source}: config key {key!r} must be a number, 'auto'{extra}; got {value!r}")
     if key in NUMBER_OR_MAPPING and isinstance(value, Mapping):
         allowed = NUMBER_OR_MAPPING[key]
         unknown = set(value) - set(allowed)

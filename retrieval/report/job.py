@@ -31,19 +31,58 @@ HTML = "report.html"
 SUMMARY_TOP = 10
 
 
+DEFAULT_THRESHOLD = 0.75     # report.threshold auto without false-match rates or an evaluation
+SCORE_MEANING = {"score": "the cosine of the two images' 512-d descriptors (1 = the same picture; it is not "
+                          "a probability)",
+                 "norm_score": "the descriptors' cosine minus beta x the query's similarity to unrelated "
+                               "background images (it is not a probability)"}
+
+
+def choose_threshold(r, column: str, search_manifest: dict) -> tuple[float, str, str]:
+    """``(threshold, source, meaning)`` of ``report.threshold`` (``r``: the report section): an
+    evaluation's measured threshold at the configured precision (``evaluation``); a number
+    (``configured``); ``auto``: from ``report.target_fmr`` when the results carry false-match rates
+    (``target_fmr``: the search manifest's ``calibration``, on ``norm_score``), else the fixed
+    :data:`DEFAULT_THRESHOLD` (``default``). ``meaning``: one sentence for the page."""
+    from retrieval.evaluate import threshold_from_evaluation
+    from retrieval.search.calibrate import NullTail
+
+    threshold = r["threshold"]
+    calibration = search_manifest.get("calibration") if column == "norm_score" else None
+    tail = NullTail.from_manifest(calibration) if calibration else None
+    if isinstance(threshold, dict):
+        precision = float(threshold.get("precision", 0.9))
+        t = threshold_from_evaluation(threshold["from_evaluation"], precision, column)
+        return t, "evaluation", (f"Flagged at {column} >= {t:.4g}: the threshold retrieval evaluate measured "
+                                 f"at {precision:.0%} precision on labelled pairs ({threshold['from_evaluation']}).")
+    if threshold == "auto" and tail is not None:
+        target = float(r["target_fmr"])
+        t = tail.threshold(target)
+        return t, "target_fmr", (
+            f"Flagged at {column} >= {t:.4g}: a query with no copy in the gallery of {tail.gallery:,} images "
+            f"gets a false match this high with an estimated probability of {target:g} (report.target_fmr; "
+            f"one unrelated image: {float(tail.fmr(t)):.2g}), from {tail.background:,} background images "
+            "(each row's fmr / fmr_query columns give its own rate).")
+    if threshold == "auto":
+        return DEFAULT_THRESHOLD, "default", (
+            f"Flagged at {column} >= {DEFAULT_THRESHOLD:g}, a fixed default that says nothing about how often "
+            f"unrelated images score this high: {column} is {SCORE_MEANING[column]}. Give the search a "
+            "background (search.normalize.background) for estimated false-match rates, or set "
+            "report.threshold from a labelled evaluation.")
+    t = float(threshold)
+    rate = (f"; at that score a query with no copy gets a false match with an estimated probability of "
+            f"{float(tail.fmr_query(t)):.2g}" if tail is not None else f" ({column} is {SCORE_MEANING[column]})")
+    return t, "configured", f"Flagged at {column} >= {t:g}, as configured (report.threshold){rate}."
+
+
 def settings_from(cfg: Config, search_manifest: dict | None = None) -> ScanSettings:
     """Scan settings; the score is ``norm_score`` when the search normalised (its manifest's
-    ``params.normalize``), and ``report.threshold: {from_evaluation: URL, precision: p}`` is the
-    threshold ``retrieval evaluate`` measured at precision p on that same score."""
-    from retrieval.evaluate import threshold_from_evaluation
+    ``params.normalize``), else the raw cosine; the threshold is :func:`choose_threshold`'s."""
     from retrieval.search.normalize import score_column
 
     r = cfg["report"]
     column = score_column(search_manifest or {})
-    threshold = r["threshold"]
-    if isinstance(threshold, dict):
-        threshold = threshold_from_evaluation(threshold["from_evaluation"], float(threshold.get("precision", 0.9)),
-                                              column)
+    threshold, source, note = choose_threshold(r, column, search_manifest or {})
     bands, hist_min = r["bands"], float(r["histogram_min"])
     if column == "norm_score":          # normalised scores sit lower: their own bands, histogram from -0.5
         bands, hist_min = r["norm_bands"], min(hist_min, -0.5)
@@ -51,7 +90,7 @@ def settings_from(cfg: Config, search_manifest: dict | None = None) -> ScanSetti
                         top_queries=int(r["top_queries"]), matches_per_query=int(r["matches_per_query"]),
                         hist_bins=int(r["histogram_bins"]), hist_min=hist_min,
                         batch_rows=int(r["batch_rows"]), progress_seconds=float(r["progress_seconds"]),
-                        score_column=column)
+                        score_column=column, threshold_source=source, threshold_note=note)
 
 
 def _thumbnails(result, r, cfg: Config, st, output_url: str):
@@ -98,7 +137,9 @@ def _summary(results_url: str, output_url: str, truth_url: str | None, generated
         "truth": truth_url,
         "generated": generated,
         "thresholds": {"flag": st.threshold, "bands": list(st.bands), "score": st.score_column,
-                       "configured": cfg["report.threshold"]},
+                       "configured": cfg["report.threshold"], "source": st.threshold_source,
+                       "target_fmr": cfg["report.target_fmr"] if st.threshold_source == "target_fmr" else None,
+                       "meaning": st.threshold_note},
         "counts": {
             "queries": info.stage("search").counts.get("queries", result.queries),
             "queries_with_results": result.queries,
