@@ -379,6 +379,16 @@ def test_normalised_scores_flow_into_evaluate_and_a_calibrated_report_threshold(
     assert summary["thresholds"]["bands"] == [-0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     page = fsio.read_text(f"{rep}/report.html")
     assert "normalised score" in page and "search normalize.background" in page
+    # without an evaluation: the threshold where the estimated per-query false-match rate is report.target_fmr
+    auto = str(tmp_path / "auto")
+    assert main(["report", "--results", norm, "--output", auto, "--set", "report.thumbnails=none",
+                 "--set", "report.target_fmr=0.05"]) == 0
+    summary = json.loads(fsio.read_text(f"{auto}/summary.json"))
+    assert summary["thresholds"]["source"] == "target_fmr" and summary["thresholds"]["target_fmr"] == 0.05
+    fq = np.asarray(res["fmr_query"])
+    flagged = pq.read_table(f"{auto}/flagged.parquet").column("fmr_query").to_numpy()
+    assert summary["counts"]["flagged_matches"] == len(flagged) == int((fq <= 0.05 * (1 + 1e-6)).sum()) > 0
+    assert "estimated probability of 0.05" in fsio.read_text(f"{auto}/report.html")
     # thresholds of normalised scores are refused for raw results (another scale), and vice versa
     assert main(["report", "--results", raw, "--output", str(tmp_path / "r2"), "--set", "report.thumbnails=none",
                  "--set", f"report.threshold={{from_evaluation: {norm}/eval}}"]) == 2

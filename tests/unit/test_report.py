@@ -137,7 +137,7 @@ def test_thumbnails(tmp_path):
 def test_report_config_rules():
     cfg = config_mod.load()
     assert cfg["report.threshold"] == "auto" and cfg["report.thumbnails"] == "embed"
-    assert cfg["report.target_fmr"] == 0.01
+    assert cfg["report.target_fmr"] == 0.003
     for key, bad in [("report.bands", [0.9, 0.5]), ("report.bands", [0.5, 2.0]), ("report.threshold", 1.5),
                      ("report.threshold", "fixed"), ("report.target_fmr", 0.0), ("report.target_fmr", 1.0),
                      ("report.thumbnails", "inline"), ("report.top_queries", -1)]:
