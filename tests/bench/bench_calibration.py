@@ -82,7 +82,8 @@ def run_split(name: str, sets: list[str], data: str, split: str, work: str, fit:
     if not os.path.exists(f"{out}/_manifest.json"):      # (a rerun in the same --work reuses every stage)
         bq.run("search", "--queries", os.path.join(split_dir, "queries"), "--index", f"{d}/index", "--output",
                out, sets=sets + [f"search.normalize.background={bg_url}"], engine="local", log=log)
-    return {"dir": d, "results": out, "truth": read_truth(bq.pipeline_truth(split_dir, d)), "bg": bg_url}
+    return {"dir": d, "results": out, "truth": read_truth(bq.pipeline_truth(split_dir, d)), "bg": bg_url,
+            "data": data}
 
 
 def exact_pairs(run: dict, manifest: dict) -> tuple[np.ndarray, list[str], list[str]]:
@@ -135,18 +136,36 @@ def measure(run: dict, targets: list[float]) -> dict:
     m, curve = evaluate_results(rows["query_id"], rows["rank"], rows["gallery_id"], rows["norm_score"], truth,
                                 (1,), (0.5,), (0.9,))
     p90 = m["recall_at_precision"]["0.9"]
+    photo = photo_of(run["data"])
+    pairs: dict[tuple[str, str], float] = {}           # (query, gallery image) -> best score, as evaluate counts
+    for qid, g, sc in zip(rows["query_id"], rows["gallery_id"], rows["norm_score"]):
+        pairs[(qid, g)] = max(pairs.get((qid, g), -np.inf), sc)
     ops = []
     for t_rate in GRID:
         thr = tail.threshold(t_rate)
         n = int(np.sum(curve["threshold"] >= thr))          # the cut keeping every pair scoring >= thr
+        wrong = [(qid, g) for (qid, g), sc in pairs.items() if sc >= thr and g not in truth.matches[qid]]
+        # a copy flagged against another crop of its source photo: shared content, labelled distinct
+        sibling = sum(1 for qid, g in wrong if truth.matches[qid]
+                      and photo.get(g) == photo.get(next(iter(truth.matches[qid]))))
         ops.append({"target": t_rate, "threshold": thr, "flagged_pairs": n,
                     "precision": float(curve["precision"][n - 1]) if n else None,
-                    "recall": float(curve["recall"][n - 1]) if n else 0.0})
+                    "recall": float(curve["recall"][n - 1]) if n else 0.0, "wrong": len(wrong),
+                    "wrong_sibling_crops": sibling,
+                    "wrong_nonmatching_queries": sum(1 for qid, _ in wrong if not truth.matches[qid]),
+                    "precision_without_sibling_crops": (n - len(wrong)) / (n - sibling) if n > sibling else None})
     return {"calibration": {k: manifest["calibration"][k] for k in ("pairs", "null_queries", "background",
                                                                    "gallery", "anchor_rate", "anchor_score",
                                                                    "sigma", "resolution")},
             "rates": rates, "p90": {"recall": p90["recall"], "threshold": p90["threshold"]}, "grid": ops,
             "counts": {"queries": len(truth.matches), "negatives": len(negatives), "pairs": truth.n_pairs}}
+
+
+def photo_of(data: str) -> dict[str, int]:
+    """Image file name -> the source photo it was cut from (the set's sources.json)."""
+    with open(os.path.join(data, "sources.json")) as fh:
+        sources = json.load(fh)["sources"]
+    return {os.path.basename(im): i for i, s in enumerate(sources) for im in s["images"]}
 
 
 def choose(grid: list[dict], p90_recall: float) -> dict | None:
@@ -172,14 +191,18 @@ def report(label: str, split: str, r: dict, chosen: float | None) -> None:
               f"{x['observed_neg_pair_rate']:.2e} ({x['neg_pairs_seen']} / {x['neg_pairs']:,}) | "
               f"{x['observed_pair_rate']:.2e} ({x['pairs_seen']} / {x['pairs']:,}) |")
     print(f"\nbest threshold at 90% precision: norm_score {r['p90']['threshold']}, recall {r['p90']['recall']:.3f}\n")
-    print("| target per query | threshold | flagged pairs | precision | recall | recall / recall@P90 |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| target per query | threshold | flagged pairs | precision | recall | recall / recall@P90 "
+          "| wrong pairs: non-matching queries / copy vs another crop of its photo / other "
+          "| precision, other crops of the photo not counted |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for o in r["grid"]:
         mark = " **(default)**" if chosen is not None and o["target"] == chosen else ""
         prec = "-" if o["precision"] is None else f"{o['precision']:.3f}"
         rel = o["recall"] / r["p90"]["recall"] if r["p90"]["recall"] else float("nan")
+        other = o["wrong"] - o["wrong_sibling_crops"] - o["wrong_nonmatching_queries"]
+        ps = "-" if o["precision_without_sibling_crops"] is None else f"{o['precision_without_sibling_crops']:.3f}"
         print(f"| {o['target']:g}{mark} | {o['threshold']:.4f} | {o['flagged_pairs']} | {prec} | {o['recall']:.3f} "
-              f"| {rel:.2f} |")
+              f"| {rel:.2f} | {o['wrong_nonmatching_queries']} / {o['wrong_sibling_crops']} / {other} | {ps} |")
 
 
 def main() -> None:
