@@ -22,9 +22,9 @@ still seen ``MIN_EXCEEDANCES`` times; between points log-survival is linear in t
 that point (the ``MIN_EXCEEDANCES``-th highest null score) the rate is extrapolated with an
 exponential tail, ``p_a x exp(-(s - s_a) / sigma)``, ``sigma`` the mean excess of the top
 ``TAIL_FIT`` scores over the lowest of them (the maximum-likelihood exponential, i.e. a GPD of shape
-0). Cosines are bounded, so the true tail is lighter than exponential: the extrapolation overstates
-small rates (a conservative estimate: a threshold chosen from it flags less, never more, than the
-target would allow). The function is continuous and non-increasing in the score.
+0). Cosines are bounded, so the true tail is lighter than exponential far out: the extrapolation
+overstates small rates (a conservative estimate: a threshold chosen from it tends to flag less than
+the target would allow). The function is continuous and non-increasing in the score.
 
 The whole estimate is a few hundred numbers, kept in the search manifest (``calibration``), so the
 report reads it without the background.
