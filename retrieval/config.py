@@ -48,7 +48,7 @@ AUTO_OLD_SPELLING: dict[str, Any] = {
 }
 
 # keys that take either a number or the word "auto"
-NUMBER_OR_AUTO = {"fit.shrinkage"}
+NUMBER_OR_AUTO = {"fit.shrinkage", "report.threshold"}
 
 # keys that take either a number or a mapping with these keys (and their types)
 NUMBER_OR_MAPPING: dict[str, dict[str, type]] = {
@@ -208,12 +208,13 @@ def _coerce(key: str, value: Any, default: Any, source: str, rules: Rules = CORE
             return None
         raise ConfigError(f"{source}: config key {key!r} must not be null")
     want: type = nullable.get(key, type(default)) if default is None else type(default)
-    if key in NUMBER_OR_AUTO:
+    if key in NUMBER_OR_AUTO and not (key in NUMBER_OR_MAPPING and isinstance(value, Mapping)):
         if value == "auto":
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"{source}: config key {key!r} must be a number or 'auto', got {value!r}")
+        extra = f" or a mapping with keys {', '.join(NUMBER_OR_MAPPING[key])}" if key in NUMBER_OR_MAPPING else ""
+        raise ConfigError(f"{source}: config key {key!r} must be a number, 'auto'{extra}; got {value!r}")
     if key in NUMBER_OR_MAPPING and isinstance(value, Mapping):
         allowed = NUMBER_OR_MAPPING[key]
         unknown = set(value) - set(allowed)

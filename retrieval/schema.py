@@ -36,22 +36,47 @@ import pyarrow as pa
 
 ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("error", pa.string())])
 
-# search results (``retrieval search``): one row per (query, rank); docs/search.md
+# search results (``retrieval search``): one row per (query, rank); docs/search.md.
+# RESULT_SCHEMA_VERSION (the search manifest's ``schema_version`` and the Parquet key
+# ``retrieval.schema_version``): 1 = up to norm_score; 2 = + fmr, fmr_query (estimated false-match
+# rates, null without a background: retrieval/search/calibrate.py) and three columns reserved for
+# later issues: query_region (the query region a match comes from; null = the whole image), signal
+# (what scored the match: "descriptor" today) and distance (a hash distance; null for descriptors).
+RESULT_SCHEMA_VERSION = 2
+SCHEMA_VERSION_KEY = b"retrieval.schema_version"
 RESULT_SCHEMA = pa.schema([
     ("query_id", pa.string()), ("rank", pa.int32()), ("gallery_id", pa.string()),
     ("score", pa.float32()), ("coarse_score", pa.float32()),
     ("query_uri", pa.string()), ("gallery_uri", pa.string()),
     ("norm_score", pa.float32()),     # score - beta x the query's background level (null: not normalised)
-])
-# columns a result file must have (outputs written before norm_score existed lack it)
-RESULT_REQUIRED = tuple(n for n in RESULT_SCHEMA.names if n != "norm_score")
+    ("fmr", pa.float64()),            # P(one unrelated gallery image scores >= norm_score) (null: no background)
+    ("fmr_query", pa.float64()),      # P(>= 1 of the gallery's images does, none being related) (null: idem)
+    ("query_region", pa.string()),    # reserved (regions): null = the whole query image
+    ("signal", pa.string()),          # what scored the match: "descriptor"
+    ("distance", pa.int32()),         # reserved (hash signals): null for descriptor matches
+], metadata={SCHEMA_VERSION_KEY: str(RESULT_SCHEMA_VERSION).encode()})
+# columns a result file must have (version 1 outputs, and those written before norm_score existed, lack the rest)
+RESULT_REQUIRED = ("query_id", "rank", "gallery_id", "score", "coarse_score", "query_uri", "gallery_uri")
+# what conform_results fills a missing column with (None: nulls): every version-1 match was a descriptor's
+_RESULT_FILL = {"signal": "descriptor"}
 
 
 def conform_results(table: pa.Table) -> pa.Table:
-    """A result table in the current schema (a missing ``norm_score`` becomes a null column)."""
-    if "norm_score" not in table.column_names:
-        table = table.append_column("norm_score", pa.nulls(table.num_rows, pa.float32()))
+    """A result table of any version in the current schema: missing newer columns become nulls
+    (``signal``: "descriptor"), unknown columns are dropped; the schema carries the version."""
+    for name in RESULT_SCHEMA.names:
+        if name not in table.column_names:
+            fill = _RESULT_FILL.get(name)
+            typ = RESULT_SCHEMA.field(name).type
+            col = pa.nulls(table.num_rows, typ) if fill is None else pa.array([fill] * table.num_rows, typ)
+            table = table.append_column(name, col)
     return table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
+
+
+def result_schema_version(schema: pa.Schema) -> int:
+    """The version a result file was written with (1 when it does not say: written before versions)."""
+    meta = schema.metadata or {}
+    return int(meta.get(SCHEMA_VERSION_KEY, b"1"))
 
 
 # columns written with dictionary encoding (the others are vectors or numbers)

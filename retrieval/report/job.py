@@ -33,19 +33,58 @@ HTML = "report.html"
 SUMMARY_TOP = 10
 
 
+DEFAULT_THRESHOLD = 0.75     # report.threshold auto without false-match rates or an evaluation
+SCORE_MEANING = {"score": "the cosine of the two images' 512-d descriptors (1 = the same picture; it is not "
+                          "a probability)",
+                 "norm_score": "the descriptors' cosine minus beta x the query's similarity to unrelated "
+                               "background images (it is not a probability)"}
+
+
+def choose_threshold(report_cfg, column: str, search_manifest: dict) -> tuple[float, str, str]:
+    """``(threshold, source, meaning)`` of ``report.threshold`` (``report_cfg``: the report section): an
+    evaluation's measured threshold at the configured precision (``evaluation``); a number
+    (``configured``); ``auto``: from ``report.target_fmr`` when the results carry false-match rates
+    (``target_fmr``: the search manifest's ``calibration``, on ``norm_score``), else the fixed
+    :data:`DEFAULT_THRESHOLD` (``default``). ``meaning``: one sentence for the page."""
+    from retrieval.metrics import threshold_from_evaluation
+    from retrieval.search.calibrate import NullTail
+
+    threshold = report_cfg["threshold"]
+    calibration = search_manifest.get("calibration") if column == "norm_score" else None
+    tail = NullTail.from_manifest(calibration) if calibration else None
+    if isinstance(threshold, dict):
+        precision = float(threshold.get("precision", 0.9))
+        t = threshold_from_evaluation(threshold["from_evaluation"], precision, column)
+        return t, "evaluation", (f"Flagged at {column} >= {t:.4g}: the threshold retrieval evaluate measured "
+                                 f"at {precision:.0%} precision on labelled pairs ({threshold['from_evaluation']}).")
+    if threshold == "auto" and tail is not None:
+        target = float(report_cfg["target_fmr"])
+        t = tail.threshold(target)
+        return t, "target_fmr", (
+            f"Flagged at {column} >= {t:.4g}: a query with no copy in the gallery of {tail.gallery:,} images "
+            f"gets a false match this high with an estimated probability of {target:g} (report.target_fmr; "
+            f"one unrelated image: {float(tail.fmr(t)):.2g}), from {tail.background:,} background images "
+            "(each row's fmr / fmr_query columns give its own rate).")
+    if threshold == "auto":
+        return DEFAULT_THRESHOLD, "default", (
+            f"Flagged at {column} >= {DEFAULT_THRESHOLD:g}, a fixed default that says nothing about how often "
+            f"unrelated images score this high: {column} is {SCORE_MEANING[column]}. Give the search a "
+            "background (search.normalize.background) for estimated false-match rates, or set "
+            "report.threshold from a labelled evaluation.")
+    t = float(threshold)
+    rate = (f"; at that score a query with no copy gets a false match with an estimated probability of "
+            f"{float(tail.fmr_query(t)):.2g}" if tail is not None else f" ({column} is {SCORE_MEANING[column]})")
+    return t, "configured", f"Flagged at {column} >= {t:g}, as configured (report.threshold){rate}."
+
+
 def settings_from(cfg: Config, search_manifest: dict | None = None) -> ScanSettings:
     """Scan settings; the score is ``norm_score`` when the search normalised (its manifest's
-    ``params.normalize``), and ``report.threshold: {from_evaluation: URL, precision: p}`` is the
-    threshold ``retrieval evaluate`` measured at precision p on that same score."""
-    from retrieval.metrics import threshold_from_evaluation
+    ``params.normalize``), else the raw cosine; the threshold is :func:`choose_threshold`'s."""
     from retrieval.search.normalize import score_column
 
     report_cfg = cfg["report"]
     column = score_column(search_manifest or {})
-    threshold = report_cfg["threshold"]
-    if isinstance(threshold, dict):
-        threshold = threshold_from_evaluation(threshold["from_evaluation"], float(threshold.get("precision", 0.9)),
-                                              column)
+    threshold, source, note = choose_threshold(report_cfg, column, search_manifest or {})
     bands, histogram_min = report_cfg["bands"], float(report_cfg["histogram_min"])
     if column == "norm_score":          # normalised scores sit lower: their own bands, histogram from -0.5
         bands, histogram_min = report_cfg["norm_bands"], min(histogram_min, -0.5)
@@ -55,20 +94,7 @@ def settings_from(cfg: Config, search_manifest: dict | None = None) -> ScanSetti
                         histogram_bins=int(report_cfg["histogram_bins"]), histogram_min=histogram_min,
                         batch_rows=int(report_cfg["batch_rows"]),
                         progress_seconds=float(report_cfg["progress_seconds"]),
-                        score_column=column)
-
-
-def threshold_meaning(configured: Any, settings) -> str:
-    """One sentence for the page's review note: what the flag threshold means."""
-    score = "normalised score" if settings.score_column == "norm_score" else "score"
-    if isinstance(configured, dict):
-        p = float(configured.get("precision", 0.9))
-        return (f"The threshold {settings.threshold:g} is the {score} at which retrieval evaluate measured a precision of "
-                f"{p:.0%} on its labelled set ({configured.get('from_evaluation')}): on data like that set, about "
-                f"{p:.0%} of the matches at or above it are true copies.")
-    return (f"The threshold {settings.threshold:g} is a fixed setting (report.threshold), not calibrated on your data: "
-            f"matches with a {score} at or above it are flagged for review, and how many of them are false "
-            f"matches is unknown until retrieval evaluate measures it on labelled pairs.")
+                        score_column=column, threshold_source=source, threshold_note=note)
 
 
 def _summary(results_url: str, output_url: str, truth_url: str | None, generated: str, cfg: Config, settings,
@@ -81,7 +107,9 @@ def _summary(results_url: str, output_url: str, truth_url: str | None, generated
         "truth": truth_url,
         "generated": generated,
         "thresholds": {"flag": settings.threshold, "bands": list(settings.bands), "score": settings.score_column,
-                       "configured": cfg["report.threshold"]},
+                       "configured": cfg["report.threshold"], "source": settings.threshold_source,
+                       "target_fmr": cfg["report.target_fmr"] if settings.threshold_source == "target_fmr" else None,
+                       "meaning": settings.threshold_note},
         "counts": {
             "queries": info.stage("search").counts.get("queries", result.queries),
             "queries_with_results": result.queries,
@@ -138,7 +166,7 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
     generated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     files = {"html": HTML, "flagged_parquet": "flagged.parquet", "flagged_csv": "flagged.csv", "summary": SUMMARY}
     page = render_page(info, result, shown.src, shown.reason, generated, files, full_of=shown.full,
-                  threshold_meaning=threshold_meaning(cfg["report.threshold"], settings), extra_warnings=shown.warnings())
+                  threshold_meaning=settings.threshold_note, extra_warnings=shown.warnings())
     fsio.write_bytes(fsio.join(output_url, HTML), page.encode("utf-8"))
     t_html = time.monotonic()
 

@@ -47,6 +47,8 @@ class ScanSettings:
     batch_rows: int = 65536
     progress_seconds: float = 10.0
     score_column: str = "score"      # "norm_score" when the search normalised its scores
+    threshold_source: str = "configured"   # configured | evaluation | target_fmr | default (report.threshold)
+    threshold_note: str = ""         # the threshold's meaning, one sentence (shown on the page)
 
 
 @dataclass

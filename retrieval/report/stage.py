@@ -22,7 +22,7 @@ def _threshold(v: Any) -> str | None:
     if isinstance(v, Mapping):
         return None if v.get("precision", 0.9) in (0.9, 0.95) and v.get("from_evaluation") \
             else "from_evaluation needs a metrics.json URL and precision 0.9 or 0.95"
-    return None if -1.0 <= v <= 1.0 else "must be in [-1, 1]"
+    return None if v == "auto" or -1.0 <= v <= 1.0 else "must be in [-1, 1]"
 
 
 STAGE = Stage(
@@ -38,6 +38,7 @@ STAGE = Stage(
     section="report",
     checks={
         "report.threshold": _threshold,
+        "report.target_fmr": lambda v: None if 0.0 < v < 1.0 else "must be in (0, 1)",
         "report.bands": ascending_scores,
         "report.norm_bands": ascending_scores,
         "report.top_queries": non_negative,

@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 
 from retrieval import faults, fsio, integrity, outputs
 from retrieval.engine import Engine, as_engine
-from retrieval.schema import RESULT_SCHEMA
+from retrieval.schema import RESULT_SCHEMA, RESULT_SCHEMA_VERSION, conform_results
 from retrieval.search import blocks as blocks_mod
+from retrieval.search import calibrate
 from retrieval.search import coarse as coarse_mod
 from retrieval.search import normalize as normalize_mod
 from retrieval.search import queries as q_mod
@@ -106,13 +107,17 @@ def io_counts(stats: list[dict], block_stats: list[dict], column: dict) -> dict:
     }
 
 
+def gallery_size(index_manifest: dict) -> int:
+    """The index's vector count."""
+    return int(index_manifest.get("ntotal") or sum(int(s.get("ntotal", 0)) for s in index_manifest["shards"]))
+
+
 def resolve_shortlist(configured: int | str, index_manifest: dict) -> int:
     """``search.shortlist``, or for ``auto`` the size-dependent default of
     :func:`~retrieval.search.coarse.auto_shortlist` from the index's vector count."""
     if configured != "auto" and configured > 0:
         return int(configured)
-    ntotal = index_manifest.get("ntotal") or sum(int(s.get("ntotal", 0)) for s in index_manifest["shards"])
-    return coarse_mod.auto_shortlist(int(ntotal))
+    return coarse_mod.auto_shortlist(gallery_size(index_manifest))
 
 
 def make_job(output_url: str, index_url: str, index_manifest: dict, qfiles: list[str], qman: dict,
@@ -174,6 +179,11 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
                                                    cfg, engine)
     qfiles, qrows = q_mod.query_files(qf_url, qman, search_cfg.verify)
     job, column = make_job(output_url, index_url, index_manifest, qfiles, qman, qrows, cfg, background)
+    tail, why = calibrate.for_search(background, qfiles, qrows, int(sc.normalize.fmr_queries),
+                                     int(sc.normalize.seed), gallery_size(index_manifest))
+    if background is not None and tail is None:
+        log.warning("no false-match rates (fmr columns null): %s", why)
+    job = dataclasses.replace(job, calibration=tail)
     log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, "
              "%d per shard, k %d; %s-major rerank%s)", qf_url, sum(qrows), len(job.chunks), index_url,
              job.n_shards, job.nprobe, job.shortlist, job.shard_shortlist, job.k, job.rerank,
@@ -183,7 +193,8 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
     manifest = outputs.commit(output_url, "search", {
         "model_version": index_manifest.get("model_version"),
         "index": index_url, "queries": queries_url, "query_features": qf_url, "output": output_url,
-        "schema": RESULT_SCHEMA.to_string(),
+        "schema": RESULT_SCHEMA.to_string(), "schema_version": RESULT_SCHEMA_VERSION,
+        "calibration": tail.describe() if tail is not None else None,
         **summarize(job, cfg, stats, qrows, qman, column, {"encode_s": encode_s, "search_s": time.monotonic() - t1,
                                                             "total_s": time.monotonic() - t0}),
     }, engine=engine, cfg=cfg)

@@ -93,18 +93,25 @@ def _from_gallery(index_manifest: dict, feature_urls: list[str], sample: int, se
                          f"{MIN_GALLERY_RATIO} x search.normalize.sample = {MIN_GALLERY_RATIO * sample:,} "
                          f"images (this one has {total:,}): a sample of a small gallery holds the "
                          "queries' own sources; give a feature output of unrelated images instead")
+    return sample_rows(feature_urls, rows, sample, seed)
+
+
+def sample_rows(urls: list[str], rows: list[int], sample: int, seed: int) -> np.ndarray:
+    """The fine vectors (float32) of ``sample`` rows drawn uniformly without replacement (seeded)
+    from the feature files ``urls`` holding ``rows`` rows each (all rows when fewer)."""
+    total = sum(rows)
     rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(total, size=sample, replace=False))
-    starts = np.cumsum([0] + rows)
+    chosen = np.sort(rng.choice(total, size=min(sample, total), replace=False))
+    starts = np.cumsum([0] + list(rows))
     parts = []
-    for f, url in enumerate(feature_urls):
+    for f, url in enumerate(urls):
         mine = chosen[(chosen >= starts[f]) & (chosen < starts[f + 1])] - starts[f]
         if not len(mine):
             continue
         pf = fsio.parquet_file(url)
         cols = [c for c in ("fine", "fine_scale") if c in pf.schema_arrow.names]
         parts.append(fine_matrix(pf.read(columns=cols).take(mine)))
-    return np.concatenate(parts).astype(np.float32)
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
 
 
 def load_background(cfg_normalize, index_manifest: dict, feature_urls: list[str]) -> Background | None:

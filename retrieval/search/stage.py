@@ -47,6 +47,7 @@ STAGE = Stage(
         "search.threads": positive_or_auto,
         "search.progress_seconds": positive,
         "search.normalize.k": positive,
+        "search.normalize.fmr_queries": positive,
         "search.normalize.beta": non_negative,
         "search.normalize.sample": positive,
         "search.normalize.seed": non_negative,

@@ -32,6 +32,7 @@ from retrieval import faults, fsio
 from retrieval.index import idmap
 from retrieval.schema import RESULT_SCHEMA, coarse_matrix, fine_matrix
 from retrieval.search import blocks as blocks_mod
+from retrieval.search import calibrate
 from retrieval.search import coarse as coarse_mod
 from retrieval.search import normalize as normalize_mod
 from retrieval.search import rerank as rerank_mod
@@ -66,6 +67,7 @@ class SearchJob:
     faults: dict | None = None
     storage_options: dict | None = None
     background: normalize_mod.Background | None = None   # score normalisation (None: off)
+    calibration: calibrate.NullTail | None = None        # false-match rates of norm_score (None: off)
     rerank: str = "chunk"             # chunk-major or gallery-major rerank (resolved, see blocks.py)
     blocks: tuple[blocks_mod.Block, ...] = field(default_factory=tuple)   # gallery-major: the blocks
 
@@ -336,6 +338,12 @@ def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.
     gids = ids[rows, ranks]
     gallery_id, gallery_uri = labels if labels is not None else gallery_labels(job, gids, cache)
     take = pa.array(rows.astype(np.int64))
+    n = len(rows)
+    kept_norm = norm[rows, ranks] if norm is not None else None
+    fmr = fmr_query = pa.nulls(n, pa.float64())
+    if kept_norm is not None and job.calibration is not None:
+        fmr = pa.array(job.calibration.fmr(kept_norm), pa.float64())
+        fmr_query = pa.array(job.calibration.fmr_query(kept_norm), pa.float64())
     return pa.table({
         "query_id": queries.column("image_id").take(take),
         "rank": pa.array((ranks + 1).astype(np.int32)),
@@ -344,6 +352,7 @@ def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.
         "coarse_score": pa.array(coarse[rows, ranks].astype(np.float32)),
         "query_uri": queries.column("uri").take(take),
         "gallery_uri": gallery_uri,
-        "norm_score": (pa.nulls(len(rows), pa.float32()) if norm is None
-                       else pa.array(norm[rows, ranks].astype(np.float32))),
+        "norm_score": (pa.nulls(n, pa.float32()) if kept_norm is None else pa.array(kept_norm.astype(np.float32))),
+        "fmr": fmr, "fmr_query": fmr_query, "query_region": pa.nulls(n, pa.string()),
+        "signal": pa.array(["descriptor"] * n, pa.string()), "distance": pa.nulls(n, pa.int32()),
     }, schema=RESULT_SCHEMA)

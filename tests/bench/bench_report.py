@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from retrieval import config, fsio
 from retrieval.report import build_report
-from retrieval.report.scan import RESULT_SCHEMA
+from retrieval.schema import conform_results
 
 
 def write_results(root: str, n_queries: int, k: int, files: int, seed: int = 0) -> int:
@@ -37,15 +37,14 @@ def write_results(root: str, n_queries: int, k: int, files: int, seed: int = 0) 
         best = np.where(rng.random(n) < 0.05, rng.uniform(0.8, 1.0, n), rng.uniform(0.3, 0.75, n))
         scores = (best[:, None] - np.sort(rng.uniform(0, 0.2, (n, k)), axis=1)).astype(np.float32).ravel()
         qids = np.repeat(np.arange(q0, q1), k)
-        table = pa.table({
+        table = conform_results(pa.table({     # the other columns null (signal "descriptor"), as the search writes them
             "query_id": pa.array([f"q{i:09d}" for i in qids]),
             "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), n)),
             "gallery_id": pa.array([f"g{i:09d}" for i in rng.integers(0, 10**8, n * k)]),
             "score": pa.array(scores), "coarse_score": pa.array(scores - 0.05),
             "query_uri": pa.array([f"s3://bucket/q/{i}.jpg" for i in qids]),
             "gallery_uri": pa.array(["s3://bucket/g/x.jpg"] * (n * k)),
-            "norm_score": pa.nulls(n * k, pa.float32()),     # as the search writes it when not normalising
-        }, schema=RESULT_SCHEMA)
+        }))
         name = f"part-{f:05d}.parquet"
         pq.write_table(table, os.path.join(root, name))
         entries.append({"file": name, "rows": table.num_rows, "sha256": fsio.sha256_file(os.path.join(root, name))})

@@ -509,7 +509,7 @@ def test_report_is_built_for_review_in_chromium(report, tmp_path):
     assert k["order"][:3] == ["review", "flagged", "distribution"], k["order"]
     assert k["order"][-1] == "settings" and k["settings_tag"] == "DETAILS" and k["settings_open"] is False
     assert "How to review this report" in k["review_note"] and "Click a thumbnail" in k["review_note"]
-    assert "fixed setting (report.threshold)" in k["threshold_meaning"] and "0.75" in k["threshold_meaning"]
+    assert "report.threshold" in k["threshold_meaning"] and "0.75" in k["threshold_meaning"]
     assert k["legend"] == 3
     # flagged scores 0.97 .. 0.77 with threshold 0.75 and the confident edge 0.95: both classes shown
     assert k["bands"][0] > 0 and k["bands"][1] > 0 and k["bands"][2] == 0, k["bands"]

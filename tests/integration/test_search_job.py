@@ -62,10 +62,15 @@ def test_library_and_spark_give_the_same_results(world, spark, tmp_path):
     t = pq.read_table(tmp_path / "lib" / "part-00000.parquet")
     assert [f"{f.name}:{f.type}" for f in t.schema] == [
         "query_id:string", "rank:int32", "gallery_id:string", "score:float", "coarse_score:float",
-        "query_uri:string", "gallery_uri:string", "norm_score:float"]
+        "query_uri:string", "gallery_uri:string", "norm_score:float", "fmr:double", "fmr_query:double",
+        "query_region:string", "signal:string", "distance:int32"]
     assert t.column("norm_score").null_count == t.num_rows      # not normalised by default
+    assert t.column("fmr").null_count == t.column("fmr_query").null_count == t.num_rows   # no background: no rates
+    assert set(t.column("signal").to_pylist()) == {"descriptor"}
+    assert t.schema.metadata[b"retrieval.schema_version"] == b"2"
     m = json.loads((tmp_path / "lib" / "_manifest.json").read_text())
     assert m["stage"] == "search" and m["model_version"] == "synthetic-v1"
+    assert m["schema_version"] == 2 and m["calibration"] is None
     assert m["index"] == world["index"] and m["query_features"] == world["queries"]
     assert set(m["timings"]) >= {"encode_s", "coarse_s", "merge_s", "rerank_s", "total_s"}
     assert m["counts"]["rows"] == sum(f["rows"] for f in m["files"]) == len(_rows(tmp_path / "lib"))
@@ -274,6 +279,46 @@ def test_score_normalisation_keeps_rankings_and_subtracts_the_background_level(w
     for i in range(0, len(d["query_id"]), 97):
         sims = np.sort(bg @ q_fine[d["query_id"][i]])[::-1][:7]
         assert d["norm_score"][i] == pytest.approx(d["score"][i] - 0.8 * sims.mean(), abs=2e-5)
+    _check_false_match_rates(lib, a, q_fine, bg)
+
+
+def _check_false_match_rates(manifest, rows, q_fine, bg):
+    """Every row's fmr / fmr_query (written on both engines: the caller compared them) against a
+    brute-force count of unrelated (query, background) pairs scoring at least as high."""
+    from retrieval.search.calibrate import NullTail
+
+    cal = manifest["calibration"]
+    assert manifest["schema_version"] == 2
+    assert (cal["null_queries"], cal["background"], cal["gallery"]) == (MATCH + NOMATCH, 400, N)
+    assert cal["pairs"] == (MATCH + NOMATCH) * 400
+    d = rows.to_pydict()
+    assert rows.column("fmr").null_count == rows.column("fmr_query").null_count == 0
+    tail = NullTail.from_manifest(cal)
+    norm = np.asarray(d["norm_score"], np.float32)
+    np.testing.assert_allclose(d["fmr"], tail.fmr(norm), rtol=1e-9)
+    fmr = np.asarray(d["fmr"])
+    np.testing.assert_allclose(d["fmr_query"], -np.expm1(N * np.log1p(-fmr)), rtol=1e-9)   # 1 - (1 - fmr)^N
+    order = np.argsort(norm)
+    assert np.all(np.diff(fmr[order]) <= 0)                 # a higher score is never more likely by chance
+    # the null by brute force: every query against every background vector, normalised as the search
+    # does, the level from the other 399 background vectors (the pair's own image is an outside one)
+    qs = np.stack(list(q_fine.values()))
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    null = []
+    for sims in qs @ bg.T:
+        others = np.tile(sims, (len(sims), 1))
+        np.fill_diagonal(others, -np.inf)
+        null.append(sims - 0.8 * np.sort(others, axis=1)[:, -7:].mean(axis=1))
+    null = np.sort(np.concatenate(null))
+    for rate in (0.5, 0.1, 0.01, 1e-3):                      # the estimate where the null is well observed
+        s = null[int(len(null) * (1 - rate))]
+        assert float(tail.fmr(s)) == pytest.approx(rate, rel=0.25)
+    for i in range(len(norm)):
+        seen = len(null) - np.searchsorted(null, norm[i], side="left")     # null pairs scoring >= this row
+        if seen >= 50:
+            assert fmr[i] == pytest.approx(seen / len(null), rel=0.3)
+        elif seen == 0:                                        # above every null pair: extrapolated
+            assert fmr[i] < 10 / len(null)
 
 
 def test_normalisation_background_is_checked_before_anything_is_written(world, tmp_path):
@@ -336,6 +381,16 @@ def test_normalised_scores_flow_into_evaluate_and_a_calibrated_report_threshold(
     assert summary["thresholds"]["bands"] == [-0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     page = fsio.read_text(f"{rep}/report.html")
     assert "normalised score" in page and "search normalize.background" in page
+    # without an evaluation: the threshold where the estimated per-query false-match rate is report.target_fmr
+    auto = str(tmp_path / "auto")
+    assert main(["report", "--results", norm, "--output", auto, "--set", "report.thumbnails=none",
+                 "--set", "report.target_fmr=0.05"]) == 0
+    summary = json.loads(fsio.read_text(f"{auto}/summary.json"))
+    assert summary["thresholds"]["source"] == "target_fmr" and summary["thresholds"]["target_fmr"] == 0.05
+    fq = np.asarray(res["fmr_query"])
+    flagged = pq.read_table(f"{auto}/flagged.parquet").column("fmr_query").to_numpy()
+    assert summary["counts"]["flagged_matches"] == len(flagged) == int((fq <= 0.05 * (1 + 1e-6)).sum()) > 0
+    assert "estimated probability of 0.05" in fsio.read_text(f"{auto}/report.html")
     # thresholds of normalised scores are refused for raw results (another scale), and vice versa
     assert main(["report", "--results", raw, "--output", str(tmp_path / "r2"), "--set", "report.thumbnails=none",
                  "--set", f"report.threshold={{from_evaluation: {norm}/eval}}"]) == 2

@@ -15,7 +15,6 @@ from PIL import Image
 
 from retrieval import config as config_mod
 from retrieval.report.html import ENV, band_of, confident_edge, histogram_svg, tick, wrap_path
-from retrieval.report.job import threshold_meaning
 from retrieval.report.roots import InputRoots
 from retrieval.report.runinfo import compact
 from retrieval.report.scan import ScanSettings, _csv_safe, _TopQueries, band_labels, scan
@@ -144,16 +143,6 @@ def test_tick_wrap_path_and_bands():
     assert band_of(np.float32(0.75), 0.75, 0.95) == "review"   # float32 score at the threshold: flagged
 
 
-def test_threshold_meaning():
-    st = ScanSettings(threshold=0.75, bands=(0.5, 0.95))
-    fixed = threshold_meaning(0.75, st)
-    assert "0.75" in fixed and "fixed setting" in fixed and "not calibrated" in fixed
-    calibrated = threshold_meaning({"from_evaluation": "s3://b/eval/metrics.json", "precision": 0.95},
-                                   ScanSettings(threshold=0.8125, bands=(0.5,), score_column="norm_score"))
-    assert "0.8125" in calibrated and "95%" in calibrated and "s3://b/eval/metrics.json" in calibrated
-    assert "normalised score" in calibrated
-
-
 def test_input_roots(tmp_path):
     photos = tmp_path / "photos"
     (photos / "sub").mkdir(parents=True)
@@ -219,9 +208,12 @@ def test_thumbnails(tmp_path):
 
 def test_report_config_rules():
     cfg = config_mod.load()
-    assert cfg["report.threshold"] == 0.75 and cfg["report.thumbnails"] == "embed"
+    assert cfg["report.threshold"] == "auto" and cfg["report.thumbnails"] == "embed"
+    assert cfg["report.target_fmr"] == 0.003
     assert cfg["report.thumbnail_size"] >= 256 and cfg["report.full_size"] > cfg["report.thumbnail_size"]
-    for key, bad in [("report.full_size", 100), ("report.full_size", -1), ("report.bands", [0.9, 0.5]), ("report.bands", [0.5, 2.0]), ("report.threshold", 1.5),
+    for key, bad in [("report.full_size", 100), ("report.full_size", -1), ("report.bands", [0.9, 0.5]),
+                     ("report.bands", [0.5, 2.0]), ("report.threshold", 1.5),
+                     ("report.threshold", "fixed"), ("report.target_fmr", 0.0), ("report.target_fmr", 1.0),
                      ("report.thumbnails", "inline"), ("report.top_queries", -1)]:
         with pytest.raises(config_mod.ConfigError, match=re.escape(key)):
             config_mod.load(overrides={key: bad})
