@@ -207,5 +207,5 @@ case "${1:-}" in
   install) install ;;
   check) check ;;
   run) shift; [ $# -ge 1 ] || { echo "usage: $0 run WORK [DS]" >&2; exit 2; }; run "$@" ;;
-  *) sed -n '2,14p' "$0"; exit 2 ;;
+  *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -78,7 +78,8 @@ def _expected(success=(), skipped=(), **other: str) -> dict:
 
 
 def _read(path) -> dict:
-    return json.loads(path.read_text())
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 def test_dagbag_imports_the_dag_with_its_structure(airflow):
