@@ -29,8 +29,10 @@ scheduler misses days; the DAG waits and catches up:
   index's inputs (the ``features`` of each build in the index's ``_manifest.json``): the day's drop,
   a drop that landed after its own day's run, a drop of a missed day, a drop whose extraction or
   indexing failed. ``extract_gallery`` runs once per such drop (dynamic task mapping; an extraction
-  done before is resumed, not redone) and ``index`` / ``index_append`` adds them all in one
-  ``--append``; none: ``no_new_gallery``, the index is searched as it is.
+  done before is resumed, not redone) and one ``index`` (the first build) or ``index_append`` adds them
+  all; none: ``no_new_gallery``, the index is searched as it is. A drop folder that holds files is
+  taken as complete: land a drop whole (written beside, then moved into place); files added to a
+  drop after it was indexed are not indexed.
 - Missed days are caught up (``catchup=True``), one run at a time in date order
   (``max_active_runs=1``: every run appends to the same index and sees the index of the days before),
   within a bounded window: ``start_date`` is today (UTC midnight) minus ``[retrieval] catchup_days``
