@@ -91,12 +91,22 @@ def test_the_readme_stage_table_is_the_registrys():
 
 
 def test_dag_task_ids_are_stage_names():
+    """The DAG's Spark tasks are the rows of its STAGES table (task id -> job file, arguments)."""
     tree = ast.parse(open(os.path.join(ROOT, "jobs", "dags", "retrieval_daily.py"), encoding="utf-8").read())
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "spark_job"]
-    assert len(calls) >= 7
+    tables = [n.value for n in ast.walk(tree)
+              if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "STAGES"
+              or isinstance(n, ast.Assign) and "STAGES" in [getattr(t, "id", None) for t in n.targets]]
+    assert len(tables) == 1 and isinstance(tables[0], ast.Dict), "one STAGES = {...} table in the DAG"
+    rows = {k.value: {rk.value: rv for rk, rv in zip(v.keys, v.values)}
+            for k, v in zip(tables[0].keys, tables[0].values)}
+    assert len(rows) >= 7
+    # every Spark task of the DAG is built from its row (spark_job / stage_kwargs take the task id)
+    built = {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and getattr(n.func, "id", None) in ("spark_job", "stage_kwargs") and isinstance(n.args[0], ast.Constant)}
+    assert built == set(rows)
     seen = set()
-    for call in calls:
-        task_id, job = (a.value for a in call.args[:2])
+    for task_id, row in rows.items():
+        job = row["job"].value
         stage = job[:-3]
         assert stage in STAGES and stage not in JOB_ALIASES, job
         assert task_id == stage or task_id.startswith(stage + "_"), (task_id, job)
