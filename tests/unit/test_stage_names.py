@@ -162,3 +162,58 @@ def test_one_version_everywhere(capsys):
     assert capsys.readouterr().out.strip() == f"retrieval {retrieval.__version__}"
     with open(os.path.join(ROOT, "CHANGELOG.md"), encoding="utf-8") as fh:
         assert re.search(r"^## (\S+)", fh.read(), re.M).group(1) == retrieval.__version__
+
+
+def _dag_stage_args() -> dict[str, tuple[str, list[str], list[str]]]:
+    """task id -> (job file, the option flags its arguments name, the config keys its --set's name),
+    read from the DAG's STAGES table with ast (the DAG runs in Airflow's environment, not this one)."""
+    with open(os.path.join(ROOT, "jobs", "dags", "retrieval_daily.py"), encoding="utf-8") as fh:
+        tree = ast.parse(fh.read())
+    names = {t.id: n.value for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+             for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+
+    def tokens(node) -> tuple[list[str], list[str]]:
+        flags, keys = [], []
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            flags += [w.split("=")[0] for w in node.value.split() if w.startswith("--")]
+        elif isinstance(node, (ast.List, ast.Tuple)):
+            for el in node.elts:
+                f, k = tokens(el)
+                flags, keys = flags + f, keys + k
+        elif isinstance(node, ast.Starred):
+            return tokens(node.value)
+        elif isinstance(node, ast.Name) and node.id in names:
+            return tokens(names[node.id])
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "set_when":
+            flags.append("--set")
+            keys.append(node.args[0].value)
+        return flags, keys
+
+    table = names["STAGES"]
+    out = {}
+    for key, entry in zip(table.keys, table.values):
+        fields = dict(zip((k.value for k in entry.keys), entry.values))
+        flags, keys = tokens(fields["args"])
+        common, _ = tokens(names["COMMON_ARGS"])
+        out[key.value] = (fields["job"].value, flags + common, keys)
+    return out
+
+
+def test_the_dags_stage_arguments_are_the_registrys():
+    """Every Spark task of the DAG runs a registered stage's job file with options that stage has,
+    its required options given (the gallery drops' --features arrive at run time from XCom), and
+    every --set key it templates is a real config key."""
+    dag = _dag_stage_args()
+    assert {"fit", "extract_gallery", "index", "index_append", "extract_queries", "search", "report"} <= set(dag)
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "stage")
+    for task_id, (job, flags, keys) in dag.items():
+        stage = registry.get(job[:-3])
+        assert stage.name == job[:-3] and (task_id == stage.name or task_id.startswith(stage.name + "_")), task_id
+        parser = sub.choices[stage.name]
+        options = {o for a in parser._actions for o in a.option_strings}
+        assert set(flags) <= options, (task_id, sorted(set(flags) - options))
+        required = {a.option_strings[0] for a in parser._actions if a.required}
+        given = set(flags) | ({"--features"} if stage.name == "index" else set())
+        assert required <= given, (task_id, sorted(required - given))
+        for key in keys:
+            registry.load_config(sets=[f"{key}=null"] if key == "model.checkpoint" else [])[key]   # exists
