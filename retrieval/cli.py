@@ -55,7 +55,7 @@ ALIASES = {"build-index": "index"}
 JOB_ALIASES = {"extract_features": "extract", "build_index": "index", "audit_report": "report"}
 
 
-def _common(p: argparse.ArgumentParser, spark_stage: bool = True, engine: str = "spark") -> None:
+def _common(p: argparse.ArgumentParser, spark_stage: bool = True, engine: str = "spark", writes: bool = True) -> None:
     p.add_argument("--conf", action="append", default=[], metavar="FILE",
                    help="YAML overlay (repeatable, applied in order)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
@@ -63,6 +63,10 @@ def _common(p: argparse.ArgumentParser, spark_stage: bool = True, engine: str = 
     p.add_argument("--log-level", default="INFO",
                    help="DEBUG, INFO (default: progress and summary lines), WARNING or ERROR; also sets "
                         "Spark's JVM logging: WARN for INFO/WARNING, INFO for DEBUG, ERROR for ERROR")
+    if writes:
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace what --output holds (another stage's, role's, input's or settings' "
+                            "output, or other files); the same as <stage>.mode=overwrite where it exists")
     if spark_stage:
         p.add_argument("--master", default=None, help="Spark master (default: spark.master from config)")
         p.add_argument("--engine", choices=("spark", "local"), default=engine,
@@ -106,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True)
     p.add_argument("--truth", required=True, help="CSV: query_id, gallery_id (empty: no true match)")
     p.add_argument("--output", default=None, help="where to write metrics.json and pr_curve.png "
-                                                  "(default: <results>/eval)")
+                                                  "(default: <results>.eval)")
     p.add_argument("--exact", default=None, metavar="INDEX",
                    help="also compare with exact 512-d search over this index's gallery")
     _common(p, engine="local")     # reads results with pyarrow: no executors needed
@@ -129,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor-memory", default="16g")
     p.add_argument("--executor-cores", type=int, default=4)
     p.add_argument("--gpus", type=int, default=0)
-    _common(p, spark_stage=False)
+    _common(p, spark_stage=False, writes=False)
 
     p = sub.add_parser("export", help="the model's trunk (backbone + GeM) as an ONNX file for model.runtime=onnx")
     p.add_argument("--format", choices=("onnx",), default="onnx")
@@ -143,6 +147,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if getattr(args, "role", None):
         out["extract.role"] = args.role
+    if getattr(args, "overwrite", False) and args.stage in ("extract", "index"):
+        out[f"{args.stage}.mode"] = "overwrite"      # the same concept, the config's spelling
     if getattr(args, "master", None) is not None:
         out["spark.master"] = args.master
     return out

@@ -73,6 +73,7 @@ def _ascending_scores(v: Any) -> str | None:
 
 
 CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "io.lease_seconds": _positive,
     "model.backbone": _choice("mobilenet_v2", "resnet18", "resnet50", "torchscript", "onnx"),
     "model.input_layout": _choice("auto", "float_nchw", "uint8_nhwc"),
     "model.device": _choice("auto", "cpu", "cuda"),

@@ -240,18 +240,21 @@ def _is_int8(features_url: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exact_index: str | None = None
-             ) -> dict:
+@outputs.leased
+def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exact_index: str | None = None,
+             overwrite: bool = False) -> dict:
     """Write ``metrics.json`` and ``pr_curve.png`` under ``output_url`` (default
-    ``<results>/eval``); returns the metrics."""
+    ``<results>.eval``, beside the results, not in them); returns the metrics."""
     from retrieval.search import read_results
     from retrieval.search.normalize import score_column
 
     t0 = time.monotonic()
     ev = cfg.evaluate
     fsio.configure(cfg["io.storage_options"])
-    output_url = output_url or fsio.join(results_url, "eval")
+    output_url = output_url or results_url.rstrip("/") + ".eval"
     fsio.ensure_writable(output_url)
+    outputs.claim(output_url, outputs.identity("evaluate", cfg, [results_url, truth_url, exact_index]), cfg,
+                  overwrite)
     outputs.begin(output_url)
     results = read_results(results_url)
     truth = read_truth(truth_url)
@@ -312,7 +315,7 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
 
 def run_cli(args, cfg, engine) -> dict:
     """``retrieval evaluate`` (runs on the driver: results and truth are small; ``engine`` unused)."""
-    m = evaluate(args.results, args.truth, args.output, cfg, args.exact)
+    m = evaluate(args.results, args.truth, args.output, cfg, args.exact, bool(getattr(args, "overwrite", False)))
     keep = ("micro_ap", "precision_at_recall", "recall_at_precision", "thresholds", "counts", "plot")
     out = {k: v for k, v in m.items() if k.startswith("recall@") or k in keep}
     if "exact" in m:

@@ -275,6 +275,7 @@ def plan(listing: pa.Table, job: ExtractJob, mode: str) -> tuple[dict[int, list]
     return todo, done
 
 
+@outputs.leased
 def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = None) -> dict:
     """Run the extraction job on ``engine`` (:func:`retrieval.engine.as_engine`: an engine, a
     SparkSession, or None for this process); returns the manifest."""
@@ -295,6 +296,8 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
                      progress_seconds=ex.progress_seconds, key_column=ex.key_column,
                      bytes_column=ex.bytes_column, faults=cfg["faults"].to_dict(),
                      storage_options=cfg["io.storage_options"])
+    outputs.claim(output_url, outputs.identity("extract", cfg, [input_url], ex.role), cfg,
+                  overwrite=ex.mode == "overwrite")
     outputs.begin(output_url)
     todo, done = plan(listing, job, ex.mode)
     fsio.remove_stale(output_url, "part", ("errors", "_shards"), keep=set(todo) | set(done))

@@ -345,6 +345,7 @@ def _manifest(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, shards
 
 
 # ---------------------------------------------------------------------------------------------
+@outputs.leased
 def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config, engine: Engine | Any = None,
                 append: bool = False, merge_ondisk: bool = False) -> dict:
     """Build (or, with ``append``, extend) the index at ``output_url`` from gallery feature
@@ -352,6 +353,8 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
     t0 = t = time.monotonic()
     timings: dict[str, float] = {}
     run = _start(feature_urls, output_url, cfg, as_engine(engine), append, merge_ondisk)
+    outputs.claim(output_url, outputs.identity("index", cfg, run.feature_urls), cfg,
+                  overwrite=run.ic["mode"] == "overwrite", append=append)
     plan = _plan(run)
     if not append:
         existing = layout.existing(output_url, run.ic["mode"], plan.fingerprint)

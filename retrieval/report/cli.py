@@ -12,4 +12,5 @@ from retrieval.report.job import build_report
 
 
 def run_cli(args: argparse.Namespace, cfg: Config, engine: Engine) -> dict:
-    return build_report(args.results, args.output, cfg, truth_url=getattr(args, "truth", None) or None)
+    return build_report(args.results, args.output, cfg, truth_url=getattr(args, "truth", None) or None,
+                        overwrite=bool(getattr(args, "overwrite", False)))

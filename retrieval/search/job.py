@@ -29,7 +29,6 @@ from retrieval.search.engines import run_local, run_spark
 from retrieval.search.tasks import SearchJob, part_name
 
 log = logging.getLogger(__name__)
-QUERY_FEATURES = "query_features"
 
 
 def _clean_output(output_url: str) -> None:
@@ -152,15 +151,19 @@ def run(job: SearchJob, engine: Engine, progress_seconds: float = 10.0) -> list[
     return sorted(stats, key=lambda s: s["chunk"])
 
 
-def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engine | Any = None) -> dict:
+@outputs.leased
+def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engine | Any = None,
+           overwrite: bool = False) -> dict:
     """Run the two-stage search on ``engine`` (:func:`retrieval.engine.as_engine`: an engine, a
-    SparkSession, or None for this process); returns the manifest."""
+    SparkSession, or None for this process); returns the manifest. ``overwrite``: replace whatever
+    ``output_url`` holds (:func:`retrieval.outputs.check`)."""
     from retrieval.index import store
 
     t0 = time.monotonic()
     engine = as_engine(engine)
     sc = cfg.search
     outputs.prepare(output_url, cfg["io.storage_options"])
+    outputs.claim(output_url, outputs.identity("search", cfg, [queries_url, index_url]), cfg, overwrite)
     index_manifest = store.read_index_manifest(index_url)
     # before anything is written: a background of another model is an error, not an empty output
     background = normalize_mod.load_background(sc.normalize, index_manifest,
@@ -169,7 +172,7 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
         verify_index_inputs(index_url, index_manifest, engine, cfg["io.storage_options"])
     _clean_output(output_url)
     qf_url, qman, encode_s = q_mod.resolve_queries(queries_url, output_url, index_url, index_manifest,
-                                                   cfg, engine)
+                                                   cfg, engine, overwrite)
     qfiles, qrows = q_mod.query_files(qf_url, qman, sc.verify)
     job, column = make_job(output_url, index_url, index_manifest, qfiles, qman, qrows, cfg, background)
     log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from retrieval import outputs
 from retrieval.config import Config
 from retrieval.engine import Engine
 from retrieval.train.trainer import TrainJob, run_distributed, run_training
@@ -12,8 +13,11 @@ from retrieval.train.trainer import TrainJob, run_distributed, run_training
 log = logging.getLogger(__name__)
 
 
+@outputs.leased
 def run_cli(args: argparse.Namespace, cfg: Config, engine: Engine) -> dict:
     job = TrainJob.from_config(args.input, args.output, cfg)
+    outputs.claim(args.output, outputs.identity("train", cfg, [args.input, cfg["train.eval_input"]]), cfg,
+                  bool(getattr(args, "overwrite", False)))
     processes = int(cfg["train.processes"])
     if processes > 1:
         card = run_distributed(engine, job, processes, local_mode=cfg["train.local_mode"],
