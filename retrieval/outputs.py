@@ -244,6 +244,10 @@ def _difference(stored: dict, ident: dict, append: bool) -> str:
     return "same"
 
 
+def _a(stage: Any) -> str:
+    return f"{'an' if str(stage)[:1] in 'aeiou' else 'a'} {stage}"
+
+
 def check(output_url: str, ident: dict, overwrite: bool = False, append: bool = False,
           file: bool = False) -> dict | None:
     """Read only: None when ``output_url`` is empty or holds an output of this identity (resume);
@@ -258,8 +262,8 @@ def check(output_url: str, ident: dict, overwrite: bool = False, append: bool = 
         diff = _difference(stored, ident, append)
         if diff == "same":
             return stored
-        what = (f"a {stored.get('stage')} output" + (f" ({diff})" if diff else "")
-                + ("" if diff else f", not a {ident['stage']} output"))
+        what = (f"{_a(stored.get('stage'))} output" + (f" ({diff})" if diff else "")
+                + ("" if diff else f", not {_a(ident['stage'])} output"))
     if overwrite:
         log.warning("%s holds %s: replaced (--overwrite)", output_url, what)
         return None
