@@ -38,6 +38,11 @@ def _clean_output(output_url: str) -> None:
     root = root.rstrip("/")
     for p in fs.glob(f"{root}/part-*.parquet") + fs.glob(f"{root}/.tmp-*"):
         fs.rm(p)
+    old = fsio.join(output_url, "query_features")   # where 0.2 encoded query images: every Parquet
+    if outputs.find(old, "extract") is not None:       # reader that recurses took them for result rows
+        log.info("removing %s: query features now go beside the results (%s)", old,
+                 q_mod.query_features_url(output_url))
+        fs.rm(f"{root}/query_features", recursive=True)
 
 
 def verify_index_inputs(index_url: str, index_manifest: dict, engine=None, storage_options=None) -> None:
