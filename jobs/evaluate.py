@@ -3,7 +3,7 @@ exact 512-d search for comparison). Same as `retrieval evaluate`; runs on the dr
 
     spark-submit --master local[*] jobs/evaluate.py \
         --results /data/search/2026-11-21 --truth /data/truth.csv \
-        [--output /data/search/2026-11-21/eval] [--exact /data/index/gallery]
+        [--output /data/search/2026-11-21.eval] [--exact /data/index/gallery]
 """
 from retrieval.cli import run_job
 

@@ -6,7 +6,7 @@
         --output /data/search/2026-11-21 [--conf conf/cluster.yaml] [--set search.shortlist=500]
 
 ``--queries`` is any extraction input (directory, manifest, Parquet with bytes: encoded here with
-the query role into <output>/query_features) or an existing query feature output.
+the query role into <output>.query_features, beside the results) or an existing query feature output.
 
 On a cluster (see README "Running on a cluster"):
     spark-submit --master yarn --archives env.tar.gz#env \
