@@ -161,15 +161,15 @@ def file_entries(output_url: str, names: list[str]) -> list[dict[str, Any]]:
 IDENTITY, LEASE = "_identity.json", "_lease.json"
 # per stage: the config sections whose values change the output, less the keys that only change how
 # fast or where it is computed (any key named in RUNTIME, in any section, and the stage's own list)
-RUNTIME = {"mode", "threads", "progress_seconds", "verify", "device", "batch_size", "batch_rows",
-           "resume", "processes", "local_mode"}
+RUNTIME = {"mode", "threads", "progress_seconds", "verify", "device", "batch_rows", "resume", "processes",
+           "local_mode"}
 SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "extract": (("model", "preprocess", "extract"), ("extract.role", "extract.num_shards",
-                                                     "extract.row_group_size")),
+                                                     "extract.row_group_size", "extract.batch_size")),
     "index": (("index",), ("index.dedup_on_driver_max",)),
     "search": (("model", "preprocess", "search"), ("search.query_chunk", "search.vector_cache_mb",
                                                    "search.rerank", "search.shard_cache")),
-    "fit": (("model", "preprocess", "fit"), ()),
+    "fit": (("model", "preprocess", "fit"), ("fit.batch_size",)),
     "evaluate": (("evaluate",), ("evaluate.exact_batch_rows", "evaluate.exact_query_chunk")),
     "report": (("report",), ("report.thumbnail_threads",)),
     "train": (("model", "preprocess", "train"), ("train.checkpoint_every", "train.keep_checkpoints")),
