@@ -63,7 +63,9 @@ about the cluster or the storage is written here:
 Runs are serialised (``max_active_runs=1``): each day appends to the same index. The index, the
 gallery features and the background features all belong to one model: a different ``model`` needs a
 new ``index`` and ``work_root``. Retries: the Airflow config section ``[retrieval]`` (``retries``,
-default 2; ``retry_delay_minutes``, default 10).
+default 2; ``retry_delay_minutes``, default 10). A retry resumes its stage's output; while an earlier
+attempt still writes it (its lease is renewed), the retry is refused, and a killed attempt's lease
+expires after ``io.lease_seconds`` (3 minutes: keep it well under the retry delay).
 """
 from __future__ import annotations
 
