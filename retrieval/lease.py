@@ -42,16 +42,26 @@ def held() -> list:
 
 
 def leased(fn: Callable) -> Callable:
-    """A stage function: the leases it claims are released when it returns or raises."""
+    """A stage function: the leases it claims are released when it returns or raises (then each
+    lease's ``on_failure`` runs first: the claim undoes what it wrote when nothing else was)."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
         leases = held()
         mark = len(leases)
+        failed = True
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            failed = False
+            return out
         finally:
             while len(leases) > mark:
-                leases.pop().release()
+                lease = leases.pop()
+                if failed and lease.on_failure is not None:
+                    try:
+                        lease.on_failure()
+                    except Exception as exc:     # best effort: the stage's own error matters
+                        log.warning("%s: cleanup after the failure: %s", lease.output, exc)
+                lease.release()
     return run
 
 
@@ -92,6 +102,7 @@ class Lease:
         self.started = time.time()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.on_failure: Callable[[], None] | None = None
 
     def body(self) -> bytes:
         expires = time.time() + self.seconds

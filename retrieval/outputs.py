@@ -222,12 +222,13 @@ def _stored(output_url: str, file: bool) -> dict | None:
     return None
 
 
-def _holds_anything(output_url: str, file: bool) -> bool:
+def _holds_anything(output_url: str, file: bool, ignore: tuple[str, ...] = ()) -> bool:
     fs, path = fsio.url_to_fs(output_url)
     if file or not fs.exists(path):
         return fs.exists(path) and not fs.isdir(path)
+    fs.invalidate_cache(path)
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    return any(n != LEASE and not n.startswith(".write-probe-") for n in names)
+    return any(n not in (LEASE, *ignore) and not n.startswith(".write-probe-") for n in names)
 
 
 def _difference(stored: dict, ident: dict, append: bool) -> str:
@@ -283,4 +284,12 @@ def claim(output_url: str, ident: dict, cfg: Any = None, overwrite: bool = False
         ident = {**ident, "inputs": list(dict.fromkeys([*stored.get("inputs", []), *ident["inputs"]]))}
     if stored != ident:
         fsio.write_json(_side(output_url, IDENTITY, file), ident)
+    if stored is None and not file and not _holds_anything(output_url, file, ignore=(IDENTITY,)):
+        lease.on_failure = lambda: _unclaim(output_url)
     return lease
+
+
+def _unclaim(output_url: str) -> None:
+    """A run that failed before writing anything into a fresh output leaves no identity behind."""
+    if not _holds_anything(output_url, False, ignore=(IDENTITY,)):
+        _remove(fsio.join(output_url, IDENTITY))

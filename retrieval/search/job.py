@@ -168,13 +168,15 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
     engine = as_engine(engine)
     sc = cfg.search
     outputs.prepare(output_url, cfg["io.storage_options"])
-    outputs.claim(output_url, outputs.identity("search", cfg, [queries_url, index_url]), cfg, overwrite)
+    ident = outputs.identity("search", cfg, [queries_url, index_url])
+    outputs.check(output_url, ident, overwrite)        # read only: before the checks below
     index_manifest = store.read_index_manifest(index_url)
     # before anything is written: a background of another model is an error, not an empty output
     background = normalize_mod.load_background(sc.normalize, index_manifest,
                                                list(store.feature_file_urls(index_manifest)))
     if sc.verify:
         verify_index_inputs(index_url, index_manifest, engine, cfg["io.storage_options"])
+    outputs.claim(output_url, ident, cfg, overwrite)
     _clean_output(output_url)
     qf_url, qman, encode_s = q_mod.resolve_queries(queries_url, output_url, index_url, index_manifest,
                                                    cfg, engine, overwrite)

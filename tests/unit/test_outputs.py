@@ -185,11 +185,18 @@ def test_a_failed_stage_releases_its_lease(tmp_path):
     out = str(tmp_path / "o")
 
     @outputs.leased
-    def stage():
+    def stage(writes: bool):
         outputs.claim(out, outputs.identity("report", config.load(), ["/r"]))
+        if writes:
+            (tmp_path / "o" / "report.html").write_text("half")
         raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError, match="boom"):
-        stage()
-    assert not (tmp_path / "o" / "_lease.json").exists() and (tmp_path / "o" / "_identity.json").exists()
+    with pytest.raises(RuntimeError, match="boom"):      # failed before writing: no trace left
+        stage(writes=False)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == []
+    with pytest.raises(RuntimeError, match="boom"):      # failed midway: the identity stays
+        stage(writes=True)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["_identity.json", "report.html"]
     _claim_and_release(out, outputs.identity("report", config.load(), ["/r"]))   # the rerun resumes
+    with pytest.raises(outputs.OutputExistsError, match="holds a report output"):
+        _claim_and_release(out, outputs.identity("report", config.load(), ["/other"]))
