@@ -103,6 +103,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.on_failure: Callable[[], None] | None = None
+        self.pending_identity: dict | None = None      # written by outputs.commit (index --append)
 
     def body(self) -> bytes:
         expires = time.time() + self.seconds

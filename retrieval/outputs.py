@@ -107,6 +107,10 @@ def commit(output_url: str, stage: str, manifest: dict[str, Any], engine: Any = 
     if cfg is not None:
         out.setdefault("config", cfg.to_dict())
     out.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    for lease in held():            # an append's grown identity: once the appended index is complete
+        if lease.output == output_url and lease.pending_identity is not None:
+            fsio.write_json(fsio.join(output_url, IDENTITY), lease.pending_identity)
+            lease.pending_identity = None
     fsio.write_json(marker_url(output_url), out)
     if stage in LEGACY_MARKERS:
         _remove(fsio.join(output_url, LEGACY_MARKERS[stage]))
@@ -245,6 +249,10 @@ def _difference(stored: dict, ident: dict, append: bool) -> str:
     return "same"
 
 
+def stored_stage(stored: dict | None) -> str | None:
+    return (stored or {}).get("stage")
+
+
 def _a(stage: Any) -> str:
     return f"{'an' if str(stage)[:1] in 'aeiou' else 'a'} {stage}"
 
@@ -268,8 +276,9 @@ def check(output_url: str, ident: dict, overwrite: bool = False, append: bool = 
     if overwrite:
         log.warning("%s holds %s: replaced (--overwrite)", output_url, what)
         return None
+    extend = ", --append to add to it" if ident["stage"] == stored_stage(stored) == "index" else ""
     raise OutputExistsError(f"{output_url} holds {what}; nothing was written: pass --overwrite to "
-                            "replace it, or choose another --output")
+                            f"replace it{extend}, or choose another --output")
 
 
 def claim(output_url: str, ident: dict, cfg: Any = None, overwrite: bool = False, append: bool = False,
@@ -280,9 +289,10 @@ def claim(output_url: str, ident: dict, cfg: Any = None, overwrite: bool = False
     seconds = float(cfg["io.lease_seconds"]) if cfg is not None else LEASE_SECONDS
     lease = Lease(_side(output_url, LEASE, file), output_url, ident["stage"], seconds).acquire()
     held().append(lease)
-    if append and stored and not stored.get("legacy"):
-        ident = {**ident, "inputs": list(dict.fromkeys([*stored.get("inputs", []), *ident["inputs"]]))}
-    if stored != ident:
+    if append and stored is not None:     # the inputs grow when the append commits, not before
+        old = [] if stored.get("legacy") else stored.get("inputs", [])
+        lease.pending_identity = {**ident, "inputs": list(dict.fromkeys([*old, *ident["inputs"]]))}
+    elif stored != ident:
         fsio.write_json(_side(output_url, IDENTITY, file), ident)
     if stored is None and not file and not _holds_anything(output_url, file, ignore=(IDENTITY,)):
         lease.on_failure = lambda: _unclaim(output_url)

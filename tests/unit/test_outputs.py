@@ -137,7 +137,19 @@ def test_a_foreign_folder_or_file_is_refused_and_an_old_marker_is_read(tmp_path)
     # index --append: the same stage and settings, more inputs
     idx = str(tmp_path / "idx")
     _claim_and_release(idx, outputs.identity("index", cfg, ["/f/day1"]))
-    _claim_and_release(idx, outputs.identity("index", cfg, ["/f/day2"]), append=True)
+    with pytest.raises(RuntimeError):      # an append refused by the index's own checks: inputs unchanged
+        @outputs.leased
+        def refused():
+            outputs.claim(idx, outputs.identity("index", cfg, ["/f/other-model"]), append=True)
+            raise RuntimeError("model_version mismatch")
+        refused()
+    assert json.loads((tmp_path / "idx" / "_identity.json").read_text())["inputs"] == ["/f/day1"]
+
+    @outputs.leased
+    def append():
+        outputs.claim(idx, outputs.identity("index", cfg, ["/f/day2"]), append=True)
+        outputs.commit(idx, "index", {})
+    append()
     assert json.loads((tmp_path / "idx" / "_identity.json").read_text())["inputs"] == ["/f/day1", "/f/day2"]
     with pytest.raises(outputs.OutputExistsError, match="other settings"):
         _claim_and_release(idx, outputs.identity("index", config.load(sets=["index.nlist=64"]), ["/f/d3"]),
