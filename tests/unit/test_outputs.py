@@ -212,3 +212,17 @@ def test_a_failed_stage_releases_its_lease(tmp_path):
     _claim_and_release(out, outputs.identity("report", config.load(), ["/r"]))   # the rerun resumes
     with pytest.raises(outputs.OutputExistsError, match="holds a report output"):
         _claim_and_release(out, outputs.identity("report", config.load(), ["/other"]))
+
+
+def test_every_writing_subcommand_takes_overwrite_and_it_is_the_mode_where_one_exists():
+    from retrieval import cli
+
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "stage")
+    takes = {name for name, p in sub.choices.items() if any("--overwrite" in a.option_strings for a in p._actions)}
+    assert takes == set(sub.choices) - {"plan"}
+    for stage in ("extract", "index"):
+        args = cli.build_parser().parse_args([stage, "--overwrite", "--output", "o",
+                                             *(["--input", "i"] if stage == "extract" else ["--features", "f"])])
+        assert cli._overrides(args)[f"{stage}.mode"] == "overwrite"
+    args = cli.build_parser().parse_args(["search", "--queries", "q", "--index", "i", "--output", "o"])
+    assert "search.mode" not in cli._overrides(args) and args.overwrite is False
