@@ -279,13 +279,14 @@ def test_normalisation_background_is_checked_before_anything_is_written(world, t
     search(world["queries"], world["index"], out, _cfg())
     before = fsio.read_bytes(f"{out}/_manifest.json")
     other = _background(tmp_path, n=50, model_version="other-model")
-    with pytest.raises(ValueError, match="other-model"):
-        search(world["queries"], world["index"], out, _cfg(**{"search.normalize.background": other}))
+    with pytest.raises(ValueError, match="other-model"):      # other settings: overwrite, to get there
+        search(world["queries"], world["index"], out, _cfg(**{"search.normalize.background": other}),
+               overwrite=True)
     assert fsio.read_bytes(f"{out}/_manifest.json") == before   # the earlier output is intact
     # a sample of the gallery itself: only where the gallery is >= 100x the sample
     with pytest.raises(ValueError, match="at least 100 x"):
         search(world["queries"], world["index"], out, _cfg(**{"search.normalize.background": "gallery",
-                                                             "search.normalize.sample": 61}))
+                                                             "search.normalize.sample": 61}), overwrite=True)
     assert fsio.read_bytes(f"{out}/_manifest.json") == before
     m = search(world["queries"], world["index"], str(tmp_path / "g"),
                _cfg(**{"search.normalize.background": "gallery", "search.normalize.sample": 60}))
