@@ -34,7 +34,7 @@ setup(
         "train": ["augly==1.0.0", "iopath>=0.1.8", "python-magic>=0.4.22", "regex>=2021.4.4"],
         # onnx: torch.onnx.export (the tests export this project's model to ONNX)
         "test": ["pytest>=8", "scikit-image>=0.22", "moto[server]>=5", "s3fs>=2024.1", "venv-pack>=0.2",
-                 "onnxruntime>=1.17", "onnx>=1.16",
+                 "onnxruntime>=1.17", "onnx>=1.16", "duckdb>=1.0",
                  "augly==1.0.0", "iopath>=0.1.8", "python-magic>=0.4.22", "regex>=2021.4.4"],
         # scripts/package_env.sh: the relocatable environment archive for spark-submit --archives
         "cluster": ["venv-pack>=0.2"],

@@ -61,6 +61,10 @@ def _common(p: argparse.ArgumentParser, stage: Stage) -> None:
     p.add_argument("--log-level", default="INFO",
                    help="DEBUG, INFO (progress and summary lines), WARNING or ERROR; also sets "
                         "Spark's JVM logging: WARN for INFO/WARNING, INFO for DEBUG, ERROR for ERROR")
+    if stage.writes:
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace what --output holds (another stage's, role's, input's or settings' "
+                            "output, or other files); the same as <stage>.mode=overwrite where it exists")
     p.add_argument("--log-file", default=None, metavar="FILE",
                    help="the run's log file: its lines at every level and third-party output such as "
                         "faiss's warnings (default: $RETRIEVAL_LOG_FILE, else one per run under the temp "
@@ -101,6 +105,10 @@ def _split(stage: Stage, args: argparse.Namespace) -> tuple[dict[str, Any], str 
             inputs[a.dest] = value
     if getattr(args, "master", None) is not None:
         overrides["spark.master"] = args.master
+    if stage.writes:
+        inputs["overwrite"] = bool(args.overwrite)
+        if args.overwrite and stage.section is not None and "mode" in config_mod.defaults().get(stage.section, {}):
+            overrides[f"{stage.section}.mode"] = "overwrite"      # the same concept, the config's spelling
     return inputs, output, overrides
 
 

@@ -59,9 +59,10 @@ NUMBER_OR_MAPPING: dict[str, dict[str, type]] = {
 FREE_MAPPINGS = {"spark.conf", "io.storage_options"}
 
 
-# value rules of the sections no stage owns (model, preprocess); each stage declares the rules
+# value rules of the sections no stage owns (io, model, preprocess); each stage declares the rules
 # of its own section (retrieval/stage.py, collected by retrieval.registry.load_config)
 CHECKS: dict[str, Check] = {
+    "io.lease_seconds": positive,
     "model.backbone": choice("mobilenet_v2", "resnet18", "resnet50", "torchscript", "onnx"),
     "model.input_layout": choice("auto", "float_nchw", "uint8_nhwc"),
     "model.device": choice("auto", "cpu", "cuda"),

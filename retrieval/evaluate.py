@@ -218,18 +218,21 @@ def _is_int8(features_url: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exact_index: str | None = None
-             ) -> dict:
+@outputs.leased
+def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exact_index: str | None = None,
+             overwrite: bool = False) -> dict:
     """Write ``metrics.json`` and ``pr_curve.png`` under ``output_url`` (default
-    ``<results>/eval``); returns the metrics."""
+    ``<results>.eval``, beside the results, not in them); returns the metrics."""
     from retrieval.search.results import read_results
     from retrieval.search.normalize import score_column
 
     t0 = time.monotonic()
     evaluate_cfg = cfg.evaluate
     fsio.configure(cfg["io.storage_options"])
-    output_url = output_url or fsio.join(results_url, "eval")
+    output_url = output_url or results_url.rstrip("/") + ".eval"
     fsio.ensure_writable(output_url)
+    outputs.claim(output_url, outputs.identity("evaluate", cfg, [results_url, truth_url, exact_index]), cfg,
+                  overwrite)
     outputs.begin(output_url)
     results = read_results(results_url)
     truth = read_truth(truth_url)
@@ -291,7 +294,8 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
 
 def _run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
     """``retrieval evaluate`` (runs on the driver: results and truth are small; ``engine`` unused)."""
-    return evaluate(inputs["results"], inputs["truth"], output, cfg, inputs.get("exact"))
+    return evaluate(inputs["results"], inputs["truth"], output, cfg, inputs.get("exact"),
+                    bool(inputs.get("overwrite")))
 
 
 def _summary(m: dict, inputs: Mapping[str, Any], output: str | None) -> dict:
@@ -310,7 +314,7 @@ STAGE = Stage(
     args=(
         arg("--results", required=True, help="search output URL"),
         arg("--truth", required=True, help="CSV: query_id, gallery_id (empty: no true match)"),
-        arg("--output", default=None, help="where to write metrics.json and pr_curve.png (default: <results>/eval)"),
+        arg("--output", default=None, help="where to write metrics.json and pr_curve.png (default: <results>.eval, beside the results)"),
         arg("--exact", default=None, metavar="INDEX",
             help="also compare with exact 512-d search over this index's gallery"),
     ),

@@ -100,6 +100,9 @@ The Airflow config section ``[retrieval]`` (or ``AIRFLOW__RETRIEVAL__<KEY>``) ho
 scheduling settings: ``retries`` (default 2) and ``retry_delay_minutes`` (10) of every task,
 ``catchup_days`` (7), ``query_wait_minutes`` (360), ``gallery_wait_minutes`` (30) and
 ``poke_interval_seconds`` (300) of the two sensors.
+A retry resumes its stage's output; while an earlier attempt still writes it (its lease is renewed),
+the retry is refused, and a killed attempt's lease expires after ``io.lease_seconds`` (3 minutes: keep
+it well under the retry delay).
 """
 from __future__ import annotations
 

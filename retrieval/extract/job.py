@@ -273,6 +273,7 @@ def plan_shards(listing: pa.Table, job: ExtractJob, mode: str) -> tuple[dict[int
     return todo, done
 
 
+@outputs.leased
 def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = None) -> dict:
     """Run the extraction job on ``engine`` (:func:`retrieval.engine.as_engine`: an engine, a
     Spark session, or None for this process); returns the manifest."""
@@ -293,6 +294,8 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
                      progress_seconds=extract_cfg.progress_seconds, key_column=extract_cfg.key_column,
                      bytes_column=extract_cfg.bytes_column, faults=faults.configured(),
                      storage_options=cfg["io.storage_options"])
+    outputs.claim(output_url, outputs.identity("extract", cfg, [input_url], extract_cfg.role), cfg,
+                  overwrite=extract_cfg.mode == "overwrite")
     outputs.begin(output_url)
     todo, done = plan_shards(listing, job, extract_cfg.mode)
     fsio.remove_stale(output_url, "part", ("errors", "_shards"), keep=set(todo) | set(done))

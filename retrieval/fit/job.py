@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from retrieval import fsio
+from retrieval import fsio, outputs
 from retrieval.config import Config
 from retrieval.engine import Engine, as_engine
 from retrieval.extract import inputs as inputs_mod
@@ -165,9 +165,10 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fit(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = None) -> dict:
+@outputs.leased
+def fit(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = None, overwrite: bool = False) -> dict:
     """Run ``retrieval fit`` on ``engine`` (:func:`retrieval.engine.as_engine`); returns the model card
-    (also written beside the checkpoint)."""
+    (also written beside the checkpoint). ``overwrite``: replace a checkpoint of another identity."""
     from retrieval.model.checkpoints import model_from_config, save_checkpoint
 
     t0 = time.monotonic()
@@ -188,6 +189,7 @@ def fit(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = Non
     fs, path = fsio.url_to_fs(output_url)
     if fs.isdir(path):
         raise ValueError(f"--output {output_url} is a directory; give the URL of the checkpoint file to write")
+    outputs.claim(output_url, outputs.identity("fit", cfg, [input_url]), cfg, overwrite, file=True)
     model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict())
     base_version, base_heads = model.model_version(), model.spec.heads
     job = FitJob(model_cfg=cfg["model"].to_dict(), preprocess_cfg=cfg["preprocess"].to_dict(),

@@ -14,7 +14,7 @@ from retrieval.stage import Stage, arg, positive_or_auto, non_negative, positive
 def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
     from retrieval.fit.job import fit
 
-    return fit(inputs["input"], output, cfg, engine)
+    return fit(inputs["input"], output, cfg, engine, overwrite=bool(inputs.get("overwrite")))
 
 
 def summary(card: dict, inputs: Mapping[str, Any], output: str | None) -> dict:

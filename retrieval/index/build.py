@@ -351,6 +351,7 @@ def _manifest(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, shards
 
 
 # ---------------------------------------------------------------------------------------------
+@outputs.leased
 def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config, engine: Engine | Any = None,
                 append: bool = False, merge_ondisk: bool = False) -> dict:
     """Build (or, with ``append``, extend) the index at ``output_url`` from gallery feature
@@ -358,6 +359,8 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
     t0 = t = time.monotonic()
     timings: dict[str, float] = {}
     run = _start(feature_urls, output_url, cfg, as_engine(engine), append, merge_ondisk)
+    outputs.claim(output_url, outputs.identity("index", cfg, run.feature_urls), cfg,
+                  overwrite=run.index_cfg["mode"] == "overwrite", append=append)
     plan = _plan(run)
     if not append:
         existing = layout.existing(output_url, run.index_cfg["mode"], plan.fingerprint)

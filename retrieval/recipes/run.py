@@ -13,8 +13,10 @@ The whole pipeline on one engine (one Spark session for every stage), each stage
     report/                retrieval report    (flags at the evaluation's 90% precision with --truth)
     _manifest.json         this run: every stage's output, skipped or run, and the report's path
 
-A rerun skips each stage whose output is complete for the same inputs and settings (the manifest's
-recorded input URLs and config sections); a changed setting reruns that stage and those after it.
+``--output`` must be empty or a run of the same gallery, queries, background and truth (else
+``--overwrite``). A rerun skips each stage whose output is complete for the same identity (inputs and
+the settings that change it: :func:`retrieval.outputs.identity`) when nothing it reads changed;
+extraction always runs, incrementally; a changed setting reruns the stages it changes and those after.
 The background: ``--background URL`` (images, or a feature output of the same model), else the
 background images the package ships (:func:`retrieval.recipes.background.shipped_background`).
 """
@@ -30,28 +32,20 @@ from retrieval.stage import Stage, arg
 
 log = logging.getLogger(__name__)
 
-# the config sections whose values change each stage's output (besides its input URLs)
-SECTIONS = {
-    "fit": ("model", "preprocess", "fit"),
-    "extract": ("model", "preprocess", "extract"),
-    "index": ("model", "index"),
-    "search": ("model", "preprocess", "search"),
-    "evaluate": ("evaluate",),
-    "report": ("report",),
-}
+def complete(url: str, stage: str, ident: dict, file: bool = False) -> dict | None:
+    """The manifest of ``url`` when it is a complete ``stage`` output of the same identity (stage,
+    role, inputs, settings: :func:`retrieval.outputs.identity`), else None."""
+    m = outputs.find(url, stage) if not file else (fsio.read_json(url + ".card.json")
+                                                   if fsio.exists(url + ".card.json") else None)
+    return m if m is not None and same_identity(url, ident, file) else None
 
 
-def _same(recorded: Mapping[str, Any] | None, cfg: Config, stage: str) -> bool:
-    return recorded is not None and all(recorded.get(s) == cfg[s].to_dict() for s in SECTIONS[stage])
-
-
-def complete(url: str, stage: str, inputs: Mapping[str, Any], cfg: Config) -> dict | None:
-    """The manifest of ``url`` when it is a complete ``stage`` output made from ``inputs`` (recorded
-    manifest keys) with the same settings, else None."""
-    m = outputs.find(url, stage)
-    if m is None or any(m.get(k) != v for k, v in inputs.items()):
-        return None
-    return m if _same(m.get("config"), cfg, stage) else None
+def same_identity(url: str, ident: dict, file: bool = False) -> bool:
+    """``url`` holds an output of this identity (read only)."""
+    try:
+        return outputs.check(url, ident, file=file) is not None
+    except outputs.OutputExistsError:
+        return False
 
 
 class Runner:
@@ -78,23 +72,31 @@ class Runner:
         from retrieval.extract.job import extract
 
         t0 = time.monotonic()
-        log.info("run: %s (%s) -> %s", name, role, self.url(name))
-        m = extract(input_url, self.url(name), cfg.with_overrides({"extract.role": role}), self.engine)
+        url = self.url(name)
+        cfg = cfg.with_overrides({"extract.role": role})
+        if fsio.exists(url) and not same_identity(url, outputs.identity("extract", cfg, [input_url], role)):
+            cfg = cfg.with_overrides({"extract.mode": "overwrite"})     # other settings: recomputed whole
+        log.info("run: %s (%s) -> %s", name, role, url)
+        m = extract(input_url, url, cfg, self.engine)
         self._record(name, "extract", t0, skipped=False,
                      changed=m["counts"]["shards_run"] > 0 or any(d in self.changed for d in deps))
         return m
 
-    def step(self, name: str, stage: str, inputs: Mapping[str, Any], work, cfg: Config,
+    def step(self, name: str, stage: str, inputs: list[str | None], work, cfg: Config,
              deps: tuple[str, ...]) -> dict:
+        """``work(url, cfg)`` unless the output is complete for the same identity and nothing it reads
+        from changed in this run; the run owns the folder, so a rerun replaces it."""
         url = self.url(name)
         t0 = time.monotonic()
-        done = None if any(d in self.changed for d in deps) else complete(url, stage, inputs, cfg)
+        ident = outputs.identity(stage, cfg, inputs)
+        done = None if any(d in self.changed for d in deps) else complete(url, stage, ident)
         if done is not None:
             log.info("run: %s is complete for the same inputs and settings: skipped (%s)", name, url)
             self._record(name, stage, t0, skipped=True, changed=False)
             return done
-        log.info("run: %s -> %s", name, url)
-        m = work(url, cfg)
+        replace = fsio.exists(url) and not same_identity(url, ident)
+        log.info("run: %s -> %s%s", name, url, " (other inputs or settings: replaced)" if replace else "")
+        m = work(url, cfg, replace)
         self._record(name, stage, t0, skipped=False, changed=True)
         return m
 
@@ -104,15 +106,14 @@ class Runner:
         from retrieval.fit.job import TooFewImagesError, fit
 
         url = self.url("model/fitted.pt")
-        card = fsio.read_json(url + ".card.json") if fsio.exists(url + ".card.json") else None
         t0 = time.monotonic()
-        same = card is not None and card.get("input") == gallery and _same(card.get("config"), self.cfg, "fit")
+        same = complete(url, "fit", outputs.identity("fit", self.cfg, [gallery]), file=True) is not None
         if same:
             log.info("run: the fitted model is complete for the same gallery and settings: skipped (%s)", url)
         else:
             log.info("run: fit -> %s", url)
             try:
-                fit(gallery, url, self.cfg, self.engine)
+                fit(gallery, url, self.cfg, self.engine, overwrite=True)
             except TooFewImagesError as exc:
                 log.warning("run: %s; using the configured model as it is (no fit)", exc)
                 self.steps["fit"] = {"stage": "fit", "output": None, "skipped": True, "reason": str(exc)}
@@ -124,10 +125,13 @@ class Runner:
         return self.cfg.with_overrides({"model.checkpoint": url})
 
 
+@outputs.leased
 def run_all(gallery: str, queries: str, output: str, cfg: Config, engine: Any, background: str | None = None,
-            truth: str | None = None, fit: bool = True) -> dict:
+            truth: str | None = None, fit: bool = True, overwrite: bool = False) -> dict:
     """Fit, extract (background, gallery, queries), index, normalised search, [evaluate], report; returns
-    the run's manifest (also written to ``<output>/_manifest.json``)."""
+    the run's manifest (also written to ``<output>/_manifest.json``). ``output`` must be empty or a run of
+    the same gallery, queries, background and truth (else ``overwrite``); inside it, the run replaces
+    what its new settings change."""
     from retrieval.evaluate import evaluate
     from retrieval.index.build import build_index
     from retrieval.recipes.background import resolve_background
@@ -135,6 +139,8 @@ def run_all(gallery: str, queries: str, output: str, cfg: Config, engine: Any, b
     from retrieval.search.job import search
 
     outputs.configure_and_check_writable(output, cfg["io.storage_options"])
+    outputs.claim(output, outputs.identity("run", cfg, [gallery, queries, background, truth]), cfg, overwrite)
+    outputs.begin(output)       # the run's marker goes until every step is complete again
     t0 = time.monotonic()
     run = Runner(output, cfg, engine)
     model_cfg = run.fit(gallery) if fit else cfg
@@ -145,22 +151,24 @@ def run_all(gallery: str, queries: str, output: str, cfg: Config, engine: Any, b
     run.extract("gallery_features", gallery, "gallery", model_cfg, deps=("fit",))
     run.extract("query_features", queries, "query", model_cfg, deps=("fit",))
     gallery_features, query_features, index = (run.url(n) for n in ("gallery_features", "query_features", "index"))
-    run.step("index", "index", {}, lambda url, c: build_index([gallery_features], url, c, engine), model_cfg,
-             deps=("gallery_features",))
+    run.step("index", "index", [gallery_features],
+             lambda url, c, replace: build_index([gallery_features], url, c.with_overrides(
+                 {"index.mode": "overwrite"}) if replace else c, engine), model_cfg, deps=("gallery_features",))
     search_cfg = model_cfg.with_overrides({"search.normalize.background": bg_url})
     results_url = run.url("results")
-    results = run.step("results", "search", {"queries": query_features, "index": index},
-                       lambda url, c: search(query_features, index, url, c, engine), search_cfg,
-                       deps=("query_features", "index", "background_features"))
+    results = run.step("results", "search", [query_features, index],
+                       lambda url, c, replace: search(query_features, index, url, c, engine, overwrite=True),
+                       search_cfg, deps=("query_features", "index", "background_features"))
     report_cfg = search_cfg
     if truth:
-        run.step("eval", "evaluate", {"results": results_url, "truth": truth},
-                 lambda url, c: evaluate(results_url, truth, url, c), search_cfg, deps=("results",))
+        run.step("eval", "evaluate", [results_url, truth],
+                 lambda url, c, replace: evaluate(results_url, truth, url, c, overwrite=True), search_cfg,
+                 deps=("results",))
         report_cfg = search_cfg.with_overrides({"report.threshold": {
             "from_evaluation": fsio.join(run.url("eval"), "metrics.json"), "precision": 0.9}})
-    report = run.step("report", "report", {"results": results_url},
-                      lambda url, c: build_report(results_url, url, c, truth_url=truth), report_cfg,
-                      deps=("results", "eval"))
+    report = run.step("report", "report", [results_url, truth],
+                      lambda url, c, replace: build_report(results_url, url, c, truth_url=truth, overwrite=True),
+                      report_cfg, deps=("results", "eval"))
     return outputs.commit(output, "run", {
         "gallery": gallery, "queries": queries, "background": bg_url, "truth": truth, "fit": fit,
         "steps": [{"name": name, **step} for name, step in run.steps.items()], "report": fsio.join(run.url("report"), "report.html"),
@@ -171,7 +179,7 @@ def run_all(gallery: str, queries: str, output: str, cfg: Config, engine: Any, b
 
 def _run(inputs: Mapping[str, Any], output: str | None, cfg: Config, engine: Any) -> dict:
     return run_all(inputs["gallery"], inputs["queries"], output, cfg, engine, background=inputs.get("background"),
-                   truth=inputs.get("truth"), fit=not inputs.get("no_fit"))
+                   truth=inputs.get("truth"), fit=not inputs.get("no_fit"), overwrite=bool(inputs.get("overwrite")))
 
 
 def _summary(m: dict, inputs: Mapping[str, Any], output: str | None) -> dict:

@@ -138,9 +138,11 @@ def _summary(results_url: str, output_url: str, truth_url: str | None, generated
     }
 
 
-def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str | None = None) -> dict[str, Any]:
+@outputs.leased
+def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:
     """Write the report for the search output ``results_url`` into ``output_url``; return the
-    summary (also written as ``summary.json``)."""
+    summary (also written as ``summary.json``). ``overwrite``: replace whatever ``output_url`` holds."""
     t0 = time.monotonic()
     report_cfg = cfg["report"]
     info = runinfo.gather(results_url, errors_shown=int(report_cfg["errors_shown"]), verify=bool(report_cfg["verify"]))
@@ -152,6 +154,7 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
                          f"counts {expected} (files missing, extra or altered)")
     truth = read_truth(truth_url) if truth_url else None
     fsio.ensure_writable(output_url)
+    outputs.claim(output_url, outputs.identity("report", cfg, [results_url, truth_url]), cfg, overwrite)
     summary_url = fsio.join(output_url, SUMMARY)
     outputs.begin(output_url)      # the report is incomplete until its marker is rewritten
     if fsio.exists(summary_url):   # (and summary.json, which the DAG publishes)

@@ -15,7 +15,8 @@ from retrieval.stage import Stage, arg, ascending_scores, choice, non_negative, 
 def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
     from retrieval.report.job import build_report
 
-    return build_report(inputs["results"], output, cfg, truth_url=inputs.get("truth") or None)
+    return build_report(inputs["results"], output, cfg, truth_url=inputs.get("truth") or None,
+                        overwrite=bool(inputs.get("overwrite")))
 
 
 def _threshold(v: Any) -> str | None:

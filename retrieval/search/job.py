@@ -30,7 +30,6 @@ from retrieval.search.results import read_results  # noqa: F401 (its old home)
 from retrieval.search.tasks import SearchJob, part_name
 
 log = logging.getLogger(__name__)
-QUERY_FEATURES = "query_features"
 
 
 def _clean_output(output_url: str) -> None:
@@ -40,6 +39,11 @@ def _clean_output(output_url: str) -> None:
     root = root.rstrip("/")
     for p in fs.glob(f"{root}/part-*.parquet") + fs.glob(f"{root}/.tmp-*"):
         fs.rm(p)
+    old = fsio.join(output_url, "query_features")   # where 0.2 encoded query images: every Parquet
+    if outputs.find(old, "extract") is not None:       # reader that recurses took them for result rows
+        log.info("removing %s: query features now go beside the results (%s)", old,
+                 q_mod.query_features_url(output_url))
+        fs.rm(f"{root}/query_features", recursive=True)
 
 
 def verify_index_inputs(index_url: str, index_manifest: dict, engine=None, storage_options=None) -> None:
@@ -159,28 +163,34 @@ def run(job: SearchJob, engine: Engine, progress_seconds: float = 10.0) -> list[
     return sorted(stats, key=lambda s: s["chunk"])
 
 
-def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engine | Any = None) -> dict:
+@outputs.leased
+def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engine | Any = None,
+           overwrite: bool = False) -> dict:
     """Run the two-stage search on ``engine`` (:func:`retrieval.engine.as_engine`: an engine, a
-    Spark session, or None for this process); returns the manifest."""
+    Spark session, or None for this process); returns the manifest. ``overwrite``: replace whatever
+    ``output_url`` holds (:func:`retrieval.outputs.check`)."""
     from retrieval.index import store
 
     t0 = time.monotonic()
     engine = as_engine(engine)
     search_cfg = cfg.search
     outputs.configure_and_check_writable(output_url, cfg["io.storage_options"])
+    ident = outputs.identity("search", cfg, [queries_url, index_url])
+    outputs.check(output_url, ident, overwrite)        # read only: before the checks below
     index_manifest = store.read_index_manifest(index_url)
     # before anything is written: a background of another model is an error, not an empty output
     background = normalize_mod.load_background(search_cfg.normalize, index_manifest,
                                                list(store.feature_file_urls(index_manifest)))
     if search_cfg.verify:
         verify_index_inputs(index_url, index_manifest, engine, cfg["io.storage_options"])
+    outputs.claim(output_url, ident, cfg, overwrite)
     _clean_output(output_url)
     qf_url, qman, encode_s = q_mod.resolve_queries(queries_url, output_url, index_url, index_manifest,
-                                                   cfg, engine)
+                                                   cfg, engine, overwrite)
     qfiles, qrows = q_mod.query_files(qf_url, qman, search_cfg.verify)
     job, column = make_job(output_url, index_url, index_manifest, qfiles, qman, qrows, cfg, background)
-    tail, why = calibrate.for_search(background, qfiles, qrows, int(sc.normalize.fmr_queries),
-                                     int(sc.normalize.seed), gallery_size(index_manifest))
+    tail, why = calibrate.for_search(background, qfiles, qrows, int(search_cfg.normalize.fmr_queries),
+                                     int(search_cfg.normalize.seed), gallery_size(index_manifest))
     if background is not None and tail is None:
         log.warning("no false-match rates (fmr columns null): %s", why)
     job = dataclasses.replace(job, calibration=tail)

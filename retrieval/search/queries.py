@@ -45,12 +45,19 @@ def config_model_version(cfg: Config) -> str:
     return configured_model_version(cfg["model"].to_dict(), cfg["preprocess"].to_dict())
 
 
+def query_features_url(output_url: str) -> str:
+    """Where the search encodes query images: ``<output>.query_features``, a sibling of the results
+    (inside them, every Parquet reader that recurses would take its rows for result rows)."""
+    return output_url.rstrip("/") + ".query_features"
+
+
 def resolve_queries(queries_url: str, output_url: str, index_url: str, index_manifest: dict,
-                    cfg: Config, engine=None) -> tuple[str, dict, float]:
+                    cfg: Config, engine=None, overwrite: bool = False) -> tuple[str, dict, float]:
     """``(query_features_url, its manifest, encode seconds)``. Query features are used as they
     are; anything else is an extraction input, encoded with role=query into
-    ``<output>/query_features`` (incremental: a rerun reuses finished shards) - but only after the
-    configured model is checked against the index, so nothing is encoded in vain."""
+    ``<output>.query_features`` (:func:`query_features_url`; incremental: a rerun reuses finished
+    shards) - but only after the configured model is checked against the index, so nothing is
+    encoded in vain."""
     import time
 
     m = extraction_manifest(queries_url)
@@ -65,8 +72,9 @@ def resolve_queries(queries_url: str, output_url: str, index_url: str, index_man
     from retrieval.extract.job import extract   # torch: only when queries are images
 
     t0 = time.monotonic()
-    qf_url = fsio.join(output_url, "query_features")
-    m = extract(queries_url, qf_url, cfg.with_overrides({"extract.role": "query"}), engine)
+    qf_url = query_features_url(output_url)
+    over = {"extract.role": "query", **({"extract.mode": "overwrite"} if overwrite else {})}
+    m = extract(queries_url, qf_url, cfg.with_overrides(over), engine)
     check_compatible(m["model_version"], index_url, index_manifest, qf_url)
     return qf_url, m, time.monotonic() - t0
 

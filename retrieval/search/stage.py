@@ -13,7 +13,7 @@ from retrieval.stage import Stage, arg, positive_or_auto, choice, non_negative, 
 def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
     from retrieval.search.job import search
 
-    return search(inputs["queries"], inputs["index"], output, cfg, engine)
+    return search(inputs["queries"], inputs["index"], output, cfg, engine, overwrite=bool(inputs.get("overwrite")))
 
 
 def summary(m: dict, inputs: Mapping[str, Any], output: str | None) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from retrieval import outputs
 from retrieval.stage import Stage, arg, positive_or_auto, choice, non_negative, positive
 
 
@@ -18,10 +19,13 @@ def _augmentations(v: Any) -> str | None:
     return f"unknown augmentation(s) {unknown}; choose from {', '.join(OPS)}" if unknown else None
 
 
+@outputs.leased
 def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
     from retrieval.train.trainer import TrainJob, run_distributed, run_training
 
     job = TrainJob.from_config(inputs["input"], output, cfg)
+    outputs.claim(output, outputs.identity("train", cfg, [inputs["input"], cfg["train.eval_input"]]), cfg,
+                  bool(inputs.get("overwrite")))
     processes = int(cfg["train.processes"])
     if processes > 1:
         return run_distributed(engine, job, processes, local_mode=cfg["train.local_mode"],

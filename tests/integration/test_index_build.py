@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from faiss.contrib.evaluation import check_ref_knn_with_draws
 
-from retrieval import config
+from retrieval import config, outputs
 
 from tests import synthetic
 from retrieval.cli import main
@@ -78,7 +78,7 @@ def test_manifest_and_layout(built, data):
     assert [f["file_no"] for f in m["feature_files"]] == [0, 1, 2]
     assert abs(m["train_sample_size"] - 40 * 128) < 250  # 40 per cell, drawn over all files
     assert store.feature_file_urls(m) == [f["url"] for f in m["feature_files"]]
-    assert sorted(os.listdir(out)) == ["_manifest.json", "_shards", "_trained.json", "shard-00000.index",
+    assert sorted(os.listdir(out)) == ["_identity.json", "_manifest.json", "_shards", "_trained.json", "shard-00000.index",
                                        "shard-00001.index", "shard-00002.index", "trained.index"]
     for s in m["shards"]:
         assert s["sha256"] == store.fsio.sha256_file(os.path.join(out, s["file"]))
@@ -255,7 +255,9 @@ def test_resume_after_failed_shard(built, data, tmp_path, spark, monkeypatch):
     assert not any(n.startswith(".tmp-") for n in os.listdir(idx))
     # complete and unchanged inputs: nothing to do; other inputs: refused; overwrite: rebuilt
     assert build_index([data["a"]], idx, cfg())["created"] == m2["created"]
-    with pytest.raises(FileExistsError, match="--append"):
+    with pytest.raises(outputs.OutputExistsError, match=r"holds an index output \(input .*feat_a, this run's "
+                                                        r"is .*feat_a, .*feat_b\); nothing was written: pass "
+                                                        r"--overwrite to replace it, --append to add to it"):
         build_index([data["a"], data["b"]], idx, cfg())
     m3 = build_index([data["b"]], idx, cfg("index.mode=overwrite"))
     assert m3["ntotal"] == N_B and len(m3["shards"]) == 1 and not os.path.exists(

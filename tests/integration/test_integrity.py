@@ -71,7 +71,7 @@ def test_feature_shard(world, tmp_path, how):
     with pytest.raises(FeatureInputError, match="part-00001.parquet.*sha256"):
         build_index([gal], str(tmp_path / "index2"), INDEX)
     with pytest.raises(IntegrityError, match="gallery feature file .*gallery/part-00001.parquet.*sha256"):
-        search(world["queries"], idx, out, SEARCH)
+        search(world["queries"], idx, out, SEARCH, overwrite=True)   # another index: an overwrite
     assert read_results(out).equals(before)                    # nothing lost
     with pytest.raises(IntegrityError, match="part-00001.parquet"):
         evaluate(world["search"], _truth(tmp_path), str(tmp_path / "eval"), SEARCH, exact_index=idx)

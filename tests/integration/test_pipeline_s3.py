@@ -83,7 +83,7 @@ def test_extract_index_search_evaluate_report_all_on_s3(bucket, spark, tmp_path,
     assert im["ntotal"] == N_GALLERY and all(f["url"].startswith("s3://") for f in im["feature_files"])
     sm = search(f"{root}/in/queries", idx, out, cfg, spark)
     assert sm["counts"]["queries"] == N_COPIES + N_OTHER and sm["counts"]["chunks"] == 2
-    assert sm["query_features"] == f"{out}/query_features"
+    assert sm["query_features"] == f"{out}.query_features"    # beside the results, not in them
 
     rows = read_results(out).to_pydict()
     top = {q: g for q, r, g in zip(rows["query_id"], rows["rank"], rows["gallery_id"]) if r == 1}
@@ -102,7 +102,7 @@ def test_extract_index_search_evaluate_report_all_on_s3(bucket, spark, tmp_path,
 
     # every stage's completion marker is on S3, and no temporary file was left behind
     for marker in (f"{feats}/_manifest.json", f"{idx}/_manifest.json", f"{out}/_manifest.json",
-                   f"{out}/query_features/_manifest.json", f"{root}/eval/metrics.json", f"{root}/eval/_manifest.json",
+                   f"{out}.query_features/_manifest.json", f"{root}/eval/metrics.json", f"{root}/eval/_manifest.json",
                    f"{root}/report/summary.json", f"{root}/report/_manifest.json"):
         assert fs.exists(marker), marker
     assert json.loads(fs.cat_file(f"{root}/report/summary.json"))["stage"] == "report"

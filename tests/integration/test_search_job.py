@@ -215,7 +215,7 @@ def test_model_version_mismatch_is_refused(world, tmp_path):
     Image.new("RGB", (64, 48), (200, 10, 10)).save(img_dir / "a.jpg")
     with pytest.raises(IncompatibleModelError, match="configured model"):
         search(str(img_dir), world["index"], str(tmp_path / "out2"), _cfg())
-    assert not fsio.exists(str(tmp_path / "out2" / "query_features" / "_manifest.json"))
+    assert not fsio.exists(str(tmp_path / "out2") + ".query_features/_manifest.json")
 
 
 def test_cli_search_then_evaluate_with_exact(world, tmp_path):
@@ -231,13 +231,13 @@ def test_cli_search_then_evaluate_with_exact(world, tmp_path):
     truth.write_text("\n".join(lines) + "\n")
     assert main(["evaluate", "--engine", "local", "--results", out, "--truth", str(truth),
                  "--exact", world["index"]]) == 0
-    m = json.loads(fsio.read_text(f"{out}/eval/metrics.json"))
+    m = json.loads(fsio.read_text(f"{out}.eval/metrics.json"))
     assert m["recall@1"] >= 0.95 and m["recall@10"] >= m["recall@1"]
     assert 0 < m["micro_ap"] <= m["recall@10"]   # AP never exceeds the recall finally reached
     assert m["counts"]["matching_queries"] == MATCH and m["counts"]["distractor_queries"] == NOMATCH
     assert m["exact"]["queries"] == MATCH + NOMATCH and m["exact"]["kept_at_k"] > 0.8
     assert m["exact"]["rank1_retained"] >= 0.97
-    assert fsio.read_bytes(f"{out}/eval/pr_curve.png")[:4] == b"\x89PNG"
+    assert fsio.read_bytes(f"{out}.eval/pr_curve.png")[:4] == b"\x89PNG"
     # a bad truth file is a clear error (exit 2), not a traceback
     bad = tmp_path / "bad.csv"
     bad.write_text("q,g\n")
@@ -326,13 +326,14 @@ def test_normalisation_background_is_checked_before_anything_is_written(world, t
     search(world["queries"], world["index"], out, _cfg())
     before = fsio.read_bytes(f"{out}/_manifest.json")
     other = _background(tmp_path, n=50, model_version="other-model")
-    with pytest.raises(ValueError, match="other-model"):
-        search(world["queries"], world["index"], out, _cfg(**{"search.normalize.background": other}))
+    with pytest.raises(ValueError, match="other-model"):      # other settings: overwrite, to get there
+        search(world["queries"], world["index"], out, _cfg(**{"search.normalize.background": other}),
+               overwrite=True)
     assert fsio.read_bytes(f"{out}/_manifest.json") == before   # the earlier output is intact
     # a sample of the gallery itself: only where the gallery is >= 100x the sample
     with pytest.raises(ValueError, match="at least 100 x"):
         search(world["queries"], world["index"], out, _cfg(**{"search.normalize.background": "gallery",
-                                                             "search.normalize.sample": 61}))
+                                                             "search.normalize.sample": 61}), overwrite=True)
     assert fsio.read_bytes(f"{out}/_manifest.json") == before
     m = search(world["queries"], world["index"], str(tmp_path / "g"),
                _cfg(**{"search.normalize.background": "gallery", "search.normalize.sample": 60}))
@@ -356,8 +357,8 @@ def test_normalised_scores_flow_into_evaluate_and_a_calibrated_report_threshold(
     for out in (raw, norm):
         assert main(["evaluate", "--engine", "local", "--results", out, "--truth", str(truth),
                      "--exact", world["index"]]) == 0
-    m_raw = json.loads(fsio.read_text(f"{raw}/eval/metrics.json"))
-    m_norm = json.loads(fsio.read_text(f"{norm}/eval/metrics.json"))
+    m_raw = json.loads(fsio.read_text(f"{raw}.eval/metrics.json"))
+    m_norm = json.loads(fsio.read_text(f"{norm}.eval/metrics.json"))
     assert m_raw["thresholds"]["score"] == "score" and m_norm["thresholds"]["score"] == "norm_score"
     assert m_norm["recall@1"] == m_raw["recall@1"]                # rankings per query are unchanged
     # the threshold at 90% precision really keeps >= 90% precision on the normalised scores
@@ -371,7 +372,7 @@ def test_normalised_scores_flow_into_evaluate_and_a_calibrated_report_threshold(
     # the report reads the threshold from the evaluation, on the same score
     rep = str(tmp_path / "report")
     assert main(["report", "--results", norm, "--output", rep, "--set", "report.thumbnails=none",
-                 "--set", f"report.threshold={{from_evaluation: {norm}/eval/metrics.json}}"]) == 0
+                 "--set", f"report.threshold={{from_evaluation: {norm}.eval/metrics.json}}"]) == 0
     summary = json.loads(fsio.read_text(f"{rep}/summary.json"))
     assert summary["thresholds"]["flag"] == pytest.approx(thr) and summary["thresholds"]["score"] == "norm_score"
     assert summary["counts"]["flagged_matches"] == len(kept)
@@ -393,5 +394,20 @@ def test_normalised_scores_flow_into_evaluate_and_a_calibrated_report_threshold(
     assert "estimated probability of 0.05" in fsio.read_text(f"{auto}/report.html")
     # thresholds of normalised scores are refused for raw results (another scale), and vice versa
     assert main(["report", "--results", raw, "--output", str(tmp_path / "r2"), "--set", "report.thumbnails=none",
-                 "--set", f"report.threshold={{from_evaluation: {norm}/eval}}"]) == 2
+                 "--set", f"report.threshold={{from_evaluation: {norm}.eval}}"]) == 2
     assert not fsio.exists(str(tmp_path / "r2" / "summary.json"))
+
+
+def test_a_rerun_over_the_old_layout_takes_the_query_features_out_of_the_results(world, tmp_path):
+    """Before 0.3 a search of query images encoded them into <results>/query_features, where every
+    Parquet reader that recurses read them as result rows; a rerun removes that folder."""
+    import shutil
+
+    import pandas as pd
+
+    out = str(tmp_path / "out")
+    search(world["queries"], world["index"], out, _cfg(), engine=None)
+    shutil.copytree(world["queries"], f"{out}/query_features")      # what 0.2 left there
+    search(world["queries"], world["index"], out, _cfg(), engine=None)
+    assert not fsio.exists(f"{out}/query_features")
+    assert len(pd.read_parquet(out)) == read_results(out).num_rows > 0

@@ -56,3 +56,177 @@ def test_an_index_of_the_old_marker_name_is_read_and_renamed_on_commit(tmp_path,
     outputs.commit(str(tmp_path), "index", {"ntotal": 6})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["_manifest.json"]
     assert outputs.read(str(tmp_path), "index")["ntotal"] == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# identity and lease (issue 22)
+def _snapshot(root):
+    import os
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, root)] = (os.path.getsize(p), os.stat(p).st_mtime_ns)
+    return out
+
+
+def _claim_and_release(out, ident, cfg=None, **kw):
+    @outputs.leased
+    def stage():
+        outputs.claim(out, ident, cfg, **kw)
+        assert (outputs.fsio.exists(outputs.fsio.join(out, outputs.LEASE)) if not kw.get("file")
+                else outputs.fsio.exists(out + ".lease.json"))
+    stage()
+
+
+def test_identity_same_resumes_anything_else_is_refused_before_any_write(tmp_path):
+    cfg = config.load()
+    out = str(tmp_path / "o")
+    gallery = outputs.identity("extract", cfg, ["/in/a"], "gallery")
+    _claim_and_release(out, gallery)                                # empty: taken
+    assert json.loads((tmp_path / "o" / "_identity.json").read_text()) == gallery
+    assert not (tmp_path / "o" / "_lease.json").exists()            # released
+    (tmp_path / "o" / "part-00000.parquet").write_bytes(b"x")
+    _claim_and_release(out, outputs.identity("extract", cfg, ["/in/a/"], "gallery"))   # same: resumes
+    refused = {
+        "another stage": (outputs.identity("search", cfg, ["/in/a"]),
+                          r"holds an extract output, not a search output"),
+        "another role": (outputs.identity("extract", cfg, ["/in/a"], "query"),
+                         r"holds an extract output \(role 'gallery', this run's is 'query'\)"),
+        "another input": (outputs.identity("extract", cfg, ["/in/b"], "gallery"),
+                          r"\(input /in/a, this run's is /in/b\)"),
+        "other settings": (outputs.identity("extract", config.load(sets=["preprocess.size_hi=256"]),
+                                            ["/in/a"], "gallery"),
+                           r"\(other settings \(model/preprocess/extract\)\)"),
+    }
+    before = _snapshot(tmp_path)
+    for name, (ident, msg) in refused.items():
+        with pytest.raises(outputs.OutputExistsError, match=msg + r"; nothing was written: pass --overwrite"):
+            _claim_and_release(out, ident)
+        assert _snapshot(tmp_path) == before, name                  # nothing written or removed
+    # settings that only change speed or layout are the same identity
+    _claim_and_release(out, outputs.identity("extract", config.load(sets=[
+        "extract.num_shards=3", "extract.threads=2", "extract.batch_size=8", "model.device=cpu",
+        "spark.master=local[1]"]), ["/in/a"], "gallery"))
+    # --overwrite: taken, and the new identity recorded
+    _claim_and_release(out, refused["another role"][0], overwrite=True)
+    assert json.loads((tmp_path / "o" / "_identity.json").read_text())["role"] == "query"
+
+
+def test_a_foreign_folder_or_file_is_refused_and_an_old_marker_is_read(tmp_path):
+    cfg = config.load()
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"jpeg")
+    before = _snapshot(tmp_path)
+    with pytest.raises(outputs.OutputExistsError, match=r"photos holds a non-empty folder that is not the "
+                                                        r"output of any retrieval stage; nothing was written"):
+        _claim_and_release(str(tmp_path / "photos"), outputs.identity("report", cfg, ["/r"]))
+    assert _snapshot(tmp_path) == before
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    with pytest.raises(outputs.OutputExistsError, match=r"model.pt holds a file that is not the output"):
+        _claim_and_release(str(tmp_path / "model.pt"), outputs.identity("fit", cfg, ["/g"]), file=True)
+    _claim_and_release(str(tmp_path / "new.pt"), outputs.identity("fit", cfg, ["/g"]), file=True)
+    assert json.loads((tmp_path / "new.pt.identity.json").read_text())["stage"] == "fit"
+    assert not (tmp_path / "new.pt.lease.json").exists()
+    # an output written before identities: its marker's stage (and role) decide
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "_manifest.json").write_text(json.dumps({"stage": "search"}))
+    _claim_and_release(str(tmp_path / "old"), outputs.identity("search", cfg, ["/q", "/i"]))
+    with pytest.raises(outputs.OutputExistsError, match="holds a search output, not a report output"):
+        _claim_and_release(str(tmp_path / "old"), outputs.identity("report", cfg, ["/r"]))
+    # index --append: the same stage and settings, more inputs
+    idx = str(tmp_path / "idx")
+    _claim_and_release(idx, outputs.identity("index", cfg, ["/f/day1"]))
+    with pytest.raises(RuntimeError):      # an append refused by the index's own checks: inputs unchanged
+        @outputs.leased
+        def refused():
+            outputs.claim(idx, outputs.identity("index", cfg, ["/f/other-model"]), append=True)
+            raise RuntimeError("model_version mismatch")
+        refused()
+    assert json.loads((tmp_path / "idx" / "_identity.json").read_text())["inputs"] == ["/f/day1"]
+
+    @outputs.leased
+    def append():
+        outputs.claim(idx, outputs.identity("index", cfg, ["/f/day2"]), append=True)
+        outputs.commit(idx, "index", {})
+    append()
+    assert json.loads((tmp_path / "idx" / "_identity.json").read_text())["inputs"] == ["/f/day1", "/f/day2"]
+    with pytest.raises(outputs.OutputExistsError, match="other settings"):
+        _claim_and_release(idx, outputs.identity("index", config.load(sets=["index.nlist=64"]), ["/f/d3"]),
+                           append=True)
+
+
+def _lease_cases(url, seconds=0.6):
+    """A live lease refuses a second writer; an expired one (its holder killed: no heartbeat) is taken over."""
+    import time
+
+    from retrieval.lease import Lease
+
+    first = Lease(url, "o", "extract", seconds).acquire()
+    time.sleep(seconds * 1.5)                      # beyond the expiry: the heartbeat has renewed it
+    with pytest.raises(outputs.LeaseHeldError, match=r"o is being written by another run \(extract on .*pid "
+                                                     r"\d+, since .*\); its lease expires at .*Z unless renewed"):
+        Lease(url, "o", "extract", seconds).acquire()
+    first._stop.set()                              # the holder dies: no more renewals, nothing removed
+    first._thread.join()
+    time.sleep(seconds * 1.2)
+    second = Lease(url, "o", "extract", seconds).acquire()
+    assert second.holder()["owner"] == second.owner
+    first.release()                                # the dead run's cleanup must not remove the new lease
+    assert second.holder()["owner"] == second.owner
+    second.release()
+    assert second.holder() is None
+
+
+def test_lease_local(tmp_path):
+    _lease_cases(str(tmp_path / "o" / "_lease.json"))
+
+
+def test_lease_on_s3_uses_a_conditional_put(s3):
+    from retrieval import fsio
+    url = f"{s3['bucket']}/lease-test/o/_lease.json"
+    _lease_cases(url)
+    fs, path = fsio.url_to_fs(url)
+    fs.pipe_file(path, b"{}", mode="create")       # the server honours If-None-Match: * (moto does)
+    with pytest.raises(FileExistsError):
+        fs.pipe_file(path, b"{}", mode="create")
+    fs.rm(path)
+
+
+def test_a_failed_stage_releases_its_lease(tmp_path):
+    out = str(tmp_path / "o")
+
+    @outputs.leased
+    def stage(writes: bool):
+        outputs.claim(out, outputs.identity("report", config.load(), ["/r"]))
+        if writes:
+            (tmp_path / "o" / "report.html").write_text("half")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):      # failed before writing: no trace left
+        stage(writes=False)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == []
+    with pytest.raises(RuntimeError, match="boom"):      # failed midway: the identity stays
+        stage(writes=True)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["_identity.json", "report.html"]
+    _claim_and_release(out, outputs.identity("report", config.load(), ["/r"]))   # the rerun resumes
+    with pytest.raises(outputs.OutputExistsError, match="holds a report output"):
+        _claim_and_release(out, outputs.identity("report", config.load(), ["/other"]))
+
+
+def test_every_writing_subcommand_takes_overwrite_and_it_is_the_mode_where_one_exists():
+    from retrieval import cli
+
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "stage")
+    takes = {name for name, p in sub.choices.items() if any("--overwrite" in a.option_strings for a in p._actions)}
+    assert takes == set(sub.choices) - {"plan"}
+    from retrieval import registry
+
+    for stage in ("extract", "index"):
+        args = cli.build_parser().parse_args([stage, "--overwrite", "--output", "o",
+                                             *(["--input", "i"] if stage == "extract" else ["--features", "f"])])
+        inputs, _, overrides = cli._split(registry.get(stage), args)
+        assert overrides[f"{stage}.mode"] == "overwrite" and inputs["overwrite"] is True
+    args = cli.build_parser().parse_args(["search", "--queries", "q", "--index", "i", "--output", "o"])
+    inputs, _, overrides = cli._split(registry.get("search"), args)
+    assert "search.mode" not in overrides and inputs["overwrite"] is False
