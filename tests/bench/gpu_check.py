@@ -26,10 +26,10 @@ What it measures (each part runs even when another one fails; one JSON summary a
    ``search_shard`` with 16 threads, in chunks of ``search.query_chunk`` = 8,192 queries).
 
 Why Spark is not in it: the device machine has no Java and cannot install pyspark (the wheel is
-far above what may travel there). A Spark extraction task calls exactly ``run_shard`` (one shard
-per task, ``mapInArrow``), and ``extract(..., engine=None)`` calls the same ``run_shard`` shard after
+far above what may travel there). A Spark extraction task calls exactly ``extract_shard`` (one shard
+per task, ``mapInArrow``), and ``extract(..., engine=None)`` calls the same ``extract_shard`` shard after
 shard, so the local path measures what one GPU task does; Spark's own per-task overhead (JVM,
-Arrow hand-off of the listing rows, scheduling) is not included. ``run_shard`` imports
+Arrow hand-off of the listing rows, scheduling) is not included. ``extract_shard`` imports
 ``pyspark.TaskContext`` for the attempt number, so a stub whose ``TaskContext.get()`` returns
 ``None`` (what pyspark itself returns outside a task) is installed when pyspark is missing.
 
@@ -80,7 +80,7 @@ def log(msg: str) -> None:
 
 
 def ensure_pyspark_stub() -> bool:
-    """``run_shard`` asks ``pyspark.TaskContext`` for the attempt number; without pyspark, a stub
+    """``extract_shard`` asks ``pyspark.TaskContext`` for the attempt number; without pyspark, a stub
     that answers as pyspark does outside a task (``TaskContext.get() -> None``). True if installed."""
     try:
         import pyspark  # noqa: F401
@@ -252,7 +252,7 @@ def part_bare(images: str) -> dict:
         with torch.inference_mode():
             model.encode_query(x_lo, x_hi)
 
-    def job_encode():   # what run_shard's flush() does per batch (stack, copy in, forward, copy out)
+    def job_encode():   # what extract_shard's flush() does per batch (stack, copy in, forward, copy out)
         encode(model, "gallery", hi, [], device)
 
     res["gallery"] = _rate(_time_batches(gallery, device, BARE_WARMUP, BARE_TIMED), BATCH)

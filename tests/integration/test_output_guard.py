@@ -113,20 +113,20 @@ def test_an_overwrite_that_fails_midway_leaves_an_output_every_reader_refuses(tm
     images = _images(tmp_path / "a")
     out = str(tmp_path / "features")
     last = max(s["shard"] for s in extract(images, out, _cfg())["shards"])
-    real = job_mod.run_shard
+    real = job_mod.extract_shard
 
     def second_shard_dies(job, shard, rows):
         if shard == last:
             raise RuntimeError("killed midway")
         return real(job, shard, rows)
 
-    monkeypatch.setattr(job_mod, "run_shard", second_shard_dies)
+    monkeypatch.setattr(job_mod, "extract_shard", second_shard_dies)
     with pytest.raises(RuntimeError, match="killed midway"):
         extract(images, out, _cfg("extract.role=query", "extract.mode=overwrite"))
     with pytest.raises(FileNotFoundError, match="has no _manifest.json"):
         read_manifest(out)
     assert not fsio.exists(fsio.join(out, outputs.LEASE))               # released on failure
-    monkeypatch.setattr(job_mod, "run_shard", real)
+    monkeypatch.setattr(job_mod, "extract_shard", real)
     m = extract(images, out, _cfg("extract.role=query"))                 # the new identity resumes
     assert m["role"] == "query" and m["counts"]["shards_run"] == 1
     assert m["counts"]["shards_skipped"] == m["counts"]["shards"] - 1 >= 1

@@ -370,3 +370,39 @@ def test_stages_never_import_another_stages_job_nor_a_recipe():
     # a recipe chains stages: the default model's recipe runs training, then fit
     pairs = {(e.src, e.dst) for e in edges}
     assert ("retrieval.recipes.default_model", "retrieval.fit.job") in pairs
+
+
+CORE = ("retrieval.config", "retrieval.stage", "retrieval.fsio", "retrieval.schema", "retrieval.outputs",
+        "retrieval.lease", "retrieval.engine", "retrieval.integrity", "retrieval.faults", "retrieval.console",
+        "retrieval.progress", "retrieval.metrics")
+ABOVE_CORE = ("retrieval.model", "retrieval.extract", "retrieval.fit", "retrieval.index", "retrieval.search",
+              "retrieval.evaluate", "retrieval.report", "retrieval.train", "retrieval.plan", "retrieval.export",
+              "retrieval.registry", "retrieval.recipes", "retrieval.cli", "retrieval.api")
+
+
+def core_violations(edges: list[Edge]) -> list[Edge]:
+    """Imports by a core module of anything above core (a stage, the model, the registry, a recipe,
+    the drivers): the upward arrows issue 21 removed (config importing train.augment)."""
+    return [e for e in dict.fromkeys(edges)
+            if any(e.src == c or e.src.startswith(c + ".") for c in CORE)
+            and any(e.dst == p or e.dst.startswith(p + ".") for p in ABOVE_CORE)]
+
+
+def test_the_core_rule_catches_a_planted_violation(tmp_path):
+    pkg = tmp_path / "retrieval"
+    (pkg / "train").mkdir(parents=True)
+    for name, text in {"__init__.py": "", "train/__init__.py": "", "train/augment.py": "OPS = ()\n",
+                       "config.py": "def check():\n    from retrieval.train.augment import OPS\n",
+                       "fsio.py": "import os\n", "registry.py": "from retrieval import config\n"}.items():
+        (pkg / name).write_text(text)
+    _, edges = import_edges(str(pkg))
+    assert {(e.src, e.dst) for e in core_violations(edges)} == {("retrieval.config", "retrieval.train.augment")}
+
+
+def test_core_imports_nothing_above_it():
+    """config, the engine, outputs, ... import no stage, no model, no registry: the stages' config rules
+    reach config through config.use_rules, installed by the registry."""
+    mods, edges = import_edges()
+    assert all(any(m == c or m.startswith(c + ".") for m in mods) for c in CORE)
+    bad = core_violations(edges)
+    assert not bad, "core imports a layer above it:\n" + "\n".join(f"  {e}" for e in bad)
