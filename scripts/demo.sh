@@ -37,7 +37,7 @@ PY
 
 cat <<MSG
 
-Outputs under $OUT/run (each a stage's output with its _manifest.json; docs/outputs in README):
+Outputs under $OUT/run (each a stage's output with its _manifest.json; docs/guide.md has each one's contents):
   model/fitted.pt      the model fitted to the gallery          (retrieval fit)
   *_features/          gallery, query and background features  (retrieval extract)
   index/               the sharded IVF-PQ index                  (retrieval index)
