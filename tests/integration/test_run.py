@@ -64,3 +64,25 @@ def test_a_rerun_skips_complete_stages_and_a_changed_setting_reruns_only_its_sta
     m = outputs.read(out, "run")
     assert [s["name"] for s in m["steps"] if not s["skipped"] and s["stage"] != "extract"] == ["report"]
     assert outputs.read(os.path.join(out, "report"), "report")["config"]["report"]["top_queries"] == 3
+
+
+def test_a_gallery_too_small_to_fit_runs_with_the_configured_model(sample, tmp_path, caplog):
+    """Fewer than fit's 20 readable images: the run goes on without fit, says so, and records it."""
+    import logging
+    import shutil
+
+    gallery = tmp_path / "small"
+    gallery.mkdir()
+    for name in sorted(os.listdir(sample["gallery"]))[:5]:
+        shutil.copy(os.path.join(sample["gallery"], name), gallery / name)
+    out = str(tmp_path / "out")
+    caplog.set_level(logging.WARNING, logger="retrieval.recipes.run")
+    assert cli.main(["run", "--gallery", str(gallery), "--queries", sample["queries"], "--background",
+                     sample["background"], "--output", out, "--engine", "local", *FAST]) == 0
+    fit = next(s for s in outputs.read(out, "run")["steps"] if s["name"] == "fit")
+    assert fit["skipped"] and "at least 20" in fit["reason"] and fit["output"] is None
+    assert any("using the configured model as it is" in r.getMessage() for r in caplog.records)
+    features = outputs.read(os.path.join(out, "gallery_features"), "extract")
+    assert features["counts"]["ok"] == 5 and features["config"]["model"]["checkpoint"] != os.path.join(
+        out, "model", "fitted.pt")
+    assert os.path.isfile(os.path.join(out, "report", "report.html"))
