@@ -215,7 +215,6 @@ def fit(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = Non
             "sample_sha256": ids_sha, "base_model_version": base_version, "base_heads": base_heads,
             "backbone": model.spec.backbone, "shrinkage": fit_cfg["shrinkage"], "power": fit_cfg["power"],
             "facts": facts, "engine": engine.name,
-            "config": {s: cfg[s].to_dict() for s in ("model", "preprocess", "fit")},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     meta = save_checkpoint(model, output_url, extra={"fit": card})
     card["model_version"] = meta["model_version"]

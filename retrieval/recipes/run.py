@@ -32,13 +32,6 @@ from retrieval.stage import Stage, arg
 
 log = logging.getLogger(__name__)
 
-def complete(url: str, stage: str, ident: dict, file: bool = False) -> dict | None:
-    """The manifest of ``url`` when it is a complete ``stage`` output of the same identity (stage,
-    role, inputs, settings: :func:`retrieval.outputs.identity`), else None."""
-    m = outputs.find(url, stage) if not file else (fsio.read_json(url + ".card.json")
-                                                   if fsio.exists(url + ".card.json") else None)
-    return m if m is not None and same_identity(url, ident, file) else None
-
 
 def same_identity(url: str, ident: dict, file: bool = False) -> bool:
     """``url`` holds an output of this identity (read only)."""
@@ -61,8 +54,9 @@ class Runner:
     def url(self, name: str) -> str:
         return fsio.join(self.output, name)
 
-    def _record(self, name: str, stage: str, t0: float, skipped: bool, changed: bool) -> None:
-        self.steps[name] = {"stage": stage, "output": self.url(name), "skipped": skipped}
+    def _record(self, name: str, stage: str, t0: float, skipped: bool, changed: bool,
+                output: str | None = None) -> None:
+        self.steps[name] = {"stage": stage, "output": output or self.url(name), "skipped": skipped}
         if not skipped:
             self.steps[name]["seconds"] = round(time.monotonic() - t0, 1)
         if changed:
@@ -88,13 +82,13 @@ class Runner:
         from changed in this run; the run owns the folder, so a rerun replaces it."""
         url = self.url(name)
         t0 = time.monotonic()
-        ident = outputs.identity(stage, cfg, inputs)
-        done = None if any(d in self.changed for d in deps) else complete(url, stage, ident)
+        same = same_identity(url, outputs.identity(stage, cfg, inputs))      # read once
+        done = outputs.find(url, stage) if same and not any(d in self.changed for d in deps) else None
         if done is not None:
             log.info("run: %s is complete for the same inputs and settings: skipped (%s)", name, url)
             self._record(name, stage, t0, skipped=True, changed=False)
             return done
-        replace = fsio.exists(url) and not same_identity(url, ident)
+        replace = not same and fsio.exists(url)
         log.info("run: %s -> %s%s", name, url, " (other inputs or settings: replaced)" if replace else "")
         m = work(url, cfg, replace)
         self._record(name, stage, t0, skipped=False, changed=True)
@@ -107,7 +101,8 @@ class Runner:
 
         url = self.url("model/fitted.pt")
         t0 = time.monotonic()
-        same = complete(url, "fit", outputs.identity("fit", self.cfg, [gallery]), file=True) is not None
+        same = (fsio.exists(url + ".card.json")
+                and same_identity(url, outputs.identity("fit", self.cfg, [gallery]), file=True))
         if same:
             log.info("run: the fitted model is complete for the same gallery and settings: skipped (%s)", url)
         else:
@@ -118,10 +113,7 @@ class Runner:
                 log.warning("run: %s; using the configured model as it is (no fit)", exc)
                 self.steps["fit"] = {"stage": "fit", "output": None, "skipped": True, "reason": str(exc)}
                 return self.cfg
-        self.steps["fit"] = {"stage": "fit", "output": url, "skipped": same}
-        if not same:
-            self.steps["fit"]["seconds"] = round(time.monotonic() - t0, 1)
-            self.changed.add("fit")
+        self._record("fit", "fit", t0, skipped=same, changed=not same, output=url)
         return self.cfg.with_overrides({"model.checkpoint": url})
 
 
@@ -157,17 +149,17 @@ def run_all(gallery: str, queries: str, output: str, cfg: Config, engine: Any, b
     search_cfg = model_cfg.with_overrides({"search.normalize.background": bg_url})
     results_url = run.url("results")
     results = run.step("results", "search", [query_features, index],
-                       lambda url, c, replace: search(query_features, index, url, c, engine, overwrite=True),
+                       lambda url, c, replace: search(query_features, index, url, c, engine, overwrite=replace),
                        search_cfg, deps=("query_features", "index", "background_features"))
     report_cfg = search_cfg
     if truth:
         run.step("eval", "evaluate", [results_url, truth],
-                 lambda url, c, replace: evaluate(results_url, truth, url, c, overwrite=True), search_cfg,
+                 lambda url, c, replace: evaluate(results_url, truth, url, c, overwrite=replace), search_cfg,
                  deps=("results",))
         report_cfg = search_cfg.with_overrides({"report.threshold": {
             "from_evaluation": fsio.join(run.url("eval"), "metrics.json"), "precision": 0.9}})
     report = run.step("report", "report", [results_url, truth],
-                      lambda url, c, replace: build_report(results_url, url, c, truth_url=truth, overwrite=True),
+                      lambda url, c, replace: build_report(results_url, url, c, truth_url=truth, overwrite=replace),
                       report_cfg, deps=("results", "eval"))
     return outputs.commit(output, "run", {
         "gallery": gallery, "queries": queries, "background": bg_url, "truth": truth, "fit": fit,
