@@ -305,3 +305,19 @@ def _unclaim(output_url: str) -> None:
     """A run that failed before writing anything into a fresh output leaves no identity behind."""
     if not _holds_anything(output_url, False, ignore=(IDENTITY,)):
         _remove(fsio.join(output_url, IDENTITY))
+
+
+def claim_existing(output_url: str, stage: str, writer: str, cfg: Any = None) -> "Lease":
+    """The lease on a COMPLETE ``stage`` output that ``writer`` changes in place by design
+    (``retrieval remove`` and ``index --compact`` on an index): not an overwrite, so no identity
+    is replaced; refused (:class:`OutputExistsError`) when the output holds another stage's output,
+    (:class:`LeaseHeldError`) while another run writes it. Call it inside a :func:`leased` function."""
+    stored = _stored(output_url, False)
+    if stored_stage(stored) not in (None, stage):
+        raise OutputExistsError(f"{output_url} holds {_a(stored_stage(stored))} output, not {_a(stage)} "
+                                f"output: '{writer}' changes only {_a(stage)} output")
+    read(output_url, stage)       # complete: FileNotFoundError names what is missing
+    seconds = float(cfg["io.lease_seconds"]) if cfg is not None else LEASE_SECONDS
+    lease = Lease(_side(output_url, LEASE, False), output_url, writer, seconds).acquire()
+    held().append(lease)
+    return lease

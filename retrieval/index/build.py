@@ -35,7 +35,7 @@ import numpy as np
 from retrieval import faults, fsio, outputs
 from retrieval.config import Config
 from retrieval.engine import Engine, as_engine
-from retrieval.index import dedup, layout, skipped_rows
+from retrieval.index import dedup, layout, skipped_rows, takedowns
 from retrieval.index.params import IndexParams, choose_params, is_fast_scan
 from retrieval.index.quality import K, make_queries, metrics, pick_sources
 from retrieval.index.reader import FeatureFile, FeatureInputError, list_feature_files
@@ -222,13 +222,15 @@ def _select(run: _Run, plan: _Plan, scan: _Scan) -> _Selection:
     """3. duplicates (the new files are verified now), the bad-vector counts, the training sample."""
     dups = _duplicates(run, plan, scan)
     skip = dups if run.index_cfg["duplicates"] == "skip" else dedup.Duplicates()
-    skipped = skipped_rows.block(plan.files, scan.scans, dups, run.index_cfg["duplicates"])
-    valid = sum(s.valid for s in scan.scans) - skipped["duplicates"]
+    # the gallery's takedown list (retrieval remove): its ids' rows stay out of every build
+    skip, removed = takedowns.apply_list(run.engine, run.output_url, plan.files, skip, run.storage_options)
+    skipped = {**skipped_rows.block(plan.files, scan.scans, dups, run.index_cfg["duplicates"]), "removed": removed}
+    valid = sum(s.valid for s in scan.scans) - skipped["duplicates"] - removed
     if skipped["nan_inf"] or skipped["zero"]:
         log.warning("skipping %d NaN/inf and %d all-zero coarse vectors", skipped["nan_inf"], skipped["zero"])
     if valid <= 0:
         raise FeatureInputError(f"no valid vectors to index in {', '.join(run.feature_urls)}: {plan.n_rows} rows, "
-                                f"{skipped['nan_inf']} NaN/inf, {skipped['zero']} zero, {dups.count} duplicates")
+                                f"{skipped['nan_inf']} NaN/inf, {skipped['zero']} zero, {dups.count} duplicates, {removed} removed")
     sample, sample_ids = skipped_rows.sample_of(scan.scans, skip, run.dim)
     return _Selection(dups=dups, skip=skip, skipped=skipped, sample=sample, sample_ids=sample_ids)
 
@@ -321,7 +323,7 @@ def _manifest(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, shards
     disk = sum(s["bytes"] for s in shards.manifest) + len(trained.data)
     total_skipped = dict(sel.skipped)
     if old is not None:  # the manifest's figures cover the whole index; each build's are in "builds"
-        for key in ("nan_inf", "zero", "duplicates", "duplicates_found", "renormalised"):
+        for key in ("nan_inf", "zero", "duplicates", "duplicates_found", "renormalised", "removed"):
             total_skipped[key] += int(old.get("skipped", {}).get(key, 0))
     this_build = {"kind": "append" if run.append else "build", "features": run.feature_urls,
                   "file_nos": [files[0].file_no, files[-1].file_no + 1],
@@ -347,6 +349,7 @@ def _manifest(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, shards
     }
     if merged is not None:
         manifest["merged"] = merged
+    takedowns.carry_into(manifest, run.output_url, old)
     return manifest
 
 

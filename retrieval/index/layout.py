@@ -36,9 +36,9 @@ def index_files(output_url: str) -> list[str]:
     out = []
     for p in fs.ls(root, detail=False):
         base = p.rstrip("/").rsplit("/", 1)[-1]
-        if base.startswith(("shard-", ".tmp-")) or base in (outputs.MARKER, *outputs.LEGACY_MARKERS.values(),
-                                                              TRAINED, TRAINED_MARKER, "_shards",
-                                                              MERGED_INDEX, MERGED_DATA):
+        if base.startswith(("shard-", ".tmp-", "compact-")) or base in (
+                outputs.MARKER, *outputs.LEGACY_MARKERS.values(), TRAINED, TRAINED_MARKER, "_shards",
+                MERGED_INDEX, MERGED_DATA, "features"):       # compact-K/, features/: retrieval index --compact
             out.append(base)
     return out
 

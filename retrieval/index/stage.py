@@ -1,8 +1,9 @@
 """The ``index`` stage (old name ``build-index``): gallery feature shards -> sharded faiss IVF-PQ index.
 
     retrieval index --features URL --output URL [--append] [--merge-ondisk]
+    retrieval index --compact --output URL
 
-The work is :func:`retrieval.index.build.build_index`."""
+The work is :func:`retrieval.index.build.build_index` (:func:`retrieval.index.compact.compact`)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -13,6 +14,14 @@ from retrieval.stage import Stage, arg, positive_or_auto, between, choice, non_n
 def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
     from retrieval.index.build import build_index
 
+    if inputs.get("compact"):
+        if inputs.get("features") or inputs.get("append"):
+            raise ValueError("index --compact takes only --output (the index to compact)")
+        from retrieval.index.compact import compact
+
+        return compact(output, cfg, engine)
+    if not inputs.get("features"):
+        raise ValueError("index: --features is required (or --compact, to compact the index at --output)")
     return build_index(inputs["features"], output, cfg, engine, append=bool(inputs.get("append")),
                        merge_ondisk=bool(inputs.get("merge_ondisk")))
 
@@ -24,7 +33,10 @@ def summary(m: dict, inputs: Mapping[str, Any], output: str | None) -> dict:
             "quality": {k: q[k] for k in ("recall@10", "recall@100", "cell_recall@10", "source_hit@100")
                         if k in q},
             "skipped": {k: v for k, v in m["skipped"].items() if k != "examples"},
-            "model_version": m["model_version"], "merged": "merged" in m, "timings": m["timings"]}
+            "model_version": m["model_version"], "merged": "merged" in m, "timings": m["timings"],
+            **({"live": m.get("live"), "takedowns": {k: v for k, v in m["takedowns"].items() if k in (
+                "removed_ids", "tombstoned_rows", "compacted_rows")} | {"last": m["takedowns"]["batches"][-1:]}}
+               if m.get("takedowns") else {})}
 
 
 STAGE = Stage(
@@ -32,10 +44,13 @@ STAGE = Stage(
     help="gallery feature shards -> sharded faiss IVF-PQ index (old name: build-index)",
     usage="--features URL --output URL",
     args=(
-        arg("--features", required=True, action="append",
-            help="feature output URL (repeatable; with --append, the new shards to add)"),
+        arg("--features", action="append",
+            help="feature output URL (repeatable; with --append, the new shards to add); required "
+                 "unless --compact"),
         arg("--output", required=True, help="index output URL (a directory)"),
         arg("--append", action="store_true", help="add new features to an existing index"),
+        arg("--compact", action="store_true",
+            help="drop the rows removed by 'retrieval remove' from the index at --output physically"),
         arg("--merge-ondisk", action="store_true",
             help="also merge the shards into one on-disk index (single-machine serving)"),
     ),

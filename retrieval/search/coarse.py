@@ -139,6 +139,17 @@ def shard_shortlist(shortlist: int, n_shards: int, configured: int | str = "auto
     return int(min(shortlist, ok[0] if len(ok) else shortlist))
 
 
+TOMBSTONE_OVERFETCH = 4       # a shard with tombstones returns up to K' x (1 + this) candidates
+
+
+def overfetch(k: int, removed_in_shard: int) -> int:
+    """Extra candidates a shard holding ``removed_in_shard`` tombstones returns, so that its K' best
+    live ones survive the filter: all of them (exact) up to ``TOMBSTONE_OVERFETCH x K'``; beyond,
+    a query near more removed items than that may get a shorter list (never a removed id):
+    compact the index (``retrieval index --compact``, docs/lifecycle.md)."""
+    return int(min(max(removed_in_shard, 0), TOMBSTONE_OVERFETCH * k))
+
+
 # ---------------------------------------------------------------------------------------------
 # coarse assignment (the IVF cells a query probes) and the shard search
 @dataclass(frozen=True)

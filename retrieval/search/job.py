@@ -128,7 +128,7 @@ def make_job(output_url: str, index_url: str, index_manifest: dict, qfiles: list
              qrows: list[int], cfg, background) -> tuple[SearchJob, dict]:
     """The job's plain values (chunks, shortlist and K', nprobe, rerank mode and blocks) and the
     gallery fine column's size."""
-    from retrieval.index import store
+    from retrieval.index import store, takedowns
 
     search_cfg = cfg.search
     ffiles = index_manifest["feature_files"]
@@ -146,7 +146,8 @@ def make_job(output_url: str, index_url: str, index_manifest: dict, qfiles: list
         vector_cache_mb=search_cfg.vector_cache_mb, shard_cache=search_cfg.shard_cache,
         threads=search_cfg.threads, verify=search_cfg.verify,
         chunks=tuple(q_mod.plan_chunks(qrows, search_cfg.query_chunk)),
-        faults=faults.configured(), storage_options=cfg["io.storage_options"], background=background)
+        faults=faults.configured(), storage_options=cfg["io.storage_options"], background=background,
+        removed=takedowns.removed(index_url, index_manifest, search_cfg.verify))
     return plan_rerank(job, search_cfg.rerank)
 
 

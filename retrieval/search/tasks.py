@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval import faults, fsio
-from retrieval.index import idmap
+from retrieval.index import idmap, takedowns
 from retrieval.schema import RESULT_SCHEMA, coarse_matrix, fine_matrix
 from retrieval.search import blocks as blocks_mod
 from retrieval.search import calibrate
@@ -70,6 +70,7 @@ class SearchJob:
     calibration: calibrate.NullTail | None = None        # false-match rates of norm_score (None: off)
     rerank: str = "chunk"             # chunk-major or gallery-major rerank (resolved, see blocks.py)
     blocks: tuple[blocks_mod.Block, ...] = field(default_factory=tuple)   # gallery-major: the blocks
+    removed: takedowns.Removed | None = None     # the index's tombstones (retrieval remove): left out
 
 
 def part_name(chunk: int) -> str:
@@ -122,7 +123,9 @@ def chunk_assignment(job: SearchJob, chunk: Chunk, index) -> coarse_mod.Assignme
 def coarse_task(job: SearchJob, shard_nos: Sequence[int], chunk: Chunk
                 ) -> tuple[list[tuple[int, np.ndarray, np.ndarray]], float]:
     """Shard-local top K' of one chunk for each of ``shard_nos``: ``([(shard, scores, ids)],
-    seconds)``. The chunk's cells are assigned once (the shards share one quantizer)."""
+    seconds)``. The chunk's cells are assigned once (the shards share one quantizer). A shard with
+    tombstones (``job.removed``) is asked for more (:func:`~retrieval.search.coarse.overfetch`) and
+    its removed ids dropped before its list leaves the task."""
     t0 = time.monotonic()
     _configure_process(job)
     threads = task_threads(job.threads)
@@ -131,7 +134,12 @@ def coarse_task(job: SearchJob, shard_nos: Sequence[int], chunk: Chunk
     for shard_no in shard_nos:
         index = cached_shard(job, shard_no)
         a = chunk_assignment(job, chunk, index)
-        scores, ids = coarse_mod.search_shard(index, None, k, assignment=a, threads=threads)
+        dead = job.removed.in_shard(shard_no) if job.removed is not None else 0
+        scores, ids = coarse_mod.search_shard(index, None, k + coarse_mod.overfetch(k, dead), assignment=a,
+                                              threads=threads)
+        if dead:       # removed ids never leave the shard's task: its top K' among the live ones
+            takedowns.drop_removed(scores, ids, job.removed.ids)
+            scores, ids = coarse_mod.topk_rows(scores, ids, k, ordered=True)
         out.append((shard_no, scores, ids))
     return out, time.monotonic() - t0
 

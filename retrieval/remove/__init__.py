@@ -1,0 +1,1 @@
+"""``retrieval remove``: takedowns of gallery images from an index (docs/lifecycle.md)."""
