@@ -139,15 +139,20 @@ def shard_shortlist(shortlist: int, n_shards: int, configured: int | str = "auto
     return int(min(shortlist, ok[0] if len(ok) else shortlist))
 
 
-TOMBSTONE_OVERFETCH = 4       # a shard with tombstones returns up to K' x (1 + this) candidates
+OVERFETCH_MIN = 64        # a shard with tombstones returns up to this many extra candidates at least
+OVERFETCH_DENSITY = 8     # ... or this many times the removed share of its top K'
 
 
-def overfetch(k: int, removed_in_shard: int) -> int:
-    """Extra candidates a shard holding ``removed_in_shard`` tombstones returns, so that its K' best
-    live ones survive the filter: all of them (exact) up to ``TOMBSTONE_OVERFETCH x K'``; beyond,
-    a query near more removed items than that may get a shorter list (never a removed id):
-    compact the index (``retrieval index --compact``, docs/lifecycle.md)."""
-    return int(min(max(removed_in_shard, 0), TOMBSTONE_OVERFETCH * k))
+def overfetch(k: int, removed_in_shard: int, shard_size: int) -> int:
+    """Extra candidates a shard holding ``removed_in_shard`` tombstones (of ``shard_size`` vectors)
+    returns, so that its K' best live ones survive the filter: ``min(removed, max(64, 8 x K' x
+    removed / size))``. Exact whenever a query's top K' + extra in the shard holds at most that many
+    removed items: always with up to 64 tombstones; beyond, unless removed items crowd a query's
+    neighbourhood at more than 8x their share of the shard (then the query's list may be shorter:
+    never a removed id). Compacting (``retrieval index --compact``) restores the plain search."""
+    removed_in_shard = max(int(removed_in_shard), 0)
+    density = math.ceil(OVERFETCH_DENSITY * k * removed_in_shard / max(int(shard_size), 1))
+    return int(min(removed_in_shard, max(OVERFETCH_MIN, density)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,8 +135,8 @@ def coarse_task(job: SearchJob, shard_nos: Sequence[int], chunk: Chunk
         index = cached_shard(job, shard_no)
         a = chunk_assignment(job, chunk, index)
         dead = job.removed.in_shard(shard_no) if job.removed is not None else 0
-        scores, ids = coarse_mod.search_shard(index, None, k + coarse_mod.overfetch(k, dead), assignment=a,
-                                              threads=threads)
+        extra = coarse_mod.overfetch(k, dead, int(job.index_manifest["shards"][shard_no]["ntotal"])) if dead else 0
+        scores, ids = coarse_mod.search_shard(index, None, k + extra, assignment=a, threads=threads)
         if dead:       # removed ids never leave the shard's task: its top K' among the live ones
             takedowns.drop_removed(scores, ids, job.removed.ids)
             scores, ids = coarse_mod.topk_rows(scores, ids, k, ordered=True)

@@ -88,6 +88,9 @@ def test_remove_takes_effect_at_once_and_compaction_keeps_the_results(data, befo
     res = results(data, index, "res_removed")
     assert not set(res.column("gallery_id").to_pylist()) & set(removed)
     assert res.num_rows == res0.num_rows        # every query still gets k results
+    # the other plans: a coarse task per shard (shuffled lists), gallery-major rerank: the same rows
+    resg = results(data, index, "res_removed_g", **{"search.rerank": "gallery", "search.shard_cache": 1})
+    assert resg.select(["query_id", "rank", "gallery_id"]).equals(res.select(["query_id", "rank", "gallery_id"]))
     # results of queries whose lists held no removed id are unchanged
     hit = set(res0.filter(pa.compute.is_in(res0.column("gallery_id"), pa.array(removed))).column("query_id")
               .to_pylist())
