@@ -57,6 +57,9 @@ RATES = {
     # tests/bench/bench_scale.py: bytes per vector on disk, whole sharded index at 10M (PQ16 codes +
     # int64 ids + list overhead + trained part / N)
     "index_bytes_per_vector": 25.4,
+    # tests/bench/bench_remove.py (1M, 1% removed; docs/lifecycle.md): ids scanned /s/core by remove; search time ratio
+    "remove_ids_scanned_per_core_s": 1.0e6,
+    "search_tombstone_ratio": 1.05,
     # tests/bench/bench_scale.py (coarse rates): flat quantizer assignment, multiply-adds per core-second
     "flat_assign_macs_per_core_s": 3.3e10,
     # tests/bench/bench_scale.py (coarse rates): HNSW32 over 131,072 centroids (the quantizer of a
@@ -251,6 +254,17 @@ def _search_warnings(rr: dict, chunks: int, read_s: float, compute_s: float) -> 
     return out
 
 
+def _takedowns(n: int, files: int, feature_bytes: float, read_bw: float, cores: int, add_s: float,
+               search_s: float) -> dict:
+    """remove: one scan of the image ids; search with 1% of N tombstoned; compaction, worst case (every file)."""
+    remove_s, compact_s, dead = n / (RATES["remove_ids_scanned_per_core_s"] * cores), \
+        2 * feature_bytes / read_bw + add_s, n / 100
+    return {"tasks": files, "wall": remove_s, "storage": dead * 40.0, "memory_per_task": 0.3e9, "basis": (
+        f"scan {n:.3g} ids {_fmt_time(remove_s)}; search with {dead:.3g} tombstones (1%, {_fmt_bytes(dead * 8)} "
+        f"per task): +{_fmt_time(search_s * (RATES['search_tombstone_ratio'] - 1))}; compaction "
+        f"<= {_fmt_time(compact_s)}")}
+
+
 def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: int | str = "auto",
          vectors_per_index_shard: int = 10_000_000, images_per_feature_shard: int = 250_000,
          query_chunk: int = 8192, row_group_size: int = 1024, cfg=None) -> dict:
@@ -324,7 +338,7 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
                             f"shuffle {k_shard} per shard: {_fmt_bytes(shuffle_bytes)} {_fmt_time(shuffle_s)}); "
                             + rerank_basis,
                    "storage": queries * 10 * 120.0, "memory_per_task": memory, "rerank": rr},
-    }
+        "remove": _takedowns(n, feature_shards, feature_bytes, read_bw, cores, add_s, coarse_s + rerank_s)}
     warnings = [f"{name}: {_fmt_bytes(s['memory_per_task'])} per task > {mem_gb:.1f} GB per core"
                 for name, s in stages.items() if s["memory_per_task"] > mem_gb * 1e9]
     warnings += _search_warnings(rr, chunks, rerank_read_s, rerank_compute_s)

@@ -84,6 +84,9 @@ class Runner:
         t0 = time.monotonic()
         same = same_identity(url, outputs.identity(stage, cfg, inputs))      # read once
         done = outputs.find(url, stage) if same and not any(d in self.changed for d in deps) else None
+        if done is not None and stage == "search" and done.get("index_takedown_batches", 0) != len(
+                (outputs.read(inputs[1], "index").get("takedowns") or {}).get("batches", [])):
+            done = None         # the index changed in place since (retrieval remove / index --compact)
         if done is not None:
             log.info("run: %s is complete for the same inputs and settings: skipped (%s)", name, url)
             self._record(name, stage, t0, skipped=True, changed=False)

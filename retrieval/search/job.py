@@ -204,6 +204,7 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
     manifest = outputs.commit(output_url, "search", {
         "model_version": index_manifest.get("model_version"),
         "index": index_url, "queries": queries_url, "query_features": qf_url, "output": output_url,
+        "index_takedown_batches": len((index_manifest.get("takedowns") or {}).get("batches", [])),
         "schema": RESULT_SCHEMA.to_string(), "schema_version": RESULT_SCHEMA_VERSION,
         "calibration": tail.describe() if tail is not None else None,
         **summarize(job, cfg, stats, qrows, qman, column, {"encode_s": encode_s, "search_s": time.monotonic() - t1,

@@ -238,3 +238,26 @@ def test_cli_remove_and_compact(data, capsys):
     assert main(["index", "--compact", "--output", index, "--engine", "local"]) == 0
     m = outputs.read(index, "index")
     assert m["takedowns"]["compacted_rows"] == 2 and m["live"] == m["ntotal"] == N_A - 2
+
+
+def test_retrieval_run_searches_again_after_a_takedown(data, tmp_path):
+    """The run recipe's search step is complete for the same inputs, until the index changes in place."""
+    from retrieval.recipes.run import Runner
+
+    index = fresh_index(data, "idx_run")
+    runner = Runner(str(tmp_path / "run"), cfg(), None)
+
+    def step():
+        return runner.step("results", "search", [data["q"], index],
+                           lambda url, c, replace: search(data["q"], index, url, c, None, overwrite=replace),
+                           cfg(), deps=())
+    step()
+    assert runner.steps["results"]["skipped"] is False
+    step()
+    assert runner.steps["results"]["skipped"] is True
+    victim = gid(int(data["src"][3]))
+    assert victim in read_results(runner.url("results")).column("gallery_id").to_pylist()
+    remove(index, ids_file(data["root"], "run.txt", [victim]), cfg())
+    step()
+    assert runner.steps["results"]["skipped"] is False
+    assert victim not in read_results(runner.url("results")).column("gallery_id").to_pylist()

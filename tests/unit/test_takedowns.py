@@ -40,3 +40,12 @@ def test_overfetch_rule():
     assert coarse.overfetch(200, 5000, 10**6) == 64                 # sparse: the floor
     assert coarse.overfetch(200, 100_000, 10**6) == 160             # 10%: 8 x 200 x 0.1
     assert coarse.overfetch(200, 10**6, 10**6) == 1600
+
+
+def test_the_plan_has_a_takedown_line_that_grows_with_the_gallery():
+    from retrieval.plan import Cluster, plan, render_plan
+
+    small, big = plan(10**8, Cluster()), plan(10**9, Cluster())
+    assert big["stages"]["remove"]["wall"] == __import__("pytest").approx(10 * small["stages"]["remove"]["wall"])
+    assert "tombstones" in big["stages"]["remove"]["basis"] and "compaction" in big["stages"]["remove"]["basis"]
+    assert "\nremove " in render_plan(big)
