@@ -127,49 +127,56 @@ def one_row(data, name: str, row: int) -> str:
     return url
 
 
-def test_append_rebuild_restore_and_a_re_added_id(data):
-    index = fresh_index(data, "idx_life")
-    build_index([data["b"]], index, cfg(), None, append=True)
+@pytest.fixture(params=["local", "spark"])
+def engine(request):
+    """Each lifecycle case on both engines (None: the local engine)."""
+    return request.getfixturevalue("spark") if request.param == "spark" else None
+
+
+def test_append_rebuild_restore_and_a_re_added_id(data, engine):
+    e = engine
+    index = fresh_index(data, f"idx_life_{e is None}", e)
+    build_index([data["b"]], index, cfg(), e, append=True)
     # remove after append: one id of the appended feat_b, one of feat_a
     gone_b, gone_a = gid(N_A + 7), gid(11)
-    m = remove(index, ids_file(data["root"], "life1.txt", [gone_b, gone_a]), cfg())
+    m = remove(index, ids_file(data["root"], "life1.txt", [gone_b, gone_a]), cfg(), e)
     assert m["takedowns"]["tombstoned_rows"] == 2 and m["live"] == N_A + N_B - 2
     # append after remove: gone_a extracted again (its old row, a tombstone, is its first occurrence)
-    ma = build_index([one_row(data, "readd1", 11), one_row(data, "new1", N_A + N_B)], index, cfg(), None,
+    ma = build_index([one_row(data, "readd1", 11), one_row(data, "new1", N_A + N_B)], index, cfg(), e,
                      append=True)
     assert ma["builds"][-1]["added"] == 1 and ma["builds"][-1]["skipped"]["duplicates"] == 1
-    mc = compact(index, cfg())
+    mc = compact(index, cfg(), e)
     assert mc["live"] == mc["ntotal"] == N_A + N_B - 1
     # after compaction the old row is gone: the takedown list keeps the re-extracted one out
-    ma = build_index([one_row(data, "readd2", 11), one_row(data, "new2", N_A + N_B + 1)], index, cfg(), None,
+    ma = build_index([one_row(data, "readd2", 11), one_row(data, "new2", N_A + N_B + 1)], index, cfg(), e,
                      append=True)
     assert ma["builds"][-1]["skipped"]["removed"] == 1 and ma["builds"][-1]["added"] == 1
-    res = results(data, index, "res_life")
+    res = results(data, index, "res_life", e)
     assert not {gone_a, gone_b} & set(res.column("gallery_id").to_pylist())
     # indexed again from scratch into the same directory: the list still applies
-    mo = build_index([data["a"], data["b"]], index, cfg("index.mode=overwrite"), None)
+    mo = build_index([data["a"], data["b"]], index, cfg("index.mode=overwrite"), e)
     assert mo["skipped"]["removed"] == 2 and mo["takedowns"]["removed_ids"] == 2
     assert mo["takedowns"]["tombstones"] is None and mo["live"] == mo["ntotal"] == N_A + N_B - 2
-    assert not {gone_a, gone_b} & set(results(data, index, "res_life2").column("gallery_id").to_pylist())
+    assert not {gone_a, gone_b} & set(results(data, index, "res_life2", e).column("gallery_id").to_pylist())
     # a re-added id: restore lifts the takedown; the rows the build left out return with the next rebuild
-    mr = remove(index, ids_file(data["root"], "life2.txt", [gone_a, "unknown-x"]), cfg(), restore=True)
+    mr = remove(index, ids_file(data["root"], "life2.txt", [gone_a, "unknown-x"]), cfg(), e, restore=True)
     batch = mr["takedowns"]["batches"][-1]
     assert (batch["restored_ids"], batch["not_removed"], mr["takedowns"]["removed_ids"]) == (1, 1, 1)
-    mo = build_index([data["a"], data["b"]], index, cfg("index.mode=overwrite"), None)
+    mo = build_index([data["a"], data["b"]], index, cfg("index.mode=overwrite"), e)
     assert mo["skipped"]["removed"] == 1 and mo["live"] == N_A + N_B - 1
     coarse, _ = synthetic.gallery(N_A + N_B + 10, SPEC)
     _, found = store.search_shards(index, coarse[10:13], 50, nprobe=32)
     assert 11 in found[1] and 10 in found[0]           # file 0, row 11: gone_a is back
 
 
-def test_restore_before_compaction_is_immediate(data):
-    index = fresh_index(data, "idx_restore")
+def test_restore_before_compaction_is_immediate(data, engine):
+    index = fresh_index(data, f"idx_restore_{engine is None}", engine)
     victim = gid(int(data["src"][0]))
-    remove(index, ids_file(data["root"], "r1.txt", [victim]), cfg())
-    assert victim not in results(data, index, "res_r1").column("gallery_id").to_pylist()
-    mr = remove(index, ids_file(data["root"], "r1.txt", [victim]), cfg(), restore=True)
+    remove(index, ids_file(data["root"], "r1.txt", [victim]), cfg(), engine)
+    assert victim not in results(data, index, "res_r1", engine).column("gallery_id").to_pylist()
+    mr = remove(index, ids_file(data["root"], "r1.txt", [victim]), cfg(), engine, restore=True)
     assert mr["takedowns"]["tombstones"] is None and mr["live"] == mr["ntotal"]
-    assert victim in results(data, index, "res_r2").column("gallery_id").to_pylist()
+    assert victim in results(data, index, "res_r2", engine).column("gallery_id").to_pylist()
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet", "empty", "bad"])
