@@ -37,7 +37,7 @@ def _take_down(index_url: str, manifest: dict, ids: list[str], listed: pa.Table,
     known = set(listed.column("image_id").to_pylist())
     new = [i for i in ids if i not in known]
     found = td.find_rows(engine, _files(manifest), new, storage_options)
-    found = found.filter(pc.invert(pc.is_in(found.column("id"), value_set=old_tomb.column("id"))))
+    found = found.filter(pc.invert(pc.is_in(found.column("id"), value_set=old_tomb.column("id").combine_chunks())))
     shards = td.shard_of(manifest, found.column("id").to_numpy())
     tomb = pa.concat_tables([old_tomb, found.append_column("shard", pa.array(shards, pa.int32()))
                              .cast(td.TOMB_SCHEMA)])
@@ -95,7 +95,9 @@ def remove(index_url: str, ids_url: str, cfg: Config, engine: Engine | Any = Non
     info = {"batch": batch, "kind": "restore" if restore else "remove", "ids": ids_url, "at": at, **counts,
             "engine": engine.name, "seconds": round(time.monotonic() - t0, 3)}
     new = outputs.commit(index_url, "index", record(index_url, manifest, listed, tomb, info))
-    td.clean_tombstones(index_url, {(new["takedowns"].get("tombstones") or {}).get("file", "")})
+    # the previous manifest's file stays (a search that has just read that manifest still reads it)
+    td.clean_tombstones(index_url, {((m.get("takedowns") or {}).get("tombstones") or {}).get("file", "")
+                                    for m in (manifest, new)})
     log.info("%s %s: %s", "restore" if restore else "remove", index_url,
              ", ".join(f"{k} {v}" for k, v in counts.items()))
     return new
