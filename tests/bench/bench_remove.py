@@ -105,7 +105,9 @@ def main() -> None:
     same = a.equals(b)
     differ = (sum(x != y for x, y in zip(a.column("gallery_id").to_pylist(), b.column("gallery_id").to_pylist()))
               if a.num_rows == b.num_rows else None)
-    r1 = [t.filter(t.column("rank") == 1).column("gallery_id").to_pylist() for t in (a, b)]
+    import pyarrow.compute as pc
+
+    r1 = [t.filter(pc.equal(t.column("rank"), 1)).column("gallery_id").to_pylist() for t in (a, b)]
     differ1 = sum(x != y for x, y in zip(*r1)) if len(r1[0]) == len(r1[1]) else None
     out = {"gallery": args.gallery, "queries": args.match + args.nomatch, "removed_ids": len(ids),
            "tombstoned_rows": m["takedowns"]["tombstoned_rows"], "remove_s": round(remove_s, 2),
