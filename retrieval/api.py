@@ -90,3 +90,15 @@ def evaluate(results: str, truth: str, output: str | None = None, *, exact: str 
 def report(results: str, output: str, *, truth: str | None = None, config: Config | None = None) -> dict:
     """``retrieval report``: the audit report of a search output (returns its summary)."""
     return run_stage("report", {"results": results, "truth": truth}, output, config)
+
+
+def remove(index: str, ids: str, *, restore: bool = False, config: Config | None = None,
+           engine: Any = "local") -> dict:
+    """``retrieval remove``: take the images of ``ids`` down from ``index`` at once (``restore``: lift
+    their takedown); returns the index manifest (docs/lifecycle.md)."""
+    return run_stage("remove", {"index": index, "ids": ids, "restore": restore}, None, config, engine)
+
+
+def compact(index: str, *, config: Config | None = None, engine: Any = "local") -> dict:
+    """``retrieval index --compact``: drop the removed rows of ``index`` physically."""
+    return run_stage("index", {"features": None, "compact": True}, index, config, engine)

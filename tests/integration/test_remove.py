@@ -268,3 +268,15 @@ def test_retrieval_run_searches_again_after_a_takedown(data, tmp_path):
     step()
     assert runner.steps["results"]["skipped"] is False
     assert victim not in read_results(runner.url("results")).column("gallery_id").to_pylist()
+
+
+def test_python_api_remove_and_compact(data):
+    from retrieval import api
+
+    index = fresh_index(data, "idx_api")
+    m = api.remove(index, ids_file(data["root"], "api.txt", [gid(1), gid(2)]), config=cfg())
+    assert m["takedowns"]["tombstoned_rows"] == 2
+    assert api.remove(index, ids_file(data["root"], "api2.txt", [gid(2)]), restore=True,
+                      config=cfg())["takedowns"]["tombstoned_rows"] == 1
+    mc = api.compact(index, config=cfg())
+    assert mc["ntotal"] == N_A - 1 and mc["takedowns"]["compacted_rows"] == 1
