@@ -19,7 +19,7 @@ def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) ->
 def summary(m: dict, inputs: Mapping[str, Any], output: str | None) -> dict:
     t = m["takedowns"]
     return {"index": inputs["index"], **{k: v for k, v in t["batches"][-1].items() if k not in ("engine",)},
-            "removed_ids": t["removed_ids"], "tombstoned_rows": t["tombstoned_rows"], "live": m.get("live")}
+            "listed_ids": t["removed_ids"], "tombstoned_rows": t["tombstoned_rows"], "live": m.get("live")}
 
 
 STAGE = Stage(

@@ -241,7 +241,8 @@ def test_cli_remove_and_compact(data, capsys):
     ids = ids_file(data["root"], "cli.txt", [gid(5), gid(6), "nope"])
     assert main(["remove", "--index", index, "--ids", ids, "--engine", "local"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["removed_ids"] == 3 and out["unknown"] == 1 and out["tombstoned_rows"] == 2
+    assert out["removed_ids"] == out["listed_ids"] == 3 and out["unknown"] == 1 and out["tombstoned_rows"] == 2
+    assert out["kind"] == "remove" and out["at"] and out["live"] == N_A - 2
     assert main(["index", "--compact", "--output", index, "--engine", "local"]) == 0
     m = outputs.read(index, "index")
     assert m["takedowns"]["compacted_rows"] == 2 and m["live"] == m["ntotal"] == N_A - 2
