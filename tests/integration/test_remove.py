@@ -243,6 +243,11 @@ def test_cli_remove_and_compact(data, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["removed_ids"] == out["listed_ids"] == 3 and out["unknown"] == 1 and out["tombstoned_rows"] == 2
     assert out["kind"] == "remove" and out["at"] and out["live"] == N_A - 2
+    assert main(["remove", "--index", index, "--ids", str(data["root"] / "missing.txt"), "--engine", "local"]) == 2
+    err = capsys.readouterr().err
+    assert "missing.txt: no such file" in err and "Traceback" not in err
+    assert main(["index", "--output", index, "--engine", "local"]) == 2
+    assert "--features is required" in capsys.readouterr().err
     assert main(["index", "--compact", "--output", index, "--engine", "local"]) == 0
     m = outputs.read(index, "index")
     assert m["takedowns"]["compacted_rows"] == 2 and m["live"] == m["ntotal"] == N_A - 2
