@@ -214,12 +214,13 @@ def _extract_estimate(n: int, cluster: Cluster, cfg, images_per_feature_shard: i
         extract_s = n / (r["extract_images_per_gpu_s"] * cluster.gpus)
         basis = f"{cluster.gpus} GPUs x {r['extract_images_per_gpu_s']:.0f} img/s (ASSUMED, not measured here)"
     else:
-        onnx = str(cfg["model.runtime"]) == "onnx"
+        runtime = str(cfg["model.runtime"])
+        onnx = runtime != "torch"           # auto (the default) and onnx run the trunk on onnxruntime on CPUs
         rate = r["extract_images_per_core_s_onnx"] if onnx else r["extract_images_per_core_s"]
         extract_s = n / (rate * cores)
-        basis = f"{cores} cores x {rate} img/s/core (measured here, model.runtime={'onnx' if onnx else 'torch'})"
+        basis = f"{cores} cores x {rate} img/s/core (measured here, model.runtime={runtime})"
         if not onnx:
-            basis += (f"; model.runtime=onnx: {_fmt_time(n / (r['extract_images_per_core_s_onnx'] * cores))}"
+            basis += (f"; model.runtime=auto: {_fmt_time(n / (r['extract_images_per_core_s_onnx'] * cores))}"
                       f" ({r['extract_images_per_core_s_onnx']} img/s/core)")
     return feature_shards, extract_s, basis, n * r["feature_bytes_per_image"]
 
