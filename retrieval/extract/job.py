@@ -83,6 +83,8 @@ class _ShardRun:
     def __init__(self, job: ExtractJob, shard: int, device: str | None, total: int) -> None:
         self.job, self.shard, self.name = job, shard, shard_name(shard)
         self.model, self.device = task_model(job, device)
+        self.runtime = "onnxruntime" if self.model.__dict__.get("_onnx_trunk") is not None \
+            and str(self.device) == "cpu" else "torch"
         self.policy = DecodePolicy.from_config(job.preprocess_cfg)
         spec = self.model.spec
         self.sizes = (spec.size_hi,) if job.role == "gallery" else (spec.size_hi, spec.size_lo)
@@ -190,7 +192,8 @@ def _commit(run: _ShardRun, rows: list[tuple[str, str, str | None]], part_url: s
         "shard": run.shard, "file": f"{name}.parquet", "errors_file": f"errors/{name}.parquet",
         "inputs": len(rows), "ok": n_ok, "errors": n_err,
         "sha256": fsio.sha256_file(part_url), "errors_sha256": fsio.sha256_file(err_url),
-        "fingerprint": _shard_fingerprint(run.job, rows), "device": run.device, "attempt": task_attempt(),
+        "fingerprint": _shard_fingerprint(run.job, rows), "device": run.device, "runtime": run.runtime,
+        "attempt": task_attempt(),
         "seconds": round(time.monotonic() - t0, 3),
         **{k: round(v, 3) for k, v in run.timing.items()},
     }

@@ -105,8 +105,7 @@ def model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str,
     model = _model_from_config(model_cfg, preprocess_cfg)
     runtime = model_cfg.get("runtime", "auto")
     if runtime == "onnx" or (runtime == "auto" and model_cfg.get("onnx_file")):
-        from retrieval.model.onnx_cache import onnx_missing
-        from retrieval.model.onnx_runtime import attach_onnx
+        from retrieval.model.onnx_runtime import attach_onnx, onnx_missing
 
         missing = onnx_missing() if runtime == "auto" else None
         if missing:

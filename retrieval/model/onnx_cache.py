@@ -33,18 +33,6 @@ CACHE_FOLDER = ".onnx-cache"    # beside the model's file
 OUTPUT_CACHE = "_cache"         # in the output
 
 
-def onnx_missing() -> str | None:
-    """None when onnxruntime and onnx import; else what is missing."""
-    import importlib
-
-    for name in ("onnxruntime", "onnx"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            return name
-    return None
-
-
 def cache_folders(model_cfg: Mapping[str, Any], output_url: str | None) -> list[str]:
     """Where the trunk of ``model_cfg``'s model is looked for and built, in order (module doc)."""
     setting = model_cfg.get("onnx_cache") or "auto"
@@ -129,6 +117,8 @@ def resolve_runtime(model_cfg: Mapping[str, Any], model: Any, output_url: str | 
     if cfg.get("runtime", "auto") != "auto" or cfg.get("onnx_file") or model.external \
             or str(cfg.get("device", "auto")).startswith("cuda"):
         return cfg
+    from retrieval.model.onnx_runtime import onnx_missing
+
     missing = onnx_missing()
     if missing:
         log.warning("model.runtime=auto: %s is not installed, so the model runs on torch (same rows, "

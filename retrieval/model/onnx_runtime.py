@@ -90,6 +90,19 @@ def export_onnx(model: nn.Module, url: str, opset: int = OPSET) -> dict[str, Any
             "use": f"--set model.runtime=onnx --set model.onnx_file={url}"}
 
 
+def onnx_missing() -> str | None:
+    """None when onnxruntime and onnx (which torch's exporter needs) import; else the missing one's name
+    (``model.runtime: auto`` then runs torch: :mod:`retrieval.model.onnx_cache`)."""
+    import importlib
+
+    for name in ("onnxruntime", "onnx"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return name
+    return None
+
+
 def _check_runtime(backbone: str, url: str | None) -> None:
     if backbone in EXTERNAL_BACKBONES:
         raise ModelError(f"model.runtime=onnx runs a built-in backbone through onnxruntime; model.backbone="

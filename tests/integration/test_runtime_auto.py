@@ -72,6 +72,8 @@ def test_auto_gives_the_torch_rows_and_model_version(engine, zoo, torch_out, tmp
     record = fsio.read_json(onnx_file[:-len(".onnx")] + ".json")
     assert record["sha256"] == fsio.sha256_file(onnx_file) and record["model_version"] == m["model_version"]
     _same_rows(out, torch_out)
+    assert {s["runtime"] for s in m["shards"]} == {"onnxruntime"}       # what the tasks ran
+    assert {s["runtime"] for s in ref["shards"]} == {"torch"}
     # the output keeps the identity an output of the torch runtime had: one can extend the other
     assert outputs.settings_hash("extract", cfg) == outputs.settings_hash("extract", _cfg("model.runtime=torch"))
     again = extract(zoo, out, cfg, request.getfixturevalue("spark") if engine == "spark" else None)
@@ -145,7 +147,7 @@ def test_without_onnxruntime_auto_runs_torch_with_a_warning(zoo, torch_out, tmp_
         out = str(tmp_path / "fallback")
         manifest = extract(zoo, out, cfg)
     assert "onnxruntime is not installed" in caplog.text and "runs on torch" in caplog.text
-    assert manifest["runtime"]["onnx_file"] is None
+    assert manifest["runtime"]["onnx_file"] is None and {s["runtime"] for s in manifest["shards"]} == {"torch"}
     _same_rows(out, torch_out)
 
 
