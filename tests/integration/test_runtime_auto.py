@@ -157,3 +157,19 @@ def test_precision_enters_the_identity_only_away_from_fp32():
     assert outputs.settings_hash("extract", _cfg("model.precision=bf16")) != base
     with pytest.raises(config.ConfigError, match="model.precision"):
         _cfg("model.precision=int4")
+
+
+def test_int8_codes_move_by_at_most_one_step(zoo, tmp_path):
+    from retrieval.schema import column_matrix
+
+    tables = {}
+    for runtime in ("auto", "torch"):
+        out = str(tmp_path / runtime)
+        extract(zoo, out, _cfg(f"model.runtime={runtime}", "extract.storage=int8"))
+        tables[runtime] = read_features(out)
+    a, b = tables["auto"], tables["torch"]
+    assert a["image_id"].to_pylist() == b["image_id"].to_pylist()
+    codes_a = column_matrix(a.column("fine")).astype(np.int16)
+    codes_b = column_matrix(b.column("fine")).astype(np.int16)
+    assert np.abs(codes_a - codes_b).max() <= 1
+    np.testing.assert_allclose(a["fine_scale"].to_numpy(), b["fine_scale"].to_numpy(), rtol=1e-3)
