@@ -12,8 +12,9 @@ fails that check (stale, altered, truncated), is refused and rebuilt by the next
 
 The cache folder (``model.onnx_cache: auto``): a hidden ``.onnx-cache/`` folder beside the model's file
 (a ``.npz`` delta or checkpoint, ``model.checkpoint: default`` included) when that folder is local and
-writable, else ``<output>/_cache/`` (the shipped model may live in a read-only install). Any other value
-is the folder to use.
+writable and the tasks run on the driver's machine (``--engine local``, Spark ``local[...]``), else
+``<output>/_cache/`` (the shipped model may live in a read-only install, and on a cluster each node has
+its own copy of it). Any other value is the folder to use (every executor must be able to read it).
 
 Without onnxruntime (or onnx, which torch's exporter needs) ``auto`` runs torch with a warning: the same
 rows, slower. A user's own model file (``model.backbone: torchscript | onnx``) runs on its own runtime.
@@ -33,8 +34,11 @@ CACHE_FOLDER = ".onnx-cache"    # beside the model's file
 OUTPUT_CACHE = "_cache"         # in the output
 
 
-def cache_folders(model_cfg: Mapping[str, Any], output_url: str | None) -> list[str]:
-    """Where the trunk of ``model_cfg``'s model is looked for and built, in order (module doc)."""
+def cache_folders(model_cfg: Mapping[str, Any], output_url: str | None, beside_model: bool = True) -> list[str]:
+    """Where the trunk of ``model_cfg``'s model is looked for and built, in order (module doc).
+    ``beside_model``: the tasks run on this machine (``--engine local``, Spark ``local[...]``), so they
+    see a folder beside a local model file; on a cluster each node has its own install of the model,
+    and the trunk goes where every task reads: the output's cache."""
     setting = model_cfg.get("onnx_cache") or "auto"
     if setting != "auto":
         return [setting]
@@ -42,7 +46,7 @@ def cache_folders(model_cfg: Mapping[str, Any], output_url: str | None) -> list[
 
     out = []
     ckpt = configured_checkpoint(model_cfg)
-    if ckpt and fsio.protocol_of(ckpt) in ("file", "local"):
+    if beside_model and ckpt and fsio.protocol_of(ckpt) in ("file", "local"):
         beside = os.path.join(os.path.dirname(os.path.abspath(fsio.strip_protocol(ckpt))), CACHE_FOLDER)
         parent = os.path.dirname(beside)
         if os.access(beside if os.path.isdir(beside) else parent, os.W_OK):
@@ -108,7 +112,8 @@ def ensure_trunk(model: Any, folders: list[str]) -> dict:
     raise ModelError("cannot write the ONNX trunk into any cache folder (" + "; ".join(errors) + ")")
 
 
-def resolve_runtime(model_cfg: Mapping[str, Any], model: Any, output_url: str | None) -> dict:
+def resolve_runtime(model_cfg: Mapping[str, Any], model: Any, output_url: str | None,
+                    beside_model: bool = True) -> dict:
     """The model config the tasks get. ``runtime: auto`` with a built-in backbone, not forced onto a GPU,
     onnxruntime installed and no ``onnx_file`` given: ``onnx_file`` / ``onnx_sha256`` of the cached
     trunk (built here if needed). Otherwise ``model_cfg`` unchanged (torch; a warning when onnxruntime
@@ -124,5 +129,5 @@ def resolve_runtime(model_cfg: Mapping[str, Any], model: Any, output_url: str | 
         log.warning("model.runtime=auto: %s is not installed, so the model runs on torch (same rows, "
                     "slower on the CPU): pip install onnxruntime onnx", missing)
         return cfg
-    cfg.update(ensure_trunk(model, cache_folders(cfg, output_url)))
+    cfg.update(ensure_trunk(model, cache_folders(cfg, output_url, beside_model)))
     return cfg

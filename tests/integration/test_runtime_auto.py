@@ -129,6 +129,8 @@ def test_cache_beside_the_model_else_the_output(tmp_path):
     out = str(tmp_path / "out")
     assert cache_folders(cfg["model"].to_dict(), out) == [str(tmp_path / "model" / ".onnx-cache"),
                                                           fsio.join(out, OUTPUT_CACHE)]
+    # a cluster (tasks on other machines, each with its own install of the model): the output's cache
+    assert cache_folders(cfg["model"].to_dict(), out, beside_model=False) == [fsio.join(out, OUTPUT_CACHE)]
     assert cache_folders(_cfg()["model"].to_dict(), out) == [fsio.join(out, OUTPUT_CACHE)]
     assert cache_folders(_cfg("model.onnx_cache=/some/where")["model"].to_dict(), out) == ["/some/where"]
     blocked = tmp_path / "a_file"           # a folder that cannot be made: the next one is used
