@@ -277,11 +277,6 @@ def plan_shards(listing: pa.Table, job: ExtractJob, mode: str) -> tuple[dict[int
     return todo, done
 
 
-def _same_machine(engine: Engine) -> bool:
-    """The tasks run on the driver's machine (they see its local files: retrieval/model/onnx_cache.py)."""
-    return not engine.is_spark or str(engine.spark.sparkContext.master).startswith("local")
-
-
 @outputs.leased
 def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = None) -> dict:
     """Run the extraction job on ``engine`` (:func:`retrieval.engine.as_engine`: an engine, a
@@ -299,7 +294,7 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
     outputs.claim(output_url, outputs.identity("extract", cfg, [input_url], extract_cfg.role), cfg,
                   overwrite=extract_cfg.mode == "overwrite")
     job = ExtractJob(output=output_url, role=extract_cfg.role,
-                     model_cfg=resolve_runtime(cfg["model"].to_dict(), model, output_url, _same_machine(engine)),
+                     model_cfg=resolve_runtime(cfg["model"].to_dict(), model, output_url, engine.tasks_on_this_machine),
                      preprocess_cfg=cfg["preprocess"].to_dict(), model_version=model.model_version(),
                      num_shards=extract_cfg.num_shards, batch_size=extract_cfg.batch_size, storage=extract_cfg.storage,
                      threads=extract_cfg.threads, row_group_size=extract_cfg.row_group_size,

@@ -59,8 +59,8 @@ def _to_device(tensors: list, device: str):
 
 
 def _autocast(model, device: str):
-    """``model.precision`` fp16 / bf16: the forward under autocast on a GPU (opt-in, docs/cluster.md "GPU executors"); fp32
-    (the default) and the CPU: no autocast."""
+    """``model.precision`` fp16 / bf16: the forward under autocast on a GPU (opt-in, docs/cluster.md
+    "GPU executors"); fp32 (the default) and the CPU: no autocast."""
     import contextlib
 
     import torch
