@@ -14,12 +14,19 @@ from retrieval import fsio
 _MODELS: dict[str, Any] = {}
 
 
+def device_model_cfg(model_cfg: Mapping[str, Any], device: str) -> Mapping[str, Any]:
+    """``model.runtime: auto`` on a GPU runs torch: the ONNX trunk the driver cached is for CPU tasks
+    (retrieval/model/onnx_cache.py); an explicit ``runtime: onnx`` is left as asked."""
+    if str(device) != "cpu" and model_cfg.get("runtime", "auto") == "auto" and model_cfg.get("onnx_file"):
+        return {**model_cfg, "onnx_file": None, "onnx_sha256": None}
+    return model_cfg
+
+
 def get_model(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any], device: str = "cpu"):
     """The model for this config, built once per (executor) process and cached; never pickled."""
     from retrieval.model.checkpoints import model_from_config
 
-    if device != "cpu" and model_cfg.get("runtime", "auto") == "auto":
-        model_cfg = {**model_cfg, "onnx_file": None}     # auto on a GPU: torch (retrieval/model/onnx_cache.py)
+    model_cfg = device_model_cfg(model_cfg, device)
     key = json.dumps([dict(model_cfg), dict(preprocess_cfg), device], sort_keys=True)
     if key not in _MODELS:
         model = model_from_config(model_cfg, preprocess_cfg).to(device).eval()

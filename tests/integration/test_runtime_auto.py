@@ -175,3 +175,13 @@ def test_int8_codes_move_by_at_most_one_step(zoo, tmp_path):
     codes_b = column_matrix(b.column("fine")).astype(np.int16)
     assert np.abs(codes_a - codes_b).max() <= 1
     np.testing.assert_allclose(a["fine_scale"].to_numpy(), b["fine_scale"].to_numpy(), rtol=1e-3)
+
+
+def test_a_gpu_task_runs_torch_under_auto_and_onnx_when_asked():
+    from retrieval.model.task import device_model_cfg
+
+    cfg = {"runtime": "auto", "onnx_file": "/c/trunk.onnx", "onnx_sha256": "ab"}
+    assert device_model_cfg(cfg, "cpu") == cfg
+    assert device_model_cfg(cfg, "cuda:1")["onnx_file"] is None
+    explicit = {"runtime": "onnx", "onnx_file": "/c/trunk.onnx"}
+    assert device_model_cfg(explicit, "cuda:0") == explicit
