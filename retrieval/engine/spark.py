@@ -25,6 +25,10 @@ class SparkEngine(Engine):
     def parallelism(self) -> int:
         return int(self.spark.sparkContext.defaultParallelism)
 
+    @property
+    def tasks_on_this_machine(self) -> bool:
+        return str(self.spark.sparkContext.master).startswith("local")
+
     def run(self, label, total, action, every=10.0):
         from retrieval.engine.session import ProgressMonitor
 

@@ -29,6 +29,7 @@ from retrieval.engine import Engine, as_engine, task_attempt
 from retrieval.extract import inputs as inputs_mod
 from retrieval.extract.features import binary_int8_fine, read_features, read_manifest  # noqa: F401 (their old home)
 from retrieval.extract.preprocess import DecodePolicy, prepare_items
+from retrieval.model.onnx_cache import resolve_runtime
 from retrieval.model.task import encode, task_model
 from retrieval.progress import Progress
 from retrieval.schema import (DICTIONARY_COLUMNS, ERROR_SCHEMA, feature_compression, feature_schema,
@@ -82,6 +83,8 @@ class _ShardRun:
     def __init__(self, job: ExtractJob, shard: int, device: str | None, total: int) -> None:
         self.job, self.shard, self.name = job, shard, shard_name(shard)
         self.model, self.device = task_model(job, device)
+        self.runtime = "onnxruntime" if self.model.__dict__.get("_onnx_trunk") is not None \
+            and str(self.device) == "cpu" else "torch"
         self.policy = DecodePolicy.from_config(job.preprocess_cfg)
         spec = self.model.spec
         self.sizes = (spec.size_hi,) if job.role == "gallery" else (spec.size_hi, spec.size_lo)
@@ -189,7 +192,8 @@ def _commit(run: _ShardRun, rows: list[tuple[str, str, str | None]], part_url: s
         "shard": run.shard, "file": f"{name}.parquet", "errors_file": f"errors/{name}.parquet",
         "inputs": len(rows), "ok": n_ok, "errors": n_err,
         "sha256": fsio.sha256_file(part_url), "errors_sha256": fsio.sha256_file(err_url),
-        "fingerprint": _shard_fingerprint(run.job, rows), "device": run.device, "attempt": task_attempt(),
+        "fingerprint": _shard_fingerprint(run.job, rows), "device": run.device, "runtime": run.runtime,
+        "attempt": task_attempt(),
         "seconds": round(time.monotonic() - t0, 3),
         **{k: round(v, 3) for k, v in run.timing.items()},
     }
@@ -287,15 +291,16 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
     listing = inputs_mod.list_inputs(input_url, extract_cfg.input_format, extract_cfg.num_shards,
                                      extract_cfg.key_column, extract_cfg.bytes_column)
     t_list = time.monotonic() - t0
-    job = ExtractJob(output=output_url, role=extract_cfg.role, model_cfg=cfg["model"].to_dict(),
+    outputs.claim(output_url, outputs.identity("extract", cfg, [input_url], extract_cfg.role), cfg,
+                  overwrite=extract_cfg.mode == "overwrite")
+    job = ExtractJob(output=output_url, role=extract_cfg.role,
+                     model_cfg=resolve_runtime(cfg["model"].to_dict(), model, output_url, engine.tasks_on_this_machine),
                      preprocess_cfg=cfg["preprocess"].to_dict(), model_version=model.model_version(),
                      num_shards=extract_cfg.num_shards, batch_size=extract_cfg.batch_size, storage=extract_cfg.storage,
                      threads=extract_cfg.threads, row_group_size=extract_cfg.row_group_size,
                      progress_seconds=extract_cfg.progress_seconds, key_column=extract_cfg.key_column,
                      bytes_column=extract_cfg.bytes_column, faults=faults.configured(),
                      storage_options=cfg["io.storage_options"])
-    outputs.claim(output_url, outputs.identity("extract", cfg, [input_url], extract_cfg.role), cfg,
-                  overwrite=extract_cfg.mode == "overwrite")
     outputs.begin(output_url)
     todo, done = plan_shards(listing, job, extract_cfg.mode)
     fsio.remove_stale(output_url, "part", ("errors", "_shards"), keep=set(todo) | set(done))
@@ -320,6 +325,7 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
         "role": extract_cfg.role, "input": input_url, "output": output_url,
         "model_version": job.model_version, "model": model.metadata(),
         "heads": model.spec.heads, "storage": extract_cfg.storage,
+        "runtime": {"configured": job.model_cfg.get("runtime"), "onnx_file": job.model_cfg.get("onnx_file")},
         "schema": feature_schema(model.spec.coarse_dim, model.spec.fine_dim, extract_cfg.storage).to_string(),
         "counts": counts, "shards": shards,
         "timings": {"listing_s": round(t_list, 3), "run_s": round(t_run, 3),

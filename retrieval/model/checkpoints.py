@@ -99,12 +99,19 @@ def model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str,
     """The model the config asks for: a checkpoint (``default`` = the shipped trained model for the
     default backbone, mobilenet_v2, and seeded heads for any other; a ``.npz`` delta; or a full
     checkpoint), or backbone weights + seeded heads. ``model.runtime: onnx``: its trunk runs on
-    onnxruntime from ``model.onnx_file`` (same model_version; retrieval/model/onnx_runtime.py)."""
+    onnxruntime from ``model.onnx_file`` (same model_version; retrieval/model/onnx_runtime.py);
+    ``auto``: so does it when the driver put the cached trunk's file and sha256 in ``model_cfg``
+    (retrieval/model/onnx_cache.py), else (or without onnxruntime here) torch."""
     model = _model_from_config(model_cfg, preprocess_cfg)
-    if model_cfg.get("runtime", "torch") == "onnx":
-        from retrieval.model.onnx_runtime import attach_onnx
+    runtime = model_cfg.get("runtime", "auto")
+    if runtime == "onnx" or (runtime == "auto" and model_cfg.get("onnx_file")):
+        from retrieval.model.onnx_runtime import attach_onnx, onnx_missing
 
-        attach_onnx(model, model_cfg.get("onnx_file"))
+        missing = onnx_missing() if runtime == "auto" else None
+        if missing:
+            log.warning("model.runtime=auto: %s is not installed here: the model runs on torch", missing)
+        else:
+            attach_onnx(model, model_cfg.get("onnx_file"), model_cfg.get("onnx_sha256"))
     return model
 
 

@@ -90,6 +90,19 @@ def export_onnx(model: nn.Module, url: str, opset: int = OPSET) -> dict[str, Any
             "use": f"--set model.runtime=onnx --set model.onnx_file={url}"}
 
 
+def onnx_missing() -> str | None:
+    """None when onnxruntime and onnx (which torch's exporter needs) import; else the missing one's name
+    (``model.runtime: auto`` then runs torch: :mod:`retrieval.model.onnx_cache`)."""
+    import importlib
+
+    for name in ("onnxruntime", "onnx"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return name
+    return None
+
+
 def _check_runtime(backbone: str, url: str | None) -> None:
     if backbone in EXTERNAL_BACKBONES:
         raise ModelError(f"model.runtime=onnx runs a built-in backbone through onnxruntime; model.backbone="
@@ -119,15 +132,22 @@ def check_onnx_file(backbone: str, url: str | None, version: str) -> None:
     _check_made(url, _onnx_session(data, url, torch.device("cpu")), version)
 
 
-def attach_onnx(model: nn.Module, url: str | None) -> nn.Module:
+def attach_onnx(model: nn.Module, url: str | None, expect_sha256: str | None = None) -> nn.Module:
     """Run ``model``'s trunk from the ONNX file ``url`` (made by :func:`export_onnx` from this model's
-    weights); the model, its weights and its ``model_version`` are unchanged."""
+    weights); the model, its weights and its ``model_version`` are unchanged. ``expect_sha256``: refuse
+    a file of other bytes (``model.runtime: auto``'s cached file, :mod:`retrieval.model.onnx_cache`)."""
     from retrieval.model.external import load_external
 
     _check_runtime(model.spec.backbone, url)
     s = model.spec
     version = model.model_version()
-    trunk = load_external("onnx", url, "float_nchw", (s.size_hi, s.size_lo))
+    try:
+        trunk = load_external("onnx", url, "float_nchw", (s.size_hi, s.size_lo), expect_sha256=expect_sha256)
+    except ModelError as exc:
+        if expect_sha256 is None or "was made with backbone file sha256" not in str(exc):
+            raise
+        raise ModelError(f"the ONNX trunk {url} changed after the driver checked it (sha256 is not "
+                         f"{expect_sha256[:12]}...): it is refused; rerun to rebuild it") from None
     _check_made(url, trunk._session(torch.device("cpu")), version)
     if trunk.dim != s.channels:
         raise ModelError(f"model.onnx_file={url}: {trunk.dim}-d output, the model's trunk has {s.channels}")

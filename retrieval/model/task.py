@@ -14,13 +14,24 @@ from retrieval import fsio
 _MODELS: dict[str, Any] = {}
 
 
+def device_model_cfg(model_cfg: Mapping[str, Any], device: str) -> Mapping[str, Any]:
+    """``model.runtime: auto`` on a GPU runs torch: the ONNX trunk the driver cached is for CPU tasks
+    (retrieval/model/onnx_cache.py); an explicit ``runtime: onnx`` is left as asked."""
+    if str(device) != "cpu" and model_cfg.get("runtime", "auto") == "auto" and model_cfg.get("onnx_file"):
+        return {**model_cfg, "onnx_file": None, "onnx_sha256": None}
+    return model_cfg
+
+
 def get_model(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any], device: str = "cpu"):
     """The model for this config, built once per (executor) process and cached; never pickled."""
     from retrieval.model.checkpoints import model_from_config
 
+    model_cfg = device_model_cfg(model_cfg, device)
     key = json.dumps([dict(model_cfg), dict(preprocess_cfg), device], sort_keys=True)
     if key not in _MODELS:
-        _MODELS[key] = model_from_config(model_cfg, preprocess_cfg).to(device).eval()
+        model = model_from_config(model_cfg, preprocess_cfg).to(device).eval()
+        object.__setattr__(model, "_precision", model_cfg.get("precision", "fp32"))   # what encode() runs
+        _MODELS[key] = model
     return _MODELS[key]
 
 
@@ -42,15 +53,41 @@ def task_model(job, device: str | None = None):
     return model, device
 
 
-def encode(model, role: str, hi: list, lo: list, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Batched forward. gallery: one R_hi pass -> adapter 1 + fine head; query: R_lo pass ->
-    adapter 2, R_hi pass -> fine head."""
+def _to_device(tensors: list, device: str):
+    """One batch on ``device``: stacked straight into page-locked (pinned) host memory and copied
+    asynchronously (``non_blocking``) on a GPU, so the copy overlaps the work queued before it."""
     import torch
 
-    with torch.inference_mode():
-        x_hi = torch.stack(hi).to(device)
+    if not str(device).startswith("cuda"):
+        return torch.stack(tensors)
+    buf = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
+    torch.stack(tensors, out=buf)
+    return buf.to(device, non_blocking=True)
+
+
+def _autocast(model, device: str):
+    """``model.precision`` fp16 / bf16: the forward under autocast on a GPU (opt-in, docs/cluster.md
+    "GPU executors"); fp32 (the default) and the CPU: no autocast."""
+    import contextlib
+
+    import torch
+
+    precision = model.__dict__.get("_precision", "fp32")
+    if precision == "fp32" or not str(device).startswith("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+def encode(model, role: str, hi: list, lo: list, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Batched forward. gallery: one R_hi pass -> adapter 1 + fine head; query: R_lo pass ->
+    adapter 2, R_hi pass -> fine head. On a GPU the batch travels through pinned memory
+    (:func:`_to_device`) and ``model.precision`` may run it in half precision (:func:`_autocast`)."""
+    import torch
+
+    with torch.inference_mode(), _autocast(model, device):
+        x_hi = _to_device(hi, device)
         if role == "gallery":
             coarse, fine = model.encode_gallery(x_hi)
         else:
-            coarse, fine = model.encode_query(torch.stack(lo).to(device), x_hi)
+            coarse, fine = model.encode_query(_to_device(lo, device), x_hi)
     return coarse.float().cpu().numpy(), fine.float().cpu().numpy()

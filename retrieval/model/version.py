@@ -16,7 +16,7 @@ It is :meth:`DescriptorModel.model_version` of :func:`~retrieval.model.checkpoin
 - seeded heads on the user's TorchScript / ONNX file: the same from the file's sha256, input layout and
   embedding width (:func:`~retrieval.model.external.external_identity`: an ONNX file's signature; a
   TorchScript file, which declares no output width, runs one test forward).
-``model.runtime: onnx`` keeps the version; its file's recorded version is checked.
+``model.runtime: onnx`` (or ``auto`` with ``model.onnx_file``) keeps the version; its file's recorded version is checked.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def configured_model_version(model_cfg: Mapping[str, Any], preprocess_cfg: Mappi
         version = _delta_version(url)
     else:
         version = _checkpoint_version(url, model_cfg)
-    if model_cfg.get("runtime", "torch") == "onnx":
+    if model_cfg.get("runtime", "auto") == "onnx" or model_cfg.get("onnx_file"):
         from retrieval.model.onnx_runtime import check_onnx_file
 
         check_onnx_file(model_cfg["backbone"], model_cfg.get("onnx_file"), version)

@@ -25,6 +25,17 @@ What it measures (each part runs even when another one fails; one JSON summary a
    ``index.search``, and the search job's path (``retrieval.search.coarse.assign`` +
    ``search_shard`` with 16 threads, in chunks of ``search.query_chunk`` = 8,192 queries).
 
+4. ``reference``: the descriptors of the extraction path on this machine's device against CPU ones
+   computed beforehand and carried with the check (``tests/bench/gpu_check_ref.npz``, written on a
+   CPU machine by ``python3 tests/bench/gpu_check.py --prepare``): the first ``N_REF`` generated
+   JPEGs (the same generator; their sha256 are in the file, so a Pillow whose JPEG encoder writes other
+   bytes is reported), extracted by ``extract`` with ``model.device`` of this run, float32 storage; the
+   max abs difference and the min cosine of coarse and fine against the CPU rows must stay within
+   ``REF_TOL`` (fp32; a GPU's convolutions may use TF32) - and, for information, the same with
+   ``model.precision`` fp16 and bf16 (opt-in; docs/cluster.md "GPU executors") with their img/s on the timing images.
+   ``--device cpu`` runs every part on the CPU with the full sizes (a dry run of the GPU script
+   here, not a GPU figure).
+
 Why Spark is not in it: the device machine has no Java and cannot install pyspark (the wheel is
 far above what may travel there). A Spark extraction task calls exactly ``extract_shard`` (one shard
 per task, ``mapInArrow``), and ``extract(..., engine=None)`` calls the same ``extract_shard`` shard after
@@ -59,8 +70,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 SMALL = os.environ.get("GPU_CHECK_SMALL", "") not in ("", "0")
+PREPARE = "--prepare" in sys.argv
+FORCE_DEVICE = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else None
+REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_check_ref.npz")
+N_REF = 32
+REF_TOL = {"fp32": (5e-3, 0.9995), "fp16": (3e-2, 0.995), "bf16": (6e-2, 0.99)}  # max abs diff, min cosine
 WORK = os.environ.get("GPU_CHECK_WORKDIR", "/tmp/gpu_check")
-PARTS = set(os.environ.get("GPU_CHECK_PARTS", "extract,bare,faiss").split(","))
+PARTS = set(os.environ.get("GPU_CHECK_PARTS", "reference,extract,bare,faiss").split(","))
 CPUS = os.cpu_count() or 1
 
 if SMALL:
@@ -71,6 +87,9 @@ else:
     N_IMAGES, BATCH, SHARDS, DEVICE, THREADS = 4096, 256, 4, "cuda", 0
     BARE_WARMUP, BARE_TIMED = 5, 20
     N_VECTORS, N_QUERIES, QUERY_CHUNK, FAISS_THREADS, KS = 1_000_000, 65_536, 8_192, 16, (200, 2000)
+if FORCE_DEVICE:
+    DEVICE = FORCE_DEVICE
+    THREADS = 0 if DEVICE.startswith("cuda") else THREADS
 NPROBE = 16
 IMAGE_W, IMAGE_H, JPEG_QUALITY = 512, 384, 90
 
@@ -140,13 +159,16 @@ def make_images(folder: str, n: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # 1. the extraction job
+def _extract_overrides() -> dict:
+    return {"model.device": DEVICE, "extract.batch_size": BATCH, "extract.role": "gallery",
+            "extract.num_shards": SHARDS, "extract.mode": "overwrite", "extract.threads": THREADS,
+            "extract.progress_seconds": 30.0, "model.onnx_cache": os.path.join(WORK, "onnx_cache")}
+
+
 def extract_cfg():
     from retrieval import config
 
-    return config.load(overrides={
-        "model.device": DEVICE, "extract.batch_size": BATCH, "extract.role": "gallery",
-        "extract.num_shards": SHARDS, "extract.mode": "overwrite", "extract.threads": THREADS,
-        "extract.progress_seconds": 30.0})
+    return config.load(overrides=_extract_overrides())
 
 
 def part_extract(images: str) -> dict:
@@ -176,6 +198,115 @@ def part_extract(images: str) -> dict:
             "wall_images_per_s": last["wall_images_per_s"], "batch_size": BATCH, "size_hi": 224,
             "num_shards": SHARDS, "storage": cfg["extract.storage"], "device": last["device"],
             "model_version": m["model_version"], "heads": m["heads"], "runs": runs}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. the descriptors against the CPU's
+def _ref_images(folder: str) -> dict[str, str]:
+    """The first ``N_REF`` generated JPEGs (the timing images' generator): image_id -> sha256."""
+    import hashlib
+
+    os.makedirs(folder, exist_ok=True)
+    out = {}
+    for i in range(N_REF):
+        path = os.path.join(folder, f"img{i:06d}.jpg")
+        _make_image((i, path))
+        with open(path, "rb") as fh:
+            out[f"img{i:06d}.jpg"] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def _ref_extract(folder: str, device: str, precision: str = "fp32", runtime: str = "auto") -> tuple:
+    from retrieval import config
+    from retrieval.extract.job import extract, read_features
+    from retrieval.schema import coarse_matrix, fine_matrix
+
+    out = os.path.join(WORK, f"ref_features_{device.replace(':', '')}_{precision}_{runtime}")
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = config.load(overrides={"model.device": device, "model.precision": precision, "model.runtime": runtime,
+                                 "model.onnx_cache": os.path.join(WORK, "onnx_cache"),
+                                 "extract.storage": "float32", "extract.num_shards": 1, "extract.batch_size": 16,
+                                 "extract.mode": "overwrite", "extract.progress_seconds": 60.0})
+    m = extract(folder, out, cfg, engine=None)
+    t = read_features(out)
+    order = np.argsort(np.asarray(t["image_id"].to_pylist()))
+    ids = [t["image_id"].to_pylist()[i] for i in order]
+    return m, ids, coarse_matrix(t)[order], fine_matrix(t)[order]
+
+
+def prepare_reference() -> int:
+    """``--prepare`` (on a CPU machine): write ``REF``, the CPU descriptors the GPU run is checked against."""
+    import PIL
+    import torch
+
+    folder = os.path.join(WORK, "ref_images")
+    shutil.rmtree(folder, ignore_errors=True)
+    shas = _ref_images(folder)
+    m, ids, coarse, fine = _ref_extract(folder, "cpu", runtime="torch")
+    np.savez_compressed(REF, image_id=np.asarray(ids), coarse=coarse.astype(np.float32),
+                        fine=fine.astype(np.float32), sha256=np.asarray([shas[i] for i in ids]),
+                        meta=np.asarray(json.dumps({"model_version": m["model_version"], "torch": torch.__version__,
+                                                    "pillow": PIL.__version__, "device": "cpu", "runtime": "torch"})))
+    log(f"wrote {REF}: {len(ids)} images, model_version {m['model_version']}, {os.path.getsize(REF)} bytes")
+    return 0
+
+
+def _compare(ref, ids, coarse, fine) -> dict:
+    if list(ids) != list(ref["image_id"]):
+        return {"error": "other image ids than the reference"}
+    out = {}
+    for name, got in (("coarse", coarse), ("fine", fine)):
+        want = ref[name]
+        cos = (got * want).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-12)
+        out[name] = {"max_abs_diff": float(np.abs(got - want).max()), "min_cosine": float(cos.min())}
+    return out
+
+
+def part_reference() -> dict:
+    """The extraction path's descriptors on ``DEVICE`` against the carried CPU ones (module doc, part 4)."""
+    import PIL
+
+    ref = np.load(REF)
+    meta = json.loads(str(ref["meta"]))
+    folder = os.path.join(WORK, "ref_images")
+    shutil.rmtree(folder, ignore_errors=True)
+    shas = _ref_images(folder)
+    same_bytes = [shas[i] == s for i, s in zip(ref["image_id"], ref["sha256"])]
+    res: dict = {"images": N_REF, "reference": meta, "pillow_here": PIL.__version__,
+                 "jpeg_bytes_identical": int(sum(same_bytes)), "device": DEVICE, "checks": {}}
+    precisions = ("fp32", "fp16", "bf16") if DEVICE.startswith("cuda") else ("fp32",)
+    for precision in precisions:
+        m, ids, coarse, fine = _ref_extract(folder, DEVICE, precision)
+        cmp = _compare(ref, ids, coarse, fine)
+        tol, min_cos = REF_TOL[precision]
+        cmp["within_tolerance"] = "error" not in cmp and all(
+            cmp[k]["max_abs_diff"] <= tol and cmp[k]["min_cosine"] >= min_cos for k in ("coarse", "fine"))
+        cmp["tolerance"] = {"max_abs_diff": tol, "min_cosine": min_cos}
+        cmp["model_version_equal"] = m["model_version"] == meta["model_version"]
+        cmp["runtime"] = m.get("runtime")
+        res["checks"][precision] = cmp
+        log(f"reference {precision}: {json.dumps(cmp)}")
+    fp32 = res["checks"]["fp32"]
+    res["ok"] = bool(fp32["within_tolerance"] and fp32["model_version_equal"] and all(same_bytes))
+    if not res["ok"]:
+        raise AssertionError(f"descriptors on {DEVICE} are not the CPU ones: {json.dumps(res)}")
+    return res
+
+
+def part_precision(images: str) -> dict:
+    """img/s of the extraction job with ``model.precision`` fp16 / bf16 (GPU only; fp32 is part 1)."""
+    from retrieval import config
+    from retrieval.extract.job import extract
+
+    res = {}
+    for precision in ("fp16", "bf16"):
+        cfg = config.load(overrides={**_extract_overrides(), "model.precision": precision})
+        out = os.path.join(WORK, f"features_{precision}")
+        shutil.rmtree(out, ignore_errors=True)
+        m = extract(images, out, cfg, engine=None)
+        res[precision] = {"images_per_s": m["timings"]["images_per_s"], "total_s": m["timings"]["total_s"]}
+        log(f"extract {precision}: {res[precision]}")
+    return res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,6 +511,9 @@ def part_faiss() -> dict:
 def main() -> int:
     t0 = time.monotonic()
     os.makedirs(WORK, exist_ok=True)
+    if PREPARE:
+        ensure_pyspark_stub()
+        return prepare_reference()
     summary: dict = {"small": SMALL, "python": sys.version.split()[0], "cpus": CPUS, "errors": {}}
     summary["pyspark_stub"] = ensure_pyspark_stub()
     images = os.path.join(WORK, "images")
@@ -400,8 +534,12 @@ def main() -> int:
         summary["cudnn"] = torch.backends.cudnn.version() if torch.cuda.is_available() else None
     except Exception as exc:
         summary["errors"]["torch"] = f"{exc.__class__.__name__}: {exc}"
+    if "reference" in PARTS:
+        parts.append(("reference", part_reference))
     if "extract" in PARTS:
         parts.append(("extract_job", lambda: part_extract(images)))
+        if DEVICE.startswith("cuda"):
+            parts.append(("extract_precision", lambda: part_precision(images)))
     if "bare" in PARTS:
         parts.append(("bare_forward", lambda: part_bare(images)))
     if "faiss" in PARTS:
@@ -420,7 +558,11 @@ def main() -> int:
     fq = summary.get("faiss_coarse", {}).get("queries_per_s", {})
     summary["headline"] = {
         "gpu": summary.get("gpu"), "torch": summary.get("torch"),
+        "device": DEVICE,
+        "reference_ok": summary.get("reference", {}).get("ok"),
         "extract_job_images_per_s": job,
+        "extract_job_fp16_bf16_images_per_s": {k: v.get("images_per_s") for k, v in
+                                               summary.get("extract_precision", {}).items()},
         "extract_job_wall_s": summary.get("extract_job", {}).get("wall_s"),
         "bare_forward_images_per_s": bare,
         "ratio_job_over_bare": round(job / bare, 4) if job and bare else None,

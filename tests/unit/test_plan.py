@@ -13,11 +13,15 @@ def test_plan_scales_with_images_and_cluster():
     assert big["stages"]["extract"]["wall"] == pytest.approx(100 * small["stages"]["extract"]["wall"])
     assert more["stages"]["extract"]["wall"] == pytest.approx(big["stages"]["extract"]["wall"] / 10)
     assert big["stages"]["extract"]["storage"] == pytest.approx(1e9 * RATES["feature_bytes_per_image"])
-    # model.runtime=onnx: the extraction rate measured for the onnxruntime trunk
+    # model.runtime=auto (the default) and onnx: the extraction rate measured for the onnxruntime trunk;
+    # torch: the torch rate
     onnx = plan(1_000_000_000, Cluster(executors=10), cfg=config.load(sets=["model.runtime=onnx"]))
-    assert onnx["stages"]["extract"]["wall"] == pytest.approx(
-        big["stages"]["extract"]["wall"] * RATES["extract_images_per_core_s"] / RATES["extract_images_per_core_s_onnx"])
-    assert "model.runtime=onnx" in big["stages"]["extract"]["basis"]
+    torch_ = plan(1_000_000_000, Cluster(executors=10), cfg=config.load(sets=["model.runtime=torch"]))
+    assert onnx["stages"]["extract"]["wall"] == pytest.approx(big["stages"]["extract"]["wall"])
+    assert big["stages"]["extract"]["wall"] == pytest.approx(
+        torch_["stages"]["extract"]["wall"] * RATES["extract_images_per_core_s"] / RATES["extract_images_per_core_s_onnx"])
+    assert "model.runtime=auto" in big["stages"]["extract"]["basis"]
+    assert "model.runtime=auto" in torch_["stages"]["extract"]["basis"]     # what the default would take
     gpu = plan(1_000_000_000, Cluster(executors=10, gpus=8))
     assert "ASSUMED" in gpu["stages"]["extract"]["basis"]
     assert index_params(1_000_000_000)["nlist"] == 131072
