@@ -1,0 +1,177 @@
+"""The PDQ hash index beside the IVF-PQ shards (``<index>/pdq/``), built by ``retrieval index`` when
+the gallery features carry PDQ hashes (``extract.pdq=true``), read by ``retrieval pdq match``.
+
+Files (each listed with its sha256 in the index manifest's ``pdq`` block):
+
+- ``pdq/hashes.parquet``: one row per indexed image, ``image_id``, ``uri``, ``pdq``, ``pdq_quality``;
+  the row number is the id in the binary indexes;
+- ``pdq/hashes.index``: a faiss ``IndexBinaryMultiHash`` over the hashes: the 256 bits cut into
+  :data:`NHASH` substrings of 16 bits, each a hash table. A range search within ``r`` bits probes
+  every key within ``nflip = r // NHASH`` bits of each substring: two hashes within ``r`` bits agree
+  to within ``r // NHASH`` bits on at least one substring (pigeonhole), so the search finds every
+  hash within ``r`` bits; it is exact, not an approximation (the build measures it against a
+  brute-force scan and records the recall in the manifest);
+- ``pdq/dihedral.index``: the same over the 7 rotations / flips of every image (id = row x 7 +
+  variant, :data:`retrieval.hashing.DIHEDRAL` order), searched with ``pdq.dihedral=true``.
+
+The index holds every feature file's rows (old and new): an append rebuilds it (seconds per
+million hashes, measured in tests/bench/bench_pdq.py). Duplicate image ids follow
+``index.duplicates`` (skip: the first row, in feature-file order).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval import fsio, hashing
+from retrieval.index.reader import FeatureFile
+
+log = logging.getLogger(__name__)
+
+DIR = "pdq"
+NHASH = 16                      # substrings of 256 / NHASH = 16 bits
+HASHES, PRIMARY, DIHEDRAL = f"{DIR}/hashes.parquet", f"{DIR}/hashes.index", f"{DIR}/dihedral.index"
+HASH_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("pdq", pa.binary(32)),
+                         ("pdq_quality", pa.int32())])
+RECALL_QUERIES = 500
+
+
+def file_hashes(storage_options: dict | None, f: FeatureFile) -> pa.Table | None:
+    """A task: one feature file's hash columns (None: the file carries no PDQ hashes)."""
+    fsio.configure(storage_options)
+    names = fsio.parquet_file(f.url).schema_arrow.names
+    if "pdq" not in names:
+        return None
+    return fsio.read_parquet(f.url, columns=["image_id", "uri", "pdq", "pdq_quality", "pdq_dihedral"])
+
+
+def _select(tables: list[pa.Table], duplicates: str) -> pa.Table:
+    """The rows to index: non-null hashes; with ``duplicates=skip`` the first row of each image id."""
+    table = pa.concat_tables(tables)
+    keep = np.asarray(table.column("pdq").is_valid())
+    if duplicates == "skip":
+        _, first = np.unique(np.asarray(table.column("image_id").to_pylist(), dtype=object), return_index=True)
+        once = np.zeros(table.num_rows, bool)
+        once[first] = True
+        keep &= once
+    return table.filter(pa.array(keep))
+
+
+def multihash(codes: np.ndarray) -> Any:
+    import faiss
+
+    index = faiss.IndexBinaryMultiHash(hashing.BITS, NHASH, hashing.BITS // NHASH)
+    if len(codes):
+        index.add(np.ascontiguousarray(codes, dtype=np.uint8))
+    return index
+
+
+def range_search(index: Any, queries: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lims, distances, ids) of every indexed hash within ``max_distance`` bits of each query
+    (faiss's radius is exclusive: ``max_distance + 1``). ``nflip`` as the module doc says: exact."""
+    import faiss
+
+    if isinstance(index, faiss.IndexBinaryMultiHash):
+        index.nflip = max(0, int(max_distance) // index.nhash)
+    lims, dist, ids = index.range_search(np.ascontiguousarray(queries, dtype=np.uint8), int(max_distance) + 1)
+    return lims, dist.astype(np.int32), ids
+
+
+def measured_recall(index: Any, codes: np.ndarray, max_distance: int, seed: int = 0,
+                    n: int = RECALL_QUERIES) -> dict:
+    """The index's recall against a brute-force scan (``IndexBinaryFlat``) for queries made from
+    indexed hashes with 0..``max_distance`` random bits flipped."""
+    import faiss
+
+    if not len(codes):
+        return {"queries": 0}
+    rng = np.random.default_rng(seed)
+    queries = codes[rng.integers(0, len(codes), min(n, len(codes)))].copy()
+    bits = np.unpackbits(queries, axis=1)
+    for row, k in zip(bits, rng.integers(0, max_distance + 1, len(bits))):
+        flip = rng.choice(hashing.BITS, int(k), replace=False)
+        row[flip] ^= 1
+    queries = np.packbits(bits, axis=1)
+    flat = faiss.IndexBinaryFlat(hashing.BITS)
+    flat.add(codes)
+    t = time.monotonic()
+    lims, _, ids = range_search(index, queries, max_distance)
+    t_index = time.monotonic() - t
+    t = time.monotonic()
+    flims, _, fids = range_search(flat, queries, max_distance)
+    t_flat = time.monotonic() - t
+    found = sum(len(set(ids[lims[i]:lims[i + 1]]) & set(fids[flims[i]:flims[i + 1]])) for i in range(len(queries)))
+    return {"queries": len(queries), "max_distance": int(max_distance), "pairs_brute_force": int(flims[-1]),
+            "recall_vs_brute_force": round(found / max(int(flims[-1]), 1), 6),
+            "index_ms_per_query": round(1000 * t_index / len(queries), 4),
+            "brute_force_ms_per_query": round(1000 * t_flat / len(queries), 4)}
+
+
+def build(engine: Any, files: Sequence[FeatureFile], output_url: str, duplicates: str,
+          storage_options: dict | None, every: float = 10.0) -> dict | None:
+    """Build ``<index>/pdq/`` from every feature file that carries PDQ hashes; the manifest's ``pdq``
+    block (None: no file carries them, nothing is written)."""
+    import faiss
+
+    t0 = time.monotonic()
+    tables = engine.map(functools.partial(file_hashes, storage_options), list(files), "index pdq", every)
+    with_hashes = [t for t in tables if t is not None]
+    if not with_hashes:
+        return None
+    if len(with_hashes) < len(tables):
+        log.warning("index pdq: %d of %d feature files carry no PDQ hashes (extracted without extract.pdq): "
+                    "their images are not in the PDQ index", len(tables) - len(with_hashes), len(tables))
+    table = _select(with_hashes, duplicates)
+    codes = hashing.matrix(table.column("pdq").to_pylist())
+    primary = multihash(codes)
+    dihedral = multihash(hashing.matrix(b"".join(table.column("pdq_dihedral").to_pylist())))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.select(HASH_SCHEMA.names).cast(HASH_SCHEMA), sink)
+    files_out = {}
+    for name, data in ((HASHES, sink.getvalue().to_pybytes()),
+                       (PRIMARY, faiss.serialize_index_binary(primary).tobytes()),
+                       (DIHEDRAL, faiss.serialize_index_binary(dihedral).tobytes())):
+        fsio.write_bytes(fsio.join(output_url, name), data)
+        files_out[name] = {"file": name, "sha256": fsio.sha256_bytes(data), "bytes": len(data)}
+    build_s = time.monotonic() - t0
+    recall = measured_recall(primary, codes, hashing.DEFAULT_MAX_DISTANCE)
+    log.info("index pdq: %d hashes (+%d dihedral) in %.1fs; recall vs brute force %s", len(codes),
+             dihedral.ntotal, build_s, recall.get("recall_vs_brute_force"))
+    return {"count": len(codes), "dihedral": int(dihedral.ntotal), "index": f"IndexBinaryMultiHash(nhash={NHASH}, b=16)",
+            "files": [files_out[n] for n in (HASHES, PRIMARY, DIHEDRAL)], "quality": recall,
+            "build_s": round(build_s, 3)}
+
+
+@dataclass
+class PdqIndex:
+    """The loaded ``<index>/pdq/``: the hash rows and the two binary indexes."""
+    hashes: pa.Table
+    primary: Any
+    dihedral: Any
+
+
+def load(index_url: str, manifest: dict) -> PdqIndex:
+    """Read ``<index>/pdq/`` (files checked against the manifest's sha256); a clear error when the
+    index has no PDQ hashes."""
+    import faiss
+
+    block = manifest.get("pdq")
+    if not block:
+        raise ValueError(f"{index_url} has no PDQ hash index: extract the gallery with --set extract.pdq=true, "
+                         "then build the index again")
+    data = {}
+    for f in block["files"]:
+        raw = fsio.read_bytes(fsio.join(index_url, f["file"]))
+        if fsio.sha256_bytes(raw) != f["sha256"]:
+            raise ValueError(f"{fsio.join(index_url, f['file'])} does not match the sha256 in the index manifest")
+        data[f["file"]] = raw
+    hashes = pq.read_table(pa.BufferReader(data[HASHES]))
+    as_index = lambda raw: faiss.deserialize_index_binary(np.frombuffer(raw, dtype=np.uint8))  # noqa: E731
+    return PdqIndex(hashes=hashes, primary=as_index(data[PRIMARY]), dihedral=as_index(data[DIHEDRAL]))
