@@ -81,7 +81,7 @@ def range_search(index: Any, queries: np.ndarray, max_distance: int) -> tuple[np
     if isinstance(index, faiss.IndexBinaryMultiHash):
         index.nflip = max(0, int(max_distance) // index.nhash)
     lims, dist, ids = index.range_search(np.ascontiguousarray(queries, dtype=np.uint8), int(max_distance) + 1)
-    return lims, dist.astype(np.int32), ids
+    return lims.astype(np.int64), dist.astype(np.int32), ids.astype(np.int64)
 
 
 def measured_recall(index: Any, codes: np.ndarray, max_distance: int, seed: int = 0,
