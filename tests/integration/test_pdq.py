@@ -4,6 +4,7 @@ retrieval pdq export -> match round-trips; local and Spark engines agree."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -121,6 +122,13 @@ def test_export_match_round_trip_finds_the_same_images(built, tmp_path):
     for qid, r in top.items():
         assert r["gallery_id"] == qid and r["distance"] == 0 and r["score"] == 1.0 and r["signal"] == "pdq"
     assert all(0 <= d <= 31 for d in res.column("distance").to_pylist())
+    # the report reads the match output as it reads a search output, and says what the score is
+    assert cli.main(["report", "--results", str(tmp_path / "m"), "--output", str(tmp_path / "r"),
+                     "--engine", "local"]) == 0
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "PDQ distance 0 bits" in html and "PDQ hash matches" in html and "coarse 1.000" not in html
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["thresholds"]["source"] == "pdq" and summary["counts"]["flagged_queries"] == N_GALLERY
 
 
 def _query_list(photos, tmp_path) -> str:
