@@ -325,6 +325,9 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
                             + rerank_basis,
                    "storage": queries * 10 * 120.0, "memory_per_task": memory, "rerank": rr},
     }
+    if cfg["extract.pdq"]:          # PDQ hashes: the index beside the shards and one list match
+        from retrieval.index.pdq import plan_line
+        stages["pdq"] = plan_line(n, cores, int(cfg["pdq.chunk_rows"]))
     warnings = [f"{name}: {_fmt_bytes(s['memory_per_task'])} per task > {mem_gb:.1f} GB per core"
                 for name, s in stages.items() if s["memory_per_task"] > mem_gb * 1e9]
     warnings += _search_warnings(rr, chunks, rerank_read_s, rerank_compute_s)

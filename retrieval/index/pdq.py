@@ -175,3 +175,32 @@ def load(index_url: str, manifest: dict) -> PdqIndex:
     hashes = pq.read_table(pa.BufferReader(data[HASHES]))
     as_index = lambda raw: faiss.deserialize_index_binary(np.frombuffer(raw, dtype=np.uint8))  # noqa: E731
     return PdqIndex(hashes=hashes, primary=as_index(data[PRIMARY]), dihedral=as_index(data[DIHEDRAL]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the capacity plan's line (retrieval/plan.py): rates measured by tests/bench/bench_pdq.py --skip-quality
+PLAN_RATES = {
+    # IndexBinaryMultiHash(16 x 16 bits): hashes added per second, one core (the driver builds it)
+    "pdq_add_hashes_per_s": 0.0,
+    # its serialized bytes per hash (32 B of code + the 16 hash tables' entries)
+    "pdq_index_bytes_per_hash": 0.0,
+    # a listed hash's range search <= 31 bits against 1M gallery hashes, ms per core; the buckets
+    # fill linearly with N (16-bit keys), so it grows ~ linearly above a few million
+    "pdq_match_ms_per_hash_1m": 0.0,
+}
+PLAN_LIST = 1_000_000       # the partner list the plan line assumes
+
+
+def plan_line(n: int, cores: int, chunk_rows: int = 100_000) -> dict:
+    """The plan's ``pdq`` stage: build (driver, primary + 7 dihedral hashes per image), storage, and
+    one match of a :data:`PLAN_LIST`-hash list (every task loads the whole PDQ index)."""
+    r = PLAN_RATES
+    hashes = 8 * n
+    build_s = hashes / r["pdq_add_hashes_per_s"]
+    match_s = PLAN_LIST * r["pdq_match_ms_per_hash_1m"] / 1000 * max(1.0, n / 1e6) / max(1, cores)
+    size = hashes * r["pdq_index_bytes_per_hash"]
+    return {"tasks": max(1, -(-PLAN_LIST // chunk_rows)), "wall": build_s + match_s, "storage": size,
+            "memory_per_task": 1.2 * size,
+            "basis": (f"PDQ index (extract.pdq): build on the driver {build_s:,.0f} s ({hashes:.3g} hashes incl. "
+                      f"dihedral at {r['pdq_add_hashes_per_s']:,.0f}/s); match a {PLAN_LIST:,}-hash list "
+                      f"{match_s:,.0f} s; one unsharded index per task: a 1e9 gallery needs it sharded (not built)")}

@@ -187,3 +187,17 @@ def test_cli_pdq_export_and_match_and_their_errors(built, tmp_path, capsys):
                      str(tmp_path / "m3"), "--engine", "local", "--set", "pdq.max_distance=0"]) == 0
     res = read_results(str(tmp_path / "m3"))
     assert set(res.column("distance").to_pylist()) == {0}
+
+
+def test_spark_extracts_and_indexes_the_same_hashes(spark, photos, built, tmp_path):
+    feats, index = str(tmp_path / "feats"), str(tmp_path / "index")
+    m = extract(photos["gallery"], feats, cfg(), spark)
+    assert m["engine"] == "spark" and m["pdq"] is True
+    cols = ["image_id", "pdq", "pdq_quality", "pdq_dihedral"]
+    assert read_features(feats, columns=cols).equals(read_features(built["features"], columns=cols))
+    spark_block = build_index(feats, index, cfg(), spark)["pdq"]
+    local_block = read_index_manifest(built["index"])["pdq"]
+    # the same hashes and binary indexes (the hash rows' uris differ: other feature outputs' paths)
+    assert [f["sha256"] for f in spark_block["files"][1:]] == [f["sha256"] for f in local_block["files"][1:]]
+    assert pq.read_table(os.path.join(index, "pdq", "hashes.parquet")).select(["image_id", "pdq"]).equals(
+        pq.read_table(os.path.join(built["index"], "pdq", "hashes.parquet")).select(["image_id", "pdq"]))
