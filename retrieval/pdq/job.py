@@ -116,6 +116,7 @@ class MatchJob:
     dihedral: bool
     top_k: int
     storage_options: dict | None
+    nflip: int | str = 0
 
 
 _LOADED: dict[str, Any] = {}      # a task process's loaded PDQ index, by index URL + manifest sha
@@ -131,14 +132,14 @@ def _index_of(job: MatchJob) -> pdq_index.PdqIndex:
 
 
 def nearest(index: pdq_index.PdqIndex, queries: np.ndarray, max_distance: int, dihedral: bool,
-            top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            top_k: int, nflip: int | str = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(query row, gallery row, distance) of every gallery image within ``max_distance`` bits of each
     query (with ``dihedral``: of any of its 8 rotations / flips, the smallest distance), at most
     ``top_k`` per query, by query then distance then gallery row."""
-    lims, dist, ids = pdq_index.range_search(index.primary, queries, max_distance)
+    lims, dist, ids = pdq_index.range_search(index.primary, queries, max_distance, nflip)
     q = np.repeat(np.arange(len(queries)), np.diff(lims))
     if dihedral:
-        dl, dd, di = pdq_index.range_search(index.dihedral, queries, max_distance)
+        dl, dd, di = pdq_index.range_search(index.dihedral, queries, max_distance, nflip)
         q = np.concatenate([q, np.repeat(np.arange(len(queries)), np.diff(dl))])
         ids, dist = np.concatenate([ids, di // len(hashing.DIHEDRAL)]), np.concatenate([dist, dd])
     order = np.lexsort((ids, dist, q))
@@ -163,7 +164,7 @@ def match_chunk(job: MatchJob, item: tuple[int, pa.Table]) -> dict:
     fsio.configure(job.storage_options)
     index = _index_of(job)
     q, g, d = nearest(index, hashing.matrix(rows.column("hash").to_pylist()), job.max_distance, job.dihedral,
-                      job.top_k)
+                      job.top_k, job.nflip)
     rank = (np.arange(len(q)) - np.searchsorted(q, q) + 1).astype(np.int32)
     score = pa.array(hashing.similarity(d), pa.float32())
     table = conform_results(pa.table({
@@ -201,7 +202,8 @@ def match(hash_list_url: str, index_url: str, output: str, cfg: Config, engine: 
     chunks = [(i, rows.slice(start, step)) for i, start in enumerate(range(0, rows.num_rows, step))]
     fsio.remove_stale(output, "part", ("errors",), keep=set(range(len(chunks))))
     job = MatchJob(index_url=index_url, output=output, max_distance=int(pcfg["max_distance"]),
-                   dihedral=bool(pcfg["dihedral"]), top_k=int(pcfg["top_k"]), storage_options=cfg["io.storage_options"])
+                   dihedral=bool(pcfg["dihedral"]), top_k=int(pcfg["top_k"]), storage_options=cfg["io.storage_options"],
+                   nflip="auto" if pcfg["exact"] else 0)
     t1 = time.monotonic()
     files = engine.map(functools.partial(match_chunk, job), chunks, "pdq match", float(pcfg["progress_seconds"]))
     t_match = time.monotonic() - t1
@@ -217,7 +219,7 @@ def match(hash_list_url: str, index_url: str, output: str, cfg: Config, engine: 
     return outputs.commit(output, "pdq", {
         "action": "match", "hash_list": hash_list_url, "index": index_url, "output": output,
         "schema": RESULT_SCHEMA.to_string(), "schema_version": RESULT_SCHEMA_VERSION, "signal": "pdq",
-        "params": {"max_distance": job.max_distance, "dihedral": job.dihedral, "top_k": job.top_k,
+        "params": {"max_distance": job.max_distance, "dihedral": job.dihedral, "top_k": job.top_k, "nflip": job.nflip,
                    "min_quality": int(pcfg["min_quality"])},
         "files": [{k: f[k] for k in ("file", "sha256", "rows")} for f in files],
         "errors_file": {"file": "errors/part-00000.parquet", "sha256": fsio.sha256_bytes(err_data)},

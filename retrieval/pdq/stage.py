@@ -53,6 +53,7 @@ STAGE = Stage(
         "pdq.dihedral": choice(True, False),
         "pdq.min_quality": between(0, 100),
         "pdq.top_k": positive,
+        "pdq.exact": choice(True, False),
         "pdq.chunk_rows": positive,
         "pdq.progress_seconds": non_negative,
     },

@@ -159,6 +159,28 @@ def cost(n: int, queries: int = 1000, seed: int = 0) -> None:
     print(json.dumps({"n": n, "build_s": round(build_s, 2), "bytes": size, **recall}))
 
 
+def hash_cost(data: str, n: int = 120, rounds: int = 3) -> None:
+    """Per image: the model's decode + resize (draft) vs the PDQ hash's full decode + hash, alternated
+    over the same files in one process (a shared machine: the ratio, not the absolute times)."""
+    from retrieval.extract.preprocess import DecodePolicy, pdq_of, prepare
+
+    files = sorted(os.listdir(os.path.join(data, "test", "gallery")))[:n]
+    blobs = [open(os.path.join(data, "test", "gallery", f), "rb").read() for f in files]
+    times = {"prepare": 0.0, "pdq": 0.0}
+    for _ in range(rounds):
+        for b in blobs:
+            t = time.perf_counter()
+            prepare(b, (224,), "squash", DecodePolicy())
+            times["prepare"] += time.perf_counter() - t
+            t = time.perf_counter()
+            pdq_of(b)
+            times["pdq"] += time.perf_counter() - t
+    k = len(blobs) * rounds
+    print(f"\n### Hash cost per image ({len(blobs)} test gallery JPEGs x {rounds}, alternated)\n")
+    print(f"- model input (draft decode + resize to 224): {1000 * times['prepare'] / k:.2f} ms; PDQ (full decode + "
+          f"hash + 7 dihedral): {1000 * times['pdq'] / k:.2f} ms ({times['pdq'] / times['prepare']:.2f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="/work/quality_data")
@@ -171,6 +193,7 @@ def main() -> None:
     if not args.skip_quality:
         quality(args)
     if not args.skip_cost:
+        hash_cost(args.data)
         cost(args.cost_n)
 
 

@@ -55,3 +55,9 @@ def test_multihash_range_search_equals_brute_force(max_distance):
     assert lims[-1] > 0
     recall = pdq_index.measured_recall(index, gallery, max_distance, n=200)
     assert recall["recall_vs_brute_force"] == 1.0 and recall["queries"] == 200
+    # nflip=0 (the fast default) finds a subset, with its true distances, and most of the pairs
+    lims0, dist0, ids0 = pdq_index.range_search(index, queries, max_distance, nflip=0)
+    for i in range(len(queries)):
+        for j, d in zip(ids0[lims0[i]:lims0[i + 1]], dist0[lims0[i]:lims0[i + 1]]):
+            assert brute[i, j] == d <= max_distance
+    assert lims0[-1] >= 0.9 * lims[-1]
