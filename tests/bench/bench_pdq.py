@@ -78,16 +78,23 @@ def split_signals(data: str, split: str, work: str, engine: str) -> dict:
     query_features = json.load(open(f"{w}/search/_manifest.json"))["query_features"]
     run("pdq", "export", "--features", query_features, "--output", f"{w}/queries.csv", "--overwrite", sets=sets,
         engine=engine, log=log)
-    for dihedral in ("false", "true"):
+    for dihedral, exact in (("false", "false"), ("true", "false"), ("false", "true")):
+        tag = f"d{dihedral}" + ("_exact" if exact == "true" else "")
         r = run("pdq", "match", "--hash-list", f"{w}/queries.csv", "--index", f"{w}/index", "--output",
-                f"{w}/pdq_d{dihedral}", "--overwrite", sets=sets + [f"pdq.dihedral={dihedral}"], engine=engine, log=log)
-        t[f"pdq match dihedral={dihedral} s"] = round(r["_seconds"], 1)
+                f"{w}/pdq_{tag}", "--overwrite", sets=sets + [f"pdq.dihedral={dihedral}", f"pdq.exact={exact}"],
+                engine=engine, log=log)
+        t[f"pdq match dihedral={dihedral} exact={exact} s"] = round(r["_seconds"], 1)
+    pairs = {tag: {(q, g) for q, g in zip(*read_results(f"{w}/pdq_{tag}").select(["query_id", "gallery_id"])
+                                          .to_pydict().values())} for tag in ("dfalse", "dfalse_exact")}
     truth = read_truth(pipeline_truth(sd, w))
     return {"truth": truth, "edits": read_edits(sd), "timings": t,
             "descriptor": best_by_query(read_results(f"{w}/search"), "score", True),
             "pdq": best_by_query(read_results(f"{w}/pdq_dfalse"), "distance", False),
             "pdq8": best_by_query(read_results(f"{w}/pdq_dtrue"), "distance", False),
-            "index": json.load(open(f"{w}/index/_manifest.json")).get("pdq")}
+            "index": json.load(open(f"{w}/index/_manifest.json")).get("pdq"),
+            "fast_vs_exact": {"pairs_exact": len(pairs["dfalse_exact"]), "pairs_fast": len(pairs["dfalse"]),
+                              "recall": round(len(pairs["dfalse"] & pairs["dfalse_exact"]) /
+                                              max(1, len(pairs["dfalse_exact"])), 4)}}
 
 
 def flags(s: dict, thr: float) -> dict[str, dict[str, str]]:
@@ -133,6 +140,8 @@ def quality(args) -> None:
     print(f"\n### PDQ vs descriptor, test split (descriptor threshold {thr:.4f}: 90% precision on tune)\n")
     print("\n".join(table(test, thr)))
     print("\ntimings (test):", json.dumps(test["timings"]), "\nPDQ index (test):", json.dumps(test["index"]))
+    print("pdq match pairs, fast (pdq.exact=false) vs exact, test:", json.dumps(test["fast_vs_exact"]),
+          "tune:", json.dumps(tune["fast_vs_exact"]))
 
 
 def cost(n: int, queries: int = 1000, seed: int = 0) -> None:

@@ -61,3 +61,15 @@ def test_multihash_range_search_equals_brute_force(max_distance):
         for j, d in zip(ids0[lims0[i]:lims0[i + 1]], dist0[lims0[i]:lims0[i + 1]]):
             assert brute[i, j] == d <= max_distance
     assert lims0[-1] >= 0.9 * lims[-1]
+
+
+def test_the_plan_has_a_pdq_line_only_with_extract_pdq():
+    from retrieval import config
+    from retrieval.plan import Cluster, plan
+
+    off = plan(1_000_000_000, Cluster(), cfg=config.load())
+    on = plan(1_000_000_000, Cluster(), cfg=config.load(sets=["extract.pdq=true"]))
+    assert "pdq" not in off["stages"]
+    line = on["stages"]["pdq"]
+    assert line["storage"] == pytest.approx(8e9 * pdq_index.PLAN_RATES["pdq_index_bytes_per_hash"])
+    assert "needs it sharded" in line["basis"] and any(w.startswith("pdq:") for w in on["warnings"])
