@@ -131,6 +131,11 @@ def test_export_match_round_trip_finds_the_same_images(built, tmp_path):
     assert "PDQ distance 0 bits" in html and "PDQ hash matches" in html and "coarse 1.000" not in html
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["thresholds"]["source"] == "pdq" and summary["counts"]["flagged_queries"] == N_GALLERY
+    # and evaluate: every listed image's rank-1 match is itself
+    truth = tmp_path / "truth.csv"
+    truth.write_text("query_id,gallery_id\n" + "".join(f"{r['image_id']},{r['image_id']}\n" for r in rows))
+    assert cli.main(["evaluate", "--results", str(tmp_path / "m"), "--truth", str(truth), "--engine", "local"]) == 0
+    assert json.loads((tmp_path / "m.eval" / "metrics.json").read_text())["recall@1"] == 1.0
 
 
 def _query_list(photos, tmp_path) -> str:
