@@ -28,5 +28,7 @@ def read_results_manifest(output_url: str, hint: str = "") -> dict:
     """The manifest of a complete search output or PDQ match output (``stage`` says which)."""
     try:
         return outputs.read(output_url, "search", hint=hint)
-    except outputs.WrongStageError:
+    except outputs.WrongStageError as exc:
+        if "stage is 'pdq'" not in str(exc):      # another stage's output: the search's error
+            raise
         return outputs.read(output_url, "pdq", hint=hint)
