@@ -41,6 +41,8 @@ setup(
         "test": ["pytest>=8", "scikit-image>=0.22", "moto[server]>=5", "s3fs>=2024.1", "venv-pack>=0.2",
                  "onnxruntime>=1.17", "onnx>=1.16", "duckdb>=1.0",
                  "augly==1.0.0", "iopath>=0.1.8", "python-magic>=0.4.22", "regex>=2021.4.4"],
+        # extract.pdq / retrieval pdq: PDQ hashes (builds the reference C++ from source: g++, ~1 minute)
+        "pdq": ["pdqhash==0.2.8"],
         # scripts/package_env.sh: the relocatable environment archive for spark-submit --archives
         "cluster": ["venv-pack>=0.2"],
     },

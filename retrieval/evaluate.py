@@ -223,7 +223,7 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
              overwrite: bool = False) -> dict:
     """Write ``metrics.json`` and ``pr_curve.png`` under ``output_url`` (default
     ``<results>.eval``, beside the results, not in them); returns the metrics."""
-    from retrieval.search.results import read_results
+    from retrieval.search.results import read_results, read_results_manifest
     from retrieval.search.normalize import score_column
 
     t0 = time.monotonic()
@@ -236,7 +236,7 @@ def evaluate(results_url: str, truth_url: str, output_url: str | None, cfg, exac
     outputs.begin(output_url)
     results = read_results(results_url)
     truth = read_truth(truth_url)
-    search_manifest = outputs.read(results_url, "search")
+    search_manifest = read_results_manifest(results_url)     # a search's, or a pdq match's
     column = score_column(search_manifest)
     d = results.select(["query_id", "rank", "gallery_id", column]).to_pydict()
     metrics, curve = evaluate_results(d["query_id"], d["rank"], d["gallery_id"], d[column], truth,

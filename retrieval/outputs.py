@@ -50,7 +50,7 @@ LEGACY_MARKERS = {"index": "manifest.json"}      # stage -> the marker name it h
 # what each stage's output is called in error messages, and the command that makes one
 WHAT = {"extract": ("feature output", "retrieval extract"), "index": ("index", "retrieval index"),
         "search": ("search output", "retrieval search"), "evaluate": ("evaluation", "retrieval evaluate"),
-        "report": ("report", "retrieval report")}
+        "report": ("report", "retrieval report"), "pdq": ("PDQ match output", "retrieval pdq match")}
 
 
 _WARNED: set[str] = set()     # old-name markers already warned about in this process
@@ -183,6 +183,7 @@ SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "report": (("report",), ("report.thumbnail_threads",)),
     "train": (("model", "preprocess", "train"), ("train.checkpoint_every", "train.keep_checkpoints")),
     "export": (("model", "preprocess"), ("model.runtime", "model.onnx_file")),
+    "pdq": (("pdq",), ("pdq.chunk_rows",)),
     # retrieval run: its inputs only (a changed setting reruns the stages it changes, inside the run)
     "run": ((), ()),
 }

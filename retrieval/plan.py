@@ -269,6 +269,11 @@ def _takedowns(n: int, files: int, feature_bytes: float, read_bw: float, cores: 
         f"<= {_fmt_time(compact_s)}")}
 
 
+def _pdq_line(n: int, cores: int, cfg) -> dict:
+    from retrieval.index.pdq import plan_line     # its rates: retrieval/index/pdq.py PLAN_RATES
+    return plan_line(n, cores, int(cfg["pdq.chunk_rows"]))
+
+
 def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: int | str = "auto",
          vectors_per_index_shard: int = 10_000_000, images_per_feature_shard: int = 250_000,
          query_chunk: int = 8192, row_group_size: int = 1024, cfg=None) -> dict:
@@ -295,8 +300,7 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
     bpv = ip["bytes_per_vector"] if ip["fast_scan"] else r["index_bytes_per_vector"]
     index_bytes = n * bpv
     shard_bytes = min(n, vectors_per_index_shard) * bpv
-    # search, coarse: every (query, shard group) assigns the query once, then each shard scans
-    # nprobe lists
+    # search, coarse: every (query, shard group) assigns the query once, then each shard scans nprobe lists
     shard_cache = int(cfg["search.shard_cache"])
     groups = math.ceil(index_shards / max(1, shard_cache))
     codes_scanned = queries * ip["nprobe"] * n / ip["nlist"]
@@ -342,7 +346,9 @@ def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: in
                             f"shuffle {k_shard} per shard: {_fmt_bytes(shuffle_bytes)} {_fmt_time(shuffle_s)}); "
                             + rerank_basis,
                    "storage": queries * 10 * 120.0, "memory_per_task": memory, "rerank": rr},
-        "remove": _takedowns(n, feature_shards, feature_bytes, read_bw, cores, add_s, coarse_s + rerank_s)}
+        "remove": _takedowns(n, feature_shards, feature_bytes, read_bw, cores, add_s, coarse_s + rerank_s),
+        **({"pdq": _pdq_line(n, cores, cfg)} if cfg["extract.pdq"] else {}),     # the PDQ index (extract.pdq)
+    }
     warnings = [f"{name}: {_fmt_bytes(s['memory_per_task'])} per task > {mem_gb:.1f} GB per core"
                 for name, s in stages.items() if s["memory_per_task"] > mem_gb * 1e9]
     warnings += _search_warnings(rr, chunks, rerank_read_s, rerank_compute_s)

@@ -30,6 +30,7 @@ STAGE_MODULES: list[str] = [
     "retrieval.index.stage",
     "retrieval.search.stage",
     "retrieval.remove.stage",
+    "retrieval.pdq.stage",
     "retrieval.evaluate",
     "retrieval.report.stage",
     "retrieval.train.stage",

@@ -16,6 +16,14 @@ fine_scale     float32 (only with storage=int8)        ``fine_float = fine_int8 
 width, height  int32                                   original size, after EXIF orientation
 model_version  string                                  fingerprint of the encoder
 role           string                                  gallery | query
+pdq            fixed_size_binary[32] (only with        PDQ hash of the FULL decoded image (not the
+               ``extract.pdq=true``)                   model's draft-decoded, resized input): 256
+                                                       bits, most significant first; hex = the
+                                                       64-digit form hash lists exchange
+pdq_quality    int32 (idem)                            PDQ quality 0-100 (under 50: a flat image,
+                                                       its hash is unreliable)
+pdq_dihedral   fixed_size_binary[224] (idem)           the hashes of the 7 rotations / flips of the
+                                                       image (retrieval/hashing.py DIHEDRAL order)
 =============  ======================================  ===========================================
 
 ``int8`` storage quantises each fine vector symmetrically with its own scale
@@ -41,7 +49,9 @@ ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("err
 # ``retrieval.schema_version``): 1 = up to norm_score; 2 = + fmr, fmr_query (estimated false-match
 # rates, null without a background: retrieval/search/calibrate.py) and three columns reserved for
 # later issues: query_region (the query region a match comes from; null = the whole image), signal
-# (what scored the match: "descriptor" today) and distance (a hash distance; null for descriptors).
+# (what scored the match: "descriptor", or "pdq" for the rows of `retrieval pdq match`) and distance
+# (a hash distance: the PDQ Hamming distance, 0-256; null for descriptors). A "pdq" row's score and
+# coarse_score are the hashes' cosine as +-1 vectors, 1 - 2 distance / 256 (retrieval/hashing.py).
 RESULT_SCHEMA_VERSION = 2
 SCHEMA_VERSION_KEY = b"retrieval.schema_version"
 RESULT_SCHEMA = pa.schema([
@@ -52,8 +62,8 @@ RESULT_SCHEMA = pa.schema([
     ("fmr", pa.float64()),            # P(one unrelated gallery image scores >= norm_score) (null: no background)
     ("fmr_query", pa.float64()),      # P(>= 1 of the gallery's images does, none being related) (null: idem)
     ("query_region", pa.string()),    # reserved (regions): null = the whole query image
-    ("signal", pa.string()),          # what scored the match: "descriptor"
-    ("distance", pa.int32()),         # reserved (hash signals): null for descriptor matches
+    ("signal", pa.string()),          # what scored the match: "descriptor" | "pdq"
+    ("distance", pa.int32()),         # "pdq": the Hamming distance; null for descriptor matches
 ], metadata={SCHEMA_VERSION_KEY: str(RESULT_SCHEMA_VERSION).encode()})
 # columns a result file must have (version 1 outputs, and those written before norm_score existed, lack the rest)
 RESULT_REQUIRED = ("query_id", "rank", "gallery_id", "score", "coarse_score", "query_uri", "gallery_uri")
@@ -84,7 +94,7 @@ DICTIONARY_COLUMNS = ["image_id", "uri", "model_version", "role"]
 # vector columns are stored uncompressed: zstd saves ~8% on int8 codes and float32 vectors but
 # made reading them 5x slower (45 vs 9 ms per 125,000 rows of int8 codes), and the search reads
 # every gallery row group it reranks from; the other columns are zstd-compressed
-RAW_COLUMNS = ("coarse", "fine", "fine_scale")
+RAW_COLUMNS = ("coarse", "fine", "fine_scale", "pdq", "pdq_dihedral")
 # bumped when the bytes of feature files change (benchmarks key their cached data on it):
 # 2 = int8 codes as fixed_size_binary, 3 = vector columns uncompressed
 FEATURE_LAYOUT = 3
@@ -95,7 +105,11 @@ def feature_compression(schema: pa.Schema) -> dict[str, str]:
     return {name: ("none" if name in RAW_COLUMNS else "zstd") for name in schema.names}
 
 
-def feature_schema(coarse_dim: int = 128, fine_dim: int = 512, storage: str = "float32") -> pa.Schema:
+PDQ_COLUMNS = ("pdq", "pdq_quality", "pdq_dihedral")
+
+
+def feature_schema(coarse_dim: int = 128, fine_dim: int = 512, storage: str = "float32",
+                   pdq: bool = False) -> pa.Schema:
     fine_type = pa.binary(fine_dim) if storage == "int8" else pa.list_(pa.float32(), fine_dim)
     fields = [
         ("image_id", pa.string()),
@@ -107,6 +121,8 @@ def feature_schema(coarse_dim: int = 128, fine_dim: int = 512, storage: str = "f
         fields.append(("fine_scale", pa.float32()))
     fields += [("width", pa.int32()), ("height", pa.int32()), ("model_version", pa.string()),
                ("role", pa.string())]
+    if pdq:
+        fields += [("pdq", pa.binary(32)), ("pdq_quality", pa.int32()), ("pdq_dihedral", pa.binary(224))]
     return pa.schema(fields)
 
 

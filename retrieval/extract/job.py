@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval import faults, fsio, outputs
+from retrieval import faults, fsio, hashing, outputs
 from retrieval.config import Config
 from retrieval.engine import Engine, as_engine, task_attempt
 from retrieval.extract import inputs as inputs_mod
@@ -56,10 +56,12 @@ class ExtractJob:
     bytes_column: str | None = None
     faults: dict | None = None
     storage_options: dict | None = None
+    pdq: bool = False               # + the PDQ hash columns (schema.PDQ_COLUMNS) from a full decode
 
     def fingerprint(self) -> str:
         d = {k: v for k, v in asdict(self).items()
-             if k in ("role", "preprocess_cfg", "model_version", "num_shards", "storage")}
+             if k in ("role", "preprocess_cfg", "model_version", "num_shards", "storage")
+             or (k == "pdq" and v)}      # without PDQ: the fingerprint of outputs written before it
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -88,7 +90,7 @@ class _ShardRun:
         self.policy = DecodePolicy.from_config(job.preprocess_cfg)
         spec = self.model.spec
         self.sizes = (spec.size_hi,) if job.role == "gallery" else (spec.size_hi, spec.size_lo)
-        self.schema = feature_schema(spec.coarse_dim, spec.fine_dim, job.storage)
+        self.schema = feature_schema(spec.coarse_dim, spec.fine_dim, job.storage, job.pdq)
         self.errors: list[tuple[str, str, str]] = []
         self.progress = Progress(f"extract {self.name}", total=total, every=job.progress_seconds, unit="images")
         self.timing = {"decode_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
@@ -110,15 +112,17 @@ def extract_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | 
     return _commit(run, rows, part_url, err_url, t0)
 
 
-def _decoded(run: _ShardRun, readable: list[tuple[str, str]]) -> Iterator[tuple[str, str, int, int, list]]:
-    """Read and decode the images: ``(image_id, uri, width, height, tensors)``; failures go to the errors."""
+def _decoded(run: _ShardRun, readable: list[tuple[str, str]]) -> Iterator[tuple[str, str, int, int, list, Any]]:
+    """Read and decode the images: ``(image_id, uri, width, height, tensors, pdq)`` (``pdq``: the
+    hash, quality and dihedral hashes, or None); failures go to the errors."""
+    hashes: list | None = [] if run.job.pdq else None
     for image_id, uri, tensors, w, h, err in prepare_items(readable, run.sizes, run.model.spec.resize, run.policy,
-                                                           run.job.key_column, run.job.bytes_column):
+                                                           run.job.key_column, run.job.bytes_column, hashes):
         if err is not None:
             run.errors.append((image_id, uri, err))
             run.progress.update(1, errors=1)
             continue
-        yield image_id, uri, w, h, tensors
+        yield image_id, uri, w, h, tensors, (hashes.pop() if hashes else None)
 
 
 def _write_part(run: _ShardRun, readable: list[tuple[str, str]]) -> str:
@@ -128,7 +132,7 @@ def _write_part(run: _ShardRun, readable: list[tuple[str, str]]) -> str:
     with fsio.atomic_open(part_url, "wb") as fh:
         writer = pq.ParquetWriter(fh, run.schema, compression=feature_compression(run.schema),
                                   use_dictionary=DICTIONARY_COLUMNS)
-        batch: list[tuple[str, str, int, int, list]] = []
+        batch: list[tuple[str, str, int, int, list, Any]] = []
         t = time.monotonic()
         for item in _decoded(run, readable):
             batch.append(item)
@@ -142,7 +146,7 @@ def _write_part(run: _ShardRun, readable: list[tuple[str, str]]) -> str:
     return part_url
 
 
-def _write_batch(run: _ShardRun, writer: pq.ParquetWriter, batch: list[tuple[str, str, int, int, list]]) -> None:
+def _write_batch(run: _ShardRun, writer: pq.ParquetWriter, batch: list[tuple[str, str, int, int, list, Any]]) -> None:
     """Encode one batch, write it as row groups of the part, and empty it."""
     if not batch:
         return
@@ -165,6 +169,10 @@ def _write_batch(run: _ShardRun, writer: pq.ParquetWriter, batch: list[tuple[str
                  "height": pa.array([b[3] for b in batch], pa.int32()),
                  "model_version": [job.model_version] * len(batch),
                  "role": [job.role] * len(batch)})
+    if job.pdq:
+        cols.update({"pdq": pa.array([b[5][0] for b in batch], pa.binary(32)),
+                     "pdq_quality": pa.array([b[5][1] for b in batch], pa.int32()),
+                     "pdq_dihedral": pa.array([b[5][2] for b in batch], pa.binary(224))})
     writer.write_table(pa.table(cols, schema=run.schema), row_group_size=job.row_group_size)
     run.timing["write_s"] += time.monotonic() - t
     run.n_ok += len(batch)
@@ -291,6 +299,8 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
     listing = inputs_mod.list_inputs(input_url, extract_cfg.input_format, extract_cfg.num_shards,
                                      extract_cfg.key_column, extract_cfg.bytes_column)
     t_list = time.monotonic() - t0
+    if extract_cfg.pdq and not hashing.available():
+        raise RuntimeError(f"extract.pdq=true: {hashing.INSTALL_HINT}")
     outputs.claim(output_url, outputs.identity("extract", cfg, [input_url], extract_cfg.role), cfg,
                   overwrite=extract_cfg.mode == "overwrite")
     job = ExtractJob(output=output_url, role=extract_cfg.role,
@@ -300,7 +310,7 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
                      threads=extract_cfg.threads, row_group_size=extract_cfg.row_group_size,
                      progress_seconds=extract_cfg.progress_seconds, key_column=extract_cfg.key_column,
                      bytes_column=extract_cfg.bytes_column, faults=faults.configured(),
-                     storage_options=cfg["io.storage_options"])
+                     storage_options=cfg["io.storage_options"], pdq=bool(extract_cfg.pdq))
     outputs.begin(output_url)
     todo, done = plan_shards(listing, job, extract_cfg.mode)
     fsio.remove_stale(output_url, "part", ("errors", "_shards"), keep=set(todo) | set(done))
@@ -324,9 +334,9 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
     manifest = outputs.commit(output_url, "extract", {
         "role": extract_cfg.role, "input": input_url, "output": output_url,
         "model_version": job.model_version, "model": model.metadata(),
-        "heads": model.spec.heads, "storage": extract_cfg.storage,
+        "heads": model.spec.heads, "storage": extract_cfg.storage, "pdq": job.pdq,
         "runtime": {"configured": job.model_cfg.get("runtime"), "onnx_file": job.model_cfg.get("onnx_file")},
-        "schema": feature_schema(model.spec.coarse_dim, model.spec.fine_dim, extract_cfg.storage).to_string(),
+        "schema": feature_schema(model.spec.coarse_dim, model.spec.fine_dim, extract_cfg.storage, job.pdq).to_string(),
         "counts": counts, "shards": shards,
         "timings": {"listing_s": round(t_list, 3), "run_s": round(t_run, 3),
                     "total_s": round(time.monotonic() - t0, 3),

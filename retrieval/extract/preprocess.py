@@ -160,17 +160,31 @@ def prepare(data: bytes, sizes: tuple[int, ...], mode: str = "squash",
     return [to_tensor(resize(img, s, mode)) for s in sizes], w, h
 
 
+def pdq_of(data: bytes, policy: DecodePolicy = DecodePolicy()) -> tuple[bytes, int, bytes]:
+    """Bytes -> the PDQ hash, its quality and the 7 dihedral variants (:mod:`retrieval.hashing`),
+    from a FULL decode of the image (no JPEG draft, no resize: those change the hash), after EXIF
+    orientation, in RGB as the model sees it."""
+    from retrieval.hashing import pdq_of_rgb
+
+    img, _, _ = decode_image(data, policy, draft_size=None)
+    return pdq_of_rgb(np.asarray(img, dtype=np.uint8))
+
+
 def prepare_items(rows: list[tuple[str, str]], sizes: tuple[int, ...], mode: str, policy: DecodePolicy,
-                  key_column: str | None = None, bytes_column: str | None = None
+                  key_column: str | None = None, bytes_column: str | None = None, pdq: list | None = None
                   ) -> Iterator[tuple[str, str, list[torch.Tensor] | None, int, int, str | None]]:
     """Read, decode and resize ``(image_id, uri)`` rows in order (``retrieval extract`` and
     ``retrieval fit``): ``(image_id, uri, tensors, width, height, error)``, one per row; ``error`` (the
-    error row's reason) is set, and ``tensors`` None, for an input that could not be read or decoded."""
+    error row's reason) is set, and ``tensors`` None, for an input that could not be read or decoded.
+    ``pdq``: a list that receives, per row yielded without error, its :func:`pdq_of` (the last item
+    is the current row's when it is yielded)."""
     for image_id, uri, data, err in read_items(rows, policy.max_bytes, key_column, bytes_column):
         tensors, w, h = None, 0, 0
         if err is None:
             try:
                 tensors, w, h = prepare(data, sizes, mode, policy)
+                if pdq is not None:
+                    pdq.append(pdq_of(data, policy))
             except ImageError as exc:
                 err = str(exc)
             except Exception as exc:  # a decoder bug must not kill the task

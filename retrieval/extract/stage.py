@@ -76,6 +76,7 @@ STAGE = Stage(
         "extract.threads": positive_or_auto,
         "extract.row_group_size": positive,
         "extract.progress_seconds": positive,
+        "extract.pdq": choice(True, False),
     },
     job_aliases=("extract_features",),
 )

@@ -35,7 +35,7 @@ import numpy as np
 from retrieval import faults, fsio, outputs
 from retrieval.config import Config
 from retrieval.engine import Engine, as_engine
-from retrieval.index import dedup, layout, skipped_rows, takedowns
+from retrieval.index import dedup, layout, pdq as pdq_index, skipped_rows, takedowns
 from retrieval.index.params import IndexParams, choose_params, is_fast_scan
 from retrieval.index.quality import K, make_queries, metrics, pick_sources
 from retrieval.index.reader import FeatureFile, FeatureInputError, list_feature_files
@@ -383,12 +383,15 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
     t = _lap(timings, "shards_s", t)
     quality = _quality(run, plan, shards.result, trained.data, queries)
     t = _lap(timings, "quality_s", t)
+    pdq = pdq_index.build(run.engine, plan.old_files + plan.files, output_url, run.index_cfg["duplicates"],
+                          run.storage_options, run.every)       # None: the features carry no PDQ hashes
+    t = _lap(timings, "pdq_s", t)
     merged = None
     if merge_ondisk:  # 6. the optional merged on-disk index
         merged = layout.merge_ondisk(output_url, trained.data, [s["file"] for s in shards.manifest])
         _lap(timings, "merge_s", t)
     _lap(timings, "total_s", t0)
-    manifest = _manifest(run, plan, sel, trained, shards, quality, merged, timings)
+    manifest = {**_manifest(run, plan, sel, trained, shards, quality, merged, timings), **({"pdq": pdq} if pdq else {})}
     manifest = outputs.commit(output_url, "index", manifest)  # 7. written last
     log.info("index done: %d vectors in %d shards (%d reused), %s, nprobe %d, %.1f B/vector, %.1fs -> %s",
              manifest["ntotal"], len(shards.manifest), manifest["builds"][-1]["shards_reused"], plan.params.index_key,

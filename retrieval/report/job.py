@@ -50,6 +50,12 @@ def choose_threshold(report_cfg, column: str, search_manifest: dict) -> tuple[fl
     from retrieval.search.calibrate import NullTail
 
     threshold = report_cfg["threshold"]
+    if search_manifest.get("stage") == "pdq" and threshold == "auto":     # retrieval pdq match rows
+        d = int(search_manifest.get("params", {}).get("max_distance", 31))
+        t = 1.0 - 2.0 * d / 256
+        return t, "pdq", (f"PDQ hash matches: score is 1 - 2 x the Hamming distance of the two images' PDQ hashes "
+                          f"/ 256 (1 = identical hashes, not a probability); the match kept distances <= {d} bits "
+                          f"(pdq.max_distance), so every row is flagged (score >= {t:.4g}).")
     calibration = search_manifest.get("calibration") if column == "norm_score" else None
     tail = NullTail.from_manifest(calibration) if calibration else None
     if isinstance(threshold, dict):

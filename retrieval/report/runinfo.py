@@ -91,8 +91,10 @@ def _read_manifest(output_url: str, stage: str, what: str) -> dict[str, Any]:
 def read_results_manifest(results_url: str) -> dict[str, Any]:
     """The search output's manifest; a clear error when it is missing (the search did not
     finish: the manifest is written last) or is not a search manifest."""
-    return outputs.read(results_url, "search", hint=" (--results must be a complete search output: the "
-                                                    "search writes its manifest last)")
+    from retrieval.search.results import read_results_manifest as read_manifest
+
+    return read_manifest(results_url, hint=" (--results must be a complete search output, or a pdq match "
+                                           "output: the stage writes its manifest last)")
 
 
 def _listed_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:

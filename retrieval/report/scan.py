@@ -60,6 +60,7 @@ class Match:
     coarse_score: float | None
     true_match: bool | None = None
     cosine: float | None = None      # the raw 512-d cosine when ``score`` is the normalised score
+    distance: int | None = None      # a hash match's distance (signal "pdq": Hamming bits)
 
 
 @dataclass
@@ -290,7 +291,8 @@ def _top_matches(flagged_url: str, ranked: list[tuple[str, float]], per_query: i
         lst = sorted(rows[q], key=lambda x: (-x[column], x["rank"], x["gallery_id"]))[:per_query]
         out.append(FlaggedQuery(query_id=q, query_uri=uris.get(q, ""), best=best, matches=[
             Match(rank=int(r["rank"]), gallery_id=r["gallery_id"] or "", gallery_uri=r["gallery_uri"] or "",
-                  score=float(r[column]), coarse_score=None if r["coarse_score"] is None else float(r["coarse_score"]),
-                  true_match=r.get("true_match"), cosine=float(r["score"]) if column != "score" else None)
+                  score=float(r[column]), coarse_score=None if r["coarse_score"] is None or r.get("distance") is not None
+                  else float(r["coarse_score"]), true_match=r.get("true_match"),
+                  cosine=float(r["score"]) if column != "score" else None, distance=r.get("distance"))
             for r in lst]))
     return out

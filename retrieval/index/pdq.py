@@ -1,0 +1,214 @@
+"""The PDQ hash index beside the IVF-PQ shards (``<index>/pdq/``), built by ``retrieval index`` when
+the gallery features carry PDQ hashes (``extract.pdq=true``), read by ``retrieval pdq match``.
+
+Files (each listed with its sha256 in the index manifest's ``pdq`` block):
+
+- ``pdq/hashes.parquet``: one row per indexed image, ``image_id``, ``uri``, ``pdq``, ``pdq_quality``;
+  the row number is the id in the binary indexes;
+- ``pdq/hashes.index``: a faiss ``IndexBinaryMultiHash`` over the hashes: the 256 bits cut into
+  :data:`NHASH` substrings of 16 bits, each a hash table. A range search within ``r`` bits probes,
+  in each table, the keys within ``nflip`` bits of the query's substring. ``pdq.exact=true``:
+  ``nflip = r // NHASH`` (``auto``), exact: two hashes within ``r`` bits agree to within
+  ``r // NHASH`` bits on at least one substring (pigeonhole). ``nflip = 0`` (the default, ``pdq.exact=false``) probes
+  each substring's own bucket only: it misses a pair only when every one of the 16 substrings
+  differs, and is ~30x faster at 1M hashes (faiss's probes cost more than a scan: measured in
+  tests/bench/bench_pdq.py). The build measures both against a brute-force scan and records their
+  recall in the manifest;
+- ``pdq/dihedral.index``: the same over the 7 rotations / flips of every image (id = row x 7 +
+  variant, :data:`retrieval.hashing.DIHEDRAL` order), searched with ``pdq.dihedral=true``.
+
+The index holds every feature file's rows (old and new): an append rebuilds it (seconds per
+million hashes, measured in tests/bench/bench_pdq.py). Duplicate image ids follow
+``index.duplicates`` (skip: the first row, in feature-file order).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval import fsio, hashing
+from retrieval.index.reader import FeatureFile
+
+log = logging.getLogger(__name__)
+
+DIR = "pdq"
+NHASH = 16                      # substrings of 256 / NHASH = 16 bits
+HASHES, PRIMARY, DIHEDRAL = f"{DIR}/hashes.parquet", f"{DIR}/hashes.index", f"{DIR}/dihedral.index"
+HASH_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("pdq", pa.binary(32)),
+                         ("pdq_quality", pa.int32())])
+RECALL_QUERIES = 500
+
+
+def file_hashes(storage_options: dict | None, f: FeatureFile) -> pa.Table | None:
+    """A task: one feature file's hash columns (None: the file carries no PDQ hashes)."""
+    fsio.configure(storage_options)
+    names = fsio.parquet_file(f.url).schema_arrow.names
+    if "pdq" not in names:
+        return None
+    return fsio.read_parquet(f.url, columns=["image_id", "uri", "pdq", "pdq_quality", "pdq_dihedral"])
+
+
+def _select(tables: list[pa.Table], duplicates: str) -> pa.Table:
+    """The rows to index: non-null hashes; with ``duplicates=skip`` the first row of each image id."""
+    table = pa.concat_tables(tables)
+    keep = np.asarray(table.column("pdq").is_valid())
+    if duplicates == "skip":
+        _, first = np.unique(np.asarray(table.column("image_id").to_pylist(), dtype=object), return_index=True)
+        once = np.zeros(table.num_rows, bool)
+        once[first] = True
+        keep &= once
+    return table.filter(pa.array(keep))
+
+
+def multihash(codes: np.ndarray) -> Any:
+    import faiss
+
+    index = faiss.IndexBinaryMultiHash(hashing.BITS, NHASH, hashing.BITS // NHASH)
+    if len(codes):
+        index.add(np.ascontiguousarray(codes, dtype=np.uint8))
+    return index
+
+
+def range_search(index: Any, queries: np.ndarray, max_distance: int,
+                 nflip: int | str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lims, distances, ids) of the indexed hashes within ``max_distance`` bits of each query
+    (faiss's radius is exclusive: ``max_distance + 1``); ``nflip`` as the module doc says (``auto``:
+    exact)."""
+    import faiss
+
+    if isinstance(index, faiss.IndexBinaryMultiHash):
+        index.nflip = max(0, int(max_distance) // index.nhash) if nflip == "auto" else int(nflip)
+    lims, dist, ids = index.range_search(np.ascontiguousarray(queries, dtype=np.uint8), int(max_distance) + 1)
+    return lims.astype(np.int64), dist.astype(np.int32), ids.astype(np.int64)
+
+
+def measured_recall(index: Any, codes: np.ndarray, max_distance: int, seed: int = 0,
+                    n: int = RECALL_QUERIES, nflip: int | str = "auto") -> dict:
+    """The index's recall against a brute-force scan (``IndexBinaryFlat``) for queries made from
+    indexed hashes with 0..``max_distance`` random bits flipped."""
+    import faiss
+
+    if not len(codes):
+        return {"queries": 0}
+    rng = np.random.default_rng(seed)
+    queries = codes[rng.integers(0, len(codes), min(n, len(codes)))].copy()
+    bits = np.unpackbits(queries, axis=1)
+    for row, k in zip(bits, rng.integers(0, max_distance + 1, len(bits))):
+        flip = rng.choice(hashing.BITS, int(k), replace=False)
+        row[flip] ^= 1
+    queries = np.packbits(bits, axis=1)
+    flat = faiss.IndexBinaryFlat(hashing.BITS)
+    flat.add(codes)
+    t = time.monotonic()
+    lims, _, ids = range_search(index, queries, max_distance, nflip)
+    t_index = time.monotonic() - t
+    t = time.monotonic()
+    flims, _, fids = range_search(flat, queries, max_distance)
+    t_flat = time.monotonic() - t
+    found = sum(len(set(ids[lims[i]:lims[i + 1]]) & set(fids[flims[i]:flims[i + 1]])) for i in range(len(queries)))
+    return {"queries": len(queries), "max_distance": int(max_distance), "nflip": nflip,
+            "pairs_brute_force": int(flims[-1]),
+            "recall_vs_brute_force": round(found / max(int(flims[-1]), 1), 6),
+            "index_ms_per_query": round(1000 * t_index / len(queries), 4),
+            "brute_force_ms_per_query": round(1000 * t_flat / len(queries), 4)}
+
+
+def build(engine: Any, files: Sequence[FeatureFile], output_url: str, duplicates: str,
+          storage_options: dict | None, every: float = 10.0) -> dict | None:
+    """Build ``<index>/pdq/`` from every feature file that carries PDQ hashes; the manifest's ``pdq``
+    block (None: no file carries them, nothing is written)."""
+    import faiss
+
+    t0 = time.monotonic()
+    tables = engine.map(functools.partial(file_hashes, storage_options), list(files), "index pdq", every)
+    with_hashes = [t for t in tables if t is not None]
+    if not with_hashes:
+        return None
+    if len(with_hashes) < len(tables):
+        log.warning("index pdq: %d of %d feature files carry no PDQ hashes (extracted without extract.pdq): "
+                    "their images are not in the PDQ index", len(tables) - len(with_hashes), len(tables))
+    table = _select(with_hashes, duplicates)
+    codes = hashing.matrix(table.column("pdq").to_pylist())
+    primary = multihash(codes)
+    dihedral = multihash(hashing.matrix(b"".join(table.column("pdq_dihedral").to_pylist())))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.select(HASH_SCHEMA.names).cast(HASH_SCHEMA), sink)
+    files_out = {}
+    for name, data in ((HASHES, sink.getvalue().to_pybytes()),
+                       (PRIMARY, faiss.serialize_index_binary(primary).tobytes()),
+                       (DIHEDRAL, faiss.serialize_index_binary(dihedral).tobytes())):
+        fsio.write_bytes(fsio.join(output_url, name), data)
+        files_out[name] = {"file": name, "sha256": fsio.sha256_bytes(data), "bytes": len(data)}
+    build_s = time.monotonic() - t0
+    recall = {f"nflip={f}": measured_recall(primary, codes, hashing.DEFAULT_MAX_DISTANCE, nflip=f) for f in (0, "auto")}
+    log.info("index pdq: %d hashes (+%d dihedral) in %.1fs; recall vs brute force %s", len(codes),
+             dihedral.ntotal, build_s, {k: v.get("recall_vs_brute_force") for k, v in recall.items()})
+    return {"count": len(codes), "dihedral": int(dihedral.ntotal), "index": f"IndexBinaryMultiHash(nhash={NHASH}, b=16)",
+            "files": [files_out[n] for n in (HASHES, PRIMARY, DIHEDRAL)], "quality": recall,
+            "build_s": round(build_s, 3)}
+
+
+@dataclass
+class PdqIndex:
+    """The loaded ``<index>/pdq/``: the hash rows and the two binary indexes."""
+    hashes: pa.Table
+    primary: Any
+    dihedral: Any
+
+
+def load(index_url: str, manifest: dict) -> PdqIndex:
+    """Read ``<index>/pdq/`` (files checked against the manifest's sha256); a clear error when the
+    index has no PDQ hashes."""
+    import faiss
+
+    block = manifest.get("pdq")
+    if not block:
+        raise ValueError(f"{index_url} has no PDQ hash index: extract the gallery with --set extract.pdq=true, "
+                         "then build the index again")
+    data = {}
+    for f in block["files"]:
+        raw = fsio.read_bytes(fsio.join(index_url, f["file"]))
+        if fsio.sha256_bytes(raw) != f["sha256"]:
+            raise ValueError(f"{fsio.join(index_url, f['file'])} does not match the sha256 in the index manifest")
+        data[f["file"]] = raw
+    hashes = pq.read_table(pa.BufferReader(data[HASHES]))
+    as_index = lambda raw: faiss.deserialize_index_binary(np.frombuffer(raw, dtype=np.uint8))  # noqa: E731
+    return PdqIndex(hashes=hashes, primary=as_index(data[PRIMARY]), dihedral=as_index(data[DIHEDRAL]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the capacity plan's line (retrieval/plan.py): rates measured by tests/bench/bench_pdq.py --skip-quality
+PLAN_RATES = {
+    # tests/bench/bench_pdq.py --skip-quality (6 Dec 2026, shared 2-core machine): 1,000,000 random
+    # hashes added to IndexBinaryMultiHash(16 x 16 bits) in 13.8 s (21.0 s in a busier run), one core
+    "pdq_add_hashes_per_s": 72_000.0,
+    # its serialized bytes per hash at 1M: 76.7 (32 B of code + the 16 hash tables' entries)
+    "pdq_index_bytes_per_hash": 76.7,
+    # a listed hash's range search <= 31 bits against 1M gallery hashes, one core, pdq.exact=false:
+    # 0.205 ms, recall vs brute force 0.988 (exact: 6.4 ms; a brute-force scan: 4.3-4.5 ms); the
+    # 16-bit buckets fill linearly with N, so it grows ~ linearly with N
+    "pdq_match_ms_per_hash_1m": 0.205,
+}
+PLAN_LIST = 1_000_000       # the partner list the plan line assumes
+
+
+def plan_line(n: int, cores: int, chunk_rows: int = 100_000) -> dict:
+    """The plan's ``pdq`` stage: build (driver, primary + 7 dihedral hashes per image), storage, and
+    one match of a :data:`PLAN_LIST`-hash list (every task loads the whole PDQ index)."""
+    r = PLAN_RATES
+    hashes = 8 * n
+    build_s = hashes / r["pdq_add_hashes_per_s"]
+    match_s = PLAN_LIST * r["pdq_match_ms_per_hash_1m"] / 1000 * max(1.0, n / 1e6) / max(1, cores)
+    size = hashes * r["pdq_index_bytes_per_hash"]
+    return {"tasks": max(1, -(-PLAN_LIST // chunk_rows)), "wall": build_s + match_s, "storage": size,
+            "memory_per_task": 1.2 * size,
+            "basis": (f"PDQ index (extract.pdq): build on the driver {build_s:,.0f} s ({hashes:.3g} hashes incl. "
+                      f"dihedral at {r['pdq_add_hashes_per_s']:,.0f}/s); match a {PLAN_LIST:,}-hash list "
+                      f"{match_s:,.0f} s; one unsharded index per task: a 1e9 gallery needs it sharded (not built)")}
