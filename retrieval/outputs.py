@@ -166,7 +166,7 @@ IDENTITY, LEASE = "_identity.json", "_lease.json"
 # per stage: the config sections whose values change the output, less the keys that only change how
 # fast or where it is computed (any key named in RUNTIME, in any section, and the stage's own list)
 RUNTIME = {"mode", "threads", "progress_seconds", "verify", "device", "batch_rows", "resume", "processes",
-           "local_mode"}
+           "local_mode", "decode_threads", "decoder"}
 SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "extract": (("model", "preprocess", "extract"), ("extract.role", "extract.num_shards",
                                                      "extract.row_group_size", "extract.batch_size")),

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from retrieval import faults, fsio, outputs
 from retrieval.config import Config
-from retrieval.engine import Engine, as_engine, task_attempt
+from retrieval.engine import Engine, as_engine, task_attempt, task_threads
 from retrieval.extract import inputs as inputs_mod
 from retrieval.extract.features import binary_int8_fine, read_features, read_manifest  # noqa: F401 (their old home)
 from retrieval.extract.preprocess import DecodePolicy, prepare_items
@@ -49,6 +49,7 @@ class ExtractJob:
     batch_size: int = 32
     storage: str = "float32"
     threads: int | str = "auto"     # a number or auto (the task's cores)
+    decode_threads: int | str = "auto"   # decode threads ahead of the forward; auto = threads; 0 = inline
     row_group_size: int = 1024
     progress_seconds: float = 10.0
     key_column: str | None = None
@@ -60,6 +61,14 @@ class ExtractJob:
         d = {k: v for k, v in asdict(self).items()
              if k in ("role", "preprocess_cfg", "model_version", "num_shards", "storage")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def decode_workers(decode_threads: int | str, threads: int | str) -> int:
+    """Decode threads for a task: the configured number, else (``auto``) as many as its model threads;
+    0 decodes inline, between forwards."""
+    if decode_threads == "auto":
+        return task_threads(threads)
+    return max(0, int(decode_threads))
 
 
 def shard_name(shard: int) -> str:
@@ -89,6 +98,7 @@ class _ShardRun:
         self.errors: list[tuple[str, str, str]] = []
         self.progress = Progress(f"extract {self.name}", total=total, every=job.progress_seconds, unit="images")
         self.timing = {"decode_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
+        self.decode_threads = decode_workers(job.decode_threads, job.threads)
         self.n_ok = 0
 
 
@@ -109,8 +119,10 @@ def extract_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | 
 
 def _decoded(run: _ShardRun, readable: list[tuple[str, str]]) -> Iterator[tuple[str, str, int, int, list]]:
     """Read and decode the images: ``(image_id, uri, width, height, tensors)``; failures go to the errors."""
-    for image_id, uri, tensors, w, h, err in prepare_items(readable, run.sizes, run.model.spec.resize, run.policy,
-                                                           run.job.key_column, run.job.bytes_column):
+    job = run.job
+    for image_id, uri, tensors, w, h, err in prepare_items(
+            readable, run.sizes, run.model.spec.resize, run.policy, job.key_column, job.bytes_column,
+            decoder=job.preprocess_cfg.get("decoder", "fast"), workers=run.decode_threads, ahead=2 * job.batch_size):
         if err is not None:
             run.errors.append((image_id, uri, err))
             run.progress.update(1, errors=1)
@@ -290,7 +302,8 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
     job = ExtractJob(output=output_url, role=extract_cfg.role, model_cfg=cfg["model"].to_dict(),
                      preprocess_cfg=cfg["preprocess"].to_dict(), model_version=model.model_version(),
                      num_shards=extract_cfg.num_shards, batch_size=extract_cfg.batch_size, storage=extract_cfg.storage,
-                     threads=extract_cfg.threads, row_group_size=extract_cfg.row_group_size,
+                     threads=extract_cfg.threads, decode_threads=extract_cfg.decode_threads,
+                     row_group_size=extract_cfg.row_group_size,
                      progress_seconds=extract_cfg.progress_seconds, key_column=extract_cfg.key_column,
                      bytes_column=extract_cfg.bytes_column, faults=faults.configured(),
                      storage_options=cfg["io.storage_options"])
