@@ -1,7 +1,7 @@
 """The fast decode path (``preprocess.decoder: fast``, the default): the same pixels as Pillow's decode,
 fewer CPU cycles, and a resize in torch.
 
-Measured by ``tests/bench/bench_decode.py`` (docs/extract.md "Decoding"): per image, decoding is done by
+Measured by ``tests/bench/bench_decode.py`` (docs/guide.md "Decoding speed"): per image, decoding is done by
 
 - JPEG (RGB, grey, YCbCr; not CMYK): ``simplejpeg`` (libjpeg-turbo), at exactly the DCT scale Pillow's
   ``draft`` picks (1/1, 1/2, 1/4 or 1/8, the smallest image not below the largest model size), so the

@@ -90,3 +90,12 @@ def test_spark_gives_the_local_rows(spark, photos, pillow_local, fast_local, tmp
     assert a["image_id"].to_pylist() == b["image_id"].to_pylist()
     assert np.abs(fine_matrix(a) - fine_matrix(b)).max() < 1e-4
     assert np.abs(coarse_matrix(a) - coarse_matrix(b)).max() < 1e-4
+
+
+def test_an_output_of_the_pillow_path_resumes_with_the_fast_one(photos, pillow_local):
+    """The decoder is not part of an output's identity nor of its shards' fingerprints (rows within
+    tolerance, as for model.runtime): an incremental run skips the finished shards, no --overwrite."""
+    before = read_features(pillow_local)
+    m = extract(photos, pillow_local, cfg())
+    assert m["counts"]["shards_skipped"] == m["counts"]["shards"] == 2 and m["counts"]["shards_run"] == 0
+    assert read_features(pillow_local).equals(before)
