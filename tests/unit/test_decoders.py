@@ -68,6 +68,12 @@ def _cases() -> list[tuple[str, bytes, str]]:
 CASES = _cases()
 
 
+def test_simplejpeg_is_installed():
+    """A required dependency (setup.py, constraints.txt; scripts/bootstrap.sh installs it): without it JPEGs
+    silently take Pillow's slower path."""
+    assert decoders.simplejpeg is not None, "simplejpeg is missing: pip install -c constraints.txt simplejpeg"
+
+
 @pytest.mark.parametrize("name,data,kind", CASES, ids=[c[0] for c in CASES])
 def test_fast_decoders_give_pillows_pixels(name, data, kind):
     """Each fast decoder takes its format and gives Pillow's decoded pixels bit for bit (the JPEG at
