@@ -148,7 +148,8 @@ def test_old_job_file_is_accepted_with_a_deprecation_message(tmp_path):
 
 
 def test_one_version_everywhere(capsys):
-    """setup.py, retrieval.__version__, `retrieval --version` and the CHANGELOG's newest entry agree."""
+    """setup.py, retrieval.__version__, `retrieval --version` and the CHANGELOG's newest released entry
+    agree (an "Unreleased" section may stand above it)."""
     import re
 
     import retrieval
@@ -161,7 +162,8 @@ def test_one_version_everywhere(capsys):
         assert exc.code == 0
     assert capsys.readouterr().out.strip() == f"retrieval {retrieval.__version__}"
     with open(os.path.join(ROOT, "CHANGELOG.md"), encoding="utf-8") as fh:
-        assert re.search(r"^## (\S+)", fh.read(), re.M).group(1) == retrieval.__version__
+        released = [v for v in re.findall(r"^## (\S+)", fh.read(), re.M) if v != "Unreleased"]
+        assert released[0] == retrieval.__version__
 
 
 def _dag_stage_args() -> dict[str, tuple[str, list[str], list[str]]]:
