@@ -5,10 +5,11 @@ Measured by ``tests/bench/bench_decode.py`` (docs/guide.md "Decoding speed"): pe
 
 - JPEG (RGB, grey, YCbCr; not CMYK): ``simplejpeg`` (libjpeg-turbo), at exactly the DCT scale Pillow's
   ``draft`` picks (1/1, 1/2, 1/4 or 1/8, the smallest image not below the largest model size), so the
-  pixels are Pillow's, bit for bit; ~10-20% fewer cycles (no Python-level chunk loop).
+  pixels are Pillow's, bit for bit; 5-15% fewer cycles (no Python-level chunk loop; at 1/8 scale the
+  cost is libjpeg-turbo's entropy decoding, which no binding skips).
 - PNG (8-bit RGB, grey, palette without transparency; no ``eXIf`` chunk) and WebP (still, no alpha):
-  ``torchvision.io`` (libpng / libwebp); lossless and bit-identical to Pillow; WebP ~1.3-2x faster
-  (Pillow goes through its animation decoder).
+  ``torchvision.io`` (libpng / libwebp); bit-identical to Pillow; ~10% fewer cycles (Pillow's WebP
+  goes through its animation decoder).
 - anything else (CMYK, alpha, 16-bit, animation, BMP/TIFF/GIF, EXIF in a PNG) and any input the fast
   decoder refuses: Pillow, exactly as ``preprocess.decoder: pillow``, errors included.
 

@@ -11,6 +11,7 @@ the whole output is complete.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -140,13 +141,14 @@ def _write_part(run: _ShardRun, readable: list[tuple[str, str]]) -> str:
         writer = pq.ParquetWriter(fh, run.schema, compression=feature_compression(run.schema),
                                   use_dictionary=DICTIONARY_COLUMNS)
         batch: list[tuple[str, str, int, int, list]] = []
-        t = time.monotonic()
-        for item in _decoded(run, readable):
-            batch.append(item)
-            if len(batch) >= job.batch_size:
-                run.timing["decode_s"] += time.monotonic() - t
-                _write_batch(run, writer, batch)
-                t = time.monotonic()
+        t = time.monotonic()     # decode_s: the time the forward waited for decoded images
+        with contextlib.closing(_decoded(run, readable)) as items:   # a failed batch stops the decode threads now
+            for item in items:
+                batch.append(item)
+                if len(batch) >= job.batch_size:
+                    run.timing["decode_s"] += time.monotonic() - t
+                    _write_batch(run, writer, batch)
+                    t = time.monotonic()
         run.timing["decode_s"] += time.monotonic() - t
         _write_batch(run, writer, batch)
         writer.close()
