@@ -18,6 +18,7 @@ setup(
         "numpy>=1.26",
         "numba>=0.60",      # the search's compiled kernels: int8 rerank, pair grouping, top-k (retrieval/search/kernels.py)
         "pillow>=10",
+        "simplejpeg>=1.8",  # the JPEG decoder of the fast decode path (retrieval/extract/decoders.py): Pillow's pixels, fewer cycles
         "PyYAML>=6",
         "matplotlib>=3.7",
         "jinja2>=3.1",      # the report page's templates (retrieval/report/templates/), autoescaped

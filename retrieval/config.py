@@ -48,7 +48,7 @@ AUTO_OLD_SPELLING: dict[str, Any] = {
 }
 
 # keys that take either a number or the word "auto"
-NUMBER_OR_AUTO = {"fit.shrinkage", "report.threshold"}
+NUMBER_OR_AUTO = {"fit.shrinkage", "report.threshold", "extract.decode_threads"}
 
 # keys that take either a number or a mapping with these keys (and their types)
 NUMBER_OR_MAPPING: dict[str, dict[str, type]] = {
@@ -74,6 +74,7 @@ CHECKS: dict[str, Check] = {
     "preprocess.size_hi": lambda v: None if 32 <= v <= 4096 else "must be in [32, 4096]",
     "preprocess.size_lo": lambda v: None if 32 <= v <= 4096 else "must be in [32, 4096]",
     "preprocess.resize": choice("squash", "letterbox"),
+    "preprocess.decoder": choice("fast", "pillow"),
     "preprocess.max_bytes": positive,
     "preprocess.max_pixels": positive,
     "preprocess.min_side": positive,

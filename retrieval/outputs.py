@@ -166,7 +166,7 @@ IDENTITY, LEASE = "_identity.json", "_lease.json"
 # per stage: the config sections whose values change the output, less the keys that only change how
 # fast or where it is computed (any key named in RUNTIME, in any section, and the stage's own list)
 RUNTIME = {"mode", "threads", "progress_seconds", "verify", "device", "batch_rows", "resume", "processes",
-           "local_mode", "onnx_cache"}
+           "local_mode", "onnx_cache", "decode_threads", "decoder"}
 # keys that only change how the output is computed but were hashed before that was known: hashed at the
 # value they had then, so that outputs written then keep their identity (model.runtime: auto gives
 # torch's rows under the same model_version); and keys hashed only away from their default

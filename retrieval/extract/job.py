@@ -11,6 +11,7 @@ the whole output is complete.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 
 from retrieval import faults, fsio, hashing, outputs
 from retrieval.config import Config
-from retrieval.engine import Engine, as_engine, task_attempt
+from retrieval.engine import Engine, as_engine, task_attempt, task_threads
 from retrieval.extract import inputs as inputs_mod
 from retrieval.extract.features import binary_int8_fine, read_features, read_manifest  # noqa: F401 (their old home)
 from retrieval.extract.preprocess import DecodePolicy, prepare_items
@@ -50,6 +51,7 @@ class ExtractJob:
     batch_size: int = 32
     storage: str = "float32"
     threads: int | str = "auto"     # a number or auto (the task's cores)
+    decode_threads: int | str = "auto"   # decode threads ahead of the forward; auto = threads; 0 = inline
     row_group_size: int = 1024
     progress_seconds: float = 10.0
     key_column: str | None = None
@@ -62,7 +64,17 @@ class ExtractJob:
         d = {k: v for k, v in asdict(self).items()
              if k in ("role", "preprocess_cfg", "model_version", "num_shards", "storage")
              or (k == "pdq" and v)}      # without PDQ: the fingerprint of outputs written before it
+        # the decoder gives the same rows within tolerance (like model.runtime): shards written by either mix
+        d["preprocess_cfg"] = {k: v for k, v in d["preprocess_cfg"].items() if k != "decoder"}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def decode_workers(decode_threads: int | str, threads: int | str) -> int:
+    """Decode threads for a task: the configured number, else (``auto``) as many as its model threads;
+    0 decodes inline, between forwards."""
+    if decode_threads == "auto":
+        return task_threads(threads)
+    return max(0, int(decode_threads))
 
 
 def shard_name(shard: int) -> str:
@@ -94,6 +106,7 @@ class _ShardRun:
         self.errors: list[tuple[str, str, str]] = []
         self.progress = Progress(f"extract {self.name}", total=total, every=job.progress_seconds, unit="images")
         self.timing = {"decode_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
+        self.decode_threads = decode_workers(job.decode_threads, job.threads)
         self.n_ok = 0
 
 
@@ -115,9 +128,12 @@ def extract_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | 
 def _decoded(run: _ShardRun, readable: list[tuple[str, str]]) -> Iterator[tuple[str, str, int, int, list, Any]]:
     """Read and decode the images: ``(image_id, uri, width, height, tensors, pdq)`` (``pdq``: the
     hash, quality and dihedral hashes, or None); failures go to the errors."""
-    hashes: list | None = [] if run.job.pdq else None
-    for image_id, uri, tensors, w, h, err in prepare_items(readable, run.sizes, run.model.spec.resize, run.policy,
-                                                           run.job.key_column, run.job.bytes_column, hashes):
+    job = run.job
+    hashes: list | None = [] if job.pdq else None
+    for image_id, uri, tensors, w, h, err in prepare_items(
+            readable, run.sizes, run.model.spec.resize, run.policy, job.key_column, job.bytes_column,
+            decoder=job.preprocess_cfg.get("decoder", "fast"), workers=run.decode_threads, ahead=2 * job.batch_size,
+            pdq=hashes):
         if err is not None:
             run.errors.append((image_id, uri, err))
             run.progress.update(1, errors=1)
@@ -133,13 +149,14 @@ def _write_part(run: _ShardRun, readable: list[tuple[str, str]]) -> str:
         writer = pq.ParquetWriter(fh, run.schema, compression=feature_compression(run.schema),
                                   use_dictionary=DICTIONARY_COLUMNS)
         batch: list[tuple[str, str, int, int, list, Any]] = []
-        t = time.monotonic()
-        for item in _decoded(run, readable):
-            batch.append(item)
-            if len(batch) >= job.batch_size:
-                run.timing["decode_s"] += time.monotonic() - t
-                _write_batch(run, writer, batch)
-                t = time.monotonic()
+        t = time.monotonic()     # decode_s: the time the forward waited for decoded images
+        with contextlib.closing(_decoded(run, readable)) as items:   # a failed batch stops the decode threads now
+            for item in items:
+                batch.append(item)
+                if len(batch) >= job.batch_size:
+                    run.timing["decode_s"] += time.monotonic() - t
+                    _write_batch(run, writer, batch)
+                    t = time.monotonic()
         run.timing["decode_s"] += time.monotonic() - t
         _write_batch(run, writer, batch)
         writer.close()
@@ -307,7 +324,8 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
                      model_cfg=resolve_runtime(cfg["model"].to_dict(), model, output_url, engine.tasks_on_this_machine),
                      preprocess_cfg=cfg["preprocess"].to_dict(), model_version=model.model_version(),
                      num_shards=extract_cfg.num_shards, batch_size=extract_cfg.batch_size, storage=extract_cfg.storage,
-                     threads=extract_cfg.threads, row_group_size=extract_cfg.row_group_size,
+                     threads=extract_cfg.threads, decode_threads=extract_cfg.decode_threads,
+                     row_group_size=extract_cfg.row_group_size,
                      progress_seconds=extract_cfg.progress_seconds, key_column=extract_cfg.key_column,
                      bytes_column=extract_cfg.bytes_column, faults=faults.configured(),
                      storage_options=cfg["io.storage_options"], pdq=bool(extract_cfg.pdq))

@@ -16,16 +16,19 @@ Policy (README "Preprocessing"):
 """
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from retrieval.extract import decoders
 from retrieval.extract.inputs import read_items
+from retrieval.extract.prefetch import ordered_map
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")   # MPO opens through JPEG
 Image.init()   # register every plugin so that formats=ALLOWED_FORMATS resolves (MPO...)
@@ -79,12 +82,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, policy: DecodePolicy = DecodePolicy(),
-                 draft_size: int | None = None) -> tuple[Image.Image, int, int]:
-    """Bytes -> (RGB PIL image, original width, original height), after EXIF orientation.
-
-    ``draft_size`` lets the JPEG decoder skip resolution it does not need (DCT scaling); the result
-    is never smaller than ``draft_size`` on either side. Raises :class:`ImageError`."""
+def open_checked(data: bytes, policy: DecodePolicy = DecodePolicy()) -> tuple[Image.Image, int, int, int]:
+    """Bytes -> (opened PIL image, nothing decoded yet; shown width; shown height; EXIF orientation),
+    after every check that needs only the header (size, format, caps). Raises :class:`ImageError`."""
     if len(data) == 0:
         raise ImageError("empty file (0 bytes)")
     if len(data) > policy.max_bytes:
@@ -107,10 +107,7 @@ def decode_image(data: bytes, policy: DecodePolicy = DecodePolicy(),
     if w * h > policy.max_pixels:
         raise ImageError(f"too many pixels: {w}x{h} > max_pixels {policy.max_pixels} "
                          "(decompression bomb cap)")
-    try:
-        orientation = img.getexif().get(0x0112, 1)
-    except Exception:
-        orientation = 1
+    orientation = _orientation(img, data)
     if orientation in (5, 6, 7, 8):
         w, h = h, w
     if min(w, h) < policy.min_side:
@@ -118,6 +115,22 @@ def decode_image(data: bytes, policy: DecodePolicy = DecodePolicy(),
     if max(w, h) / min(w, h) > policy.max_aspect:
         raise ImageError(f"degenerate size {w}x{h}: aspect ratio {max(w, h) / min(w, h):.1f} > "
                          f"max_aspect {policy.max_aspect}")
+    return img, w, h, orientation
+
+
+def _orientation(img: Image.Image, data: bytes) -> int:
+    """The EXIF orientation (1 = as stored). A PNG without an ``eXIf`` chunk has none: asking Pillow
+    would decode the whole image to look for one after the pixels."""
+    if img.format == "PNG" and b"eXIf" not in data:
+        return 1
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
+
+
+def _load(img: Image.Image, orientation: int, draft_size: int | None) -> Image.Image:
+    """Decode an image :func:`open_checked` opened: RGB, EXIF orientation applied."""
     try:
         if draft_size and img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "YCbCr"):
             img.draft("RGB", (draft_size, draft_size))
@@ -125,12 +138,37 @@ def decode_image(data: bytes, policy: DecodePolicy = DecodePolicy(),
             img.seek(0)
         img.load()
         img = ImageOps.exif_transpose(img) if orientation != 1 else img
-        img = _to_rgb(img)
+        return _to_rgb(img)
     except ImageError:
         raise
     except Exception as exc:
         raise ImageError(f"corrupt or truncated image: {exc.__class__.__name__}: {exc}") from None
-    return img, w, h
+
+
+def decode_image(data: bytes, policy: DecodePolicy = DecodePolicy(),
+                 draft_size: int | None = None) -> tuple[Image.Image, int, int]:
+    """Bytes -> (RGB PIL image, original width, original height), after EXIF orientation.
+
+    ``draft_size`` lets the JPEG decoder skip resolution it does not need (DCT scaling); the result
+    is never smaller than ``draft_size`` on either side. Raises :class:`ImageError`."""
+    img, w, h, orientation = open_checked(data, policy)
+    return _load(img, orientation, draft_size), w, h
+
+
+def decode_pixels(data: bytes, policy: DecodePolicy = DecodePolicy(),
+                  draft_size: int | None = None) -> tuple[torch.Tensor, int, int, int]:
+    """Bytes -> (3 x H x W uint8 pixels as stored, shown width, shown height, EXIF orientation still to
+    apply) by the fast decoders (:mod:`retrieval.extract.decoders`), Pillow's where they do not
+    apply; the same pixels as :func:`decode_image` (before orientation). Raises :class:`ImageError`."""
+    img, w, h, orientation = open_checked(data, policy)
+    kind = decoders.fast_format(img, data)
+    if kind is not None:
+        sw, sh = img.size
+        x = decoders.decode_fast(data, kind, sw, sh, draft_size or max(sw, sh))
+        if x is not None:
+            return x, w, h, orientation
+    pil = _load(img, orientation, draft_size)      # oriented already
+    return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1), w, h, 1
 
 
 def resize(img: Image.Image, size: int, mode: str = "squash") -> Image.Image:
@@ -153,11 +191,38 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+DECODERS = ("fast", "pillow")
+
+
 def prepare(data: bytes, sizes: tuple[int, ...], mode: str = "squash",
-            policy: DecodePolicy = DecodePolicy()) -> tuple[list[torch.Tensor], int, int]:
-    """Bytes -> one tensor per requested size, plus the original width and height."""
-    img, w, h = decode_image(data, policy, draft_size=max(sizes))
-    return [to_tensor(resize(img, s, mode)) for s in sizes], w, h
+            policy: DecodePolicy = DecodePolicy(), decoder: str = "fast") -> tuple[list[torch.Tensor], int, int]:
+    """Bytes -> one float tensor (3 x s x s, in [0, 1]) per requested size, plus the original width and
+    height. ``decoder``: ``fast`` (:func:`decode_pixels` + torch's resize) or ``pillow`` (Pillow's decode
+    and resize, the path before 0.3)."""
+    if decoder == "pillow":
+        img, w, h = decode_image(data, policy, draft_size=max(sizes))
+        return [to_tensor(resize(img, s, mode)) for s in sizes], w, h
+    if decoder != "fast":
+        raise ValueError(f"unknown preprocess.decoder {decoder!r} (one of {', '.join(DECODERS)})")
+    x, w, h, orientation = decode_pixels(data, policy, draft_size=max(sizes))
+    return [decoders.resize_tensor(x, s, mode, orientation) for s in sizes], w, h
+
+
+def _prepare_item(item: tuple[str, str, bytes | None, str | None], sizes: tuple[int, ...], mode: str,
+                  policy: DecodePolicy, decoder: str, pdq: bool = False
+                  ) -> tuple[str, str, list[torch.Tensor] | None, int, int, str | None, Any]:
+    image_id, uri, data, err = item
+    tensors, w, h, hashed = None, 0, 0, None
+    if err is None:
+        try:
+            tensors, w, h = prepare(data, sizes, mode, policy, decoder)
+            if pdq:
+                hashed = pdq_of(data, policy)
+        except ImageError as exc:
+            err = str(exc)
+        except Exception as exc:  # a decoder bug must not kill the task
+            err = f"decode failed: {exc.__class__.__name__}: {exc}"
+    return image_id, uri, (None if err is not None else tensors), w, h, err, hashed
 
 
 def pdq_of(data: bytes, policy: DecodePolicy = DecodePolicy()) -> tuple[bytes, int, bytes]:
@@ -171,22 +236,27 @@ def pdq_of(data: bytes, policy: DecodePolicy = DecodePolicy()) -> tuple[bytes, i
 
 
 def prepare_items(rows: list[tuple[str, str]], sizes: tuple[int, ...], mode: str, policy: DecodePolicy,
-                  key_column: str | None = None, bytes_column: str | None = None, pdq: list | None = None
+                  key_column: str | None = None, bytes_column: str | None = None, decoder: str = "fast",
+                  workers: int = 0, ahead: int = 64, pdq: list | None = None
                   ) -> Iterator[tuple[str, str, list[torch.Tensor] | None, int, int, str | None]]:
     """Read, decode and resize ``(image_id, uri)`` rows in order (``retrieval extract`` and
     ``retrieval fit``): ``(image_id, uri, tensors, width, height, error)``, one per row; ``error`` (the
     error row's reason) is set, and ``tensors`` None, for an input that could not be read or decoded.
-    ``pdq``: a list that receives, per row yielded without error, its :func:`pdq_of` (the last item
-    is the current row's when it is yielded)."""
-    for image_id, uri, data, err in read_items(rows, policy.max_bytes, key_column, bytes_column):
-        tensors, w, h = None, 0, 0
-        if err is None:
-            try:
-                tensors, w, h = prepare(data, sizes, mode, policy)
-                if pdq is not None:
-                    pdq.append(pdq_of(data, policy))
-            except ImageError as exc:
-                err = str(exc)
-            except Exception as exc:  # a decoder bug must not kill the task
-                err = f"decode failed: {exc.__class__.__name__}: {exc}"
-        yield image_id, uri, (None if err is not None else tensors), w, h, err
+    ``workers`` > 0: read and decode on that many threads, up to ``ahead`` items ahead of the consumer
+    (:func:`retrieval.extract.prefetch.ordered_map`), so that decoding overlaps what the consumer does
+    with the items (the model's forward); the order and the results are the same. ``pdq``: a list that
+    receives, per row yielded without error, its :func:`pdq_of` (computed on the decode threads; the
+    last item is the current row's when it is yielded)."""
+    fn = functools.partial(_prepare_item, sizes=sizes, mode=mode, policy=policy, decoder=decoder,
+                           pdq=pdq is not None)
+    items = read_items(rows, policy.max_bytes, key_column, bytes_column)
+    results = map(fn, items) if workers <= 0 else ordered_map(fn, items, workers, ahead)
+    try:
+        for *row, hashed in results:
+            if pdq is not None and row[5] is None:
+                pdq.append(hashed)
+            yield tuple(row)
+    finally:        # closing this generator stops the decode threads now
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()

@@ -74,6 +74,8 @@ STAGE = Stage(
         "extract.storage": choice("float32", "int8"),
         "extract.mode": choice("incremental", "overwrite"),
         "extract.threads": positive_or_auto,
+        "extract.decode_threads": lambda v: None if v == "auto" or (v >= 0 and v == int(v))
+        else "must be 'auto' or a whole number >= 0",
         "extract.row_group_size": positive,
         "extract.progress_seconds": positive,
         "extract.pdq": choice(True, False),

@@ -27,7 +27,7 @@ import numpy as np
 
 from retrieval import fsio, outputs
 from retrieval.config import Config
-from retrieval.engine import Engine, as_engine
+from retrieval.engine import Engine, as_engine, task_threads
 from retrieval.extract import inputs as inputs_mod
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,9 @@ def pooled_feature_rows(job: FitJob, rows: list[tuple[str, str]]) -> list[tuple[
         batch.clear()
 
     for image_id, _, tensors, _, _, err in prepare_items(rows, (spec.size_hi, spec.size_lo), spec.resize, policy,
-                                                         job.key_column, job.bytes_column):
+                                                         job.key_column, job.bytes_column,
+                                                         decoder=job.preprocess_cfg.get("decoder", "fast"),
+                                                         workers=task_threads(job.threads), ahead=2 * job.batch_size):
         if err is not None:
             out.append((image_id, None, None, err))
             continue
