@@ -115,7 +115,8 @@ def _as_matrix(blobs: list[bytes], dim: int):
 def fit_model(model, p_hi, p_lo, fit_cfg: Config, extra_hi=None) -> dict:
     """Steps 2-4 of the module doc on ``model`` (in place), from pooled features; returns the facts
     for the model card. ``extra_hi``: pooled features of background images that join the gallery's
-    in the whitening fit (``fit.background``; not in the PCA heads nor the adapter-2 re-fit)."""
+    in the whitening fit with ``fit.background_share`` of the weight (``fit.background``; not in the
+    PCA heads nor the adapter-2 re-fit)."""
     import torch
 
     from retrieval.fit import whiten
@@ -134,12 +135,17 @@ def fit_model(model, p_hi, p_lo, fit_cfg: Config, extra_hi=None) -> dict:
     for layer in (model.fine_white, model.coarse_white):   # refit from scratch (identity first)
         whiten.set_linear(layer, np.eye(layer.in_features, dtype=np.float32),
                           np.zeros(layer.in_features, np.float32))
-    x_white = p_hi if extra_hi is None or not len(extra_hi) else torch.cat([p_hi, extra_hi])
+    x_white, weights = p_hi, None
+    if extra_hi is not None and len(extra_hi):        # gallery and background, weighted by their shares
+        x_white = torch.cat([p_hi, extra_hi])
+        share = float(fit_cfg["background_share"])
+        weights = whiten.group_weights([len(p_hi), len(extra_hi)], [1.0 - share, share])
     with torch.no_grad():
         fine = torch.nn.functional.normalize(model.fine_head(x_white), dim=-1).numpy()
         coarse = torch.nn.functional.normalize(model.adapter1(x_white), dim=-1).numpy()
     for name, layer, x in (("fine", model.fine_white, fine), ("coarse", model.coarse_white, coarse)):
-        wt = whiten.fit_whitening(x, None if fit_cfg["shrinkage"] == "auto" else fit_cfg["shrinkage"], fit_cfg["power"])
+        wt = whiten.fit_whitening(x, None if fit_cfg["shrinkage"] == "auto" else fit_cfg["shrinkage"], fit_cfg["power"],
+                                  weights=weights)
         whiten.set_linear(layer, wt.weight, wt.bias)
         facts[f"{name}_whitening"] = wt.summary()
     facts["adapter2"] = whiten.refit_adapter2(model, p_hi, p_lo, fit_cfg["adapter2_steps"], fit_cfg["adapter2_lr"],
@@ -158,7 +164,8 @@ def encode_background(job: FitJob, url: str | None, fit_cfg: Config, engine: Eng
     ok = sorted((r for r in encode_sample(job, rows, engine) if r[3] is None), key=lambda r: r[0])
     if len(ok) < 2:
         raise ValueError(f"fit.background {url}: {len(ok)} readable images; give a folder of unrelated images")
-    facts = {"url": url, "images_listed": listing.num_rows, "images_used": len(ok)}
+    facts = {"url": url, "images_listed": listing.num_rows, "images_used": len(ok),
+             "share": float(fit_cfg["background_share"])}
     return _as_matrix([r[1] for r in ok], channels), facts
 
 
@@ -180,7 +187,8 @@ def card_markdown(card: dict) -> str:
     bg = card["facts"].get("background")
     if bg:
         lines.insert(-1, f"- whitening fitted together with {bg['images_used']:,} background images (of "
-                         f"{bg['images_listed']:,} listed) from `{bg['url']}` (fit.background)")
+                         f"{bg['images_listed']:,} listed) from `{bg['url']}` (fit.background), carrying "
+                         f"{bg['share']:.0%} of the weight")
     if card["facts"].get("heads_initialised"):
         lines.insert(-1, "- adapter 1 / fine head initialised from the principal components (heads were untrained)")
     return "\n".join(lines) + "\n"

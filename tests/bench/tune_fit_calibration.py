@@ -12,9 +12,10 @@ simulated by exact 512-d search (top ``search.k`` = 10 per query, ``norm_score``
 background with k = 10, beta = 0.5, as the defaults). The false-match estimate is the search's own
 (:mod:`retrieval.search.calibrate`: null = queries x background, leave-one-out level).
 
-Variants: ``raw`` (no fit), ``gallery`` (the fit today: whitening on the gallery), ``gallery+bg``
-(whitening on the gallery and the background together: what ``fit.background`` does), ``bg`` (on
-the background only), each with a shrinkage/power grid.
+Variants: ``raw`` (no fit), ``gallery`` (whitening on the gallery alone), ``bg25`` / ``bg40`` /
+``bg50`` (on the gallery and the background together, the background carrying 25 / 40 / 50% of the
+weight: ``fit.background`` with ``fit.background_share``), ``concat`` (together, every image
+weighted alike), each with a shrinkage x power grid.
 
 Printed per variant: µAP, recall@1, the best 90%-precision recall; per target T in 0.1, 0.01, 0.001:
 the threshold, estimated ``fmr`` per comparison there and the observed per-comparison rate of the
@@ -139,11 +140,14 @@ def show(label: str, r: dict, default_t: float | None) -> None:
           f"    {rates}\n    grid (T:precision/recall-vs-P90) {grid}", flush=True)
 
 
+SHARES = {"gallery": 0.0, "bg25": 0.25, "bg40": 0.4, "bg50": 0.5, "concat": None}
+
+
 def variants(which: str) -> list[tuple[str, str, object, float]]:
     out = [("raw", "none", None, 0.0)]
-    for fitset in ("gallery", "gallery+bg", "bg"):
-        for shrink in (0.2, 0.5, None):
-            for power in (0.25, 0.5):
+    for fitset in SHARES:
+        for shrink in (0.2, None):
+            for power in (0.25, 0.35, 0.5):
                 out.append((f"{fitset} s{shrink} p{power}", fitset, shrink, power))
     return out if which == "all" else [v for v in out if v[0] in which.split(",") or v[1] in which.split(",")]
 
@@ -157,7 +161,7 @@ def main() -> None:
     ap.add_argument("--background", default="data", help="data (the set's background photos), shipped, or both")
     ap.add_argument("--default-target", type=float, default=None, help="show this T's precision/recall")
     args = ap.parse_args()
-    from retrieval.fit.whiten import fit_whitening
+    from retrieval.fit.whiten import fit_whitening, group_weights
 
     os.makedirs(args.work, exist_ok=True)
     split = os.path.join(args.data, args.split)
@@ -177,8 +181,10 @@ def main() -> None:
             if fitset == "none":
                 q, g, b = model.raw(q_hi), model.raw(g_hi), model.raw(b_hi)
             else:
-                x = {"gallery": g_pre, "gallery+bg": np.concatenate([g_pre, b_pre]), "bg": b_pre}[fitset]
-                wt = fit_whitening(x, shrink, power)
+                share = SHARES[fitset]
+                x = np.concatenate([g_pre, b_pre]) if share != 0.0 else g_pre
+                w = None if share in (None, 0.0) else group_weights([len(g_pre), len(b_pre)], [1 - share, share])
+                wt = fit_whitening(x, shrink, power, weights=w)
                 q, g, b = whitened(q_pre, wt), whitened(g_pre, wt), whitened(b_pre, wt)
             r = evaluate(q, g, b, q_ids, g_ids, truth, None)
             show(label, r, args.default_target)
