@@ -3,8 +3,8 @@
 The whole pipeline on one engine (one Spark session for every stage), each stage's output under
 ``--output``:
 
-    model/fitted.pt        retrieval fit       (whitening on the gallery + background, adapter re-fit on the
-                                                gallery; --no-fit: skipped)
+    model/fitted.pt        retrieval fit       (whitening on the gallery + the --background images, adapter
+                                                re-fit on the gallery; --no-fit: skipped)
     background_features/   retrieval extract   (the background set, with the fitted model)
     gallery_features/      retrieval extract --role gallery
     query_features/        retrieval extract --role query
@@ -137,7 +137,9 @@ def run_all(gallery: str, queries: str, output: str, cfg: Config, engine: Any, b
     t0 = time.monotonic()
     run = Runner(output, cfg, engine)
     bg_url, bg_images = resolve_background(background)
-    if bg_images is not None and not cfg["fit.background"]:      # the background joins the whitening fit
+    if background is not None and bg_images is not None and not cfg["fit.background"]:
+        # the user's background images join the whitening fit (the shipped textures do not: unlike
+        # everyday photos, they would understate the false-match rates; docs/quality.md)
         run.cfg = cfg = cfg.with_overrides({"fit.background": bg_images})
     model_cfg = run.fit(gallery) if fit else cfg
     if bg_images is not None:

@@ -8,9 +8,10 @@ On the quality benchmark's copy set (tests/bench/quality_data.py; docs/quality.m
 split's gallery -> index -> search the query images with ``search.normalize.background`` = the
 set's background photos (extracted once per model), so every row carries ``fmr`` / ``fmr_query``
 and the manifest the estimate (``calibration``). ``--fit`` runs ``retrieval fit`` on the split's
-gallery first (with ``fit.background`` = the background images, as ``retrieval run`` does; ``--fit
-gallery``: the gallery alone) and uses the fitted model throughout. ``--background shipped``: the
-images ``retrieval run`` ships instead of the set's background photos (its default path).
+gallery first (with ``fit.background`` = the background images, as ``retrieval run --background``
+does; ``--fit gallery``: the gallery alone) and uses the fitted model throughout. ``--background
+shipped``: the images ``retrieval run`` ships instead of the set's background photos (with ``--fit
+gallery``: the default path of ``retrieval run`` without ``--background``).
 
 Printed:
 
@@ -220,7 +221,8 @@ def main() -> None:
     ap.add_argument("--configs", default="default", help="default, sscd, or name=checkpoint (as bench_quality)")
     ap.add_argument("--fit", nargs="?", const="gallery+bg", default=None, choices=("gallery", "gallery+bg"),
                     help="retrieval fit on each split's gallery first: with the background images in the "
-                         "whitening (gallery+bg, the default: as retrieval run fits) or on the gallery alone")
+                         "whitening (gallery+bg, the default: as retrieval run --background fits) or on the "
+                         "gallery alone")
     ap.add_argument("--background", default="data", choices=("data", "shipped"),
                     help="the set's background photos, or the images retrieval run ships")
     ap.add_argument("--targets", default="0.1,0.01,0.001")
