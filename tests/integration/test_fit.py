@@ -119,8 +119,10 @@ def test_fit_with_a_background_whitens_with_it_on_both_engines(sample, fitted, s
     assert main(["fit", "--engine", "local", "--input", sample["gallery"], "--output", local,
                  *[x for s in sets for x in ("--set", s)]]) == 0
     card = json.loads(fsio.read_text(local + ".card.json"))
-    assert card["facts"]["background"] == {"url": sample["background"], "images_listed": n_bg, "images_used": n_bg}
+    assert card["facts"]["background"] == {"url": sample["background"], "images_listed": n_bg, "images_used": n_bg,
+                                           "share": 0.5}
     assert f"together with {n_bg:,} background images" in fsio.read_text(local + ".card.md")
+    assert "carrying 50% of the weight" in fsio.read_text(local + ".card.md")
     assert fitted["card"]["facts"]["background"] is None
     on_spark = fit(sample["gallery"], str(tmp_path / "spark.pt"), config.load(sets=sets), engine=spark)
     assert on_spark["facts"]["background"] == card["facts"]["background"]
