@@ -36,6 +36,7 @@ NULLABLE: dict[str, type] = {
     "search.coarse_threshold": float,
     "search.match_threshold": float,
     "search.normalize.background": str,
+    "fit.background": str,
 }
 
 # "choose for me" is spelled `auto` in every key. These keys spelled it 0 or null before 0.2: the old

@@ -114,9 +114,11 @@ def _as_matrix(blobs: list[bytes], dim: int):
     return torch.from_numpy(np.frombuffer(b"".join(blobs), np.float16).reshape(-1, dim).astype(np.float32))
 
 
-def fit_model(model, p_hi, p_lo, fit_cfg: Config) -> dict:
+def fit_model(model, p_hi, p_lo, fit_cfg: Config, extra_hi=None) -> dict:
     """Steps 2-4 of the module doc on ``model`` (in place), from pooled features; returns the facts
-    for the model card."""
+    for the model card. ``extra_hi``: pooled features of background images that join the gallery's
+    in the whitening fit with ``fit.background_share`` of the weight (``fit.background``; not in the
+    PCA heads nor the adapter-2 re-fit)."""
     import torch
 
     from retrieval.fit import whiten
@@ -135,16 +137,38 @@ def fit_model(model, p_hi, p_lo, fit_cfg: Config) -> dict:
     for layer in (model.fine_white, model.coarse_white):   # refit from scratch (identity first)
         whiten.set_linear(layer, np.eye(layer.in_features, dtype=np.float32),
                           np.zeros(layer.in_features, np.float32))
+    x_white, weights = p_hi, None
+    if extra_hi is not None and len(extra_hi):        # gallery and background, weighted by their shares
+        x_white = torch.cat([p_hi, extra_hi])
+        share = float(fit_cfg["background_share"])
+        weights = whiten.group_weights([len(p_hi), len(extra_hi)], [1.0 - share, share])
     with torch.no_grad():
-        fine = torch.nn.functional.normalize(model.fine_head(p_hi), dim=-1).numpy()
-        coarse = torch.nn.functional.normalize(model.adapter1(p_hi), dim=-1).numpy()
+        fine = torch.nn.functional.normalize(model.fine_head(x_white), dim=-1).numpy()
+        coarse = torch.nn.functional.normalize(model.adapter1(x_white), dim=-1).numpy()
     for name, layer, x in (("fine", model.fine_white, fine), ("coarse", model.coarse_white, coarse)):
-        wt = whiten.fit_whitening(x, None if fit_cfg["shrinkage"] == "auto" else fit_cfg["shrinkage"], fit_cfg["power"])
+        wt = whiten.fit_whitening(x, None if fit_cfg["shrinkage"] == "auto" else fit_cfg["shrinkage"], fit_cfg["power"],
+                                  weights=weights)
         whiten.set_linear(layer, wt.weight, wt.bias)
         facts[f"{name}_whitening"] = wt.summary()
     facts["adapter2"] = whiten.refit_adapter2(model, p_hi, p_lo, fit_cfg["adapter2_steps"], fit_cfg["adapter2_lr"],
                                               seed=fit_cfg["seed"])
     return facts
+
+
+def encode_background(job: FitJob, url: str | None, fit_cfg: Config, engine: Engine,
+                      channels: int) -> tuple[Any, dict | None]:
+    """The pooled R_hi features of a seeded sample of ``fit.background``'s images (``(None, None)``
+    without one) and the card's facts about them."""
+    if not url:
+        return None, None
+    listing = inputs_mod.list_inputs(url, "auto", 1, None, None)
+    rows = sample_rows(listing, fit_cfg["sample"], fit_cfg["seed"])
+    ok = sorted((r for r in encode_sample(job, rows, engine) if r[3] is None), key=lambda r: r[0])
+    if len(ok) < 2:
+        raise ValueError(f"fit.background {url}: {len(ok)} readable images; give a folder of unrelated images")
+    facts = {"url": url, "images_listed": listing.num_rows, "images_used": len(ok),
+             "share": float(fit_cfg["background_share"])}
+    return _as_matrix([r[1] for r in ok], channels), facts
 
 
 def card_markdown(card: dict) -> str:
@@ -162,6 +186,11 @@ def card_markdown(card: dict) -> str:
              + (" (the re-fit did not improve the held-out images: the starting weights were kept)"
                 if card['facts']['adapter2']['cosine_after'] <= card['facts']['adapter2']['cosine_before'] else ""),
              f"- sample fingerprint (sha256 of the image ids used): `{card['sample_sha256']}`", ""]
+    bg = card["facts"].get("background")
+    if bg:
+        lines.insert(-1, f"- whitening fitted together with {bg['images_used']:,} background images (of "
+                         f"{bg['images_listed']:,} listed) from `{bg['url']}` (fit.background), carrying "
+                         f"{bg['share']:.0%} of the weight")
     if card["facts"].get("heads_initialised"):
         lines.insert(-1, "- adapter 1 / fine head initialised from the principal components (heads were untrained)")
     return "\n".join(lines) + "\n"
@@ -209,7 +238,8 @@ def fit(input_url: str, output_url: str, cfg: Config, engine: Engine | Any = Non
     t_encode = time.monotonic() - t0
     k = model.spec.channels
     p_hi, p_lo = _as_matrix([r[1] for r in ok], k), _as_matrix([r[2] for r in ok], k)
-    facts = fit_model(model, p_hi, p_lo, fit_cfg)
+    b_hi, bg_facts = encode_background(job, fit_cfg["background"], fit_cfg, engine, k)
+    facts = fit_model(model, p_hi, p_lo, fit_cfg, extra_hi=b_hi) | {"background": bg_facts}
     model.spec.heads = "fitted"
     ids_sha = hashlib.sha256("\n".join(r[0] for r in ok).encode()).hexdigest()
     card = {"stage": "fit", "input": input_url, "output": output_url, "images_listed": listing.num_rows,

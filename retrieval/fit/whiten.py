@@ -38,11 +38,23 @@ class Whitening:
                 "dims_for_90pct_variance": int(np.searchsorted(share, 0.9) + 1)}
 
 
-def _covariance(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _covariance(x: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the rows of ``x``, each row weighted by ``weights`` (None: equally)."""
     x = np.asarray(x, dtype=np.float64)
-    mu = x.mean(axis=0)
+    if weights is None:
+        mu = x.mean(axis=0)
+        xc = x - mu
+        return mu, xc.T @ xc / max(len(x), 1)
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    mu = w @ x
     xc = x - mu
-    return mu, xc.T @ xc / max(len(x), 1)
+    return mu, (xc * w[:, None]).T @ xc
+
+
+def group_weights(sizes: list[int], shares: list[float]) -> np.ndarray:
+    """Row weights giving each of the consecutive groups of ``sizes`` rows its ``share`` of the total."""
+    return np.concatenate([np.full(n, s / n) for n, s in zip(sizes, shares) if n])
 
 
 def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
@@ -60,14 +72,16 @@ def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
     return float(min(max(beta_bar, 0.0), delta) / delta)
 
 
-def fit_whitening(x: np.ndarray, shrinkage: float | None, power: float) -> Whitening:
+def fit_whitening(x: np.ndarray, shrinkage: float | None, power: float,
+                  weights: np.ndarray | None = None) -> Whitening:
     """Whitening of the rows of ``x`` (n x d); see the module doc. ``shrinkage`` None: the
-    Ledoit-Wolf estimate (:func:`ledoit_wolf_shrinkage`)."""
+    Ledoit-Wolf estimate (:func:`ledoit_wolf_shrinkage`, of the unweighted rows); ``weights``: each
+    row's weight in the mean and covariance (None: equal)."""
     if len(x) < 2:
         raise ValueError(f"whitening needs at least 2 vectors, got {len(x)}")
     if shrinkage is None:
         shrinkage = ledoit_wolf_shrinkage(x)
-    mu, cov = _covariance(x)
+    mu, cov = _covariance(x, weights)
     d = cov.shape[0]
     cov = (1.0 - shrinkage) * cov + shrinkage * (np.trace(cov) / d) * np.eye(d)
     eig, vec = np.linalg.eigh(cov)

@@ -3,7 +3,8 @@
 The whole pipeline on one engine (one Spark session for every stage), each stage's output under
 ``--output``:
 
-    model/fitted.pt        retrieval fit       (whitening + adapter re-fit on the gallery; --no-fit: skipped)
+    model/fitted.pt        retrieval fit       (whitening on the gallery + the --background images, adapter
+                                                re-fit on the gallery; --no-fit: skipped)
     background_features/   retrieval extract   (the background set, with the fitted model)
     gallery_features/      retrieval extract --role gallery
     query_features/        retrieval extract --role query
@@ -138,8 +139,12 @@ def run_all(gallery: str, queries: str, output: str, cfg: Config, engine: Any, b
     outputs.begin(output)       # the run's marker goes until every step is complete again
     t0 = time.monotonic()
     run = Runner(output, cfg, engine)
-    model_cfg = run.fit(gallery) if fit else cfg
     bg_url, bg_images = resolve_background(background)
+    if background is not None and bg_images is not None and not cfg["fit.background"]:
+        # the user's background images join the whitening fit (the shipped textures do not: unlike
+        # everyday photos, they would understate the false-match rates; docs/quality.md)
+        run.cfg = cfg = cfg.with_overrides({"fit.background": bg_images})
+    model_cfg = run.fit(gallery) if fit else cfg
     if bg_images is not None:
         bg_url = run.url("background_features")
         run.extract("background_features", bg_images, "gallery", model_cfg, deps=("fit",))

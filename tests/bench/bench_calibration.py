@@ -1,14 +1,17 @@
 """Are the estimated false-match rates right, and is the default threshold usable? (issue 22, item 3)
 
     .venv/bin/python tests/bench/bench_calibration.py --data /work/quality_data [--work /tmp/bench_calibration]
-        [--configs default] [--fit] [--targets 0.1,0.01,0.001]
+        [--configs default] [--fit [gallery|gallery+bg]] [--background data|shipped] [--targets 0.1,0.01,0.001]
 
 On the quality benchmark's copy set (tests/bench/quality_data.py; docs/quality.md), per split
 (``tune``, then ``test``) and model, through the ``retrieval`` CLI (``--engine local``): extract the
 split's gallery -> index -> search the query images with ``search.normalize.background`` = the
 set's background photos (extracted once per model), so every row carries ``fmr`` / ``fmr_query``
 and the manifest the estimate (``calibration``). ``--fit`` runs ``retrieval fit`` on the split's
-gallery first and uses the fitted model throughout (as bench_quality's ``+ fit + norm`` rows).
+gallery first (with ``fit.background`` = the background images, as ``retrieval run --background``
+does; ``--fit gallery``: the gallery alone) and uses the fitted model throughout. ``--background
+shipped``: the images ``retrieval run`` ships instead of the set's background photos (with ``--fit
+gallery``: the default path of ``retrieval run`` without ``--background``).
 
 Printed:
 
@@ -57,8 +60,11 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, c - h), min(1.0, c + h)
 
 
-def run_split(name: str, sets: list[str], data: str, split: str, work: str, fit: bool, bg_url: str) -> dict:
-    """The pipeline on one split; returns what the measurements need."""
+def run_split(name: str, sets: list[str], data: str, split: str, work: str, fit: str | None, bg_url: str,
+              bg_images: str) -> dict:
+    """The pipeline on one split; returns what the measurements need. ``fit``: None (no fit),
+    ``gallery`` (whitening on the gallery alone) or ``gallery+bg`` (with ``fit.background`` = the
+    background images, as ``retrieval run`` fits)."""
     split_dir = os.path.join(data, split)
     d = os.path.join(work, name, split)
     os.makedirs(d, exist_ok=True)
@@ -66,12 +72,13 @@ def run_split(name: str, sets: list[str], data: str, split: str, work: str, fit:
     if fit:
         fitted = os.path.join(d, "fitted.pt")
         if not os.path.exists(fitted):
-            bq.run("fit", "--input", os.path.join(split_dir, "gallery"), "--output", fitted, sets=sets,
+            extra = [f"fit.background={bg_images}"] if fit == "gallery+bg" else []
+            bq.run("fit", "--input", os.path.join(split_dir, "gallery"), "--output", fitted, sets=sets + extra,
                    engine="local", log=log)
         sets = sets + [f"model.checkpoint={fitted}"]
         bg_url = os.path.join(d, "background")            # the background with the fitted model
     if not os.path.exists(os.path.join(bg_url, "_manifest.json")):
-        bq.run("extract", "--input", os.path.join(data, "background"), "--output", bg_url, "--role", "gallery",
+        bq.run("extract", "--input", bg_images, "--output", bg_url, "--role", "gallery",
                sets=sets, engine="local", log=log)
     for stage, args in (("extract", ["--input", os.path.join(split_dir, "gallery"), "--output", f"{d}/gallery",
                                      "--role", "gallery"]),
@@ -158,6 +165,7 @@ def measure(run: dict, targets: list[float]) -> dict:
                                                                    "gallery", "anchor_rate", "anchor_score",
                                                                    "sigma", "resolution")},
             "rates": rates, "p90": {"recall": p90["recall"], "threshold": p90["threshold"]}, "grid": ops,
+            "quality": {"micro_ap": m["micro_ap"], "recall@1": m["recall@1"]},
             "counts": {"queries": len(truth.matches), "negatives": len(negatives), "pairs": truth.n_pairs}}
 
 
@@ -190,7 +198,8 @@ def report(label: str, split: str, r: dict, chosen: float | None) -> None:
               f"{x['observed']:.4f} ({lo:.4f}-{hi:.4f}) | {x['fmr_at_threshold']:.2e} | "
               f"{x['observed_neg_pair_rate']:.2e} ({x['neg_pairs_seen']} / {x['neg_pairs']:,}) | "
               f"{x['observed_pair_rate']:.2e} ({x['pairs_seen']} / {x['pairs']:,}) |")
-    print(f"\nbest threshold at 90% precision: norm_score {r['p90']['threshold']}, recall {r['p90']['recall']:.3f}\n")
+    print(f"\nbest threshold at 90% precision: norm_score {r['p90']['threshold']}, recall {r['p90']['recall']:.3f} "
+          f"(two-stage search: µAP {r['quality']['micro_ap']:.4f}, recall@1 {r['quality']['recall@1']:.4f})\n")
     print("| target per query | threshold | flagged pairs | precision | recall | recall / recall@P90 "
           "| wrong pairs: non-matching queries / copy vs another crop of its photo / other "
           "| precision, other crops of the photo not counted |")
@@ -210,7 +219,12 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--work", default="/tmp/bench_calibration")
     ap.add_argument("--configs", default="default", help="default, sscd, or name=checkpoint (as bench_quality)")
-    ap.add_argument("--fit", action="store_true", help="retrieval fit on each split's gallery first")
+    ap.add_argument("--fit", nargs="?", const="gallery+bg", default=None, choices=("gallery", "gallery+bg"),
+                    help="retrieval fit on each split's gallery first: with the background images in the "
+                         "whitening (gallery+bg, the default: as retrieval run --background fits) or on the "
+                         "gallery alone")
+    ap.add_argument("--background", default="data", choices=("data", "shipped"),
+                    help="the set's background photos, or the images retrieval run ships")
     ap.add_argument("--targets", default="0.1,0.01,0.001")
     ap.add_argument("--set", action="append", default=[], dest="sets")
     args = ap.parse_args()
@@ -226,13 +240,15 @@ def main() -> None:
             name, url = name.split("=", 1)
             sets = [f"model.checkpoint={url}"]
         sets += args.sets
-        label = name + (" + fit" if args.fit else "") + " + norm"
-        tag = name + ("-fit" if args.fit else "")
+        label = name + (f" + fit ({args.fit})" if args.fit else "") + f" + norm ({args.background} background)"
+        tag = name + (f"-fit-{args.fit}" if args.fit else "") + ("-shipped" if args.background == "shipped" else "")
         bg = os.path.join(args.work, tag, "background")
+        bg_images = os.path.join(args.data, "background") if args.background == "data" else os.path.join(
+            bq.ROOT, "retrieval", "assets", "background")
         chosen = None
         for split in ("tune", "test"):
             t0 = time.monotonic()
-            run = run_split(tag, sets, args.data, split, args.work, args.fit, bg)
+            run = run_split(tag, sets, args.data, split, args.work, args.fit, bg, bg_images)
             r = measure(run, targets)
             if split == "tune":
                 pick = choose(r["grid"], r["p90"]["recall"])

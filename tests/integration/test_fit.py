@@ -105,3 +105,30 @@ def test_fit_refuses_bad_input_before_any_work(sample, tmp_path, capsys):
     assert not os.path.exists(out) and not os.path.exists(str(tmp_path / "m.npz"))
     assert main(["fit", "--engine", "local", "--input", sample["gallery"], "--output", out,
                  "--set", "fit.shrinkage=2"]) == 2
+
+
+def test_fit_with_a_background_whitens_with_it_on_both_engines(sample, fitted, spark, tmp_path):
+    """``fit.background``: its images join the gallery in the whitening (the card says how many); the
+    fitted model differs from the gallery-only fit, and both engines fit the same one."""
+    from retrieval import config
+    from retrieval.fit.job import fit
+
+    n_bg = len([f for f in os.listdir(sample["background"]) if not f.startswith(".")])
+    sets = ["fit.adapter2_steps=60", f"fit.background={sample['background']}"]
+    local = str(tmp_path / "local.pt")
+    assert main(["fit", "--engine", "local", "--input", sample["gallery"], "--output", local,
+                 *[x for s in sets for x in ("--set", s)]]) == 0
+    card = json.loads(fsio.read_text(local + ".card.json"))
+    assert card["facts"]["background"] == {"url": sample["background"], "images_listed": n_bg, "images_used": n_bg,
+                                           "share": 0.5}
+    assert f"together with {n_bg:,} background images" in fsio.read_text(local + ".card.md")
+    assert "carrying 50% of the weight" in fsio.read_text(local + ".card.md")
+    assert fitted["card"]["facts"]["background"] is None
+    on_spark = fit(sample["gallery"], str(tmp_path / "spark.pt"), config.load(sets=sets), engine=spark)
+    assert on_spark["facts"]["background"] == card["facts"]["background"]
+    a, b, alone = load_checkpoint(local), load_checkpoint(str(tmp_path / "spark.pt")), load_checkpoint(fitted["url"])
+    x = torch.randn(64, a.spec.channels).abs()
+    with torch.no_grad():
+        fa, fb, fg = a.fine(x), b.fine(x), alone.fine(x)
+    assert torch.allclose(fa @ fa.T, fb @ fb.T, atol=2e-2)
+    assert not torch.allclose(fa @ fa.T, fg @ fg.T, atol=2e-2)

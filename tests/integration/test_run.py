@@ -43,6 +43,10 @@ def test_run_writes_every_stage_under_the_output_and_a_report(first_run, sample,
     assert search["config"]["model"]["checkpoint"] == os.path.join(out, "model", "fitted.pt")
     assert search["config"]["search"]["normalize"]["background"] == os.path.join(out, "background_features")
     assert search["model_version"] == m["model_version"] == q["model_version"]
+    # the background images went into the fit's whitening with the gallery (fit.background)
+    card = json.load(open(os.path.join(out, "model", "fitted.pt.card.json")))
+    assert card["facts"]["background"]["url"] == sample["background"]
+    assert card["facts"]["background"]["images_used"] == len(os.listdir(sample["background"]))
     rows = pd.read_parquet(os.path.join(out, "results"))
     assert len(rows) > 0 and rows["query_id"].notna().all() and "norm_score" in rows
     summary = json.load(open(os.path.join(out, "report", "summary.json")))

@@ -96,3 +96,48 @@ def test_fit_shrinkage_config_takes_auto_or_a_number():
     for bad in ("fit.shrinkage=often", "fit.shrinkage=1.5", "fit.shrinkage=true"):
         with pytest.raises(config.ConfigError, match="fit.shrinkage"):
             config.load(sets=[bad])
+
+
+def test_background_images_join_the_whitening_fit_and_are_spread_as_the_gallery_is():
+    """``fit.background``: the whitening is fitted on gallery + background, so the fitted model spreads
+    the background as it spreads the gallery (what the false-match estimate assumes); the adapter-2
+    re-fit and everything else still see the gallery only."""
+    from retrieval.fit.job import fit_model
+    from retrieval.model.network import ModelSpec, DescriptorModel
+
+    torch.manual_seed(0)
+    spec = ModelSpec(backbone="mobilenet_v2", channels=32, fine_dim=16, coarse_dim=8)
+    cfg = {"shrinkage": 0.2, "power": 0.5, "adapter2_steps": 0, "adapter2_lr": 1e-3, "seed": 0,
+           "background_share": 0.5}
+    gallery = torch.randn(300, 32).abs()
+    shift = torch.zeros(32)
+    shift[:8] = 2.0
+    background = torch.randn(900, 32).abs() + shift          # another kind of image, 3x as many
+
+    def fitted(extra):
+        model = DescriptorModel(spec, torch.nn.Identity())
+        model.init_heads(0)
+        facts = fit_model(model, gallery, gallery, cfg, extra_hi=extra)
+        with torch.no_grad():
+            pre = [torch.nn.functional.normalize(model.fine_head(x), dim=-1) for x in (gallery, background)]
+            out = [model.fine_white(x) for x in pre]             # before the final normalisation
+        return facts, out
+
+    def spread(y):       # mean squared distance to the centre, per dimension
+        return float(((y - y.mean(0)) ** 2).sum(1).mean()) / y.shape[1]
+
+    _, (g_alone, b_alone) = fitted(None)
+    facts, (g_both, b_both) = fitted(background)
+    # gallery alone: centred and whitened, the background not (off-centre, another spread)
+    assert float(g_alone.mean(0).norm()) < 1e-3 < float(b_alone.mean(0).norm())
+    # together, half the weight each: the centre is halfway between the two sets' centres, and
+    # gallery and background spread alike
+    assert float((g_both.mean(0) + b_both.mean(0)).norm()) < 1e-3
+    ratio_alone, ratio_both = spread(b_alone) / spread(g_alone), spread(b_both) / spread(g_both)
+    assert abs(np.log(ratio_both)) < abs(np.log(ratio_alone))
+    assert facts["fine_whitening"]["dim"] == 16 and facts["adapter2"]["steps"] == 0
+    # weighted rows: a weight is a repeat count
+    x = _correlated(60, 4)
+    w = whiten.fit_whitening(x, 0.0, 0.5, weights=np.r_[np.full(30, 2.0), np.ones(30)])
+    r = whiten.fit_whitening(np.concatenate([x[:30], x]), 0.0, 0.5)
+    assert np.allclose(np.abs(w.weight), np.abs(r.weight), atol=1e-4) and np.allclose(w.eigenvalues, r.eigenvalues)
