@@ -50,9 +50,7 @@ def record_path(configured: str | None) -> str | None:
         return None
     if str(configured) != "auto":
         return os.path.expanduser(str(configured))
-    root = os.environ.get("RETRIEVAL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "retrieval")
-    return os.path.join(root, "verified.json")
+    return os.path.join(fsio.cache_root(), "verified.json")
 
 
 def _stamp(storage_options: dict | None, url: str) -> dict | None:
