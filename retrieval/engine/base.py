@@ -75,6 +75,12 @@ class Engine:
     def parallelism(self) -> int:
         raise NotImplementedError
 
+    @property
+    def session(self) -> str | None:
+        """The session the work runs in (Spark: its application id; None in this process): the
+        manifests record it, so the stages of one ``retrieval run`` show that they shared one."""
+        return None
+
     def map(self, fn: Callable, items: Sequence, label: str, every: float = 10.0, threads: int = 1) -> list:
         """``fn`` over ``items``, one task each; the results in item order."""
         raise NotImplementedError

@@ -25,6 +25,10 @@ class SparkEngine(Engine):
     def parallelism(self) -> int:
         return int(self.spark.sparkContext.defaultParallelism)
 
+    @property
+    def session(self) -> str | None:
+        return str(self.spark.sparkContext.applicationId)
+
     def run(self, label, total, action, every=10.0):
         from retrieval.engine.session import ProgressMonitor
 
