@@ -133,8 +133,8 @@ def verify_files(files: Sequence[tuple[str, str | None]], what: str, manifest: s
                  for u in urls if stamps.get(u) is not None and _settled(stamps[u])}
         if fresh:
             _save_record(record, fresh)
-    log.info("verified %d %s files against %s (%d unchanged since their last check)", len(urls), what,
-             manifest, len(wanted) - len(urls))
+    log.info("%s: %d of %d hashed and matching %s, %d unchanged since their last check", what, len(urls),
+             len(wanted), manifest, len(wanted) - len(urls))
     return len(urls)
 
 
