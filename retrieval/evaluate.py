@@ -176,7 +176,8 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
     evaluate_cfg = cfg.evaluate
     manifest = store.read_index_manifest(index_url)
     integrity.verify_files([(f["url"], f.get("sha256")) for f in manifest["feature_files"]],
-                           "gallery feature file", store.manifest_url(index_url))
+                           "gallery feature file", store.manifest_url(index_url),
+                           record=integrity.record_path(cfg["io.verified_record"]))
     qt = read_features(query_features_url, ["image_id", "fine", "fine_scale"]
                        if _is_int8(query_features_url) else ["image_id", "fine"])
     t0 = time.monotonic()

@@ -206,6 +206,13 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def cache_root() -> str:
+    """This user's cache folder of the project (verified-once record, the driver JVM's class archive):
+    ``$RETRIEVAL_CACHE_DIR``, else ``$XDG_CACHE_HOME/retrieval``, else ``~/.cache/retrieval``."""
+    return os.environ.get("RETRIEVAL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "retrieval")
+
+
 def sha256_file(url: str, chunk: int = 1 << 22) -> str:
     fs, path = url_to_fs(url)
     h = hashlib.sha256()

@@ -104,6 +104,8 @@ def commit(output_url: str, stage: str, manifest: dict[str, Any], engine: Any = 
     out = {"stage": stage, **manifest}
     if engine is not None:
         out.setdefault("engine", getattr(engine, "name", engine))
+        if getattr(engine, "session", None) is not None:
+            out.setdefault("engine_session", engine.session)
     if cfg is not None:
         out.setdefault("config", cfg.to_dict())
     out.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

@@ -22,6 +22,14 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def verified_record_dir(tmp_path_factory):
+    """The verified-once record (``io.verified_record: auto``) of the tests' runs: in a temporary
+    folder, not the user's ~/.cache."""
+    os.environ["RETRIEVAL_CACHE_DIR"] = str(tmp_path_factory.mktemp("retrieval-cache"))
+    yield os.environ["RETRIEVAL_CACHE_DIR"]
+
+
 @pytest.fixture(scope="session")
 def spark():
     from retrieval.engine.session import get_spark

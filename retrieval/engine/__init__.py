@@ -68,7 +68,8 @@ def open_engine(kind: str, cfg: Any, master: str | None = None, log_level: str |
 
     submitted = bool(os.environ.get("PYSPARK_GATEWAY_PORT"))
     resolved = master if master is not None else ("" if submitted else cfg["spark.master"])
-    spark = get_spark(resolved, cfg["spark.app_name"], cfg["spark.conf"], log_level=log_level)
+    spark = get_spark(resolved, cfg["spark.app_name"], cfg["spark.conf"], log_level=log_level,
+                      fast_start=bool(cfg["spark.fast_start"]))
     try:
         yield SparkEngine(spark)
     finally:

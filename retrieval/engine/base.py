@@ -80,6 +80,12 @@ class Engine:
         """The tasks run on the driver's machine and see its local files (a cluster's do not)."""
         return True
 
+    @property
+    def session(self) -> str | None:
+        """The session the work runs in (Spark: its application id; None in this process): the
+        manifests record it, so the stages of one ``retrieval run`` show that they shared one."""
+        return None
+
     def map(self, fn: Callable, items: Sequence, label: str, every: float = 10.0, threads: int = 1) -> list:
         """``fn`` over ``items``, one task each; the results in item order."""
         raise NotImplementedError

@@ -29,6 +29,10 @@ class SparkEngine(Engine):
     def tasks_on_this_machine(self) -> bool:
         return str(self.spark.sparkContext.master).startswith("local")
 
+    @property
+    def session(self) -> str | None:
+        return str(self.spark.sparkContext.applicationId)
+
     def run(self, label, total, action, every=10.0):
         from retrieval.engine.session import ProgressMonitor
 

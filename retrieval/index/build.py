@@ -347,6 +347,8 @@ def _manifest(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, shards
         "builds": (old.get("builds", []) if old is not None else []) + [this_build],
         "config": run.cfg.to_dict(), "engine": run.engine.name, "created": this_build["created"],
     }
+    if run.engine.session is not None:
+        manifest["engine_session"] = run.engine.session
     if merged is not None:
         manifest["merged"] = merged
     takedowns.carry_into(manifest, run.output_url, old)

@@ -134,6 +134,9 @@ def run_all(gallery: str, queries: str, output: str, cfg: Config, engine: Any, b
     from retrieval.report.job import build_report
     from retrieval.search.job import search
 
+    from retrieval.engine import as_engine
+
+    engine = as_engine(engine)      # one engine, one session, for every stage (its manifest records it)
     outputs.configure_and_check_writable(output, cfg["io.storage_options"])
     outputs.claim(output, outputs.identity("run", cfg, [gallery, queries, background, truth]), cfg, overwrite)
     outputs.begin(output)       # the run's marker goes until every step is complete again

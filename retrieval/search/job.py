@@ -46,18 +46,21 @@ def _clean_output(output_url: str) -> None:
         fs.rm(f"{root}/query_features", recursive=True)
 
 
-def verify_index_inputs(index_url: str, index_manifest: dict, engine=None, storage_options=None) -> None:
+def verify_index_inputs(index_url: str, index_manifest: dict, engine=None, storage_options=None,
+                        record: str | None = None) -> int:
     """Every file the index manifest lists (trained part, shards, gallery feature files) against its
-    sha256, hashed once per run in parallel, before anything is written: a clear error naming the
-    file on both engines (tasks verify the shards they load again, as they read them anyway)."""
+    sha256, hashed in parallel before anything is written: a clear error naming the file on both
+    engines (tasks verify the shards they load again, as they read them anyway). ``record``: the
+    verified-once record (:func:`retrieval.integrity.record_path`): files unchanged since they
+    matched are not hashed again. Returns the number of files hashed."""
     from retrieval.index import store
 
     where = store.manifest_url(index_url)
     index_files = [(fsio.join(index_url, fsio.safe_relpath(e["file"])), e.get("sha256"))
                    for e in [index_manifest["trained"], *index_manifest["shards"]]]
-    integrity.verify_files(index_files, "index file", where, engine, storage_options)
-    integrity.verify_files([(f["url"], f.get("sha256")) for f in index_manifest["feature_files"]],
-                           "gallery feature file", where, engine, storage_options)
+    return (integrity.verify_files(index_files, "index file", where, engine, storage_options, record=record)
+            + integrity.verify_files([(f["url"], f.get("sha256")) for f in index_manifest["feature_files"]],
+                                     "gallery feature file", where, engine, storage_options, record=record))
 
 
 def plan_rerank(job: SearchJob, configured: str) -> tuple[SearchJob, dict]:
@@ -183,7 +186,8 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
     background = normalize_mod.load_background(search_cfg.normalize, index_manifest,
                                                list(store.feature_file_urls(index_manifest)))
     if search_cfg.verify:
-        verify_index_inputs(index_url, index_manifest, engine, cfg["io.storage_options"])
+        verify_index_inputs(index_url, index_manifest, engine, cfg["io.storage_options"],
+                            integrity.record_path(cfg["io.verified_record"]))
     outputs.claim(output_url, ident, cfg, overwrite)
     _clean_output(output_url)
     qf_url, qman, encode_s = q_mod.resolve_queries(queries_url, output_url, index_url, index_manifest,

@@ -217,6 +217,10 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/bench_search")
     ap.add_argument("--spark-grid", action="store_true", help="run the Spark job at every setting")
     ap.add_argument("--no-spark", action="store_true")
+    ap.add_argument("--spark-baseline", default="",
+                    help="comma-separated key=value settings of a second Spark job at the default setting, run "
+                         "right after the first in every repeat (side by side), e.g. "
+                         "spark.fast_start=false,io.verified_record=none: the fixed costs before issue 25")
     ap.add_argument("--brute-sample", type=int, default=2000,
                     help="queries brute force is re-timed on in every repeat")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -275,7 +279,7 @@ def main() -> None:
                              "spark": not args.no_spark and (args.spark_grid or is_default),
                              "out": os.path.join(args.workdir, "out", f"lib_s{S}_p{nprobe}"),
                              "sout": os.path.join(args.workdir, "out", f"spark_s{S}_p{nprobe}"),
-                             "lib_s": [], "spark_s": [], "stages": [], "bf_s": [], "load": []})
+                             "lib_s": [], "spark_s": [], "base_s": [], "stages": [], "bf_s": [], "load": []})
     # every repeat measures brute force, then every setting's library run, then the Spark runs, so a
     # ratio compares measurements taken minutes apart at most, and the spread of the ratios across
     # repeats shows how much the machine's load moved them
@@ -294,6 +298,11 @@ def main() -> None:
         for st in settings:
             if st["spark"]:
                 st["spark_s"].append(run_spark(qf, idx, st["sout"], st["sets"]))
+                if args.spark_baseline and st["default"]:
+                    st["base_s"].append(run_spark(qf, idx, st["sout"] + "_base",
+                                                  st["sets"] + args.spark_baseline.split(",")))
+                    log(f"repeat {rep + 1}: Spark job {st['spark_s'][-1]:.1f}s, with {args.spark_baseline} "
+                        f"{st['base_s'][-1]:.1f}s")
         log(f"repeat {rep + 1}/{repeats}: " + "; ".join(
             f"S {st['shortlist']} nprobe {st['nprobe']}: library {st['lib_s'][-1]:.2f}s "
             f"({st['bf_s'][-1] / st['lib_s'][-1]:.0f}x)" +
@@ -315,6 +324,9 @@ def main() -> None:
             row.update({"spark_s": summary(st["spark_s"]), "spark_qps": summary([n_q / x for x in st["spark_s"]], 0),
                         "spark_speedup": summary(spark_speedups, 1),
                         "spark_equals_library": two_stage_rows(st["sout"]) == two_stage_rows(st["out"])})
+            if st["base_s"]:
+                row.update({"baseline_sets": args.spark_baseline, "baseline_s": summary(st["base_s"]),
+                            "baseline_speedup": summary([b / x for b, x in zip(st["bf_s"], st["base_s"])], 1)})
         rows.append(row)
         log(json.dumps(row))
     bf_summary = summary(bf_qps_runs, 1)
@@ -351,6 +363,11 @@ def main() -> None:
               f"{fmt(r['library_qps'], digits=0)} | {fmt(r['library_speedup'], 'x', 0)} | {sp} | "
               f"{100 * r['rank1_two_stage']:.2f}% | {100 * r['rank1_exact']:.2f}% | "
               f"{100 * r['rank1_retained']:.2f}% | {100 * r['recall10_vs_exact']:.2f}% |")
+    for r in rows:
+        if "baseline_s" in r:
+            print(f"\nSpark job at the default, side by side in every repeat: {fmt(r['spark_s'])} s "
+                  f"({fmt(r['spark_speedup'], 'x')} brute force); with {r['baseline_sets']}: "
+                  f"{fmt(r['baseline_s'])} s ({fmt(r['baseline_speedup'], 'x')})")
     if norm_rows:
         print()
         print(f"score normalisation at the default setting (shortlist {default_shortlist}, nprobe {default_nprobe}); "

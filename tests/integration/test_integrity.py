@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import retrieval.index  # noqa: F401  (before faiss)
 import pytest
@@ -162,3 +163,49 @@ def test_extraction_rerun_recomputes_an_altered_shard(tmp_path):
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in first["shards"]]
     assert fsio.sha256_file(os.path.join(out, "part-00000.parquet")) == first["shards"][0]["sha256"]
     assert read_features(out).num_rows == 4
+
+
+def _age(*folders: str, seconds: float = 60.0) -> None:
+    """Every file under ``folders`` last modified ``seconds`` ago (as an index made earlier)."""
+    t = time.time() - seconds
+    for folder in folders:
+        for root, _, names in os.walk(folder):
+            for n in names:
+                os.utime(os.path.join(root, n), (t, t))
+
+
+@pytest.mark.parametrize("engine", ["local", "spark"])
+def test_verified_once(world, spark, tmp_path, engine):
+    """With a verified-once record, unchanged index and gallery files are hashed once, not every run;
+    a file altered since (same size) is hashed again and refused; a file modified within
+    RACY_SECONDS of its check is not recorded (a same-tick write could keep its mtime)."""
+    from retrieval.index.store import read_index_manifest
+    from retrieval.integrity import record_path
+    from retrieval.search.job import verify_index_inputs
+
+    eng = spark if engine == "spark" else None
+    gal = copy(world["gallery"], tmp_path / "gallery")
+    idx = str(tmp_path / "index")
+    build_index([gal], idx, INDEX)
+    man = read_index_manifest(idx)
+    n_files = 1 + len(man["shards"]) + len(man["feature_files"])
+    rec = str(tmp_path / "verified.json")
+    _age(gal, idx, seconds=-30.0)       # every file modified "now" for each check below, however slow
+    assert verify_index_inputs(idx, man, eng, record=rec) == n_files
+    assert verify_index_inputs(idx, man, eng, record=rec) == n_files      # just written: racy, not recorded
+    _age(gal, idx)
+    assert verify_index_inputs(idx, man, eng, record=rec) == n_files
+    assert verify_index_inputs(idx, man, eng, record=rec) == 0            # unchanged: nothing hashed
+    assert verify_index_inputs(idx, man, eng) == n_files                  # no record: every file
+    damage(os.path.join(gal, "part-00001.parquet"), "flip")               # same size, new mtime
+    cfg = SEARCH.with_overrides({"io.verified_record": rec})
+    with pytest.raises(IntegrityError, match="gallery feature file .*part-00001.parquet.*sha256"):
+        search(world["queries"], idx, str(tmp_path / "out"), cfg, engine=eng)
+    with pytest.raises(IntegrityError, match="part-00001.parquet"):      # and again: never recorded
+        verify_index_inputs(idx, man, eng, record=rec)
+    damage(os.path.join(idx, "shard-00001.index"), "flip")
+    os.remove(os.path.join(gal, "part-00001.parquet"))
+    shutil.copy2(os.path.join(world["gallery"], "part-00001.parquet"), os.path.join(gal, "part-00001.parquet"))
+    with pytest.raises(IntegrityError, match="index file .*shard-00001.index.*sha256"):
+        verify_index_inputs(idx, man, eng, record=rec)
+    assert record_path("none") is None and record_path(rec) == rec

@@ -90,3 +90,22 @@ def test_a_gallery_too_small_to_fit_runs_with_the_configured_model(sample, tmp_p
     assert features["counts"]["ok"] == 5 and features["config"]["model"]["checkpoint"] != os.path.join(
         out, "model", "fitted.pt")
     assert os.path.isfile(os.path.join(out, "report", "report.html"))
+
+
+def test_on_spark_every_stage_runs_in_the_one_session(sample, spark, tmp_path):
+    """Session reuse: ``retrieval run`` on Spark starts no session of its own per stage; every stage that
+    ran records the application id of the one session it was given, which is still up afterwards."""
+    from retrieval import config
+    from retrieval.recipes.run import run_all
+
+    out = str(tmp_path / "out")
+    cfg = config.load(sets=[s for s in FAST[1::2]])
+    m = run_all(sample["gallery"], sample["queries"], out, cfg, spark, background=sample["background"], fit=False)
+    app = spark.sparkContext.applicationId
+    ran = [s for s in m["steps"] if not s["skipped"]]
+    assert {s["name"] for s in ran} >= {"gallery_features", "query_features", "index", "results"}
+    for s in ran:
+        if s["stage"] in ("extract", "index", "search"):
+            assert outputs.find(s["output"], s["stage"])["engine_session"] == app, s["name"]
+    assert m["engine_session"] == app
+    assert spark.sparkContext.parallelize(range(3), 1).sum() == 3      # not stopped by any stage
