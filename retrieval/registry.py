@@ -29,6 +29,7 @@ STAGE_MODULES: list[str] = [
     "retrieval.fit.stage",
     "retrieval.index.stage",
     "retrieval.search.stage",
+    "retrieval.duplicates.stage",
     "retrieval.evaluate",
     "retrieval.report.stage",
     "retrieval.train.stage",

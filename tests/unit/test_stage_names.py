@@ -16,9 +16,9 @@ from retrieval import cli, config, registry
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PKG = os.path.join(ROOT, "retrieval")
 # stages that have settings of their own (plan reads other sections; export reads model)
-CONFIGURED = {"extract", "fit", "index", "search", "evaluate", "report", "train"}
+CONFIGURED = {"extract", "fit", "index", "search", "duplicates", "evaluate", "report", "train"}
 # stages whose output directory carries the marker (fit writes one checkpoint file + its card)
-MARKED = {"run", "extract", "index", "search", "evaluate", "report", "train"}
+MARKED = {"run", "extract", "index", "search", "duplicates", "evaluate", "report", "train"}
 
 
 STAGES = registry.stages()
