@@ -157,3 +157,30 @@ def test_search_collapses_results_to_one_row_per_group(world, tmp_path):
         assert got[0][1] == before[0] and sum(g in group_of for g in before) >= 2
     assert folded["counts"]["rows_collapsed"] == 5 + 4 + 3
     assert folded["params"]["collapse_groups"] == groups_url and plain["counts"]["rows_collapsed"] == 0
+
+
+def test_the_report_shows_the_largest_groups(world, tmp_path):
+    from retrieval.report import build_report
+
+    groups_url = str(tmp_path / "groups")
+    duplicates(world["index"], groups_url, _cfg(), engine=None)
+    qf = str(tmp_path / "queries")
+    fine = world["fine"][[0, 40]]
+    proj = np.random.default_rng(1).standard_normal((DIM, CDIM)).astype(np.float32)
+    synthetic.write_feature_output(qf, _unit(fine @ proj), fine, num_files=1, role="query", id_prefix="q")
+    search(qf, world["index"], str(tmp_path / "results"), _cfg(), engine=None)
+    cfg = config.load(sets=[f"report.duplicates={groups_url}", "report.groups_shown=2", "report.group_members=4"])
+    summary = build_report(str(tmp_path / "results"), str(tmp_path / "report"), cfg)
+    assert summary["duplicate_groups"]["shown"] == [
+        {"group_id": 0, "size": 6, "representative": synthetic.image_id(0)},
+        {"group_id": 1, "size": 5, "representative": synthetic.image_id(6)}]
+    page = (tmp_path / "report" / "report.html").read_text()
+    section = page[page.index('<section id="groups">'):page.index('<section id="distribution">')]
+    assert section.count('<div class="q">') == 2 and section.count("<figure>") == 8      # 4 of each group
+    assert "2 more in groups.parquet" in section and "1 more in groups.parquet" in section
+    assert f"representative <span class=\"id\">{synthetic.image_id(0)}</span>" in section
+    # synthetic URIs are no files under the input roots: placeholders saying why, never broken images
+    assert section.count('class="ph"') == 8
+    without = build_report(str(tmp_path / "results"), str(tmp_path / "plain"), config.load())
+    assert "duplicate_groups" not in without
+    assert '<section id="groups">' not in (tmp_path / "plain" / "report.html").read_text()
