@@ -103,3 +103,16 @@ def test_plan_cli(capsys):
     assert "Plan for 1,000,000,000 gallery images" in out and "IVF131072_HNSW32,PQ32x4fs" in out   # 10M-vector shards: fast-scan
     with pytest.raises(ValueError):
         parse_memory("lots")
+
+
+def test_plan_has_a_duplicates_line_from_the_search_model():
+    """retrieval duplicates = the search with every gallery image a query, plus the components' shuffles."""
+    p = plan(1_000_000, Cluster(executors=10))
+    self_search = plan(1_000_000, Cluster(executors=10), queries=1_000_000)["stages"]["search"]
+    dup = p["stages"]["duplicates"]
+    assert dup["wall"] > self_search["wall"] and dup["tasks"] > self_search["tasks"]
+    assert dup["memory_per_task"] == self_search["memory_per_task"] and "components" in dup["basis"]
+    assert not any(w.startswith("duplicates:") for w in p["warnings"])
+    big = plan(1_000_000_000, Cluster())
+    assert big["stages"]["duplicates"]["wall"] > big["stages"]["search"]["wall"]
+    assert any(w.startswith("duplicates:") for w in big["warnings"])     # the self-search's tasks do not fit
