@@ -71,6 +71,8 @@ def make_groups(components: pa.Table, edges: pa.Table, uris: dict[str, str]) -> 
     ``(node, component)`` rows and the unordered kept pairs."""
     import pandas as pd
 
+    if not components.num_rows:
+        return GROUP_SCHEMA.empty_table(), KEPT_SCHEMA.empty_table()
     comp = components.to_pandas()
     deg = pd.concat([edges.column("image_a").to_pandas(), edges.column("image_b").to_pandas()]).value_counts()
     comp["degree"] = comp.node.map(deg).fillna(0).astype(np.int32)

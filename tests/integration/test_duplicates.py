@@ -6,6 +6,7 @@ search.collapse_groups keeps one row per group."""
 from __future__ import annotations
 
 import json
+import os
 
 import networkx as nx
 import numpy as np
@@ -184,3 +185,52 @@ def test_the_report_shows_the_largest_groups(world, tmp_path):
     without = build_report(str(tmp_path / "results"), str(tmp_path / "plain"), config.load())
     assert "duplicate_groups" not in without
     assert '<section id="groups">' not in (tmp_path / "plain" / "report.html").read_text()
+
+
+def test_no_pair_above_the_threshold_gives_no_group(world, tmp_path):
+    m = duplicates(world["index"], str(tmp_path / "none"), _cfg(**{"duplicates.min_score": 0.999}), engine=None)
+    assert m["counts"]["groups"] == m["counts"]["grouped_images"] == m["counts"]["pairs_kept"] == 0
+    assert m["counts"]["pairs"] == N * 9 and m["sizes"] == {} and m["largest"] == []
+    assert read_groups(str(tmp_path / "none")).num_rows == 0
+    assert pq.read_table(tmp_path / "none" / "edges.parquet").num_rows == 0
+
+
+def test_real_photos_with_planted_copies_through_the_cli(tmp_path):
+    """Real photos (the bundled sample's holdout photos) and planted copies (half size, a crop, a
+    re-encode), extracted and indexed with the shipped model, then `retrieval duplicates` on the
+    command line: every copy lands in its original's group, and the groups agree with networkx."""
+    import shutil
+
+    from PIL import Image
+
+    from retrieval import cli
+    from retrieval.sample import real_photos
+
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    photos = real_photos("holdout")[:12]
+    for p in photos:
+        shutil.copy(p, gallery / os.path.basename(p))
+    planted = []
+    for i, p in enumerate(photos[:3]):
+        img = Image.open(p).convert("RGB")
+        w, h = img.size
+        stem = os.path.splitext(os.path.basename(p))[0]
+        for c, v in enumerate([img.resize((w // 2, h // 2)), img.crop((w // 20, h // 20, w - w // 20, h - h // 20)),
+                               img][:3 - i]):
+            v.save(gallery / f"dup{c}_{stem}.jpg", "JPEG", quality=[80, 85, 60][c])
+            planted.append((os.path.basename(p), f"dup{c}_{stem}.jpg"))
+    feats, idx, out = (str(tmp_path / n) for n in ("feats", "idx", "dupes"))
+    for argv in (["extract", "--input", str(gallery), "--output", feats, "--role", "gallery"],
+                 ["index", "--features", feats, "--output", idx], ["duplicates", "--index", idx, "--output", out]):
+        assert cli.main([*argv, "--engine", "local"]) in (0, None)
+    t = read_groups(out).to_pydict()
+    group_of = dict(zip(t["image_id"], t["group_id"]))
+    for original, copy in planted:
+        assert copy in group_of and group_of[copy] == group_of[original], (original, copy)
+    edges = pq.read_table(os.path.join(out, "edges.parquet")).to_pydict()
+    g = nx.Graph(list(zip(edges["image_a"], edges["image_b"])))
+    assert {frozenset(c) for c in nx.connected_components(g)} == \
+        {frozenset(i for i, gid in group_of.items() if gid == k) for k in set(group_of.values())}
+    m = json.loads(open(os.path.join(out, "_manifest.json")).read())
+    assert m["counts"]["images"] == len(photos) + len(planted) and m["counts"]["largest_group"] >= 4
