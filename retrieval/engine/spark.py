@@ -6,9 +6,12 @@ finds duplicate keys (:meth:`SparkEngine.find_duplicates`). pyspark is imported 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from retrieval.engine.base import Engine, Shared, Step, translate
+
+log = logging.getLogger(__name__)
 
 
 class SparkEngine(Engine):
@@ -184,11 +187,14 @@ def _stars(edges: Any) -> Any:
 
     edges = edges.select(F.greatest("src", "dst").alias("src"), F.least("src", "dst").alias("dst")) \
         .distinct().localCheckpoint(eager=True)
+    rounds = 0
     while True:
+        rounds += 1
         nxt = _small_star(_large_star(edges)).localCheckpoint(eager=True)
         if nxt.count() == edges.count() and nxt.exceptAll(edges).isEmpty():
             break
         edges = nxt
+    log.info("connected components: %d large-star / small-star rounds (the last one changed no edge)", rounds)
     return edges.groupBy("src").agg(F.min("dst").alias("component")).withColumnRenamed("src", "node")
 
 

@@ -38,7 +38,7 @@ def _expected(edges: list[tuple], isolated: list) -> dict:
     g = nx.Graph()
     g.add_edges_from(edges)
     g.add_nodes_from(isolated)
-    return {v: min(comp) for comp in nx.connected_components(g) for v in comp}
+    return {v: low for comp in nx.connected_components(g) for low in [min(comp)] for v in comp}
 
 
 def _tables(edges: list[tuple], isolated: list, schema: pa.Schema, parts: int = 3) -> list[pa.Table]:
