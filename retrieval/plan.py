@@ -254,14 +254,14 @@ def _search_warnings(rr: dict, chunks: int, read_s: float, compute_s: float) -> 
 def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: int | str = "auto",
          vectors_per_index_shard: int = 10_000_000, images_per_feature_shard: int = 250_000,
          query_chunk: int = 8192, row_group_size: int = 1024, cfg=None) -> dict:
-    """The plan of every stage (:func:`_plan`), and ``duplicates``: a search with every image a query."""
+    """The plan of every stage (:func:`_plan`), and ``duplicates``: a search with every image a query, in slices."""
     from retrieval.duplicates.cost import duplicates_stage
 
     args = (shortlist, vectors_per_index_shard, images_per_feature_shard, query_chunk, row_group_size, cfg)
     p = _plan(images, cluster, queries, *args)
-    p["stages"]["duplicates"] = dup = duplicates_stage(p, _plan(images, cluster, int(images), *args)["stages"]["search"],
-                                                       cluster, RATES["read_bytes_per_executor_s"],
-                                                       _fmt_time, _fmt_bytes, cfg)
+    p["stages"]["duplicates"] = dup = duplicates_stage(
+        p, lambda q: _plan(images, cluster, int(q), *args)["stages"]["search"], cluster,
+        RATES["read_bytes_per_executor_s"], _fmt_time, _fmt_bytes, cfg)
     p["warnings"] += dup.pop("warnings")
     return p
 

@@ -81,7 +81,8 @@ def duplicates(index_url: str, output_url: str, cfg, engine: Engine | Any = None
     _clean(output_url)
     # each image finds itself first: k + 1 neighbours, no collapsing by an earlier run's groups
     search_cfg = cfg.with_overrides({"search.k": int(dup_cfg["k"]) + 1, "search.collapse_groups": None})
-    run = search_gallery(index_url, index_manifest, fsio.join(output_url, groups_mod.PAIRS_DIR), search_cfg, engine)
+    run = search_gallery(index_url, index_manifest, fsio.join(output_url, groups_mod.PAIRS_DIR), search_cfg, engine,
+                         dup_cfg["slice_images"], float(dup_cfg["slice_mb"]))
     t1 = time.monotonic()
     threshold = choose_threshold(dup_cfg, run.calibration)
     parts = [fsio.join(output_url, groups_mod.PAIRS_DIR, s["file"]) for s in sorted(run.stats, key=lambda s: s["chunk"])]

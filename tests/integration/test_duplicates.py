@@ -234,3 +234,26 @@ def test_real_photos_with_planted_copies_through_the_cli(tmp_path):
         {frozenset(i for i, gid in group_of.items() if gid == k) for k in set(group_of.values())}
     m = json.loads(open(os.path.join(out, "_manifest.json")).read())
     assert m["counts"]["images"] == len(photos) + len(planted) and m["counts"]["largest_group"] >= 4
+
+
+@pytest.mark.parametrize("rerank", ["gallery", "chunk"])
+def test_sliced_self_search_gives_the_unsliced_rows_on_both_engines(world, spark, tmp_path, rerank):
+    """duplicates.slice_images cuts the self-search into slices of chunks (each its own search plan):
+    the pair rows, groups and edges are those of one unsliced run, on both engines."""
+    sets = {"search.rerank": rerank, "search.vector_cache_mb": 1}   # gallery-major: 3 MB column, >1 block
+    whole = duplicates(world["index"], str(tmp_path / "whole"), _cfg(**sets, **{"duplicates.slice_images": N}))
+    assert whole["params"]["slices"] == 1 and whole["params"]["rerank"] == rerank
+    assert (whole["params"]["blocks"] > 1) == (rerank == "gallery")
+    ref = pq.read_table(str(tmp_path / "whole" / "pairs")).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    for name, engine in (("lib", None), ("spark", spark)):
+        out = tmp_path / name
+        m = duplicates(world["index"], str(out), _cfg(**sets, **{"duplicates.slice_images": 700}), engine=engine)
+        assert m["params"]["slices"] == 3 and m["params"]["chunks"] == 6   # 3 files x (400 + 100) rows
+        assert sorted(p.name for p in (out / "pairs").iterdir()) == [f"part-{i:05d}.parquet" for i in range(6)]
+        got = pq.read_table(str(out / "pairs")).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+        assert got.num_rows == ref.num_rows == N * 9
+        for col in ("query_id", "gallery_id", "rank", "score"):
+            assert got.column(col).to_pylist() == ref.column(col).to_pylist(), col
+        assert pq.read_table(out / "groups.parquet").equals(pq.read_table(tmp_path / "whole" / "groups.parquet"))
+        assert pq.read_table(out / "edges.parquet").equals(pq.read_table(tmp_path / "whole" / "edges.parquet"))
+        assert m["counts"] == whole["counts"]
