@@ -50,7 +50,8 @@ LEGACY_MARKERS = {"index": "manifest.json"}      # stage -> the marker name it h
 # what each stage's output is called in error messages, and the command that makes one
 WHAT = {"extract": ("feature output", "retrieval extract"), "index": ("index", "retrieval index"),
         "search": ("search output", "retrieval search"), "evaluate": ("evaluation", "retrieval evaluate"),
-        "report": ("report", "retrieval report"), "pdq": ("PDQ match output", "retrieval pdq match")}
+        "report": ("report", "retrieval report"), "pdq": ("PDQ match output", "retrieval pdq match"),
+        "duplicates": ("duplicates output", "retrieval duplicates")}
 
 
 _WARNED: set[str] = set()     # old-name markers already warned about in this process
@@ -181,6 +182,9 @@ SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "search": (("model", "preprocess", "search"), ("search.query_chunk", "search.vector_cache_mb",
                                                    "search.rerank", "search.shard_cache")),
     "fit": (("model", "preprocess", "fit"), ("fit.batch_size",)),
+    "duplicates": (("model", "preprocess", "search", "duplicates"),
+                   ("search.query_chunk", "search.vector_cache_mb", "search.rerank", "search.shard_cache",
+                    "search.k", "search.collapse_groups", "duplicates.largest")),
     "evaluate": (("evaluate",), ("evaluate.exact_batch_rows", "evaluate.exact_query_chunk")),
     "report": (("report",), ("report.thumbnail_threads",)),
     "train": (("model", "preprocess", "train"), ("train.checkpoint_every", "train.keep_checkpoints")),

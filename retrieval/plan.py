@@ -277,6 +277,21 @@ def _pdq_line(n: int, cores: int, cfg) -> dict:
 def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: int | str = "auto",
          vectors_per_index_shard: int = 10_000_000, images_per_feature_shard: int = 250_000,
          query_chunk: int = 8192, row_group_size: int = 1024, cfg=None) -> dict:
+    """The plan of every stage (:func:`_plan`), and ``duplicates``: a search with every image a query, in slices."""
+    from retrieval.duplicates.cost import duplicates_stage
+
+    args = (shortlist, vectors_per_index_shard, images_per_feature_shard, query_chunk, row_group_size, cfg)
+    p = _plan(images, cluster, queries, *args)
+    p["stages"]["duplicates"] = dup = duplicates_stage(
+        p, lambda q: _plan(images, cluster, int(q), *args)["stages"]["search"], cluster,
+        RATES["read_bytes_per_executor_s"], _fmt_time, _fmt_bytes, cfg)
+    p["warnings"] += dup.pop("warnings")
+    return p
+
+
+def _plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: int | str = "auto",
+          vectors_per_index_shard: int = 10_000_000, images_per_feature_shard: int = 250_000,
+          query_chunk: int = 8192, row_group_size: int = 1024, cfg=None) -> dict:
     from retrieval import config
     from retrieval.search.coarse import auto_shortlist, shard_shortlist
 

@@ -29,6 +29,7 @@ STAGE_MODULES: list[str] = [
     "retrieval.fit.stage",
     "retrieval.index.stage",
     "retrieval.search.stage",
+    "retrieval.duplicates.stage",
     "retrieval.remove.stage",
     "retrieval.pdq.stage",
     "retrieval.evaluate",

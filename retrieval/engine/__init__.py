@@ -16,6 +16,8 @@ ships them by reference) and hands them to the engine:
   (Spark: ``mapInArrow`` after a shuffle by key): the extraction's shards;
 - :meth:`Engine.find_duplicates`: the rows of tables read by tasks whose key repeats (Spark: one
   shuffle and a window count; locally a pyarrow group-by): the index's duplicate ids;
+- :meth:`Engine.connected_components`: the components of a graph whose edges tasks read (Spark:
+  large-star / small-star rounds in DataFrames; locally scipy): the near-duplicate groups;
 - :meth:`Engine.broadcast`: a read-only value every task sees (locally: the value itself);
 - :meth:`Engine.run`: an action under the engine's progress lines and error translation;
 - :meth:`Engine.run_torch`: data-parallel torch training (Spark: ``TorchDistributor``; locally one

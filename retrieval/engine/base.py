@@ -119,6 +119,15 @@ class Engine:
         to size a shuffle."""
         raise NotImplementedError
 
+    def connected_components(self, fn: Callable[[Any], Any], items: Sequence, schema: Any, label: str,
+                             every: float = 10.0) -> Any:
+        """The connected components of the undirected graph whose edges are the rows ``(src, dst)``
+        of ``fn(item)`` for every item (tables of ``schema``, read in tasks; node ids of one
+        orderable type: integers or strings; a self-loop ``(v, v)`` declares an isolated node):
+        a table ``(node, component)``, one row per node, ``component`` the smallest node of its
+        component (so the labels do not depend on the engine), in no particular order."""
+        raise NotImplementedError
+
     def broadcast(self, value: Any) -> Shared:
         """A read-only value every task sees (:class:`Shared`)."""
         return Shared(value)

@@ -90,11 +90,42 @@ class LocalEngine(Engine):
         dup = counts.filter(pc.greater(counts.column(f"{key}_count"), 1)).column(key)
         return table.filter(pc.is_in(table.column(key), value_set=dup.combine_chunks()))
 
+    def connected_components(self, fn, items, schema, label, every=10.0):
+        """``scipy.sparse.csgraph.connected_components`` over the nodes' ranks in sorted order."""
+        import pyarrow as pa
+
+        tables = [fn(x).select(["src", "dst"]).cast(schema) for x in items]
+        if not tables or not sum(t.num_rows for t in tables):
+            return pa.table({"node": pa.array([], schema.field("src").type),
+                             "component": pa.array([], schema.field("src").type)})
+        return components_of(pa.concat_tables(tables).combine_chunks())
+
     def run_torch(self, fn, processes, arg, local_mode=True, use_gpu=False):
         if processes > 1:
             raise ValueError(f"train.processes={processes} runs through Spark's TorchDistributor: use --engine "
                              "spark (or train.processes=1 with --engine local)")
         return fn(arg)
+
+
+def components_of(edges: Any) -> Any:
+    """``(node, component)`` of an Arrow edge table ``(src, dst)`` (scipy; component = smallest node)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    ends = pa.concat_arrays([edges.column("src").combine_chunks(), edges.column("dst").combine_chunks()])
+    nodes = pc.unique(ends)
+    nodes = nodes.take(pc.sort_indices(nodes))                  # rank order = value order
+    src = pc.index_in(edges.column("src"), value_set=nodes).to_numpy(zero_copy_only=False)
+    dst = pc.index_in(edges.column("dst"), value_set=nodes).to_numpy(zero_copy_only=False)
+    n = len(nodes)
+    graph = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    smallest = np.full(labels.max() + 1 if n else 0, n, np.int64)
+    np.minimum.at(smallest, labels, np.arange(n))               # each component's smallest rank
+    return pa.table({"node": nodes, "component": nodes.take(pa.array(smallest[labels]))})
 
 
 def _tasks(step: Step, n: int, items: Sequence, inbox: dict[Any, list]) -> Iterator[Iterable]:

@@ -6,9 +6,12 @@ finds duplicate keys (:meth:`SparkEngine.find_duplicates`). pyspark is imported 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from retrieval.engine.base import Engine, Shared, Step, translate
+
+log = logging.getLogger(__name__)
 
 
 class SparkEngine(Engine):
@@ -114,6 +117,35 @@ class SparkEngine(Engine):
             shared.destroy()
         return occ.select(schema.names).cast(schema)
 
+    def connected_components(self, fn, items, schema, label, every=10.0):
+        """Large-star / small-star (Kiveris et al. 2014, "Connected Components in MapReduce and
+        Beyond") in DataFrame operations: rounds of the two steps until a round changes no edge
+        (O(log^2 n) rounds, chains included), each round's edges checkpointed; then every node
+        points at its component's smallest node. Only the ``(node, component)`` rows come back."""
+        import pyarrow as pa
+        from pyspark.sql import functions as F
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        typ = schema.field("src").type
+        if not items:
+            return pa.table({"node": pa.array([], typ), "component": pa.array([], typ)})
+        shared = self.broadcast(list(items))
+        try:
+            frame = self.spark.createDataFrame([(i,) for i in range(len(items))], "item long")
+            n = max(1, min(len(items), self.parallelism * 4))
+            edges = frame.repartition(n).mapInArrow(functools.partial(_tables_of, fn, shared),
+                                                    from_arrow_schema(schema)).select("src", "dst")
+            edges = self.run(label, n, lambda: edges.localCheckpoint(eager=True), every)
+            nodes = edges.select(F.col("src").alias("node")).union(edges.select(F.col("dst").alias("node"))) \
+                .distinct()
+            stars = self.run(label, n, lambda: _stars(edges.filter("src != dst")), every)
+            out = nodes.join(stars, "node", "left") \
+                .select("node", F.coalesce("component", "node").alias("component"))
+            got = self.run(label, n, out.toArrow, every)
+        finally:
+            shared.destroy()
+        return got.select(["node", "component"]).cast(pa.schema([("node", typ), ("component", typ)]))
+
     def broadcast(self, value):
         return Shared(None, self.spark.sparkContext.broadcast(value))
 
@@ -133,6 +165,45 @@ def _identity(key: int) -> int:
 def _values_to(fn: Callable[[int, Iterable], Iterable], index: int, records: Iterable[tuple]) -> Iterable:
     """A step's task over one partition: ``fn(partition, its records' values)``."""
     return fn(index, (value for _, value in records))
+
+
+def _large_star(edges: Any) -> Any:
+    """Each node's larger neighbours linked to the smallest of its closed neighbourhood."""
+    from pyspark.sql import functions as F
+
+    both = edges.union(edges.select(F.col("dst").alias("src"), F.col("src").alias("dst")))
+    low = both.groupBy("src").agg(F.min("dst").alias("m"))
+    return both.join(low, "src").filter("dst > src") \
+        .select(F.col("dst").alias("src"), F.least("m", "src").alias("dst")).distinct()
+
+
+def _small_star(edges: Any) -> Any:
+    """Each node and its smaller neighbours linked to the smallest of them."""
+    from pyspark.sql import functions as F
+
+    down = edges.select(F.greatest("src", "dst").alias("src"), F.least("src", "dst").alias("dst")).distinct()
+    low = down.groupBy("src").agg(F.min("dst").alias("m"))
+    pairs = down.join(low, "src")
+    return pairs.select(F.col("dst").alias("src"), F.col("m").alias("dst")).filter("src != dst") \
+        .union(pairs.select("src", F.col("m").alias("dst"))).distinct()
+
+
+def _stars(edges: Any) -> Any:
+    """Large-star and small-star rounds until a round changes no edge; then ``(node, component)``
+    for every node but the components' smallest (each edge then links a node to it)."""
+    from pyspark.sql import functions as F
+
+    edges = edges.select(F.greatest("src", "dst").alias("src"), F.least("src", "dst").alias("dst")) \
+        .distinct().localCheckpoint(eager=True)
+    rounds = 0
+    while True:
+        rounds += 1
+        nxt = _small_star(_large_star(edges)).localCheckpoint(eager=True)
+        if nxt.count() == edges.count() and nxt.exceptAll(edges).isEmpty():
+            break
+        edges = nxt
+    log.info("connected components: %d large-star / small-star rounds (the last one changed no edge)", rounds)
+    return edges.groupBy("src").agg(F.min("dst").alias("component")).withColumnRenamed("src", "node")
 
 
 def _tables_of(fn: Callable[[Any], Any], shared: Any, batches: Iterable) -> Iterator:

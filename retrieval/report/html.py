@@ -177,11 +177,12 @@ def _band_rows(scan: ScanResult, threshold: float, confident: float) -> list[lis
 def render_page(info: RunInfo, scan: ScanResult, src_of: Callable[[str], str | None],
            reason_of: Callable[[str], str], generated: str, files: Mapping[str, str],
            full_of: Callable[[str], str | None] = lambda uri: None, threshold_meaning: str = "",
-           extra_warnings: Sequence[str] = ()) -> str:
+           extra_warnings: Sequence[str] = (), groups: Sequence[Any] = (), groups_url: str = "") -> str:
     """The page (``report.html.j2``); ``src_of(uri)`` is a thumbnail's ``src`` (None: no thumbnail,
     then ``reason_of(uri)`` says why), ``full_of(uri)`` the relative link to its full-size copy
     (None: no link); ``threshold_meaning`` is the review note's sentence on what the threshold
-    means; ``extra_warnings`` go with the page's own warnings at the top."""
+    means; ``extra_warnings`` go with the page's own warnings at the top; ``groups``: the
+    near-duplicate groups' contact sheets (:mod:`retrieval.report.groups`) of ``groups_url``."""
     st = scan.settings
     confident = confident_edge(st.bands, st.threshold)
     m = info.manifest
@@ -220,7 +221,7 @@ def render_page(info: RunInfo, scan: ScanResult, src_of: Callable[[str], str | N
         full_of=full_of, threshold_meaning=threshold_meaning, confident=confident,
         band_of=lambda score: band_of(score, st.threshold, confident),
         stage_rows=_stage_rows(info.stages), band_rows=_band_rows(scan, st.threshold, confident),
-        versions=versions, timing_rows=timing_rows,
+        versions=versions, timing_rows=timing_rows, groups=groups, groups_url=groups_url,
         truth_rows=[[k, v] for k, v in scan.truth.items()] if scan.truth else None,
         flagged_parquet=files.get("flagged_parquet", "flagged.parquet"),
         hist=_histogram(scan.hist_edges, scan.hist_counts, st.threshold, 760, 240, SCORE_LABELS[st.score_column],

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from retrieval import fsio, outputs
+from retrieval.report import groups as groups_mod
 from retrieval.report import runinfo
 from retrieval.report.html import render_page
 from retrieval.report.scan import ScanSettings, scan
@@ -170,16 +171,23 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
     result = scan(info.result_files, output_url, settings, truth, total_rows=total_rows)
     t_scan = time.monotonic()
 
-    shown = shown_images(result, report_cfg, cfg, info.input_urls(), settings.progress_seconds, output_url)
+    groups_url = report_cfg["duplicates"]
+    sheets = groups_mod.sheets(groups_url, int(report_cfg["groups_shown"]), int(report_cfg["group_members"]))
+    shown = shown_images(result, report_cfg, cfg, info.input_urls(), settings.progress_seconds, output_url,
+                         groups_mod.uris(sheets))
     t_thumbs = time.monotonic()
     generated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     files = {"html": HTML, "flagged_parquet": "flagged.parquet", "flagged_csv": "flagged.csv", "summary": SUMMARY}
     page = render_page(info, result, shown.src, shown.reason, generated, files, full_of=shown.full,
-                  threshold_meaning=settings.threshold_note, extra_warnings=shown.warnings())
+                  threshold_meaning=settings.threshold_note, extra_warnings=shown.warnings(),
+                  groups=sheets, groups_url=groups_url or "")
     fsio.write_bytes(fsio.join(output_url, HTML), page.encode("utf-8"))
     t_html = time.monotonic()
 
     summary = _summary(results_url, output_url, truth_url, generated, cfg, settings, info, result, shown, files)
+    if sheets:
+        summary["duplicate_groups"] = {"duplicates": groups_url, "shown": [
+            {"group_id": s.group_id, "size": s.size, "representative": s.representative} for s in sheets]}
     summary["timings"] = {"read_manifests_s": round(t_read - t0, 3), "scan_s": round(t_scan - t_read, 3),
                           "thumbnails_s": round(t_thumbs - t_scan, 3), "html_s": round(t_html - t_thumbs, 3),
                           "total_s": round(time.monotonic() - t0, 3),

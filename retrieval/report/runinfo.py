@@ -194,7 +194,7 @@ def _extract_info(name: str, url: str | None, errors_shown: int) -> StageInfo:
     return info
 
 
-def _gallery_stage(index_manifest: dict[str, Any] | None, index_url: str | None,
+def _gallery_stage(index_manifest: dict[str, Any] | None,
                    errors_shown: int) -> StageInfo:
     """All gallery extraction outputs the index was built from, summed."""
     info = StageInfo(name="gallery extract", url=None)
@@ -206,7 +206,9 @@ def _gallery_stage(index_manifest: dict[str, Any] | None, index_url: str | None,
         u = f.get("url") if isinstance(f, dict) else f
         if not u:
             continue
-        parent = posixpath.dirname(resolve_url(str(u), index_url or ""))
+        # as the search reads them (retrieval.index.store.feature_file_urls): a relative URL is as the
+        # index was given it (relative to the working directory), not to the index folder
+        parent = posixpath.dirname(str(u))
         if parent not in parents:
             parents.append(parent)
     if not parents:
@@ -298,7 +300,7 @@ def gather(results_url: str, errors_shown: int = 20, verify: bool = True) -> Run
             index.available, index.problem = False, str(exc)
     if index_manifest is not None:
         _index_stage(index, index_manifest)
-    gallery = _gallery_stage(index_manifest, index_url, errors_shown)
+    gallery = _gallery_stage(index_manifest, errors_shown)
     return RunInfo(results_url=results_url, manifest=manifest, result_files=files,
                    stages=[gallery, index, query, search])
 

@@ -59,9 +59,11 @@ class ShownImages:
 
 
 def shown_images(result, r: Any, cfg: Config, input_urls: list[str], progress_seconds: float,
-                 output_url: str) -> ShownImages:
-    """Thumbnails (and full-size copies) of the shown queries and their matches."""
-    uris = list(dict.fromkeys(u for fq in result.top for u in [fq.query_uri, *(m.gallery_uri for m in fq.matches)]))
+                 output_url: str, extra_uris: list[str] | None = None) -> ShownImages:
+    """Thumbnails (and full-size copies) of the shown queries and their matches (and of ``extra_uris``:
+    the near-duplicate groups' members)."""
+    uris = list(dict.fromkeys([*(u for fq in result.top for u in [fq.query_uri, *(m.gallery_uri for m in fq.matches)]),
+                               *(extra_uris or [])]))
     shown = ShownImages(mode=r["thumbnails"], roots=InputRoots.from_inputs(input_urls))
     if shown.mode == "none" or not uris:
         return shown

@@ -53,7 +53,10 @@ STAGE = Stage(
         "report.batch_rows": positive,
         "report.errors_shown": non_negative,
         "report.progress_seconds": positive,
+        "report.groups_shown": non_negative,
+        "report.group_members": positive,
     },
+    nullable={"report.duplicates": str},
     engine="local",
     job_aliases=("audit_report",),
 )

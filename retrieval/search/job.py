@@ -21,6 +21,7 @@ from retrieval.engine import Engine, as_engine
 from retrieval.schema import RESULT_SCHEMA, RESULT_SCHEMA_VERSION, conform_results
 from retrieval.search import blocks as blocks_mod
 from retrieval.search import calibrate
+from retrieval.search import collapse as collapse_mod
 from retrieval.search import coarse as coarse_mod
 from retrieval.search import normalize as normalize_mod
 from retrieval.search import queries as q_mod
@@ -198,13 +199,18 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
                                      int(search_cfg.normalize.seed), gallery_size(index_manifest))
     if background is not None and tail is None:
         log.warning("no false-match rates (fmr columns null): %s", why)
-    job = dataclasses.replace(job, calibration=tail)
+    group_of = collapse_mod.load_groups(search_cfg.collapse_groups, index_url, index_manifest)
+    job = dataclasses.replace(job, calibration=tail, groups=engine.broadcast(group_of) if group_of else None)
     log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, "
              "%d per shard, k %d; %s-major rerank%s)", qf_url, sum(qrows), len(job.chunks), index_url,
              job.n_shards, job.nprobe, job.shortlist, job.shard_shortlist, job.k, job.rerank,
              f" over {len(job.blocks)} gallery blocks" if job.blocks else "")
     t1 = time.monotonic()
-    stats = run(job, engine, search_cfg.progress_seconds)
+    try:
+        stats = run(job, engine, search_cfg.progress_seconds)
+    finally:
+        if job.groups is not None:
+            job.groups.destroy()
     manifest = outputs.commit(output_url, "search", {
         "model_version": index_manifest.get("model_version"),
         "index": index_url, "queries": queries_url, "query_features": qf_url, "output": output_url,
@@ -227,7 +233,8 @@ def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: di
     counts = {"queries": sum(qrows), "query_errors": int(qman.get("counts", {}).get("errors", 0)),
               "queries_with_results": sum(s["queries_with_results"] for s in stats),
               "queries_with_shortlist": sum(s["queries_with_shortlist"] for s in stats),
-              "rows": sum(s["rows"] for s in stats), "chunks": len(job.chunks), "shards": job.n_shards}
+              "rows": sum(s["rows"] for s in stats), "chunks": len(job.chunks), "shards": job.n_shards,
+              "rows_collapsed": sum(s.get("rows_collapsed", 0) for s in stats)}
     if sum(s["queries"] for s in stats) != counts["queries"]:
         raise AssertionError(f"chunks cover {sum(s['queries'] for s in stats)} queries, "
                              f"expected {counts['queries']}")
@@ -254,7 +261,7 @@ def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: di
                    "query_chunk": search_cfg.query_chunk, "shortlist_configured": search_cfg.shortlist,
                    "normalize": job.background.describe() if job.background is not None else None,
                    "rerank": job.rerank, "rerank_configured": search_cfg.rerank, "blocks": len(job.blocks),
-                   "vector_cache_mb": job.vector_cache_mb},
+                   "vector_cache_mb": job.vector_cache_mb, "collapse_groups": search_cfg.collapse_groups},
         "io": io_counts(stats, block_stats, column),
         "files": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"], "chunk": s["chunk"],
                    "queries": s["queries"]} for s in stats],

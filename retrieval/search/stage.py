@@ -52,4 +52,5 @@ STAGE = Stage(
         "search.normalize.sample": positive,
         "search.normalize.seed": non_negative,
     },
+    nullable={"search.collapse_groups": str},
 )

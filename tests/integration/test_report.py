@@ -524,3 +524,31 @@ def test_report_is_built_for_review_in_chromium(report, tmp_path):
     assert at_separator > 0 and mid_word == [], result["mobile_breaks"]
     assert k["thumb_px"] == 256
     assert result["mobile_overflow"] <= 0, result["mobile_overflow"]
+
+
+def test_relative_paths_keep_the_gallery_thumbnails(run, tmp_path, monkeypatch):
+    """A run done with relative paths (extract --input gallery, index --features gallery_features, ...):
+    the index lists its feature files as it was given them, relative to the working directory, and the
+    report reads them so (not against the index folder), so the gallery's input root is known and its
+    thumbnails are shown."""
+    absolute = build_report(run.results, str(tmp_path / "abs"), cfg_with(top_queries=3, matches_per_query=2))
+    root = tmp_path / "run"
+    make_run(str(root))
+    monkeypatch.chdir(root)
+
+    def edit(path, **changes):
+        m = json.loads((root / path).read_text())
+        m.update(changes)
+        (root / path).write_text(json.dumps(m))
+
+    edit("gallery_features/_manifest.json", input="gallery")
+    edit("query_features/_manifest.json", input="queries")
+    m = json.loads((root / "index" / "manifest.json").read_text())
+    edit("index/manifest.json", feature_files=[{**f, "url": "gallery_features/part-00000.parquet"}
+                                               for f in m["feature_files"]])
+    edit("results/_manifest.json", index="index", query_features="query_features", queries="queries")
+    summary = build_report("results", "out", cfg_with(top_queries=3, matches_per_query=2))
+    assert summary["stages"]["gallery extract"]["available"], summary["stages"]["gallery extract"]
+    assert summary["counts"]["thumbnails_outside_roots"] == absolute["counts"]["thumbnails_outside_roots"] == 0
+    shown = len(re.findall(r"<img ", _html(str(root / "out"))))
+    assert shown == len(re.findall(r"<img ", _html(str(tmp_path / "abs")))) and shown >= 6

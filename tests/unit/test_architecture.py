@@ -295,7 +295,7 @@ def test_the_model_layer_imports_nothing_above_it():
 # its job (retrieval.extract.features, retrieval.search.results, retrieval.metrics) so that the next
 # stage imports them, never the job.
 STAGE_PACKAGES = ("retrieval.extract", "retrieval.fit", "retrieval.index", "retrieval.search",
-                  "retrieval.report", "retrieval.train", "retrieval.evaluate", "retrieval.remove")
+                  "retrieval.report", "retrieval.train", "retrieval.evaluate", "retrieval.remove", "retrieval.duplicates")
 JOB_MODULES = {
     "retrieval.extract": ("retrieval.extract.job", "retrieval.extract.stage"),
     "retrieval.fit": ("retrieval.fit.job", "retrieval.fit.stage"),
@@ -305,6 +305,7 @@ JOB_MODULES = {
     "retrieval.train": ("retrieval.train.job", "retrieval.train.trainer", "retrieval.train.stage"),
     "retrieval.evaluate": ("retrieval.evaluate",),
     "retrieval.remove": ("retrieval.remove.job", "retrieval.remove.stage"),
+    "retrieval.duplicates": ("retrieval.duplicates.job", "retrieval.duplicates.stage"),
 }
 RECIPES = "retrieval.recipes"
 # the one stage that runs another: search encodes image queries with the extract stage (query role)

@@ -107,3 +107,27 @@ def test_plan_cli(capsys):
     assert "Plan for 1,000,000,000 gallery images" in out and "IVF131072_HNSW32,PQ32x4fs" in out   # 10M-vector shards: fast-scan
     with pytest.raises(ValueError):
         parse_memory("lots")
+
+
+def test_plan_has_a_duplicates_line_from_the_search_model():
+    """retrieval duplicates = the search with every gallery image a query, plus the components' shuffles."""
+    p = plan(1_000_000, Cluster(executors=10))
+    self_search = plan(1_000_000, Cluster(executors=10), queries=1_000_000)["stages"]["search"]
+    dup = p["stages"]["duplicates"]
+    assert dup["wall"] > self_search["wall"] and dup["tasks"] > self_search["tasks"]
+    assert dup["memory_per_task"] == self_search["memory_per_task"] and "components" in dup["basis"]
+    assert not any(w.startswith("duplicates:") for w in p["warnings"])
+    assert dup["slices"] == 1
+    # 1e9: unsliced, a block task would hold ~150 GB of pairs; in slices it fits a core's 4 GB
+    big = plan(1_000_000_000, Cluster())
+    d = big["stages"]["duplicates"]
+    assert d["wall"] > big["stages"]["search"]["wall"]
+    assert d["unsliced_memory_per_task"] > 100e9 and d["memory_per_task"] < 4e9 and d["slices"] > 10
+    assert d["slices"] * d["slice_images"] >= 1e9 and "slices of" in d["basis"]
+    assert not any(w.startswith("duplicates:") for w in big["warnings"])
+    # slices sized by slice_mb: half the budget, about twice the slices and less memory per task
+    half = plan(1_000_000_000, Cluster(), cfg=config.load(sets=["duplicates.slice_mb=1024"]))["stages"]["duplicates"]
+    assert 1.8 < half["slices"] / d["slices"] < 2.2 and half["memory_per_task"] < d["memory_per_task"]
+    # a configured slice size is used as it is; too large a one is warned about
+    one = plan(1_000_000_000, Cluster(), cfg=config.load(sets=["duplicates.slice_images=1000000000"]))
+    assert one["stages"]["duplicates"]["slices"] == 1 and any(w.startswith("duplicates:") for w in one["warnings"])

@@ -16,9 +16,9 @@ from retrieval import cli, config, registry
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PKG = os.path.join(ROOT, "retrieval")
 # stages that have settings of their own (plan reads other sections; export reads model)
-CONFIGURED = {"extract", "fit", "index", "search", "evaluate", "report", "train", "pdq"}
+CONFIGURED = {"extract", "fit", "index", "search", "duplicates", "evaluate", "report", "train", "pdq"}
 # stages whose output directory carries the marker (fit writes one checkpoint file + its card)
-MARKED = {"run", "extract", "index", "search", "evaluate", "report", "train", "pdq"}
+MARKED = {"run", "extract", "index", "search", "duplicates", "evaluate", "report", "train", "pdq"}
 
 
 STAGES = registry.stages()
@@ -161,8 +161,8 @@ def test_one_version_everywhere(capsys):
         assert exc.code == 0
     assert capsys.readouterr().out.strip() == f"retrieval {retrieval.__version__}"
     with open(os.path.join(ROOT, "CHANGELOG.md"), encoding="utf-8") as fh:
-        # the newest released entry (an "Unreleased" section may sit above it)
-        assert re.search(r"^## (?!Unreleased)(\S+)", fh.read(), re.M).group(1) == retrieval.__version__
+        # the newest released section (an "## Unreleased" section above it collects changes not released yet)
+        assert re.search(r"^## (?!Unreleased\b)(\S+)", fh.read(), re.M).group(1) == retrieval.__version__
 
 
 def _dag_stage_args() -> dict[str, tuple[str, list[str], list[str]]]:

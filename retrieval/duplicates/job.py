@@ -1,0 +1,131 @@
+"""``retrieval duplicates``: near-duplicate groups of an index's gallery.
+
+1. The gallery searched against itself with the search's two-stage cascade
+   (:func:`retrieval.search.gallery.search_gallery`): each image's ``duplicates.k`` nearest other
+   images, their rows in ``pairs/`` (the search's result schema).
+2. The pairs kept: with false-match rates (``search.normalize.background`` set) those whose
+   ``norm_score`` reaches the score at which a query with no copy in the gallery gets a false
+   match with probability ``duplicates.max_fmr`` (:meth:`~retrieval.search.calibrate.NullTail.threshold`);
+   without, those whose 512-d cosine ``score`` >= ``duplicates.min_score``. Self-pairs dropped.
+3. The groups: the connected components of the kept pairs, computed by the engine
+   (:meth:`retrieval.engine.Engine.connected_components`: large-star / small-star on Spark).
+4. ``groups.parquet``, ``edges.parquet`` (:mod:`retrieval.duplicates.groups`) and ``_manifest.json``
+   (groups, sizes histogram, the largest groups), written last.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval import fsio, outputs
+from retrieval.duplicates import groups as groups_mod
+from retrieval.engine import Engine, as_engine
+from retrieval.search.calibrate import NullTail
+
+log = logging.getLogger(__name__)
+
+
+def choose_threshold(dup_cfg: Any, tail: NullTail | None) -> dict:
+    """``{"column", "value", "source", "meaning"}``: the score a pair must reach to be kept."""
+    if tail is not None:
+        target = float(dup_cfg["max_fmr"])
+        t = tail.threshold(target)
+        return {"column": "norm_score", "value": t, "source": "max_fmr", "max_fmr": target,
+                "meaning": f"norm_score >= {t:.4g}: an image with no copy in the gallery of {tail.gallery:,} "
+                           f"images gets a false match this high with an estimated probability of {target:g}"}
+    t = float(dup_cfg["min_score"])
+    return {"column": "score", "value": t, "source": "min_score",
+            "meaning": f"512-d cosine >= {t:g} (a fixed threshold: set search.normalize.background for one "
+                       "from estimated false-match rates)"}
+
+
+def _clean(output_url: str) -> None:
+    """The marker first (incomplete from now on), then the files of an earlier run."""
+    outputs.begin(output_url)
+    fs, root = fsio.url_to_fs(output_url)
+    root = root.rstrip("/")
+    for p in fs.glob(f"{root}/{groups_mod.PAIRS_DIR}/*") + fs.glob(f"{root}/*.parquet") + fs.glob(f"{root}/.tmp-*"):
+        fs.rm(p, recursive=True)
+
+
+def _write(output_url: str, name: str, table: pa.Table) -> None:
+    with fsio.atomic_open(fsio.join(output_url, name), "wb") as fh:
+        pq.write_table(table, fh, compression="zstd")
+
+
+def _uris(pairs: pa.Table) -> dict[str, str]:
+    ids = pa.concat_arrays([pairs.column("query_id").combine_chunks(), pairs.column("gallery_id").combine_chunks()])
+    uris = pa.concat_arrays([pairs.column("query_uri").combine_chunks(), pairs.column("gallery_uri").combine_chunks()])
+    return dict(zip(ids.to_pylist(), uris.to_pylist()))
+
+
+@outputs.leased
+def duplicates(index_url: str, output_url: str, cfg, engine: Engine | Any = None, overwrite: bool = False) -> dict:
+    """Near-duplicate groups of the gallery of ``index_url`` into ``output_url``; returns the manifest."""
+    from retrieval.index import store
+    from retrieval.search.gallery import search_gallery
+
+    t0 = time.monotonic()
+    engine = as_engine(engine)
+    dup_cfg = cfg["duplicates"]
+    outputs.configure_and_check_writable(output_url, cfg["io.storage_options"])
+    ident = outputs.identity("duplicates", cfg, [index_url])
+    outputs.check(output_url, ident, overwrite)
+    index_manifest = store.read_index_manifest(index_url)
+    outputs.claim(output_url, ident, cfg, overwrite)
+    _clean(output_url)
+    # each image finds itself first: k + 1 neighbours, no collapsing by an earlier run's groups
+    search_cfg = cfg.with_overrides({"search.k": int(dup_cfg["k"]) + 1, "search.collapse_groups": None})
+    run = search_gallery(index_url, index_manifest, fsio.join(output_url, groups_mod.PAIRS_DIR), search_cfg, engine,
+                         dup_cfg["slice_images"], float(dup_cfg["slice_mb"]))
+    t1 = time.monotonic()
+    threshold = choose_threshold(dup_cfg, run.calibration)
+    parts = [fsio.join(output_url, groups_mod.PAIRS_DIR, s["file"]) for s in sorted(run.stats, key=lambda s: s["chunk"])]
+    column, value = threshold["column"], float(threshold["value"])
+    components = engine.connected_components(functools.partial(_edges_of, parts, column, value),
+                                             list(range(len(parts))), groups_mod.EDGE_SCHEMA, "duplicates groups",
+                                             every=float(cfg["search.progress_seconds"]))
+    t2 = time.monotonic()
+    kept = pa.concat_tables([groups_mod.kept_pairs(p, column, value) for p in parts]) if parts else None
+    edges = groups_mod.unordered(kept) if kept is not None and kept.num_rows else \
+        groups_mod.KEPT_SCHEMA.empty_table().drop_columns(["group_id"])
+    groups, kept_edges = groups_mod.make_groups(components, edges, _uris(kept) if kept is not None else {})
+    _write(output_url, groups_mod.GROUPS, groups)
+    _write(output_url, groups_mod.EDGES, kept_edges)
+    manifest = outputs.commit(output_url, "duplicates", _manifest(
+        index_url, output_url, index_manifest, run, threshold, groups, kept, kept_edges, int(dup_cfg["largest"]),
+        {"search_s": round(t1 - t0, 3), "components_s": round(t2 - t1, 3), "total_s": round(time.monotonic() - t0, 3)},
+    ), engine=engine, cfg=cfg)
+    c = manifest["counts"]
+    log.info("duplicates done: %d images, %d pairs kept, %d groups holding %d images (largest %d) -> %s",
+             c["images"], c["pairs_kept"], c["groups"], c["grouped_images"], c["largest_group"], output_url)
+    return manifest
+
+
+def _edges_of(parts: list[str], column: str, value: float, i: int) -> pa.Table:
+    return groups_mod.edge_part(parts[i], column, value)
+
+
+def _manifest(index_url: str, output_url: str, index_manifest: dict, run, threshold: dict, groups: pa.Table,
+              kept: pa.Table | None, edges: pa.Table, largest: int, timings: dict) -> dict:
+    sizes = groups_mod.size_histogram(groups)
+    top = groups_mod.largest(groups, largest)
+    names = [groups_mod.GROUPS, groups_mod.EDGES] + [f"{groups_mod.PAIRS_DIR}/{s['file']}" for s in
+                                                      sorted(run.stats, key=lambda s: s["chunk"])]
+    return {
+        "index": index_url, "output": output_url, "model_version": index_manifest.get("model_version"),
+        "threshold": threshold,
+        "calibration": run.calibration.describe() if run.calibration is not None else None,
+        "counts": {"images": int(index_manifest.get("ntotal") or sum(int(s.get("ntotal", 0))
+                                                                     for s in index_manifest["shards"])), "pairs": sum(int(s["rows"]) for s in run.stats),
+                   "pairs_kept": kept.num_rows if kept is not None else 0, "edges": edges.num_rows,
+                   "groups": sum(sizes.values()), "grouped_images": groups.num_rows,
+                   "largest_group": top[0]["size"] if top else 0},
+        "sizes": sizes, "largest": top, "params": run.params,
+        "files": outputs.file_entries(output_url, names), "timings": timings,
+    }
