@@ -27,67 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from retrieval.plan_rates import RATES
 from retrieval.stage import Stage, arg
-
-# ---- measured here (2-core CPU machine, 21-22 Nov 2026); docs/reliability.md and docs/billion.md ----
-RATES = {
-    # tests/bench/bench_extract.py (22 Nov, quiet machine): Spark local[2] gallery extraction of 256
-    # real images, warm workers: 61.0 img/s on 2 cores (0.97 of the bare forward); the first job of
-    # a session (Python workers start, model built in each): 24.4 img/s. Under load (21 Nov): 17 img/s
-    "extract_images_per_core_s": 30.5,
-    # model.runtime=auto (the default; the trunk on onnxruntime, the ONNX file made by the driver) or onnx:
-    # the Spark gallery job (default settings, 512 images of the bundled sample, local[2]) ran 3.93x the
-    # model.runtime=torch one, alternated 3 times in one run on 6 Dec (tests/bench/bench_extract.py
-    # --compare-only --compare-set model.runtime=torch: 16.27 vs 4.14 img/s, 8.1 vs 2.1 per core, on a
-    # machine shared by 8 jobs, load ~18); explicit runtime=onnx on 4 Dec: 3.32x / 3.59x. The ratio
-    # times the torch rate above (a quiet machine's)
-    "extract_images_per_core_s_onnx": round(30.5 * 3.93, 1),
-    # ASSUMED, NOT measured here (no GPU lent): MobileNetV2 224 px fp32 on a T4-class GPU incl. JPEG
-    # decode on ~8 CPU cores feeding it; replace with your own measurement.
-    "extract_images_per_gpu_s": 1200.0,
-    # tests/bench/bench_extract.py (22 Nov 02:30): bytes on disk per real image (int8 fine codes as
-    # fixed_size_binary + float32 coarse, vector columns uncompressed, the others zstd);
-    # bench_scale.py's synthetic rows: 1,041
-    "feature_bytes_per_image": 1177.0,
-    # tests/bench/bench_scale.py (10M, quiet run of 22 Nov): flat k-means, (training point x centroid)
-    # evaluations x iterations per second per core: 655,108 x 16,384 x 10 in 134 s on 2 cores
-    "index_train_point_centroids_per_core_s": 4.0e8,
-    # tests/bench/bench_scale.py (10M, quiet run): vectors added per second per core, everything in
-    # the shard tasks included (read, flat-quantizer assignment to 16,384 cells, PQ16 encoding, write,
-    # build-time quality): 10,000,000 in 255 s on 2 cores
-    "index_add_vectors_per_core_s": 19_600.0,
-    # tests/bench/bench_scale.py: bytes per vector on disk, whole sharded index at 10M (PQ16 codes +
-    # int64 ids + list overhead + trained part / N)
-    "index_bytes_per_vector": 25.4,
-    # tests/bench/bench_remove.py (1M, 1% removed; docs/lifecycle.md): ids scanned /s/core by remove; search time ratio
-    # (6 Dec, loaded machine: 1M ids in 0.7 / 1.3 s, the slower; search ratio medians 1.03 / 1.14, the higher)
-    "remove_ids_scanned_per_core_s": 7.7e5,
-    "search_tombstone_ratio": 1.14,
-    # tests/bench/bench_scale.py (coarse rates): flat quantizer assignment, multiply-adds per core-second
-    "flat_assign_macs_per_core_s": 3.3e10,
-    # tests/bench/bench_scale.py (coarse rates): HNSW32 over 131,072 centroids (the quantizer of a
-    # billion-vector index), queries per core-second at efSearch 16 / k 1 (add) and at k = 256 (search)
-    "hnsw_assign_add_per_core_s": 19_200.0,
-    "hnsw_assign_search256_per_core_s": 1_450.0,
-    # tests/bench/bench_scale.py (coarse rates): PQ16 codes scanned per core-second (nprobe 1 vs 128
-    # on a 500k-vector shard, top-500 kept)
-    "coarse_codes_per_core_s": 3.1e7,
-    # 4-bit fast-scan codes (PQ32x4fs, the default where shards fill its blocks) scanned per
-    # core-second: 1M search benchmark index, one 500k-vector shard, 5,000 queries, nprobe 1 vs 128,
-    # top 127 kept (K' of 2 shards at S = 200), one thread, cells preassigned (22 Nov, quiet machine)
-    "coarse_fs_codes_per_core_s": 5.6e8,
-    # tests/bench/bench_scale.py (10M, 22 Nov): rerank (query, candidate) pairs scored per core-second
-    # by the int8 kernel, the marginal cost (shortlist 1050 vs 500: 5.5M more pairs, rerank 8.55 s
-    # vs 6.49 s)
-    "rerank_pairs_per_core_s": 1.3e6,
-    # tests/bench/bench_scale.py (10M, 22 Nov): gallery fine column (int8 fixed_size_binary + scale,
-    # 516 B/row) read from local Parquet (page cache) and decoded by the rerank, bytes per
-    # core-second: 19,600 row groups (10.3 GB) in the 6.49 s rerank at shortlist 500, less its 5M
-    # pairs at the rate above (~4.6 s on 2 cores); one file's column alone: 1.15e9 B/s on 1 core
-    "fine_decode_bytes_per_core_s": 1.1e9,
-    # ASSUMED: read bandwidth per executor from object storage / HDFS on a cluster
-    "read_bytes_per_executor_s": 200e6,
-}
 
 
 @dataclass
@@ -225,6 +166,9 @@ def _extract_estimate(n: int, cluster: Cluster, cfg, images_per_feature_shard: i
         rate = r["extract_images_per_core_s_onnx"] if onnx else r["extract_images_per_core_s"]
         extract_s = n / (rate * cores)
         basis = f"{cores} cores x {rate} img/s/core (measured here, model.runtime={runtime})"
+        if onnx:
+            large = r["extract_images_per_core_s_large"]
+            basis += f"; photos of 1-12 MP: {_fmt_time(n / (large * cores))} ({large} img/s/core)"
         if not onnx:
             basis += (f"; model.runtime=auto: {_fmt_time(n / (r['extract_images_per_core_s_onnx'] * cores))}"
                       f" ({r['extract_images_per_core_s_onnx']} img/s/core)")
@@ -362,8 +306,7 @@ def _plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: i
                             + rerank_basis,
                    "storage": queries * 10 * 120.0, "memory_per_task": memory, "rerank": rr},
         "remove": _takedowns(n, feature_shards, feature_bytes, read_bw, cores, add_s, coarse_s + rerank_s),
-        **({"pdq": _pdq_line(n, cores, cfg)} if cfg["extract.pdq"] else {}),     # the PDQ index (extract.pdq)
-    }
+        **({"pdq": _pdq_line(n, cores, cfg)} if cfg["extract.pdq"] else {})}     # the PDQ index (extract.pdq)
     warnings = [f"{name}: {_fmt_bytes(s['memory_per_task'])} per task > {mem_gb:.1f} GB per core"
                 for name, s in stages.items() if s["memory_per_task"] > mem_gb * 1e9]
     warnings += _search_warnings(rr, chunks, rerank_read_s, rerank_compute_s)

@@ -46,7 +46,6 @@ from retrieval.index.quantizer import FileScan, ScanJob, deserialize, scan_file
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------------------------
 # what the phases of a build hand on
 @dataclass(frozen=True)
 class _Run:
@@ -119,7 +118,6 @@ def _lap(timings: dict[str, float], key: str, t: float) -> float:
     return now
 
 
-# ---------------------------------------------------------------------------------------------
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
