@@ -167,6 +167,9 @@ IDENTITY, LEASE = "_identity.json", "_lease.json"
 # fast or where it is computed (any key named in RUNTIME, in any section, and the stage's own list)
 RUNTIME = {"mode", "threads", "progress_seconds", "verify", "device", "batch_rows", "resume", "processes",
            "local_mode"}
+# keys hashed only away from their default: a key added with a default that keeps the old output
+# (extract.pdq: false) leaves the identity of outputs written before it existed unchanged
+OMITTED_AT = {"extract.pdq": False}
 SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "extract": (("model", "preprocess", "extract"), ("extract.role", "extract.num_shards",
                                                      "extract.row_group_size", "extract.batch_size")),
@@ -200,7 +203,8 @@ def settings_hash(stage: str, cfg: Any) -> str:
     for section in sections:
         node = cfg[section]
         for key, v in _flat(node.to_dict() if hasattr(node, "to_dict") else node, section).items():
-            if key not in skip and key.rsplit(".", 1)[-1] not in RUNTIME:
+            if key not in skip and key.rsplit(".", 1)[-1] not in RUNTIME \
+                    and not (key in OMITTED_AT and v == OMITTED_AT[key]):
                 values[key] = v
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
