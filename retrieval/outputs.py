@@ -181,7 +181,7 @@ SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "report": (("report",), ("report.thumbnail_threads",)),
     "train": (("model", "preprocess", "train"), ("train.checkpoint_every", "train.keep_checkpoints")),
     "export": (("model", "preprocess"), ("model.runtime", "model.onnx_file")),
-    "pdq": (("pdq",), ("pdq.chunk_rows",)),
+    "pdq": (("pdq",), ("pdq.chunk_rows", "pdq.shard_rows")),
     # retrieval run: its inputs only (a changed setting reruns the stages it changes, inside the run)
     "run": ((), ()),
 }

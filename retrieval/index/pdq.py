@@ -2,7 +2,7 @@
 the gallery features carry PDQ hashes (``extract.pdq=true``), read by ``retrieval pdq match``.
 
 Sharded like the IVF-PQ shards: consecutive feature files are grouped into shards of at most
-``index.vectors_per_shard`` rows, and each shard is built by its own task into
+``pdq.shard_rows`` rows, and each shard is built by its own task into
 ``pdq/shard-NNNNN/`` (no task and no driver holds the whole index; ``retrieval pdq match`` runs one
 task per (list chunk, shard) and merges per chunk). Files per shard (each listed with its sha256 in
 the index manifest's ``pdq`` block, whose ``shards`` give each shard's count and row offset):
@@ -202,7 +202,7 @@ def _recall_of(shards: list[dict]) -> dict:
 def build(engine: Any, files: Sequence[FeatureFile], output_url: str, duplicates: str,
           storage_options: dict | None, every: float = 10.0, per_shard: int = 10_000_000) -> dict | None:
     """Build ``<index>/pdq/`` from every feature file that carries PDQ hashes: one task per shard of
-    consecutive files (``per_shard`` rows: ``index.vectors_per_shard``), each writing its own binary
+    consecutive files (``per_shard`` rows: ``pdq.shard_rows``), each writing its own binary
     indexes; the manifest's ``pdq`` block (None: no file carries them, nothing is written)."""
     from retrieval.index import dedup
 
@@ -281,16 +281,22 @@ PLAN_RATES = {
 PLAN_LIST = 1_000_000       # the partner list the plan line assumes
 
 
-def plan_line(n: int, cores: int, chunk_rows: int = 100_000) -> dict:
-    """The plan's ``pdq`` stage: build (driver, primary + 7 dihedral hashes per image), storage, and
-    one match of a :data:`PLAN_LIST`-hash list (every task loads the whole PDQ index)."""
+def plan_line(n: int, cores: int, chunk_rows: int = 100_000, shard_rows: int = 2_000_000) -> dict:
+    """The plan's ``pdq`` stage: the sharded build (a task per ``shard_rows`` images: primary + 7
+    dihedral hashes each), storage, and one match of a :data:`PLAN_LIST`-hash list (a task per
+    (chunk, shard), each loading one shard)."""
     r = PLAN_RATES
-    hashes = 8 * n
-    build_s = hashes / r["pdq_add_hashes_per_s"]
-    match_s = PLAN_LIST * r["pdq_match_ms_per_hash_1m"] / 1000 * max(1.0, n / 1e6) / max(1, cores)
+    hashes, shards = 8 * n, max(1, -(-n // shard_rows))
+    per_shard = min(n, shard_rows)
+    build_task_s = 8 * per_shard / r["pdq_add_hashes_per_s"]
+    build_s = -(-shards // max(1, cores)) * build_task_s
+    tasks = max(1, -(-PLAN_LIST // chunk_rows)) * shards
+    match_task_s = min(chunk_rows, PLAN_LIST) * r["pdq_match_ms_per_hash_1m"] / 1000 * max(1.0, per_shard / 1e6)
+    match_s = -(-tasks // max(1, cores)) * match_task_s
     size = hashes * r["pdq_index_bytes_per_hash"]
-    return {"tasks": max(1, -(-PLAN_LIST // chunk_rows)), "wall": build_s + match_s, "storage": size,
-            "memory_per_task": 1.2 * size,
-            "basis": (f"PDQ index (extract.pdq): build on the driver {build_s:,.0f} s ({hashes:.3g} hashes incl. "
-                      f"dihedral at {r['pdq_add_hashes_per_s']:,.0f}/s); match a {PLAN_LIST:,}-hash list "
-                      f"{match_s:,.0f} s; one unsharded index per task: a 1e9 gallery needs it sharded (not built)")}
+    return {"tasks": tasks, "wall": build_s + match_s, "storage": size,
+            "memory_per_task": 1.2 * 8 * per_shard * r["pdq_index_bytes_per_hash"],
+            "basis": (f"PDQ index (extract.pdq): {shards:,} shards of {per_shard:,} images (pdq.shard_rows), "
+                      f"built by a task each: {build_s:,.0f} s ({hashes:.3g} hashes incl. dihedral at "
+                      f"{r['pdq_add_hashes_per_s']:,.0f}/s per core); match a {PLAN_LIST:,}-hash list: "
+                      f"{tasks:,} tasks (chunk x shard), {match_s:,.0f} s")}

@@ -214,13 +214,13 @@ def test_spark_extracts_and_indexes_the_same_hashes(spark, photos, built, tmp_pa
 
 @pytest.mark.parametrize("engine", ["local", "spark"])
 def test_a_sharded_pdq_index_matches_the_rows_of_one_unsharded_index(photos, built, tmp_path, engine, request):
-    """index.vectors_per_shard cuts the PDQ index into shards built in their own tasks; match runs a task
+    """pdq.shard_rows cuts the PDQ index into shards built in their own tasks; match runs a task
     per (list chunk, shard) and merges: the same rows and part files as the one-shard index."""
     spark = request.getfixturevalue("spark") if engine == "spark" else None
     one = read_index_manifest(built["index"])["pdq"]
     assert [s["count"] for s in one["shards"]] == [N_GALLERY]
     sharded = str(tmp_path / "index")
-    block = build_index(built["features"], sharded, cfg(**{"index.vectors_per_shard": 5}), spark)["pdq"]
+    block = build_index(built["features"], sharded, cfg(**{"pdq.shard_rows": 5}), spark)["pdq"]
     assert [(s["shard"], s["count"], s["offset"]) for s in block["shards"]] == [(0, 4, 0), (1, 4, 4)]
     assert block["quality"]["nflip=auto"]["recall_vs_brute_force"] == 1.0 and block["count"] == N_GALLERY
     assert sorted(os.listdir(os.path.join(sharded, "pdq"))) == ["shard-00000", "shard-00001"]
