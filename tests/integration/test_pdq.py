@@ -239,3 +239,18 @@ def test_a_sharded_pdq_index_matches_the_rows_of_one_unsharded_index(photos, bui
         hashes = [pq.read_table(os.path.join(sharded, "pdq", f"shard-{s:05d}", "hashes.parquet")) for s in (0, 1)]
         found = set(rows.column("gallery_id").to_pylist())
         assert all(found & set(h.column("image_id").to_pylist()) for h in hashes)    # both shards matched
+
+
+def test_duplicate_ids_across_shards_are_indexed_once(photos, built, tmp_path):
+    """index.duplicates=skip over a sharded PDQ index: the second feature output's images (the same
+    ids) are left out of every shard, so matching gives the rows of the one-output index."""
+    again = str(tmp_path / "again")
+    extract(photos["gallery"], again, cfg())
+    index = str(tmp_path / "index")
+    block = build_index([built["features"], again], index, cfg(**{"pdq.shard_rows": 5}), None)["pdq"]
+    assert block["count"] == N_GALLERY and [s["count"] for s in block["shards"]] == [4, 4, 0, 0]
+    listed = str(tmp_path / "l.csv")
+    export(built["features"], listed, cfg())
+    match(listed, built["index"], str(tmp_path / "one"), cfg(**{"pdq.max_distance": 64}))
+    match(listed, index, str(tmp_path / "two"), cfg(**{"pdq.max_distance": 64}))
+    assert read_results(str(tmp_path / "one")).equals(read_results(str(tmp_path / "two")))
