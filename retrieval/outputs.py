@@ -174,7 +174,7 @@ RUNTIME = {"mode", "threads", "progress_seconds", "verify", "device", "batch_row
 # value they had then, so that outputs written then keep their identity (model.runtime: auto gives
 # torch's rows under the same model_version); and keys hashed only away from their default
 HASHED_AS = {"model.runtime": "torch", "model.onnx_file": None}
-OMITTED_AT = {"model.precision": "fp32"}
+OMITTED_AT = {"model.precision": "fp32", "extract.pdq": False}
 SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "extract": (("model", "preprocess", "extract"), ("extract.role", "extract.num_shards",
                                                      "extract.row_group_size", "extract.batch_size")),
@@ -189,7 +189,7 @@ SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "report": (("report",), ("report.thumbnail_threads",)),
     "train": (("model", "preprocess", "train"), ("train.checkpoint_every", "train.keep_checkpoints")),
     "export": (("model", "preprocess"), ("model.runtime", "model.onnx_file")),
-    "pdq": (("pdq",), ("pdq.chunk_rows",)),
+    "pdq": (("pdq",), ("pdq.chunk_rows", "pdq.shard_rows")),
     # retrieval run: its inputs only (a changed setting reruns the stages it changes, inside the run)
     "run": ((), ()),
 }

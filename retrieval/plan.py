@@ -215,7 +215,7 @@ def _takedowns(n: int, files: int, feature_bytes: float, read_bw: float, cores: 
 
 def _pdq_line(n: int, cores: int, cfg) -> dict:
     from retrieval.index.pdq import plan_line     # its rates: retrieval/index/pdq.py PLAN_RATES
-    return plan_line(n, cores, int(cfg["pdq.chunk_rows"]))
+    return plan_line(n, cores, int(cfg["pdq.chunk_rows"]), int(cfg["pdq.shard_rows"]))
 
 
 def plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: int | str = "auto",

@@ -383,8 +383,8 @@ def build_index(feature_urls: Sequence[str] | str, output_url: str, cfg: Config,
     t = _lap(timings, "shards_s", t)
     quality = _quality(run, plan, shards.result, trained.data, queries)
     t = _lap(timings, "quality_s", t)
-    pdq = pdq_index.build(run.engine, plan.old_files + plan.files, output_url, run.index_cfg["duplicates"],
-                          run.storage_options, run.every)       # None: the features carry no PDQ hashes
+    pdq = pdq_index.build(run.engine, plan.old_files + plan.files, output_url, run.index_cfg["duplicates"],  # None:
+                          run.storage_options, run.every, int(run.cfg["pdq.shard_rows"]))  # no PDQ hashes
     t = _lap(timings, "pdq_s", t)
     merged = None
     if merge_ondisk:  # 6. the optional merged on-disk index

@@ -3,9 +3,10 @@
 - export: a feature output's PDQ hashes (``extract.pdq=true``) -> one CSV file with the columns
   ``hash`` (64 hex digits), ``image_id``, ``quality``: the form ThreatExchange / HMA hash lists take.
 - match: such a list (any ids: a partner's) against the PDQ index that ``retrieval index`` built
-  beside the IVF-PQ shards (:mod:`retrieval.index.pdq`); one task per ``pdq.chunk_rows`` listed
-  hashes range-searches the binary index within ``pdq.max_distance`` bits (exact: see that module)
-  and writes ``part-NNNNN.parquet`` in the result schema (:data:`retrieval.schema.RESULT_SCHEMA`:
+  beside the IVF-PQ shards (:mod:`retrieval.index.pdq`); one task per (``pdq.chunk_rows`` listed
+  hashes, PDQ shard) range-searches that shard's binary index within ``pdq.max_distance`` bits
+  (exact: see that module); its candidates (at most ``pdq.top_k`` per hash) come back, and one task
+  per chunk merges them and writes ``part-NNNNN.parquet`` in the result schema (:data:`retrieval.schema.RESULT_SCHEMA`:
   ``signal`` = "pdq", ``distance`` = the Hamming distance, ``score`` = ``1 - 2 distance / 256``),
   so ``retrieval report`` and ``retrieval evaluate`` read it as they read a search output. A listed
   line that is not a hash is an error row (``errors/part-00000.parquet``), not a failure.
@@ -122,12 +123,12 @@ class MatchJob:
 _LOADED: dict[str, Any] = {}      # a task process's loaded PDQ index, by index URL + manifest sha
 
 
-def _index_of(job: MatchJob) -> pdq_index.PdqIndex:
+def _index_of(job: MatchJob, shard: int) -> pdq_index.PdqIndex:
     manifest = read_index_manifest(job.index_url)
-    key = job.index_url + "|" + str([f["sha256"] for f in manifest["pdq"]["files"]])
+    key = f"{job.index_url}|{shard}|" + str([f["sha256"] for f in manifest["pdq"]["files"]])
     if key not in _LOADED:
         _LOADED.clear()
-        _LOADED[key] = pdq_index.load(job.index_url, manifest)
+        _LOADED[key] = pdq_index.load(job.index_url, manifest, shard)
     return _LOADED[key]
 
 
@@ -158,22 +159,40 @@ def nearest(index: pdq_index.PdqIndex, queries: np.ndarray, max_distance: int, d
     return q[keep], ids[keep], dist[keep]
 
 
-def match_chunk(job: MatchJob, item: tuple[int, pa.Table]) -> dict:
-    """A task: one chunk of the list -> ``part-NNNNN.parquet`` (result rows); its file entry."""
-    chunk, rows = item
+def match_shard(job: MatchJob, item: tuple[int, int, int, pa.Table]) -> tuple[int, pa.Table]:
+    """A task: one chunk of the list against one PDQ shard -> its candidates (query row, gallery row in
+    the whole index, distance, gallery id and uri), at most ``top_k`` per query."""
+    chunk, shard, offset, rows = item
     fsio.configure(job.storage_options)
-    index = _index_of(job)
+    index = _index_of(job, shard)
     q, g, d = nearest(index, hashing.matrix(rows.column("hash").to_pylist()), job.max_distance, job.dihedral,
                       job.top_k, job.nflip)
-    rank = (np.arange(len(q)) - np.searchsorted(q, q) + 1).astype(np.int32)
+    taken = pa.array(g, pa.int64())
+    return chunk, pa.table({"q": pa.array(q, pa.int64()), "row": pa.array(g + offset, pa.int64()),
+                            "distance": pa.array(d.astype(np.int32)),
+                            "gallery_id": index.hashes.column("image_id").take(taken),
+                            "gallery_uri": index.hashes.column("uri").take(taken)})
+
+
+def write_chunk(job: MatchJob, item: tuple[int, pa.Table, list[pa.Table]]) -> dict:
+    """A task: one chunk's candidates from every shard merged (by query, distance, gallery row: the
+    order one unsharded index gives), ``top_k`` per query -> ``part-NNNNN.parquet``; its file entry."""
+    chunk, rows, found = item
+    fsio.configure(job.storage_options)
+    cand = pa.concat_tables(found)
+    q, g, d = (np.asarray(cand.column(c), np.int64) for c in ("q", "row", "distance"))
+    order = np.lexsort((g, d, q))
+    rank = np.arange(len(q)) - np.searchsorted(q[order], q[order]) + 1
+    order = order[rank <= job.top_k]
+    rank = rank[rank <= job.top_k]
+    cand, q, d = cand.take(pa.array(order, pa.int64())), q[order], d[order]
     score = pa.array(hashing.similarity(d), pa.float32())
     table = conform_results(pa.table({
-        "query_id": rows.column("image_id").take(pa.array(q, pa.int64())), "rank": pa.array(rank),
-        "gallery_id": index.hashes.column("image_id").take(pa.array(g, pa.int64())),
-        "score": score, "coarse_score": score,
+        "query_id": rows.column("image_id").take(pa.array(q, pa.int64())), "rank": pa.array(rank.astype(np.int32)),
+        "gallery_id": cand.column("gallery_id"), "score": score, "coarse_score": score,
         "query_uri": pa.array(["pdq:" + h.hex() for h in rows.column("hash").take(pa.array(q, pa.int64())).to_pylist()],
                               pa.string()),
-        "gallery_uri": index.hashes.column("uri").take(pa.array(g, pa.int64())),
+        "gallery_uri": cand.column("gallery_uri"),
         "signal": pa.array(["pdq"] * len(q), pa.string()), "distance": pa.array(d.astype(np.int32)),
     }))
     name = f"part-{chunk:05d}.parquet"
@@ -205,7 +224,13 @@ def match(hash_list_url: str, index_url: str, output: str, cfg: Config, engine: 
                    dihedral=bool(pcfg["dihedral"]), top_k=int(pcfg["top_k"]), storage_options=cfg["io.storage_options"],
                    nflip="auto" if pcfg["exact"] else 0)
     t1 = time.monotonic()
-    files = engine.map(functools.partial(match_chunk, job), chunks, "pdq match", float(pcfg["progress_seconds"]))
+    shards = read_index_manifest(index_url)["pdq"]["shards"]
+    every = float(pcfg["progress_seconds"])
+    # one task per (chunk, shard): each loads one shard; then one task per chunk merges and writes its part
+    found = engine.map(functools.partial(match_shard, job), [(c, s["shard"], s["offset"], rows)
+                                                             for s in shards for c, rows in chunks], "pdq match", every)
+    items = [(c, rows, [t for fc, t in found if fc == c]) for c, rows in chunks]
+    files = engine.map(functools.partial(write_chunk, job), items, "pdq match write", every)
     t_match = time.monotonic() - t1
     err_sink = pa.BufferOutputStream()
     pq.write_table(errors, err_sink)

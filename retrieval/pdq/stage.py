@@ -55,6 +55,7 @@ STAGE = Stage(
         "pdq.top_k": positive,
         "pdq.exact": choice(True, False),
         "pdq.chunk_rows": positive,
+        "pdq.shard_rows": positive,
         "pdq.progress_seconds": non_negative,
     },
 )

@@ -205,6 +205,52 @@ def test_spark_extracts_and_indexes_the_same_hashes(spark, photos, built, tmp_pa
     spark_block = build_index(feats, index, cfg(), spark)["pdq"]
     local_block = read_index_manifest(built["index"])["pdq"]
     # the same hashes and binary indexes (the hash rows' uris differ: other feature outputs' paths)
-    assert [f["sha256"] for f in spark_block["files"][1:]] == [f["sha256"] for f in local_block["files"][1:]]
-    assert pq.read_table(os.path.join(index, "pdq", "hashes.parquet")).select(["image_id", "pdq"]).equals(
-        pq.read_table(os.path.join(built["index"], "pdq", "hashes.parquet")).select(["image_id", "pdq"]))
+    indexes = lambda block: [f["sha256"] for f in block["files"] if f["file"].endswith(".index")]  # noqa: E731
+    assert indexes(spark_block) == indexes(local_block) and len(indexes(local_block)) == 2
+    hashes = os.path.join("pdq", "shard-00000", "hashes.parquet")
+    assert pq.read_table(os.path.join(index, hashes)).select(["image_id", "pdq"]).equals(
+        pq.read_table(os.path.join(built["index"], hashes)).select(["image_id", "pdq"]))
+
+
+@pytest.mark.parametrize("engine", ["local", "spark"])
+def test_a_sharded_pdq_index_matches_the_rows_of_one_unsharded_index(photos, built, tmp_path, engine, request):
+    """pdq.shard_rows cuts the PDQ index into shards built in their own tasks; match runs a task
+    per (list chunk, shard) and merges: the same rows and part files as the one-shard index."""
+    spark = request.getfixturevalue("spark") if engine == "spark" else None
+    one = read_index_manifest(built["index"])["pdq"]
+    assert [s["count"] for s in one["shards"]] == [N_GALLERY]
+    sharded = str(tmp_path / "index")
+    block = build_index(built["features"], sharded, cfg(**{"pdq.shard_rows": 5}), spark)["pdq"]
+    assert [(s["shard"], s["count"], s["offset"]) for s in block["shards"]] == [(0, 4, 0), (1, 4, 4)]
+    assert block["quality"]["nflip=auto"]["recall_vs_brute_force"] == 1.0 and block["count"] == N_GALLERY
+    assert sorted(os.listdir(os.path.join(sharded, "pdq"))) == ["shard-00000", "shard-00001"]
+    listed = str(tmp_path / "both.csv")
+    export(built["features"], listed, cfg())
+    with open(listed, "a") as fh:
+        fh.write("".join(open(_query_list(photos, tmp_path)).readlines()[1:]))
+    for sets in ({"pdq.dihedral": "true", "pdq.max_distance": 64, "pdq.chunk_rows": 5},
+                 {"pdq.max_distance": 64, "pdq.top_k": 1, "pdq.chunk_rows": 3}):
+        name = "-".join(map(str, sets.values()))
+        a = match(listed, built["index"], str(tmp_path / f"one{name}"), cfg(**sets), spark)
+        b = match(listed, sharded, str(tmp_path / f"sharded{name}"), cfg(**sets), spark)
+        rows = read_results(str(tmp_path / f"sharded{name}"))
+        assert rows.num_rows >= N_GALLERY and read_results(str(tmp_path / f"one{name}")).equals(rows)
+        assert [f["sha256"] for f in a["files"]] == [f["sha256"] for f in b["files"]] and len(b["files"]) > 1
+        hashes = [pq.read_table(os.path.join(sharded, "pdq", f"shard-{s:05d}", "hashes.parquet")) for s in (0, 1)]
+        found = set(rows.column("gallery_id").to_pylist())
+        assert all(found & set(h.column("image_id").to_pylist()) for h in hashes)    # both shards matched
+
+
+def test_duplicate_ids_across_shards_are_indexed_once(photos, built, tmp_path):
+    """index.duplicates=skip over a sharded PDQ index: the second feature output's images (the same
+    ids) are left out of every shard, so matching gives the rows of the one-output index."""
+    again = str(tmp_path / "again")
+    extract(photos["gallery"], again, cfg())
+    index = str(tmp_path / "index")
+    block = build_index([built["features"], again], index, cfg(**{"pdq.shard_rows": 5}), None)["pdq"]
+    assert block["count"] == N_GALLERY and [s["count"] for s in block["shards"]] == [4, 4, 0, 0]
+    listed = str(tmp_path / "l.csv")
+    export(built["features"], listed, cfg())
+    match(listed, built["index"], str(tmp_path / "one"), cfg(**{"pdq.max_distance": 64}))
+    match(listed, index, str(tmp_path / "two"), cfg(**{"pdq.max_distance": 64}))
+    assert read_results(str(tmp_path / "one")).equals(read_results(str(tmp_path / "two")))

@@ -231,3 +231,35 @@ def test_every_writing_subcommand_takes_overwrite_and_it_is_the_mode_where_one_e
     args = cli.build_parser().parse_args(["search", "--queries", "q", "--index", "i", "--output", "o"])
     inputs, _, overrides = cli._split(registry.get("search"), args)
     assert "search.mode" not in overrides and inputs["overwrite"] is False
+
+
+def _hash_before_pdq(cfg) -> str:
+    """The extract settings hash as computed before extract.pdq existed (no such key, no OMITTED_AT)."""
+    import hashlib
+
+    values = {}
+    for section in outputs.SETTINGS["extract"][0]:
+        for key, v in outputs._flat(cfg[section].to_dict(), section).items():
+            if key != "extract.pdq" and key not in outputs.SETTINGS["extract"][1] \
+                    and key.rsplit(".", 1)[-1] not in outputs.RUNTIME:
+                values[key] = v
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def test_extract_pdq_at_its_default_keeps_the_identity_of_outputs_written_before_it(tmp_path):
+    cfg = config.load()
+    assert cfg["extract.pdq"] is False and "extract.pdq" in dict(outputs._flat(cfg["extract"].to_dict(), "extract"))
+    assert outputs.settings_hash("extract", cfg) == _hash_before_pdq(cfg)
+    sized = config.load(sets=["preprocess.size_hi=256"])
+    assert outputs.settings_hash("extract", sized) == _hash_before_pdq(sized) != _hash_before_pdq(cfg)
+    # an output claimed the old way (identity written before extract.pdq existed) resumes without --overwrite
+    out = str(tmp_path / "o")
+    old = dict(outputs.identity("extract", cfg, ["/in/a"], "gallery"), settings=_hash_before_pdq(cfg))
+    _claim_and_release(out, old)
+    (tmp_path / "o" / "part-00000.parquet").write_bytes(b"x")
+    _claim_and_release(out, outputs.identity("extract", config.load(), ["/in/a"], "gallery"))
+    # turning it on changes the output (PDQ columns), so it changes the identity and is refused
+    on = outputs.identity("extract", config.load(sets=["extract.pdq=true"]), ["/in/a"], "gallery")
+    assert on["settings"] != old["settings"]
+    with pytest.raises(outputs.OutputExistsError, match=r"other settings \(model/preprocess/extract\)"):
+        _claim_and_release(out, on)

@@ -72,4 +72,7 @@ def test_the_plan_has_a_pdq_line_only_with_extract_pdq():
     assert "pdq" not in off["stages"]
     line = on["stages"]["pdq"]
     assert line["storage"] == pytest.approx(8e9 * pdq_index.PLAN_RATES["pdq_index_bytes_per_hash"])
-    assert "needs it sharded" in line["basis"] and any(w.startswith("pdq:") for w in on["warnings"])
+    # sharded: 500 shards of 2M images, a task per shard and per (list chunk, shard): fits a core's memory
+    assert "500 shards of 2,000,000 images" in line["basis"] and line["tasks"] == 10 * 500
+    assert line["memory_per_task"] == pytest.approx(1.2 * 16e6 * pdq_index.PLAN_RATES["pdq_index_bytes_per_hash"])
+    assert not any(w.startswith("pdq:") for w in on["warnings"])
