@@ -241,8 +241,9 @@ def _hash_before_pdq(cfg) -> str:
     for section in outputs.SETTINGS["extract"][0]:
         for key, v in outputs._flat(cfg[section].to_dict(), section).items():
             if key != "extract.pdq" and key not in outputs.SETTINGS["extract"][1] \
-                    and key.rsplit(".", 1)[-1] not in outputs.RUNTIME:
-                values[key] = v
+                    and key.rsplit(".", 1)[-1] not in outputs.RUNTIME \
+                    and not (key in outputs.OMITTED_AT and v == outputs.OMITTED_AT[key]):   # other new keys
+                values[key] = outputs.HASHED_AS.get(key, v)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
