@@ -174,7 +174,7 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
     """The exact 512-d top ``evaluate.exact_k`` of every query, as a result table (same columns
     as the search output that matter here: query_id, rank, gallery_id, score, and norm_score
     when ``background`` (:class:`~retrieval.search.normalize.Background`) is given)."""
-    from retrieval.extract.features import read_features
+    from retrieval.extract.features import read_features, read_manifest
     from retrieval.index import idmap, store
     from retrieval.schema import fine_matrix
 
@@ -182,8 +182,9 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
     manifest = store.read_index_manifest(index_url)
     integrity.verify_files([(f["url"], f.get("sha256")) for f in manifest["feature_files"]],
                            "gallery feature file", store.manifest_url(index_url))
-    qt = read_features(query_features_url, ["image_id", "fine", "fine_scale"]
-                       if _is_int8(query_features_url) else ["image_id", "fine"])
+    regions = bool(read_manifest(query_features_url).get("query_regions"))
+    qt = read_features(query_features_url, ["image_id", "fine"] + (["fine_scale"] if _is_int8(query_features_url) else [])
+                       + (["region"] if regions else []))
     t0 = time.monotonic()
     files = store.feature_file_urls(manifest)
     q_fine = fine_matrix(qt)
@@ -194,6 +195,11 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
         from retrieval.search.normalize import normalized
 
         norm = normalized(s, q_fine, background)
+    region = None
+    if regions:         # per image, the best (normalised) score over its rows, as the search merges
+        from retrieval.search.regions import merge_chunk
+
+        qt, s, i, _, norm, region, _ = merge_chunk(qt, s, i, np.zeros_like(s), norm, evaluate_cfg.exact_k)
     seconds = time.monotonic() - t0
     rows, ranks = np.nonzero(i >= 0)
     gal = idmap.fetch_rows(files, i[rows, ranks], ["image_id"]) if len(rows) else None
@@ -203,6 +209,8 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
                       "score": pa.array(s[rows, ranks].astype(np.float32))})
     if norm is not None:
         table = table.append_column("norm_score", pa.array(norm[rows, ranks].astype(np.float32)))
+    if region is not None:
+        table = table.append_column("query_region", region)
     return table, seconds
 
 

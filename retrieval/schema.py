@@ -16,7 +16,14 @@ fine_scale     float32 (only with storage=int8)        ``fine_float = fine_int8 
 width, height  int32                                   original size, after EXIF orientation
 model_version  string                                  fingerprint of the encoder
 role           string                                  gallery | query
+region         string (only in query features with     null: the whole image; else the query region
+               ``extract.query_regions``)              the row encodes, ``NAME:x0,y0,x1,y1``
+                                                       (retrieval/extract/regions.py)
 =============  ======================================  ===========================================
+
+With query regions a query image has several rows (same ``image_id``): its whole-image row first,
+then one per region, so the rows are no longer one per image; outputs without regions have no
+``region`` column (their rows are all whole images), and every reader accepts both.
 
 ``int8`` storage quantises each fine vector symmetrically with its own scale
 (``max|x| / 127``): 516 bytes instead of 2,048 per vector (Spark cannot read Parquet FLOAT16).
@@ -81,6 +88,7 @@ def result_schema_version(schema: pa.Schema) -> int:
 
 # columns written with dictionary encoding (the others are vectors or numbers)
 DICTIONARY_COLUMNS = ["image_id", "uri", "model_version", "role"]
+REGION = "region"           # the query-region column of query features (absent: whole images only)
 # vector columns are stored uncompressed: zstd saves ~8% on int8 codes and float32 vectors but
 # made reading them 5x slower (45 vs 9 ms per 125,000 rows of int8 codes), and the search reads
 # every gallery row group it reranks from; the other columns are zstd-compressed
@@ -95,7 +103,8 @@ def feature_compression(schema: pa.Schema) -> dict[str, str]:
     return {name: ("none" if name in RAW_COLUMNS else "zstd") for name in schema.names}
 
 
-def feature_schema(coarse_dim: int = 128, fine_dim: int = 512, storage: str = "float32") -> pa.Schema:
+def feature_schema(coarse_dim: int = 128, fine_dim: int = 512, storage: str = "float32",
+                   regions: bool = False) -> pa.Schema:
     fine_type = pa.binary(fine_dim) if storage == "int8" else pa.list_(pa.float32(), fine_dim)
     fields = [
         ("image_id", pa.string()),
@@ -107,6 +116,8 @@ def feature_schema(coarse_dim: int = 128, fine_dim: int = 512, storage: str = "f
         fields.append(("fine_scale", pa.float32()))
     fields += [("width", pa.int32()), ("height", pa.int32()), ("model_version", pa.string()),
                ("role", pa.string())]
+    if regions:
+        fields.append((REGION, pa.string()))
     return pa.schema(fields)
 
 

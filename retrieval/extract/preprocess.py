@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -160,17 +160,35 @@ def prepare(data: bytes, sizes: tuple[int, ...], mode: str = "squash",
     return [to_tensor(resize(img, s, mode)) for s in sizes], w, h
 
 
+def prepare_regions(data: bytes, sizes: tuple[int, ...], mode: str, policy: DecodePolicy,
+                    names: Sequence[str]) -> tuple[list[tuple[str | None, list[torch.Tensor]]], int, int]:
+    """Bytes -> ``[(region label, tensors)]``: the whole image (label None) first, then the regions
+    of ``names`` (:mod:`retrieval.extract.regions`), each cropped from the decoded image and resized
+    like the whole; plus the original width and height."""
+    from retrieval.extract.regions import boxes, crop
+
+    img, w, h = decode_image(data, policy, draft_size=2 * max(sizes))
+    out: list[tuple[str | None, list[torch.Tensor]]] = [(None, [to_tensor(resize(img, s, mode)) for s in sizes])]
+    for label, box in boxes(img, names):
+        part = crop(img, box)
+        out.append((label, [to_tensor(resize(part, s, mode)) for s in sizes]))
+    return out, w, h
+
+
 def prepare_items(rows: list[tuple[str, str]], sizes: tuple[int, ...], mode: str, policy: DecodePolicy,
-                  key_column: str | None = None, bytes_column: str | None = None
-                  ) -> Iterator[tuple[str, str, list[torch.Tensor] | None, int, int, str | None]]:
+                  key_column: str | None = None, bytes_column: str | None = None, regions: Sequence[str] = ()
+                  ) -> Iterator[tuple[str, str, list | None, int, int, str | None]]:
     """Read, decode and resize ``(image_id, uri)`` rows in order (``retrieval extract`` and
     ``retrieval fit``): ``(image_id, uri, tensors, width, height, error)``, one per row; ``error`` (the
-    error row's reason) is set, and ``tensors`` None, for an input that could not be read or decoded."""
+    error row's reason) is set, and ``tensors`` None, for an input that could not be read or decoded.
+    With ``regions`` (query regions), ``tensors`` is :func:`prepare_regions`' list of
+    ``(label, tensors)``, the whole image first."""
     for image_id, uri, data, err in read_items(rows, policy.max_bytes, key_column, bytes_column):
         tensors, w, h = None, 0, 0
         if err is None:
             try:
-                tensors, w, h = prepare(data, sizes, mode, policy)
+                tensors, w, h = (prepare_regions(data, sizes, mode, policy, regions) if regions
+                                 else prepare(data, sizes, mode, policy))
             except ImageError as exc:
                 err = str(exc)
             except Exception as exc:  # a decoder bug must not kill the task
