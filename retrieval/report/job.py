@@ -169,7 +169,8 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
     generated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     files = {"html": HTML, "flagged_parquet": "flagged.parquet", "flagged_csv": "flagged.csv", "summary": SUMMARY}
     page = render_page(info, result, shown.src, shown.reason, generated, files, full_of=shown.full,
-                  threshold_meaning=settings.threshold_note, extra_warnings=shown.warnings())
+                  threshold_meaning=settings.threshold_note, extra_warnings=shown.warnings(),
+                  boxes_of=shown.region_boxes)
     fsio.write_bytes(fsio.join(output_url, HTML), page.encode("utf-8"))
     t_html = time.monotonic()
 

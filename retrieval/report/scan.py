@@ -60,6 +60,7 @@ class Match:
     coarse_score: float | None
     true_match: bool | None = None
     cosine: float | None = None      # the raw 512-d cosine when ``score`` is the normalised score
+    query_region: str | None = None  # the query region the match comes from (None: the whole query)
 
 
 @dataclass
@@ -291,6 +292,7 @@ def _top_matches(flagged_url: str, ranked: list[tuple[str, float]], per_query: i
         out.append(FlaggedQuery(query_id=q, query_uri=uris.get(q, ""), best=best, matches=[
             Match(rank=int(r["rank"]), gallery_id=r["gallery_id"] or "", gallery_uri=r["gallery_uri"] or "",
                   score=float(r[column]), coarse_score=None if r["coarse_score"] is None else float(r["coarse_score"]),
-                  true_match=r.get("true_match"), cosine=float(r["score"]) if column != "score" else None)
+                  true_match=r.get("true_match"), cosine=float(r["score"]) if column != "score" else None,
+                  query_region=r.get("query_region"))
             for r in lst]))
     return out
