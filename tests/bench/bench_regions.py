@@ -149,9 +149,10 @@ def main() -> None:
         if not os.path.exists(os.path.join(idx, "_manifest.json")):
             build_index([f"{work}/gallery"], idx, config.load())
         t["queries_none_s"] = _extract(os.path.join(split, "queries"), f"{work}/q_none", "query", [])
-        t["queries_set_s"] = _extract(os.path.join(split, "queries"), f"{work}/q_{'_'.join(names)}", "query", names)
+        q_set = f"{work}/q_all" if names == every else f"{work}/q_{'_'.join(names)}"    # --all = SET: reused
+        t["queries_set_s"] = _extract(os.path.join(split, "queries"), q_set, "query", names)
         srows = []
-        for label, q in (("whole image", f"{work}/q_none"), ("whole + " + " + ".join(names), f"{work}/q_{'_'.join(names)}")):
+        for label, q in (("whole image", f"{work}/q_none"), ("whole + " + " + ".join(names), q_set)):
             r = search_row(q, idx, f"{args.work}/background", f"{work}/search_{os.path.basename(q)}", truth)
             srows.append((f"{label} (two-stage, norm; search {r['search_s']:.2f}s, {r['query_rows']} query rows, "
                           f"{r['rows']} result rows)", r))
