@@ -5,8 +5,9 @@ or letterboxed picture, a picture under stickers at its edges. ``retrieval extra
 encodes the whole image and, per name in ``extract.query_regions``, zero or more regions of it,
 each a crop of the decoded image (after EXIF orientation) encoded like a whole query:
 
-- ``content``: the box left after trimming flat (uniform or low-detail) borders - screenshot
-  chrome, letterbox and pad bands, frames, meme bands (:func:`content_box`); no region when
+- ``content``: the image's main detailed area, the rectangle of mostly-busy cells with the largest
+  sum (:func:`content_box`), which trims flat (uniform or low-detail) surroundings - screenshot
+  chrome, letterbox and pad bands, frames, meme bands - while sparse text stays out; no region when
   nothing is trimmed (the box covers >= ``CONTENT_MIN_TRIM`` of the image's area) or when what
   is left is under ``CONTENT_MIN_SIDE`` of a side;
 - ``center<P>`` (``P`` in 30..95): the central crop of ``P`` percent of each side;
@@ -108,7 +109,8 @@ def content_box(img: Image.Image) -> Box | None:
     ch, cw = busy.shape[0] // _CELL, busy.shape[1] // _CELL
     cells = busy[:ch * _CELL, :cw * _CELL].reshape(ch, _CELL, cw, _CELL).mean(axis=(1, 3))
     r0, r1, c0, c1 = _max_rectangle(cells - _DETAIL)
-    box = (c0 / cw, r0 / ch, c1 / cw, r1 / ch)
+    hh, ww = busy.shape            # cells cover whole pixels: a box reaching the last cell reaches the edge
+    box = (c0 * _CELL / ww, r0 * _CELL / hh, 1.0 if c1 == cw else c1 * _CELL / ww, 1.0 if r1 == ch else r1 * _CELL / hh)
     bw, bh = box[2] - box[0], box[3] - box[1]
     if bw * bh >= CONTENT_MIN_TRIM or bw < CONTENT_MIN_SIDE or bh < CONTENT_MIN_SIDE:
         return None
