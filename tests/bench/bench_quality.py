@@ -23,6 +23,11 @@ on the non-matching queries at the 90%-precision threshold (share of them whose 
 it), and recall@1, recall@10 and µAP per edit kind (``retrieval.metrics.kind_metrics``, the
 code of ``retrieval evaluate``'s ``per_kind``).
 
+Query regions (``extract.query_regions``, default ``[content, center70]``) apply to the query
+extraction the search runs, and ``evaluate --exact`` merges them the same way; ``--set
+extract.query_regions=[]`` gives the whole-image figures (``tests/bench/bench_regions.py`` compares
+region sets per kind).
+
 ``--tune`` (on the tune split): the whitening regularisation (fit.shrinkage x fit.power) and the
 normalisation (k x beta) grids, scored by exact 512-d micro-AP on features computed once per image
 through the library (the same fit code as ``retrieval fit``).
