@@ -89,8 +89,9 @@ def duplicates(index_url: str, output_url: str, cfg, engine: Engine | Any = None
     parts = [fsio.join(output_url, groups_mod.PAIRS_DIR, s["file"]) for s in sorted(run.stats, key=lambda s: s["chunk"])]
     column, value = threshold["column"], float(threshold["value"])
     every = float(cfg["search.progress_seconds"])
-    summary = engine.graph_groups(functools.partial(_kept_of, parts, column, value), list(range(len(parts))),
-                                  groups_mod.KEPT_PAIR_SCHEMA, functools.partial(_write_part, output_url),
+    opts = cfg["io.storage_options"]       # the tasks below read and write the output: its storage options
+    summary = engine.graph_groups(functools.partial(_kept_of, parts, column, value, opts), list(range(len(parts))),
+                                  groups_mod.KEPT_PAIR_SCHEMA, functools.partial(_write_part, output_url, opts=opts),
                                   "duplicates groups", int(dup_cfg["largest"]), every=every)
     if summary is None:                 # the local engine: the groups made in memory
         summary = _in_memory(output_url, engine, parts, column, value, int(dup_cfg["largest"]), every)
@@ -112,12 +113,14 @@ def _edges_of(parts: list[str], column: str, value: float, i: int) -> pa.Table:
     return groups_mod.edge_part(parts[i], column, value)
 
 
-def _kept_of(parts: list[str], column: str, value: float, i: int) -> pa.Table:
+def _kept_of(parts: list[str], column: str, value: float, opts: dict | None, i: int) -> pa.Table:
+    fsio.configure(opts)
     return groups_mod.kept_pairs(parts[i], column, value).cast(groups_mod.KEPT_PAIR_SCHEMA)
 
 
-def _write_part(output_url: str, name: str, part: int, table: pa.Table) -> str:
+def _write_part(output_url: str, name: str, part: int, table: pa.Table, opts: dict | None = None) -> str:
     """A task of the engine's groups: one sorted part of ``groups/`` or ``edges/``."""
+    fsio.configure(opts)
     schema = groups_mod.GROUP_SCHEMA if name == groups_mod.GROUPS_DIR else groups_mod.KEPT_SCHEMA
     file = f"{name}/part-{part:05d}.parquet"
     _write(output_url, file, table.select(schema.names).cast(schema))
