@@ -19,6 +19,9 @@ Definitions (docs/search.md; the truth reader, micro-AP and the operating points
 - scores: the search's ``norm_score`` when it normalised its scores (``search.normalize``), else the
   512-d cosine ``score``; ``thresholds`` records which, and the score at which precision first
   drops below 90% and 95% (``report.threshold: {from_evaluation: URL}`` reads them).
+- ``per_kind`` (only when the truth CSV has a ``kind`` column: the query's edit kinds joined by
+  ``+``): per kind, the recall@k over its matching queries and the micro-AP of their predictions
+  pooled with every distractor query's (:func:`retrieval.metrics.kind_metrics`).
 - ``--exact INDEX``: the queries are scored by brute force against every gallery vector of the
   index's feature files (faiss inner product, in batches); ``exact.kept_at_k`` is the mean fraction
   of each query's exact top-k that the evaluated results also return in their top k.
@@ -35,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 
 from retrieval import fsio, integrity, outputs
-from retrieval.metrics import (METRICS, Truth, micro_ap, operating_points, precision_recall, read_truth,  # noqa: F401
-                               threshold_from_evaluation)
+from retrieval.metrics import (METRICS, Truth, kind_metrics, micro_ap, operating_points, precision_recall,  # noqa: F401
+                               read_truth, threshold_from_evaluation)
 from retrieval.stage import Stage, arg, positive
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,8 @@ def evaluate_results(query_ids: Sequence[str], ranks: Sequence[int], gallery_ids
                    "matching_queries_without_results": sum(1 for q in matching if q not in queries_in_results),
                    "queries_not_in_truth": len(not_in_truth)},
     }
+    if truth.kinds:
+        metrics["per_kind"] = kind_metrics(truth, best_rank, pairs, recall_at)
     return metrics, {"precision": precisions, "recall": recalls, "threshold": thresholds}
 
 
@@ -169,7 +174,7 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
     """The exact 512-d top ``evaluate.exact_k`` of every query, as a result table (same columns
     as the search output that matter here: query_id, rank, gallery_id, score, and norm_score
     when ``background`` (:class:`~retrieval.search.normalize.Background`) is given)."""
-    from retrieval.extract.features import read_features
+    from retrieval.extract.features import read_features, read_manifest
     from retrieval.index import idmap, store
     from retrieval.schema import fine_matrix
 
@@ -178,8 +183,9 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
     integrity.verify_files([(f["url"], f.get("sha256")) for f in manifest["feature_files"]],
                            "gallery feature file", store.manifest_url(index_url),
                            record=integrity.record_path(cfg["io.verified_record"]))
-    qt = read_features(query_features_url, ["image_id", "fine", "fine_scale"]
-                       if _is_int8(query_features_url) else ["image_id", "fine"])
+    regions = bool(read_manifest(query_features_url).get("query_regions"))
+    qt = read_features(query_features_url, ["image_id", "fine"] + (["fine_scale"] if _is_int8(query_features_url) else [])
+                       + (["region"] if regions else []))
     t0 = time.monotonic()
     files = store.feature_file_urls(manifest)
     q_fine = fine_matrix(qt)
@@ -190,6 +196,11 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
         from retrieval.search.normalize import normalized
 
         norm = normalized(s, q_fine, background)
+    region = None
+    if regions:         # per image, the best (normalised) score over its rows, as the search merges
+        from retrieval.search.regions import merge_chunk
+
+        qt, s, i, _, norm, region, _ = merge_chunk(qt, s, i, np.zeros_like(s), norm, evaluate_cfg.exact_k)
     seconds = time.monotonic() - t0
     rows, ranks = np.nonzero(i >= 0)
     gal = idmap.fetch_rows(files, i[rows, ranks], ["image_id"]) if len(rows) else None
@@ -199,6 +210,8 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
                       "score": pa.array(s[rows, ranks].astype(np.float32))})
     if norm is not None:
         table = table.append_column("norm_score", pa.array(norm[rows, ranks].astype(np.float32)))
+    if region is not None:
+        table = table.append_column("query_region", region)
     return table, seconds
 
 
@@ -300,7 +313,7 @@ def _run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -
 
 
 def _summary(m: dict, inputs: Mapping[str, Any], output: str | None) -> dict:
-    keep = ("micro_ap", "precision_at_recall", "recall_at_precision", "thresholds", "counts", "plot")
+    keep = ("micro_ap", "precision_at_recall", "recall_at_precision", "thresholds", "counts", "plot", "per_kind")
     out = {k: v for k, v in m.items() if k.startswith("recall@") or k in keep}
     if "exact" in m:
         out["exact"] = {k: v for k, v in m["exact"].items() if k != "metrics"}

@@ -5,7 +5,8 @@ Used by ``retrieval evaluate`` (:mod:`retrieval.evaluate`), ``retrieval report``
 the same truth file and the same predictions give the same figures everywhere.
 
 Ground truth: a CSV whose header names the columns ``query_id`` and ``gallery_id`` (in any order;
-other named columns are ignored), then one row per true pair. A query may have several rows (several
+other named columns are ignored, except an optional ``kind`` column: the edit kinds of the query,
+joined by ``+``, e.g. ``crop+screenshot``; ``none`` or empty for none), then one row per true pair. A query may have several rows (several
 true matches); a row with an empty ``gallery_id`` marks a query with no true match (a distractor).
 Blank lines (and lines of empty cells only) are skipped; every other bad row -- an empty
 ``query_id``, more cells than the header names -- is a ``ValueError`` naming the file and line.
@@ -28,15 +29,17 @@ import numpy as np
 
 from retrieval import fsio
 
-__all__ = ["Truth", "read_truth", "precision_recall", "micro_ap", "operating_points"]
+__all__ = ["Truth", "read_truth", "precision_recall", "micro_ap", "operating_points", "kind_metrics"]
 
-QUERY, GALLERY = "query_id", "gallery_id"
+QUERY, GALLERY, KIND = "query_id", "gallery_id", "kind"
 
 
 @dataclass
 class Truth:
-    """``matches``: query_id -> set of true gallery_ids (an empty set: a distractor query)."""
+    """``matches``: query_id -> set of true gallery_ids (an empty set: a distractor query);
+    ``kinds``: query_id -> its edit kinds (only when the truth file has a ``kind`` column)."""
     matches: dict[str, set[str]] = field(default_factory=dict)
+    kinds: dict[str, set[str]] = field(default_factory=dict)
 
     @property
     def n_pairs(self) -> int:
@@ -76,6 +79,7 @@ def read_truth(url: str) -> Truth:
             raise ValueError(f"ground truth {url} line 1: the header must name the columns {QUERY} and "
                              f"{GALLERY} once each ({why}), got {header!r}")
         qi, gi = header.index(QUERY), header.index(GALLERY)
+        ki = header.index(KIND) if KIND in header else None
         truth = Truth()
         for row in reader:
             line = reader.line_num
@@ -91,6 +95,10 @@ def read_truth(url: str) -> Truth:
             true = truth.matches.setdefault(qid, set())
             if gid:
                 true.add(gid)
+            if ki is not None:
+                kinds = truth.kinds.setdefault(qid, set())
+                kinds.update(k for k in (row[ki] if ki < len(row) else "").strip().split("+")
+                             if k.strip() and k.strip() != "none")
     except csv.Error as exc:
         raise ValueError(f"ground truth {url} line {reader.line_num}: not a readable CSV: {exc}") from None
     return truth
@@ -145,6 +153,32 @@ def _best_cut(reached: np.ndarray, at_least: float, best_of: np.ndarray) -> int 
     such cut on a tie; ``None`` when no cut reaches it)."""
     ok = np.nonzero(reached >= at_least - 1e-12)[0]
     return int(ok[np.argmax(best_of[ok])]) if len(ok) else None
+
+
+def kind_metrics(truth: Truth, best_rank: dict[str, int], pairs: dict[tuple[str, str], float],
+                 recall_at: Sequence[int] = (1, 10)) -> dict[str, dict]:
+    """Per edit kind (``truth.kinds``; empty without a ``kind`` column): ``queries`` (the matching
+    queries with that kind), ``recall@k`` over them (``best_rank``: query -> rank of its first true
+    match) and ``micro_ap`` over the predictions (``pairs``: (query, gallery) -> score) of those
+    queries plus every distractor query's (the unrelated queries a threshold must still beat),
+    recall over those queries' true pairs. A query with several kinds counts in each."""
+    by_kind: dict[str, list[str]] = {}
+    for q in truth.matching_queries:
+        for k in truth.kinds.get(q, ()):
+            by_kind.setdefault(k, []).append(q)
+    distractors = set(truth.distractor_queries)
+    out: dict[str, dict] = {}
+    for kind in sorted(by_kind):
+        qs = set(by_kind[kind])
+        m: dict = {"queries": len(qs)}
+        for k in recall_at:
+            m[f"recall@{k}"] = round(sum(1 for q in qs if best_rank.get(q, 1 << 30) <= k) / len(qs), 6)
+        keys = [key for key in pairs if key[0] in qs or key[0] in distractors]
+        p, r, _ = precision_recall([pairs[key] for key in keys], [key[1] in truth.matches[key[0]] for key in keys],
+                                   sum(len(truth.matches[q]) for q in qs))
+        m["micro_ap"] = round(micro_ap(p, r), 6)
+        out[kind] = m
+    return out
 
 
 # the metrics file of `retrieval evaluate`, and the thresholds it measured (read by the report)

@@ -174,7 +174,9 @@ RUNTIME = {"mode", "threads", "progress_seconds", "verify", "device", "batch_row
 # value they had then, so that outputs written then keep their identity (model.runtime: auto gives
 # torch's rows under the same model_version); and keys hashed only away from their default
 HASHED_AS = {"model.runtime": "torch", "model.onnx_file": None}
-OMITTED_AT = {"model.precision": "fp32", "extract.pdq": False}
+OMITTED_AT = {"model.precision": "fp32", "extract.pdq": False, "extract.query_regions": []}
+# keys that do not change a role's rows: left out of its identity (a gallery has no query regions)
+ROLE_ONLY = {("extract", "gallery"): ("extract.query_regions",)}
 SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "extract": (("model", "preprocess", "extract"), ("extract.role", "extract.num_shards",
                                                      "extract.row_group_size", "extract.batch_size")),
@@ -204,9 +206,11 @@ def _flat(d: Any, prefix: str) -> dict[str, Any]:
     return out
 
 
-def settings_hash(stage: str, cfg: Any) -> str:
-    """sha256 (16 hex) of the settings of ``cfg`` that change ``stage``'s output (:data:`SETTINGS`)."""
+def settings_hash(stage: str, cfg: Any, also_skip: tuple[str, ...] = ()) -> str:
+    """sha256 (16 hex) of the settings of ``cfg`` that change ``stage``'s output (:data:`SETTINGS`;
+    ``also_skip``: keys that do not apply to this run, e.g. a gallery's query regions)."""
     sections, skip = SETTINGS.get(stage, ((), ()))
+    skip = (*skip, *also_skip)
     values = {}
     for section in sections:
         node = cfg[section]
@@ -220,7 +224,8 @@ def settings_hash(stage: str, cfg: Any) -> str:
 def identity(stage: str, cfg: Any, inputs: Sequence[str | None], role: str | None = None) -> dict:
     """What a run of ``stage`` writes: compared with the identity an output already holds."""
     return {"stage": stage, "role": role, "inputs": [str(u).rstrip("/") for u in inputs if u],
-            "settings": settings_hash(stage, cfg), "settings_of": list(SETTINGS[stage][0])}
+            "settings": settings_hash(stage, cfg, ROLE_ONLY.get((stage, role), ())),
+            "settings_of": list(SETTINGS[stage][0])}
 
 
 def _side(output_url: str, name: str, file: bool) -> str:

@@ -24,7 +24,14 @@ pdq_quality    int32 (idem)                            PDQ quality 0-100 (under 
                                                        its hash is unreliable)
 pdq_dihedral   fixed_size_binary[224] (idem)           the hashes of the 7 rotations / flips of the
                                                        image (retrieval/hashing.py DIHEDRAL order)
+region         string (only in query features with     null: the whole image; else the query region
+               ``extract.query_regions``)              the row encodes, ``NAME:x0,y0,x1,y1``
+                                                       (retrieval/extract/regions.py)
 =============  ======================================  ===========================================
+
+With query regions a query image has several rows (same ``image_id``): its whole-image row first,
+then one per region, so the rows are no longer one per image; outputs without regions have no
+``region`` column (their rows are all whole images), and every reader accepts both.
 
 ``int8`` storage quantises each fine vector symmetrically with its own scale
 (``max|x| / 127``): 516 bytes instead of 2,048 per vector (Spark cannot read Parquet FLOAT16).
@@ -91,6 +98,7 @@ def result_schema_version(schema: pa.Schema) -> int:
 
 # columns written with dictionary encoding (the others are vectors or numbers)
 DICTIONARY_COLUMNS = ["image_id", "uri", "model_version", "role"]
+REGION = "region"           # the query-region column of query features (absent: whole images only)
 # vector columns are stored uncompressed: zstd saves ~8% on int8 codes and float32 vectors but
 # made reading them 5x slower (45 vs 9 ms per 125,000 rows of int8 codes), and the search reads
 # every gallery row group it reranks from; the other columns are zstd-compressed
@@ -109,7 +117,7 @@ PDQ_COLUMNS = ("pdq", "pdq_quality", "pdq_dihedral")
 
 
 def feature_schema(coarse_dim: int = 128, fine_dim: int = 512, storage: str = "float32",
-                   pdq: bool = False) -> pa.Schema:
+                   pdq: bool = False, regions: bool = False) -> pa.Schema:
     fine_type = pa.binary(fine_dim) if storage == "int8" else pa.list_(pa.float32(), fine_dim)
     fields = [
         ("image_id", pa.string()),
@@ -123,6 +131,8 @@ def feature_schema(coarse_dim: int = 128, fine_dim: int = 512, storage: str = "f
                ("role", pa.string())]
     if pdq:
         fields += [("pdq", pa.binary(32)), ("pdq_quality", pa.int32()), ("pdq_dihedral", pa.binary(224))]
+    if regions:
+        fields.append((REGION, pa.string()))
     return pa.schema(fields)
 
 

@@ -59,11 +59,12 @@ class ExtractJob:
     faults: dict | None = None
     storage_options: dict | None = None
     pdq: bool = False               # + the PDQ hash columns (schema.PDQ_COLUMNS) from a full decode
+    regions: tuple[str, ...] = ()   # query regions (extract.query_regions; role query only)
 
     def fingerprint(self) -> str:
         d = {k: v for k, v in asdict(self).items()
              if k in ("role", "preprocess_cfg", "model_version", "num_shards", "storage")
-             or (k == "pdq" and v)}      # without PDQ: the fingerprint of outputs written before it
+             or (k in ("pdq", "regions") and v)}   # without PDQ / regions: the fingerprint of outputs written before them
         # the decoder gives the same rows within tolerance (like model.runtime): shards written by either mix
         d["preprocess_cfg"] = {k: v for k, v in d["preprocess_cfg"].items() if k != "decoder"}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -102,12 +103,13 @@ class _ShardRun:
         self.policy = DecodePolicy.from_config(job.preprocess_cfg)
         spec = self.model.spec
         self.sizes = (spec.size_hi,) if job.role == "gallery" else (spec.size_hi, spec.size_lo)
-        self.schema = feature_schema(spec.coarse_dim, spec.fine_dim, job.storage, job.pdq)
+        self.schema = feature_schema(spec.coarse_dim, spec.fine_dim, job.storage, job.pdq, regions=bool(job.regions))
         self.errors: list[tuple[str, str, str]] = []
         self.progress = Progress(f"extract {self.name}", total=total, every=job.progress_seconds, unit="images")
         self.timing = {"decode_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
         self.decode_threads = decode_workers(job.decode_threads, job.threads)
         self.n_ok = 0
+        self.n_rows = 0       # feature rows: n_ok, plus the query regions
 
 
 def extract_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None]],
@@ -125,20 +127,23 @@ def extract_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | 
     return _commit(run, rows, part_url, err_url, t0)
 
 
-def _decoded(run: _ShardRun, readable: list[tuple[str, str]]) -> Iterator[tuple[str, str, int, int, list, Any]]:
-    """Read and decode the images: ``(image_id, uri, width, height, tensors, pdq)`` (``pdq``: the
-    hash, quality and dihedral hashes, or None); failures go to the errors."""
+def _decoded(run: _ShardRun, readable: list[tuple[str, str]]) -> Iterator[tuple]:
+    """Read and decode the images: one ``(image_id, uri, width, height, tensors, region, pdq)`` per
+    feature row (the whole image, region None, then its query regions; ``pdq``: the image's hash,
+    quality and dihedral hashes, or None); failures go to the errors."""
     job = run.job
     hashes: list | None = [] if job.pdq else None
     for image_id, uri, tensors, w, h, err in prepare_items(
             readable, run.sizes, run.model.spec.resize, run.policy, job.key_column, job.bytes_column,
             decoder=job.preprocess_cfg.get("decoder", "fast"), workers=run.decode_threads, ahead=2 * job.batch_size,
-            pdq=hashes):
+            pdq=hashes, regions=job.regions):
         if err is not None:
             run.errors.append((image_id, uri, err))
             run.progress.update(1, errors=1)
             continue
-        yield image_id, uri, w, h, tensors, (hashes.pop() if hashes else None)
+        hashed = hashes.pop() if hashes else None
+        for region, t in (tensors if job.regions else [(None, tensors)]):
+            yield image_id, uri, w, h, t, region, hashed
 
 
 def _write_part(run: _ShardRun, readable: list[tuple[str, str]]) -> str:
@@ -148,7 +153,7 @@ def _write_part(run: _ShardRun, readable: list[tuple[str, str]]) -> str:
     with fsio.atomic_open(part_url, "wb") as fh:
         writer = pq.ParquetWriter(fh, run.schema, compression=feature_compression(run.schema),
                                   use_dictionary=DICTIONARY_COLUMNS)
-        batch: list[tuple[str, str, int, int, list, Any]] = []
+        batch: list[tuple] = []
         t = time.monotonic()     # decode_s: the time the forward waited for decoded images
         with contextlib.closing(_decoded(run, readable)) as items:   # a failed batch stops the decode threads now
             for item in items:
@@ -163,7 +168,7 @@ def _write_part(run: _ShardRun, readable: list[tuple[str, str]]) -> str:
     return part_url
 
 
-def _write_batch(run: _ShardRun, writer: pq.ParquetWriter, batch: list[tuple[str, str, int, int, list, Any]]) -> None:
+def _write_batch(run: _ShardRun, writer: pq.ParquetWriter, batch: list[tuple]) -> None:
     """Encode one batch, write it as row groups of the part, and empty it."""
     if not batch:
         return
@@ -187,13 +192,17 @@ def _write_batch(run: _ShardRun, writer: pq.ParquetWriter, batch: list[tuple[str
                  "model_version": [job.model_version] * len(batch),
                  "role": [job.role] * len(batch)})
     if job.pdq:
-        cols.update({"pdq": pa.array([b[5][0] for b in batch], pa.binary(32)),
-                     "pdq_quality": pa.array([b[5][1] for b in batch], pa.int32()),
-                     "pdq_dihedral": pa.array([b[5][2] for b in batch], pa.binary(224))})
+        cols.update({"pdq": pa.array([b[6][0] for b in batch], pa.binary(32)),
+                     "pdq_quality": pa.array([b[6][1] for b in batch], pa.int32()),
+                     "pdq_dihedral": pa.array([b[6][2] for b in batch], pa.binary(224))})
+    if job.regions:
+        cols["region"] = pa.array([b[5] for b in batch], pa.string())
     writer.write_table(pa.table(cols, schema=run.schema), row_group_size=job.row_group_size)
     run.timing["write_s"] += time.monotonic() - t
-    run.n_ok += len(batch)
-    run.progress.update(len(batch))
+    images = sum(1 for b in batch if b[5] is None)
+    run.n_ok += images
+    run.n_rows += len(batch)
+    run.progress.update(images)
     batch.clear()
     faults.maybe_fail(job.faults, "extract", run.shard, run.n_ok + len(run.errors))
 
@@ -215,7 +224,7 @@ def _commit(run: _ShardRun, rows: list[tuple[str, str, str | None]], part_url: s
     n_ok, n_err, name = run.n_ok, len(run.errors), run.name
     stats = {
         "shard": run.shard, "file": f"{name}.parquet", "errors_file": f"errors/{name}.parquet",
-        "inputs": len(rows), "ok": n_ok, "errors": n_err,
+        "inputs": len(rows), "ok": n_ok, "errors": n_err, "rows": run.n_rows,
         "sha256": fsio.sha256_file(part_url), "errors_sha256": fsio.sha256_file(err_url),
         "fingerprint": _shard_fingerprint(run.job, rows), "device": run.device, "runtime": run.runtime,
         "attempt": task_attempt(),
@@ -328,7 +337,8 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
                      row_group_size=extract_cfg.row_group_size,
                      progress_seconds=extract_cfg.progress_seconds, key_column=extract_cfg.key_column,
                      bytes_column=extract_cfg.bytes_column, faults=faults.configured(),
-                     storage_options=cfg["io.storage_options"], pdq=bool(extract_cfg.pdq))
+                     storage_options=cfg["io.storage_options"], pdq=bool(extract_cfg.pdq),
+                     regions=tuple(extract_cfg.query_regions) if extract_cfg.role == "query" else ())
     outputs.begin(output_url)
     todo, done = plan_shards(listing, job, extract_cfg.mode)
     fsio.remove_stale(output_url, "part", ("errors", "_shards"), keep=set(todo) | set(done))
@@ -345,16 +355,18 @@ def extract(input_url: str, output_url: str, cfg: Config, engine: Engine | Any =
     shards = sorted([*done.values(), *results], key=lambda s: s["shard"])
     counts = {"inputs": listing.num_rows, "ok": sum(s["ok"] for s in shards),
               "errors": sum(s["errors"] for s in shards), "shards": len(shards),
-              "shards_skipped": len(done), "shards_run": len(results)}
+              "shards_skipped": len(done), "shards_run": len(results),
+              "rows": sum(s.get("rows", s["ok"]) for s in shards)}
     if counts["ok"] + counts["errors"] != counts["inputs"]:
         raise AssertionError(f"counts do not add up: {counts}")
     images_run = sum(s["inputs"] for s in results)
     manifest = outputs.commit(output_url, "extract", {
         "role": extract_cfg.role, "input": input_url, "output": output_url,
         "model_version": job.model_version, "model": model.metadata(),
-        "heads": model.spec.heads, "storage": extract_cfg.storage, "pdq": job.pdq,
+        "heads": model.spec.heads, "storage": extract_cfg.storage, "pdq": job.pdq, "query_regions": list(job.regions),
         "runtime": {"configured": job.model_cfg.get("runtime"), "onnx_file": job.model_cfg.get("onnx_file")},
-        "schema": feature_schema(model.spec.coarse_dim, model.spec.fine_dim, extract_cfg.storage, job.pdq).to_string(),
+        "schema": feature_schema(model.spec.coarse_dim, model.spec.fine_dim, extract_cfg.storage, job.pdq,
+                                 regions=bool(job.regions)).to_string(),
         "counts": counts, "shards": shards,
         "timings": {"listing_s": round(t_list, 3), "run_s": round(t_run, 3),
                     "total_s": round(time.monotonic() - t0, 3),

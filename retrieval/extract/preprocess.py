@@ -20,7 +20,7 @@ import functools
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -209,13 +209,14 @@ def prepare(data: bytes, sizes: tuple[int, ...], mode: str = "squash",
 
 
 def _prepare_item(item: tuple[str, str, bytes | None, str | None], sizes: tuple[int, ...], mode: str,
-                  policy: DecodePolicy, decoder: str, pdq: bool = False
-                  ) -> tuple[str, str, list[torch.Tensor] | None, int, int, str | None, Any]:
+                  policy: DecodePolicy, decoder: str, pdq: bool = False, regions: tuple[str, ...] = ()
+                  ) -> tuple[str, str, list | None, int, int, str | None, Any]:
     image_id, uri, data, err = item
     tensors, w, h, hashed = None, 0, 0, None
     if err is None:
         try:
-            tensors, w, h = prepare(data, sizes, mode, policy, decoder)
+            tensors, w, h = (prepare_regions(data, sizes, mode, policy, regions) if regions
+                             else prepare(data, sizes, mode, policy, decoder))
             if pdq:
                 hashed = pdq_of(data, policy)
         except ImageError as exc:
@@ -235,20 +236,37 @@ def pdq_of(data: bytes, policy: DecodePolicy = DecodePolicy()) -> tuple[bytes, i
     return pdq_of_rgb(np.asarray(img, dtype=np.uint8))
 
 
+def prepare_regions(data: bytes, sizes: tuple[int, ...], mode: str, policy: DecodePolicy,
+                    names: Sequence[str]) -> tuple[list[tuple[str | None, list[torch.Tensor]]], int, int]:
+    """Bytes -> ``[(region label, tensors)]``: the whole image (label None) first, then the regions
+    of ``names`` (:mod:`retrieval.extract.regions`), each cropped from the decoded image and resized
+    like the whole; plus the original width and height."""
+    from retrieval.extract.regions import boxes, crop
+
+    img, w, h = decode_image(data, policy, draft_size=2 * max(sizes))
+    out: list[tuple[str | None, list[torch.Tensor]]] = [(None, [to_tensor(resize(img, s, mode)) for s in sizes])]
+    for label, box in boxes(img, names):
+        part = crop(img, box)
+        out.append((label, [to_tensor(resize(part, s, mode)) for s in sizes]))
+    return out, w, h
+
+
 def prepare_items(rows: list[tuple[str, str]], sizes: tuple[int, ...], mode: str, policy: DecodePolicy,
                   key_column: str | None = None, bytes_column: str | None = None, decoder: str = "fast",
-                  workers: int = 0, ahead: int = 64, pdq: list | None = None
-                  ) -> Iterator[tuple[str, str, list[torch.Tensor] | None, int, int, str | None]]:
+                  workers: int = 0, ahead: int = 64, pdq: list | None = None, regions: Sequence[str] = ()
+                  ) -> Iterator[tuple[str, str, list | None, int, int, str | None]]:
     """Read, decode and resize ``(image_id, uri)`` rows in order (``retrieval extract`` and
     ``retrieval fit``): ``(image_id, uri, tensors, width, height, error)``, one per row; ``error`` (the
     error row's reason) is set, and ``tensors`` None, for an input that could not be read or decoded.
+    With ``regions`` (query regions), ``tensors`` is :func:`prepare_regions`' list of
+    ``(label, tensors)``, the whole image first.
     ``workers`` > 0: read and decode on that many threads, up to ``ahead`` items ahead of the consumer
     (:func:`retrieval.extract.prefetch.ordered_map`), so that decoding overlaps what the consumer does
     with the items (the model's forward); the order and the results are the same. ``pdq``: a list that
     receives, per row yielded without error, its :func:`pdq_of` (computed on the decode threads; the
     last item is the current row's when it is yielded)."""
     fn = functools.partial(_prepare_item, sizes=sizes, mode=mode, policy=policy, decoder=decoder,
-                           pdq=pdq is not None)
+                           pdq=pdq is not None, regions=tuple(regions))
     items = read_items(rows, policy.max_bytes, key_column, bytes_column)
     results = map(fn, items) if workers <= 0 else ordered_map(fn, items, workers, ahead)
     try:

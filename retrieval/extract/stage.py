@@ -53,6 +53,12 @@ def summary(m: dict, inputs: Mapping[str, Any], output: str | None) -> dict:
     return out
 
 
+def _check_regions(v: Any) -> str | None:
+    from retrieval.extract.regions import check_names
+
+    return check_names(v)
+
+
 STAGE = Stage(
     name="extract",
     help="images -> Parquet feature shards (coarse 128-d + fine 512-d)",
@@ -68,6 +74,7 @@ STAGE = Stage(
     section="extract",
     checks={
         "extract.role": choice("gallery", "query"),
+        "extract.query_regions": _check_regions,
         "extract.input_format": choice("auto", "dir", "manifest", "parquet"),
         "extract.num_shards": lambda v: None if 1 <= v <= 99999 else "must be in [1, 99999]",
         "extract.batch_size": positive,

@@ -58,6 +58,17 @@ def carries_hashes(storage_options: dict | None, f: FeatureFile) -> bool:
     return "pdq" in fsio.parquet_file(f.url).schema_arrow.names
 
 
+def _extracted_with_pdq(output_url: str) -> bool:
+    """Whether an extraction output's manifest says it stored PDQ hashes (True when unknown)."""
+    from retrieval import outputs
+
+    try:
+        manifest = outputs.find(output_url, "extract")
+    except Exception:    # an unreadable manifest: let the footers decide
+        return True
+    return manifest is None or bool(manifest.get("pdq", False))
+
+
 def shard_groups(files: Sequence[FeatureFile], per_shard: int) -> list[list[FeatureFile]]:
     """Consecutive feature files grouped into PDQ shards of at most ``per_shard`` rows (at least one file
     each), in feature-file order, so a shard's row order is the gallery's."""
@@ -207,6 +218,8 @@ def build(engine: Any, files: Sequence[FeatureFile], output_url: str, duplicates
     from retrieval.index import dedup
 
     t0 = time.monotonic()
+    if not any(_extracted_with_pdq(out) for out in {f.output for f in files}):
+        return None      # no extraction asked for hashes (its manifest): no task, no bar
     carries = engine.map(functools.partial(carries_hashes, storage_options), list(files), "index pdq", every)
     with_hashes = [f for f, c in zip(files, carries) if c]
     if not with_hashes:

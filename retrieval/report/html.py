@@ -177,12 +177,15 @@ def _band_rows(scan: ScanResult, threshold: float, confident: float) -> list[lis
 def render_page(info: RunInfo, scan: ScanResult, src_of: Callable[[str], str | None],
            reason_of: Callable[[str], str], generated: str, files: Mapping[str, str],
            full_of: Callable[[str], str | None] = lambda uri: None, threshold_meaning: str = "",
-           extra_warnings: Sequence[str] = (), groups: Sequence[Any] = (), groups_url: str = "") -> str:
+           extra_warnings: Sequence[str] = (), groups: Sequence[Any] = (), groups_url: str = "",
+           boxes_of: Callable[[Any], list] = lambda fq: []) -> str:
     """The page (``report.html.j2``); ``src_of(uri)`` is a thumbnail's ``src`` (None: no thumbnail,
     then ``reason_of(uri)`` says why), ``full_of(uri)`` the relative link to its full-size copy
     (None: no link); ``threshold_meaning`` is the review note's sentence on what the threshold
     means; ``extra_warnings`` go with the page's own warnings at the top; ``groups``: the
-    near-duplicate groups' contact sheets (:mod:`retrieval.report.groups`) of ``groups_url``."""
+    near-duplicate groups' contact sheets (:mod:`retrieval.report.groups`) of ``groups_url``;
+    ``boxes_of(fq)`` the query regions drawn over a flagged query's thumbnail
+    (:meth:`~retrieval.report.shown.ShownImages.region_boxes`)."""
     st = scan.settings
     confident = confident_edge(st.bands, st.threshold)
     m = info.manifest
@@ -218,7 +221,7 @@ def render_page(info: RunInfo, scan: ScanResult, src_of: Callable[[str], str | N
     return ENV.get_template("report.html.j2").render(
         info=info, scan=scan, st=st, src_of=src_of, reason_of=reason_of, generated=generated, files=files,
         score_label=SCORE_LABELS[st.score_column], cards=cards, warnings=warnings,
-        full_of=full_of, threshold_meaning=threshold_meaning, confident=confident,
+        full_of=full_of, threshold_meaning=threshold_meaning, confident=confident, boxes_of=boxes_of,
         band_of=lambda score: band_of(score, st.threshold, confident),
         stage_rows=_stage_rows(info.stages), band_rows=_band_rows(scan, st.threshold, confident),
         versions=versions, timing_rows=timing_rows, groups=groups, groups_url=groups_url,

@@ -180,7 +180,7 @@ def build_report(results_url: str, output_url: str, cfg: Config, truth_url: str 
     files = {"html": HTML, "flagged_parquet": "flagged.parquet", "flagged_csv": "flagged.csv", "summary": SUMMARY}
     page = render_page(info, result, shown.src, shown.reason, generated, files, full_of=shown.full,
                   threshold_meaning=settings.threshold_note, extra_warnings=shown.warnings(),
-                  groups=sheets, groups_url=groups_url or "")
+                  groups=sheets, groups_url=groups_url or "", boxes_of=shown.region_boxes)
     fsio.write_bytes(fsio.join(output_url, HTML), page.encode("utf-8"))
     t_html = time.monotonic()
 

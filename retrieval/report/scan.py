@@ -61,6 +61,7 @@ class Match:
     true_match: bool | None = None
     cosine: float | None = None      # the raw 512-d cosine when ``score`` is the normalised score
     distance: int | None = None      # a hash match's distance (signal "pdq": Hamming bits)
+    query_region: str | None = None  # the query region the match comes from (None: the whole query)
 
 
 @dataclass
@@ -293,6 +294,7 @@ def _top_matches(flagged_url: str, ranked: list[tuple[str, float]], per_query: i
             Match(rank=int(r["rank"]), gallery_id=r["gallery_id"] or "", gallery_uri=r["gallery_uri"] or "",
                   score=float(r[column]), coarse_score=None if r["coarse_score"] is None or r.get("distance") is not None
                   else float(r["coarse_score"]), true_match=r.get("true_match"),
-                  cosine=float(r["score"]) if column != "score" else None, distance=r.get("distance"))
+                  cosine=float(r["score"]) if column != "score" else None, distance=r.get("distance"),
+                  query_region=r.get("query_region"))
             for r in lst]))
     return out

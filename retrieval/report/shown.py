@@ -17,6 +17,7 @@ from retrieval.report.roots import InputRoots
 
 log = logging.getLogger(__name__)
 OUTSIDE = "not read: outside the input roots the manifests record"
+FRAME = 256     # the page shows each thumbnail in a FRAME x FRAME px box (report.html.j2's CSS)
 
 
 @dataclass
@@ -38,6 +39,30 @@ class ShownImages:
         """The relative link to the full-size copy (None: none written)."""
         t = self.thumbs.get(uri)
         return t.full if t is not None and t.jpeg is not None else None
+
+    def region_boxes(self, fq: Any, frame: int = FRAME) -> list[dict]:
+        """The query regions of a flagged query's shown matches as boxes over its thumbnail, in
+        px of the ``frame`` x ``frame`` box the page shows it in (``object-fit: contain``): one per
+        region, ``tag`` naming the matches' ranks (``#1 #3``); none without a thumbnail."""
+        from retrieval.extract.regions import parse_label
+
+        t = self.thumbs.get(fq.query_uri)
+        if t is None or t.jpeg is None or not t.width or not t.height:
+            return []
+        scale = frame / max(t.width, t.height)
+        w, h = t.width * scale, t.height * scale
+        ox, oy = (frame - w) / 2, (frame - h) / 2
+        ranks: dict[str, list[int]] = {}
+        for m in fq.matches:
+            if m.query_region and parse_label(m.query_region) is not None:
+                ranks.setdefault(m.query_region, []).append(m.rank)
+        out = []
+        for label, rs in ranks.items():
+            name, (x0, y0, x1, y1) = parse_label(label)
+            out.append({"left": round(ox + x0 * w, 1), "top": round(oy + y0 * h, 1),
+                        "width": round((x1 - x0) * w, 1), "height": round((y1 - y0) * h, 1),
+                        "tag": " ".join(f"#{r}" for r in rs), "title": f"{label} (matches {', '.join(map(str, rs))})"})
+        return out
 
     def reason(self, uri: str) -> str:
         if self.mode == "none":

@@ -88,7 +88,16 @@ class NullTail:
         return 1.0 / self.pairs
 
     def fmr(self, score) -> np.ndarray:
-        """Per-comparison false-match rate at ``score`` (array; NaN stays NaN)."""
+        """Per-comparison false-match rate at ``score`` (array; NaN stays NaN): with ``regions``
+        query rows per image, an unrelated gallery image gets that many tries,
+        ``1 - (1 - p) ** regions`` (``p``: :meth:`fmr_region`)."""
+        p = self.fmr_region(score)
+        if self.regions == 1:
+            return p
+        return -np.expm1(self.regions * np.log1p(-np.clip(p, 0.0, 1.0)))
+
+    def fmr_region(self, score) -> np.ndarray:
+        """False-match rate of ONE (query row, gallery image) comparison at ``score``."""
         s = np.asarray(score, dtype=np.float64)
         xs, ys = np.asarray(self.scores), np.asarray(self.log10_rates)
         s_a, p_a = self.anchor
@@ -99,7 +108,7 @@ class NullTail:
 
     def fmr_query(self, score) -> np.ndarray:
         """Per-query false-match rate at ``score``: ``1 - (1 - fmr) ** (gallery x regions)``."""
-        p = np.clip(self.fmr(score), 0.0, 1.0)
+        p = np.clip(self.fmr_region(score), 0.0, 1.0)
         with np.errstate(divide="ignore"):
             return -np.expm1(self.gallery * self.regions * np.log1p(-p))
 
@@ -163,7 +172,7 @@ def fit(null: np.ndarray, gallery: int, null_queries: int, background: int, regi
 
 
 def for_search(background, query_files: list[str], query_rows: list[int], sample: int, seed: int,
-               gallery: int) -> tuple[NullTail | None, str | None]:
+               gallery: int, regions: int = 1) -> tuple[NullTail | None, str | None]:
     """The search's estimate (``background``: its :class:`~retrieval.search.normalize.Background`)
     from a seeded sample of ``sample`` of its queries; ``(None, why)`` when there is nothing to
     estimate from (no background, no queries, too few pairs)."""
@@ -178,6 +187,6 @@ def for_search(background, query_files: list[str], query_rows: list[int], sample
     queries = queries / np.maximum(norms, 1e-12)
     null = null_scores(queries, background.vectors, background.k, background.beta)
     try:
-        return fit(null, gallery, len(queries), len(background.vectors)), None
+        return fit(null, gallery, len(queries), len(background.vectors), regions), None
     except ValueError as exc:
         return None, str(exc)

@@ -25,6 +25,7 @@ from retrieval.search import collapse as collapse_mod
 from retrieval.search import coarse as coarse_mod
 from retrieval.search import normalize as normalize_mod
 from retrieval.search import queries as q_mod
+from retrieval.search import regions as regions_mod
 from retrieval.search import vectors
 from retrieval.search import flow
 from retrieval.search.results import read_results  # noqa: F401 (its old home)
@@ -129,7 +130,7 @@ def resolve_shortlist(configured: int | str, index_manifest: dict) -> int:
 
 
 def make_job(output_url: str, index_url: str, index_manifest: dict, qfiles: list[str], qman: dict,
-             qrows: list[int], cfg, background) -> tuple[SearchJob, dict]:
+             qrows: list[int], cfg, background, starts: list | None = None) -> tuple[SearchJob, dict]:
     """The job's plain values (chunks, shortlist and K', nprobe, rerank mode and blocks) and the
     gallery fine column's size."""
     from retrieval.index import store, takedowns
@@ -149,7 +150,7 @@ def make_job(output_url: str, index_url: str, index_manifest: dict, qfiles: list
         k=search_cfg.k, coarse_threshold=search_cfg.coarse_threshold, match_threshold=search_cfg.match_threshold,
         vector_cache_mb=search_cfg.vector_cache_mb, shard_cache=search_cfg.shard_cache,
         threads=search_cfg.threads, verify=search_cfg.verify,
-        chunks=tuple(q_mod.plan_chunks(qrows, search_cfg.query_chunk)),
+        chunks=tuple(q_mod.plan_chunks(qrows, search_cfg.query_chunk, starts)), query_regions=starts is not None,
         faults=faults.configured(), storage_options=cfg["io.storage_options"], background=background,
         removed=takedowns.removed(index_url, index_manifest, search_cfg.verify))
     return plan_rerank(job, search_cfg.rerank)
@@ -194,15 +195,19 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
     qf_url, qman, encode_s = q_mod.resolve_queries(queries_url, output_url, index_url, index_manifest,
                                                    cfg, engine, overwrite)
     qfiles, qrows = q_mod.query_files(qf_url, qman, search_cfg.verify)
-    job, column = make_job(output_url, index_url, index_manifest, qfiles, qman, qrows, cfg, background)
+    # query regions: the rows that start an image, per file (chunks are cut there, rows merged per image)
+    starts = [regions_mod.file_starts(u) for u in qfiles] if qman.get("query_regions") else None
+    images = sum(map(len, starts)) if starts is not None else sum(qrows)
+    job, column = make_job(output_url, index_url, index_manifest, qfiles, qman, qrows, cfg, background, starts)
     tail, why = calibrate.for_search(background, qfiles, qrows, int(search_cfg.normalize.fmr_queries),
-                                     int(search_cfg.normalize.seed), gallery_size(index_manifest))
+                                     int(search_cfg.normalize.seed), gallery_size(index_manifest),
+                                     regions=-(-sum(qrows) // images) if images else 1)
     if background is not None and tail is None:
         log.warning("no false-match rates (fmr columns null): %s", why)
     group_of = collapse_mod.load_groups(search_cfg.collapse_groups, index_url, index_manifest)
     job = dataclasses.replace(job, calibration=tail, groups=engine.broadcast(group_of) if group_of else None)
     log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, "
-             "%d per shard, k %d; %s-major rerank%s)", qf_url, sum(qrows), len(job.chunks), index_url,
+             "%d per shard, k %d; %s-major rerank%s)", qf_url, images, len(job.chunks), index_url,
              job.n_shards, job.nprobe, job.shortlist, job.shard_shortlist, job.k, job.rerank,
              f" over {len(job.blocks)} gallery blocks" if job.blocks else "")
     t1 = time.monotonic()
@@ -230,14 +235,15 @@ def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: di
               walls: dict) -> dict:
     """The manifest's counts, params, io, files, chunks, blocks and timings from the tasks' stats."""
     search_cfg = cfg.search
-    counts = {"queries": sum(qrows), "query_errors": int(qman.get("counts", {}).get("errors", 0)),
+    counts = {"queries": sum(s["queries"] for s in stats) if job.query_regions else sum(qrows),
+              "query_rows": sum(qrows), "query_errors": int(qman.get("counts", {}).get("errors", 0)),
               "queries_with_results": sum(s["queries_with_results"] for s in stats),
               "queries_with_shortlist": sum(s["queries_with_shortlist"] for s in stats),
               "rows": sum(s["rows"] for s in stats), "chunks": len(job.chunks), "shards": job.n_shards,
               "rows_collapsed": sum(s.get("rows_collapsed", 0) for s in stats)}
-    if sum(s["queries"] for s in stats) != counts["queries"]:
-        raise AssertionError(f"chunks cover {sum(s['queries'] for s in stats)} queries, "
-                             f"expected {counts['queries']}")
+    if sum(s.get("query_rows", s["queries"]) for s in stats) != counts["query_rows"]:
+        raise AssertionError(f"chunks cover {sum(s.get('query_rows', s['queries']) for s in stats)} query rows, "
+                             f"expected {counts['query_rows']}")
     by_block: dict[int, dict] = {}          # a block's scoring and label-lookup figures, one entry
     for b in (b for s in stats for b in s.pop("blocks", [])):
         by_block.setdefault(b["block"], {}).update(b)
@@ -261,7 +267,8 @@ def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: di
                    "query_chunk": search_cfg.query_chunk, "shortlist_configured": search_cfg.shortlist,
                    "normalize": job.background.describe() if job.background is not None else None,
                    "rerank": job.rerank, "rerank_configured": search_cfg.rerank, "blocks": len(job.blocks),
-                   "vector_cache_mb": job.vector_cache_mb, "collapse_groups": search_cfg.collapse_groups},
+                   "vector_cache_mb": job.vector_cache_mb, "collapse_groups": search_cfg.collapse_groups,
+                   "query_regions": qman.get("query_regions") or []},
         "io": io_counts(stats, block_stats, column),
         "files": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"], "chunk": s["chunk"],
                    "queries": s["queries"]} for s in stats],

@@ -88,7 +88,7 @@ def query_files(qf_url: str, manifest: dict, verify: bool) -> tuple[list[str], l
             raise ValueError(f"query feature file {url} does not match the sha256 in its manifest "
                              "(truncated or altered)")
         urls.append(url)
-        rows.append(int(s.get("ok", 0)))
+        rows.append(int(s.get("rows", s.get("ok", 0))))     # rows: with query regions, > images
     return urls, rows
 
 
@@ -102,9 +102,21 @@ class Chunk:
     stop: int         # one past the last row
 
 
-def plan_chunks(rows: list[int], chunk_size: int) -> list[Chunk]:
-    chunks = []
+def plan_chunks(rows: list[int], chunk_size: int, starts: list | None = None) -> list[Chunk]:
+    """Chunks of up to ``chunk_size`` rows per file; with ``starts`` (per file, the rows that start
+    a query image: query regions) cut only there, so an image's rows stay in one chunk (a chunk
+    holds at least one image, and at most ``chunk_size`` rows unless one image has more)."""
+    import numpy as np
+
+    chunks: list[Chunk] = []
     for f, n in enumerate(rows):
-        for a in range(0, n, chunk_size):
-            chunks.append(Chunk(len(chunks), f, a, min(n, a + chunk_size)))
+        a = 0
+        while a < n:
+            b = min(n, a + chunk_size)
+            if starts is not None and b < n:
+                st = np.asarray(starts[f])
+                i = int(np.searchsorted(st, b, side="right")) - 1      # the last start <= b
+                b = int(st[i]) if st[i] > a else int(st[min(i + 1, len(st) - 1)]) if i + 1 < len(st) else n
+            chunks.append(Chunk(len(chunks), f, a, b))
+            a = b
     return chunks

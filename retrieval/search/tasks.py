@@ -30,11 +30,12 @@ import pyarrow.parquet as pq
 
 from retrieval import faults, fsio
 from retrieval.index import idmap, takedowns
-from retrieval.schema import RESULT_SCHEMA, coarse_matrix, fine_matrix
+from retrieval.schema import REGION, RESULT_SCHEMA, coarse_matrix, fine_matrix
 from retrieval.search import blocks as blocks_mod
 from retrieval.search import calibrate
 from retrieval.search import coarse as coarse_mod
 from retrieval.search import normalize as normalize_mod
+from retrieval.search import regions as regions_mod
 from retrieval.search import rerank as rerank_mod
 from retrieval.search import vectors
 from retrieval.search.queries import Chunk
@@ -72,6 +73,7 @@ class SearchJob:
     blocks: tuple[blocks_mod.Block, ...] = field(default_factory=tuple)   # gallery-major: the blocks
     removed: takedowns.Removed | None = None     # the index's tombstones (retrieval remove): left out
     groups: Any = None                # search.collapse_groups: a Shared image_id -> group_id (None: off)
+    query_regions: bool = False       # the query features hold region rows (merged per image when written)
 
 
 def part_name(chunk: int) -> str:
@@ -145,8 +147,9 @@ def coarse_task(job: SearchJob, shard_nos: Sequence[int], chunk: Chunk
     return out, time.monotonic() - t0
 
 
-def _query_table(job: SearchJob, chunk: Chunk) -> pa.Table:
-    return query_rows(job, chunk, ["image_id", "uri", "fine"] + (["fine_scale"] if job.query_int8 else []))
+def _query_table(job: SearchJob, chunk: Chunk, fine: bool = True) -> pa.Table:
+    cols = ["image_id", "uri"] + (["fine"] + (["fine_scale"] if job.query_int8 else []) if fine else [])
+    return query_rows(job, chunk, cols + ([REGION] if job.query_regions else []))
 
 
 def _cache(job: SearchJob) -> vectors.VectorCache:
@@ -192,10 +195,14 @@ def _write_chunk(job: SearchJob, chunk: Chunk, q: pa.Table, q_fine: np.ndarray |
     returns ``stats`` completed with the chunk's counts and write figures."""
     t2 = time.monotonic()
     norm = normalize_mod.normalized(scores, q_fine, job.background) if job.background is not None else None
+    region = None
+    if job.query_regions:       # each row normalised against the background on its own, then merged
+        q, scores, ids, coarse, norm, region, labels = regions_mod.merge_chunk(q, scores, ids, coarse, norm,
+                                                                              job.k, labels)
     t_norm = time.monotonic() - t2
     faults.maybe_fail(job.faults, "search", chunk.chunk, chunk.stop - chunk.start)
     labels_before = cache.label_reads
-    table = result_table(job, q, scores, ids, coarse, cache, norm, labels)
+    table = result_table(job, q, scores, ids, coarse, cache, norm, labels, region)
     n_rows = table.num_rows
     if job.groups is not None:
         from retrieval.search.collapse import collapse
@@ -206,7 +213,7 @@ def _write_chunk(job: SearchJob, chunk: Chunk, q: pa.Table, q_fine: np.ndarray |
     t3 = time.monotonic()
     n_with = int((ids[:, 0] >= 0).sum()) if ids.size else 0
     return {"chunk": chunk.chunk, "file": part_name(chunk.chunk), "rows": table.num_rows,
-            "sha256": fsio.sha256_file(url), "queries": chunk.stop - chunk.start,
+            "sha256": fsio.sha256_file(url), "queries": q.num_rows, "query_rows": chunk.stop - chunk.start,
             "queries_with_results": n_with, "rows_collapsed": n_rows - table.num_rows, **stats,
             "gallery_label_row_groups_read": cache.label_reads - labels_before, "pid": os.getpid(),
             "attempt": task_attempt(), "normalize_s": round(t_norm, 4),
@@ -304,7 +311,7 @@ def write_task(job: SearchJob, chunk: Chunk, items: Iterable[Any]) -> dict:
     label_meta = [p.meta["label_block"] for p in pieces if p.meta is not None]
     labels = blocks_mod.assemble_labels(pieces, int((sel.ids >= 0).sum()))
     # the query vectors only for the score normalisation (the blocks scored the pairs)
-    q = _query_table(job, chunk) if job.background is not None else query_rows(job, chunk, ["image_id", "uri"])
+    q = _query_table(job, chunk, fine=job.background is not None)
     stats = {**sel.stats, "query_fine_bytes_read": _fine_bytes(q),
              "shuffle_bytes": sel.stats["shuffle_bytes"] + sum(
                  p.pos.nbytes + p.image_id.nbytes + p.uri.nbytes for p in pieces if p.meta is None),
@@ -344,9 +351,11 @@ def gallery_labels(job: SearchJob, gids: np.ndarray, cache: vectors.VectorCache 
 
 def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.ndarray,
                  coarse: np.ndarray, cache: vectors.VectorCache | None = None,
-                 norm: np.ndarray | None = None, labels: tuple[pa.Array, pa.Array] | None = None) -> pa.Table:
+                 norm: np.ndarray | None = None, labels: tuple[pa.Array, pa.Array] | None = None,
+                 region: pa.Array | None = None) -> pa.Table:
     """Rows (query, rank) for every kept match, in query order then rank; the gallery labels
-    looked up through ``cache`` unless given (``labels``: in that row order)."""
+    looked up through ``cache`` unless given (``labels``, and ``region``, the query region of
+    each match: in that row order)."""
     rows, ranks = np.nonzero(ids >= 0)
     gids = ids[rows, ranks]
     gallery_id, gallery_uri = labels if labels is not None else gallery_labels(job, gids, cache)
@@ -366,6 +375,6 @@ def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.
         "query_uri": queries.column("uri").take(take),
         "gallery_uri": gallery_uri,
         "norm_score": (pa.nulls(n, pa.float32()) if kept_norm is None else pa.array(kept_norm.astype(np.float32))),
-        "fmr": fmr, "fmr_query": fmr_query, "query_region": pa.nulls(n, pa.string()),
+        "fmr": fmr, "fmr_query": fmr_query, "query_region": pa.nulls(n, pa.string()) if region is None else region,
         "signal": pa.array(["descriptor"] * n, pa.string()), "distance": pa.nulls(n, pa.int32()),
     }, schema=RESULT_SCHEMA)

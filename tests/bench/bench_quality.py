@@ -20,7 +20,13 @@ background photos extracted with the same model). Each row is also scored by exa
 
 Columns: micro-AP (ISC2021), recall@1, recall@10, recall at 90% precision, the false-positive rate
 on the non-matching queries at the 90%-precision threshold (share of them whose best score reaches
-it), and recall@1 per edit kind.
+it), and recall@1, recall@10 and µAP per edit kind (``retrieval.metrics.kind_metrics``, the
+code of ``retrieval evaluate``'s ``per_kind``).
+
+Query regions (``extract.query_regions``, default ``[content, center70]``) apply to the query
+extraction the search runs, and ``evaluate --exact`` merges them the same way; ``--set
+extract.query_regions=[]`` gives the whole-image figures (``tests/bench/bench_regions.py`` compares
+region sets per kind).
 
 ``--tune`` (on the tune split): the whitening regularisation (fit.shrinkage x fit.power) and the
 normalisation (k x beta) grids, scored by exact 512-d micro-AP on features computed once per image
@@ -35,7 +41,6 @@ import os
 import subprocess
 import sys
 import time
-from collections import defaultdict
 
 import numpy as np
 
@@ -99,28 +104,22 @@ def read_edits(split_dir: str) -> dict[str, list[str]]:
 def row_metrics(table, column: str, truth, edits: dict[str, list[str]]) -> dict:
     """The benchmark's columns from result rows (same metric code as ``retrieval evaluate``)."""
     d = table.select(["query_id", "rank", "gallery_id", column]).to_pydict()
+    truth.kinds = {q: set(k) for q, k in edits.items() if q in truth.matches}   # per_kind: metrics.kind_metrics
     m, curve = evaluate_results(d["query_id"], d["rank"], d["gallery_id"], d[column], truth, (1, 10),
                                 (0.5,), (0.9, 0.95))
     th = thresholds(m, column, curve)
     thr = th["precision"]["0.9"]
     best: dict[str, float] = {}
-    top1: dict[str, str] = {}
-    for q, r, g, s in zip(d["query_id"], d["rank"], d["gallery_id"], d[column]):
+    for q, s in zip(d["query_id"], d[column]):
         best[q] = max(best.get(q, -np.inf), s)
-        if r == 1:
-            top1[q] = g
     negatives = [q for q, g in truth.matches.items() if not g]
     fpr = (sum(1 for q in negatives if thr is not None and best.get(q, -np.inf) >= thr) / len(negatives)
            if negatives else 0.0)
-    kinds: dict[str, list[bool]] = defaultdict(list)
-    for q, g in truth.matches.items():
-        if g:
-            for k in edits.get(q, []):
-                kinds[k].append(top1.get(q) in g)
     return {"micro_ap": m["micro_ap"], "recall@1": m["recall@1"], "recall@10": m["recall@10"],
             "recall@p90": m["recall_at_precision"]["0.9"]["recall"], "fpr@p90": round(fpr, 4),
             "threshold@p90": thr, "threshold@p95": th["precision"]["0.95"],
-            "per_kind": {k: round(float(np.mean(v)), 3) for k, v in sorted(kinds.items())}}
+            "per_kind": {k: round(v["recall@1"], 3) for k, v in m.get("per_kind", {}).items()},
+            "per_kind_full": m.get("per_kind", {})}
 
 
 def model_rows(name: str, base_sets: list[str], split_dir: str, bg_dir: str, work: str, engine: str,
@@ -203,11 +202,16 @@ def print_table(rows: list[tuple[str, dict, dict]], split: str) -> None:
         for kind, m in (("two-stage", a), ("exact 512-d", e)):
             print(f"| {label} | {kind} | {f(m['micro_ap'])} | {f(m['recall@1'])} | {f(m['recall@10'])} | "
                   f"{f(m['recall@p90'])} | {f(m['fpr@p90'])} | {f(m['threshold@p90'])} | {f(m['threshold@p95'])} |")
-    print("\nrecall@1 per edit kind (two-stage):\n")
-    print("| configuration | " + " | ".join(kinds) + " |")
-    print("|---|" + "---:|" * len(kinds))
-    for label, a, _ in rows:
-        print(f"| {label} | " + " | ".join(f(a['per_kind'].get(k)) for k in kinds) + " |")
+    for metric, title in (("recall@1", "recall@1"), ("recall@10", "recall@10"), ("micro_ap", "µAP")):
+        print(f"\n{title} per edit kind (two-stage; µAP: the kind's copies pooled with every non-matching "
+              "query's predictions):\n")
+        print("| configuration | " + " | ".join(kinds) + " |")
+        print("|---|" + "---:|" * len(kinds))
+        for label, a, _ in rows:
+            full = a.get("per_kind_full", {})
+            print(f"| {label} | " + " | ".join(f(full.get(k, {}).get(metric)) if full else
+                                               (f(a['per_kind'].get(k)) if metric == "recall@1" else "-")
+                                               for k in kinds) + " |")
     kept = [(label, a["recall@1"] / e["recall@1"] if e["recall@1"] else float("nan")) for label, a, e in rows]
     print("\ntwo-stage recall@1 / exact recall@1: " + ", ".join(f"{lab} {100 * k:.1f}%" for lab, k in kept))
 

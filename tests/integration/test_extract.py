@@ -114,7 +114,7 @@ def test_changed_input_recomputes_only_touched_shards(zoo_dir, tmp_path):
 
 def test_query_role_is_asymmetric(zoo_dir, local_out, tmp_path):
     out = str(tmp_path / "query")
-    extract(zoo_dir, out, cfg(**{"extract.role": "query"}))
+    extract(zoo_dir, out, cfg(**{"extract.role": "query", "extract.query_regions": []}))   # whole images only
     q, g = read_features(out), read_features(local_out)
     assert set(q["role"].to_pylist()) == {"query"}
     assert np.abs(fine_matrix(q) - fine_matrix(g)).max() < 1e-5      # same R_hi fine path

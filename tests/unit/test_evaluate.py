@@ -98,3 +98,50 @@ def test_compare_with_exact():
     assert out["queries"] == 2
     assert out["kept_at_k"] == pytest.approx((2 / 3 + 2 / 3) / 2)
     assert out["rank1_agreement"] == 0.5
+
+
+def test_per_kind_figures_when_the_truth_names_kinds(tmp_path):
+    truth = _truth(tmp_path, "query_id,gallery_id,kind\nq1,g1,crop\nq2,g2,crop+screenshot\nq3,,none\n")
+    assert truth.kinds == {"q1": {"crop"}, "q2": {"crop", "screenshot"}, "q3": set()}
+    rows = [("q1", 1, "g1", 0.9), ("q3", 1, "gx", 0.8), ("q2", 1, "g9", 0.7), ("q2", 2, "g2", 0.6)]
+    m, _ = ev.evaluate_results(*zip(*rows), truth, (1, 10))
+    crop, shot = m["per_kind"]["crop"], m["per_kind"]["screenshot"]
+    assert crop["queries"] == 2 and shot["queries"] == 1
+    assert crop["recall@1"] == 0.5 and crop["recall@10"] == 1.0
+    assert shot["recall@1"] == 0.0 and shot["recall@10"] == 1.0
+    # crop pools q1, q2 and the distractor q3: the overall curve, micro-AP 0.75
+    assert crop["micro_ap"] == pytest.approx(0.75)
+    # screenshot pools q2 and q3: ranked gx (wrong), g9 (wrong), g2 (right): P = 1/3 at recall 1
+    assert shot["micro_ap"] == pytest.approx(1 / 3)
+    # without a kind column there is no per-kind entry
+    plain = _truth(tmp_path, "query_id,gallery_id\nq1,g1\n")
+    assert "per_kind" not in ev.evaluate_results(["q1"], [1], ["g1"], [0.9], plain)[0]
+
+
+def test_evaluate_stage_writes_per_kind(tmp_path):
+    """`retrieval evaluate` on a real search output: per_kind in metrics.json and in the summary."""
+    import json
+
+    from retrieval import config
+    from retrieval.evaluate import STAGE
+    from retrieval.index.build import build_index
+    from retrieval.search.job import search
+
+    coarse, fine = synthetic.gallery(300)
+    synthetic.write_feature_output(str(tmp_path / "gallery"), coarse, fine, num_files=1)
+    build_index([str(tmp_path / "gallery")], str(tmp_path / "index"),
+                config.load(sets=["index.index_key=IVF8,PQ16x4", "index.quality_queries=50"]))
+    qc, qf, src = synthetic.queries(300, 6, 2)
+    synthetic.write_feature_output(str(tmp_path / "queries"), qc, qf, num_files=1, role="query", id_prefix="q")
+    results = str(tmp_path / "search")
+    search(str(tmp_path / "queries"), str(tmp_path / "index"), results, config.load(sets=["search.k=3"]))
+    qids = sorted(set(read_features(str(tmp_path / "queries"), ["image_id"]).column("image_id").to_pylist()))
+    truth_rows = [(q, synthetic.image_id(int(g)) if g >= 0 else "", ("crop" if i % 2 else "blur") if g >= 0 else "none")
+                  for i, (q, g) in enumerate(zip(qids, src))]
+    p = tmp_path / "truth.csv"
+    p.write_text("query_id,gallery_id,kind\n" + "".join(f"{q},{g},{k}\n" for q, g, k in truth_rows))
+    cfg = config.load()
+    m = ev.evaluate(results, str(p), str(tmp_path / "eval"), cfg)
+    on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert on_disk["per_kind"] == m["per_kind"] and set(m["per_kind"]) == {k for _, _, k in truth_rows if k != "none"}
+    assert STAGE.summary(m, {}, None)["per_kind"] == m["per_kind"]

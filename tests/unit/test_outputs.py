@@ -234,13 +234,13 @@ def test_every_writing_subcommand_takes_overwrite_and_it_is_the_mode_where_one_e
 
 
 def _hash_before_pdq(cfg) -> str:
-    """The extract settings hash as computed before extract.pdq existed (no such key, no OMITTED_AT)."""
+    """A gallery's extract settings hash as computed before extract.pdq and extract.query_regions existed."""
     import hashlib
 
     values = {}
     for section in outputs.SETTINGS["extract"][0]:
         for key, v in outputs._flat(cfg[section].to_dict(), section).items():
-            if key != "extract.pdq" and key not in outputs.SETTINGS["extract"][1] \
+            if key not in ("extract.pdq", "extract.query_regions") and key not in outputs.SETTINGS["extract"][1] \
                     and key.rsplit(".", 1)[-1] not in outputs.RUNTIME \
                     and not (key in outputs.OMITTED_AT and v == outputs.OMITTED_AT[key]):   # other new keys
                 values[key] = outputs.HASHED_AS.get(key, v)
@@ -250,9 +250,10 @@ def _hash_before_pdq(cfg) -> str:
 def test_extract_pdq_at_its_default_keeps_the_identity_of_outputs_written_before_it(tmp_path):
     cfg = config.load()
     assert cfg["extract.pdq"] is False and "extract.pdq" in dict(outputs._flat(cfg["extract"].to_dict(), "extract"))
-    assert outputs.settings_hash("extract", cfg) == _hash_before_pdq(cfg)
+    assert outputs.identity("extract", cfg, ["/in/a"], "gallery")["settings"] == _hash_before_pdq(cfg)
     sized = config.load(sets=["preprocess.size_hi=256"])
-    assert outputs.settings_hash("extract", sized) == _hash_before_pdq(sized) != _hash_before_pdq(cfg)
+    assert outputs.identity("extract", sized, ["/in/a"], "gallery")["settings"] == _hash_before_pdq(sized) \
+        != _hash_before_pdq(cfg)
     # an output claimed the old way (identity written before extract.pdq existed) resumes without --overwrite
     out = str(tmp_path / "o")
     old = dict(outputs.identity("extract", cfg, ["/in/a"], "gallery"), settings=_hash_before_pdq(cfg))
@@ -264,3 +265,17 @@ def test_extract_pdq_at_its_default_keeps_the_identity_of_outputs_written_before
     assert on["settings"] != old["settings"]
     with pytest.raises(outputs.OutputExistsError, match=r"other settings \(model/preprocess/extract\)"):
         _claim_and_release(out, on)
+
+
+def test_query_regions_enter_only_the_query_roles_identity():
+    cfg, off = config.load(), config.load(sets=["extract.query_regions=[]"])
+    assert cfg["extract.query_regions"] and not off["extract.query_regions"]
+
+    def settings(c, role):
+        return outputs.identity("extract", c, ["/in"], role)["settings"]
+    # a gallery has no query regions: its identity (and outputs written before the key) do not change
+    assert settings(cfg, "gallery") == settings(off, "gallery")
+    # a query output's rows do: regions on and off are different settings
+    assert settings(cfg, "query") != settings(off, "query")
+    # regions off hashes as before the key existed (the same values as the gallery's)
+    assert settings(off, "query") == settings(cfg, "gallery")
