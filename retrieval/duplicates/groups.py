@@ -14,6 +14,10 @@ size            int64     the group's number of images
 degree          int32     the image's kept pairs (links to other members)
 ==============  ========  =====================================================================
 
+On Spark the same rows are written as sorted parts, ``groups/part-NNNNN.parquet`` and
+``edges/part-NNNNN.parquet`` (no part for an empty table); :func:`read_groups` and
+:func:`read_edges` read either form.
+
 ``edges.parquet``: the kept pairs, once per unordered pair (``image_a < image_b``), with the best
 score either direction found (``score``, ``norm_score``) and their ``group_id``. A group is a
 connected component of these pairs: two images are in one group when a chain of kept pairs joins
@@ -38,6 +42,9 @@ GROUP_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("gro
 KEPT_SCHEMA = pa.schema([("image_a", pa.string()), ("image_b", pa.string()), ("score", pa.float32()),
                          ("norm_score", pa.float32()), ("group_id", pa.int64())])
 PAIR_COLUMNS = ["query_id", "gallery_id", "query_uri", "gallery_uri", "score", "norm_score"]
+KEPT_PAIR_SCHEMA = pa.schema([("query_id", pa.string()), ("gallery_id", pa.string()), ("query_uri", pa.string()),
+                              ("gallery_uri", pa.string()), ("score", pa.float32()), ("norm_score", pa.float32())])
+GROUPS_DIR, EDGES_DIR = "groups", "edges"   # the same tables in sorted parts, as Spark writes them
 
 
 def kept_pairs(url: str, column: str, threshold: float) -> pa.Table:
@@ -95,14 +102,26 @@ def make_groups(components: pa.Table, edges: pa.Table, uris: dict[str, str]) -> 
     return groups, kept.select(KEPT_SCHEMA.names).cast(KEPT_SCHEMA)
 
 
+def size_counts(groups: pa.Table) -> dict[int, int]:
+    """``size -> number of groups`` of a groups table."""
+    sizes = groups.group_by("group_id").aggregate([("size", "max")]).column("size_max").to_numpy()
+    values, counts = np.unique(sizes, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts)}
+
+
 def size_histogram(groups: pa.Table) -> dict[str, int]:
     """Groups by size, in power-of-two bins (``"2"``, ``"3-4"``, ``"5-8"``, ...)."""
-    sizes = groups.group_by("group_id").aggregate([("size", "max")]).column("size_max").to_numpy()
+    return histogram(size_counts(groups))
+
+
+def histogram(counts: dict[int, int]) -> dict[str, int]:
+    """``size -> groups`` in power-of-two bins (``"2"``, ``"3-4"``, ``"5-8"``, ...)."""
     out: dict[str, int] = {}
     lo = 2
-    while len(sizes) and lo <= sizes.max():
+    top = max(counts) if counts else 0
+    while lo <= top:
         hi = 2 if lo == 2 else lo * 2 - 2
-        n = int(((sizes >= lo) & (sizes <= hi)).sum())
+        n = sum(c for s, c in counts.items() if lo <= s <= hi)
         if n:
             out[str(lo) if lo == hi else f"{lo}-{hi}"] = n
         lo = hi + 1
@@ -124,11 +143,28 @@ def read_manifest(url: str) -> dict:
 
 
 def read_groups(url: str, columns: Sequence[str] | None = None, verify: bool = True) -> pa.Table:
-    """``groups.parquet`` of a complete duplicates output (sha256-checked against its manifest)."""
+    """The groups of a complete duplicates output, ``groups.parquet`` or the parts of ``groups/``
+    in order (each sha256-checked against its manifest)."""
+    return _read(url, GROUPS, GROUPS_DIR, GROUP_SCHEMA, columns, verify)
+
+
+def read_edges(url: str, columns: Sequence[str] | None = None, verify: bool = True) -> pa.Table:
+    """The kept pairs of a complete duplicates output, ``edges.parquet`` or the parts of ``edges/``."""
+    return _read(url, EDGES, EDGES_DIR, KEPT_SCHEMA, columns, verify)
+
+
+def _read(url: str, whole: str, folder: str, schema: pa.Schema, columns: Sequence[str] | None,
+          verify: bool) -> pa.Table:
     manifest = read_manifest(url)
-    path = fsio.join(url, GROUPS)
-    if verify:
-        entry = next((f for f in manifest.get("files", []) if f.get("file") == GROUPS), None)
-        if entry is None or fsio.sha256_file(path) != entry.get("sha256"):
+    entries = [f for f in manifest.get("files", []) if f.get("file") == whole
+               or str(f.get("file", "")).startswith(folder + "/")]
+    if not entries:             # an output written before parts, or its manifest without files
+        entries = [{"file": whole}]
+    names = list(columns) if columns else schema.names
+    tables = []
+    for entry in sorted(entries, key=lambda f: f["file"]):
+        path = fsio.join(url, entry["file"])
+        if verify and fsio.sha256_file(path) != entry.get("sha256"):
             raise ValueError(f"{path} does not match the sha256 in its manifest (truncated or altered)")
-    return fsio.parquet_file(path).read(columns=list(columns) if columns else None)
+        tables.append(fsio.parquet_file(path).read(columns=names))
+    return pa.concat_tables(tables) if tables else schema.empty_table().select(names)

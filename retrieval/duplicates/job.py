@@ -49,7 +49,8 @@ def _clean(output_url: str) -> None:
     outputs.begin(output_url)
     fs, root = fsio.url_to_fs(output_url)
     root = root.rstrip("/")
-    for p in fs.glob(f"{root}/{groups_mod.PAIRS_DIR}/*") + fs.glob(f"{root}/*.parquet") + fs.glob(f"{root}/.tmp-*"):
+    old = [f"{root}/{d}/*" for d in (groups_mod.PAIRS_DIR, groups_mod.GROUPS_DIR, groups_mod.EDGES_DIR)]
+    for p in [q for g in old for q in fs.glob(g)] + fs.glob(f"{root}/*.parquet") + fs.glob(f"{root}/.tmp-*"):
         fs.rm(p, recursive=True)
 
 
@@ -87,18 +88,19 @@ def duplicates(index_url: str, output_url: str, cfg, engine: Engine | Any = None
     threshold = choose_threshold(dup_cfg, run.calibration)
     parts = [fsio.join(output_url, groups_mod.PAIRS_DIR, s["file"]) for s in sorted(run.stats, key=lambda s: s["chunk"])]
     column, value = threshold["column"], float(threshold["value"])
-    components = engine.connected_components(functools.partial(_edges_of, parts, column, value),
-                                             list(range(len(parts))), groups_mod.EDGE_SCHEMA, "duplicates groups",
-                                             every=float(cfg["search.progress_seconds"]))
+    every = float(cfg["search.progress_seconds"])
+    opts = cfg["io.storage_options"]       # the tasks below read and write the output: its storage options
+    summary = engine.graph_groups(functools.partial(_kept_of, parts, column, value, opts), list(range(len(parts))),
+                                  groups_mod.KEPT_PAIR_SCHEMA, functools.partial(_write_part, output_url, opts=opts),
+                                  "duplicates groups", int(dup_cfg["largest"]), every=every)
+    if summary is None:                 # the local engine: the groups made in memory
+        summary = _in_memory(output_url, engine, parts, column, value, int(dup_cfg["largest"]), every)
+    for name, schema in ((groups_mod.GROUPS_DIR, groups_mod.GROUP_SCHEMA), (groups_mod.EDGES_DIR, groups_mod.KEPT_SCHEMA)):
+        if not any(f.startswith(name + "/") or f == name + ".parquet" for f in summary["files"]):
+            summary["files"].append(_write_part(output_url, name, 0, schema.empty_table()))
     t2 = time.monotonic()
-    kept = pa.concat_tables([groups_mod.kept_pairs(p, column, value) for p in parts]) if parts else None
-    edges = groups_mod.unordered(kept) if kept is not None and kept.num_rows else \
-        groups_mod.KEPT_SCHEMA.empty_table().drop_columns(["group_id"])
-    groups, kept_edges = groups_mod.make_groups(components, edges, _uris(kept) if kept is not None else {})
-    _write(output_url, groups_mod.GROUPS, groups)
-    _write(output_url, groups_mod.EDGES, kept_edges)
     manifest = outputs.commit(output_url, "duplicates", _manifest(
-        index_url, output_url, index_manifest, run, threshold, groups, kept, kept_edges, int(dup_cfg["largest"]),
+        index_url, output_url, index_manifest, run, threshold, summary,
         {"search_s": round(t1 - t0, 3), "components_s": round(t2 - t1, 3), "total_s": round(time.monotonic() - t0, 3)},
     ), engine=engine, cfg=cfg)
     c = manifest["counts"]
@@ -111,21 +113,52 @@ def _edges_of(parts: list[str], column: str, value: float, i: int) -> pa.Table:
     return groups_mod.edge_part(parts[i], column, value)
 
 
-def _manifest(index_url: str, output_url: str, index_manifest: dict, run, threshold: dict, groups: pa.Table,
-              kept: pa.Table | None, edges: pa.Table, largest: int, timings: dict) -> dict:
-    sizes = groups_mod.size_histogram(groups)
-    top = groups_mod.largest(groups, largest)
-    names = [groups_mod.GROUPS, groups_mod.EDGES] + [f"{groups_mod.PAIRS_DIR}/{s['file']}" for s in
-                                                      sorted(run.stats, key=lambda s: s["chunk"])]
+def _kept_of(parts: list[str], column: str, value: float, opts: dict | None, i: int) -> pa.Table:
+    fsio.configure(opts)
+    return groups_mod.kept_pairs(parts[i], column, value).cast(groups_mod.KEPT_PAIR_SCHEMA)
+
+
+def _write_part(output_url: str, name: str, part: int, table: pa.Table, opts: dict | None = None) -> str:
+    """A task of the engine's groups: one sorted part of ``groups/`` or ``edges/``."""
+    fsio.configure(opts)
+    schema = groups_mod.GROUP_SCHEMA if name == groups_mod.GROUPS_DIR else groups_mod.KEPT_SCHEMA
+    file = f"{name}/part-{part:05d}.parquet"
+    _write(output_url, file, table.select(schema.names).cast(schema))
+    return file
+
+
+def _in_memory(output_url: str, engine: Engine, parts: list[str], column: str, value: float, largest: int,
+               every: float) -> dict:
+    """The groups on one machine: the engine's ``(node, component)`` rows and the kept pairs in
+    memory, ``groups.parquet`` and ``edges.parquet`` written whole."""
+    components = engine.connected_components(functools.partial(_edges_of, parts, column, value),
+                                             list(range(len(parts))), groups_mod.EDGE_SCHEMA, "duplicates groups",
+                                             every=every)
+    kept = pa.concat_tables([groups_mod.kept_pairs(p, column, value) for p in parts]) if parts else None
+    edges = groups_mod.unordered(kept) if kept is not None and kept.num_rows else \
+        groups_mod.KEPT_SCHEMA.empty_table().drop_columns(["group_id"])
+    groups, kept_edges = groups_mod.make_groups(components, edges, _uris(kept) if kept is not None else {})
+    _write(output_url, groups_mod.GROUPS, groups)
+    _write(output_url, groups_mod.EDGES, kept_edges)
+    return {"pairs_kept": kept.num_rows if kept is not None else 0, "edges": kept_edges.num_rows,
+            "sizes": groups_mod.size_counts(groups), "largest": groups_mod.largest(groups, largest),
+            "files": [groups_mod.GROUPS, groups_mod.EDGES]}
+
+
+def _manifest(index_url: str, output_url: str, index_manifest: dict, run, threshold: dict, summary: dict,
+              timings: dict) -> dict:
+    sizes, top = summary["sizes"], summary["largest"]
+    names = summary["files"] + [f"{groups_mod.PAIRS_DIR}/{s['file']}" for s in
+                                sorted(run.stats, key=lambda s: s["chunk"])]
     return {
         "index": index_url, "output": output_url, "model_version": index_manifest.get("model_version"),
         "threshold": threshold,
         "calibration": run.calibration.describe() if run.calibration is not None else None,
         "counts": {"images": int(index_manifest.get("ntotal") or sum(int(s.get("ntotal", 0))
                                                                      for s in index_manifest["shards"])), "pairs": sum(int(s["rows"]) for s in run.stats),
-                   "pairs_kept": kept.num_rows if kept is not None else 0, "edges": edges.num_rows,
-                   "groups": sum(sizes.values()), "grouped_images": groups.num_rows,
+                   "pairs_kept": int(summary["pairs_kept"]), "edges": int(summary["edges"]),
+                   "groups": sum(sizes.values()), "grouped_images": sum(s * n for s, n in sizes.items()),
                    "largest_group": top[0]["size"] if top else 0},
-        "sizes": sizes, "largest": top, "params": run.params,
+        "sizes": groups_mod.histogram(sizes), "largest": top, "params": run.params,
         "files": outputs.file_entries(output_url, names), "timings": timings,
     }

@@ -18,6 +18,8 @@ ships them by reference) and hands them to the engine:
   shuffle and a window count; locally a pyarrow group-by): the index's duplicate ids;
 - :meth:`Engine.connected_components`: the components of a graph whose edges tasks read (Spark:
   large-star / small-star rounds in DataFrames; locally scipy): the near-duplicate groups;
+- :meth:`Engine.graph_groups`: those groups made and written without collecting the pairs (Spark:
+  :mod:`retrieval.engine.graph`; locally None, the caller groups in memory);
 - :meth:`Engine.broadcast`: a read-only value every task sees (locally: the value itself);
 - :meth:`Engine.run`: an action under the engine's progress lines and error translation;
 - :meth:`Engine.run_torch`: data-parallel torch training (Spark: ``TorchDistributor``; locally one

@@ -128,6 +128,17 @@ class Engine:
         component (so the labels do not depend on the engine), in no particular order."""
         raise NotImplementedError
 
+    def graph_groups(self, fn: Callable[[Any], Any], items: Sequence, schema: Any,
+                     write: Callable[[str, int, Any], str], label: str, largest: int,
+                     every: float = 10.0) -> dict | None:
+        """The near-duplicate groups of the scored pairs ``fn(item)`` (tables of ``schema``: ``query_id,
+        gallery_id, query_uri, gallery_uri, score, norm_score``, read in tasks), made and written
+        without bringing the pairs to the driver: ``groups`` and ``edges`` sorted, written in parts by
+        ``write(name, part, table) -> file`` in tasks; returns ``{"pairs_kept", "edges", "sizes"
+        (size -> groups), "largest" (the groups with ``group_id < largest``), "files"}``. None: the
+        engine has no distributed path (the local engine), the caller groups in memory."""
+        return None
+
     def broadcast(self, value: Any) -> Shared:
         """A read-only value every task sees (:class:`Shared`)."""
         return Shared(value)

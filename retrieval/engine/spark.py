@@ -146,6 +146,32 @@ class SparkEngine(Engine):
             shared.destroy()
         return got.select(["node", "component"]).cast(pa.schema([("node", typ), ("component", typ)]))
 
+    def graph_groups(self, fn, items, schema, write, label, largest, every=10.0):
+        """The pairs read in tasks, their components by large-star / small-star, the groups made and
+        written by Spark (:func:`retrieval.engine.graph.groups_of`): nothing row-sized collected."""
+        from pyspark.sql import functions as F
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        from retrieval.engine.graph import groups_of
+
+        if not items:
+            return None
+        shared = self.broadcast(list(items))
+        try:
+            frame = self.spark.createDataFrame([(i,) for i in range(len(items))], "item long")
+            n = max(1, min(len(items), self.parallelism * 4))
+            pairs = frame.repartition(n).mapInArrow(functools.partial(_tables_of, fn, shared),
+                                                    from_arrow_schema(schema))
+            pairs = self.run(label, n, lambda: pairs.localCheckpoint(eager=True), every)
+            edges = pairs.select(F.col("query_id").alias("src"), F.col("gallery_id").alias("dst"))
+            nodes = edges.select(F.col("src").alias("node")).union(edges.select(F.col("dst").alias("node"))) \
+                .distinct()
+            stars = self.run(label, n, lambda: _stars(edges.filter("src != dst")), every)
+            comp = nodes.join(stars, "node", "left").select("node", F.coalesce("component", "node").alias("component"))
+            return self.run(label, n, lambda: groups_of(pairs, comp, write, largest), every)
+        finally:
+            shared.destroy()
+
     def broadcast(self, value):
         return Shared(None, self.spark.sparkContext.broadcast(value))
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from retrieval import config
-from retrieval.duplicates.groups import read_groups
+from retrieval.duplicates.groups import read_edges, read_groups
 from retrieval.duplicates.job import duplicates
 from retrieval.search import read_results, search
 
@@ -99,6 +99,16 @@ def test_planted_groups_on_both_engines(world, spark, tmp_path):
     t, got = _groups_of(str(tmp_path / "lib"))
     assert got == expected                                    # every planted group, nothing else
     assert _groups_of(str(tmp_path / "spark"))[0] == t         # same rows, same ids, both engines
+    assert read_edges(str(tmp_path / "spark")).equals(read_edges(str(tmp_path / "lib")))
+    # Spark writes the groups and edges itself, as sorted parts (nothing row-sized on the driver)
+    assert not (tmp_path / "spark" / "groups.parquet").exists() and (tmp_path / "spark" / "groups").is_dir()
+    assert pq.read_table(tmp_path / "spark" / "groups").num_rows == 34
+    assert {f["file"].split("/")[0] for f in spk["files"]} >= {"groups", "edges", "pairs"}
+    from retrieval.index.store import read_index_manifest
+    from retrieval.search.collapse import load_groups
+    im = read_index_manifest(world["index"])          # the search's collapse reads either form alike
+    assert load_groups(str(tmp_path / "spark"), world["index"], im) == load_groups(str(tmp_path / "lib"),
+                                                                                   world["index"], im)
     assert lib["counts"] == spk["counts"] and lib["sizes"] == spk["sizes"]
     assert lib["counts"]["groups"] == 11 and lib["counts"]["grouped_images"] == 34
     assert lib["counts"]["largest_group"] == 6 and lib["counts"]["images"] == N
@@ -195,6 +205,14 @@ def test_no_pair_above_the_threshold_gives_no_group(world, tmp_path):
     assert pq.read_table(tmp_path / "none" / "edges.parquet").num_rows == 0
 
 
+def test_no_pair_above_the_threshold_on_spark(world, spark, tmp_path):
+    m = duplicates(world["index"], str(tmp_path / "none"), _cfg(**{"duplicates.min_score": 0.999}), engine=spark)
+    assert m["counts"]["groups"] == m["counts"]["pairs_kept"] == m["counts"]["edges"] == 0 and m["sizes"] == {}
+    assert read_groups(str(tmp_path / "none")).schema.names == ["image_id", "uri", "group_id", "representative",
+                                                                "size", "degree"]
+    assert read_groups(str(tmp_path / "none")).num_rows == read_edges(str(tmp_path / "none")).num_rows == 0
+
+
 def test_real_photos_with_planted_copies_through_the_cli(tmp_path):
     """Real photos (the bundled sample's holdout photos) and planted copies (half size, a crop, a
     re-encode), extracted and indexed with the shipped model, then `retrieval duplicates` on the
@@ -254,6 +272,19 @@ def test_sliced_self_search_gives_the_unsliced_rows_on_both_engines(world, spark
         assert got.num_rows == ref.num_rows == N * 9
         for col in ("query_id", "gallery_id", "rank", "score"):
             assert got.column(col).to_pylist() == ref.column(col).to_pylist(), col
-        assert pq.read_table(out / "groups.parquet").equals(pq.read_table(tmp_path / "whole" / "groups.parquet"))
-        assert pq.read_table(out / "edges.parquet").equals(pq.read_table(tmp_path / "whole" / "edges.parquet"))
+        assert read_groups(str(out)).equals(read_groups(str(tmp_path / "whole")))
+        assert read_edges(str(out)).equals(read_edges(str(tmp_path / "whole")))
         assert m["counts"] == whole["counts"]
+
+
+def test_spark_writes_its_parts_to_s3(world, spark, s3, tmp_path):
+    """The Spark path's tasks read the pairs and write ``groups/`` and ``edges/`` on S3 (moto), with
+    the output's storage options: the rows are those of the local engine's run on a local folder."""
+    lib = duplicates(world["index"], str(tmp_path / "lib"), _cfg(), engine=None)
+    url = f"{s3['bucket']}/dupes-{tmp_path.name}"
+    opts = f'endpoint_url: "{s3["endpoint"]}", key: testing, secret: testing'   # Spark's workers may predate s3
+    cfg = _cfg(**{"io.storage_options": f"{{s3: {{{opts}}}}}"})
+    m = duplicates(world["index"], url, cfg, engine=spark)
+    assert m["counts"] == lib["counts"] and any(f["file"].startswith("groups/part-") for f in m["files"])
+    assert read_groups(url).equals(read_groups(str(tmp_path / "lib")))
+    assert read_edges(url).equals(read_edges(str(tmp_path / "lib")))
