@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -48,9 +49,13 @@ def export(features_url: str, output: str, cfg: Config, overwrite: bool = False)
     t0 = time.monotonic()
     fsio.configure(cfg["io.storage_options"])
     outputs.claim(output, outputs.identity("pdq", cfg, [features_url]), cfg, overwrite, file=True)
-    if not read_manifest(features_url).get("pdq"):
+    manifest = read_manifest(features_url)
+    if not manifest.get("pdq"):
         raise ValueError(f"{features_url} holds no PDQ hashes: extract it with --set extract.pdq=true")
-    table = read_features(features_url, columns=["image_id", "pdq", "pdq_quality"])
+    regions = bool(manifest.get("query_regions"))
+    table = read_features(features_url, columns=["image_id", "pdq", "pdq_quality"] + (["region"] if regions else []))
+    if regions:     # query features: the image's hash once, from its whole-image row (region null)
+        table = table.filter(pc.is_null(table.column("region"))).drop_columns(["region"])
     quality = np.asarray(table.column("pdq_quality").fill_null(-1))
     keep = quality >= int(cfg["pdq.min_quality"])
     rows = table.filter(pa.array(keep))
