@@ -7,10 +7,11 @@ Measured by ``tests/bench/bench_decode.py`` (docs/guide.md "Decoding speed"): pe
   ``draft`` picks (1/1, 1/2, 1/4 or 1/8, the smallest image not below the largest model size), so the
   pixels are Pillow's, bit for bit; 5-15% fewer cycles (no Python-level chunk loop; at 1/8 scale the
   cost is libjpeg-turbo's entropy decoding, which no binding skips).
-- PNG (8-bit RGB, grey, palette without transparency; no ``eXIf`` chunk) and WebP (still, no alpha):
+- PNG (8-bit RGB, grey, palette without transparency; no ``eXIf`` or ``iCCP`` chunk: libpng prints
+  warnings on some ICC profiles straight to the process's stderr) and WebP (still, no alpha):
   ``torchvision.io`` (libpng / libwebp); bit-identical to Pillow; ~10% fewer cycles (Pillow's WebP
   goes through its animation decoder).
-- anything else (CMYK, alpha, 16-bit, animation, BMP/TIFF/GIF, EXIF in a PNG) and any input the fast
+- anything else (CMYK, alpha, 16-bit, animation, BMP/TIFF/GIF, EXIF or an ICC profile in a PNG) and any input the fast
   decoder refuses: Pillow, exactly as ``preprocess.decoder: pillow``, errors included.
 
 The resize is torch's antialiased bilinear on uint8 (the same filter as Pillow's ``BILINEAR``
@@ -76,7 +77,7 @@ def fast_format(img, data: bytes) -> str | None:
         return "JPEG" if simplejpeg is not None else None
     if getattr(img, "n_frames", 1) != 1:
         return None
-    if fmt == "PNG" and "transparency" not in img.info and b"eXIf" not in data \
+    if fmt == "PNG" and "transparency" not in img.info and b"eXIf" not in data and b"iCCP" not in data \
             and (mode == "P" or (mode in ("RGB", "L") and _png_depth(data) == 8)):
         return "PNG"
     if fmt == "WEBP" and mode == "RGB":

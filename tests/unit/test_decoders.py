@@ -235,3 +235,21 @@ def test_prepare_items_with_workers_gives_the_inline_results(tmp_path):
         assert (a[2] is None) == (b[2] is None)
         if a[2] is not None:
             assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+
+
+def test_a_png_with_an_icc_profile_goes_through_pillow_with_the_same_pixels():
+    """libpng prints warnings on some ICC profiles straight to stderr (past the console's capture, from
+    a Spark worker): a PNG with an iCCP chunk takes Pillow's path, which gives the same pixels."""
+    from PIL import ImageCms
+
+    rgb = _photo(48, 40)
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    plain, with_icc = io.BytesIO(), io.BytesIO()
+    rgb.save(plain, "PNG")
+    rgb.save(with_icc, "PNG", icc_profile=profile)
+    plain, with_icc = plain.getvalue(), with_icc.getvalue()
+    assert b"iCCP" in with_icc and b"iCCP" not in plain
+    assert decoders.fast_format(open_checked(plain)[0], plain) == "PNG"
+    assert decoders.fast_format(open_checked(with_icc)[0], with_icc) is None
+    fast = decode_pixels(with_icc, DecodePolicy(), draft_size=64)[0]
+    assert torch.equal(fast, decode_pixels(plain, DecodePolicy(), draft_size=64)[0])
