@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from retrieval.stage import Stage, arg, positive, positive_or_auto
+from retrieval.stage import Stage, arg, between, positive, positive_or_auto
 
 
 def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
@@ -34,7 +34,7 @@ STAGE = Stage(
     section="duplicates",
     checks={
         "duplicates.k": positive,
-        "duplicates.min_score": lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
+        "duplicates.min_score": between(-1.0, 1.0),
         "duplicates.max_fmr": lambda v: None if 0.0 < v < 1.0 else "must be in (0, 1)",
         "duplicates.largest": positive,
         "duplicates.slice_images": positive_or_auto,
