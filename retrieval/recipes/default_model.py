@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 import time
+from typing import Sequence
 
 from retrieval import config as config_mod
 from retrieval import fsio
@@ -67,15 +68,17 @@ def crop_boxes(width: int, height: int, crop_min: int = CROP_MIN) -> list[tuple[
     return [(xs[i], ys[j], xs[i + 1], ys[j + 1]) for j in range(ny) for i in range(nx)]
 
 
-def training_images(out_dir: str, max_images: int = MAX_IMAGES, root: str | None = None) -> dict:
+def training_images(out_dir: str, max_images: int = MAX_IMAGES, root: str | None = None,
+                    packages: Sequence[str] | None = None) -> dict:
     """Write the training images (photos and their crops, JPEG q92, longer side <= 512) into
     ``out_dir/images`` and ``out_dir/train_images.csv`` (``image_id,uri,package,source_sha256,box``);
-    returns the data section of the model card."""
+    returns the data section of the model card. ``packages``: the source packages (default
+    ``sources.TRAINING_PACKAGES``; the recipe passes ``DEFAULT_MODEL_PACKAGES`` unless told ``all``)."""
     from PIL import Image
 
     from retrieval.train import sources
 
-    photos = sources.training_photos(root)
+    photos = sources.training_photos(root, packages=packages)
     if not photos:
         raise RuntimeError("no training photos found: run scripts/training_sources.sh first")
     items = [(p, box) for p in photos for box in crop_boxes(p.width, p.height)]
@@ -167,7 +170,7 @@ def _display(path: str) -> str:
 
 
 def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (),
-              max_images: int = MAX_IMAGES) -> dict:
+              max_images: int = MAX_IMAGES, packages: str = "shipped") -> dict:
     from retrieval.fit.job import fit
     from retrieval.model.checkpoints import load_checkpoint
     from retrieval.model.delta import export_delta, load_delta
@@ -176,7 +179,10 @@ def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (
     from retrieval.train.trainer import TrainJob, run_training
 
     t0 = time.monotonic()
-    data = training_images(os.path.join(output, "data"), max_images)
+    from retrieval.train.sources import DEFAULT_MODEL_PACKAGES, TRAINING_PACKAGES
+
+    pkgs = DEFAULT_MODEL_PACKAGES if packages == "shipped" else TRAINING_PACKAGES
+    data = training_images(os.path.join(output, "data"), max_images, packages=pkgs)
     # the model card's own small evaluation (never trained on)
     holdout = write_manifest(real_photos("holdout"), fsio.join(output, "holdout_photos.csv"))
     # the recipe first, then the caller's --set items (which win), then the held-out input
@@ -196,6 +202,7 @@ def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (
     card["data"] = {**card["data"], "training_set": data}
     card["reproduce"] = ("bash scripts/training_sources.sh && python -m retrieval.recipes.default_model "
                          "--output OUT_DIR " + (f"--max-images {max_images} " if max_images != MAX_IMAGES else "")
+                         + (f"--packages {packages} " if packages != "shipped" else "")
                          + " ".join(f"--set {s}" for s in sets)).strip()
     card["train_seconds"] = round(t_train, 1)
     card["total_seconds"] = round(time.monotonic() - t0, 1)
@@ -231,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="working directory of the training run")
     p.add_argument("--asset", default=None, help="where to write the delta (default: the packaged asset path)")
     p.add_argument("--max-images", type=int, default=MAX_IMAGES, help="training images (photos and crops)")
+    p.add_argument("--packages", choices=("shipped", "all"), default="shipped",
+                   help="source packages: those of the shipped model (default) or every training package")
     p.add_argument("--set", action="append", default=[], dest="sets")
     p.add_argument("--conf", action="append", default=[])
     args = p.parse_args(argv)
@@ -238,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     from retrieval.model.delta import DEFAULT_MODEL
 
-    print(json.dumps(reproduce(args.output, args.asset or DEFAULT_MODEL, args.sets, args.conf, args.max_images), indent=2))
+    print(json.dumps(reproduce(args.output, args.asset or DEFAULT_MODEL, args.sets, args.conf, args.max_images,
+                                args.packages), indent=2))
     return 0
 
 

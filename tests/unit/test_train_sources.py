@@ -137,3 +137,16 @@ def test_keep_limits_a_package_to_the_named_photographs(tmp_path):
     assert rejected == {"near-duplicate": 1}       # the unnamed file is never opened
     assert sources.KEEP["face-recognition"].search("/x/tests/test_images/obama2.jpg")
     assert not sources.KEEP["face-recognition"].search("/x/tests/test_images/obama_partial_face.jpg")
+
+
+def test_the_recipe_defaults_to_the_packages_of_the_shipped_model():
+    """New training packages do not change what `python -m retrieval.recipes.default_model`
+    reproduces: its default package list is the one the shipped model's card records."""
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "retrieval", "assets", "default_model.card.json")) as fh:
+        card = json.load(fh)
+    assert set(card["data"]["training_set"]["per_package"]) == set(sources.DEFAULT_MODEL_PACKAGES)
+    assert set(sources.DEFAULT_MODEL_PACKAGES) < set(sources.TRAINING_PACKAGES)
+    assert set(sources.EVERYDAY_PACKAGES) <= set(sources.TRAINING_PACKAGES)
