@@ -153,18 +153,36 @@ def read_edges(url: str, columns: Sequence[str] | None = None, verify: bool = Tr
     return _read(url, EDGES, EDGES_DIR, KEPT_SCHEMA, columns, verify)
 
 
-def _read(url: str, whole: str, folder: str, schema: pa.Schema, columns: Sequence[str] | None,
-          verify: bool) -> pa.Table:
+def group_files(url: str) -> list[tuple[str, str | None]]:
+    """``(url, sha256)`` of the files holding the groups of a complete duplicates output, in order:
+    ``groups.parquet`` or the parts of ``groups/``."""
+    return _files(url, GROUPS, GROUPS_DIR)
+
+
+def read_group_file(entry: tuple[str, str | None], columns: Sequence[str] | None = None,
+                    verify: bool = True) -> pa.Table:
+    """One file of :func:`group_files`, its sha256 checked against the manifest's."""
+    return _read_file(entry, list(columns) if columns else GROUP_SCHEMA.names, verify)
+
+
+def _files(url: str, whole: str, folder: str) -> list[tuple[str, str | None]]:
     manifest = read_manifest(url)
     entries = [f for f in manifest.get("files", []) if f.get("file") == whole
                or str(f.get("file", "")).startswith(folder + "/")]
     if not entries:             # an output written before parts, or its manifest without files
         entries = [{"file": whole}]
+    return [(fsio.join(url, e["file"]), e.get("sha256")) for e in sorted(entries, key=lambda f: f["file"])]
+
+
+def _read_file(entry: tuple[str, str | None], names: list[str], verify: bool) -> pa.Table:
+    path, sha = entry
+    if verify and fsio.sha256_file(path) != sha:
+        raise ValueError(f"{path} does not match the sha256 in its manifest (truncated or altered)")
+    return fsio.parquet_file(path).read(columns=names)
+
+
+def _read(url: str, whole: str, folder: str, schema: pa.Schema, columns: Sequence[str] | None,
+          verify: bool) -> pa.Table:
     names = list(columns) if columns else schema.names
-    tables = []
-    for entry in sorted(entries, key=lambda f: f["file"]):
-        path = fsio.join(url, entry["file"])
-        if verify and fsio.sha256_file(path) != entry.get("sha256"):
-            raise ValueError(f"{path} does not match the sha256 in its manifest (truncated or altered)")
-        tables.append(fsio.parquet_file(path).read(columns=names))
+    tables = [_read_file(e, names, verify) for e in _files(url, whole, folder)]
     return pa.concat_tables(tables) if tables else schema.empty_table().select(names)

@@ -72,7 +72,6 @@ class SearchJob:
     rerank: str = "chunk"             # chunk-major or gallery-major rerank (resolved, see blocks.py)
     blocks: tuple[blocks_mod.Block, ...] = field(default_factory=tuple)   # gallery-major: the blocks
     removed: takedowns.Removed | None = None     # the index's tombstones (retrieval remove): left out
-    groups: Any = None                # search.collapse_groups: a Shared image_id -> group_id (None: off)
     query_regions: bool = False       # the query features hold region rows (merged per image when written)
 
 
@@ -203,10 +202,6 @@ def _write_chunk(job: SearchJob, chunk: Chunk, q: pa.Table, q_fine: np.ndarray |
     faults.maybe_fail(job.faults, "search", chunk.chunk, chunk.stop - chunk.start)
     labels_before = cache.label_reads
     table = result_table(job, q, scores, ids, coarse, cache, norm, labels, region)
-    n_rows = table.num_rows
-    if job.groups is not None:
-        from retrieval.search.collapse import collapse
-        table = collapse(table, job.groups.value)
     url = fsio.join(job.output, part_name(chunk.chunk))
     with fsio.atomic_open(url, "wb") as fh:
         pq.write_table(table, fh, compression="zstd")
@@ -214,7 +209,7 @@ def _write_chunk(job: SearchJob, chunk: Chunk, q: pa.Table, q_fine: np.ndarray |
     n_with = int((ids[:, 0] >= 0).sum()) if ids.size else 0
     return {"chunk": chunk.chunk, "file": part_name(chunk.chunk), "rows": table.num_rows,
             "sha256": fsio.sha256_file(url), "queries": q.num_rows, "query_rows": chunk.stop - chunk.start,
-            "queries_with_results": n_with, "rows_collapsed": n_rows - table.num_rows, **stats,
+            "queries_with_results": n_with, **stats,
             "gallery_label_row_groups_read": cache.label_reads - labels_before, "pid": os.getpid(),
             "attempt": task_attempt(), "normalize_s": round(t_norm, 4),
             "write_s": round(t3 - t2 - t_norm, 4)}

@@ -145,18 +145,25 @@ def test_the_threshold_from_false_match_rates(world, tmp_path):
     assert got == sorted(world["groups"], key=lambda g: (-len(g), min(g)))
 
 
-def test_search_collapses_results_to_one_row_per_group(world, tmp_path):
+def test_search_collapses_results_to_one_row_per_group(world, spark, tmp_path):
     groups_url = str(tmp_path / "groups")
     duplicates(world["index"], groups_url, _cfg(), engine=None)
-    # queries: the originals of the planted groups, as query features (role query)
+    spark_groups = str(tmp_path / "spark_groups")     # the groups in parts, as Spark writes them
+    duplicates(world["index"], spark_groups, _cfg(), engine=spark)
+    # queries: the originals of the planted groups, as query features (role query), in two chunks
     qf = str(tmp_path / "queries")
     fine = world["fine"][[0, 6, 11]]
     proj = np.random.default_rng(1).standard_normal((DIM, CDIM)).astype(np.float32)
     synthetic.write_feature_output(qf, _unit(fine @ proj), fine, num_files=1, role="query", id_prefix="q")
     plain = search(qf, world["index"], str(tmp_path / "plain"), _cfg(**{"search.k": 8}), engine=None)
     folded = search(qf, world["index"], str(tmp_path / "folded"),
-                    _cfg(**{"search.k": 8, "search.collapse_groups": groups_url}), engine=None)
+                    _cfg(**{"search.k": 8, "search.collapse_groups": groups_url, "search.query_chunk": 2}),
+                    engine=None)
+    on_spark = search(qf, world["index"], str(tmp_path / "folded_spark"),
+                      _cfg(**{"search.k": 8, "search.collapse_groups": spark_groups, "search.query_chunk": 2}),
+                      engine=spark)
     p, f = read_results(str(tmp_path / "plain")).to_pydict(), read_results(str(tmp_path / "folded")).to_pydict()
+    assert read_results(str(tmp_path / "folded_spark")).to_pydict() == f       # same rows on both engines
     t = read_groups(groups_url).to_pydict()
     group_of = dict(zip(t["image_id"], t["group_id"]))
     for q in ("q0000000000", "q0000000001", "q0000000002"):
@@ -166,7 +173,9 @@ def test_search_collapses_results_to_one_row_per_group(world, tmp_path):
         assert len(grouped) == len(set(grouped)) == 1                       # one row of its group
         before = [g for qq, g in zip(p["query_id"], p["gallery_id"]) if qq == q]
         assert got[0][1] == before[0] and sum(g in group_of for g in before) >= 2
-    assert folded["counts"]["rows_collapsed"] == 5 + 4 + 3
+    for m in (folded, on_spark):
+        assert m["counts"]["rows_collapsed"] == 5 + 4 + 3 and m["counts"]["rows"] == len(p["query_id"]) - 12
+        assert [c["rows_collapsed"] for c in m["chunks"]] == [5 + 4, 3]
     assert folded["params"]["collapse_groups"] == groups_url and plain["counts"]["rows_collapsed"] == 0
 
 
