@@ -320,28 +320,7 @@ def gallery_labels(job: SearchJob, gids: np.ndarray, cache: vectors.VectorCache 
     """``image_id`` and ``uri`` of gallery ids (in the order given), through the process's cache
     of row groups: each group is read once per process, not once per chunk."""
     cache = cache if cache is not None else vectors.process_cache(job.vector_cache_mb)
-    files, rows = idmap.decode_ids(gids)
-    order = np.argsort(files, kind="stable")
-    bounds = np.flatnonzero(np.r_[True, files[order][1:] != files[order][:-1], True]) if len(gids) else []
-    id_parts, uri_parts, pos_parts = [], [], []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        pos = order[a:b]
-        f = int(files[pos[0]])
-        if f < 0 or f >= len(job.feature_files):
-            raise KeyError(f"id refers to feature file #{f}, the index has {len(job.feature_files)}")
-        uniq, inverse = np.unique(rows[pos], return_inverse=True)
-        version = job.feature_versions[f] if job.feature_versions is not None else None
-        ids_f, uris_f = cache.labels(job.feature_files[f], uniq, version)
-        take = pa.array(inverse.astype(np.int64))
-        id_parts.append(ids_f.take(take))
-        uri_parts.append(uris_f.take(take))
-        pos_parts.append(pos)
-    if not id_parts:
-        return pa.array([], pa.string()), pa.array([], pa.string())
-    back = np.empty(len(gids), np.int64)
-    back[np.concatenate(pos_parts)] = np.arange(len(gids))
-    back_arr = pa.array(back)
-    return pa.concat_arrays(id_parts).take(back_arr), pa.concat_arrays(uri_parts).take(back_arr)
+    return vectors.lookup_labels(gids, job.feature_files, job.feature_versions, cache)
 
 
 def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.ndarray,
