@@ -78,9 +78,12 @@ def read_hash_list(url: str, min_quality: int = 0) -> tuple[pa.Table, pa.Table, 
     """A CSV hash list -> (rows ``image_id``, ``hash`` (32 bytes), ``quality``; error rows; rows under
     ``min_quality``). Lines whose hash is not 64 hex digits are error rows (``uri`` = ``URL#line``)."""
     try:
-        table = pacsv.read_csv(pa.BufferReader(fsio.read_bytes(url)),
-                               convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
-                               read_options=pacsv.ReadOptions(column_names=None))
+        data = fsio.read_bytes(url)
+        # every column as text: ids such as 00042 keep their zeros, an all-digit hash stays a hash
+        header = next(csv.reader([data.split(b"\n", 1)[0].decode("utf-8-sig", "replace")]), [])
+        table = pacsv.read_csv(pa.BufferReader(data), read_options=pacsv.ReadOptions(column_names=None),
+                               convert_options=pacsv.ConvertOptions(
+                                   strings_can_be_null=True, column_types={c: pa.string() for c in header}))
     except FileNotFoundError:
         raise FileNotFoundError(f"hash list {url} not found") from None
     except pa.ArrowInvalid as exc:
