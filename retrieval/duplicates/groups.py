@@ -47,17 +47,21 @@ KEPT_PAIR_SCHEMA = pa.schema([("query_id", pa.string()), ("gallery_id", pa.strin
 GROUPS_DIR, EDGES_DIR = "groups", "edges"   # the same tables in sorted parts, as Spark writes them
 
 
-def kept_pairs(url: str, column: str, threshold: float) -> pa.Table:
-    """The rows of one result part file whose ``column`` >= ``threshold``, self-pairs dropped."""
+def kept_pairs(url: str, column: str, threshold: float, removed: pa.Array | None = None) -> pa.Table:
+    """The rows of one result part file whose ``column`` >= ``threshold``, self-pairs and the pairs
+    of ``removed`` images (the index's takedown list) dropped."""
     t = fsio.parquet_file(url).read(columns=PAIR_COLUMNS)
     keep = pc.and_(pc.greater_equal(t.column(column), threshold),
                    pc.not_equal(t.column("query_id"), t.column("gallery_id")))
+    if removed is not None and len(removed):
+        keep = pc.and_(keep, pc.invert(pc.or_(pc.is_in(t.column("query_id"), value_set=removed),
+                                              pc.is_in(t.column("gallery_id"), value_set=removed))))
     return t.filter(pc.fill_null(keep, False))
 
 
-def edge_part(url: str, column: str, threshold: float) -> pa.Table:
+def edge_part(url: str, column: str, threshold: float, removed: pa.Array | None = None) -> pa.Table:
     """A task body of the components: the kept pairs of one part file as edges ``(src, dst)``."""
-    t = kept_pairs(url, column, threshold)
+    t = kept_pairs(url, column, threshold, removed)
     return pa.table({"src": t.column("query_id"), "dst": t.column("gallery_id")}, schema=EDGE_SCHEMA)
 
 

@@ -206,6 +206,30 @@ def test_the_report_shows_the_largest_groups(world, tmp_path):
     assert '<section id="groups">' not in (tmp_path / "plain" / "report.html").read_text()
 
 
+def test_removed_images_are_in_no_group_on_both_engines(world, spark, tmp_path):
+    """After retrieval remove, a removed image is still a query of the self-search (every feature row
+    is): its pairs are dropped, so the chain whose middle it was falls apart on both engines."""
+    import shutil
+
+    from retrieval.remove.job import remove
+
+    index = str(tmp_path / "index")
+    shutil.copytree(world["index"], index)
+    ids = tmp_path / "ids.txt"
+    ids.write_text(synthetic.image_id(32) + "\n")
+    remove(index, str(ids), _cfg(), engine=None)
+    got = {}
+    for name, engine in (("lib", None), ("spark", spark)):
+        m = duplicates(index, str(tmp_path / name), _cfg(), engine=engine)
+        t, groups = _groups_of(str(tmp_path / name))
+        edges = read_edges(str(tmp_path / name)).to_pydict()
+        assert synthetic.image_id(32) not in set(t["image_id"]) | set(edges["image_a"]) | set(edges["image_b"])
+        assert m["counts"]["groups"] == 10 and m["counts"]["grouped_images"] == 31
+        got[name] = groups
+    assert got["lib"] == got["spark"] == sorted([g for g in world["groups"] if synthetic.image_id(32) not in g],
+                                                key=lambda g: (-len(g), min(g)))
+
+
 def test_no_pair_above_the_threshold_gives_no_group(world, tmp_path):
     m = duplicates(world["index"], str(tmp_path / "none"), _cfg(**{"duplicates.min_score": 0.999}), engine=None)
     assert m["counts"]["groups"] == m["counts"]["grouped_images"] == m["counts"]["pairs_kept"] == 0
