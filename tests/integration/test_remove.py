@@ -200,7 +200,7 @@ def test_a_remove_that_stopped_before_its_commit_is_completed_by_the_next(data, 
     assert again["takedowns"]["batches"][-1]["rows"] == 0 and again["takedowns"]["tombstoned_rows"] == 3
 
 
-@pytest.mark.parametrize("kind", ["csv", "parquet", "empty", "bad"])
+@pytest.mark.parametrize("kind", ["csv", "parquet", "empty", "bom", "bad"])
 def test_id_files(data, tmp_path, kind):
     if kind == "csv":
         path = str(tmp_path / "ids.csv")
@@ -214,6 +214,10 @@ def test_id_files(data, tmp_path, kind):
         path = str(tmp_path / "ids.txt")
         open(path, "w").write("\n\n")
         assert takedowns.read_ids(path) == []
+    elif kind == "bom":           # a text file saved by Windows' Notepad: a BOM, CRLF, non-ASCII ids
+        path = str(tmp_path / "ids.txt")
+        open(path, "wb").write("\ufeffimg0000000001\r\nphoto-é.jpg\r\n".encode("utf-8"))
+        assert takedowns.read_ids(path) == ["img0000000001", "photo-é.jpg"]
     else:
         path = str(tmp_path / "ids.csv")
         open(path, "w").write("id\nx\n")
