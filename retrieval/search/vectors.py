@@ -275,10 +275,11 @@ def process_cache(budget_mb: int) -> VectorCache:
     return _CACHES[budget_mb]
 
 
-def lookup_labels(gids: np.ndarray, feature_files: Sequence[str], versions: Sequence[str | None] | None,
-                  cache: VectorCache) -> tuple[pa.Array, pa.Array]:
-    """``image_id`` and ``uri`` of gallery ids (in the order given), through ``cache``'s label row
-    groups (each group read once per process); an id of no feature file is a KeyError."""
+def labels_by_file(gids: np.ndarray, feature_files: Sequence[str], versions: Sequence[str | None] | None,
+                   cache: VectorCache) -> tuple[np.ndarray, pa.Array, pa.Array]:
+    """``image_id`` and ``uri`` of gallery ids read file by file through ``cache``'s label row groups
+    (each group read once per process): ``(positions in gids, image_id, uri)``, in (file, position)
+    order; an id of no feature file is a KeyError."""
     files, rows = idmap.decode_ids(gids)
     order = np.argsort(files, kind="stable")
     bounds = np.flatnonzero(np.r_[True, files[order][1:] != files[order][:-1], True]) if len(gids) else []
@@ -295,7 +296,16 @@ def lookup_labels(gids: np.ndarray, feature_files: Sequence[str], versions: Sequ
         uri_parts.append(uris_f.take(take))
         pos_parts.append(pos)
     if not id_parts:
-        return pa.array([], pa.string()), pa.array([], pa.string())
+        return np.zeros(0, np.int64), pa.array([], pa.string()), pa.array([], pa.string())
+    return np.concatenate(pos_parts), pa.concat_arrays(id_parts), pa.concat_arrays(uri_parts)
+
+
+def lookup_labels(gids: np.ndarray, feature_files: Sequence[str], versions: Sequence[str | None] | None,
+                  cache: VectorCache) -> tuple[pa.Array, pa.Array]:
+    """``image_id`` and ``uri`` of gallery ids, in the order given (:func:`labels_by_file`)."""
+    pos, image_id, uri = labels_by_file(gids, feature_files, versions, cache)
+    if not len(pos):
+        return image_id, uri
     back = np.empty(len(gids), np.int64)
-    back[np.concatenate(pos_parts)] = np.arange(len(gids))
-    return pa.concat_arrays(id_parts).take(pa.array(back)), pa.concat_arrays(uri_parts).take(pa.array(back))
+    back[pos] = np.arange(len(gids))
+    return image_id.take(pa.array(back)), uri.take(pa.array(back))
