@@ -61,9 +61,12 @@ def _write(output_url: str, name: str, table: pa.Table) -> None:
 
 
 def _uris(pairs: pa.Table) -> dict[str, str]:
+    """``image_id -> uri`` of the pairs' images; an id seen with several uris (a gallery holding an id
+    twice: every feature row is a query) gets the greatest, as Spark's groupBy max gives."""
     ids = pa.concat_arrays([pairs.column("query_id").combine_chunks(), pairs.column("gallery_id").combine_chunks()])
     uris = pa.concat_arrays([pairs.column("query_uri").combine_chunks(), pairs.column("gallery_uri").combine_chunks()])
-    return dict(zip(ids.to_pylist(), uris.to_pylist()))
+    best = pa.table({"id": ids, "uri": uris}).group_by("id").aggregate([("uri", "max")])
+    return dict(zip(best.column("id").to_pylist(), best.column("uri_max").to_pylist()))
 
 
 @outputs.leased
