@@ -321,3 +321,16 @@ def test_spark_writes_its_parts_to_s3(world, spark, s3, tmp_path):
     assert m["counts"] == lib["counts"] and any(f["file"].startswith("groups/part-") for f in m["files"])
     assert read_groups(url).equals(read_groups(str(tmp_path / "lib")))
     assert read_edges(url).equals(read_edges(str(tmp_path / "lib")))
+    # a search on S3 collapsed by the groups on S3: the join's tasks read and rewrite there
+    qf = str(tmp_path / "queries")
+    fine = world["fine"][[0, 6, 11]]
+    proj = np.random.default_rng(1).standard_normal((DIM, CDIM)).astype(np.float32)
+    synthetic.write_feature_output(qf, _unit(fine @ proj), fine, num_files=1, role="query", id_prefix="q")
+    sets = {"search.k": 8, "search.query_chunk": 2}
+    here = search(qf, world["index"], str(tmp_path / "folded"),
+                  _cfg(**sets, **{"search.collapse_groups": str(tmp_path / "lib")}), engine=None)
+    there = search(qf, world["index"], f"{url}-results",
+                   _cfg(**sets, **{"search.collapse_groups": url, "io.storage_options": f"{{s3: {{{opts}}}}}"}),
+                   engine=spark)
+    assert there["counts"]["rows_collapsed"] == here["counts"]["rows_collapsed"] == 12
+    assert read_results(f"{url}-results").equals(read_results(str(tmp_path / "folded")))
