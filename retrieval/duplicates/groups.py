@@ -47,17 +47,21 @@ KEPT_PAIR_SCHEMA = pa.schema([("query_id", pa.string()), ("gallery_id", pa.strin
 GROUPS_DIR, EDGES_DIR = "groups", "edges"   # the same tables in sorted parts, as Spark writes them
 
 
-def kept_pairs(url: str, column: str, threshold: float) -> pa.Table:
-    """The rows of one result part file whose ``column`` >= ``threshold``, self-pairs dropped."""
+def kept_pairs(url: str, column: str, threshold: float, removed: pa.Array | None = None) -> pa.Table:
+    """The rows of one result part file whose ``column`` >= ``threshold``, self-pairs and the pairs
+    of ``removed`` images (the index's takedown list) dropped."""
     t = fsio.parquet_file(url).read(columns=PAIR_COLUMNS)
     keep = pc.and_(pc.greater_equal(t.column(column), threshold),
                    pc.not_equal(t.column("query_id"), t.column("gallery_id")))
+    if removed is not None and len(removed):
+        keep = pc.and_(keep, pc.invert(pc.or_(pc.is_in(t.column("query_id"), value_set=removed),
+                                              pc.is_in(t.column("gallery_id"), value_set=removed))))
     return t.filter(pc.fill_null(keep, False))
 
 
-def edge_part(url: str, column: str, threshold: float) -> pa.Table:
+def edge_part(url: str, column: str, threshold: float, removed: pa.Array | None = None) -> pa.Table:
     """A task body of the components: the kept pairs of one part file as edges ``(src, dst)``."""
-    t = kept_pairs(url, column, threshold)
+    t = kept_pairs(url, column, threshold, removed)
     return pa.table({"src": t.column("query_id"), "dst": t.column("gallery_id")}, schema=EDGE_SCHEMA)
 
 
@@ -153,18 +157,36 @@ def read_edges(url: str, columns: Sequence[str] | None = None, verify: bool = Tr
     return _read(url, EDGES, EDGES_DIR, KEPT_SCHEMA, columns, verify)
 
 
-def _read(url: str, whole: str, folder: str, schema: pa.Schema, columns: Sequence[str] | None,
-          verify: bool) -> pa.Table:
+def group_files(url: str) -> list[tuple[str, str | None]]:
+    """``(url, sha256)`` of the files holding the groups of a complete duplicates output, in order:
+    ``groups.parquet`` or the parts of ``groups/``."""
+    return _files(url, GROUPS, GROUPS_DIR)
+
+
+def read_group_file(entry: tuple[str, str | None], columns: Sequence[str] | None = None,
+                    verify: bool = True) -> pa.Table:
+    """One file of :func:`group_files`, its sha256 checked against the manifest's."""
+    return _read_file(entry, list(columns) if columns else GROUP_SCHEMA.names, verify)
+
+
+def _files(url: str, whole: str, folder: str) -> list[tuple[str, str | None]]:
     manifest = read_manifest(url)
     entries = [f for f in manifest.get("files", []) if f.get("file") == whole
                or str(f.get("file", "")).startswith(folder + "/")]
     if not entries:             # an output written before parts, or its manifest without files
         entries = [{"file": whole}]
+    return [(fsio.join(url, e["file"]), e.get("sha256")) for e in sorted(entries, key=lambda f: f["file"])]
+
+
+def _read_file(entry: tuple[str, str | None], names: list[str], verify: bool) -> pa.Table:
+    path, sha = entry
+    if verify and fsio.sha256_file(path) != sha:
+        raise ValueError(f"{path} does not match the sha256 in its manifest (truncated or altered)")
+    return fsio.parquet_file(path).read(columns=names)
+
+
+def _read(url: str, whole: str, folder: str, schema: pa.Schema, columns: Sequence[str] | None,
+          verify: bool) -> pa.Table:
     names = list(columns) if columns else schema.names
-    tables = []
-    for entry in sorted(entries, key=lambda f: f["file"]):
-        path = fsio.join(url, entry["file"])
-        if verify and fsio.sha256_file(path) != entry.get("sha256"):
-            raise ValueError(f"{path} does not match the sha256 in its manifest (truncated or altered)")
-        tables.append(fsio.parquet_file(path).read(columns=names))
+    tables = [_read_file(e, names, verify) for e in _files(url, whole, folder)]
     return pa.concat_tables(tables) if tables else schema.empty_table().select(names)

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from retrieval import fsio, outputs
 from retrieval.duplicates import groups as groups_mod
 from retrieval.engine import Engine, as_engine
+from retrieval.index.takedowns import read_list
 from retrieval.search.calibrate import NullTail
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,12 @@ def _write(output_url: str, name: str, table: pa.Table) -> None:
 
 
 def _uris(pairs: pa.Table) -> dict[str, str]:
+    """``image_id -> uri`` of the pairs' images; an id seen with several uris (a gallery holding an id
+    twice: every feature row is a query) gets the greatest, as Spark's groupBy max gives."""
     ids = pa.concat_arrays([pairs.column("query_id").combine_chunks(), pairs.column("gallery_id").combine_chunks()])
     uris = pa.concat_arrays([pairs.column("query_uri").combine_chunks(), pairs.column("gallery_uri").combine_chunks()])
-    return dict(zip(ids.to_pylist(), uris.to_pylist()))
+    best = pa.table({"id": ids, "uri": uris}).group_by("id").aggregate([("uri", "max")])
+    return dict(zip(best.column("id").to_pylist(), best.column("uri_max").to_pylist()))
 
 
 @outputs.leased
@@ -87,7 +91,9 @@ def duplicates(index_url: str, output_url: str, cfg, engine: Engine | Any = None
     t1 = time.monotonic()
     threshold = choose_threshold(dup_cfg, run.calibration)
     parts = [fsio.join(output_url, groups_mod.PAIRS_DIR, s["file"]) for s in sorted(run.stats, key=lambda s: s["chunk"])]
-    column, value = threshold["column"], float(threshold["value"])
+    # every feature row was a query, removed images' too (retrieval remove): their pairs are dropped
+    removed = read_list(index_url).column("image_id").combine_chunks()
+    column, value = threshold["column"], (float(threshold["value"]), removed)
     every = float(cfg["search.progress_seconds"])
     opts = cfg["io.storage_options"]       # the tasks below read and write the output: its storage options
     summary = engine.graph_groups(functools.partial(_kept_of, parts, column, value, opts), list(range(len(parts))),
@@ -109,13 +115,13 @@ def duplicates(index_url: str, output_url: str, cfg, engine: Engine | Any = None
     return manifest
 
 
-def _edges_of(parts: list[str], column: str, value: float, i: int) -> pa.Table:
-    return groups_mod.edge_part(parts[i], column, value)
+def _edges_of(parts: list[str], column: str, value: tuple[float, pa.Array], i: int) -> pa.Table:
+    return groups_mod.edge_part(parts[i], column, *value)
 
 
-def _kept_of(parts: list[str], column: str, value: float, opts: dict | None, i: int) -> pa.Table:
+def _kept_of(parts: list[str], column: str, value: tuple[float, pa.Array], opts: dict | None, i: int) -> pa.Table:
     fsio.configure(opts)
-    return groups_mod.kept_pairs(parts[i], column, value).cast(groups_mod.KEPT_PAIR_SCHEMA)
+    return groups_mod.kept_pairs(parts[i], column, *value).cast(groups_mod.KEPT_PAIR_SCHEMA)
 
 
 def _write_part(output_url: str, name: str, part: int, table: pa.Table, opts: dict | None = None) -> str:
@@ -127,14 +133,14 @@ def _write_part(output_url: str, name: str, part: int, table: pa.Table, opts: di
     return file
 
 
-def _in_memory(output_url: str, engine: Engine, parts: list[str], column: str, value: float, largest: int,
-               every: float) -> dict:
+def _in_memory(output_url: str, engine: Engine, parts: list[str], column: str, value: tuple[float, pa.Array],
+               largest: int, every: float) -> dict:
     """The groups on one machine: the engine's ``(node, component)`` rows and the kept pairs in
     memory, ``groups.parquet`` and ``edges.parquet`` written whole."""
     components = engine.connected_components(functools.partial(_edges_of, parts, column, value),
                                              list(range(len(parts))), groups_mod.EDGE_SCHEMA, "duplicates groups",
                                              every=every)
-    kept = pa.concat_tables([groups_mod.kept_pairs(p, column, value) for p in parts]) if parts else None
+    kept = pa.concat_tables([groups_mod.kept_pairs(p, column, *value) for p in parts]) if parts else None
     edges = groups_mod.unordered(kept) if kept is not None and kept.num_rows else \
         groups_mod.KEPT_SCHEMA.empty_table().drop_columns(["group_id"])
     groups, kept_edges = groups_mod.make_groups(components, edges, _uris(kept) if kept is not None else {})

@@ -139,6 +139,17 @@ class Engine:
         engine has no distributed path (the local engine), the caller groups in memory."""
         return None
 
+    def map_matched(self, fn: Callable[[Any, Any], Any], items: Sequence, keys: Callable[[Any], Any],
+                    lookup: Callable[[Any], Any], tables: Sequence, schema: Any, label: str,
+                    every: float = 10.0) -> dict[int, Any]:
+        """A join of each item's keys with a lookup table, then a task per item: ``keys(item)`` is a
+        one-column table of the item's keys; the lookup is the rows of ``lookup(t)`` for every ``t``
+        in ``tables`` (tables of ``schema``, its first column the key), read in tasks. ``fn(item,
+        rows)`` runs in a task for each item one of whose keys the lookup holds, ``rows`` its matching
+        lookup rows; returns ``{item's index: fn's result}``. Spark joins the two
+        sides without bringing them to the driver; the local engine holds the lookup in memory."""
+        raise NotImplementedError
+
     def broadcast(self, value: Any) -> Shared:
         """A read-only value every task sees (:class:`Shared`)."""
         return Shared(value)

@@ -100,6 +100,24 @@ class LocalEngine(Engine):
                              "component": pa.array([], schema.field("src").type)})
         return components_of(pa.concat_tables(tables).combine_chunks())
 
+    def map_matched(self, fn, items, keys, lookup, tables, schema, label, every=10.0):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not items or not tables:
+            return {}
+        table = pa.concat_tables([lookup(t).select(schema.names).cast(schema) for t in tables])
+        key = table.column(0)
+        out = {}
+        with progress_mod.stage(label, len(items), "tasks", every, brief=True) as p:
+            for i, item in enumerate(items):
+                wanted = pc.unique(keys(item).column(0).combine_chunks()).cast(key.type)
+                rows = table.filter(pc.is_in(key, value_set=wanted))
+                if rows.num_rows:
+                    out[i] = fn(item, rows)
+                p.update(1)
+        return out
+
     def run_torch(self, fn, processes, arg, local_mode=True, use_gpu=False):
         if processes > 1:
             raise ValueError(f"train.processes={processes} runs through Spark's TorchDistributor: use --engine "

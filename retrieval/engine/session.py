@@ -3,9 +3,11 @@ engine package imports them): session creation with the project's JVM logging, i
 driver's progress lines."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Any, Mapping
+import threading
+from typing import Any, Iterator, Mapping
 
 
 # --log-level (Python's names) -> the level of Spark's JVM loggers: the project's INFO progress and
@@ -15,6 +17,9 @@ JVM_LEVELS = {"DEBUG": "INFO", "INFO": "WARN", "WARNING": "WARN", "WARN": "WARN"
               "CRITICAL": "FATAL", "FATAL": "FATAL"}
 LOG4J2_SYSPROPS = ("log4j2.configurationFile", "log4j.configurationFile")
 JAVA_OPTION_KEYS = ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions")
+# printed by the JVM's module bootstrap (System.err, before any logging) for the
+# --add-modules=jdk.incubator.vector that Spark 4's launcher always adds: no JVM option removes it
+INCUBATOR_WARNING = b"WARNING: Using incubator modules: jdk.incubator.vector"
 
 
 def log4j2_file() -> str:
@@ -177,6 +182,40 @@ def _adopt_log4j2_config(jvm, log_level: str | None) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def jvm_stderr_filtered() -> Iterator[None]:
+    """A driver JVM started inside gets as its stderr a pipe whose lines a daemon thread copies to
+    this process's stderr, all but :data:`INCUBATOR_WARNING` (the JVM keeps that stderr for its
+    life: its later warnings and errors, and its local executors', still reach the console)."""
+    try:
+        read_end, write_end = os.pipe()
+        saved, out = os.dup(2), os.dup(2)
+    except OSError:                      # no fd 2 (or no fds left): the JVM inherits what there is
+        yield
+        return
+    sys.stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    threading.Thread(target=_copy_lines, args=(read_end, out), name="jvm-stderr", daemon=True).start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _copy_lines(read_end: int, out: int) -> None:
+    """The JVM's stderr (``read_end``) to ``out`` line by line, the incubator warning left out."""
+    with os.fdopen(read_end, "rb") as src, os.fdopen(out, "wb", buffering=0) as dst:
+        for line in iter(src.readline, b""):
+            if line.rstrip(b"\r\n") != INCUBATOR_WARNING:
+                try:
+                    dst.write(line)
+                except OSError:
+                    pass
+
+
 def get_spark(master: str | None, app_name: str = "retrieval", conf: Mapping[str, str] | None = None,
               log_level: str | None = None, fast_start: bool = False):
     """A SparkSession; an empty ``master`` keeps what spark-submit set. ``log_level`` (the CLI's
@@ -227,7 +266,9 @@ def get_spark(master: str | None, app_name: str = "retrieval", conf: Mapping[str
                                         configured["spark.executor.extraJavaOptions"]))
     for k, v in settings.items():
         builder = builder.config(k, str(v))
-    spark = builder.getOrCreate()
+    starts_jvm = SparkContext._jvm is None and not os.environ.get("PYSPARK_GATEWAY_PORT")
+    with jvm_stderr_filtered() if starts_jvm else contextlib.nullcontext():
+        spark = builder.getOrCreate()
     if _log4j2_source(spark.sparkContext._jvm) == "spark-default":
         spark.sparkContext.setLogLevel(jvm_levels(log_level)[0])
     return spark

@@ -172,6 +172,35 @@ class SparkEngine(Engine):
         finally:
             shared.destroy()
 
+    def map_matched(self, fn, items, keys, lookup, tables, schema, label, every=10.0):
+        """The items' keys and the lookup read in tasks (``mapInArrow``), joined, then one
+        ``applyInArrow`` task per item with matches: only ``fn``'s results reach the driver."""
+        import pickle
+
+        from pyspark.sql import functions as F
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        if not items or not tables:
+            return {}
+        key = schema.names[0]
+        key_type = from_arrow_schema(schema)[key].dataType.simpleString()
+        shared, shared_tables = self.broadcast(list(items)), self.broadcast(list(tables))
+        try:
+            n, m = (max(1, min(len(x), self.parallelism * 4)) for x in (items, tables))
+            left = self.spark.createDataFrame([(i,) for i in range(len(items))], "item long").repartition(n) \
+                .mapInArrow(functools.partial(_keys_of, keys, shared, key), f"item long, `{key}` {key_type}")
+            right = self.spark.createDataFrame([(i,) for i in range(len(tables))], "item long").repartition(m) \
+                .mapInArrow(functools.partial(_tables_of, lookup, shared_tables), from_arrow_schema(schema))
+            joined = left.distinct().join(right, key).select("item", *[F.col(f"`{c}`") for c in schema.names])
+            # a plain function (pyspark infers applyInArrow's kind from type hints; a partial has none)
+            out = joined.groupBy("item").applyInArrow(lambda t: _matched_task(fn, shared, schema, t),
+                                                      "item long, result binary")
+            rows = self.run(label, n + m, out.collect, every)
+        finally:
+            shared.destroy()
+            shared_tables.destroy()
+        return {int(r["item"]): pickle.loads(r["result"]) for r in rows}
+
     def broadcast(self, value):
         return Shared(None, self.spark.sparkContext.broadcast(value))
 
@@ -239,3 +268,25 @@ def _tables_of(fn: Callable[[Any], Any], shared: Any, batches: Iterable) -> Iter
     for b in batches:
         for i in b.column(0).to_pylist():
             yield from fn(items[i]).to_batches()
+
+
+def _keys_of(keys: Callable[[Any], Any], shared: Any, key: str, batches: Iterable) -> Iterator:
+    """``mapInArrow`` body: ``(item, key)`` rows of every item of this partition."""
+    import pyarrow as pa
+
+    items = shared.value
+    for b in batches:
+        for i in b.column(0).to_pylist():
+            k = keys(items[i]).column(0).combine_chunks()
+            yield pa.RecordBatch.from_arrays([pa.array([i] * len(k), pa.int64()), k], ["item", key])
+
+
+def _matched_task(fn: Callable[[Any, Any], Any], shared: Any, schema: Any, table: Any) -> Any:
+    """``applyInArrow`` body: ``fn(item, its matched lookup rows)``, pickled."""
+    import pickle
+
+    import pyarrow as pa
+
+    i = int(table.column("item")[0].as_py())
+    result = fn(shared.value[i], table.select(schema.names).cast(schema))
+    return pa.table({"item": pa.array([i], pa.int64()), "result": pa.array([pickle.dumps(result)], pa.binary())})

@@ -65,7 +65,7 @@ def read_ids(url: str) -> list[str]:
                                   convert_options=pcsv.ConvertOptions(column_types={"image_id": pa.string()}))
             ids = _column(table, url)
         else:
-            ids = fsio.read_bytes(url).decode("utf-8").splitlines()
+            ids = fsio.read_bytes(url).decode("utf-8-sig").splitlines()     # a BOM is no part of the first id
     except IdsInputError:
         raise
     except Exception as exc:

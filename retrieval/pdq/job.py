@@ -78,9 +78,12 @@ def read_hash_list(url: str, min_quality: int = 0) -> tuple[pa.Table, pa.Table, 
     """A CSV hash list -> (rows ``image_id``, ``hash`` (32 bytes), ``quality``; error rows; rows under
     ``min_quality``). Lines whose hash is not 64 hex digits are error rows (``uri`` = ``URL#line``)."""
     try:
-        table = pacsv.read_csv(pa.BufferReader(fsio.read_bytes(url)),
-                               convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
-                               read_options=pacsv.ReadOptions(column_names=None))
+        data = fsio.read_bytes(url)
+        # every column as text: ids such as 00042 keep their zeros, an all-digit hash stays a hash
+        header = next(csv.reader([data.split(b"\n", 1)[0].decode("utf-8-sig", "replace")]), [])
+        table = pacsv.read_csv(pa.BufferReader(data), read_options=pacsv.ReadOptions(column_names=None),
+                               convert_options=pacsv.ConvertOptions(
+                                   strings_can_be_null=True, column_types={c: pa.string() for c in header}))
     except FileNotFoundError:
         raise FileNotFoundError(f"hash list {url} not found") from None
     except pa.ArrowInvalid as exc:
@@ -128,26 +131,40 @@ class MatchJob:
 _LOADED: dict[str, Any] = {}      # a task process's loaded PDQ index, by index URL + manifest sha
 
 
-def _index_of(job: MatchJob, shard: int) -> pdq_index.PdqIndex:
+def _index_of(job: MatchJob, shard: int) -> tuple[pdq_index.PdqIndex, np.ndarray | None]:
+    """The PDQ shard and which of its rows are removed images (the index's takedown list: the PDQ
+    index keeps their hashes until it is built again, ``retrieval remove`` leaves it as it is)."""
+    from retrieval.index.takedowns import read_list
+
     manifest = read_index_manifest(job.index_url)
-    key = f"{job.index_url}|{shard}|" + str([f["sha256"] for f in manifest["pdq"]["files"]])
+    listed = (((manifest.get("takedowns") or {}).get("list")) or {}).get("sha256")
+    key = f"{job.index_url}|{shard}|{listed}|" + str([f["sha256"] for f in manifest["pdq"]["files"]])
     if key not in _LOADED:
         _LOADED.clear()
-        _LOADED[key] = pdq_index.load(job.index_url, manifest, shard)
+        index = pdq_index.load(job.index_url, manifest, shard)
+        removed = read_list(job.index_url).column("image_id").combine_chunks() if listed else None
+        dead = np.asarray(pc.is_in(index.hashes.column("image_id"), value_set=removed)) \
+            if removed is not None and len(removed) else None
+        _LOADED[key] = (index, dead)
     return _LOADED[key]
 
 
 def nearest(index: pdq_index.PdqIndex, queries: np.ndarray, max_distance: int, dihedral: bool,
-            top_k: int, nflip: int | str = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            top_k: int, nflip: int | str = 0, dead: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(query row, gallery row, distance) of every gallery image within ``max_distance`` bits of each
     query (with ``dihedral``: of any of its 8 rotations / flips, the smallest distance), at most
-    ``top_k`` per query, by query then distance then gallery row."""
+    ``top_k`` per query, by query then distance then gallery row; gallery rows ``dead`` (removed)
+    left out."""
     lims, dist, ids = pdq_index.range_search(index.primary, queries, max_distance, nflip)
     q = np.repeat(np.arange(len(queries)), np.diff(lims))
     if dihedral:
         dl, dd, di = pdq_index.range_search(index.dihedral, queries, max_distance, nflip)
         q = np.concatenate([q, np.repeat(np.arange(len(queries)), np.diff(dl))])
         ids, dist = np.concatenate([ids, di // len(hashing.DIHEDRAL)]), np.concatenate([dist, dd])
+    if dead is not None and len(ids):
+        live = ~dead[ids]
+        q, ids, dist = q[live], ids[live], dist[live]
     order = np.lexsort((ids, dist, q))
     q, ids, dist = q[order], ids[order], dist[order]
     first = np.ones(len(q), bool)           # one row per (query, gallery image): its smallest distance
@@ -169,9 +186,9 @@ def match_shard(job: MatchJob, item: tuple[int, int, int, pa.Table]) -> tuple[in
     the whole index, distance, gallery id and uri), at most ``top_k`` per query."""
     chunk, shard, offset, rows = item
     fsio.configure(job.storage_options)
-    index = _index_of(job, shard)
+    index, dead = _index_of(job, shard)
     q, g, d = nearest(index, hashing.matrix(rows.column("hash").to_pylist()), job.max_distance, job.dihedral,
-                      job.top_k, job.nflip)
+                      job.top_k, job.nflip, dead)
     taken = pa.array(g, pa.int64())
     return chunk, pa.table({"q": pa.array(q, pa.int64()), "row": pa.array(g + offset, pa.int64()),
                             "distance": pa.array(d.astype(np.int32)),

@@ -33,15 +33,20 @@ def _files(manifest: dict) -> list[tuple[int, str]]:
 
 def _take_down(index_url: str, manifest: dict, ids: list[str], listed: pa.Table, old_tomb: pa.Table,
                batch: int, at: str, engine: Engine, storage_options: dict | None) -> tuple[pa.Table, pa.Table, dict]:
-    """The new list and tombstones, and the batch's counts."""
+    """The new list and tombstones, and the batch's counts. The rows of ids already listed are
+    looked up too: those still in a shard without a tombstone (a run that wrote the list and stopped
+    before its commit) get one now."""
     known = set(listed.column("image_id").to_pylist())
     new = [i for i in ids if i not in known]
-    found = td.find_rows(engine, _files(manifest), new, storage_options)
+    found = td.find_rows(engine, _files(manifest), ids, storage_options)
     found = found.filter(pc.invert(pc.is_in(found.column("id"), value_set=old_tomb.column("id").combine_chunks())))
     shards = td.shard_of(manifest, found.column("id").to_numpy())
+    keep = pc.or_(pc.is_in(found.column("image_id"), value_set=pa.array(new, pa.string())),
+                  pa.array(shards >= 0))
+    found, shards = found.filter(keep), shards[keep.to_numpy(zero_copy_only=False)]
     tomb = pa.concat_tables([old_tomb, found.append_column("shard", pa.array(shards, pa.int32()))
                              .cast(td.TOMB_SCHEMA)])
-    found_ids = set(found.column("image_id").to_pylist())
+    found_ids = set(found.column("image_id").to_pylist()) & set(new)
     added = pa.table({"image_id": pa.array(new, pa.string()), "removed_at": pa.array([at] * len(new), pa.string()),
                       "batch": pa.array(np.full(len(new), batch, np.int32))}, schema=td.LIST_SCHEMA)
     counts = {"requested": len(ids), "removed_ids": len(new), "already_removed": len(ids) - len(new),

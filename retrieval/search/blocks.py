@@ -43,7 +43,7 @@ from retrieval.index import idmap
 from retrieval.search import rerank as rerank_mod
 from retrieval.search.coarse import lru_cached
 from retrieval.search.kernels import group_pairs
-from retrieval.search.vectors import VectorCache, read_groups_into
+from retrieval.search.vectors import VectorCache, labels_by_file, read_groups_into
 
 QUERY_CACHE_BYTES = 256 << 20      # query vectors (float32) of chunks kept per process
 
@@ -352,18 +352,8 @@ def label_task(block: int, items: Iterable[Any], feature_files: Sequence[str],
         if isinstance(it, Selected):
             yield it.chunk, it
             continue
-        files, rows = idmap.decode_ids(it.gid)
-        ids_parts, uri_parts, pos_parts = [], [], []
-        for f in np.unique(files):
-            sel = np.flatnonzero(files == f)
-            uniq, inverse = np.unique(rows[sel], return_inverse=True)
-            ids_f, uris_f = cache.labels(feature_files[int(f)], uniq,
-                                         versions[int(f)] if versions is not None else None)
-            take = pa.array(inverse.astype(np.int64))
-            ids_parts.append(ids_f.take(take))
-            uri_parts.append(uris_f.take(take))
-            pos_parts.append(it.pos[sel])
-        yield it.chunk, Labels(np.concatenate(pos_parts), pa.concat_arrays(ids_parts), pa.concat_arrays(uri_parts))
+        pos, image_id, uri = labels_by_file(it.gid, feature_files, versions, cache)
+        yield it.chunk, Labels(it.pos[pos], image_id, uri)
     stats = {"block": block, "label_row_groups": cache.label_reads - before[0],
              "label_bytes_read": cache.label_bytes - before[1], "label_s": round(time.monotonic() - t0, 4)}
     yield block % max(1, n_chunks), Labels(np.zeros(0, np.int64), None, None, meta={"label_block": stats})

@@ -204,18 +204,18 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
                                      regions=-(-sum(qrows) // images) if images else 1)
     if background is not None and tail is None:
         log.warning("no false-match rates (fmr columns null): %s", why)
-    group_of = collapse_mod.load_groups(search_cfg.collapse_groups, index_url, index_manifest)
-    job = dataclasses.replace(job, calibration=tail, groups=engine.broadcast(group_of) if group_of else None)
+    if search_cfg.collapse_groups:     # before anything is searched: a duplicates output of another model
+        collapse_mod.check_groups(search_cfg.collapse_groups, index_url, index_manifest)
+    job = dataclasses.replace(job, calibration=tail)
     log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, "
              "%d per shard, k %d; %s-major rerank%s)", qf_url, images, len(job.chunks), index_url,
              job.n_shards, job.nprobe, job.shortlist, job.shard_shortlist, job.k, job.rerank,
              f" over {len(job.blocks)} gallery blocks" if job.blocks else "")
     t1 = time.monotonic()
-    try:
-        stats = run(job, engine, search_cfg.progress_seconds)
-    finally:
-        if job.groups is not None:
-            job.groups.destroy()
+    stats = run(job, engine, search_cfg.progress_seconds)
+    if search_cfg.collapse_groups:
+        stats = collapse_mod.collapse_parts(engine, output_url, stats, search_cfg.collapse_groups, index_url,
+                                            index_manifest, cfg["io.storage_options"], search_cfg.progress_seconds)
     manifest = outputs.commit(output_url, "search", {
         "model_version": index_manifest.get("model_version"),
         "index": index_url, "queries": queries_url, "query_features": qf_url, "output": output_url,

@@ -72,7 +72,6 @@ class SearchJob:
     rerank: str = "chunk"             # chunk-major or gallery-major rerank (resolved, see blocks.py)
     blocks: tuple[blocks_mod.Block, ...] = field(default_factory=tuple)   # gallery-major: the blocks
     removed: takedowns.Removed | None = None     # the index's tombstones (retrieval remove): left out
-    groups: Any = None                # search.collapse_groups: a Shared image_id -> group_id (None: off)
     query_regions: bool = False       # the query features hold region rows (merged per image when written)
 
 
@@ -203,10 +202,6 @@ def _write_chunk(job: SearchJob, chunk: Chunk, q: pa.Table, q_fine: np.ndarray |
     faults.maybe_fail(job.faults, "search", chunk.chunk, chunk.stop - chunk.start)
     labels_before = cache.label_reads
     table = result_table(job, q, scores, ids, coarse, cache, norm, labels, region)
-    n_rows = table.num_rows
-    if job.groups is not None:
-        from retrieval.search.collapse import collapse
-        table = collapse(table, job.groups.value)
     url = fsio.join(job.output, part_name(chunk.chunk))
     with fsio.atomic_open(url, "wb") as fh:
         pq.write_table(table, fh, compression="zstd")
@@ -214,7 +209,7 @@ def _write_chunk(job: SearchJob, chunk: Chunk, q: pa.Table, q_fine: np.ndarray |
     n_with = int((ids[:, 0] >= 0).sum()) if ids.size else 0
     return {"chunk": chunk.chunk, "file": part_name(chunk.chunk), "rows": table.num_rows,
             "sha256": fsio.sha256_file(url), "queries": q.num_rows, "query_rows": chunk.stop - chunk.start,
-            "queries_with_results": n_with, "rows_collapsed": n_rows - table.num_rows, **stats,
+            "queries_with_results": n_with, **stats,
             "gallery_label_row_groups_read": cache.label_reads - labels_before, "pid": os.getpid(),
             "attempt": task_attempt(), "normalize_s": round(t_norm, 4),
             "write_s": round(t3 - t2 - t_norm, 4)}
@@ -325,28 +320,7 @@ def gallery_labels(job: SearchJob, gids: np.ndarray, cache: vectors.VectorCache 
     """``image_id`` and ``uri`` of gallery ids (in the order given), through the process's cache
     of row groups: each group is read once per process, not once per chunk."""
     cache = cache if cache is not None else vectors.process_cache(job.vector_cache_mb)
-    files, rows = idmap.decode_ids(gids)
-    order = np.argsort(files, kind="stable")
-    bounds = np.flatnonzero(np.r_[True, files[order][1:] != files[order][:-1], True]) if len(gids) else []
-    id_parts, uri_parts, pos_parts = [], [], []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        pos = order[a:b]
-        f = int(files[pos[0]])
-        if f < 0 or f >= len(job.feature_files):
-            raise KeyError(f"id refers to feature file #{f}, the index has {len(job.feature_files)}")
-        uniq, inverse = np.unique(rows[pos], return_inverse=True)
-        version = job.feature_versions[f] if job.feature_versions is not None else None
-        ids_f, uris_f = cache.labels(job.feature_files[f], uniq, version)
-        take = pa.array(inverse.astype(np.int64))
-        id_parts.append(ids_f.take(take))
-        uri_parts.append(uris_f.take(take))
-        pos_parts.append(pos)
-    if not id_parts:
-        return pa.array([], pa.string()), pa.array([], pa.string())
-    back = np.empty(len(gids), np.int64)
-    back[np.concatenate(pos_parts)] = np.arange(len(gids))
-    back_arr = pa.array(back)
-    return pa.concat_arrays(id_parts).take(back_arr), pa.concat_arrays(uri_parts).take(back_arr)
+    return vectors.lookup_labels(gids, job.feature_files, job.feature_versions, cache)
 
 
 def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.ndarray,

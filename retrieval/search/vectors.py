@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from retrieval import fsio
+from retrieval.index import idmap
 from retrieval.schema import column_matrix
 
 
@@ -271,3 +273,39 @@ def process_cache(budget_mb: int) -> VectorCache:
     if budget_mb not in _CACHES:
         _CACHES[budget_mb] = VectorCache(budget_mb << 20)
     return _CACHES[budget_mb]
+
+
+def labels_by_file(gids: np.ndarray, feature_files: Sequence[str], versions: Sequence[str | None] | None,
+                   cache: VectorCache) -> tuple[np.ndarray, pa.Array, pa.Array]:
+    """``image_id`` and ``uri`` of gallery ids read file by file through ``cache``'s label row groups
+    (each group read once per process): ``(positions in gids, image_id, uri)``, in (file, position)
+    order; an id of no feature file is a KeyError."""
+    files, rows = idmap.decode_ids(gids)
+    order = np.argsort(files, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, files[order][1:] != files[order][:-1], True]) if len(gids) else []
+    id_parts, uri_parts, pos_parts = [], [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        pos = order[a:b]
+        f = int(files[pos[0]])
+        if f < 0 or f >= len(feature_files):
+            raise KeyError(f"id refers to feature file #{f}, the index has {len(feature_files)}")
+        uniq, inverse = np.unique(rows[pos], return_inverse=True)
+        ids_f, uris_f = cache.labels(feature_files[f], uniq, versions[f] if versions is not None else None)
+        take = pa.array(inverse.astype(np.int64))
+        id_parts.append(ids_f.take(take))
+        uri_parts.append(uris_f.take(take))
+        pos_parts.append(pos)
+    if not id_parts:
+        return np.zeros(0, np.int64), pa.array([], pa.string()), pa.array([], pa.string())
+    return np.concatenate(pos_parts), pa.concat_arrays(id_parts), pa.concat_arrays(uri_parts)
+
+
+def lookup_labels(gids: np.ndarray, feature_files: Sequence[str], versions: Sequence[str | None] | None,
+                  cache: VectorCache) -> tuple[pa.Array, pa.Array]:
+    """``image_id`` and ``uri`` of gallery ids, in the order given (:func:`labels_by_file`)."""
+    pos, image_id, uri = labels_by_file(gids, feature_files, versions, cache)
+    if not len(pos):
+        return image_id, uri
+    back = np.empty(len(gids), np.int64)
+    back[pos] = np.arange(len(gids))
+    return image_id.take(pa.array(back)), uri.take(pa.array(back))

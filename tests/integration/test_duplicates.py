@@ -145,18 +145,25 @@ def test_the_threshold_from_false_match_rates(world, tmp_path):
     assert got == sorted(world["groups"], key=lambda g: (-len(g), min(g)))
 
 
-def test_search_collapses_results_to_one_row_per_group(world, tmp_path):
+def test_search_collapses_results_to_one_row_per_group(world, spark, tmp_path):
     groups_url = str(tmp_path / "groups")
     duplicates(world["index"], groups_url, _cfg(), engine=None)
-    # queries: the originals of the planted groups, as query features (role query)
+    spark_groups = str(tmp_path / "spark_groups")     # the groups in parts, as Spark writes them
+    duplicates(world["index"], spark_groups, _cfg(), engine=spark)
+    # queries: the originals of the planted groups, as query features (role query), in two chunks
     qf = str(tmp_path / "queries")
     fine = world["fine"][[0, 6, 11]]
     proj = np.random.default_rng(1).standard_normal((DIM, CDIM)).astype(np.float32)
     synthetic.write_feature_output(qf, _unit(fine @ proj), fine, num_files=1, role="query", id_prefix="q")
     plain = search(qf, world["index"], str(tmp_path / "plain"), _cfg(**{"search.k": 8}), engine=None)
     folded = search(qf, world["index"], str(tmp_path / "folded"),
-                    _cfg(**{"search.k": 8, "search.collapse_groups": groups_url}), engine=None)
+                    _cfg(**{"search.k": 8, "search.collapse_groups": groups_url, "search.query_chunk": 2}),
+                    engine=None)
+    on_spark = search(qf, world["index"], str(tmp_path / "folded_spark"),
+                      _cfg(**{"search.k": 8, "search.collapse_groups": spark_groups, "search.query_chunk": 2}),
+                      engine=spark)
     p, f = read_results(str(tmp_path / "plain")).to_pydict(), read_results(str(tmp_path / "folded")).to_pydict()
+    assert read_results(str(tmp_path / "folded_spark")).to_pydict() == f       # same rows on both engines
     t = read_groups(groups_url).to_pydict()
     group_of = dict(zip(t["image_id"], t["group_id"]))
     for q in ("q0000000000", "q0000000001", "q0000000002"):
@@ -166,7 +173,9 @@ def test_search_collapses_results_to_one_row_per_group(world, tmp_path):
         assert len(grouped) == len(set(grouped)) == 1                       # one row of its group
         before = [g for qq, g in zip(p["query_id"], p["gallery_id"]) if qq == q]
         assert got[0][1] == before[0] and sum(g in group_of for g in before) >= 2
-    assert folded["counts"]["rows_collapsed"] == 5 + 4 + 3
+    for m in (folded, on_spark):
+        assert m["counts"]["rows_collapsed"] == 5 + 4 + 3 and m["counts"]["rows"] == len(p["query_id"]) - 12
+        assert [c["rows_collapsed"] for c in m["chunks"]] == [5 + 4, 3]
     assert folded["params"]["collapse_groups"] == groups_url and plain["counts"]["rows_collapsed"] == 0
 
 
@@ -195,6 +204,30 @@ def test_the_report_shows_the_largest_groups(world, tmp_path):
     without = build_report(str(tmp_path / "results"), str(tmp_path / "plain"), config.load())
     assert "duplicate_groups" not in without
     assert '<section id="groups">' not in (tmp_path / "plain" / "report.html").read_text()
+
+
+def test_removed_images_are_in_no_group_on_both_engines(world, spark, tmp_path):
+    """After retrieval remove, a removed image is still a query of the self-search (every feature row
+    is): its pairs are dropped, so the chain whose middle it was falls apart on both engines."""
+    import shutil
+
+    from retrieval.remove.job import remove
+
+    index = str(tmp_path / "index")
+    shutil.copytree(world["index"], index)
+    ids = tmp_path / "ids.txt"
+    ids.write_text(synthetic.image_id(32) + "\n")
+    remove(index, str(ids), _cfg(), engine=None)
+    got = {}
+    for name, engine in (("lib", None), ("spark", spark)):
+        m = duplicates(index, str(tmp_path / name), _cfg(), engine=engine)
+        t, groups = _groups_of(str(tmp_path / name))
+        edges = read_edges(str(tmp_path / name)).to_pydict()
+        assert synthetic.image_id(32) not in set(t["image_id"]) | set(edges["image_a"]) | set(edges["image_b"])
+        assert m["counts"]["groups"] == 10 and m["counts"]["grouped_images"] == 31
+        got[name] = groups
+    assert got["lib"] == got["spark"] == sorted([g for g in world["groups"] if synthetic.image_id(32) not in g],
+                                                key=lambda g: (-len(g), min(g)))
 
 
 def test_no_pair_above_the_threshold_gives_no_group(world, tmp_path):
@@ -288,3 +321,16 @@ def test_spark_writes_its_parts_to_s3(world, spark, s3, tmp_path):
     assert m["counts"] == lib["counts"] and any(f["file"].startswith("groups/part-") for f in m["files"])
     assert read_groups(url).equals(read_groups(str(tmp_path / "lib")))
     assert read_edges(url).equals(read_edges(str(tmp_path / "lib")))
+    # a search on S3 collapsed by the groups on S3: the join's tasks read and rewrite there
+    qf = str(tmp_path / "queries")
+    fine = world["fine"][[0, 6, 11]]
+    proj = np.random.default_rng(1).standard_normal((DIM, CDIM)).astype(np.float32)
+    synthetic.write_feature_output(qf, _unit(fine @ proj), fine, num_files=1, role="query", id_prefix="q")
+    sets = {"search.k": 8, "search.query_chunk": 2}
+    here = search(qf, world["index"], str(tmp_path / "folded"),
+                  _cfg(**sets, **{"search.collapse_groups": str(tmp_path / "lib")}), engine=None)
+    there = search(qf, world["index"], f"{url}-results",
+                   _cfg(**sets, **{"search.collapse_groups": url, "io.storage_options": f"{{s3: {{{opts}}}}}"}),
+                   engine=spark)
+    assert there["counts"]["rows_collapsed"] == here["counts"]["rows_collapsed"] == 12
+    assert read_results(f"{url}-results").equals(read_results(str(tmp_path / "folded")))

@@ -138,6 +138,31 @@ def test_export_match_round_trip_finds_the_same_images(built, tmp_path):
     assert json.loads((tmp_path / "m.eval" / "metrics.json").read_text())["recall@1"] == 1.0
 
 
+def test_match_leaves_removed_images_out_on_both_engines(built, spark, tmp_path):
+    """retrieval remove leaves the PDQ index as it is (a build keeps listed ids' hashes too): the
+    match drops the rows of ids on the index's takedown list, before its top_k."""
+    import shutil
+
+    from retrieval.remove.job import remove
+
+    listed = str(tmp_path / "gallery.csv")
+    export(built["features"], listed, cfg())
+    with open(listed, newline="") as fh:
+        ids = [r["image_id"] for r in csv.DictReader(fh)]
+    index = str(tmp_path / "index")
+    shutil.copytree(built["index"], index)
+    (tmp_path / "gone.txt").write_text(ids[0] + "\n")
+    remove(index, str(tmp_path / "gone.txt"), cfg())
+    for name, engine in (("local", None), ("spark", spark)):
+        match(listed, index, str(tmp_path / name), cfg(**{"pdq.max_distance": 64, "pdq.top_k": 3}), engine)
+        res = read_results(str(tmp_path / name)).to_pylist()
+        assert ids[0] not in {r["gallery_id"] for r in res}
+        per_query = {q: [r["gallery_id"] for r in res if r["query_id"] == q] for q in ids}
+        assert ids[0] not in per_query[ids[0]]                         # its own hash matches nothing now
+        assert all(per_query[q][0] == q for q in ids[1:])
+    assert read_results(str(tmp_path / "local")).equals(read_results(str(tmp_path / "spark")))
+
+
 def _query_list(photos, tmp_path) -> str:
     feats = str(tmp_path / "qf")
     extract(photos["queries"], feats, cfg(**{"extract.role": "query", "extract.num_shards": 1}))

@@ -179,7 +179,28 @@ def test_restore_before_compaction_is_immediate(data, engine):
     assert victim in results(data, index, "res_r2", engine).column("gallery_id").to_pylist()
 
 
-@pytest.mark.parametrize("kind", ["csv", "parquet", "empty", "bad"])
+def test_a_remove_that_stopped_before_its_commit_is_completed_by_the_next(data, engine):
+    """A run that wrote the takedown list and stopped before the manifest's commit (a crash): the
+    same remove again tombstones the rows, though the list already names the ids."""
+    index = fresh_index(data, f"idx_crash_{engine is None}", engine)
+    victims = [gid(int(s)) for s in data["src"][:3]]
+    m0 = store.read_index_manifest(index)
+    listed = takedowns.read_list(index)
+    takedowns.write_list(index, pa.concat_tables([listed, pa.table({
+        "image_id": victims, "removed_at": ["2026-12-07T00:00:00Z"] * 3, "batch": pa.array([1] * 3, pa.int32())},
+        schema=takedowns.LIST_SCHEMA)]))                  # what the stopped run left: the list, no commit
+    assert store.read_index_manifest(index) == m0
+    m = remove(index, ids_file(data["root"], "crash.txt", victims), cfg(), engine)
+    batch = m["takedowns"]["batches"][-1]
+    assert (batch["already_removed"], batch["rows"], batch["rows_in_shards"]) == (3, 3, 3)
+    assert m["takedowns"]["tombstoned_rows"] == 3 and m["live"] == m["ntotal"] - 3
+    assert not set(victims) & set(results(data, index, f"res_crash_{engine is None}", engine)
+                                  .column("gallery_id").to_pylist())
+    again = remove(index, ids_file(data["root"], "crash.txt", victims), cfg(), engine)   # nothing more to do
+    assert again["takedowns"]["batches"][-1]["rows"] == 0 and again["takedowns"]["tombstoned_rows"] == 3
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet", "empty", "bom", "bad"])
 def test_id_files(data, tmp_path, kind):
     if kind == "csv":
         path = str(tmp_path / "ids.csv")
@@ -193,6 +214,10 @@ def test_id_files(data, tmp_path, kind):
         path = str(tmp_path / "ids.txt")
         open(path, "w").write("\n\n")
         assert takedowns.read_ids(path) == []
+    elif kind == "bom":           # a text file saved by Windows' Notepad: a BOM, CRLF, non-ASCII ids
+        path = str(tmp_path / "ids.txt")
+        open(path, "wb").write("\ufeffimg0000000001\r\nphoto-é.jpg\r\n".encode("utf-8"))
+        assert takedowns.read_ids(path) == ["img0000000001", "photo-é.jpg"]
     else:
         path = str(tmp_path / "ids.csv")
         open(path, "w").write("id\nx\n")

@@ -76,3 +76,18 @@ def test_the_plan_has_a_pdq_line_only_with_extract_pdq():
     assert "500 shards of 2,000,000 images" in line["basis"] and line["tasks"] == 10 * 500
     assert line["memory_per_task"] == pytest.approx(1.2 * 16e6 * pdq_index.PLAN_RATES["pdq_index_bytes_per_hash"])
     assert not any(w.startswith("pdq:") for w in on["warnings"])
+
+
+def test_a_hash_list_is_read_as_text(tmp_path):
+    """Partner ids with leading zeros keep them, and a hash of digits only is a hash, not a number."""
+    from retrieval.pdq.job import read_hash_list
+
+    digits = "1234567890" * 6 + "1234"
+    hexed = "ab" * 32
+    path = tmp_path / "list.csv"
+    path.write_text(f"\ufeffHash,image_id,quality\n{digits},00042,90\n{hexed},7,\nnot-a-hash,0008,50\n")
+    rows, errors, low = read_hash_list(str(path), 60)
+    assert rows.column("image_id").to_pylist() == ["00042", "7"]
+    assert [h.hex() for h in rows.column("hash").to_pylist()] == [digits, hexed]
+    assert rows.column("quality").to_pylist() == [90, None] and low == 0
+    assert errors.column("image_id").to_pylist() == ["0008"] and errors.num_rows == 1
