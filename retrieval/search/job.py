@@ -189,6 +189,7 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
     # before anything is written: a background of another model is an error, not an empty output
     background = normalize_mod.load_background(search_cfg.normalize, index_manifest,
                                                list(store.feature_file_urls(index_manifest)))
+    geometric_mod.Geometric.from_config(search_cfg.geometric)      # OpenCV there when it is on
     if search_cfg.verify:
         verify_index_inputs(index_url, index_manifest, engine, cfg["io.storage_options"],
                             integrity.record_path(cfg["io.verified_record"]))

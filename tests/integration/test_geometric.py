@@ -95,3 +95,12 @@ def test_off_by_default_leaves_the_columns_null(world, tmp_path):
     assert t.num_rows and t.column("inliers").null_count == t.column("geometric_error").null_count == t.num_rows
     m = json.loads((tmp_path / "plain" / "_manifest.json").read_text())
     assert m["params"]["geometric"] is None and "geometric_rows" not in m["counts"]
+
+
+def test_without_opencv_the_search_stops_before_writing(world, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cv2", None)               # OpenCV not installed
+    with pytest.raises(RuntimeError, match=r"retrieval\[verify\]"):
+        search(str(world / "qf"), str(world / "idx"), str(tmp_path / "out"), config.load(sets=GEO))
+    assert not (tmp_path / "out").exists()
