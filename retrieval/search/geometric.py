@@ -44,9 +44,9 @@ class Geometric:
     ratio: float = 0.8            # Lowe's ratio test on the two nearest neighbours
     max_side: int = 512           # images downscaled to this longer side before description
     flip: bool = True             # also match the mirrored query
-    min_inliers: int = 12         # a row needs this many inliers for the boost
-    boost: float = 0.5            # added to score / norm_score at cap inliers or more
-    cap: int = 50                 # inliers at which the boost is full
+    min_inliers: int = 15         # a row needs this many inliers for the boost
+    boost: float = 0.8            # added to score / norm_score at cap inliers or more
+    cap: int = 100                # inliers at which the boost is full
     reproj: float = 5.0           # RANSAC reprojection threshold (pixels, at max_side)
     cache: int = 4096             # images whose features a process keeps (LRU)
 
