@@ -44,6 +44,7 @@ class Geometric:
     ratio: float = 0.8            # Lowe's ratio test on the two nearest neighbours
     max_side: int = 512           # images downscaled to this longer side before description
     flip: bool = True             # also match the mirrored query
+    regions: bool = False         # also match the query region a row came from (query_region), cropped
     min_inliers: int = 15         # a row needs this many inliers for the boost
     boost: float = 0.8            # added to score / norm_score at cap inliers or more
     cap: int = 100                # inliers at which the boost is full
@@ -81,15 +82,19 @@ def require_cv2() -> Any:
     return cv2
 
 
-def load_gray(url: str, max_side: int) -> np.ndarray:
-    """The image at ``url`` as an H x W uint8 grey array, EXIF-oriented, longer side <= max_side."""
+def load_gray(url: str, max_side: int, box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """The image at ``url`` as an H x W uint8 grey array, EXIF-oriented, cropped to ``box`` (relative
+    x0, y0, x1, y1) when given, longer side <= max_side."""
     from PIL import Image
 
     from retrieval import fsio
     from retrieval.extract.preprocess import decode_image
 
-    img, _, _ = decode_image(fsio.read_bytes(url), draft_size=max_side)
+    img, _, _ = decode_image(fsio.read_bytes(url), draft_size=None if box else max_side)
     img = img.convert("L")
+    if box is not None:
+        w, h = img.size
+        img = img.crop((round(box[0] * w), round(box[1] * h), max(round(box[2] * w), 1), max(round(box[3] * h), 1)))
     if max(img.size) > max_side:
         s = max_side / max(img.size)
         img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BILINEAR)
@@ -99,7 +104,7 @@ def load_gray(url: str, max_side: int) -> np.ndarray:
 class Matcher:
     """Local features (cached per image) and inlier counts of image pairs, for one ``Geometric``."""
 
-    def __init__(self, g: Geometric, reader: Callable[[str, int], np.ndarray] = load_gray):
+    def __init__(self, g: Geometric, reader: Callable[..., np.ndarray] = load_gray):
         cv2 = require_cv2()
         self.g, self.cv2, self.reader = g, cv2, reader
         if g.method == "sift":
@@ -116,15 +121,16 @@ class Matcher:
         xy = np.array([k.pt for k in kp], np.float32).reshape(-1, 2)
         return xy, desc
 
-    def features(self, uri: str, flip: bool = False) -> tuple:
+    def features(self, uri: str, flip: bool = False, region: str | None = None) -> tuple:
         """``(xy, descriptors)`` of the image (and of its mirror with ``flip``: ``(xy, d, xy_m, d_m)``),
-        through the LRU; raises on an unreadable image (the caller records it)."""
-        key = (uri, flip)
+        or of its ``region`` (a query region label) cropped, through the LRU; raises on an
+        unreadable image (the caller records it)."""
+        key = (uri, flip, region)
         got = self.cache.get(key)
         if got is not None:
             self.cache.move_to_end(key)
             return got
-        gray = self.reader(uri, self.g.max_side)
+        gray = self.reader(uri, self.g.max_side, *([_box(region)] if region else []))
         got = self._describe(gray) + (self._describe(np.ascontiguousarray(gray[:, ::-1])) if flip else ())
         self.described += 1
         self.cache[key] = got
@@ -152,14 +158,22 @@ class Matcher:
                                                   ransacReprojThreshold=self.g.reproj)
         return int(mask.sum()) if mask is not None else 0
 
-    def inliers(self, query_uri: str, gallery_uri: str) -> int:
-        """The pair's inlier count (the larger of query and mirrored query with ``flip``)."""
-        q = self.features(query_uri, self.g.flip)
+    def inliers(self, query_uri: str, gallery_uri: str, region: str | None = None) -> int:
+        """The pair's inlier count: the largest of the query's, the mirrored query's (``flip``) and,
+        with ``regions`` and a ``region`` label, the cropped region's (and its mirror's)."""
         gal = self.features(gallery_uri)
-        n = self.count(q[:2], gal)
-        if self.g.flip:
-            n = max(n, self.count(q[2:], gal))
+        n = 0
+        for r in ((None, region) if self.g.regions and _box(region) else (None,)):
+            q = self.features(query_uri, self.g.flip, r)
+            n = max(n, self.count(q[:2], gal), self.count(q[2:], gal) if self.g.flip else 0)
         return n
+
+
+def _box(region: str | None) -> tuple[float, float, float, float] | None:
+    from retrieval.extract.regions import parse_label
+
+    got = parse_label(region)
+    return got[1] if got is not None else None
 
 
 _MATCHERS: dict[Geometric, Matcher] = {}
@@ -178,9 +192,10 @@ def _error(exc: BaseException, which: str, uri: str) -> str:
     return f"cannot read {which} image {uri}: {exc.__class__.__name__}: {exc}"[:500]
 
 
-def count_rows(matcher: Matcher, query_uri: list, gallery_uri: list, check: np.ndarray
-               ) -> tuple[np.ndarray, list]:
-    """Inlier counts (-1 = not checked) and errors (None = fine) of the rows where ``check``."""
+def count_rows(matcher: Matcher, query_uri: list, gallery_uri: list, check: np.ndarray,
+               regions: list | None = None) -> tuple[np.ndarray, list]:
+    """Inlier counts (-1 = not checked) and errors (None = fine) of the rows where ``check``
+    (``regions``: each row's ``query_region``)."""
     n = len(query_uri)
     inliers = np.full(n, -1, np.int64)
     errors: list = [None] * n
@@ -196,7 +211,7 @@ def count_rows(matcher: Matcher, query_uri: list, gallery_uri: list, check: np.n
             errors[i] = bad[qu] = _error(exc, *qu)
             continue
         try:
-            inliers[i] = matcher.inliers(qu[1], gu[1])
+            inliers[i] = matcher.inliers(qu[1], gu[1], regions[i] if regions is not None else None)
         except Exception as exc:
             errors[i] = bad[gu] = _error(exc, *gu)
     return inliers, errors
@@ -212,7 +227,8 @@ def verify_table(table: pa.Table, g: Geometric, matcher: Matcher | None = None) 
         return table, {"geometric_rows": 0, "geometric_errors": 0, "geometric_s": 0.0, "geometric_images": 0}
     ranks = table.column("rank").to_numpy()
     inliers, errors = count_rows(matcher, table.column("query_uri").to_pylist(),
-                                 table.column("gallery_uri").to_pylist(), ranks <= g.top)
+                                 table.column("gallery_uri").to_pylist(), ranks <= g.top,
+                                 table.column("query_region").to_pylist() if g.regions else None)
     table = apply(table, inliers, errors, g)
     n_err = sum(e is not None for e in errors)
     if n_err:

@@ -58,6 +58,7 @@ STAGE = Stage(
         "search.geometric.ratio": lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]",
         "search.geometric.max_side": positive,
         "search.geometric.flip": lambda v: None if isinstance(v, bool) else "must be true or false",
+        "search.geometric.regions": lambda v: None if isinstance(v, bool) else "must be true or false",
         "search.geometric.min_inliers": non_negative,
         "search.geometric.boost": non_negative,
         "search.geometric.cap": positive,

@@ -83,36 +83,44 @@ def run_search(q: str, idx: str, bg: str, out: str, sets: list[str]):
     return read_results(out), m
 
 
-def pair_counts(table, g) -> tuple[np.ndarray, np.ndarray, float]:
-    """Per row: inliers with the query and with the mirrored query (ranks <= TOP), and the seconds."""
-    from retrieval.search.geometric import Matcher
+def pair_counts(table, g, regions: bool) -> tuple[np.ndarray, ...]:
+    """Per row (ranks <= TOP): inliers with the query, with the mirrored query and (``regions``) with
+    the row's query region cropped and with its mirror (-1: the row has no region); the seconds."""
+    from retrieval.search.geometric import Matcher, _box
 
     m = Matcher(dataclasses.replace(g, flip=True))
     qu, gu = table.column("query_uri").to_pylist(), table.column("gallery_uri").to_pylist()
+    qr = table.column("query_region").to_pylist()
     ranks = table.column("rank").to_numpy()
     a = np.full(len(qu), -1, np.int64)
-    b = a.copy()
+    b, c, d = a.copy(), a.copy(), a.copy()
     t = time.monotonic()
     for i in np.flatnonzero(ranks <= TOP):
         qf, gf = m.features(qu[i], True), m.features(gu[i])
         a[i], b[i] = m.count(qf[:2], gf), m.count(qf[2:], gf)
-    return a, b, time.monotonic() - t
+        if regions and _box(qr[i]):
+            rf = m.features(qu[i], True, qr[i])
+            c[i], d[i] = m.count(rf[:2], gf), m.count(rf[2:], gf)
+    return a, b, c, d, time.monotonic() - t
 
 
-def tune(table, truth, base_g) -> list[tuple[float, dict, dict]]:
+def tune(table, truth, base_g, methods: list[str], regions: bool) -> list[tuple[float, dict, dict]]:
     from retrieval.search.geometric import apply
 
     out = []
     ranks = table.column("rank").to_numpy()
-    for method in ("orb", "sift"):
+    tops = (5, 10) if regions else (1, 3, 5, 10)
+    for method in methods:
         g0 = dataclasses.replace(base_g, method=method)
-        a, b, secs = pair_counts(table, g0)
+        a, b, c, d, secs = pair_counts(table, g0, regions)
         print(f"  {method}: {int((a >= 0).sum())} pairs counted in {secs:.1f}s "
               f"({1000 * secs / len(set(table.column('query_id').to_pylist())):.0f} ms/query, flip incl.)", flush=True)
-        for top, mi, boost, cap, flip in itertools.product((1, 3, 5, 10), (6, 10, 15, 25, 40), (0.05, 0.1, 0.2, 0.4, 0.8),
-                                                           (25, 50, 100, 200), (False, True)):
-            g = dataclasses.replace(g0, top=top, min_inliers=mi, boost=boost, cap=cap, flip=flip)
+        for top, mi, boost, cap, flip, reg in itertools.product(tops, (6, 10, 15, 25, 40), (0.05, 0.1, 0.2, 0.4, 0.8),
+                                                                (25, 50, 100, 200), (False, True),
+                                                                (False, True) if regions else (False,)):
+            g = dataclasses.replace(g0, top=top, min_inliers=mi, boost=boost, cap=cap, flip=flip, regions=reg)
             n = np.maximum(a, b) if flip else a
+            n = np.maximum(n, np.maximum(c, d) if flip else c) if reg else n
             n = np.where(ranks <= top, n, -1)
             m = _metrics(apply(table, n, [None] * len(n), g), truth)
             out.append((m["micro_ap"] + m["recall@1"], m, {"secs": secs, **dataclasses.asdict(g)}))
@@ -127,6 +135,8 @@ def main() -> None:
     ap.add_argument("--split", default="tune", choices=("tune", "test"))
     ap.add_argument("--work", default="/tmp/bench_verify")
     ap.add_argument("--set", action="append", default=[], help="search.geometric.* settings for the test run")
+    ap.add_argument("--methods", default="orb,sift", help="tune: the local features compared")
+    ap.add_argument("--regions", action="store_true", help="tune: also the rule with search.geometric.regions")
     args = ap.parse_args()
     work = os.path.join(args.work, args.split)
     os.makedirs(work, exist_ok=True)
@@ -138,17 +148,17 @@ def main() -> None:
     n_q = m0["counts"]["queries"]
     rows = [(f"without verification (search {m0['timings']['search_s']:.2f}s)", _metrics(base, truth))]
     if args.split == "tune":
-        got = tune(base, truth, Geometric(top=TOP))
+        got = tune(base, truth, Geometric(top=TOP), args.methods.split(","), args.regions)
         for score, m, g in got[:15]:
             print(f"  {score:.4f} uAP {m['micro_ap']:.3f} r@1 {m['recall@1']:.3f} r@10 {m['recall@10']:.3f} "
-                  f"{ {k: g[k] for k in ('method', 'top', 'min_inliers', 'boost', 'cap', 'flip')} }")
-        for method in ("orb", "sift"):
+                  f"{ {k: g[k] for k in ('method', 'top', 'min_inliers', 'boost', 'cap', 'flip', 'regions')} }")
+        for method in args.methods.split(","):
             best = next(r for r in got if r[2]["method"] == method)
             rows.append((f"best {method}: " + ", ".join(f"{k} {best[2][k]}" for k in
-                                                        ("top", "min_inliers", "boost", "cap", "flip")), best[1]))
+                                                        ("top", "min_inliers", "boost", "cap", "flip", "regions")), best[1]))
         best = got[0][2]
         print("\nchosen: " + " ".join(f"--set search.geometric.{k}={str(best[k]).lower()}" for k in
-                                      ("method", "top", "min_inliers", "boost", "cap", "flip")))
+                                      ("method", "top", "min_inliers", "boost", "cap", "flip", "regions")))
     else:
         t = time.monotonic()
         ver, m1 = run_search(q, idx, bg, f"{work}/search_geometric", args.set)

@@ -89,6 +89,19 @@ def test_search_verifies_top_rows_on_both_engines(world, spark, tmp_path):
     assert t.schema.metadata[b"retrieval.schema_version"] == b"3"
 
 
+def test_regions_on_both_engines(world, spark, tmp_path):
+    """search.geometric.regions: the rows' query regions (the default extract.query_regions) cropped
+    and matched too, inside the tasks on Spark: the same rows as locally."""
+    sets = GEO + ["search.geometric.regions=true"]
+    for label, engine in (("local", None), ("spark", spark)):
+        search(str(world / "qf"), str(world / "idx"), str(tmp_path / label), config.load(sets=sets), engine=engine)
+    assert _rows(str(tmp_path / "local")) == _rows(str(tmp_path / "spark"))
+    d = read_results(str(tmp_path / "spark")).to_pydict()
+    top = {q: (g, n) for q, r, g, n in zip(d["query_id"], d["rank"], d["gallery_id"], d["inliers"]) if r == 1}
+    assert top["copy.jpg"][0] == "astronaut.jpg" and top["copy.jpg"][1] >= 40
+    assert any(r is not None for r in d["query_region"])          # the queries have region rows
+
+
 def test_off_by_default_leaves_the_columns_null(world, tmp_path):
     search(str(world / "qf"), str(world / "idx"), str(tmp_path / "plain"), config.load(sets=["search.k=5"]))
     t = read_results(str(tmp_path / "plain"))

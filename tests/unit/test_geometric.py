@@ -119,3 +119,27 @@ def test_config_off_by_default_checked_and_cv2_required(monkeypatch):
     with pytest.raises(RuntimeError, match="search.geometric.top=0"):
         Geometric.from_config({"top": 3})
     assert Geometric.from_config({"top": 0}) is None                # off: no OpenCV needed
+
+
+def test_regions_match_the_query_region_cropped(tmp_path):
+    """A photo shown small inside a screenshot-like page: the content region cropped at full
+    resolution finds more inliers than the whole page downscaled to max_side."""
+    from tests.unit.test_query_regions import framed
+
+    photo = _photo("astronaut")
+    photo.save(tmp_path / "astronaut.jpg", quality=90)
+    small = photo.resize((240, 240))
+    canvas, at = (1400, 1000), (600, 500)
+    framed(small, canvas, at).save(tmp_path / "page.jpg", quality=90)
+    label = (f"content:{at[0] / canvas[0]:.3f},{at[1] / canvas[1]:.3f},{(at[0] + 240) / canvas[0]:.3f},"
+             f"{(at[1] + 240) / canvas[1]:.3f}")
+    page, astro = str(tmp_path / "page.jpg"), str(tmp_path / "astronaut.jpg")
+    whole = Matcher(Geometric(top=1, regions=False)).inliers(page, astro, label)
+    m = Matcher(Geometric(top=1, regions=True))
+    cropped = m.inliers(page, astro, label)
+    assert cropped >= 40 and cropped > 2 * max(whole, 5), (whole, cropped)
+    assert m.inliers(page, astro, None) == m.inliers(page, astro, "not a label") == whole   # no region: whole only
+    t = _table([("page.jpg", 1, "a", 0.5, page, astro)])
+    t = t.set_column(t.schema.get_field_index("query_region"), "query_region", pa.array([label]))
+    out, _ = verify_table(t, Geometric(top=1, regions=True), m)
+    assert out.column("inliers").to_pylist() == [cropped]
