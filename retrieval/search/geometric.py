@@ -44,8 +44,8 @@ class Geometric:
     ratio: float = 0.8            # Lowe's ratio test on the two nearest neighbours
     max_side: int = 512           # images downscaled to this longer side before description
     flip: bool = True             # also match the mirrored query
-    regions: bool = False         # also match the query region a row came from (query_region), cropped
-    min_inliers: int = 15         # a row needs this many inliers for the boost
+    regions: bool = True          # also match the query region a row came from (query_region), cropped
+    min_inliers: int = 10         # a row needs this many inliers for the boost
     boost: float = 0.8            # added to score / norm_score at cap inliers or more
     cap: int = 100                # inliers at which the boost is full
     reproj: float = 5.0           # RANSAC reprojection threshold (pixels, at max_side)
