@@ -5,7 +5,8 @@ For each result row among a query's first ``top`` ranks, the query image and the
 ``max_side``) are described by local features (OpenCV ORB, or SIFT), matched (two nearest
 neighbours, Lowe's ratio test) and a RANSAC homography (or partial affine) is fitted: its inlier
 count goes to the ``inliers`` column. With ``flip`` the mirrored query is matched too (a mirrored
-copy has no geometric model otherwise) and the larger count kept.
+copy has no geometric model otherwise) and the larger count kept; with ``regions`` a row that came
+from a query region (``query_region``) also matches that region, cropped at full resolution.
 
 The count is combined into the score: a row with at least ``min_inliers`` inliers gains
 ``boost x min(inliers, cap) / cap`` on ``score`` and on ``norm_score`` (when the search normalises),
