@@ -41,7 +41,12 @@ setup(
         # onnx: torch.onnx.export (the tests export this project's model to ONNX)
         "test": ["pytest>=8", "scikit-image>=0.22", "moto[server]>=5", "s3fs>=2024.1", "venv-pack>=0.2",
                  "onnxruntime>=1.17", "onnx>=1.16", "duckdb>=1.0",
-                 "augly==1.0.0", "iopath>=0.1.8", "python-magic>=0.4.22", "regex>=2021.4.4"],
+                 "augly==1.0.0", "iopath>=0.1.8", "python-magic>=0.4.22", "regex>=2021.4.4",
+                 "opencv-python-headless>=4.8"],
+        # search.geometric: geometric verification of the top matches with local features (ORB/SIFT +
+        # RANSAC; retrieval/search/geometric.py). Opt-in (off by default), so not in install_requires:
+        # a search with it on and OpenCV missing stops with an error naming this extra
+        "verify": ["opencv-python-headless>=4.8"],
         # extract.pdq / retrieval pdq: PDQ hashes (builds the reference C++ from source: g++, ~1 minute)
         "pdq": ["pdqhash==0.2.8"],
         # scripts/package_env.sh: the relocatable environment archive for spark-submit --archives

@@ -58,8 +58,11 @@ ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("err
 # later issues: query_region (the query region a match comes from; null = the whole image), signal
 # (what scored the match: "descriptor", or "pdq" for the rows of `retrieval pdq match`) and distance
 # (a hash distance: the PDQ Hamming distance, 0-256; null for descriptors). A "pdq" row's score and
-# coarse_score are the hashes' cosine as +-1 vectors, 1 - 2 distance / 256 (retrieval/hashing.py).
-RESULT_SCHEMA_VERSION = 2
+# coarse_score are the hashes' cosine as +-1 vectors, 1 - 2 distance / 256 (retrieval/hashing.py);
+# 3 = + inliers, geometric_error (search.geometric: the RANSAC inliers of local features between the
+# query and gallery images of a query's top rows, and why a row could not be verified;
+# retrieval/search/geometric.py). Both null when the row was not verified (off, or below its top).
+RESULT_SCHEMA_VERSION = 3
 SCHEMA_VERSION_KEY = b"retrieval.schema_version"
 RESULT_SCHEMA = pa.schema([
     ("query_id", pa.string()), ("rank", pa.int32()), ("gallery_id", pa.string()),
@@ -71,6 +74,8 @@ RESULT_SCHEMA = pa.schema([
     ("query_region", pa.string()),    # reserved (regions): null = the whole query image
     ("signal", pa.string()),          # what scored the match: "descriptor" | "pdq"
     ("distance", pa.int32()),         # "pdq": the Hamming distance; null for descriptor matches
+    ("inliers", pa.int32()),          # search.geometric: RANSAC inliers of local features (null: not verified)
+    ("geometric_error", pa.string()),  # search.geometric: why the row could not be verified (null: fine)
 ], metadata={SCHEMA_VERSION_KEY: str(RESULT_SCHEMA_VERSION).encode()})
 # columns a result file must have (version 1 outputs, and those written before norm_score existed, lack the rest)
 RESULT_REQUIRED = ("query_id", "rank", "gallery_id", "score", "coarse_score", "query_uri", "gallery_uri")

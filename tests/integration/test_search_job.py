@@ -63,14 +63,14 @@ def test_library_and_spark_give_the_same_results(world, spark, tmp_path):
     assert [f"{f.name}:{f.type}" for f in t.schema] == [
         "query_id:string", "rank:int32", "gallery_id:string", "score:float", "coarse_score:float",
         "query_uri:string", "gallery_uri:string", "norm_score:float", "fmr:double", "fmr_query:double",
-        "query_region:string", "signal:string", "distance:int32"]
+        "query_region:string", "signal:string", "distance:int32", "inliers:int32", "geometric_error:string"]
     assert t.column("norm_score").null_count == t.num_rows      # not normalised by default
     assert t.column("fmr").null_count == t.column("fmr_query").null_count == t.num_rows   # no background: no rates
     assert set(t.column("signal").to_pylist()) == {"descriptor"}
-    assert t.schema.metadata[b"retrieval.schema_version"] == b"2"
+    assert t.schema.metadata[b"retrieval.schema_version"] == b"3"
     m = json.loads((tmp_path / "lib" / "_manifest.json").read_text())
     assert m["stage"] == "search" and m["model_version"] == "synthetic-v1"
-    assert m["schema_version"] == 2 and m["calibration"] is None
+    assert m["schema_version"] == 3 and m["calibration"] is None
     assert m["index"] == world["index"] and m["query_features"] == world["queries"]
     assert set(m["timings"]) >= {"encode_s", "coarse_s", "merge_s", "rerank_s", "total_s"}
     assert m["counts"]["rows"] == sum(f["rows"] for f in m["files"]) == len(_rows(tmp_path / "lib"))
@@ -288,7 +288,7 @@ def _check_false_match_rates(manifest, rows, q_fine, bg):
     from retrieval.search.calibrate import NullTail
 
     cal = manifest["calibration"]
-    assert manifest["schema_version"] == 2
+    assert manifest["schema_version"] == 3
     assert (cal["null_queries"], cal["background"], cal["gallery"]) == (MATCH + NOMATCH, 400, N)
     assert cal["pairs"] == (MATCH + NOMATCH) * 400
     d = rows.to_pydict()

@@ -138,7 +138,7 @@ def test_version_1_results_are_read_into_version_2(tmp_path):
     raw = pq.read_table(path)
     assert result_schema_version(raw.schema) == 1
     t = conform_results(raw)
-    assert t.schema.equals(RESULT_SCHEMA) and result_schema_version(t.schema) == RESULT_SCHEMA_VERSION == 2
+    assert t.schema.equals(RESULT_SCHEMA) and result_schema_version(t.schema) == RESULT_SCHEMA_VERSION == 3
     assert t.column("score").to_pylist() == pytest.approx([0.9, 0.5])
     assert t.column("fmr").null_count == t.column("fmr_query").null_count == 2
     assert t.column("query_region").null_count == t.column("distance").null_count == 2
@@ -162,4 +162,5 @@ def test_version_2_columns_are_typed_and_kept(tmp_path):
     assert out.column("fmr").to_pylist() == [1e-7, 0.2] and out.column("distance").to_pylist() == [None, 3]
     assert out.column("query_region").to_pylist() == ["0,0,10,10", None]
     pq.write_table(out, tmp_path / "v2.parquet")
-    assert result_schema_version(pq.read_schema(tmp_path / "v2.parquet")) == 2
+    assert result_schema_version(pq.read_schema(tmp_path / "v2.parquet")) == 3     # written now: the current version
+    assert out.column("inliers").null_count == out.column("geometric_error").null_count == 2   # version 3: not verified
