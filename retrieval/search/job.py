@@ -151,7 +151,7 @@ def make_job(output_url: str, index_url: str, index_manifest: dict, qfiles: list
         vector_cache_mb=search_cfg.vector_cache_mb, shard_cache=search_cfg.shard_cache,
         threads=search_cfg.threads, verify=search_cfg.verify,
         chunks=tuple(q_mod.plan_chunks(qrows, search_cfg.query_chunk, starts)), query_regions=starts is not None,
-        faults=faults.configured(), storage_options=cfg["io.storage_options"], background=background,
+        region_margin=float(search_cfg.region_margin), faults=faults.configured(), storage_options=cfg["io.storage_options"], background=background,
         removed=takedowns.removed(index_url, index_manifest, search_cfg.verify))
     return plan_rerank(job, search_cfg.rerank)
 
@@ -268,7 +268,7 @@ def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: di
                    "normalize": job.background.describe() if job.background is not None else None,
                    "rerank": job.rerank, "rerank_configured": search_cfg.rerank, "blocks": len(job.blocks),
                    "vector_cache_mb": job.vector_cache_mb, "collapse_groups": search_cfg.collapse_groups,
-                   "query_regions": qman.get("query_regions") or []},
+                   "query_regions": qman.get("query_regions") or [], "region_margin": job.region_margin},
         "io": io_counts(stats, block_stats, column),
         "files": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"], "chunk": s["chunk"],
                    "queries": s["queries"]} for s in stats],
