@@ -195,6 +195,10 @@ def card_markdown(card: dict) -> str:
         lines.insert(-1, f"- whitening fitted together with {bg['images_used']:,} background images (of "
                          f"{bg['images_listed']:,} listed) from `{bg['url']}` (fit.background), carrying "
                          f"{bg['share']:.0%} of the weight")
+    prior = card["facts"]["fine_whitening"].get("prior_share", 0.0)
+    if prior:
+        lines.insert(-1, f"- the base model's own whitening statistics (its training images) mixed into the fit, "
+                         f"carrying {prior:.0%} of the weight (fit.prior_share)")
     if card["facts"].get("heads_initialised"):
         lines.insert(-1, "- adapter 1 / fine head initialised from the principal components (heads were untrained)")
     return "\n".join(lines) + "\n"

@@ -39,6 +39,9 @@ def test_fit_writes_a_checkpoint_that_later_stages_load(sample, fitted):
     assert model.spec.whiten and model.spec.fine_dim == 512 and model.spec.coarse_dim == 128
     assert model.spec.extra["fit"]["sample_sha256"] == card["sample_sha256"]
     assert "Fitted by `retrieval fit`" in fsio.read_text(url + ".card.md")
+    # fit.prior_share (default 0.5): the shipped model's own whitening joins the gallery's statistics
+    assert card["facts"]["fine_whitening"]["prior_share"] == card["facts"]["coarse_whitening"]["prior_share"] == 0.5
+    assert "carrying 50% of the weight (fit.prior_share)" in fsio.read_text(url + ".card.md")
     # the backbone and the heads before whitening are the shipped model's: only the fit's layers and
     # adapter 2 (re-distilled) differ
     sd, base = model.state_dict(), default.state_dict()
