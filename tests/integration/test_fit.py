@@ -56,12 +56,14 @@ def test_fit_writes_a_checkpoint_that_later_stages_load(sample, fitted):
     fine, coarse = fine_matrix(t), coarse_matrix(t)
     assert fine.shape == (t.num_rows, 512) and coarse.shape == (t.num_rows, 128)
     assert np.allclose(np.linalg.norm(fine, axis=1), 1, atol=0.02)
-    # centred: the fitted gallery descriptors no longer share one dominant direction
+    # centred: the fitted gallery descriptors no longer share one dominant direction (with the default
+    # fit.prior_share 0.5 the centre is the mean of the gallery's and the training images': about
+    # half the shared direction goes; prior_share 0 removes it all, tests/unit/test_fit_whiten.py)
     base_out = str(fitted["root"] / "features_default")
     assert main(["extract", "--engine", "local", "--input", sample["gallery"], "--output", base_out,
                  "--role", "gallery", *FAST]) == 0
     base_fine = fine_matrix(read_features(base_out))
-    assert np.linalg.norm(fine.mean(0)) < 0.5 * np.linalg.norm(base_fine.mean(0))
+    assert np.linalg.norm(fine.mean(0)) < 0.7 * np.linalg.norm(base_fine.mean(0))
     # queries: the re-fitted adapter 2 maps the low-resolution copy near the gallery's coarse code
     assert card["facts"]["adapter2"]["cosine_after"] >= card["facts"]["adapter2"]["cosine_before"]
 
