@@ -200,7 +200,8 @@ def exact_results(query_features_url: str, index_url: str, cfg, background=None)
     if regions:         # per image, the best (normalised) score over its rows, as the search merges
         from retrieval.search.regions import merge_chunk
 
-        qt, s, i, _, norm, region, _ = merge_chunk(qt, s, i, np.zeros_like(s), norm, evaluate_cfg.exact_k)
+        qt, s, i, _, norm, region, _ = merge_chunk(qt, s, i, np.zeros_like(s), norm, evaluate_cfg.exact_k,
+                                                   margin=float(cfg["search.region_margin"]))
     seconds = time.monotonic() - t0
     rows, ranks = np.nonzero(i >= 0)
     gal = idmap.fetch_rows(files, i[rows, ranks], ["image_id"]) if len(rows) else None

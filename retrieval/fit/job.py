@@ -133,6 +133,10 @@ def fit_model(model, p_hi, p_lo, fit_cfg: Config, extra_hi=None) -> dict:
             whiten.set_linear(model.fine_head, w, b)
         model.adapter2_from_adapter1()
         facts["heads_initialised"] = "pca"
+    share_p = float(fit_cfg["prior_share"]) if "prior_share" in fit_cfg else 0.0
+    priors = {name: (*whiten.layer_statistics(layer.weight.detach().numpy(), layer.bias.detach().numpy()), share_p)
+              for name, layer in (("fine", model.fine_white), ("coarse", model.coarse_white))
+              if share_p > 0 and layer is not None}          # the model's own whitening (fit.prior_share)
     model.enable_whitening()
     for layer in (model.fine_white, model.coarse_white):   # refit from scratch (identity first)
         whiten.set_linear(layer, np.eye(layer.in_features, dtype=np.float32),
@@ -147,9 +151,9 @@ def fit_model(model, p_hi, p_lo, fit_cfg: Config, extra_hi=None) -> dict:
         coarse = torch.nn.functional.normalize(model.adapter1(x_white), dim=-1).numpy()
     for name, layer, x in (("fine", model.fine_white, fine), ("coarse", model.coarse_white, coarse)):
         wt = whiten.fit_whitening(x, None if fit_cfg["shrinkage"] == "auto" else fit_cfg["shrinkage"], fit_cfg["power"],
-                                  weights=weights)
+                                  weights=weights, prior=priors.get(name))
         whiten.set_linear(layer, wt.weight, wt.bias)
-        facts[f"{name}_whitening"] = wt.summary()
+        facts[f"{name}_whitening"] = {**wt.summary(), "prior_share": share_p if name in priors else 0.0}
     facts["adapter2"] = whiten.refit_adapter2(model, p_hi, p_lo, fit_cfg["adapter2_steps"], fit_cfg["adapter2_lr"],
                                               seed=fit_cfg["seed"])
     return facts
@@ -191,6 +195,10 @@ def card_markdown(card: dict) -> str:
         lines.insert(-1, f"- whitening fitted together with {bg['images_used']:,} background images (of "
                          f"{bg['images_listed']:,} listed) from `{bg['url']}` (fit.background), carrying "
                          f"{bg['share']:.0%} of the weight")
+    prior = card["facts"]["fine_whitening"].get("prior_share", 0.0)
+    if prior:
+        lines.insert(-1, f"- the base model's own whitening statistics (its training images) mixed into the fit, "
+                         f"carrying {prior:.0%} of the weight (fit.prior_share)")
     if card["facts"].get("heads_initialised"):
         lines.insert(-1, "- adapter 1 / fine head initialised from the principal components (heads were untrained)")
     return "\n".join(lines) + "\n"

@@ -40,6 +40,7 @@ STAGE = Stage(
         "fit.shrinkage": lambda v: None if v == "auto" or 0.0 <= v <= 1.0 else "must be 'auto' or in [0, 1]",
         "fit.power": lambda v: None if 0.0 <= v <= 1.0 else "must be in [0, 1]",
         "fit.background_share": lambda v: None if 0.0 <= v < 1.0 else "must be in [0, 1)",
+        "fit.prior_share": lambda v: None if 0.0 <= v < 1.0 else "must be in [0, 1)",
         "fit.adapter2_steps": non_negative,
         "fit.adapter2_lr": positive,
         "fit.batch_size": positive,

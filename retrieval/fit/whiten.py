@@ -72,16 +72,37 @@ def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
     return float(min(max(beta_bar, 0.0), delta) / delta)
 
 
+def layer_statistics(weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and covariance a whitening ``y = W x + b`` was fitted from, read as a full
+    whitening (power 0.5, as ``retrieval fit`` and training write it): ``W^T W = C^-1``,
+    ``mu = -W^-1 b``. An identity layer reads as mean 0, covariance I."""
+    w, b = np.asarray(weight, np.float64), np.asarray(bias, np.float64)
+    return -np.linalg.solve(w, b), np.linalg.inv(w.T @ w)
+
+
+def mix(stats: list[tuple[np.ndarray, np.ndarray, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and covariance of a mixture of ``(mean, covariance, share)`` groups."""
+    total = sum(s for _, _, s in stats)
+    mu = sum(s * m for m, _, s in stats) / total
+    cov = sum(s * (c + np.outer(m - mu, m - mu)) for m, c, s in stats) / total
+    return mu, cov
+
+
 def fit_whitening(x: np.ndarray, shrinkage: float | None, power: float,
-                  weights: np.ndarray | None = None) -> Whitening:
+                  weights: np.ndarray | None = None,
+                  prior: tuple[np.ndarray, np.ndarray, float] | None = None) -> Whitening:
     """Whitening of the rows of ``x`` (n x d); see the module doc. ``shrinkage`` None: the
     Ledoit-Wolf estimate (:func:`ledoit_wolf_shrinkage`, of the unweighted rows); ``weights``: each
-    row's weight in the mean and covariance (None: equal)."""
+    row's weight in the mean and covariance (None: equal). ``prior``: ``(mean, covariance, share)``
+    statistics (the model's own whitening: :func:`layer_statistics`) mixed with the rows' with that
+    share, before the shrinkage (``fit.prior_share``)."""
     if len(x) < 2:
         raise ValueError(f"whitening needs at least 2 vectors, got {len(x)}")
     if shrinkage is None:
         shrinkage = ledoit_wolf_shrinkage(x)
     mu, cov = _covariance(x, weights)
+    if prior is not None and prior[2] > 0:
+        mu, cov = mix([(mu, cov, 1.0 - prior[2]), prior])
     d = cov.shape[0]
     cov = (1.0 - shrinkage) * cov + shrinkage * (np.trace(cov) / d) * np.eye(d)
     eig, vec = np.linalg.eigh(cov)

@@ -152,7 +152,7 @@ def make_job(output_url: str, index_url: str, index_manifest: dict, qfiles: list
         vector_cache_mb=search_cfg.vector_cache_mb, shard_cache=search_cfg.shard_cache,
         threads=search_cfg.threads, verify=search_cfg.verify,
         chunks=tuple(q_mod.plan_chunks(qrows, search_cfg.query_chunk, starts)), query_regions=starts is not None,
-        faults=faults.configured(), storage_options=cfg["io.storage_options"], background=background,
+        region_margin=float(search_cfg.region_margin), faults=faults.configured(), storage_options=cfg["io.storage_options"], background=background,
         removed=takedowns.removed(index_url, index_manifest, search_cfg.verify),
         geometric=geometric_mod.Geometric.from_config(search_cfg.geometric))
     return plan_rerank(job, search_cfg.rerank)
@@ -275,6 +275,7 @@ def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: di
                    "rerank": job.rerank, "rerank_configured": search_cfg.rerank, "blocks": len(job.blocks),
                    "vector_cache_mb": job.vector_cache_mb, "collapse_groups": search_cfg.collapse_groups,
                    "query_regions": qman.get("query_regions") or [],
+                   "region_margin": job.region_margin,
                    "geometric": dataclasses.asdict(job.geometric) if job.geometric is not None else None},
         "io": io_counts(stats, block_stats, column),
         "files": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"], "chunk": s["chunk"],

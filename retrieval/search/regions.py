@@ -83,14 +83,19 @@ def take(values: np.ndarray, src_row: np.ndarray, src_col: np.ndarray, fill: flo
 
 
 def merge_chunk(q: pa.Table, scores: np.ndarray, ids: np.ndarray, coarse: np.ndarray,
-                norm: np.ndarray | None, k: int, labels: tuple[pa.Array, pa.Array] | None = None):
+                norm: np.ndarray | None, k: int, labels: tuple[pa.Array, pa.Array] | None = None,
+                margin: float = 0.0):
     """A chunk's per-row results (``q``: its query rows with the ``region`` column) merged per
     image: ``(queries, scores, ids, coarse, norm, query_region, labels)`` - the whole-image rows,
     the merged ``nq x k`` arrays, the region label of every kept entry and (when given: labels
     of the per-row entries in ``np.nonzero(ids >= 0)`` order) the gallery labels, both in the
-    merged entries' ``np.nonzero`` order."""
+    merged entries' ``np.nonzero`` order. ``margin`` (``search.region_margin``): a region row's
+    merge key is its score minus this, so that a region wins a gallery image, and ranks it, only
+    by more than ``margin`` over the whole image (the scores written are not changed)."""
     starts = query_starts(q.column(REGION))
     key = norm if norm is not None else scores
+    if margin:
+        key = key - np.float32(margin) * q.column(REGION).is_valid().to_numpy(zero_copy_only=False)[:, None]
     m_ids, src_row, src_col = merge(starts, scores, ids, key, k)
     ok = src_row >= 0
     region = q.column(REGION).take(pa.array(src_row[ok]))

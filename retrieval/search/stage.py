@@ -46,6 +46,7 @@ STAGE = Stage(
         "search.shard_cache": positive,
         "search.threads": positive_or_auto,
         "search.progress_seconds": positive,
+        "search.region_margin": lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 else "must be a number in [0, 1]",
         "search.normalize.k": positive,
         "search.normalize.fmr_queries": positive,
         "search.normalize.beta": non_negative,

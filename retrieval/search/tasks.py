@@ -74,6 +74,7 @@ class SearchJob:
     removed: takedowns.Removed | None = None     # the index's tombstones (retrieval remove): left out
     query_regions: bool = False       # the query features hold region rows (merged per image when written)
     geometric: Any = None             # search.geometric: a geometric.Geometric (None: off)
+    region_margin: float = 0.0        # search.region_margin: a region row's merge key minus this
 
 
 def part_name(chunk: int) -> str:
@@ -198,7 +199,7 @@ def _write_chunk(job: SearchJob, chunk: Chunk, q: pa.Table, q_fine: np.ndarray |
     region = None
     if job.query_regions:       # each row normalised against the background on its own, then merged
         q, scores, ids, coarse, norm, region, labels = regions_mod.merge_chunk(q, scores, ids, coarse, norm,
-                                                                              job.k, labels)
+                                                                              job.k, labels, job.region_margin)
     t_norm = time.monotonic() - t2
     faults.maybe_fail(job.faults, "search", chunk.chunk, chunk.stop - chunk.start)
     labels_before = cache.label_reads

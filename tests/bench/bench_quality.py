@@ -28,9 +28,16 @@ extraction the search runs, and ``evaluate --exact`` merges them the same way; `
 extract.query_regions=[]`` gives the whole-image figures (``tests/bench/bench_regions.py`` compares
 region sets per kind).
 
-``--tune`` (on the tune split): the whitening regularisation (fit.shrinkage x fit.power) and the
-normalisation (k x beta) grids, scored by exact 512-d micro-AP on features computed once per image
-through the library (the same fit code as ``retrieval fit``).
+``--tune`` (on the tune split; ``tests/bench/quality_tune.py``): every lever together - fit.shrinkage x
+fit.power x fit.background_share x fit.prior_share (x the whitening's dimension), normalisation k x
+beta, every subset of the query regions of ``--regions`` and search.region_margin - scored by exact
+512-d search (micro-AP, recall@1, recall@10, worst kind) on features computed once per image through
+the library (the same fit, normalisation and region-merge code as ``retrieval fit`` / ``search``).
+
+``--configs before=default+extract.query_regions=[]+fit.prior_share=0`` runs the shipped model with
+those settings (the 0.2 "before": whole images, gallery-only fit) beside ``default``; the output ends
+with the per-kind tables of every row, two-stage / exact recall@1, and the search stage's query cost
+(encode and search time, rows per query) as a multiple of the first row's.
 """
 from __future__ import annotations
 
@@ -160,7 +167,7 @@ def model_rows(name: str, base_sets: list[str], split_dir: str, bg_dir: str, wor
                     sets=sets, engine=engine, log=log)
             timings[f"{label} extract background"] = r["_seconds"]
             sets = sets + [f"search.normalize.background={d}/background"]
-            queries = f"{d}/search/query_features"        # the same query features, searched again
+            queries = f"{d}/search.query_features"        # the same query features, searched again
         out = f"{d}/search_norm" if norm else f"{d}/search"
         r = run("search", "--queries", queries, "--index", f"{d}/index", "--output", out, sets=sets,
                 engine=engine, log=log)
@@ -170,6 +177,9 @@ def model_rows(name: str, base_sets: list[str], split_dir: str, bg_dir: str, wor
         manifest = json.load(open(f"{out}/_manifest.json"))
         column = "norm_score" if norm else "score"
         two_stage = row_metrics(read_results(out), column, truth, edits)
+        two_stage["cost"] = {"encode_s": manifest["timings"].get("encode_s"), "search_s": manifest["timings"]["search_s"],
+                             "query_rows": manifest["counts"].get("query_rows", manifest["counts"]["queries"]),
+                             "queries": manifest["counts"]["queries"], "rows": manifest["counts"]["rows"]}
         background = None
         if norm:
             from retrieval.index import store
@@ -189,7 +199,7 @@ def model_rows(name: str, base_sets: list[str], split_dir: str, bg_dir: str, wor
     return rows
 
 
-def print_table(rows: list[tuple[str, dict, dict]], split: str) -> None:
+def print_table(rows: list[tuple[str, dict, dict]], split: str, cost_base: str | None = None) -> None:
     kinds = sorted({k for _, a, _ in rows for k in a["per_kind"]})
     print(f"\n### bench_quality, split {split}\n")
     print("| configuration | search | µAP | recall@1 | recall@10 | recall@P90 | FPR@P90 (negatives) | thr@P90 | thr@P95 |")
@@ -214,104 +224,41 @@ def print_table(rows: list[tuple[str, dict, dict]], split: str) -> None:
                                                for k in kinds) + " |")
     kept = [(label, a["recall@1"] / e["recall@1"] if e["recall@1"] else float("nan")) for label, a, e in rows]
     print("\ntwo-stage recall@1 / exact recall@1: " + ", ".join(f"{lab} {100 * k:.1f}%" for lab, k in kept))
+    print_cost(rows, cost_base)
+
+
+def print_cost(rows: list[tuple[str, dict, dict]], base_label: str | None = None) -> None:
+    """The search stage's cost per row (query encode: the rows that encoded their query images;
+    search: coarse + rerank + merge (+ normalisation)), and each as a multiple of the row
+    ``base_label``'s (default: the first row's)."""
+    costs = [(label, a["cost"]) for label, a, _ in rows if a.get("cost")]
+    if not costs:
+        return
+    costs.sort(key=lambda c: c[0] != base_label)        # the base first (stable otherwise)
+    base = costs[0][1]
+
+    def x(v, b):
+        return f"{v / b:.2f}x" if v and b else "-"
+
+    print(f"\nquery cost (search stage; x = multiple of {costs[0][0]!r}; a shared machine):\n")
+    print("| configuration | query rows / query | encode s | x | search s | x | result rows |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, c in costs:
+        enc = c["encode_s"] if c["encode_s"] and c["encode_s"] > 0.5 else None    # reused features: no encode
+        print(f"| {label} | {c['query_rows'] / max(c['queries'], 1):.2f} | {'-' if enc is None else f'{enc:.1f}'} | "
+              f"{x(enc, base['encode_s'])} | {c['search_s']:.2f} | {x(c['search_s'], base['search_s'])} | {c['rows']} |")
 
 
 # ---------------------------------------------------------------------------------------------
-# --tune: grids on the tune split (features computed once per image through the library)
-def _pooled(model_sets: list[str], urls: list[tuple[str, str]]):
-    from retrieval.model.checkpoints import model_from_config
-    from retrieval.fit.job import FitJob, _as_matrix, pooled_feature_rows
-
-    cfg = config_mod.load(sets=model_sets)
-
-    model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict())
-    job = FitJob(model_cfg=cfg["model"].to_dict(), preprocess_cfg=cfg["preprocess"].to_dict(),
-                 model_version=model.model_version(), batch_size=32, threads=0)
-    out = pooled_feature_rows(job, urls)
-    bad = [r for r in out if r[3]]
-    if bad:
-        raise SystemExit(f"{len(bad)} images failed: {bad[:3]}")
-    k = model.spec.channels
-    return model, cfg, [r[0] for r in out], _as_matrix([r[1] for r in out], k), _as_matrix([r[2] for r in out], k)
-
-
-def _listing(d: str) -> list[tuple[str, str]]:
-    return sorted((f, os.path.join(d, f)) for f in os.listdir(d))
-
-
-def tune(data: str, model_sets: list[str], name: str, work: str) -> None:
-    import copy
-
-    import torch
-
-    from retrieval.fit.job import fit_model
-    from retrieval.search.normalize import background_level
+# --tune: every lever on the tune split (tests/bench/quality_tune.py)
+def tune(data: str, model_sets: list[str], name: str, work: str, regions: list[str]) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import quality_tune
 
     split = os.path.join(data, "tune")
     os.makedirs(work, exist_ok=True)
-    truth = read_truth(pipeline_truth(split, work))
-    g_list, q_list = _listing(os.path.join(split, "gallery")), _listing(os.path.join(split, "queries"))
-    b_list = _listing(os.path.join(data, "background"))
-    t0 = time.monotonic()
-    cache = os.path.join(work, f"tune-pooled-{name}.pt")
-    if os.path.exists(cache):
-        from retrieval.model.checkpoints import model_from_config
-
-        cfg = config_mod.load(sets=model_sets)
-        model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict())
-        g_ids, g_hi, g_lo, q_ids, q_hi, q_lo, b_hi = torch.load(cache)
-    else:
-        model, cfg, g_ids, g_hi, g_lo = _pooled(model_sets, g_list)
-        _, _, q_ids, q_hi, q_lo = _pooled(model_sets, q_list)
-        _, _, _, b_hi, _ = _pooled(model_sets, b_list)
-        os.makedirs(work, exist_ok=True)
-        torch.save((g_ids, g_hi, g_lo, q_ids, q_hi, q_lo, b_hi), cache)
-    print(f"[{name}] pooled features of {len(g_ids)} gallery, {len(q_ids)} queries, {len(b_hi)} background "
-          f"in {time.monotonic() - t0:.0f}s", flush=True)
-
-    def score(m, norm: tuple[int, float] | None = None) -> tuple[float, float]:
-        with torch.no_grad():
-            g, q, b = m.fine(g_hi).numpy(), m.fine(q_hi).numpy(), m.fine(b_hi).numpy()
-        s = q @ g.T
-        top = np.argsort(-s, axis=1)[:, :10]
-        sc = np.take_along_axis(s, top, axis=1)
-        if norm:
-            sc = sc - norm[1] * background_level(q, b, norm[0])[:, None]
-        qid = [q_ids[i] for i in range(len(q_ids)) for _ in range(10)]
-        mm, _ = evaluate_results(qid, [r + 1 for _ in range(len(q_ids)) for r in range(10)],
-                                 [g_ids[j] for j in top.ravel()], sc.ravel().tolist(), truth, (1,), (0.5,), (0.9,))
-        return mm["micro_ap"], mm["recall@1"]
-
-    def coarse_recall(m, at: int = 10) -> float:
-        """Share of the copies whose source is in the coarse top ``at`` (query R_lo -> adapter 2)."""
-        with torch.no_grad():
-            g, q = m.coarse_gallery(g_hi).numpy(), m.coarse_query(q_lo).numpy()
-        top = np.argsort(-(q @ g.T), axis=1)[:, :at]
-        hits = [g_ids.index(next(iter(truth.matches[qi]))) in set(top[i]) for i, qi in enumerate(q_ids)
-                if truth.matches.get(qi)]
-        return float(np.mean(hits))
-
-    print(f"[{name}] base model: uAP {score(model)[0]:.4f}  r@1 {score(model)[1]:.4f}  coarse r@10 "
-          f"{coarse_recall(model):.4f}")
-    best = None
-    grid = [(s_, p_) for s_ in (None, 0.2, 0.4, 0.6, 0.8) for p_ in (0.35, 0.5)]
-    for shrink, power in grid:
-        if True:
-            m = copy.deepcopy(model)
-            fc = {**cfg["fit"].to_dict(), "shrinkage": shrink, "power": power}
-            facts = fit_model(m, g_hi, g_lo, fc)
-            ap, r1 = score(m)
-            print(f"[{name}] fit shrinkage {str(shrink):<4} (fine {facts['fine_whitening']['shrinkage']:.3f}, "
-                  f"coarse {facts['coarse_whitening']['shrinkage']:.3f}) power {power:<4}: uAP {ap:.4f}  "
-                  f"r@1 {r1:.4f}  coarse r@10 {coarse_recall(m):.4f}  adapter2 {facts['adapter2']}", flush=True)
-            if best is None or ap > best[0]:
-                best = (ap, shrink, power, m)
-    ap, shrink, power, m = best
-    print(f"[{name}] best fit: shrinkage {shrink} power {power} (uAP {ap:.4f})")
-    for k in (1, 3, 10, 30):
-        for beta in (0.5, 0.75, 1.0):
-            ap, r1 = score(m, (k, beta))
-            print(f"[{name}] + norm k {k:<3} beta {beta:<4}: uAP {ap:.4f}  r@1 {r1:.4f}", flush=True)
+    quality_tune.tune(data, model_sets, name, work, regions, read_truth(pipeline_truth(split, work)),
+                      read_edits(split))
 
 
 def main() -> None:
@@ -321,8 +268,14 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bench_quality")
     ap.add_argument("--engine", default="local", choices=("local", "spark"))
     ap.add_argument("--configs", default="default,sscd", help="comma list of: default, sscd, sscd_distilled, "
-                                                               "or name=path.onnx / name=checkpoint-url")
+                                                               "name=path.onnx / name=checkpoint-url, or "
+                                                               "name=default+KEY=VALUE+... (a model with settings, e.g. "
+                                                               "before=default+extract.query_regions=[])")
     ap.add_argument("--tune", action="store_true", help="hyper-parameter grids on the tune split")
+    ap.add_argument("--cost-base", default=None, metavar="ROW",
+                    help="the row the query cost is a multiple of (e.g. before); default the first row")
+    ap.add_argument("--regions", default="content,center50,center70,center85,grid2",
+                    help="--tune: the query regions extracted once; every subset is scored")
     ap.add_argument("--set", action="append", default=[], dest="sets", help="extra --set for every stage")
     ap.add_argument("--card", default=None, metavar="NAME=CARD_BASE",
                     help="write configuration NAME's rows (NAME, NAME + fit, NAME + fit + norm) and their "
@@ -340,6 +293,11 @@ def main() -> None:
         elif c in ("sscd", "sscd_distilled"):
             path = sscd_path("distilled" if c == "sscd_distilled" else "")
             models[c] = ["model.backbone=onnx", f"model.backbone_weights={path}", "model.checkpoint=null"]
+        elif "=" in c and c.split("=", 1)[1].split("+")[0] in ("default", "sscd"):     # NAME=MODEL+SET+SET
+            name, spec = c.split("=", 1)
+            model, *more = spec.split("+")
+            models[name] = ([] if model == "default" else
+                            ["model.backbone=onnx", f"model.backbone_weights={sscd_path()}", "model.checkpoint=null"]) + more
         elif "=" in c:
             name, url = c.split("=", 1)
             models[name] = (["model.backbone=onnx", f"model.backbone_weights={url}", "model.checkpoint=null"]
@@ -348,7 +306,7 @@ def main() -> None:
             raise SystemExit(f"unknown config {c!r}")
     if args.tune:
         for name, sets in models.items():
-            tune(args.data, sets + args.sets, name, args.work)
+            tune(args.data, sets + args.sets, name, args.work, args.regions.split(","))
         return
     split_dir = os.path.join(args.data, args.split)
     bg_dir = os.path.join(args.data, "background")
@@ -376,7 +334,7 @@ def main() -> None:
           f"({sum(1 for g in read_truth(os.path.join(split_dir, 'truth.csv')).matches.values() if not g)} "
           f"non-matching), {len(os.listdir(bg_dir))} background images; engine {args.engine}; "
           f"total {time.monotonic() - t0:.0f}s")
-    print_table(rows, args.split)
+    print_table(rows, args.split, args.cost_base)
     with open(os.path.join(args.work, f"results-{args.split}.json"), "w") as fh:
         json.dump([{"configuration": r[0], "two_stage": r[1], "exact": r[2]} for r in rows], fh, indent=1)
     if args.card:

@@ -100,7 +100,8 @@ def test_search_merges_regions_one_row_per_gallery_image(world, spark, tmp_path)
     for name, sets, engine in (("local", [], None), ("gallery_major", ["search.rerank=gallery"], None),
                                ("spark", [], spark)):
         out = str(tmp_path / name)
-        m = search(qf, idx, out, config.load(sets=["search.k=5", "search.query_chunk=4", *sets]), engine)
+        m = search(qf, idx, out, config.load(sets=["search.k=5", "search.query_chunk=4", "search.region_margin=0",
+                                                   *sets]), engine)
         outs[name] = out
         assert m["counts"]["queries"] == 4 and m["counts"]["query_rows"] > 4 and m["counts"]["chunks"] >= 2
     assert _rows(outs["local"]) == _rows(outs["gallery_major"]) == _rows(outs["spark"])
@@ -119,6 +120,22 @@ def test_search_merges_regions_one_row_per_gallery_image(world, spark, tmp_path)
     assert any(reg is None for reg in d["query_region"]) and any(reg for reg in d["query_region"])
     # the regions' rows searched without merging would give 3x the rows: the plain search of the whole rows
     assert len(d["query_id"]) == m["counts"]["rows"]
+    # search.region_margin: a region wins a gallery image only by more than the margin - the same on both
+    # engines; a large margin hands the images the whole image also found back to the whole image
+    won = {}
+    for name, engine in (("margin_local", None), ("margin_spark", spark)):
+        out = str(tmp_path / name)
+        m = search(qf, idx, out, config.load(sets=["search.k=5", "search.query_chunk=4", "search.region_margin=0.5"]),
+                   engine)
+        assert m["params"]["region_margin"] == 0.5
+        outs[name] = out
+    assert _rows(outs["margin_local"]) == _rows(outs["margin_spark"])
+    for name in ("local", "margin_local"):
+        d = read_results(outs[name]).to_pydict()
+        won[name] = {(q, g) for q, g, reg in zip(d["query_id"], d["gallery_id"], d["query_region"]) if reg}
+    assert len(won["margin_local"]) < len(won["local"])
+    whole = {(q, g) for q, g, reg in zip(d["query_id"], d["gallery_id"], d["query_region"]) if reg is None}
+    assert whole >= {(q, g) for q, g in pairs if (q, g) not in won["local"]}
 
 
 def test_normalised_regions_calibration_evaluate_and_report(world, tmp_path):

@@ -1,6 +1,8 @@
 """The whitening and PCA maths of ``retrieval fit`` (retrieval/fit/whiten.py)."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +143,53 @@ def test_background_images_join_the_whitening_fit_and_are_spread_as_the_gallery_
     w = whiten.fit_whitening(x, 0.0, 0.5, weights=np.r_[np.full(30, 2.0), np.ones(30)])
     r = whiten.fit_whitening(np.concatenate([x[:30], x]), 0.0, 0.5)
     assert np.allclose(np.abs(w.weight), np.abs(r.weight), atol=1e-4) and np.allclose(w.eigenvalues, r.eigenvalues)
+
+
+def test_a_whitening_layer_gives_back_the_statistics_it_was_fitted_from():
+    x = _correlated(400, 12)
+    w = whiten.fit_whitening(x, shrinkage=0.1, power=0.5)
+    mu, cov = whiten.layer_statistics(w.weight, w.bias)
+    c = np.cov(x.T, bias=True)
+    c = 0.9 * c + 0.1 * np.trace(c) / 12 * np.eye(12)
+    assert np.allclose(mu, x.mean(axis=0), atol=1e-3)
+    assert np.allclose(cov, c, rtol=1e-3, atol=1e-4)
+    mu0, cov0 = whiten.layer_statistics(np.eye(3), np.zeros(3))          # identity: mean 0, covariance I
+    assert np.allclose(mu0, 0) and np.allclose(cov0, np.eye(3))
+
+
+def test_prior_share_mixes_the_models_own_whitening_into_the_gallery_fit():
+    """``fit.prior_share``: the model's shipped whitening (its training images' statistics) joins the
+    gallery's with that share: 0 = the gallery alone, near 1 = the model's whitening kept."""
+    from retrieval.fit.job import fit_model
+    from retrieval.model.network import ModelSpec, DescriptorModel
+
+    torch.manual_seed(0)
+    spec = ModelSpec(backbone="mobilenet_v2", channels=32, fine_dim=16, coarse_dim=8)
+    train, gallery = torch.randn(2000, 32).abs(), torch.randn(60, 32).abs() * 2 + 1    # another kind of image
+    base = DescriptorModel(spec, torch.nn.Identity())
+    base.init_heads(0)
+    cfg = {"shrinkage": 0.2, "power": 0.5, "adapter2_steps": 0, "adapter2_lr": 1e-3, "seed": 0,
+           "background_share": 0.5, "prior_share": 0.0}
+    fit_model(base, train, train, cfg)                    # "shipped": whitened on its training images
+
+    def refit(share):
+        m = copy.deepcopy(base)
+        facts = fit_model(m, gallery, gallery, {**cfg, "prior_share": share})
+        return m, facts
+
+    alone, facts0 = refit(0.0)
+    kept, facts1 = refit(0.999)
+    half, facts5 = refit(0.5)
+    w = lambda m: m.fine_white.weight.detach().numpy()   # noqa: E731
+    assert np.allclose(np.abs(w(kept)), np.abs(w(base)), atol=0.05 * np.abs(w(base)).max())
+    assert not np.allclose(np.abs(w(alone)), np.abs(w(base)), atol=0.05 * np.abs(w(base)).max())
+    with torch.no_grad():
+        centre = [float(m.fine_white(torch.nn.functional.normalize(m.fine_head(gallery), dim=-1)).mean(0).norm())
+                  for m in (alone, half, kept)]
+    assert centre[0] < 1e-3 < centre[1] < centre[2]       # the gallery's centre moves back towards the model's
+    assert facts0["fine_whitening"]["prior_share"] == 0.0 and facts5["coarse_whitening"]["prior_share"] == 0.5
+    # no prior_share in an older config: the gallery alone
+    old = {k: v for k, v in cfg.items() if k != "prior_share"}
+    m = copy.deepcopy(base)
+    fit_model(m, gallery, gallery, old)
+    assert np.allclose(w(m), w(alone))

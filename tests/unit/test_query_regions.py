@@ -139,3 +139,41 @@ def test_false_match_rates_count_every_region_as_a_try():
     np.testing.assert_allclose(three.fmr_query(s), 1 - (1 - one.fmr(s)) ** 3000)
     assert three.threshold(0.01) > one.threshold(0.01)
     assert calibrate.NullTail.from_manifest(three.describe()).regions == 3
+
+
+def test_region_margin_lets_a_region_win_only_by_more_than_the_margin():
+    """``search.region_margin``: a region row's merge key is its score minus the margin; the score
+    written is the region's own."""
+    q = pa.table({"image_id": ["a", "a"], "uri": ["ua", "ua"], "region": [None, "center70:0.150,0.150,0.850,0.850"]})
+    ids = np.array([[1, 2], [2, 3]])
+    scores = np.array([[0.9, 0.2], [0.6, 0.5]], np.float32)
+
+    def merged(margin, norm=None):
+        _, s, i, _, n, region, _ = SR.merge_chunk(q, scores, ids, np.zeros_like(scores), norm, 3, margin=margin)
+        return i[0].tolist(), s[0].tolist(), region.to_pylist()
+
+    r = q["region"][1].as_py()
+    i, s, region = merged(0.0)
+    assert i == [1, 2, 3] and s == pytest.approx([0.9, 0.6, 0.5]) and region == [None, r, r]
+    # 0.3: the region still wins image 2 (0.6 - 0.3 > 0.2) and keeps its own score; image 3 ranks by 0.5 - 0.3
+    i, s, region = merged(0.3)
+    assert i == [1, 2, 3] and s == pytest.approx([0.9, 0.6, 0.5]) and region[1] is not None
+    # 0.45: the whole image's 0.2 wins image 2 (0.6 - 0.45 < 0.2); image 3 (0.5 - 0.45) still ranks third
+    i, s, region = merged(0.45)
+    assert i == [1, 2, 3] and s == pytest.approx([0.9, 0.2, 0.5]) and region == [None, None, r]
+    # with normalised scores the margin applies to norm_score (the merge key)
+    norm = scores - np.array([[0.0], [0.1]], np.float32)            # the region's background level is higher
+    _, s, i, _, n, region, _ = SR.merge_chunk(q, scores, ids, np.zeros_like(scores), norm, 3, margin=0.45)
+    assert i[0].tolist() == [1, 2, 3] and n[0].tolist() == pytest.approx([0.9, 0.2, 0.4])
+    assert region.to_pylist() == [None, None, r]
+    _, _, i, _, n, region, _ = SR.merge_chunk(q, scores, ids, np.zeros_like(scores), norm, 3, margin=0.0)
+    assert n[0].tolist() == pytest.approx([0.9, 0.5, 0.4]) and region.to_pylist() == [None, r, r]
+
+
+def test_region_margin_is_checked():
+    from retrieval import config
+
+    assert config.load(sets=["search.region_margin=0.1"])["search.region_margin"] == 0.1
+    for bad in ("search.region_margin=-0.1", "search.region_margin=2", "search.region_margin=often"):
+        with pytest.raises(config.ConfigError, match="search.region_margin"):
+            config.load(sets=[bad])
