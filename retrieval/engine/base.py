@@ -145,7 +145,7 @@ class Engine:
         """A join of each item's keys with a lookup table, then a task per item: ``keys(item)`` is a
         one-column table of the item's keys; the lookup is the rows of ``lookup(t)`` for every ``t``
         in ``tables`` (tables of ``schema``, its first column the key), read in tasks. ``fn(item,
-        rows)`` runs in a task for each item one of whose keys the lookup holds, ``rows`` its matching
+        rows)`` (a JSON-able result) runs in a task for each item one of whose keys the lookup holds, ``rows`` its matching
         lookup rows; returns ``{item's index: fn's result}``. Spark joins the two
         sides without bringing them to the driver; the local engine holds the lookup in memory."""
         raise NotImplementedError

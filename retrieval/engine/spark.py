@@ -174,8 +174,8 @@ class SparkEngine(Engine):
 
     def map_matched(self, fn, items, keys, lookup, tables, schema, label, every=10.0):
         """The items' keys and the lookup read in tasks (``mapInArrow``), joined, then one
-        ``applyInArrow`` task per item with matches: only ``fn``'s results reach the driver."""
-        import pickle
+        ``applyInArrow`` task per item with matches: only ``fn``'s results (JSON) reach the driver."""
+        import json
 
         from pyspark.sql import functions as F
         from pyspark.sql.pandas.types import from_arrow_schema
@@ -199,7 +199,7 @@ class SparkEngine(Engine):
         finally:
             shared.destroy()
             shared_tables.destroy()
-        return {int(r["item"]): pickle.loads(r["result"]) for r in rows}
+        return {int(r["item"]): json.loads(r["result"]) for r in rows}
 
     def broadcast(self, value):
         return Shared(None, self.spark.sparkContext.broadcast(value))
@@ -282,11 +282,12 @@ def _keys_of(keys: Callable[[Any], Any], shared: Any, key: str, batches: Iterabl
 
 
 def _matched_task(fn: Callable[[Any, Any], Any], shared: Any, schema: Any, table: Any) -> Any:
-    """``applyInArrow`` body: ``fn(item, its matched lookup rows)``, pickled."""
-    import pickle
+    """``applyInArrow`` body: ``fn(item, its matched lookup rows)``, as JSON (never pickled: the
+    driver unpickles nothing)."""
+    import json
 
     import pyarrow as pa
 
     i = int(table.column("item")[0].as_py())
     result = fn(shared.value[i], table.select(schema.names).cast(schema))
-    return pa.table({"item": pa.array([i], pa.int64()), "result": pa.array([pickle.dumps(result)], pa.binary())})
+    return pa.table({"item": pa.array([i], pa.int64()), "result": pa.array([json.dumps(result).encode()], pa.binary())})
