@@ -2,13 +2,13 @@
 by side in one run, on the bundled sample and on 1-12 MP photos (JPEG, plus PNG and WebP).
 
     SPARK_LOCAL_IP=127.0.0.1 .venv/bin/python tests/bench/bench_decode.py [--out /tmp/bench_decode] \
-        [--rounds 3] [--no-spark] [--sources FILE ...]
+        [--rounds 3] [--per-size 60] [--lossless-per-size 30] [--no-stages] [--no-local] [--no-spark]
 
-old = ``preprocess.decoder: pillow`` (Pillow decode with draft + Pillow resize, decoding inline between
-forwards) + the torch runtime: the 0.2 default. new = ``preprocess.decoder: fast`` (simplejpeg at
-Pillow's DCT scale, torchvision.io for PNG / WebP, torch's uint8 antialiased resize) with decode threads
-(``extract.decode_threads: auto``) + onnxruntime fp32 (``model.runtime: onnx`` on a file this script
-exports: the onnx helper makes that the default).
+old = the 0.2 default: ``preprocess.decoder: pillow`` (Pillow decode with draft + Pillow resize), decoding
+inline between forwards (``extract.decode_threads: 0``), ``model.runtime: torch``. new = today's defaults
+(``model.runtime: auto``: onnxruntime fp32 on a CPU, the ONNX file made by the driver; ``preprocess.decoder:
+fast``: simplejpeg at Pillow's DCT scale, torchvision.io for PNG / WebP, torch's uint8 antialiased resize;
+``extract.decode_threads: auto``).
 
 1. Stages, per image, in CPU milliseconds of the calling thread (``time.thread_time``: on a shared,
    loaded machine wall time measures the neighbours; CPU time is what a core spends), best of
@@ -16,14 +16,18 @@ exports: the onnx helper makes that the default).
    the query role's 224 + 160 also), inference (batch 32, one thread, gallery and query role). Per set:
    the sample (its gallery + queries: small JPEG / PNG / WebP), and the large photos by format and size.
    img/s per core = 1000 / (decode + resize + inference) ms.
-2. The extraction job (``--engine local``, one model thread, ``extract.threads: 1``), per
-   configuration, alternated rounds: CPU seconds per image of the whole process (decode threads included)
-   = images per CPU-second, the per-core rate; and wall img/s.
-3. The Spark job (local[2]: two tasks of one core), old vs new, wall img/s per core (median of rounds).
+2. The extraction job (``--engine local``, ``extract.threads: 1``), per configuration, alternated rounds:
+   wall img/s, and the task's CPU ms per image (the shards' ``cpu_s``: every thread of the process,
+   decode threads included, after the model setup) = images per CPU-second, the per-core rate.
+3. The Spark job (local[2]: two tasks of one core, one shard each), old vs new on the same images,
+   alternated rounds with warm workers (a first tiny job starts them; its cost is printed): wall img/s
+   per core (the job's run, median of rounds) and the tasks' CPU per image as in 2; then the fixed cost
+   of a job (a tiny one, warm workers), which a short job does not amortise.
 
 Large photos (timing only): real photos that the quality benchmark's Debian packages ship (never a
-reserved wallpaper/background package nor tuxpaint), centre-cropped (or upscaled) to 1, 2, 4, 8 and 12 MP
-and saved as JPEG q90 4:2:0; 1 and 4 MP also as PNG and WebP q90. Without those packages, scikit-image's
+reserved wallpaper/background package nor tuxpaint), cropped at varying offsets (4:3 and 3:4; upscaled only
+where the source is smaller) to 1, 2, 4, 8 and 12 MP, ``--per-size`` of each, saved as JPEG q90 4:2:0;
+``--lossless-per-size`` at 1 and 4 MP also as PNG and WebP q90. Without those packages, scikit-image's
 photos upscaled stand in (the output says so).
 """
 from __future__ import annotations
@@ -194,8 +198,8 @@ def job_cfg(sets: dict, threads: int, shards: int):
 def run_jobs(inputs: dict[str, str], out: str, rounds: int, engine, threads: int, shards: int,
              configs: dict[str, dict]) -> dict:
     """Per input set and configuration, per round: (task CPU s per image: the shards' ``cpu_s``, every
-    thread of the task's process; wall img/s of the job's run; images; the slowest shard's model setup
-    s); configurations alternate within each round (order rotated)."""
+    thread of the task's process after its model setup; wall img/s of the job's run; images; the slowest
+    shard's model setup s; the job's run s); configurations alternate within each round (order rotated)."""
     from retrieval.extract.job import extract
 
     res: dict = {}
@@ -230,18 +234,36 @@ def print_jobs(title: str, res: dict, cores: int) -> dict:
     return ratios
 
 
-def fixed_costs(sample_dir: str, out: str, engine, configs: dict[str, dict], rounds: int) -> None:
-    """A tiny job (one image per task) with warm workers: the job's fixed wall seconds (listing, planning,
-    the tasks' start and commit), which the per-image rates above do not amortise in a short job."""
+def print_mix(res: dict, sets: tuple[str, ...]) -> None:
+    """All the large photos together (every JPEG, PNG and WebP above, each counted once): task CPU per
+    image = the sets' CPU seconds over their images, per configuration."""
+    total: dict[str, list[float]] = {}
+    for (set_name, name), rows in res.items():
+        if set_name in sets:
+            t = total.setdefault(name, [0.0, 0.0])
+            t[0] += statistics.median(r[0] for r in rows) * rows[0][2]
+            t[1] += rows[0][2]
+    base = None
+    for name, (cpu, n) in total.items():
+        base = base or cpu / n
+        print(f"  {'large, all':<12} {name:<40} n={int(n):<4} task CPU {cpu / n * 1e3:6.1f} ms/img = "
+              f"{n / cpu:6.1f} img per CPU-s ({base / (cpu / n):4.2f}x)", flush=True)
+
+
+def fixed_costs(sample_dir: str, out: str, engine, configs: dict[str, dict], rounds: int, cold: bool) -> None:
+    """A tiny job (8 images, two tasks): the job's fixed wall seconds (listing, planning, the tasks' start and
+    commit) that the per-image rates do not count and a short job does not amortise; ``cold``: the first
+    job of the session, whose Python workers start and build the model (once per worker process)."""
     tiny = os.path.join(out, "tiny")
     if not os.path.isdir(tiny):
         os.makedirs(tiny)
-        for f in sorted(glob.glob(os.path.join(sample_dir, "gallery", "*.jpg")))[:2]:
+        for f in sorted(glob.glob(os.path.join(sample_dir, "gallery", "*.jpg")))[:8]:
             shutil.copy(f, tiny)
-    res = run_jobs({"tiny (2)": tiny}, out, rounds, engine, 1, 2, configs)
+    res = run_jobs({"tiny": tiny}, out, rounds, engine, 1, 2, configs)
     for (_, name), rows in res.items():
-        print(f"  fixed cost, {name:<40} job run {statistics.median(r[4] for r in rows):5.2f} s wall, "
-              f"model setup {statistics.median(r[3] for r in rows):4.2f} s (warm workers)", flush=True)
+        print(f"  {'first job, cold workers' if cold else 'fixed cost, warm workers'}: {name:<40} job run "
+              f"{statistics.median(r[4] for r in rows):5.2f} s wall, model setup in its tasks "
+              f"{statistics.median(r[3] for r in rows):5.2f} s", flush=True)
 
 
 def stage_sets(sample_dir: str, large: str) -> dict[str, list[str]]:
@@ -262,7 +284,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/bench_decode")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--per-size", type=int, default=60, help="JPEGs per size (1, 2, 4, 8, 12 MP)")
-    ap.add_argument("--lossless-per-size", type=int, default=10, help="PNGs and WebPs per size (1, 4 MP)")
+    ap.add_argument("--lossless-per-size", type=int, default=30, help="PNGs and WebPs per size (1, 4 MP)")
     ap.add_argument("--no-spark", action="store_true")
     ap.add_argument("--no-jobs", action="store_true")
     ap.add_argument("--no-local", action="store_true", help="no --engine local job (section 2)")
@@ -312,10 +334,13 @@ def main() -> None:
 
         spark = get_spark("local[2]", "bench-decode", {"spark.ui.enabled": "false"})
         spark_cfgs = {k: JOB_CONFIGS[k] for k in (BASE, NEW)}
+        print("\n3. Spark job, local[2] (2 tasks x 1 core, one shard each)")
+        fixed_costs(sample_dir, args.out, spark, spark_cfgs, 1, True)      # starts the workers: not counted below
         res3 = run_jobs(inputs, args.out, args.rounds, spark, 1, 2, spark_cfgs)
-        print_jobs("3. Spark job, local[2] (2 tasks x 1 core, one shard each), per core; task CPU = the Python "
-                   "worker's CPU seconds", res3, 2)
-        fixed_costs(sample_dir, args.out, spark, spark_cfgs, args.rounds)
+        print_jobs("   per core, warm workers; task CPU = the Python worker's CPU seconds after the model setup",
+                   res3, 2)
+        print_mix(res3, ("1-12MP jpeg", "1,4MP png", "1,4MP webp"))
+        fixed_costs(sample_dir, args.out, spark, spark_cfgs, args.rounds, False)
         spark.stop()
 
 
