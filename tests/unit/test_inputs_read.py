@@ -58,3 +58,17 @@ def test_read_items_from_fsspec_memory_and_local(tmp_path):
     assert got[1] == ("b", str(tmp_path / "b.bin"), None, "file too large: > max_bytes 1500")
     assert got[2][2] is None and got[2][3] == "missing file: not found"
     mem.rm("/bigjpeg-read", recursive=True)
+
+
+def test_local_paths_read_with_the_same_errors_as_fsspec(tmp_path):
+    """A local path is opened with the built-in open (fsspec's resolution of each URL is skipped); its
+    error rows are the ones fsspec's path gives."""
+    d = tmp_path / "sub"
+    d.mkdir()
+    (d / "ok.bin").write_bytes(b"k" * 10)
+    for uri in (str(d / "ok.bin"), "file://" + str(d / "ok.bin")):
+        assert _read_file(uri, 100) == (b"k" * 10, None)
+    for uri in (str(d), "file://" + str(d)):
+        assert _read_file(uri, 100) == (None, "unreadable uri: is a directory")
+    for uri in (str(d / "no.bin"), "file://" + str(d / "no.bin")):
+        assert _read_file(uri, 100) == (None, "missing file: not found")
