@@ -168,7 +168,7 @@ def _extract_estimate(n: int, cluster: Cluster, cfg, images_per_feature_shard: i
         basis = f"{cores} cores x {rate} img/s/core (measured here, model.runtime={runtime})"
         if onnx:
             large = r["extract_images_per_core_s_large"]
-            basis += f"; photos of 1-12 MP: {_fmt_time(n / (large * cores))} ({large} img/s/core)"
+            basis += f"; JPEG photos of 1-12 MP: {_fmt_time(n / (large * cores))} ({large} img/s/core)"
         if not onnx:
             basis += (f"; model.runtime=auto: {_fmt_time(n / (r['extract_images_per_core_s_onnx'] * cores))}"
                       f" ({r['extract_images_per_core_s_onnx']} img/s/core)")

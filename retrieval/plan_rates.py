@@ -18,9 +18,13 @@ RATES = {
     # Spark job local[2], 2 rounds: 4.60x the 0.2 default (torch + Pillow inline) on the bundled
     # sample, 2.13x on 54 photos of 1-12 MP (JPEG, PNG, WebP). The sample ratio times the torch rate:
     "extract_images_per_core_s_onnx": round(30.5 * 4.60, 1),
-    # 1-12 MP photos with the default: the same bench's per-core stage sums, 30.3 img/s on 1-12 MP vs
-    # 103.6 on the sample (0.29x), times the sample rate above
-    "extract_images_per_core_s_large": round(30.5 * 4.60 * 30.3 / 103.6, 1),
+    # JPEG photos of 1-12 MP with the default: tests/bench/bench_decode.py --rounds 3 --no-local --no-stages (7 Dec
+    # 02:47, shared machine, load ~10-20), the Spark job local[2] with warm workers, the tasks' CPU per image
+    # (shard cpu_s, every thread, after the model setup): 21.7 ms on 300 JPEGs of 1-12 MP vs 12.2 ms on the
+    # bundled sample (0.562x), times the sample rate above. (There: 3.41x the 0.2 default per core on those
+    # JPEGs, 3.31x in wall; 5.66x on the sample; 1-4 MP PNG 66.1 ms, 1.86x; WebP 37.3 ms, 2.47x; all 420
+    # large photos 30.3 ms, 2.76x. The run before the last two cuts, 02:20: 21.6 vs 12.4 ms, 3.10x.)
+    "extract_images_per_core_s_large": round(30.5 * 4.60 * 12.2 / 21.7, 1),
     # ASSUMED, NOT measured here (no GPU lent): MobileNetV2 224 px fp32 on a T4-class GPU incl. JPEG
     # decode on ~8 CPU cores feeding it; replace with your own measurement.
     "extract_images_per_gpu_s": 1200.0,

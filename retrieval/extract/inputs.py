@@ -14,6 +14,9 @@ are refused before reading (a duplicate ``image_id``: the first occurrence wins)
 """
 from __future__ import annotations
 
+import functools
+import io
+import os
 import posixpath
 import zlib
 from collections import defaultdict
@@ -212,13 +215,17 @@ def read_items(rows: list[tuple[str, str]], max_bytes: int, key_column: str | No
 
 
 def _read_file(uri: str, max_bytes: int) -> tuple[bytes | None, str | None]:
+    if uri.startswith("/"):       # a local path, as listings make them: the built-in open (fsspec's own
+        opener = functools.partial(open, uri, "rb")    # resolution of each URL costs ~0.6 ms an image)
+    else:
+        try:
+            fs, path = fsio.url_to_fs(uri)
+        except Exception as exc:
+            return None, f"unreadable uri: {exc.__class__.__name__}: {exc}"
+        opener = functools.partial(fs.open, path, "rb")
     try:
-        fs, path = fsio.url_to_fs(uri)
-    except Exception as exc:
-        return None, f"unreadable uri: {exc.__class__.__name__}: {exc}"
-    try:
-        with fs.open(path, "rb") as fh:
-            data = fh.read(max_bytes + 1)
+        with opener() as fh:
+            data = _read_capped(fh, max_bytes)
     except FileNotFoundError:
         return None, "missing file: not found"
     except IsADirectoryError:
@@ -228,3 +235,22 @@ def _read_file(uri: str, max_bytes: int) -> tuple[bytes | None, str | None]:
     if len(data) > max_bytes:
         return None, f"file too large: > max_bytes {max_bytes}"
     return data, None
+
+
+def _read_capped(fh, max_bytes: int) -> bytes:
+    """At most ``max_bytes + 1`` bytes of an open file (one more than allowed: the caller sees a file too
+    large), read in one call of the file's own size when it is known: ``read(max_bytes + 1)`` alone makes
+    Python allocate the whole cap (50 MB by default) for every image, ~0.5 ms per read. A size that is
+    wrong (the file grew) only costs a second read."""
+    size = getattr(fh, "size", None)
+    if size is None and hasattr(fh, "fileno"):
+        try:
+            size = os.fstat(fh.fileno()).st_size
+        except (OSError, ValueError, io.UnsupportedOperation):
+            size = None
+    if not isinstance(size, int) or size < 0 or size > max_bytes:
+        return fh.read(max_bytes + 1)
+    data = fh.read(size + 1)
+    if len(data) == size + 1:       # larger than its size said: read on, up to the cap
+        data += fh.read(max_bytes - size)
+    return data

@@ -110,6 +110,7 @@ class _ShardRun:
         self.decode_threads = decode_workers(job.decode_threads, job.threads)
         self.n_ok = 0
         self.n_rows = 0       # feature rows: n_ok, plus the query regions
+        self.cpu0 = time.process_time()   # the task's CPU seconds (all its threads) after its model setup
 
 
 def extract_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | None]],
@@ -119,6 +120,7 @@ def extract_shard(job: ExtractJob, shard: int, rows: list[tuple[str, str, str | 
     t0 = time.monotonic()
     rows = sorted(rows, key=lambda r: (r[0], r[1]))
     run = _ShardRun(job, shard, device, len(rows))
+    run.timing["setup_s"] = time.monotonic() - t0     # the model: built by a worker's first task, then cached
     run.errors.extend((image_id, uri, err) for image_id, uri, err in rows if err)   # failed in the listing
     run.progress.update(len(run.errors), errors=len(run.errors))
     readable = [(image_id, uri) for image_id, uri, err in rows if not err]
@@ -229,6 +231,10 @@ def _commit(run: _ShardRun, rows: list[tuple[str, str, str | None]], part_url: s
         "fingerprint": _shard_fingerprint(run.job, rows), "device": run.device, "runtime": run.runtime,
         "attempt": task_attempt(),
         "seconds": round(time.monotonic() - t0, 3),
+        # CPU seconds of this process (every thread: decode threads, the model's) while it read, decoded, encoded
+        # and wrote the shard (after setup_s): its cost per core where a shared machine's wall time measures
+        # the neighbours (tests/bench/bench_decode.py)
+        "cpu_s": round(time.process_time() - run.cpu0, 3),
         **{k: round(v, 3) for k, v in run.timing.items()},
     }
     fsio.write_json(fsio.join(run.job.output, "_shards", f"{name}.json"), stats)

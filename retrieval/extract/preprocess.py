@@ -121,8 +121,10 @@ def open_checked(data: bytes, policy: DecodePolicy = DecodePolicy()) -> tuple[Im
 def _orientation(img: Image.Image, data: bytes) -> int:
     """The EXIF orientation (1 = as stored). A PNG without an ``eXIf`` chunk has none: asking Pillow
     would decode the whole image to look for one after the pixels."""
-    if img.format == "PNG" and b"eXIf" not in data:
-        return 1
+    if img.format == "PNG":
+        chunks = decoders.png_chunks(data)      # a broken chunk list: scan the bytes, as before
+        if b"eXIf" not in (chunks if chunks is not None else data):
+            return 1
     try:
         return int(img.getexif().get(0x0112, 1))
     except Exception:

@@ -2,13 +2,13 @@
 by side in one run, on the bundled sample and on 1-12 MP photos (JPEG, plus PNG and WebP).
 
     SPARK_LOCAL_IP=127.0.0.1 .venv/bin/python tests/bench/bench_decode.py [--out /tmp/bench_decode] \
-        [--rounds 3] [--no-spark] [--sources FILE ...]
+        [--rounds 3] [--per-size 60] [--lossless-per-size 30] [--no-stages] [--no-local] [--no-spark]
 
-old = ``preprocess.decoder: pillow`` (Pillow decode with draft + Pillow resize, decoding inline between
-forwards) + the torch runtime: the 0.2 default. new = ``preprocess.decoder: fast`` (simplejpeg at
-Pillow's DCT scale, torchvision.io for PNG / WebP, torch's uint8 antialiased resize) with decode threads
-(``extract.decode_threads: auto``) + onnxruntime fp32 (``model.runtime: onnx`` on a file this script
-exports: the onnx helper makes that the default).
+old = the 0.2 default: ``preprocess.decoder: pillow`` (Pillow decode with draft + Pillow resize), decoding
+inline between forwards (``extract.decode_threads: 0``), ``model.runtime: torch``. new = today's defaults
+(``model.runtime: auto``: onnxruntime fp32 on a CPU, the ONNX file made by the driver; ``preprocess.decoder:
+fast``: simplejpeg at Pillow's DCT scale, torchvision.io for PNG / WebP, torch's uint8 antialiased resize;
+``extract.decode_threads: auto``).
 
 1. Stages, per image, in CPU milliseconds of the calling thread (``time.thread_time``: on a shared,
    loaded machine wall time measures the neighbours; CPU time is what a core spends), best of
@@ -16,14 +16,18 @@ exports: the onnx helper makes that the default).
    the query role's 224 + 160 also), inference (batch 32, one thread, gallery and query role). Per set:
    the sample (its gallery + queries: small JPEG / PNG / WebP), and the large photos by format and size.
    img/s per core = 1000 / (decode + resize + inference) ms.
-2. The extraction job (``--engine local``, one model thread, ``extract.threads: 1``), per
-   configuration, alternated rounds: CPU seconds per image of the whole process (decode threads included)
-   = images per CPU-second, the per-core rate; and wall img/s.
-3. The Spark job (local[2]: two tasks of one core), old vs new, wall img/s per core (median of rounds).
+2. The extraction job (``--engine local``, ``extract.threads: 1``), per configuration, alternated rounds:
+   wall img/s, and the task's CPU ms per image (the shards' ``cpu_s``: every thread of the process,
+   decode threads included, after the model setup) = images per CPU-second, the per-core rate.
+3. The Spark job (local[2]: two tasks of one core, one shard each), old vs new on the same images,
+   alternated rounds with warm workers (a first tiny job starts them; its cost is printed): wall img/s
+   per core (the job's run, median of rounds) and the tasks' CPU per image as in 2; then the fixed cost
+   of a job (a tiny one, warm workers), which a short job does not amortise.
 
 Large photos (timing only): real photos that the quality benchmark's Debian packages ship (never a
-reserved wallpaper/background package nor tuxpaint), centre-cropped (or upscaled) to 1, 2, 4, 8 and 12 MP
-and saved as JPEG q90 4:2:0; 1 and 4 MP also as PNG and WebP q90. Without those packages, scikit-image's
+reserved wallpaper/background package nor tuxpaint), cropped at varying offsets (4:3 and 3:4; upscaled only
+where the source is smaller) to 1, 2, 4, 8 and 12 MP, ``--per-size`` of each, saved as JPEG q90 4:2:0;
+``--lossless-per-size`` at 1 and 4 MP also as PNG and WebP q90. Without those packages, scikit-image's
 photos upscaled stand in (the output says so).
 """
 from __future__ import annotations
@@ -48,46 +52,64 @@ from retrieval.extract.preprocess import decode_image, decode_pixels, resize, to
 from retrieval.model.task import encode  # noqa: E402
 
 Q = "/var/cache/quality-sources"
-SOURCES = [Q + "/texlive-latex-extra-doc/usr/share/doc/texlive-doc/latex/willowtreebook/willow.jpg",
-           Q + "/texlive-publishers-doc/usr/share/doc/texlive-doc/latex/ftc-notebook/src/images/robocracy2018.jpg",
+SOURCES = [Q + "/texlive-pictures-doc/usr/share/doc/texlive-doc/latex/xput/koepi.jpg",
+           Q + "/texlive-latex-extra-doc/usr/share/doc/texlive-doc/latex/willowtreebook/willow.jpg",
+           Q + "/kstars-data/usr/share/kstars/geomap.jpg",
            Q + "/kstars-data/usr/share/kstars/kstarslite/qml/images/splash_bg@4x.jpeg",
+           Q + "/texlive-fonts-extra-doc/usr/share/doc/texlive-doc/fonts/aboensis/doc/pics/SDHK27022.jpg",
            Q + "/texlive-latex-extra-doc/usr/share/doc/texlive-doc/latex/bookshelf/myshelf.jpg",
            Q + "/texlive-publishers-doc/usr/share/doc/texlive-doc/latex/mlacls/mla-example-image.jpg",
-           Q + "/kstars-data/usr/share/kstars/geomap.jpg"]
+           Q + "/texlive-publishers-doc/usr/share/doc/texlive-doc/latex/ftc-notebook/src/images/robocracy2018.jpg"]
 SIZES_MP = (1, 2, 4, 8, 12)
 LOSSLESS_MP = (1, 4)
 S_HI, S_LO = 224, 160
 
 
-def make_large(out: str, sources: list[str]) -> tuple[list[str], str]:
-    os.makedirs(out, exist_ok=True)
+def make_large(out: str, sources: list[str], per_size: int, lossless_per_size: int) -> str:
+    """``per_size`` JPEGs (q90, 4:2:0) per size of SIZES_MP, ``lossless_per_size`` PNGs and WebPs (q90) per
+    size of LOSSLESS_MP, in ``out``/jpeg, /png, /webp: crops of the sources at different offsets, 4:3 or
+    3:4 (a source smaller than the crop is upscaled first); the origin of the photos (a line)."""
     srcs = [s for s in sources if os.path.exists(s)]
-    origin = "quality-source photos"
+    origin = f"{len(srcs)} quality-source photos"
     if not srcs:
         import skimage.data
 
         base = os.path.dirname(skimage.data.__file__)
         srcs = [os.path.join(base, n) for n in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")]
         origin = "scikit-image photos, upscaled (the quality sources are not unpacked here)"
-    files = []
-    for i, s in enumerate(srcs):
-        im = Image.open(s).convert("RGB")
-        for mp in SIZES_MP:
-            w, h = im.size
-            tw = int((mp * 1e6 * w / h) ** 0.5)
-            th = int(mp * 1e6 / tw)
-            if tw <= w and th <= h:
-                x = im.crop(((w - tw) // 2, (h - th) // 2, (w - tw) // 2 + tw, (h - th) // 2 + th))
-            else:
-                x = im.resize((tw, th), Image.LANCZOS)
-            stem = os.path.join(out, f"p{i}_{mp:02d}mp")
-            x.save(stem + ".jpg", quality=90)
-            files.append(stem + ".jpg")
-            if mp in LOSSLESS_MP:
-                x.save(stem + ".png")
-                x.save(stem + ".webp", quality=90)
-                files += [stem + ".png", stem + ".webp"]
-    return files, origin
+    stamp = os.path.join(out, f".made-{per_size}-{lossless_per_size}-{len(srcs)}")
+    if os.path.exists(stamp):
+        return origin
+    shutil.rmtree(out, ignore_errors=True)
+    for sub in ("jpeg", "png", "webp"):
+        os.makedirs(os.path.join(out, sub))
+    images = [Image.open(s).convert("RGB") for s in srcs]
+    for mp in SIZES_MP:
+        for k in range(max(per_size, lossless_per_size if mp in LOSSLESS_MP else 0)):
+            x = _crop(images[k % len(images)], mp, k)
+            name = f"p{k:03d}_{mp:02d}mp"
+            if k < per_size:
+                x.save(os.path.join(out, "jpeg", name + ".jpg"), quality=90)
+            if mp in LOSSLESS_MP and k < lossless_per_size:
+                x.save(os.path.join(out, "png", name + ".png"))
+                x.save(os.path.join(out, "webp", name + ".webp"), quality=90)
+    open(stamp, "w").close()
+    return origin
+
+
+def _crop(im: Image.Image, mp: int, k: int) -> Image.Image:
+    """The k-th mp-megapixel crop of ``im`` (4:3, every third 3:4; offsets vary with k)."""
+    tw = int((mp * 1e6 * 4 / 3) ** 0.5)
+    th = int(mp * 1e6 / tw)
+    if k % 3 == 1:
+        tw, th = th, tw
+    w, h = im.size
+    if tw > w or th > h:
+        s = max(tw / w, th / h)
+        im = im.resize((int(w * s) + 1, int(h * s) + 1), Image.LANCZOS)
+        w, h = im.size
+    x0, y0 = int((w - tw) * ((k * 37) % 11) / 10), int((h - th) * ((k * 53) % 7) / 6)
+    return im.crop((x0, y0, x0 + tw, y0 + th))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,27 +179,27 @@ def print_stages(name: str, n: int, st: dict, inf: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # 2-3. the extraction job
-JOB_CONFIGS = {   # name -> --set values (model.onnx_file added for the onnx runtime)
-    "today (pillow, inline, torch)": {"preprocess.decoder": "pillow", "extract.decode_threads": 0, "model.runtime": "torch"},
-    "onnx + pillow inline": {"preprocess.decoder": "pillow", "extract.decode_threads": 0, "model.runtime": "onnx"},
-    "onnx + fast inline": {"preprocess.decoder": "fast", "extract.decode_threads": 0, "model.runtime": "onnx"},
-    "new (onnx + fast + decode threads)": {"preprocess.decoder": "fast", "extract.decode_threads": "auto",
-                                           "model.runtime": "onnx"},
+JOB_CONFIGS = {   # name -> --set values; the first is the baseline, the last the defaults of today
+    "0.2 default (pillow, inline, torch)": {"preprocess.decoder": "pillow", "extract.decode_threads": 0,
+                                            "model.runtime": "torch"},
+    "onnx + pillow inline": {"preprocess.decoder": "pillow", "extract.decode_threads": 0},
+    "onnx + fast inline": {"preprocess.decoder": "fast", "extract.decode_threads": 0},
+    "new default (auto: onnx, fast, threads)": {},
 }
+BASE, NEW = "0.2 default (pillow, inline, torch)", "new default (auto: onnx, fast, threads)"
 
 
-def job_cfg(sets: dict, onnx_file: str, threads: int):
-    sets = {**sets, "extract.threads": threads, "extract.num_shards": 2, "extract.mode": "overwrite",
-            "extract.storage": "int8", "extract.progress_seconds": 60}
-    if sets["model.runtime"] == "onnx":
-        sets["model.onnx_file"] = onnx_file
+def job_cfg(sets: dict, threads: int, shards: int):
+    sets = {**sets, "extract.threads": threads, "extract.num_shards": shards, "extract.mode": "overwrite",
+            "extract.storage": "int8", "extract.progress_seconds": 600}
     return config.load(sets=[f"{k}={v}" for k, v in sets.items()])
 
 
-def run_jobs(inputs: dict[str, str], out: str, onnx_file: str, rounds: int, engine, threads: int,
+def run_jobs(inputs: dict[str, str], out: str, rounds: int, engine, threads: int, shards: int,
              configs: dict[str, dict]) -> dict:
-    """Per input set and configuration: CPU s per image (this process, all threads) and wall img/s;
-    configurations alternate within each round (order rotated)."""
+    """Per input set and configuration, per round: (task CPU s per image: the shards' ``cpu_s``, every
+    thread of the task's process after its model setup; wall img/s of the job's run; images; the slowest
+    shard's model setup s; the job's run s); configurations alternate within each round (order rotated)."""
     from retrieval.extract.job import extract
 
     res: dict = {}
@@ -185,37 +207,87 @@ def run_jobs(inputs: dict[str, str], out: str, onnx_file: str, rounds: int, engi
     for set_name, inp in inputs.items():
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                cfg = job_cfg(configs[name], onnx_file, threads)
-                dest = os.path.join(out, "jobs", f"{set_name}-{abs(hash(name)) % 10**6}")
-                c0 = time.process_time()
-                m = extract(inp, dest, cfg, engine)
-                cpu = time.process_time() - c0
+                dest = os.path.join(out, "jobs", f"{set_name}-{names.index(name)}")
+                m = extract(inp, dest, job_cfg(configs[name], threads, shards), engine)
                 n = m["counts"]["ok"] + m["counts"]["errors"]
-                res.setdefault((set_name, name), []).append((cpu / n, m["timings"]["images_per_s"], n))
+                cpu = sum(sh["cpu_s"] for sh in m["shards"])
+                setup = max(sh["setup_s"] for sh in m["shards"])
+                res.setdefault((set_name, name), []).append((cpu / n, m["timings"]["images_per_s"], n, setup,
+                                                             m["timings"]["run_s"]))
     return res
 
 
-def print_jobs(title: str, res: dict, per_core_div: int, cpu: bool) -> None:
+def print_jobs(title: str, res: dict, cores: int) -> dict:
+    """Median over rounds: wall img/s per core and images per task CPU-second, each as x the baseline."""
     print(f"\n{title}")
     base: dict = {}
+    ratios = {}
     for (set_name, name), rows in res.items():
         cpu_ms = statistics.median(r[0] for r in rows) * 1e3
-        ips = statistics.median(r[1] for r in rows) / per_core_div
-        if set_name not in base:      # the first configuration listed is the baseline
-            base[set_name] = (cpu_ms, ips)
-        b = base.get(set_name, (cpu_ms, ips))
-        line = f"  {set_name:<8} {name:<38} n={rows[0][2]:<4} wall {ips:6.1f} img/s/core ({ips / b[1]:4.2f}x)"
-        if cpu:
-            line += f"  CPU {cpu_ms:6.1f} ms/img = {1e3 / cpu_ms:6.1f} img per CPU-s ({b[0] / cpu_ms:4.2f}x)"
-        print(line + f"  [rounds: {', '.join(f'{r[1] / per_core_div:.1f}' for r in rows)}]", flush=True)
+        ips = statistics.median(r[1] for r in rows) / cores
+        b = base.setdefault(set_name, (cpu_ms, ips))       # the first configuration listed is the baseline
+        ratios[(set_name, name)] = (ips / b[1], b[0] / cpu_ms)
+        print(f"  {set_name:<12} {name:<40} n={rows[0][2]:<4} wall {ips:6.1f} img/s/core ({ips / b[1]:4.2f}x)  "
+              f"task CPU {cpu_ms:6.1f} ms/img = {1e3 / cpu_ms:6.1f} img per CPU-s ({b[0] / cpu_ms:4.2f}x)  "
+              f"[rounds wall: {', '.join(f'{r[1] / cores:.1f}' for r in rows)}; model setup s: "
+              f"{', '.join(f'{r[3]:.1f}' for r in rows)}]", flush=True)
+    return ratios
+
+
+def print_mix(res: dict, sets: tuple[str, ...]) -> None:
+    """All the large photos together (every JPEG, PNG and WebP above, each counted once): task CPU per
+    image = the sets' CPU seconds over their images, per configuration."""
+    total: dict[str, list[float]] = {}
+    for (set_name, name), rows in res.items():
+        if set_name in sets:
+            t = total.setdefault(name, [0.0, 0.0])
+            t[0] += statistics.median(r[0] for r in rows) * rows[0][2]
+            t[1] += rows[0][2]
+    base = None
+    for name, (cpu, n) in total.items():
+        base = base or cpu / n
+        print(f"  {'large, all':<12} {name:<40} n={int(n):<4} task CPU {cpu / n * 1e3:6.1f} ms/img = "
+              f"{n / cpu:6.1f} img per CPU-s ({base / (cpu / n):4.2f}x)", flush=True)
+
+
+def fixed_costs(sample_dir: str, out: str, engine, configs: dict[str, dict], rounds: int, cold: bool) -> None:
+    """A tiny job (8 images, two tasks): the job's fixed wall seconds (listing, planning, the tasks' start and
+    commit) that the per-image rates do not count and a short job does not amortise; ``cold``: the first
+    job of the session, whose Python workers start and build the model (once per worker process)."""
+    tiny = os.path.join(out, "tiny")
+    if not os.path.isdir(tiny):
+        os.makedirs(tiny)
+        for f in sorted(glob.glob(os.path.join(sample_dir, "gallery", "*.jpg")))[:8]:
+            shutil.copy(f, tiny)
+    res = run_jobs({"tiny": tiny}, out, rounds, engine, 1, 2, configs)
+    for (_, name), rows in res.items():
+        print(f"  {'first job, cold workers' if cold else 'fixed cost, warm workers'}: {name:<40} job run "
+              f"{statistics.median(r[4] for r in rows):5.2f} s wall, model setup in its tasks "
+              f"{statistics.median(r[3] for r in rows):5.2f} s", flush=True)
+
+
+def stage_sets(sample_dir: str, large: str) -> dict[str, list[str]]:
+    sets: dict[str, list[str]] = {"sample": sorted(glob.glob(sample_dir + "/*/*"))}
+    for ext in ("jpg", "png", "webp"):
+        sets[f"sample .{ext}"] = [f for f in sets["sample"] if f.endswith(ext)]
+    jpeg = sorted(glob.glob(os.path.join(large, "jpeg", "*")))
+    sets["1-12MP jpeg"] = jpeg
+    for mp in SIZES_MP:
+        sets[f"{mp}MP jpeg"] = [f for f in jpeg if f.endswith(f"_{mp:02d}mp.jpg")]
+    for ext in ("png", "webp"):
+        sets[f"1,4MP {ext}"] = sorted(glob.glob(os.path.join(large, ext, "*")))
+    return sets
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp/bench_decode")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--per-size", type=int, default=60, help="JPEGs per size (1, 2, 4, 8, 12 MP)")
+    ap.add_argument("--lossless-per-size", type=int, default=30, help="PNGs and WebPs per size (1, 4 MP)")
     ap.add_argument("--no-spark", action="store_true")
     ap.add_argument("--no-jobs", action="store_true")
+    ap.add_argument("--no-local", action="store_true", help="no --engine local job (section 2)")
     ap.add_argument("--no-stages", action="store_true")
     ap.add_argument("--sources", nargs="*", default=SOURCES)
     args = ap.parse_args()
@@ -230,48 +302,45 @@ def main() -> None:
         os.makedirs(sample_dir)
         for sub in ("gallery", "queries"):
             shutil.copytree(os.path.join(args.out, "sample_src", sub), os.path.join(sample_dir, sub))
-    large_files, origin = make_large(os.path.join(args.out, "large"), args.sources)
+    large = os.path.join(args.out, "large")
+    origin = make_large(large, args.sources, args.per_size, args.lossless_per_size)
     cfg = config.load()
     torch.set_num_threads(1)
-    model = model_from_config(cfg["model"].to_dict(), cfg["preprocess"].to_dict()).eval()
-    onnx_file = os.path.join(args.out, "model.onnx")
-    export_onnx(model, onnx_file)
-    om = model_from_config({**cfg["model"].to_dict(), "runtime": "onnx", "onnx_file": onnx_file},
-                           cfg["preprocess"].to_dict()).eval()
     print(f"bench_decode: {os.cpu_count()} cores (a shared machine: CPU-time figures), torch {torch.__version__}, "
-          f"simplejpeg {getattr(decoders.simplejpeg, '__version__', 'MISSING')}; large photos: {origin}")
-    inf = inference_times({"torch": model, "onnx": om}, args.rounds)
-    print("inference, CPU ms/image (1 thread, batch 32): " + ", ".join(f"{k} {v:.2f}" for k, v in inf.items()))
-    print("\n1. stages, CPU ms/image of one thread (old -> new); img/s per core = 1000 / (decode + resize + inference)")
-    sets: dict[str, list[str]] = {"sample": sorted(glob.glob(sample_dir + "/*/*"))}
-    for ext in ("jpg", "png", "webp"):
-        sets[f"sample .{ext}"] = [f for f in sets["sample"] if f.endswith(ext)]
-    sets["1-12MP all"] = large_files
-    sets["1-12MP jpg"] = [f for f in large_files if f.endswith(".jpg")]
-    for mp in SIZES_MP:
-        sets[f"{mp}MP jpg"] = [f for f in large_files if f.endswith(f"_{mp:02d}mp.jpg")]
-    for ext in ("png", "webp"):
-        sets[f"1,4MP {ext}"] = [f for f in large_files if f.endswith(ext)]
-    for name, files in ({} if args.no_stages else sets).items():
-        datas = [open(f, "rb").read() for f in files]
-        print_stages(name, len(datas), stage_times(datas, args.rounds), inf)
+          f"simplejpeg {getattr(decoders.simplejpeg, '__version__', 'MISSING')}; large photos: {origin}", flush=True)
+    if not args.no_stages:
+        model = model_from_config({**cfg["model"].to_dict(), "runtime": "torch"}, cfg["preprocess"].to_dict()).eval()
+        onnx_file = os.path.join(args.out, "model.onnx")
+        export_onnx(model, onnx_file)
+        om = model_from_config({**cfg["model"].to_dict(), "runtime": "onnx", "onnx_file": onnx_file},
+                               cfg["preprocess"].to_dict()).eval()
+        inf = inference_times({"torch": model, "onnx": om}, args.rounds)
+        print("inference, CPU ms/image (1 thread, batch 32): " + ", ".join(f"{k} {v:.2f}" for k, v in inf.items()))
+        print("\n1. stages, CPU ms/image of one thread (old -> new); img/s per core = 1000 / (decode + resize + "
+              "inference)")
+        for name, files in stage_sets(sample_dir, large).items():
+            datas = [open(f, "rb").read() for f in files]
+            print_stages(name, len(datas), stage_times(datas, args.rounds), inf)
     if args.no_jobs:
         return
-    large_dir = os.path.join(args.out, "large")
-    inputs = {"sample": sample_dir, "1-12MP": large_dir}
-    res = run_jobs(inputs, args.out, onnx_file, args.rounds, None, 1, JOB_CONFIGS)
-    print_jobs("2. extraction job, --engine local, extract.threads 1 (one core); CPU = this process, all threads",
-               res, 1, True)
-    two = {k: JOB_CONFIGS[k] for k in ("onnx + fast inline", "new (onnx + fast + decode threads)")}
-    res2 = run_jobs(inputs, args.out, onnx_file, args.rounds, None, 2, two)
-    print_jobs("   the same, extract.threads 2 (one task on two cores: where decode threads overlap most)", res2, 2, True)
+    inputs = {"sample": sample_dir, "1-12MP jpeg": os.path.join(large, "jpeg"),
+              "1,4MP png": os.path.join(large, "png"), "1,4MP webp": os.path.join(large, "webp")}
+    if not args.no_local:
+        res = run_jobs(inputs, args.out, args.rounds, None, 1, 2, JOB_CONFIGS)
+        print_jobs("2. extraction job, --engine local, extract.threads 1 (one core); task CPU = this process, "
+                   "all threads", res, 1)
     if not args.no_spark:
         from retrieval.engine.session import get_spark
 
         spark = get_spark("local[2]", "bench-decode", {"spark.ui.enabled": "false"})
-        spark_cfgs = {k: JOB_CONFIGS[k] for k in ("today (pillow, inline, torch)", "new (onnx + fast + decode threads)")}
-        res3 = run_jobs(inputs, args.out, onnx_file, args.rounds, spark, 1, spark_cfgs)
-        print_jobs("3. Spark job, local[2] (2 tasks x 1 core), wall img/s per core", res3, 2, False)
+        spark_cfgs = {k: JOB_CONFIGS[k] for k in (BASE, NEW)}
+        print("\n3. Spark job, local[2] (2 tasks x 1 core, one shard each)")
+        fixed_costs(sample_dir, args.out, spark, spark_cfgs, 1, True)      # starts the workers: not counted below
+        res3 = run_jobs(inputs, args.out, args.rounds, spark, 1, 2, spark_cfgs)
+        print_jobs("   per core, warm workers; task CPU = the Python worker's CPU seconds after the model setup",
+                   res3, 2)
+        print_mix(res3, ("1-12MP jpeg", "1,4MP png", "1,4MP webp"))
+        fixed_costs(sample_dir, args.out, spark, spark_cfgs, args.rounds, False)
         spark.stop()
 
 

@@ -79,6 +79,13 @@ def test_decode_threads_change_nothing_but_speed(photos, fast_local, tmp_path):
     assert m["counts"]["ok"] == read_features(fast_local).num_rows and m["counts"]["errors"] >= 8
     a, b = read_features(inline), read_features(fast_local)
     assert a.equals(b)
+    _assert_task_costs(m)
+
+
+def _assert_task_costs(m: dict) -> None:
+    """Each shard records its task's CPU seconds (every thread) and its model setup (bench_decode.py)."""
+    for s in m["shards"]:
+        assert s["cpu_s"] > 0 and s["setup_s"] >= 0 and s["seconds"] >= s["setup_s"], s
 
 
 @pytest.mark.parametrize("decoder", ["fast", "pillow"])
@@ -86,6 +93,7 @@ def test_spark_gives_the_local_rows(spark, photos, pillow_local, fast_local, tmp
     out = str(tmp_path / decoder)
     m = extract(photos, out, cfg(**{"preprocess.decoder": decoder, "extract.decode_threads": 2}), spark)
     assert m["engine"] == "spark"
+    _assert_task_costs(m)
     a, b = read_features(fast_local if decoder == "fast" else pillow_local), read_features(out)
     assert a["image_id"].to_pylist() == b["image_id"].to_pylist()
     assert np.abs(fine_matrix(a) - fine_matrix(b)).max() < 1e-4

@@ -253,3 +253,34 @@ def test_a_png_with_an_icc_profile_goes_through_pillow_with_the_same_pixels():
     assert decoders.fast_format(open_checked(with_icc)[0], with_icc) is None
     fast = decode_pixels(with_icc, DecodePolicy(), draft_size=64)[0]
     assert torch.equal(fast, decode_pixels(plain, DecodePolicy(), draft_size=64)[0])
+
+
+def _png_with_chunk(data: bytes, kind: bytes, payload: bytes, before: bytes = b"IEND") -> bytes:
+    """``data`` (a PNG) with a chunk ``kind`` inserted before the first ``before`` chunk."""
+    import zlib
+
+    at = data.index(before) - 4
+    chunk = len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+    return data[:at] + chunk + data[at:]
+
+
+def test_png_chunks_walks_the_chunk_list_not_the_compressed_bytes():
+    """``png_chunks`` finds eXIf / iCCP by the chunk list: the letters inside compressed data (or a
+    text chunk) are not a chunk, so such a PNG keeps the fast path; a real eXIf chunk (after the pixels,
+    where Pillow finds it) still takes Pillow's path and its orientation; a cut-short file is None."""
+    plain = _encoded(_photo_like(64, 48), "PNG")
+    assert decoders.png_chunks(plain) == {b"IHDR", b"IDAT", b"IEND"}
+    decoy = _png_with_chunk(plain, b"tEXt", b"note\x00eXIf iCCP")
+    assert b"eXIf" in decoy and decoders.png_chunks(decoy) == {b"IHDR", b"IDAT", b"tEXt", b"IEND"}
+    img, w, h, orientation = open_checked(decoy)
+    assert orientation == 1 and decoders.fast_format(img, decoy) == "PNG"
+    assert torch.equal(decode_pixels(decoy, draft_size=64)[0], decode_pixels(plain, draft_size=64)[0])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = _png_with_chunk(plain, b"eXIf", exif.tobytes())
+    assert b"eXIf" in decoders.png_chunks(rotated)
+    img, w, h, orientation = open_checked(rotated)
+    assert (w, h, orientation) == (48, 64, 6) and decoders.fast_format(img, rotated) is None
+    assert decode_pixels(rotated, draft_size=64)[0].shape == (3, 64, 48)
+    assert decoders.png_chunks(plain[:-12]) is None and decoders.png_chunks(plain[:30]) is None
+    assert decoders.fast_format(Image.open(io.BytesIO(plain[:-12])), plain[:-12]) is None

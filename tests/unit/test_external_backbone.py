@@ -140,6 +140,16 @@ def test_onnx_session_is_made_per_process_and_never_pickled(x, files):
     assert sess.get_session_options().intra_op_num_threads == torch.get_num_threads()
 
 
+def test_prepare_normalises_as_the_formula_and_leaves_the_batch_alone(x, files):
+    """The float layout's input is exactly ``(x - mean) / std`` (computed with one batch-sized tensor, the
+    division in place), and the caller's batch is unchanged."""
+    trunk = _build("onnx", files["onnx"]).backbone
+    batch = x.clone()
+    got = trunk.prepare(batch)
+    assert torch.equal(batch, x) and got.data_ptr() != batch.data_ptr() and got.is_contiguous()
+    assert torch.equal(got, ((x - trunk.mean) / trunk.std).contiguous())
+
+
 # ---------------------------------------------------------------------------------------------
 # (4) identity
 def test_model_version_follows_the_model_file(files, tmp_path):

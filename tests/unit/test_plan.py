@@ -21,6 +21,9 @@ def test_plan_scales_with_images_and_cluster():
     assert big["stages"]["extract"]["wall"] == pytest.approx(
         torch_["stages"]["extract"]["wall"] * RATES["extract_images_per_core_s"] / RATES["extract_images_per_core_s_onnx"])
     assert "model.runtime=auto" in big["stages"]["extract"]["basis"]
+    # and the rate of large photos (tests/bench/bench_decode.py), printed beside it
+    assert "JPEG photos of 1-12 MP: " in big["stages"]["extract"]["basis"]
+    assert f"({RATES['extract_images_per_core_s_large']} img/s/core)" in big["stages"]["extract"]["basis"]
     assert "model.runtime=auto" in torch_["stages"]["extract"]["basis"]     # what the default would take
     gpu = plan(1_000_000_000, Cluster(executors=10, gpus=8))
     assert "ASSUMED" in gpu["stages"]["extract"]["basis"]
