@@ -1,0 +1,112 @@
+"""The gallery's fine column laid out by IVF list (``index.fine_by_list``), one copy file per shard.
+
+The gallery-major rerank (:mod:`retrieval.search.blocks`) reads the gallery's fine vectors once per
+run, block by block. When its blocks are runs of feature-file row groups (extraction order), the
+shortlist of one query touches nearly every block, so every block task needs nearly every query
+vector: blocks x queries x 516 B (2.4 TB for 10M queries at a billion). A candidate, though, always
+lies in one of its query's ``nprobe`` probed IVF lists; with the fine column ordered by list and the
+blocks cut as ranges of lists, a query's pairs fall in at most ``nprobe`` blocks, and only those
+receive its vector (:mod:`retrieval.search.listblocks`).
+
+Each index shard task writes its shard's copy beside the shard, ``shard-NNNNN.fine.parquet``: the
+columns ``list`` (int32), ``id`` (the gallery id), ``fine`` and ``fine_scale`` exactly as stored in
+the feature files, rows ordered by (list, id), row groups of :data:`ROW_GROUP` rows (the Parquet
+statistics of ``list`` say which row groups a range of lists needs). The shard's manifest entry
+records it (``fine_by_list``: file, sha256, bytes, rows), so appends (new shards) and compaction
+(rebuilt shards) keep it in step with the shards; an index whose shards do not all have one is
+searched with the feature-file blocks, as before.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval import fsio
+from retrieval.index import idmap
+
+ROW_GROUP = 1024
+COLUMNS = ("list", "id", "fine", "fine_scale")
+
+
+def copy_file(shard: int) -> str:
+    return f"shard-{shard:05d}.fine.parquet"
+
+
+def list_table(ivf) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, lists)`` of every vector of an IVF index, ordered by id (for ``np.searchsorted``)."""
+    from faiss.contrib.inspect_tools import get_invlist
+
+    invlists, ids, lists = ivf.invlists, [], []
+    for lst in range(ivf.nlist):
+        if invlists.list_size(lst):
+            lids, _ = get_invlist(invlists, lst)
+            ids.append(lids.copy())
+            lists.append(np.full(len(lids), lst, np.int32))
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32)
+    a, c = np.concatenate(ids).astype(np.int64), np.concatenate(lists)
+    o = np.argsort(a, kind="stable")
+    return a[o], c[o]
+
+
+def lists_of(table: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """The list of each id (``-1`` for id -1); an id the table does not hold is an error."""
+    sorted_ids, lists = table
+    flat = ids.reshape(-1)
+    out = np.full(flat.shape, -1, np.int32)
+    valid = flat >= 0
+    if valid.any():
+        pos = np.clip(np.searchsorted(sorted_ids, flat[valid]), 0, max(len(sorted_ids) - 1, 0))
+        if not len(sorted_ids) or (sorted_ids[pos] != flat[valid]).any():
+            raise KeyError("a shortlist id is not in the shard's inverted lists")
+        out[valid] = lists[pos]
+    return out.reshape(ids.shape)
+
+
+def write_copy(output: str, shard: int, ivf, segments: Sequence[tuple]) -> dict:
+    """The shard's fine vectors ordered by (list, id) into ``output/shard-NNNNN.fine.parquet``
+    (``segments``: the slice's ``(file_no, url, start, end)``); its manifest entry."""
+    ids, lists = list_table(ivf)
+    order = np.lexsort((ids, lists))
+    ids, lists = ids[order], lists[order]
+    urls: list[str | None] = [None] * (max([s[0] for s in segments], default=-1) + 1)
+    for file_no, url, _, _ in segments:
+        urls[file_no] = url
+    cols = ["fine", "fine_scale"] if _has_scale(segments) else ["fine"]
+    rows = idmap.fetch_rows(urls, ids, cols) if len(ids) else None
+    table = pa.table({"list": pa.array(lists, pa.int32()), "id": pa.array(ids, pa.int64()),
+                      **({c: rows.column(c) for c in cols} if rows is not None else _empty_cols(segments, cols))})
+    url = fsio.join(output, copy_file(shard))
+    with fsio.atomic_open(url, "wb") as fh:
+        pq.write_table(table, fh, row_group_size=ROW_GROUP, compression={c: "none" if c == "fine" else "zstd"
+                                                                        for c in table.column_names})
+    fs, path = fsio.url_to_fs(url)
+    return {"file": copy_file(shard), "sha256": fsio.sha256_file(url), "bytes": int(fs.size(path)),
+            "rows": int(table.num_rows)}
+
+
+def _has_scale(segments: Sequence[tuple]) -> bool:
+    return bool(segments) and "fine_scale" in fsio.parquet_file(segments[0][1]).schema_arrow.names
+
+
+def _empty_cols(segments: Sequence[tuple], cols: list[str]) -> dict:
+    schema = fsio.parquet_file(segments[0][1]).schema_arrow if segments else None
+    return {c: pa.array([], schema.field(c).type if schema is not None else pa.binary(512)) for c in cols}
+
+
+def reusable(output: str, entry: dict | None) -> bool:
+    """Whether a copy a marker names is still there with its sha256."""
+    if not entry:
+        return False
+    url = fsio.join(output, entry["file"])
+    return fsio.exists(url) and fsio.sha256_file(url) == entry.get("sha256")
+
+
+def all_copies(manifest: dict) -> list[dict] | None:
+    """Every shard's ``fine_by_list`` entry, or None when a shard has none (the index predates
+    the copy, or was built with ``index.fine_by_list: false``)."""
+    entries = [s.get("fine_by_list") for s in manifest.get("shards", [])]
+    return entries if entries and all(entries) else None
