@@ -171,7 +171,7 @@ def _plan(run: _Run) -> _Plan:
     else:
         # faiss cannot merge fast-scan (blocked) lists on disk: an on-disk build uses 8-bit PQ codes
         params = choose_params(n_rows, dim, cfg, fast_scan=bool(cfg["index.fast_scan"]) and not run.merge_ondisk)
-    settings = {k: v for k, v in cfg["index"].to_dict().items() if k not in ("mode", "threads", "progress_seconds")}
+    settings = {k: v for k, v in cfg["index"].to_dict().items() if k not in ("mode", "threads", "progress_seconds", "fine_by_list")}
     # auto enters the fingerprint as 0, its spelling before 0.2: an interrupted older run still resumes
     settings.update({k: 0 for k in ("nlist", "nprobe") if settings[k] == "auto"})
     settings["index_key_chosen"] = params.index_key

@@ -18,6 +18,8 @@ searched with the feature-file blocks, as before.
 """
 from __future__ import annotations
 
+import base64
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +30,7 @@ from retrieval import fsio
 from retrieval.index import idmap
 
 ROW_GROUP = 1024
+LIST_SIZES = "retrieval.list_sizes"     # key-value metadata: the rows of each list (int32, zlib, base64)
 COLUMNS = ("list", "id", "fine", "fine_scale")
 
 
@@ -79,6 +82,8 @@ def write_copy(output: str, shard: int, ivf, segments: Sequence[tuple]) -> dict:
     rows = idmap.fetch_rows(urls, ids, cols) if len(ids) else None
     table = pa.table({"list": pa.array(lists, pa.int32()), "id": pa.array(ids, pa.int64()),
                       **({c: rows.column(c) for c in cols} if rows is not None else _empty_cols(segments, cols))})
+    sizes = np.bincount(lists, minlength=int(ivf.nlist)).astype(np.int32)
+    table = table.replace_schema_metadata({LIST_SIZES: base64.b64encode(zlib.compress(sizes.tobytes())).decode()})
     url = fsio.join(output, copy_file(shard))
     with fsio.atomic_open(url, "wb") as fh:
         pq.write_table(table, fh, row_group_size=ROW_GROUP, compression={c: "none" if c == "fine" else "zstd"
@@ -110,3 +115,12 @@ def all_copies(manifest: dict) -> list[dict] | None:
     the copy, or was built with ``index.fine_by_list: false``)."""
     entries = [s.get("fine_by_list") for s in manifest.get("shards", [])]
     return entries if entries and all(entries) else None
+
+
+def list_sizes(metadata: dict | None, nlist: int) -> np.ndarray | None:
+    """The rows of each list a copy's key-value metadata records (None when it does not)."""
+    raw = (metadata or {}).get(LIST_SIZES.encode())
+    if raw is None:
+        return None
+    sizes = np.frombuffer(zlib.decompress(base64.b64decode(raw)), np.int32).astype(np.int64)
+    return sizes if len(sizes) == nlist else None

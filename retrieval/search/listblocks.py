@@ -42,8 +42,9 @@ class ListBlock:
     decoded_bytes: int
 
 
-def _footer(url: str) -> tuple[np.ndarray, int]:
-    """``[(min list, max list, rows, stored fine bytes)]`` per row group of a copy, and its row bytes."""
+def _footer(url: str) -> tuple[np.ndarray, int, dict | None]:
+    """``[(min list, max list, rows, stored fine bytes)]`` per row group of a copy, its row bytes and
+    its key-value metadata (the rows of each list)."""
     md = fsio.parquet_file(url).metadata
     names = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)]
     li = names.index("list")
@@ -55,20 +56,27 @@ def _footer(url: str) -> tuple[np.ndarray, int]:
         out.append((st.min, st.max, rg.num_rows, sum(rg.column(j).total_compressed_size for j in fine)))
     schema = fsio.parquet_file(url).schema_arrow
     row_bytes = _decoded_row_bytes(schema.field("fine").type, "fine_scale" in schema.names)
-    return np.array(out, np.int64).reshape(-1, 4), int(row_bytes)
+    return np.array(out, np.int64).reshape(-1, 4), int(row_bytes), md.metadata
 
 
 def plan(copies: Sequence[str], nlist: int, budget_bytes: int) -> tuple[list[ListBlock], dict]:
     """Blocks of consecutive lists of at most ``budget_bytes`` decoded (one list at least), from the
-    copies' footers (each row group's rows counted at its first list); and the copies' size."""
+    copies' footers (the rows of each list their metadata records; else each row group's rows counted
+    at its first list); and the copies' size."""
+    from retrieval.index.finecopy import list_sizes
+
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(min(16, max(1, len(copies)))) as pool:
         footers = list(pool.map(_footer, copies))
-    row_bytes = max([rb for _, rb in footers], default=516)
+    row_bytes = max([rb for _, rb, _ in footers], default=516)
     per_list = np.zeros(nlist + 1, np.int64)
-    for groups, _ in footers:
-        np.add.at(per_list, groups[:, 0], groups[:, 2])
+    for groups, _, meta in footers:
+        sizes = list_sizes(meta, nlist)
+        if sizes is not None:
+            per_list[:nlist] += sizes
+        else:
+            np.add.at(per_list, groups[:, 0], groups[:, 2])
     budget_rows = max(1, budget_bytes // max(row_bytes, 1))
     cuts, held = [0], 0
     for lst, n in enumerate(per_list[:nlist].tolist()):
@@ -80,12 +88,12 @@ def plan(copies: Sequence[str], nlist: int, budget_bytes: int) -> tuple[list[Lis
     blocks = []
     for b, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
         groups = tuple((s, tuple(np.flatnonzero((g[:, 1] >= lo) & (g[:, 0] < hi)).tolist()))
-                       for s, (g, _) in enumerate(footers) if len(g))
+                       for s, (g, _, _) in enumerate(footers) if len(g))
         groups = tuple((s, gs) for s, gs in groups if gs)
         rows = int(sum(footers[s][0][list(gs), 2].sum() for s, gs in groups))
         blocks.append(ListBlock(b, int(lo), int(hi), groups, rows * row_bytes))
-    size = {"stored": int(sum(g[:, 3].sum() for g, _ in footers)),
-            "decoded": int(sum(g[:, 2].sum() for g, _ in footers)) * row_bytes}
+    size = {"stored": int(sum(g[:, 3].sum() for g, _, _ in footers)),
+            "decoded": int(sum(g[:, 2].sum() for g, _, _ in footers)) * row_bytes}
     return blocks, size
 
 
