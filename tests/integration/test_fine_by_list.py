@@ -78,6 +78,7 @@ def test_list_blocks_give_the_same_rows_and_send_each_query_to_few_blocks(world,
         t = fsio.read_parquet(fsio.join(index, s["fine_by_list"]["file"]))
         lst, ids = t.column("list").to_numpy(), t.column("id").to_numpy()
         assert (np.diff(lst) >= 0).all() and t.column_names == ["list", "id", "fine", "fine_scale"]
+        assert all((np.diff(ids[lst == v]) > 0).all() for v in np.unique(lst))      # (list, id) order
     new, rows_new = _search(world, index, f"new-{bool(engine)}", engine)
     old, rows_old = _search(world, index, f"old-{bool(engine)}", engine, "search.fine_layout=files")
     chunk, rows_chunk = _search(world, index, f"chunk-{bool(engine)}", engine, "search.rerank=chunk")
