@@ -199,12 +199,17 @@ def _rerank_basis(rr: dict, queries: int, pairs: float, compute_s: float, read_s
             f"{chunks:,} chunks) + label reads {_fmt_bytes(rr['label_bytes'])} {_fmt_time(read_s)}")
 
 
-def _fine_copy(n: int, cfg, read_bw: float) -> tuple[float, float, str]:
-    """The index's list-ordered fine copy (index.fine_by_list): bytes, seconds (read + write), basis."""
-    copy_bytes = n * FINE_ROW_BYTES if cfg["index.fine_by_list"] else 0.0
-    copy_s = 2 * copy_bytes / read_bw
-    return copy_bytes, copy_s, (f"; list-ordered fine copy {_fmt_bytes(copy_bytes)} read + written "
-                                f"{_fmt_time(copy_s)}" if copy_bytes else "")
+def _fine_copy(n: int, shards: int, cfg, read_bw: float) -> tuple[float, float, str, float]:
+    """The index's list-ordered fine copy (index.fine_by_list): bytes, seconds, basis, memory per
+    task. Each shard task writes it in passes of <= finecopy.PASS_BYTES, each reading its slice's
+    fine column again."""
+    if not cfg["index.fine_by_list"]:
+        return 0.0, 0.0, "", 0.0
+    copy_bytes, shard_bytes = n * FINE_ROW_BYTES, n * FINE_ROW_BYTES / max(1, shards)
+    n_passes = max(1, math.ceil(shard_bytes / finecopy.PASS_BYTES))
+    copy_s = (n_passes + 1) * copy_bytes / read_bw
+    return copy_bytes, copy_s, (f"; list-ordered fine copy {_fmt_bytes(copy_bytes)}: {n_passes} reads + a write "
+                                f"{_fmt_time(copy_s)}"), 2.0 * min(shard_bytes, finecopy.PASS_BYTES)
 
 
 def _query_basis(rr: dict) -> str:
@@ -285,7 +290,7 @@ def _plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: i
     # part / N: 28.2 B at 1M, measured 28.3)
     bpv = ip["bytes_per_vector"] if ip["fast_scan"] else r["index_bytes_per_vector"]
     index_bytes = n * bpv
-    copy_bytes, copy_s, copy_basis = _fine_copy(n, cfg, read_bw)
+    copy_bytes, copy_s, copy_basis, copy_mem = _fine_copy(n, index_shards, cfg, read_bw)
     shard_bytes = min(n, vectors_per_index_shard) * bpv
     # search, coarse: every (query, shard group) assigns the query once, then each shard scans nprobe lists
     shard_cache = int(cfg["search.shard_cache"])
@@ -325,7 +330,7 @@ def _plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: i
                   f"{_fmt_time(scan_s)}; k-means ({ip['kmeans']}) on {ip['train_points']:,} pts on the driver "
                   f"{_fmt_time(train_s)}; add {_fmt_time(add_s)} ({1 / add_core_s:,.0f} vec/s/core){copy_basis}",
                   "storage": index_bytes + copy_bytes, "memory_per_task": 1.3 * shard_bytes
-                  + ip["nlist"] * 128 * 4 * 2 + n / index_shards * FINE_ROW_BYTES * 2 * bool(copy_bytes)},
+                  + ip["nlist"] * 128 * 4 * 2 + copy_mem},
         "search": {"tasks": tasks, "wall": coarse_s + rerank_s,
                    "basis": f"coarse {_fmt_time(coarse_s)} (assign {queries:.3g} queries x {groups} shard groups "
                             f"{_fmt_time(assign_s)}, scan {codes_scanned:.3g} codes {_fmt_time(scan_codes_s)}, "

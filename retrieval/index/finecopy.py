@@ -30,6 +30,7 @@ from retrieval import fsio
 from retrieval.index import idmap
 
 ROW_GROUP = 1024
+PASS_BYTES = 1 << 30      # fine vectors a shard task holds while it writes its copy (one pass)
 LIST_SIZES = "retrieval.list_sizes"     # key-value metadata: the rows of each list (int32, zlib, base64)
 COLUMNS = ("list", "id", "fine", "fine_scale")
 
@@ -69,37 +70,48 @@ def lists_of(table: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> np.ndarra
     return out.reshape(ids.shape)
 
 
-def write_copy(output: str, shard: int, ivf, segments: Sequence[tuple]) -> dict:
+def write_copy(output: str, shard: int, ivf, segments: Sequence[tuple], budget: int | None = None) -> dict:
     """The shard's fine vectors ordered by (list, id) into ``output/shard-NNNNN.fine.parquet``
-    (``segments``: the slice's ``(file_no, url, start, end)``); its manifest entry."""
+    (``segments``: the slice's ``(file_no, url, start, end)``); its manifest entry. Written in passes
+    of whole lists of at most ``budget`` (:data:`PASS_BYTES`) of rows each (each pass reads the row groups of
+    the slice that hold its rows), so a task holds one pass, not its whole shard."""
     ids, lists = list_table(ivf)
     order = np.lexsort((ids, lists))
     ids, lists = ids[order], lists[order]
     urls: list[str | None] = [None] * (max([s[0] for s in segments], default=-1) + 1)
     for file_no, url, _, _ in segments:
         urls[file_no] = url
-    cols = ["fine", "fine_scale"] if _has_scale(segments) else ["fine"]
-    rows = idmap.fetch_rows(urls, ids, cols) if len(ids) else None
-    table = pa.table({"list": pa.array(lists, pa.int32()), "id": pa.array(ids, pa.int64()),
-                      **({c: rows.column(c) for c in cols} if rows is not None else _empty_cols(segments, cols))})
+    source = fsio.parquet_file(segments[0][1]).schema_arrow if segments else None
+    cols = [c for c in ("fine", "fine_scale") if source is not None and c in source.names] or ["fine"]
     sizes = np.bincount(lists, minlength=int(ivf.nlist)).astype(np.int32)
-    table = table.replace_schema_metadata({LIST_SIZES: base64.b64encode(zlib.compress(sizes.tobytes())).decode()})
+    schema = pa.schema([("list", pa.int32()), ("id", pa.int64())] + [
+        (c, source.field(c).type if source is not None else pa.binary(512)) for c in cols],
+        metadata={LIST_SIZES: base64.b64encode(zlib.compress(sizes.tobytes())).decode()})
     url = fsio.join(output, copy_file(shard))
     with fsio.atomic_open(url, "wb") as fh:
-        pq.write_table(table, fh, row_group_size=ROW_GROUP, compression={c: "none" if c == "fine" else "zstd"
-                                                                        for c in table.column_names})
+        with pq.ParquetWriter(fh, schema, compression={c: "none" if c == "fine" else "zstd" for c in schema.names}) as w:
+            for a, b in passes(sizes, 516 if cols == ["fine", "fine_scale"] else 2052, budget):
+                rows = idmap.fetch_rows(urls, ids[a:b], cols)
+                w.write_table(pa.table({"list": pa.array(lists[a:b], pa.int32()), "id": pa.array(ids[a:b], pa.int64()),
+                                        **{c: rows.column(c) for c in cols}}, schema=schema), row_group_size=ROW_GROUP)
     fs, path = fsio.url_to_fs(url)
     return {"file": copy_file(shard), "sha256": fsio.sha256_file(url), "bytes": int(fs.size(path)),
-            "rows": int(table.num_rows)}
+            "rows": int(len(ids))}
 
 
-def _has_scale(segments: Sequence[tuple]) -> bool:
-    return bool(segments) and "fine_scale" in fsio.parquet_file(segments[0][1]).schema_arrow.names
-
-
-def _empty_cols(segments: Sequence[tuple], cols: list[str]) -> dict:
-    schema = fsio.parquet_file(segments[0][1]).schema_arrow if segments else None
-    return {c: pa.array([], schema.field(c).type if schema is not None else pa.binary(512)) for c in cols}
+def passes(sizes: np.ndarray, row_bytes: int, budget: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges ``[a, b)`` of the (list, id)-ordered rows, cut at list boundaries, of at most
+    ``budget`` bytes each (:data:`PASS_BYTES`; one list at least)."""
+    budget_rows = max(1, (budget or PASS_BYTES) // row_bytes)
+    out, start, held = [], 0, 0
+    for n in sizes.tolist():
+        if held and held + n > budget_rows:
+            out.append((start, start + held))
+            start, held = start + held, 0
+        held += n
+    if held:
+        out.append((start, start + held))
+    return out
 
 
 def reusable(output: str, entry: dict | None) -> bool:

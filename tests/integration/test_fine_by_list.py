@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import faiss
 import numpy as np
 import pytest
 
@@ -79,6 +80,17 @@ def test_list_blocks_give_the_same_rows_and_send_each_query_to_few_blocks(world,
         lst, ids = t.column("list").to_numpy(), t.column("id").to_numpy()
         assert (np.diff(lst) >= 0).all() and t.column_names == ["list", "id", "fine", "fine_scale"]
         assert all((np.diff(ids[lst == v]) > 0).all() for v in np.unique(lst))      # (list, id) order
+    # written in passes of a few lists each (bounded task memory): the same rows
+    from retrieval.index import finecopy
+    shard = store.load_shard(index, 0, m)           # kept referenced while its IVF is used
+    ivf = faiss.extract_index_ivf(shard)
+    segs = [(f, m["feature_files"][f]["url"], a, b) for f, a, b in m["shards"][0]["segments"]]
+    small = finecopy.write_copy(str(tmp_path / "small"), 0, ivf, segs, budget=64 * 516)
+    whole = fsio.read_parquet(fsio.join(index, m["shards"][0]["fine_by_list"]["file"]))
+    passes = fsio.parquet_file(str(tmp_path / "small" / small["file"]))
+    assert passes.metadata.num_row_groups > fsio.parquet_file(
+        fsio.join(index, m["shards"][0]["fine_by_list"]["file"])).metadata.num_row_groups
+    assert passes.read().equals(whole) and small["rows"] == whole.num_rows
     new, rows_new = _search(world, index, f"new-{bool(engine)}", engine)
     old, rows_old = _search(world, index, f"old-{bool(engine)}", engine, "search.fine_layout=files")
     chunk, rows_chunk = _search(world, index, f"chunk-{bool(engine)}", engine, "search.rerank=chunk")
