@@ -240,7 +240,8 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
     log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, "
              "%d per shard, k %d; %s-major rerank%s)", qf_url, images, len(job.chunks), index_url,
              job.n_shards, job.nprobe, job.shortlist, job.shard_shortlist, job.k, job.rerank,
-             f" over {len(job.blocks)} gallery blocks" if job.blocks else "")
+             f" over {len(job.list_blocks) or len(job.blocks)} gallery blocks"
+             f"{' of IVF lists' if job.list_blocks else ''}" if job.blocks else "")
     t1 = time.monotonic()
     try:
         stats = run(job, engine, search_cfg.progress_seconds)
