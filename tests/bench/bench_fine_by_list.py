@@ -3,7 +3,11 @@ one run: read volumes (from the search manifests' io counters) and wall times, i
 The per-process cache of query vectors is cut to one chunk, so each block task reads the query
 chunks it needs as it would on its own executor (in one local process the blocks would share them).
 
-    python tests/bench/bench_fine_by_list.py --gallery 200000 --queries 8192 --workdir /tmp/x [--engine spark]
+    python tests/bench/bench_fine_by_list.py --gallery 1000000 --queries 16384 --cache-mb 8 --workdir /tmp/x [--engine spark]
+
+At a billion a 1 GiB block holds ~10 MB of each of 100 shard copies (20 row groups); keep a block's
+share of a shard (cache MB / shards) at several 0.5 MB row groups here too, or the row groups read
+at block edges dominate the gallery reads.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ def main() -> None:
     ap.add_argument("--cache-mb", type=int, default=4, help="search.vector_cache_mb (the block size)")
     ap.add_argument("--engine", choices=("local", "spark"), default="local")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--vectors-per-shard", type=int, default=500_000, help="index.vectors_per_shard")
     args = ap.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     os.makedirs(args.workdir)
@@ -50,7 +55,7 @@ def main() -> None:
         engine = get_spark()
     idx = os.path.join(args.workdir, "index")
     t = time.monotonic()
-    m = build_index([gal], idx, config.load(sets=["index.vectors_per_shard=100000"]), engine)
+    m = build_index([gal], idx, config.load(sets=[f"index.vectors_per_shard={args.vectors_per_shard}"]), engine)
     build_s = time.monotonic() - t
     out: dict = {"gallery": args.gallery, "query_rows": len(qc), "index_build_s": round(build_s, 1),
                  "index_key": m["params"]["index_key"], "nlist": m["params"]["nlist"], "shards": len(m["shards"]),
