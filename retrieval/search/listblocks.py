@@ -34,11 +34,12 @@ from retrieval.search.vectors import _decoded_row_bytes
 
 @dataclass(frozen=True)
 class ListBlock:
-    """Lists ``[lo, hi)``; ``groups``: per shard, the row groups of its copy holding those lists."""
+    """Lists ``[lo, hi)``; ``groups``: per shard, ``(shard, g0, g1)``: row groups ``[g0, g1)`` of its
+    copy hold those lists (contiguous: the copy is in list order)."""
     block: int
     lo: int
     hi: int
-    groups: tuple[tuple[int, tuple[int, ...]], ...]
+    groups: tuple[tuple[int, int, int], ...]
     decoded_bytes: int
 
 
@@ -87,10 +88,9 @@ def plan(copies: Sequence[str], nlist: int, budget_bytes: int) -> tuple[list[Lis
     cuts.append(nlist)
     blocks = []
     for b, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
-        groups = tuple((s, tuple(np.flatnonzero((g[:, 1] >= lo) & (g[:, 0] < hi)).tolist()))
-                       for s, (g, _, _) in enumerate(footers) if len(g))
-        groups = tuple((s, gs) for s, gs in groups if gs)
-        rows = int(sum(footers[s][0][list(gs), 2].sum() for s, gs in groups))
+        hit = [(s, np.flatnonzero((g[:, 1] >= lo) & (g[:, 0] < hi))) for s, (g, _, _) in enumerate(footers) if len(g)]
+        groups = tuple((s, int(h[0]), int(h[-1]) + 1) for s, h in hit if len(h))
+        rows = int(sum(footers[s][0][g0:g1, 2].sum() for s, g0, g1 in groups))
         blocks.append(ListBlock(b, int(lo), int(hi), groups, rows * row_bytes))
     size = {"stored": int(sum(g[:, 3].sum() for g, _, _ in footers)),
             "decoded": int(sum(g[:, 2].sum() for g, _, _ in footers)) * row_bytes}
@@ -130,10 +130,11 @@ def read_block(block: ListBlock, copies: Sequence[str]) -> tuple[np.ndarray, np.
     the read's figures."""
     ids, codes, scales = [], [], []
     stats = {"row_groups": 0, "bytes_read": 0, "bytes_decoded": 0}
-    for shard, groups in block.groups:
+    for shard, g0, g1 in block.groups:
+        groups = list(range(g0, g1))
         pf = fsio.parquet_file(copies[shard])
         cols = [c for c in ("list", "id", "fine", "fine_scale") if c in pf.schema_arrow.names]
-        t = pf.read_row_groups(list(groups), columns=cols)
+        t = pf.read_row_groups(groups, columns=cols)
         lst = t.column("list")
         t = t.filter(pc.and_(pc.greater_equal(lst, block.lo), pc.less(lst, block.hi)))
         md = pf.metadata
