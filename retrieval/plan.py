@@ -27,7 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from retrieval.plan_rates import RATES
+from retrieval.index import finecopy
+from retrieval.plan_rates import RATES, by_list, query_rows_per_image
 from retrieval.stage import Stage, arg
 
 
@@ -93,7 +94,7 @@ LABEL_ROW_BYTES = 140.0     # image_id + uri of a gallery row as stored: at most
 
 
 def rerank_reads(n: int, queries: int, shortlist: int, chunks: int, query_chunk: int, row_group_size: int,
-                 cfg) -> dict:
+                 cfg, nprobe: int = 0, index_shards: int = 0) -> dict:
     """What the search's rerank reads and shuffles, in the mode ``search.rerank`` resolves to
     (retrieval/search/blocks.py). Chunk-major: per chunk, the share of the column its C x S
     candidates touch (Poisson: 1 - exp(-C x S x R / N)). Gallery-major: blocks of
@@ -126,13 +127,23 @@ def rerank_reads(n: int, queries: int, shortlist: int, chunks: int, query_chunk:
                          for j in range(0, int(lam + 10 * math.sqrt(lam) + k + 10))) if lam > 0 else 0.0
     kept = min(pairs, queries * blocks * kept_per_block)
     touched_run = 1.0 - math.exp(-pairs * row_group_size / max(n, 1))     # row groups with a candidate
-    out.update(blocks=blocks, query_touched=1.0 - math.exp(-lam),
+    rows = queries * query_rows_per_image(cfg)
+    out.update(blocks=blocks, query_touched=1.0 - math.exp(-lam), query_rows=rows,
                gallery_bytes=column * min(1.0, touched_run),
-               query_bytes=blocks * queries * FINE_ROW_BYTES * (1.0 - math.exp(-lam)),
+               query_bytes=blocks * rows * FINE_ROW_BYTES * (1.0 - math.exp(-lam)),
                label_bytes=labels * (1.0 - math.exp(-results * row_group_size / max(n, 1))),
                shuffle_bytes=pairs * 16 + kept * 20 + results * (16 + LABEL_ROW_BYTES), pairs_kept=kept,
                block_task_bytes=min(cache, column) + pairs / blocks * 16 + kept / blocks * 20
                + query_chunk * (shortlist * 4 + 512 * 4))
+    if by_list(cfg) and nprobe and index_shards:
+        # blocks = ranges of IVF lists of the list-ordered copy: a query row's candidates lie in its
+        # nprobe lists, so its vector goes to at most that many blocks (random lists: the expected
+        # distinct blocks; sibling cells are numbered together, so fewer), read once by its merge
+        # task; each block reads its lists' row groups of every shard's copy (an edge group twice)
+        per_row = blocks * (1.0 - (1.0 - 1.0 / blocks) ** nprobe)
+        edge = min(1.0, blocks * index_shards * 2 * finecopy.ROW_GROUP * FINE_ROW_BYTES / column)
+        out.update(layout="lists", query_blocks=per_row, query_bytes=rows * FINE_ROW_BYTES * (1 + per_row),
+                   gallery_bytes=column * (1.0 + edge))
     return out
 
 
@@ -181,12 +192,32 @@ def _rerank_basis(rr: dict, queries: int, pairs: float, compute_s: float, read_s
         return (f"rerank gallery-major over {rr['blocks']:,} blocks: {pairs:.3g} pairs "
                 f"{_fmt_time(compute_s)} + gallery fine reads {_fmt_bytes(rr['gallery_bytes'])} "
                 f"({rr['gallery_bytes'] / rr['column_bytes']:.2f}x the column) + query reads "
-                f"{_fmt_bytes(rr['query_bytes'])} ({rr['blocks']:,} blocks x {rr['query_touched']:.0%} of "
-                f"{_fmt_bytes(queries * FINE_ROW_BYTES)}) + label reads {_fmt_bytes(rr['label_bytes'])} "
+                f"{_fmt_bytes(rr['query_bytes'])} ({_query_basis(rr)}) + label reads {_fmt_bytes(rr['label_bytes'])} "
                 f"{_fmt_time(read_s)} + shuffle {_fmt_bytes(rr['shuffle_bytes'])} {_fmt_time(shuffle_s)}")
     return (f"rerank chunk-major: {pairs:.3g} pairs {_fmt_time(compute_s)} + gallery "
             f"fine reads {_fmt_bytes(rr['gallery_bytes'])} ({rr['touched']:.0%} of the column x "
             f"{chunks:,} chunks) + label reads {_fmt_bytes(rr['label_bytes'])} {_fmt_time(read_s)}")
+
+
+def _fine_copy(n: int, shards: int, cfg, read_bw: float) -> tuple[float, float, str, float]:
+    """The index's list-ordered fine copy (index.fine_by_list): bytes, seconds, basis, memory per
+    task. Each shard task writes it in passes of <= finecopy.PASS_BYTES, each reading its slice's
+    fine column again."""
+    if not cfg["index.fine_by_list"]:
+        return 0.0, 0.0, "", 0.0
+    copy_bytes, shard_bytes = n * FINE_ROW_BYTES, n * FINE_ROW_BYTES / max(1, shards)
+    n_passes = max(1, math.ceil(shard_bytes / finecopy.PASS_BYTES))
+    copy_s = (n_passes + 1) * copy_bytes / read_bw
+    return copy_bytes, copy_s, (f"; list-ordered fine copy {_fmt_bytes(copy_bytes)}: {n_passes} reads + a write "
+                                f"{_fmt_time(copy_s)}"), 2.0 * min(shard_bytes, finecopy.PASS_BYTES)
+
+
+def _query_basis(rr: dict) -> str:
+    rows = _fmt_bytes(rr["query_rows"] * FINE_ROW_BYTES)
+    if rr.get("layout") == "lists":
+        return f"list-ordered copy: {rows} of query rows read once + sent to {rr['query_blocks']:.1f} blocks each"
+    return (f"feature-file blocks, no list-ordered copy: {rr['blocks']:,} blocks x {rr['query_touched']:.0%} "
+            f"of {rows} of query rows")
 
 
 def _search_warnings(rr: dict, chunks: int, read_s: float, compute_s: float) -> list[str]:
@@ -197,7 +228,8 @@ def _search_warnings(rr: dict, chunks: int, read_s: float, compute_s: float) -> 
                    f"search.query_chunk, cut the reads proportionally)")
     if rr["mode"] == "gallery" and rr["query_bytes"] > rr["gallery_bytes"]:
         out.append(f"search: the {rr['blocks']:,} gallery blocks each read the query vectors "
-                   f"({_fmt_bytes(rr['query_bytes'])} in all); a larger search.vector_cache_mb (the block "
+                   f"({_fmt_bytes(rr['query_bytes'])} in all); index.fine_by_list: true (the default) sends "
+                   f"each only to the blocks its shortlist touches; a larger search.vector_cache_mb (the block "
                    f"size, memory per block task) means fewer blocks")
     return out
 
@@ -258,6 +290,7 @@ def _plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: i
     # part / N: 28.2 B at 1M, measured 28.3)
     bpv = ip["bytes_per_vector"] if ip["fast_scan"] else r["index_bytes_per_vector"]
     index_bytes = n * bpv
+    copy_bytes, copy_s, copy_basis, copy_mem = _fine_copy(n, index_shards, cfg, read_bw)
     shard_bytes = min(n, vectors_per_index_shard) * bpv
     # search, coarse: every (query, shard group) assigns the query once, then each shard scans nprobe lists
     shard_cache = int(cfg["search.shard_cache"])
@@ -271,11 +304,10 @@ def _plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: i
     shuffle_bytes = queries * k_shard * 12.0 * index_shards if groups > 1 else 0.0
     shuffle_s = shuffle_bytes / (r["read_bytes_per_executor_s"] * cluster.executors)
     coarse_s = assign_s + scan_codes_s + shuffle_s
-    # search, rerank: pairs scored + the gallery's fine vectors read (chunk-major: the row groups
-    # each chunk's shortlists touch, per chunk; gallery-major: each block once, the query vectors
-    # once per block, the pairs shuffled to the blocks and the kept ones back)
+    # search, rerank: pairs scored + the gallery's fine vectors read (chunk-major: per chunk; gallery-major:
+    # each block once, the query vectors to the blocks, the pairs shuffled to the blocks and the kept ones back)
     chunks = max(1, math.ceil(queries / query_chunk))
-    rr = rerank_reads(n, queries, shortlist, chunks, query_chunk, row_group_size, cfg)
+    rr = rerank_reads(n, queries, shortlist, chunks, query_chunk, row_group_size, cfg, ip["nprobe"], index_shards)
     rerank_pairs = queries * shortlist
     rerank_compute_s = rerank_pairs / (r["rerank_pairs_per_core_s"] * cores)
     rerank_read_s = (rr["gallery_bytes"] + rr["query_bytes"] + rr["label_bytes"]) / read_bw
@@ -294,11 +326,11 @@ def _plan(images: int, cluster: Cluster, queries: int = 10_000_000, shortlist: i
     stages = {
         "extract": {"tasks": feature_shards, "basis": extract_basis, "wall": extract_s,
                     "storage": feature_bytes, "memory_per_task": 0.6e9 + 1024 * 2600},
-        "index": {"tasks": index_shards, "wall": scan_s + train_s + add_s + 60,
-                  "basis": f"read features {_fmt_time(scan_s)}; k-means ({ip['kmeans']}) on "
-                           f"{ip['train_points']:,} pts on the driver {_fmt_time(train_s)}; add "
-                           f"{_fmt_time(add_s)} ({1 / add_core_s:,.0f} vec/s/core)",
-                  "storage": index_bytes, "memory_per_task": 1.3 * shard_bytes + ip["nlist"] * 128 * 4 * 2},
+        "index": {"tasks": index_shards, "wall": scan_s + train_s + add_s + 60 + copy_s, "basis": f"read features "
+                  f"{_fmt_time(scan_s)}; k-means ({ip['kmeans']}) on {ip['train_points']:,} pts on the driver "
+                  f"{_fmt_time(train_s)}; add {_fmt_time(add_s)} ({1 / add_core_s:,.0f} vec/s/core){copy_basis}",
+                  "storage": index_bytes + copy_bytes, "memory_per_task": 1.3 * shard_bytes
+                  + ip["nlist"] * 128 * 4 * 2 + copy_mem},
         "search": {"tasks": tasks, "wall": coarse_s + rerank_s,
                    "basis": f"coarse {_fmt_time(coarse_s)} (assign {queries:.3g} queries x {groups} shard groups "
                             f"{_fmt_time(assign_s)}, scan {codes_scanned:.3g} codes {_fmt_time(scan_codes_s)}, "

@@ -71,3 +71,18 @@ RATES = {
     # ASSUMED: read bandwidth per executor from object storage / HDFS on a cluster
     "read_bytes_per_executor_s": 200e6,
 }
+
+
+CONTENT_BOX_SHARE = 0.4     # query images with a content box (extract.query_regions: content): 2.4 rows/image
+
+
+def query_rows_per_image(cfg) -> float:
+    """Query feature rows per query image: 1, plus one per ``extract.query_regions`` region (the
+    content box only where one is found: ~40% of photos; 2.4 rows per image with the default regions)."""
+    regions = list(cfg["extract.query_regions"] or [])
+    return 1.0 + sum(CONTENT_BOX_SHARE if r == "content" else 1.0 for r in regions)
+
+
+def by_list(cfg) -> bool:
+    """Whether the gallery-major rerank runs over the index's list-ordered fine copy."""
+    return bool(cfg["index.fine_by_list"]) and str(cfg["search.fine_layout"]) != "files"

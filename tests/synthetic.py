@@ -117,18 +117,26 @@ def image_id(i: int) -> str:
 def write_feature_output(url: str, coarse: np.ndarray, fine: np.ndarray, *, num_files: int = 8,
                          storage: str = "int8", role: str = "gallery", id_prefix: str = "img",
                          model_version: str = "synthetic-v1", row_group_size: int = 1024,
-                         start: int = 0) -> dict:
+                         start: int = 0, regions: list | None = None) -> dict:
     """Write vectors as a complete extraction output (feature shards + errors + manifest), exactly
     the layout ``retrieval extract`` writes, so every later stage reads them unchanged. Row ``i`` of
-    the input gets ``image_id = f"{id_prefix}{start + i:010d}"``; files are contiguous slices."""
+    the input gets ``image_id = f"{id_prefix}{start + i:010d}"``; files are contiguous slices.
+    ``regions`` (query role): a region label per row, None for a whole image: a region row belongs
+    to the image of the row before it (its image_id), as ``extract.query_regions`` writes them."""
     t0 = time.monotonic()
     n = len(coarse)
-    schema = feature_schema(coarse.shape[1], fine.shape[1], storage)
+    schema = feature_schema(coarse.shape[1], fine.shape[1], storage, regions=regions is not None)
+    owner = np.arange(n)
+    if regions is not None:      # each row's image: the last whole-image row at or before it
+        whole = np.flatnonzero([r is None for r in regions])
+        owner = whole[np.searchsorted(whole, np.arange(n), side="right") - 1]
     bounds = np.linspace(0, n, num_files + 1).astype(int)
+    if regions is not None:      # files cut at whole-image rows
+        bounds = np.array([int(owner[min(b, n - 1)]) if b < n else n for b in bounds])
     shards = []
     for k in range(num_files):
         a, b = bounds[k], bounds[k + 1]
-        ids = [f"{id_prefix}{start + i:010d}" for i in range(a, b)]
+        ids = [f"{id_prefix}{start + int(owner[i]):010d}" for i in range(a, b)]
         cols = {"image_id": ids, "uri": [f"synthetic://{role}/{i}" for i in ids],
                 "coarse": vectors_to_arrow(coarse[a:b])}
         if storage == "int8":
@@ -140,6 +148,8 @@ def write_feature_output(url: str, coarse: np.ndarray, fine: np.ndarray, *, num_
         cols.update({"width": pa.array(np.full(b - a, 224, np.int32)),
                      "height": pa.array(np.full(b - a, 224, np.int32)),
                      "model_version": [model_version] * (b - a), "role": [role] * (b - a)})
+        if regions is not None:
+            cols["region"] = pa.array(regions[a:b], pa.string())
         name = f"part-{k:05d}"
         part_url = fsio.join(url, f"{name}.parquet")
         with fsio.atomic_open(part_url, "wb") as fh:
@@ -156,6 +166,7 @@ def write_feature_output(url: str, coarse: np.ndarray, fine: np.ndarray, *, num_
                 "model_version": model_version, "storage": storage, "heads": "synthetic",
                 "counts": {"inputs": n, "ok": n, "errors": 0, "shards": num_files},
                 "shards": shards, "config": {"synthetic": True},
+                **({"query_regions": sorted({r.split(":")[0] for r in regions if r})} if regions is not None else {}),
                 "timings": {"total_s": round(time.monotonic() - t0, 3)},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     fsio.write_json(fsio.join(url, "_manifest.json"), manifest)

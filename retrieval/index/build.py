@@ -171,7 +171,7 @@ def _plan(run: _Run) -> _Plan:
     else:
         # faiss cannot merge fast-scan (blocked) lists on disk: an on-disk build uses 8-bit PQ codes
         params = choose_params(n_rows, dim, cfg, fast_scan=bool(cfg["index.fast_scan"]) and not run.merge_ondisk)
-    settings = {k: v for k, v in cfg["index"].to_dict().items() if k not in ("mode", "threads", "progress_seconds")}
+    settings = {k: v for k, v in cfg["index"].to_dict().items() if k not in ("mode", "threads", "progress_seconds", "fine_by_list")}
     # auto enters the fingerprint as 0, its spelling before 0.2: an interrupted older run still resumes
     settings.update({k: 0 for k in ("nlist", "nprobe") if settings[k] == "auto"})
     settings["index_key_chosen"] = params.index_key
@@ -269,7 +269,7 @@ def _shards(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, queries:
     job = ShardJob(output=output_url, trained_sha256=trained.sha256, batch_rows=int(index_cfg["batch_rows"]),
                    threads=index_cfg["threads"], queries=queries.quality, source_ids=queries.source_ids, k=K,
                    grid=plan.params.nprobe_grid, faults=faults.configured(),
-                   storage_options=run.storage_options, progress_seconds=run.every)
+                   storage_options=run.storage_options, progress_seconds=run.every, fine_by_list=index_cfg["fine_by_list"])
     trained_ref = run.engine.broadcast(trained.data)
     try:
         # local engine: one bar in vectors (the shards' own progress counts into it); Spark: tasks
@@ -284,8 +284,8 @@ def _shards(run: _Run, plan: _Plan, sel: _Selection, trained: _Trained, queries:
     if shard_counts != {"rows": n_rows, "nan_inf": skipped["nan_inf"], "zero": skipped["zero"]}:
         raise RuntimeError(f"shard counts {shard_counts} disagree with the scan ({n_rows} rows, {skipped}): "
                            "were feature files changed during the build?")
-    all_shards = (old["shards"] if old is not None else []) + [
-        {k: s[k] for k in ("shard", "file", "sha256", "ntotal", "bytes", "segments")} for s in stats]
+    keys = ("shard", "file", "sha256", "ntotal", "bytes", "segments", "fine_by_list")
+    all_shards = (old["shards"] if old is not None else []) + [{k: s[k] for k in keys if k in s} for s in stats]
     return _Shards(result=result, stats=stats, first=first_shard, count=len(slices), manifest=all_shards)
 
 

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from retrieval import fsio, outputs
 from retrieval.config import Config
 from retrieval.engine import Engine, as_engine
-from retrieval.index import dedup, idmap, takedowns as td
+from retrieval.index import dedup, finecopy, idmap, takedowns as td
 from retrieval.index.reader import FeatureFile
 from retrieval.index.shard import ShardJob, ShardResult, SliceSpec, shard_file, shard_task
 from retrieval.index.store import TRAINED, read_index_manifest
@@ -91,7 +91,7 @@ def _rebuild(run: dict, m: dict, slices: list[SliceSpec], n: int, engine: Engine
     job = ShardJob(output=fsio.join(run["index"], f"compact-{n:03d}"), trained_sha256=m["trained"]["sha256"],
                    batch_rows=int(run["cfg"]["index.batch_rows"]), threads=run["cfg"]["index.threads"],
                    queries=np.zeros((0, int(m["dim"])), np.float32), source_ids=np.zeros(0, np.int64), k=1,
-                   grid=(), storage_options=run["so"])
+                   grid=(), storage_options=run["so"], fine_by_list=finecopy.all_copies(m) is not None)
     ref = engine.broadcast(trained)
     try:
         result: ShardResult = engine.map_reduce(functools.partial(shard_task, job, ref), slices, ShardResult.merge,
@@ -99,7 +99,9 @@ def _rebuild(run: dict, m: dict, slices: list[SliceSpec], n: int, engine: Engine
     finally:
         ref.destroy()
     return [{**{k: s[k] for k in ("shard", "sha256", "ntotal", "bytes", "segments")},
-             "file": f"compact-{n:03d}/{shard_file(s['shard'])}"} for s in result.stats]
+             "file": f"compact-{n:03d}/{shard_file(s['shard'])}",
+             **({"fine_by_list": {**s["fine_by_list"], "file": f"compact-{n:03d}/{s['fine_by_list']['file']}"}}
+                if s.get("fine_by_list") else {})} for s in result.stats]
 
 
 def _own_files(index_url: str, man: dict) -> set[str]:
@@ -109,6 +111,8 @@ def _own_files(index_url: str, man: dict) -> set[str]:
     for s in man["shards"]:
         d, _, base = s["file"].rpartition("/")
         out |= {s["file"], f"{d + '/' if d else ''}_shards/{base.replace('.index', '.json')}"}
+        if s.get("fine_by_list"):
+            out.add(s["fine_by_list"]["file"])
     prefix = fsio.join(index_url, "features") + "/"
     return out | {"features/" + f["url"][len(prefix):] for f in man["feature_files"] if f["url"].startswith(prefix)}
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from retrieval import faults, fsio
 from retrieval.engine import task_attempt
-from retrieval.index import idmap
+from retrieval.index import finecopy, idmap
 from retrieval.index.quality import Partial, cell_of_ids, exact_topk
 from retrieval.index.reader import clean, iter_coarse
 from retrieval.index.quantizer import deserialize, set_threads
@@ -75,6 +75,7 @@ class ShardJob:
     faults: dict | None = None
     storage_options: dict | None = None
     progress_seconds: float = 10.0
+    fine_by_list: bool = False      # also write the shard's fine vectors ordered by IVF list (finecopy.py)
 
 
 @dataclass
@@ -235,6 +236,10 @@ def build_shard(job: ShardJob, trained_data: bytes, spec: SliceSpec) -> ShardRes
         if int(index.ntotal) != counts["added"]:
             raise RuntimeError(f"shard {shard_url} holds {index.ntotal} vectors, its slice {counts['added']}")
         stats = dict(marker, reused=True, seconds=round(time.monotonic() - t0, 3))
+    if job.fine_by_list and not finecopy.reusable(job.output, stats.get("fine_by_list")):
+        stats["fine_by_list"] = finecopy.write_copy(job.output, spec.shard, faiss.extract_index_ivf(index),
+                                                    spec.segments)
+        fsio.write_json(marker_url, stats)
     quality = None
     if len(job.queries):
         approx = {}

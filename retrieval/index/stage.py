@@ -67,6 +67,7 @@ STAGE = Stage(
         "index.kmeans": choice("auto", "flat", "two_level"),
         "index.kmeans_iters": positive,
         "index.vectors_per_shard": positive,
+        "index.fine_by_list": lambda v: None if isinstance(v, bool) else "must be true or false",
         "index.nprobe": positive_or_auto,
         "index.max_nprobe": positive,
         "index.target_recall": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",

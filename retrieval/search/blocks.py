@@ -79,6 +79,8 @@ class Routed(NamedTuple):
     gid: np.ndarray        # int64: gallery id (file_no << 32 | row)
     coarse: np.ndarray     # float32: coarse score
     meta: dict | None = None
+    qrows: np.ndarray | None = None   # list blocks: the chunk rows of the queries with pairs here
+    queries: Any = None               # ... and their stored fine vectors (pa.Table: fine, fine_scale)
 
 
 class Piece(NamedTuple):

@@ -271,14 +271,20 @@ def _row_order(s: np.ndarray, i: np.ndarray) -> np.ndarray:
     return np.take_along_axis(first, second, axis=1)
 
 
-def merge_shortlists(parts: Sequence[tuple[np.ndarray, np.ndarray]], shortlist: int,
-                     threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def merge_shortlists(parts: Sequence[tuple[np.ndarray, ...]], shortlist: int,
+                     threshold: float | None = None) -> tuple[np.ndarray, ...]:
     """Fold per-shard ``(scores, ids)`` (same queries, same row order) into the global top
-    ``shortlist`` per query; candidates scoring below ``threshold`` are dropped (id -1)."""
+    ``shortlist`` per query; candidates scoring below ``threshold`` are dropped (id -1). Parts of
+    three, ``(scores, ids, lists)``, carry each candidate's IVF list along: ``(scores, ids, lists)``
+    (list -1 where the id is -1)."""
     if not parts:
         raise ValueError("merge_shortlists: no shard results")
     scores = np.concatenate([p[0] for p in parts], axis=1)
     ids = np.concatenate([p[1] for p in parts], axis=1)
     if threshold is not None:
         ids = np.where(scores >= threshold, ids, -1)
-    return topk_rows(scores, ids, shortlist)
+    if len(parts[0]) < 3:
+        return topk_rows(scores, ids, shortlist)
+    s, i, cols = topk_rows(scores, ids, shortlist, return_cols=True)
+    lists = np.take_along_axis(np.concatenate([p[2] for p in parts], axis=1), np.maximum(cols, 0), axis=1)
+    return s, i, np.where(i >= 0, lists, -1).astype(np.int32)

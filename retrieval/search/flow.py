@@ -21,6 +21,7 @@ import numpy as np
 from retrieval.engine import Engine, Step
 from retrieval.search import blocks as blocks_mod
 from retrieval.search import coarse as coarse_mod
+from retrieval.search import listtasks
 from retrieval.search.queries import Chunk
 from retrieval.search.tasks import (SearchJob, block_task, chunk_task, coarse_task, label_task, merge_route,
                                     select_chunk, shard_groups, write_task)
@@ -41,8 +42,8 @@ class Lists:
 def _coarse_records(job: SearchJob, task: tuple[int, int]) -> list[tuple[int, Lists]]:
     group_no, chunk_no = task
     parts, secs = coarse_task(job, shard_groups(job)[group_no], job.chunks[chunk_no])
-    return [(chunk_no, Lists(tuple(n for n, _, _ in parts), tuple((s, i) for _, s, i in parts), secs,
-                             sum(s.nbytes + i.nbytes for _, s, i in parts)))]
+    return [(chunk_no, Lists(tuple(p[0] for p in parts), tuple(p[1:] for p in parts), secs,
+                             sum(a.nbytes for p in parts for a in p[1:])))]
 
 
 def _fold(job: SearchJob, a: Lists, b: Lists) -> Lists:
@@ -74,7 +75,13 @@ def _chunk_step(job: SearchJob, chunk_no: int, records: Iterable[Lists]) -> list
 
 def _route_step(job: SearchJob, chunk_no: int, records: Iterable[Lists]) -> list[tuple[int, blocks_mod.Routed]]:
     chunk, parts, secs, shuffled, merge_s = _chunk_lists(job, chunk_no, records)
-    return merge_route(job, chunk, parts, secs, shuffled, merge_s)
+    return _merge_route(job)(job, chunk, parts, secs, shuffled, merge_s)
+
+
+def _merge_route(job: SearchJob):
+    """The merge + route of the gallery-major rerank: by IVF-list block over the index's list-ordered
+    fine copy (:mod:`retrieval.search.listblocks`), or by feature-file block."""
+    return listtasks.merge_route if job.list_blocks else merge_route
 
 
 def _fused_task(job: SearchJob, chunk_no: int) -> list[dict]:
@@ -82,13 +89,13 @@ def _fused_task(job: SearchJob, chunk_no: int) -> list[dict]:
     in one task's shard cache, so no shortlist is shuffled."""
     chunk = job.chunks[chunk_no]
     parts, secs = coarse_task(job, range(job.n_shards), chunk)
-    return [chunk_task(job, chunk, [(s, i) for _, s, i in parts], secs)]
+    return [chunk_task(job, chunk, [p[1:] for p in parts], secs)]
 
 
 def _fused_route(job: SearchJob, chunk_no: int) -> list[tuple[int, blocks_mod.Routed]]:
     chunk = job.chunks[chunk_no]
     parts, secs = coarse_task(job, range(job.n_shards), chunk)
-    return merge_route(job, chunk, [(s, i) for _, s, i in parts], secs)
+    return _merge_route(job)(job, chunk, [p[1:] for p in parts], secs)
 
 
 def _select_step(job: SearchJob, chunk_no: int, records: Iterable) -> list[tuple]:
@@ -119,7 +126,8 @@ def steps(job: SearchJob) -> tuple[list, list[Step]]:
                 Step(functools.partial(_chunk_step if chunk_major else _route_step, job), n_chunks,
                      progress="search", unit="chunks", combine=functools.partial(_fold, job))]
     if not chunk_major:        # block scoring, selection, label lookups by block, writing by chunk
-        plan += [Step(functools.partial(block_task, job), len(job.blocks), progress="search rerank", unit="blocks"),
+        scoring = (listtasks.block_task, len(job.list_blocks)) if job.list_blocks else (block_task, len(job.blocks))
+        plan += [Step(functools.partial(scoring[0], job), scoring[1], progress="search rerank", unit="blocks"),
                  Step(functools.partial(_select_step, job), n_chunks),
                  Step(functools.partial(label_task, job), len(job.blocks), progress="search labels", unit="blocks"),
                  Step(functools.partial(_write_step, job), n_chunks)]

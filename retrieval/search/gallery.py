@@ -90,7 +90,8 @@ def search_gallery(index_url: str, index_manifest: dict, rows_url: str, cfg, eng
     if background is not None and tail is None:
         log.warning("no false-match rates (fmr columns null): %s", why)
     job = dataclasses.replace(job, calibration=tail)
-    per_slice = slice_queries(slice_images, job.rerank, len(job.blocks), job.shortlist, slice_mb, sum(rows))
+    n_blocks = len(job.list_blocks) or len(job.blocks)      # the scoring blocks (by IVF list, or by file)
+    per_slice = slice_queries(slice_images, job.rerank, n_blocks, job.shortlist, slice_mb, sum(rows))
     slices = plan_slices(job.chunks, per_slice)
     log.info("gallery self-search: %d images in %d chunks, %d slices of <= %d, against %s (%d shards, nprobe %d, "
              "shortlist %d, k %d, %s-major rerank)", sum(rows), len(job.chunks), len(slices), per_slice, index_url,
@@ -100,7 +101,7 @@ def search_gallery(index_url: str, index_manifest: dict, rows_url: str, cfg, eng
         stats = job_mod.run(job, engine, search_cfg.progress_seconds)
     params = {"shortlist": job.shortlist, "shard_shortlist": job.shard_shortlist, "k": job.k,
               "nprobe": job.nprobe, "rerank": job.rerank, "chunks": len(job.chunks), "slices": len(slices),
-              "slice_images": per_slice, "blocks": len(job.blocks),
+              "slice_images": per_slice, "blocks": n_blocks, "fine_by_list": bool(job.list_blocks),
               "normalize": background.describe() if background is not None else None}
     return GalleryRun(stats=stats, calibration=tail, background=background, params=params)
 

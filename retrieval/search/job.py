@@ -60,13 +60,14 @@ def verify_index_inputs(index_url: str, index_manifest: dict, engine=None, stora
 
     where = store.manifest_url(index_url)
     index_files = [(fsio.join(index_url, fsio.safe_relpath(e["file"])), e.get("sha256"))
-                   for e in [index_manifest["trained"], *index_manifest["shards"]]]
+                   for e in [index_manifest["trained"], *index_manifest["shards"],
+                             *[s["fine_by_list"] for s in index_manifest["shards"] if s.get("fine_by_list")]]]
     return (integrity.verify_files(index_files, "index file", where, engine, storage_options, record=record)
             + integrity.verify_files([(f["url"], f.get("sha256")) for f in index_manifest["feature_files"]],
                                      "gallery feature file", where, engine, storage_options, record=record))
 
 
-def plan_rerank(job: SearchJob, configured: str) -> tuple[SearchJob, dict]:
+def plan_rerank(job: SearchJob, configured: str, layout: str = "auto") -> tuple[SearchJob, dict]:
     """The rerank's plan: ``chunk``-major, or ``gallery``-major over blocks of at most
     ``vector_cache_mb`` of decoded fine vectors (one row group at least); ``auto`` picks gallery-major when
     there are several chunks and the gallery's fine column does not fit the vector cache (each
@@ -90,7 +91,35 @@ def plan_rerank(job: SearchJob, configured: str) -> tuple[SearchJob, dict]:
     mode = configured
     if mode == "auto":
         mode = "gallery" if len(job.chunks) > 1 and column["decoded"] > job.vector_cache_mb << 20 else "chunk"
-    return dataclasses.replace(job, rerank=mode, blocks=tuple(blocks) if mode == "gallery" else ()), column
+    job = dataclasses.replace(job, rerank=mode, blocks=tuple(blocks) if mode == "gallery" else ())
+    column["layout"] = "files"
+    return (_list_layout(job, column, layout) if mode == "gallery" else job), column
+
+
+def _list_layout(job: SearchJob, column: dict, layout: str) -> SearchJob:
+    """Gallery-major: the scoring blocks as ranges of IVF lists of the index's list-ordered fine copy
+    (:mod:`retrieval.search.listblocks`), when it has one and ``search.fine_layout`` allows; the
+    feature-file blocks (each reads every chunk's query vectors) otherwise, said in the log."""
+    from retrieval.index import finecopy
+    from retrieval.search import listblocks
+
+    copies = finecopy.all_copies(job.index_manifest)
+    if copies is None and layout == "lists":
+        raise ValueError(f"{job.index_url}: search.fine_layout is lists but the index has no list-ordered fine copy "
+                         "(built before it, or with index.fine_by_list: false): rebuild it, or set auto")
+    if layout == "files" or copies is None:
+        log.info("gallery-major rerank over feature-file blocks: %s; each block reads the query vectors of "
+                 "every chunk that has pairs in it", "search.fine_layout is files" if layout == "files" else
+                 "the index has no list-ordered fine copy (built before it, or with index.fine_by_list: false; "
+                 "rebuild the index to write it)")
+        return job
+    urls = tuple(fsio.join(job.index_url, fsio.safe_relpath(c["file"])) for c in copies)
+    nlist = int(job.index_manifest["params"]["nlist"])
+    blocks, size = listblocks.plan(urls, nlist, job.vector_cache_mb << 20)
+    column.update(layout="lists", stored=size["stored"], decoded=size["decoded"])
+    log.info("gallery-major rerank over %d blocks of IVF lists of the list-ordered fine copy (%d lists): each "
+             "query vector goes only to the blocks its shortlist touches", len(blocks), nlist)
+    return dataclasses.replace(job, list_blocks=tuple(blocks), fine_copies=urls)
 
 
 def io_counts(stats: list[dict], block_stats: list[dict], column: dict) -> dict:
@@ -111,6 +140,8 @@ def io_counts(stats: list[dict], block_stats: list[dict], column: dict) -> dict:
         + total("label_row_groups", block_stats),
         "gallery_label_bytes_read": total("label_bytes_read", block_stats) or None,
         "query_fine_bytes_read": total("query_fine_bytes_read", stats) + total("query_bytes_read", block_stats),
+        "query_fine_bytes_shuffled": total("query_shuffle_bytes", stats),
+        "gallery_fine_layout": column.get("layout", "files"),
         "shuffle_bytes": total("shuffle_bytes", stats) + total("shuffle_bytes", block_stats),
         "pairs_scored": total("pairs", block_stats) or None,
         "pairs_shuffled_back": total("pairs_kept", block_stats) or None,
@@ -155,7 +186,7 @@ def make_job(output_url: str, index_url: str, index_manifest: dict, qfiles: list
         region_margin=float(search_cfg.region_margin), faults=faults.configured(), storage_options=cfg["io.storage_options"], background=background,
         removed=takedowns.removed(index_url, index_manifest, search_cfg.verify),
         geometric=geometric_mod.Geometric.from_config(search_cfg.geometric))
-    return plan_rerank(job, search_cfg.rerank)
+    return plan_rerank(job, search_cfg.rerank, search_cfg.fine_layout)
 
 
 def run(job: SearchJob, engine: Engine, progress_seconds: float = 10.0) -> list[dict]:
@@ -213,7 +244,8 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
     log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, "
              "%d per shard, k %d; %s-major rerank%s)", qf_url, images, len(job.chunks), index_url,
              job.n_shards, job.nprobe, job.shortlist, job.shard_shortlist, job.k, job.rerank,
-             f" over {len(job.blocks)} gallery blocks" if job.blocks else "")
+             f" over {len(job.list_blocks) or len(job.blocks)} gallery blocks"
+             f"{' of IVF lists' if job.list_blocks else ''}" if job.blocks else "")
     t1 = time.monotonic()
     stats = run(job, engine, search_cfg.progress_seconds)
     if search_cfg.collapse_groups:
@@ -272,7 +304,8 @@ def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: di
                    "coarse_threshold": job.coarse_threshold, "match_threshold": job.match_threshold,
                    "query_chunk": search_cfg.query_chunk, "shortlist_configured": search_cfg.shortlist,
                    "normalize": job.background.describe() if job.background is not None else None,
-                   "rerank": job.rerank, "rerank_configured": search_cfg.rerank, "blocks": len(job.blocks),
+                   "rerank": job.rerank, "rerank_configured": search_cfg.rerank,
+                   "blocks": len(job.list_blocks) or len(job.blocks), "fine_by_list": bool(job.list_blocks),
                    "vector_cache_mb": job.vector_cache_mb, "collapse_groups": search_cfg.collapse_groups,
                    "query_regions": qman.get("query_regions") or [],
                    "region_margin": job.region_margin,

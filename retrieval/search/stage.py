@@ -43,6 +43,7 @@ STAGE = Stage(
         "search.query_chunk": positive,
         "search.vector_cache_mb": non_negative,
         "search.rerank": choice("auto", "chunk", "gallery"),
+        "search.fine_layout": choice("auto", "files", "lists"),
         "search.shard_cache": positive,
         "search.threads": positive_or_auto,
         "search.progress_seconds": positive,

@@ -34,6 +34,7 @@ from retrieval.schema import REGION, RESULT_SCHEMA, coarse_matrix, fine_matrix
 from retrieval.search import blocks as blocks_mod
 from retrieval.search import calibrate
 from retrieval.search import coarse as coarse_mod
+from retrieval.search import listblocks
 from retrieval.search import normalize as normalize_mod
 from retrieval.search import regions as regions_mod
 from retrieval.search import rerank as rerank_mod
@@ -71,6 +72,8 @@ class SearchJob:
     calibration: calibrate.NullTail | None = None        # false-match rates of norm_score (None: off)
     rerank: str = "chunk"             # chunk-major or gallery-major rerank (resolved, see blocks.py)
     blocks: tuple[blocks_mod.Block, ...] = field(default_factory=tuple)   # gallery-major: the blocks
+    list_blocks: tuple = ()           # ... scored over the list-ordered fine copy (listblocks.py), or ()
+    fine_copies: tuple[str, ...] = ()  # the copy of each shard (urls), with list_blocks
     removed: takedowns.Removed | None = None     # the index's tombstones (retrieval remove): left out
     query_regions: bool = False       # the query features hold region rows (merged per image when written)
     geometric: Any = None             # search.geometric: a geometric.Geometric (None: off)
@@ -144,7 +147,9 @@ def coarse_task(job: SearchJob, shard_nos: Sequence[int], chunk: Chunk
         if dead:       # removed ids never leave the shard's task: its top K' among the live ones
             takedowns.drop_removed(scores, ids, job.removed.ids)
             scores, ids = coarse_mod.topk_rows(scores, ids, k, ordered=True)
-        out.append((shard_no, scores, ids))
+        out.append((shard_no, scores, ids) if not job.list_blocks else
+                   (shard_no, scores, ids, listblocks.shard_lists(job.index_url, shard_no, job.index_manifest, index,
+                                                                  ids, job.shard_cache)))
     return out, time.monotonic() - t0
 
 
@@ -288,7 +293,7 @@ def select_chunk(job: SearchJob, chunk: Chunk, pieces: Iterable[blocks_mod.Piece
              "queries_with_shortlist": meta["queries_with_shortlist"],
              "gallery_row_groups_read": 0, "gallery_fine_bytes_read": 0, "gallery_fine_bytes_decoded": 0,
              "shuffle_bytes": meta["shuffle_bytes"] + sum(r.pos.nbytes + r.gid.nbytes for _, r in records),
-             "blocks": block_meta}
+             "blocks": block_meta, **{k: meta[k] for k in ("query_fine_bytes_read", "query_shuffle_bytes") if k in meta}}
     selected = blocks_mod.Selected(chunk.chunk, scores, top_ids, coarse, stats)
     return records + [(chunk.chunk % len(job.blocks), selected)]
 
@@ -313,7 +318,7 @@ def write_task(job: SearchJob, chunk: Chunk, items: Iterable[Any]) -> dict:
     labels = blocks_mod.assemble_labels(pieces, int((sel.ids >= 0).sum()))
     # the query vectors only for the score normalisation (the blocks scored the pairs)
     q = _query_table(job, chunk, fine=job.background is not None)
-    stats = {**sel.stats, "query_fine_bytes_read": _fine_bytes(q),
+    stats = {**sel.stats, "query_fine_bytes_read": sel.stats.get("query_fine_bytes_read", 0) + _fine_bytes(q),
              "shuffle_bytes": sel.stats["shuffle_bytes"] + sum(
                  p.pos.nbytes + p.image_id.nbytes + p.uri.nbytes for p in pieces if p.meta is None),
              "blocks": sel.stats["blocks"] + label_meta}

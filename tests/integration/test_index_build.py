@@ -78,10 +78,15 @@ def test_manifest_and_layout(built, data):
     assert [f["file_no"] for f in m["feature_files"]] == [0, 1, 2]
     assert abs(m["train_sample_size"] - 40 * 128) < 250  # 40 per cell, drawn over all files
     assert store.feature_file_urls(m) == [f["url"] for f in m["feature_files"]]
-    assert sorted(os.listdir(out)) == ["_identity.json", "_manifest.json", "_shards", "_trained.json", "shard-00000.index",
-                                       "shard-00001.index", "shard-00002.index", "trained.index"]
+    assert sorted(os.listdir(out)) == ["_identity.json", "_manifest.json", "_shards", "_trained.json",
+                                       "shard-00000.fine.parquet", "shard-00000.index", "shard-00001.fine.parquet",
+                                       "shard-00001.index", "shard-00002.fine.parquet", "shard-00002.index",
+                                       "trained.index"]
     for s in m["shards"]:
         assert s["sha256"] == store.fsio.sha256_file(os.path.join(out, s["file"]))
+        copy = s["fine_by_list"]          # the shard's fine vectors by IVF list (index.fine_by_list)
+        assert copy["sha256"] == store.fsio.sha256_file(os.path.join(out, copy["file"]))
+        assert copy["rows"] == s["ntotal"]
     # the trained part is stored once: a shard file is much smaller than shard + quantizer
     trained = os.path.getsize(os.path.join(out, "trained.index"))
     assert trained >= 128 * 128 * 4

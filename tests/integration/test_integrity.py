@@ -188,7 +188,7 @@ def test_verified_once(world, spark, tmp_path, engine):
     idx = str(tmp_path / "index")
     build_index([gal], idx, INDEX)
     man = read_index_manifest(idx)
-    n_files = 1 + len(man["shards"]) + len(man["feature_files"])
+    n_files = 1 + 2 * len(man["shards"]) + len(man["feature_files"])     # each shard + its list-ordered fine copy
     rec = str(tmp_path / "verified.json")
     _age(gal, idx, seconds=-30.0)       # every file modified "now" for each check below, however slow
     assert verify_index_inputs(idx, man, eng, record=rec) == n_files

@@ -97,7 +97,7 @@ def test_gallery_major_rerank_reads_each_block_once_and_gives_the_same_rows(worl
     touched row group once, on both engines and both coarse plans, with the same result rows."""
     from retrieval.search import vectors
 
-    small = {"search.vector_cache_mb": 1}
+    small = {"search.vector_cache_mb": 1, "search.fine_layout": "files"}   # the list layout: test_fine_by_list.py
     vectors._CACHES.clear()            # this process's caches: each run below reads what it needs
     by_chunk = search(world["queries"], world["index"], str(tmp_path / "chunk"),
                       _cfg(**small, **{"search.rerank": "chunk"}), engine=None)

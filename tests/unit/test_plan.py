@@ -60,28 +60,54 @@ def test_plan_uses_the_index_rule_and_models_the_rerank_reads():
 
 def test_plan_models_the_gallery_major_rerank():
     """The default (search.rerank auto) at a billion: each block of the fine column read once,
-    whatever the chunk size; the query vectors once per block; the pairs' shuffle; bounded memory."""
+    whatever the chunk size; over the feature files the query vectors once per block; the pairs'
+    shuffle; bounded memory."""
     from retrieval import config
 
-    p = plan(1_000_000_000, Cluster())
+    files_cfg = ["search.fine_layout=files"]
+    p = plan(1_000_000_000, Cluster(), cfg=config.load(sets=files_cfg))
     rr = p["stages"]["search"]["rerank"]
     assert rr["mode"] == "gallery" and rr["gallery_bytes"] <= 1.5 * rr["column_bytes"]
     assert rr["blocks"] == 481                                   # 516 GB in 1 GiB blocks
-    assert rr["query_bytes"] == pytest.approx(481 * 10_000_000 * 516 * rr["query_touched"])
+    # 2.4 query rows per image with the default query regions (content box on ~40%, centre crop)
+    assert rr["query_rows"] == pytest.approx(24_000_000)
+    assert rr["query_bytes"] == pytest.approx(481 * 24_000_000 * 516 * rr["query_touched"])
     assert rr["shuffle_bytes"] >= 2e10 * 16                       # every pair travels to its block
     assert "1.00x the column" in p["stages"]["search"]["basis"]
     # the result rows' labels: once per run (gallery-major), not per chunk
     assert rr["label_bytes"] <= 1e9 * 140 < plan(1_000_000_000, Cluster(), cfg=config.load(
         sets=["search.rerank=chunk"]))["stages"]["search"]["rerank"]["label_bytes"] / 50
     assert p["stages"]["search"]["memory_per_task"] < 4e9        # fits 16 GB / 4 cores
-    bigger_chunks = plan(1_000_000_000, Cluster(), query_chunk=65536)["stages"]["search"]["rerank"]
-    assert bigger_chunks["gallery_bytes"] == rr["gallery_bytes"]
+    bigger_chunks = plan(1_000_000_000, Cluster(), query_chunk=65536, cfg=config.load(sets=files_cfg))
+    assert bigger_chunks["stages"]["search"]["rerank"]["gallery_bytes"] == rr["gallery_bytes"]
     chunk_major = plan(1_000_000_000, Cluster(), cfg=config.load(sets=["search.rerank=chunk"]))
     assert chunk_major["stages"]["search"]["wall"] > 50 * p["stages"]["search"]["wall"]
     # larger blocks: fewer reads of the query vectors, more memory per block task
-    big = plan(1_000_000_000, Cluster(), cfg=config.load(sets=["search.vector_cache_mb=4096"]))
+    big = plan(1_000_000_000, Cluster(), cfg=config.load(sets=[*files_cfg, "search.vector_cache_mb=4096"]))
     assert big["stages"]["search"]["rerank"]["query_bytes"] < rr["query_bytes"] / 3
     assert any(w.startswith("search: ") and "per task" in w for w in big["warnings"])
+
+
+def test_plan_models_the_list_ordered_fine_copy():
+    """The default index writes the fine column by IVF list: a query row's vector goes to at most
+    nprobe blocks (issue 25: <= 0.5 TB of query-side reads for 10M query images at a billion, the
+    gallery read <= 1.5x); the copy costs a read and a write of the column at build time."""
+    from retrieval import config
+
+    p = plan(1_000_000_000, Cluster())
+    rr, files = p["stages"]["search"]["rerank"], plan(1_000_000_000, Cluster(), cfg=config.load(
+        sets=["search.fine_layout=files"]))
+    assert rr["layout"] == "lists" and rr["blocks"] == 481 and 15 < rr["query_blocks"] <= 16
+    assert rr["query_bytes"] == pytest.approx(24_000_000 * 516 * (1 + rr["query_blocks"]))
+    assert rr["query_bytes"] <= 0.5e12 < files["stages"]["search"]["rerank"]["query_bytes"] / 10
+    assert rr["gallery_bytes"] <= 1.5 * rr["column_bytes"]
+    assert "list-ordered copy" in p["stages"]["search"]["basis"]
+    assert p["stages"]["search"]["wall"] < files["stages"]["search"]["wall"]
+    assert p["stages"]["index"]["storage"] == pytest.approx(files["stages"]["index"]["storage"])
+    no_copy = plan(1_000_000_000, Cluster(), cfg=config.load(sets=["index.fine_by_list=false"]))
+    assert no_copy["stages"]["index"]["storage"] == pytest.approx(p["stages"]["index"]["storage"] - 516e9)
+    assert "layout" not in no_copy["stages"]["search"]["rerank"]
+    assert any("index.fine_by_list" in w for w in no_copy["warnings"])
 
 
 def test_plan_models_shard_lists_and_the_fused_plan():
