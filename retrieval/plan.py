@@ -135,8 +135,9 @@ def rerank_reads(n: int, queries: int, shortlist: int, chunks: int, query_chunk:
                shuffle_bytes=pairs * 16 + kept * 20 + results * (16 + LABEL_ROW_BYTES), pairs_kept=kept,
                block_task_bytes=min(cache, column) + pairs / blocks * 16 + kept / blocks * 20
                + query_chunk * (shortlist * 4 + 512 * 4))
-    if by_list(cfg) and nprobe and index_shards:
-        # blocks = ranges of IVF lists of the list-ordered copy: a query row's candidates lie in its
+    if by_list(cfg) and nprobe and index_shards and (blocks > nprobe or cfg["search.fine_layout"] == "lists"):
+        # blocks = ranges of IVF lists of the list-ordered copy (auto: when more blocks than nprobe, as the
+        # search does): a query row's candidates lie in its
         # nprobe lists, so its vector goes to at most that many blocks (random lists: the expected
         # distinct blocks; sibling cells are numbered together, so fewer), read once by its merge
         # task; each block reads its lists' row groups of every shard's copy (an edge group twice)

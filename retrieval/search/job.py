@@ -98,8 +98,9 @@ def plan_rerank(job: SearchJob, configured: str, layout: str = "auto") -> tuple[
 
 def _list_layout(job: SearchJob, column: dict, layout: str) -> SearchJob:
     """Gallery-major: the scoring blocks as ranges of IVF lists of the index's list-ordered fine copy
-    (:mod:`retrieval.search.listblocks`), when it has one and ``search.fine_layout`` allows; the
-    feature-file blocks (each reads every chunk's query vectors) otherwise, said in the log."""
+    (:mod:`retrieval.search.listblocks`), when it has one and ``search.fine_layout`` allows (``auto``:
+    only with more feature-file blocks than ``nprobe``, the most blocks a query row's vector goes to);
+    the feature-file blocks (each reads every chunk's query vectors) otherwise, said in the log."""
     from retrieval.index import finecopy
     from retrieval.search import listblocks
 
@@ -107,6 +108,11 @@ def _list_layout(job: SearchJob, column: dict, layout: str) -> SearchJob:
     if copies is None and layout == "lists":
         raise ValueError(f"{job.index_url}: search.fine_layout is lists but the index has no list-ordered fine copy "
                          "(built before it, or with index.fine_by_list: false): rebuild it, or set auto")
+    if layout == "auto" and copies is not None and len(job.blocks) <= job.nprobe:
+        log.info("gallery-major rerank over %d feature-file blocks: no more than nprobe (%d), so routing query "
+                 "vectors by IVF list would save little (search.fine_layout: lists forces the copy)",
+                 len(job.blocks), job.nprobe)
+        return job
     if layout == "files" or copies is None:
         log.info("gallery-major rerank over feature-file blocks: %s; each block reads the query vectors of "
                  "every chunk that has pairs in it", "search.fine_layout is files" if layout == "files" else

@@ -109,8 +109,14 @@ def test_list_blocks_give_the_same_rows_and_send_each_query_to_few_blocks(world,
     groups = sum(fsio.parquet_file(fsio.join(index, s["fine_by_list"]["file"])).metadata.num_row_groups
                  for s in m["shards"])
     assert groups <= io["gallery_fine_row_groups_read"] <= groups + 2 * new["params"]["blocks"] * len(m["shards"])
-    big, rows_big = _search(world, index, f"big-{bool(engine)}", engine, "search.vector_cache_mb=1")
+    big, rows_big = _search(world, index, f"big-{bool(engine)}", engine, "search.vector_cache_mb=1",
+                            "search.fine_layout=lists")
     assert rows_big == rows_new and big["io"]["gallery_fine_layout"] == "lists" and big["params"]["blocks"] >= 2
+    # auto: no more feature-file blocks than nprobe (4) -> the feature files (routing would save little)
+    few, rows_few = _search(world, index, f"few-{bool(engine)}", engine, "search.vector_cache_mb=1",
+                            "search.rerank=gallery")
+    assert rows_few == rows_new and few["params"]["rerank"] == "gallery"
+    assert 2 <= few["params"]["blocks"] <= 4 and few["io"]["gallery_fine_layout"] == "files"
 
 
 def test_takedowns_compaction_and_appends_keep_the_copy_in_step(world, engine, tmp_path):
