@@ -60,15 +60,15 @@ RECIPE: dict = {
 FINETUNE: dict = {
     "model.checkpoint": "default",
     "train.cache_views": 3,
-    "train.stage1.steps": 300,
+    "train.stage1.steps": 150,
     "train.stage1.lr": 0.00003,
-    "train.stage2.steps": 150,
+    "train.stage2.steps": 100,
     "train.stage2.lr": 0.0003,
-    "train.stage3.steps": 150,
+    "train.stage3.steps": 100,
     "train.stage3.lr": 0.00003,
-    "train.checkpoint_every": 100,
+    "train.checkpoint_every": 50,
 }
-FINETUNE_MAX_IMAGES = 1600
+FINETUNE_MAX_IMAGES = 1200
 CROP_MIN = 320      # a photo whose sides hold two of these is cut into non-overlapping crops (at most 2 x 2)
 MAX_IMAGES = 2400   # training images (photos and crops), spread evenly over the packages
 
