@@ -155,6 +155,16 @@ def recipe_sets(schedule: str = "full") -> list[str]:
     return [f"{k}={text(v)}" for k, v in recipe_settings(schedule).items()]
 
 
+def reproduce_command(schedule: str, max_images: int, packages: str, sets: Sequence[str]) -> str:
+    """The model card's command line that rebuilds the model (only the options that differ)."""
+    default_images = FINETUNE_MAX_IMAGES if schedule == "finetune" else MAX_IMAGES
+    return ("bash scripts/training_sources.sh && python -m retrieval.recipes.default_model --output OUT_DIR "
+            + (f"--schedule {schedule} " if schedule != "full" else "")
+            + (f"--max-images {max_images} " if max_images != default_images else "")
+            + (f"--packages {packages} " if packages != "shipped" else "")
+            + " ".join(f"--set {s}" for s in sets)).strip()
+
+
 def write_manifest(paths: list[str], url: str) -> str:
     """A CSV manifest (``image_id,uri``); ids are base names."""
     with fsio.atomic_open(url, "w") as fh:
@@ -234,10 +244,7 @@ def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (
     card["recipe"] = {**recipe, **dict(config_mod.parse_set(s) for s in sets),
                       "fit": {k: fit_card[k] for k in ("shrinkage", "power", "images_used")}}
     card["data"] = {**card["data"], "training_set": data}
-    card["reproduce"] = ("bash scripts/training_sources.sh && python -m retrieval.recipes.default_model "
-                         "--output OUT_DIR " + (f"--max-images {max_images} " if max_images != MAX_IMAGES else "")
-                         + (f"--packages {packages} " if packages != "shipped" else "")
-                         + " ".join(f"--set {s}" for s in sets)).strip()
+    card["reproduce"] = reproduce_command(schedule, max_images, packages, sets)
     card["train_seconds"] = round(t_train, 1)
     card["total_seconds"] = round(time.monotonic() - t0, 1)
     summary = {k: card[k] for k in ("model_version", "data", "stages", "evaluation", "recipe",

@@ -176,3 +176,17 @@ def test_finetune_schedule_starts_from_the_shipped_default_with_a_short_schedule
     assert recipe.RECIPE["model.checkpoint"] == ""      # the full recipe still starts from ImageNet
     with pytest.raises(ValueError, match="unknown schedule"):
         recipe.recipe_settings("long")
+
+
+def test_reproduce_command_names_the_schedule_and_only_differing_options():
+    from retrieval.recipes.default_model import FINETUNE_MAX_IMAGES, MAX_IMAGES, main, reproduce_command
+
+    base = "bash scripts/training_sources.sh && python -m retrieval.recipes.default_model --output OUT_DIR"
+    assert reproduce_command("full", MAX_IMAGES, "shipped", []) == base
+    assert reproduce_command("finetune", FINETUNE_MAX_IMAGES, "all", []) == \
+        base + " --schedule finetune --packages all"
+    assert reproduce_command("finetune", MAX_IMAGES, "all", ["train.seed=1"]) == \
+        base + f" --schedule finetune --max-images {MAX_IMAGES} --packages all --set train.seed=1"
+    import pytest
+    with pytest.raises(SystemExit):      # argparse refuses an unknown schedule
+        main(["--output", "/nonexistent", "--schedule", "long"])
