@@ -3,6 +3,7 @@
     bash scripts/training_sources.sh                     # the Debian photo packages (once; root)
     python -m retrieval.recipes.default_model --output /tmp/default-model-run \
         [--asset retrieval/assets/default_model.npz] [--max-images N] [--set train.seed=0 ...]
+    python -m retrieval.recipes.default_model --schedule finetune --packages all ...   # from the default
 
 1. lists the real photographs of the training packages (:mod:`retrieval.train.sources`: Debian
    packages disjoint from every evaluation set; wallpaper / background packages and Tux Paint are
@@ -54,6 +55,20 @@ RECIPE: dict = {
     "train.checkpoint_every": 200,
     "train.eval_copies": 2,
 }
+# ``--schedule finetune``: a short fine-tune that starts from the shipped default instead (issue 23):
+# fewer cached views and images, a quarter of the steps at lower learning rates (on top of RECIPE)
+FINETUNE: dict = {
+    "model.checkpoint": "default",
+    "train.cache_views": 3,
+    "train.stage1.steps": 150,
+    "train.stage1.lr": 0.00003,
+    "train.stage2.steps": 100,
+    "train.stage2.lr": 0.0003,
+    "train.stage3.steps": 100,
+    "train.stage3.lr": 0.00003,
+    "train.checkpoint_every": 50,
+}
+FINETUNE_MAX_IMAGES = 1200
 CROP_MIN = 320      # a photo whose sides hold two of these is cut into non-overlapping crops (at most 2 x 2)
 MAX_IMAGES = 2400   # training images (photos and crops), spread evenly over the packages
 
@@ -124,6 +139,32 @@ def training_images(out_dir: str, max_images: int = MAX_IMAGES, root: str | None
                         "the packages of the quality benchmark (tests/bench/quality_data.py)"}
 
 
+def recipe_settings(schedule: str = "full") -> dict:
+    """The recipe's settings for ``schedule``: ``full`` (the shipped model's, from ImageNet) or
+    ``finetune`` (:data:`FINETUNE` on top: from the shipped default, a short schedule)."""
+    if schedule not in ("full", "finetune"):
+        raise ValueError(f"unknown schedule {schedule!r} (full or finetune)")
+    return {**RECIPE, **(FINETUNE if schedule == "finetune" else {})}
+
+
+def recipe_sets(schedule: str = "full") -> list[str]:
+    """:func:`recipe_settings` as ``--set`` items (floats written positionally: YAML reads ``3e-05``
+    as a string)."""
+    def text(v):
+        return format(v, ".12f").rstrip("0") if isinstance(v, float) else json.dumps(v)
+    return [f"{k}={text(v)}" for k, v in recipe_settings(schedule).items()]
+
+
+def reproduce_command(schedule: str, max_images: int, packages: str, sets: Sequence[str]) -> str:
+    """The model card's command line that rebuilds the model (only the options that differ)."""
+    default_images = FINETUNE_MAX_IMAGES if schedule == "finetune" else MAX_IMAGES
+    return ("bash scripts/training_sources.sh && python -m retrieval.recipes.default_model --output OUT_DIR "
+            + (f"--schedule {schedule} " if schedule != "full" else "")
+            + (f"--max-images {max_images} " if max_images != default_images else "")
+            + (f"--packages {packages} " if packages != "shipped" else "")
+            + " ".join(f"--set {s}" for s in sets)).strip()
+
+
 def write_manifest(paths: list[str], url: str) -> str:
     """A CSV manifest (``image_id,uri``); ids are base names."""
     with fsio.atomic_open(url, "w") as fh:
@@ -170,7 +211,7 @@ def _display(path: str) -> str:
 
 
 def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (),
-              max_images: int = MAX_IMAGES, packages: str = "shipped") -> dict:
+              max_images: int | None = None, packages: str = "shipped", schedule: str = "full") -> dict:
     from retrieval.fit.job import fit
     from retrieval.model.checkpoints import load_checkpoint
     from retrieval.model.delta import export_delta, load_delta
@@ -179,6 +220,9 @@ def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (
     from retrieval.train.trainer import TrainJob, run_training
 
     t0 = time.monotonic()
+    recipe = recipe_settings(schedule)
+    default_images = FINETUNE_MAX_IMAGES if schedule == "finetune" else MAX_IMAGES
+    max_images = default_images if max_images is None else max_images
     from retrieval.train.sources import DEFAULT_MODEL_PACKAGES, TRAINING_PACKAGES
 
     pkgs = DEFAULT_MODEL_PACKAGES if packages == "shipped" else TRAINING_PACKAGES
@@ -186,8 +230,8 @@ def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (
     # the model card's own small evaluation (never trained on)
     holdout = write_manifest(real_photos("holdout"), fsio.join(output, "holdout_photos.csv"))
     # the recipe first, then the caller's --set items (which win), then the held-out input
-    recipe_sets = [f"{k}={json.dumps(v)}" for k, v in RECIPE.items()]
-    cfg = config_mod.load(conf, [*recipe_sets, *sets], {"train.eval_input": holdout})
+    settings = recipe_sets(schedule)
+    cfg = config_mod.load(conf, [*settings, *sets], {"train.eval_input": holdout})
     job = TrainJob.from_config(data["manifest"], fsio.join(output, "run"), cfg)
     card = run_training(job)
     t_train = time.monotonic() - t0
@@ -197,13 +241,10 @@ def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (
     fit_card = fit(data["manifest"], fitted_url,
                    config_mod.load(conf, [*sets, f"model.checkpoint={card['checkpoint']}"]))
     trained = load_checkpoint(fitted_url)
-    card["recipe"] = {**RECIPE, **dict(config_mod.parse_set(s) for s in sets),
+    card["recipe"] = {**recipe, **dict(config_mod.parse_set(s) for s in sets),
                       "fit": {k: fit_card[k] for k in ("shrinkage", "power", "images_used")}}
     card["data"] = {**card["data"], "training_set": data}
-    card["reproduce"] = ("bash scripts/training_sources.sh && python -m retrieval.recipes.default_model "
-                         "--output OUT_DIR " + (f"--max-images {max_images} " if max_images != MAX_IMAGES else "")
-                         + (f"--packages {packages} " if packages != "shipped" else "")
-                         + " ".join(f"--set {s}" for s in sets)).strip()
+    card["reproduce"] = reproduce_command(schedule, max_images, packages, sets)
     card["train_seconds"] = round(t_train, 1)
     card["total_seconds"] = round(time.monotonic() - t0, 1)
     summary = {k: card[k] for k in ("model_version", "data", "stages", "evaluation", "recipe",
@@ -237,7 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output", required=True, help="working directory of the training run")
     p.add_argument("--asset", default=None, help="where to write the delta (default: the packaged asset path)")
-    p.add_argument("--max-images", type=int, default=MAX_IMAGES, help="training images (photos and crops)")
+    p.add_argument("--max-images", type=int, default=None,
+                   help=f"training images (photos and crops; default {MAX_IMAGES:,}, {FINETUNE_MAX_IMAGES:,} "
+                        "with --schedule finetune)")
+    p.add_argument("--schedule", choices=("full", "finetune"), default="full",
+                   help="full: the shipped model's recipe from ImageNet (default); finetune: a short schedule "
+                        "from the shipped default model (FINETUNE)")
     p.add_argument("--packages", choices=("shipped", "all"), default="shipped",
                    help="source packages: those of the shipped model (default) or every training package")
     p.add_argument("--set", action="append", default=[], dest="sets")
@@ -248,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     from retrieval.model.delta import DEFAULT_MODEL
 
     print(json.dumps(reproduce(args.output, args.asset or DEFAULT_MODEL, args.sets, args.conf, args.max_images,
-                                args.packages), indent=2))
+                                args.packages, args.schedule), indent=2))
     return 0
 
 

@@ -167,7 +167,8 @@ def model_rows(name: str, base_sets: list[str], split_dir: str, bg_dir: str, wor
                     sets=sets, engine=engine, log=log)
             timings[f"{label} extract background"] = r["_seconds"]
             sets = sets + [f"search.normalize.background={d}/background"]
-            queries = f"{d}/search.query_features"        # the same query features, searched again
+            # the same query features, searched again (wherever the first search wrote them)
+            queries = json.load(open(f"{d}/search/_manifest.json"))["query_features"]
         out = f"{d}/search_norm" if norm else f"{d}/search"
         r = run("search", "--queries", queries, "--index", f"{d}/index", "--output", out, sets=sets,
                 engine=engine, log=log)

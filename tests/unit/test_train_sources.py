@@ -150,3 +150,43 @@ def test_the_recipe_defaults_to_the_packages_of_the_shipped_model():
     assert set(card["data"]["training_set"]["per_package"]) == set(sources.DEFAULT_MODEL_PACKAGES)
     assert set(sources.DEFAULT_MODEL_PACKAGES) < set(sources.TRAINING_PACKAGES)
     assert set(sources.EVERYDAY_PACKAGES) <= set(sources.TRAINING_PACKAGES)
+
+
+def test_finetune_schedule_starts_from_the_shipped_default_with_a_short_schedule():
+    import pytest
+
+    from retrieval import config as config_mod
+    from retrieval.recipes import default_model as recipe
+
+    def loaded(schedule):
+        return config_mod.load([], recipe.recipe_sets(schedule))
+
+    full, short = loaded("full"), loaded("finetune")
+    for schedule, cfg in (("full", full), ("finetune", short)):   # every value survives the --set text
+        for k, v in recipe.recipe_settings(schedule).items():
+            assert cfg[k] == v, (schedule, k, cfg[k], v)
+    assert full["model.checkpoint"] == "" and short["model.checkpoint"] == "default"
+    for s in (1, 2, 3):
+        assert short[f"train.stage{s}.steps"] < full[f"train.stage{s}.steps"]
+        assert short[f"train.stage{s}.lr"] < full[f"train.stage{s}.lr"]
+    assert short["train.cache_views"] < full["train.cache_views"]
+    # everything the fine-tune does not override is the shipped recipe's
+    same = {k for k in recipe.RECIPE if k not in recipe.FINETUNE}
+    assert same and all(short[k] == full[k] for k in same)
+    assert recipe.RECIPE["model.checkpoint"] == ""      # the full recipe still starts from ImageNet
+    with pytest.raises(ValueError, match="unknown schedule"):
+        recipe.recipe_settings("long")
+
+
+def test_reproduce_command_names_the_schedule_and_only_differing_options():
+    from retrieval.recipes.default_model import FINETUNE_MAX_IMAGES, MAX_IMAGES, main, reproduce_command
+
+    base = "bash scripts/training_sources.sh && python -m retrieval.recipes.default_model --output OUT_DIR"
+    assert reproduce_command("full", MAX_IMAGES, "shipped", []) == base
+    assert reproduce_command("finetune", FINETUNE_MAX_IMAGES, "all", []) == \
+        base + " --schedule finetune --packages all"
+    assert reproduce_command("finetune", MAX_IMAGES, "all", ["train.seed=1"]) == \
+        base + f" --schedule finetune --max-images {MAX_IMAGES} --packages all --set train.seed=1"
+    import pytest
+    with pytest.raises(SystemExit):      # argparse refuses an unknown schedule
+        main(["--output", "/nonexistent", "--schedule", "long"])
