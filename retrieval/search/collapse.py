@@ -51,14 +51,14 @@ def load_groups(url: str | None, index_url: str, index_manifest: dict) -> dict[s
     return dict(zip(t.column("image_id").to_pylist(), t.column("group_id").to_pylist()))
 
 
-def collapse_parts(engine, output_url: str, stats: Sequence[dict], url: str, index_url: str,
-                   index_manifest: dict, storage_options: dict | None = None, every: float = 10.0) -> list[dict]:
+def collapse_parts(engine, output_url: str, stats: Sequence[dict], url: str,
+                   storage_options: dict | None = None, every: float = 10.0) -> list[dict]:
     """The search's part files (``stats``, one per chunk) collapsed by the groups of ``url``: each
     part holding a grouped image rewritten in a task; returns ``stats`` with the rewritten parts'
-    ``rows``, ``sha256`` and ``rows_collapsed``."""
+    ``rows``, ``sha256`` and ``rows_collapsed``. The caller has run :func:`check_groups` before the
+    search (the search job does), so it is not read and warned about twice."""
     from retrieval.duplicates.groups import group_files
 
-    check_groups(url, index_url, index_manifest)
     parts = [fsio.join(output_url, s["file"]) for s in stats]
     got = engine.map_matched(functools.partial(_rewrite, storage_options), parts,
                              functools.partial(_gallery_ids, storage_options),

@@ -255,8 +255,8 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
     t1 = time.monotonic()
     stats = run(job, engine, search_cfg.progress_seconds)
     if search_cfg.collapse_groups:
-        stats = collapse_mod.collapse_parts(engine, output_url, stats, search_cfg.collapse_groups, index_url,
-                                            index_manifest, cfg["io.storage_options"], search_cfg.progress_seconds)
+        stats = collapse_mod.collapse_parts(engine, output_url, stats, search_cfg.collapse_groups,
+                                            cfg["io.storage_options"], search_cfg.progress_seconds)
     manifest = outputs.commit(output_url, "search", {
         "model_version": index_manifest.get("model_version"),
         "index": index_url, "queries": queries_url, "query_features": qf_url, "output": output_url,
