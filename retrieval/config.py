@@ -49,7 +49,8 @@ AUTO_OLD_SPELLING: dict[str, Any] = {
 }
 
 # keys that take either a number or the word "auto"
-NUMBER_OR_AUTO = {"fit.shrinkage", "report.threshold", "extract.decode_threads", "duplicates.slice_images"}
+NUMBER_OR_AUTO = {"fit.shrinkage", "report.threshold", "extract.decode_threads", "duplicates.slice_images",
+                  "search.geometric.top"}
 
 # keys that take either a number or a mapping with these keys (and their types)
 NUMBER_OR_MAPPING: dict[str, dict[str, type]] = {

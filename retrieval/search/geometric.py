@@ -32,6 +32,8 @@ import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
+GRAYS = 8          # grey images a matcher keeps (the current query's, its regions', a few gallery images)
+RUN_TOP = 10       # rows per query `retrieval run` verifies by default (search.geometric.top: auto)
 INSTALL_HINT = "pip install 'retrieval[verify]' (the opencv-python-headless package)"
 
 
@@ -50,13 +52,17 @@ class Geometric:
     boost: float = 0.8            # added to score / norm_score at cap inliers or more
     cap: int = 100                # inliers at which the boost is full
     reproj: float = 5.0           # RANSAC reprojection threshold (pixels, at max_side)
+    iters: int = 2000             # RANSAC iterations at most
+    gate: float = -1e9            # rows whose norm_score (score without normalisation) is below: not verified
+    early: bool = True            # stop a row's matches (mirror, region) once one reaches cap inliers
     cache: int = 4096             # images whose features a process keeps (LRU)
 
     @classmethod
     def from_config(cls, section: Any) -> "Geometric | None":
-        """The settings, or None when off (``top`` 0)."""
+        """The settings, or None when off (``top`` 0, or ``auto``: off outside ``retrieval run``,
+        :func:`run_top`)."""
         d = dict(section or {})
-        if int(d.get("top") or 0) <= 0:
+        if d.get("top") == "auto" or int(d.get("top") or 0) <= 0:
             return None
         fields = cls.__dataclass_fields__
         unknown = sorted(set(d) - set(fields))
@@ -71,6 +77,24 @@ class Geometric:
         n = np.asarray(inliers, np.float64)
         b = self.boost * np.minimum(n, self.cap) / max(self.cap, 1)
         return np.where(n >= self.min_inliers, b, 0.0)
+
+
+def run_top(top: Any, verify: bool = True) -> int:
+    """``retrieval run``'s ``search.geometric.top``: a number set in the configuration as it is;
+    ``auto`` (the default) is :data:`RUN_TOP` when ``verify`` and OpenCV is importable, else 0 (off;
+    without OpenCV with one warning)."""
+    if top != "auto":
+        return int(top)
+    if not verify:
+        return 0
+    try:
+        require_cv2()
+    except RuntimeError:
+        log.warning("retrieval run: geometric verification (search.geometric) is skipped: OpenCV is not "
+                    "installed; %s to verify the top matches (docs/search.md), or pass --no-verify "
+                    "to silence this", INSTALL_HINT)
+        return 0
+    return RUN_TOP
 
 
 def require_cv2() -> Any:
@@ -115,6 +139,7 @@ class Matcher:
             self.detector = cv2.ORB_create(nfeatures=g.features)
             self.matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
         self.cache: OrderedDict = OrderedDict()
+        self.grays: OrderedDict = OrderedDict()
         self.described = 0
 
     def _describe(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -122,22 +147,33 @@ class Matcher:
         xy = np.array([k.pt for k in kp], np.float32).reshape(-1, 2)
         return xy, desc
 
-    def features(self, uri: str, flip: bool = False, region: str | None = None) -> tuple:
-        """``(xy, descriptors)`` of the image (and of its mirror with ``flip``: ``(xy, d, xy_m, d_m)``),
-        or of its ``region`` (a query region label) cropped, through the LRU; raises on an
-        unreadable image (the caller records it)."""
-        key = (uri, flip, region)
-        got = self.cache.get(key)
+    @staticmethod
+    def _cached(cache: OrderedDict, size: int, key: tuple, make: Callable[[], Any]) -> Any:
+        got = cache.get(key)
         if got is not None:
-            self.cache.move_to_end(key)
+            cache.move_to_end(key)
             return got
-        gray = self.reader(uri, self.g.max_side, *([_box(region)] if region else []))
-        got = self._describe(gray) + (self._describe(np.ascontiguousarray(gray[:, ::-1])) if flip else ())
-        self.described += 1
-        self.cache[key] = got
-        while len(self.cache) > self.g.cache:
-            self.cache.popitem(last=False)
+        got = cache[key] = make()
+        while len(cache) > size:
+            cache.popitem(last=False)
         return got
+
+    def gray(self, uri: str, region: str | None = None) -> np.ndarray:
+        """The image (or its ``region``, a query region label, cropped) grey; the last few kept (a
+        query's rows come together: its mirror and regions do not read it again)."""
+        def read() -> np.ndarray:
+            self.described += 1
+            return self.reader(uri, self.g.max_side, *([_box(region)] if region else []))
+        return self._cached(self.grays, GRAYS, (uri, region), read)
+
+    def features(self, uri: str, mirror: bool = False, region: str | None = None) -> tuple:
+        """``(xy, descriptors)`` of the image (of its mirror with ``mirror``), or of its ``region``
+        cropped, through the LRU (the mirror is described only when asked for); raises on an
+        unreadable image (the caller records it)."""
+        def make() -> tuple:
+            gray = self.gray(uri, region)
+            return self._describe(np.ascontiguousarray(gray[:, ::-1]) if mirror else gray)
+        return self._cached(self.cache, self.g.cache, (uri, mirror, region), make)
 
     def count(self, a: tuple[np.ndarray, np.ndarray | None], b: tuple[np.ndarray, np.ndarray | None]) -> int:
         """RANSAC inliers between two described images (0 when too few matches)."""
@@ -146,27 +182,29 @@ class Matcher:
             return 0
         pairs = self.matcher.knnMatch(da, db, k=2)
         good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < self.g.ratio * p[1].distance]
-        need = 4 if self.g.model == "homography" else 3
-        if len(good) < need:
-            return 0
+        if len(good) < max(4 if self.g.model == "homography" else 3, self.g.min_inliers):
+            return 0                    # RANSAC skipped: the row cannot reach min_inliers
         src = xa[[m.queryIdx for m in good]].reshape(-1, 1, 2)
         dst = xb[[m.trainIdx for m in good]].reshape(-1, 1, 2)
         cv2 = self.cv2
         if self.g.model == "homography":
-            _, mask = cv2.findHomography(src, dst, cv2.RANSAC, self.g.reproj)
+            _, mask = cv2.findHomography(src, dst, cv2.RANSAC, self.g.reproj, maxIters=self.g.iters)
         else:
-            _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC,
+            _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, maxIters=self.g.iters,
                                                   ransacReprojThreshold=self.g.reproj)
         return int(mask.sum()) if mask is not None else 0
 
     def inliers(self, query_uri: str, gallery_uri: str, region: str | None = None) -> int:
         """The pair's inlier count: the largest of the query's, the mirrored query's (``flip``) and,
-        with ``regions`` and a ``region`` label, the cropped region's (and its mirror's)."""
+        with ``regions`` and a ``region`` label, the cropped region's (and its mirror's), in that
+        order; with ``early`` the first count reaching ``cap`` ends the row (the boost is full)."""
         gal = self.features(gallery_uri)
         n = 0
         for r in ((None, region) if self.g.regions and _box(region) else (None,)):
-            q = self.features(query_uri, self.g.flip, r)
-            n = max(n, self.count(q[:2], gal), self.count(q[2:], gal) if self.g.flip else 0)
+            for mirror in ((False, True) if self.g.flip else (False,)):
+                n = max(n, self.count(self.features(query_uri, mirror, r), gal))
+                if self.g.early and n >= self.g.cap:
+                    return n
         return n
 
 
@@ -207,7 +245,7 @@ def count_rows(matcher: Matcher, query_uri: list, gallery_uri: list, check: np.n
             errors[i] = bad.get(qu) or bad[gu]
             continue
         try:
-            matcher.features(qu[1], matcher.g.flip)
+            matcher.gray(qu[1])
         except Exception as exc:                         # an unreadable image is a recorded error
             errors[i] = bad[qu] = _error(exc, *qu)
             continue
@@ -226,18 +264,27 @@ def verify_table(table: pa.Table, g: Geometric, matcher: Matcher | None = None) 
     described = matcher.described
     if not table.num_rows:
         return table, {"geometric_rows": 0, "geometric_errors": 0, "geometric_s": 0.0, "geometric_images": 0}
-    ranks = table.column("rank").to_numpy()
+    check = rows_to_check(table, g)
     inliers, errors = count_rows(matcher, table.column("query_uri").to_pylist(),
-                                 table.column("gallery_uri").to_pylist(), ranks <= g.top,
+                                 table.column("gallery_uri").to_pylist(), check,
                                  table.column("query_region").to_pylist() if g.regions else None)
     table = apply(table, inliers, errors, g)
     n_err = sum(e is not None for e in errors)
     if n_err:
-        log.warning("search.geometric: %d of %d rows not verified (%s)", n_err, int((ranks <= g.top).sum()),
+        log.warning("search.geometric: %d of %d rows not verified (%s)", n_err, int(check.sum()),
                     next(e for e in errors if e is not None))
     return table, {"geometric_rows": int((inliers >= 0).sum()), "geometric_errors": n_err,
                    "geometric_s": round(time.monotonic() - t0, 4),
                    "geometric_images": matcher.described - described}
+
+
+def rows_to_check(table: pa.Table, g: Geometric) -> np.ndarray:
+    """The rows verified: a query's first ``top`` ranks whose ``norm_score`` (``score`` when the search
+    does not normalise) reaches ``gate``."""
+    col = table.column("norm_score")
+    col = col if col.null_count == 0 else table.column("score")
+    key = col.to_numpy(zero_copy_only=False).astype(np.float64)
+    return (table.column("rank").to_numpy() <= g.top) & (key >= g.gate)
 
 
 def apply(table: pa.Table, inliers: np.ndarray, errors: list, g: Geometric) -> pa.Table:

@@ -53,7 +53,8 @@ STAGE = Stage(
         "search.normalize.beta": non_negative,
         "search.normalize.sample": positive,
         "search.normalize.seed": non_negative,
-        "search.geometric.top": non_negative,
+        "search.geometric.top": lambda v: None if v == "auto" or (not isinstance(v, str) and v >= 0 and v == int(v))
+        else "must be 'auto' or a whole number >= 0",
         "search.geometric.method": choice("orb", "sift"),
         "search.geometric.model": choice("homography", "affine"),
         "search.geometric.features": positive,
@@ -66,6 +67,10 @@ STAGE = Stage(
         "search.geometric.cap": positive,
         "search.geometric.reproj": positive,
         "search.geometric.cache": positive,
+        "search.geometric.iters": positive,
+        "search.geometric.gate": lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool)
+        else "must be a number",
+        "search.geometric.early": lambda v: None if isinstance(v, bool) else "must be true or false",
     },
     nullable={"search.collapse_groups": str},
 )

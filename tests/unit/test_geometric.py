@@ -11,7 +11,8 @@ from PIL import Image
 
 from retrieval import config
 from retrieval.schema import RESULT_SCHEMA, conform_results
-from retrieval.search.geometric import Geometric, Matcher, apply, count_rows, require_cv2, verify_table
+from retrieval.search.geometric import (Geometric, Matcher, apply, count_rows, require_cv2, rows_to_check,
+                                        verify_table)
 
 pytest.importorskip("cv2")
 
@@ -52,12 +53,37 @@ def test_flip_finds_a_mirrored_copy_and_affine_model_counts_too(images):
 
 
 def test_features_are_cached_per_image(images):
-    m = Matcher(Geometric(top=5, cache=2))
+    m = Matcher(Geometric(top=5, cache=2, flip=False))
     for _ in range(3):
         m.inliers(images["copy"], images["astronaut"])
     assert m.described == 2
     m.inliers(images["mirror"], images["coffee"])        # two more: the LRU keeps 2
     assert m.described == 4 and len(m.cache) == 2
+
+
+def test_early_exit_and_ransac_skip_save_work_not_boost(images):
+    """A match reaching ``cap`` ends the row (the mirror is never described); a pair with fewer
+    ratio-test matches than ``min_inliers`` skips RANSAC and counts 0; the boost is the same."""
+    m = Matcher(Geometric(top=5, cap=20, early=True))
+    full = Matcher(Geometric(top=5, cap=20, early=False))
+    n, n_full = m.inliers(images["copy"], images["astronaut"]), full.inliers(images["copy"], images["astronaut"])
+    assert 20 <= n <= n_full and m.g.boosts(np.array([n])) == full.g.boosts(np.array([n_full]))
+    assert (images["copy"], True, None) not in m.cache and (images["copy"], True, None) in full.cache
+    assert full.inliers(images["mirror"], images["astronaut"]) >= 40          # mirrored: the plain match fails first
+    strict = Matcher(Geometric(top=5, min_inliers=10_000))
+    assert strict.inliers(images["copy"], images["astronaut"]) == 0
+
+
+def test_gate_verifies_only_rows_whose_score_could_matter(images):
+    t = _table([("q", 1, "a", 0.9, images["copy"], images["astronaut"]),
+                ("q", 2, "b", 0.5, images["copy"], images["coffee"]),
+                ("q", 3, "c", 0.35, images["copy"], images["astronaut"])])
+    g = Geometric(top=3, gate=0.1)                     # on norm_score (score - 0.3 here): rows 1 and 2
+    assert rows_to_check(t, g).tolist() == [True, True, False]
+    out, stats = verify_table(t, g, Matcher(g))
+    assert stats["geometric_rows"] == 2 and out.column("inliers").to_pylist()[2] is None
+    no_norm = t.set_column(t.schema.get_field_index("norm_score"), "norm_score", pa.nulls(3, pa.float32()))
+    assert rows_to_check(no_norm, Geometric(top=2, gate=0.4)).tolist() == [True, True, False]   # on score
 
 
 def _table(rows: list[tuple]) -> pa.Table:
