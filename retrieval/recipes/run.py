@@ -123,8 +123,10 @@ class Runner:
 
 @outputs.leased
 def run_all(gallery: str, queries: str, output: str, cfg: Config, engine: Any, background: str | None = None,
-            truth: str | None = None, fit: bool = True, overwrite: bool = False) -> dict:
-    """Fit, extract (background, gallery, queries), index, normalised search, [evaluate], report; returns
+            truth: str | None = None, fit: bool = True, overwrite: bool = False, verify: bool = True) -> dict:
+    """Fit, extract (background, gallery, queries), index, normalised search (with geometric verification
+    of each query's top rows: ``search.geometric.top: auto`` is on here when OpenCV is importable and
+    ``verify``; :func:`~retrieval.search.geometric.run_top`), [evaluate], report; returns
     the run's manifest (also written to ``<output>/_manifest.json``). ``output`` must be empty or a run of
     the same gallery, queries, background and truth (else ``overwrite``); inside it, the run replaces
     what its new settings change."""
@@ -132,10 +134,12 @@ def run_all(gallery: str, queries: str, output: str, cfg: Config, engine: Any, b
     from retrieval.index.build import build_index
     from retrieval.recipes.background import resolve_background
     from retrieval.report.job import build_report
+    from retrieval.search.geometric import run_top
     from retrieval.search.job import search
 
     from retrieval.engine import as_engine
 
+    cfg = cfg.with_overrides({"search.geometric.top": run_top(cfg["search.geometric.top"], verify)})
     engine = as_engine(engine)      # one engine, one session, for every stage (its manifest records it)
     outputs.configure_and_check_writable(output, cfg["io.storage_options"])
     outputs.claim(output, outputs.identity("run", cfg, [gallery, queries, background, truth]), cfg, overwrite)
@@ -182,7 +186,8 @@ def run_all(gallery: str, queries: str, output: str, cfg: Config, engine: Any, b
 
 def _run(inputs: Mapping[str, Any], output: str | None, cfg: Config, engine: Any) -> dict:
     return run_all(inputs["gallery"], inputs["queries"], output, cfg, engine, background=inputs.get("background"),
-                   truth=inputs.get("truth"), fit=not inputs.get("no_fit"), overwrite=bool(inputs.get("overwrite")))
+                   truth=inputs.get("truth"), fit=not inputs.get("no_fit"), overwrite=bool(inputs.get("overwrite")),
+                   verify=not inputs.get("no_verify"))
 
 
 def _summary(m: dict, inputs: Mapping[str, Any], output: str | None) -> dict:
@@ -208,6 +213,9 @@ STAGE = Stage(
         arg("--truth", default=None, help="CSV of true pairs (query_id, gallery_id): adds evaluate, and the "
                                           "report flags at its 90%%-precision threshold"),
         arg("--no-fit", action="store_true", help="use the configured model as it is (no retrieval fit)"),
+        arg("--no-verify", action="store_true",
+            help="no geometric verification of the top matches (on by default when OpenCV is installed: "
+                 "search.geometric.top auto; a number set in the config wins over the default)"),
     ),
     run=_run,
     summary=_summary,

@@ -62,6 +62,7 @@ class Match:
     cosine: float | None = None      # the raw 512-d cosine when ``score`` is the normalised score
     distance: int | None = None      # a hash match's distance (signal "pdq": Hamming bits)
     query_region: str | None = None  # the query region the match comes from (None: the whole query)
+    inliers: int | None = None       # search.geometric's inlier count (None: the row was not verified)
 
 
 @dataclass
@@ -295,6 +296,6 @@ def _top_matches(flagged_url: str, ranked: list[tuple[str, float]], per_query: i
                   score=float(r[column]), coarse_score=None if r["coarse_score"] is None or r.get("distance") is not None
                   else float(r["coarse_score"]), true_match=r.get("true_match"),
                   cosine=float(r["score"]) if column != "score" else None, distance=r.get("distance"),
-                  query_region=r.get("query_region"))
+                  query_region=r.get("query_region"), inliers=r.get("inliers"))
             for r in lst]))
     return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -13,6 +15,7 @@ from retrieval import cli, outputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = ["--set", "fit.adapter2_steps=20", "--set", "index.quality_queries=50", "--set", "extract.num_shards=2"]
 
 
@@ -53,6 +56,52 @@ def test_run_writes_every_stage_under_the_output_and_a_report(first_run, sample,
     assert summary["counts"]["flagged_matches"] > 0
     # the flags came from the evaluation's 90%-precision threshold (truth given)
     assert m["config"]["report"]["threshold"]["precision"] == 0.9
+    _verified_by_default(out, rows)
+
+
+def _verified_by_default(out: str, rows: pd.DataFrame) -> None:
+    """search.geometric.top auto: ``retrieval run`` verified each query's top rows (OpenCV is installed
+    here): inliers filled on the rows the rule checks, none below, true copies with many."""
+    from retrieval.search.geometric import RUN_TOP, Geometric
+
+    g = outputs.read(os.path.join(out, "results"), "search")["params"]["geometric"]
+    assert g is not None and g["top"] == RUN_TOP == 10 and g["gate"] == Geometric().gate
+    verified = rows.groupby("query_id")["inliers"].count()       # re-ordered after: ranks move, counts do not
+    assert 0 < verified.max() <= RUN_TOP and verified.sum() == outputs.read(
+        os.path.join(out, "results"), "search")["counts"]["geometric_rows"]
+    assert (rows["inliers"] >= 40).sum() >= 5 and rows["geometric_error"].isna().all()
+    flagged = pd.read_csv(os.path.join(out, "report", "flagged.csv"))
+    assert "inliers" in flagged and flagged["inliers"].notna().any()
+    assert " inliers</span>" in open(os.path.join(out, "report", "report.html")).read()   # on the match cards
+
+
+def test_no_verify_turns_it_off_and_a_configured_top_wins(sample, tmp_path):
+    base = ["run", "--gallery", sample["gallery"], "--queries", sample["queries"], "--background",
+            sample["background"], "--engine", "local", "--no-fit", *FAST]
+    off, three = str(tmp_path / "off"), str(tmp_path / "three")
+    assert cli.main(base + ["--output", off, "--no-verify"]) == 0
+    assert outputs.read(os.path.join(off, "results"), "search")["params"]["geometric"] is None
+    assert pd.read_parquet(os.path.join(off, "results"))["inliers"].isna().all()
+    assert cli.main(base + ["--output", three, "--set", "search.geometric.top=3"]) == 0
+    assert outputs.read(os.path.join(three, "results"), "search")["params"]["geometric"]["top"] == 3
+    rows = pd.read_parquet(os.path.join(three, "results"))
+    assert 0 < rows.groupby("query_id")["inliers"].count().max() <= 3
+
+
+def test_without_opencv_run_warns_once_and_goes_on_unverified(sample, tmp_path):
+    """OpenCV blocked in a fresh interpreter (``sys.modules['cv2'] = None``): one warning, the run
+    completes, no row verified."""
+    out = str(tmp_path / "out")
+    code = ("import sys; sys.modules['cv2'] = None\nfrom retrieval import cli\nsys.exit(cli.main(sys.argv[1:]))")
+    args = ["run", "--gallery", sample["gallery"], "--queries", sample["queries"], "--background",
+            sample["background"], "--output", out, "--engine", "local", "--no-fit", *FAST]
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert p.returncode == 0, p.stderr[-3000:]
+    warned = [line for line in p.stderr.splitlines() if "geometric verification" in line]
+    assert len(warned) == 1 and "OpenCV is not installed" in warned[0] and "retrieval[verify]" in warned[0], warned
+    assert outputs.read(os.path.join(out, "results"), "search")["params"]["geometric"] is None
+    assert pd.read_parquet(os.path.join(out, "results"))["inliers"].isna().all()
 
 
 def test_a_rerun_skips_complete_stages_and_a_changed_setting_reruns_only_its_stage(first_run, capsys):
@@ -109,3 +158,23 @@ def test_on_spark_every_stage_runs_in_the_one_session(sample, spark, tmp_path):
             assert outputs.find(s["output"], s["stage"])["engine_session"] == app, s["name"]
     assert m["engine_session"] == app
     assert spark.sparkContext.parallelize(range(3), 1).sum() == 3      # not stopped by any stage
+    rows = pd.read_parquet(os.path.join(out, "results"))         # verified by default on Spark too
+    assert 0 < rows.groupby("query_id")["inliers"].count().max() <= 10 and (rows["inliers"] >= 40).any()
+    assert outputs.read(os.path.join(out, "results"), "search")["params"]["geometric"]["top"] == 10
+
+
+def test_on_spark_without_opencv_run_goes_on_unverified(sample, spark, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from retrieval import config
+    from retrieval.recipes.run import run_all
+
+    monkeypatch.setitem(sys.modules, "cv2", None)                   # OpenCV not importable on the driver
+    caplog.set_level(logging.WARNING, logger="retrieval.search.geometric")
+    out = str(tmp_path / "out")
+    m = run_all(sample["gallery"], sample["queries"], out, config.load(sets=[s for s in FAST[1::2]]), spark,
+                background=sample["background"], fit=False)
+    assert [r.getMessage() for r in caplog.records if "OpenCV is not installed" in r.getMessage()] != []
+    assert len([r for r in caplog.records if "geometric verification" in r.getMessage()]) == 1
+    assert outputs.read(m["results"], "search")["params"]["geometric"] is None
+    assert pd.read_parquet(m["results"])["inliers"].isna().all()
