@@ -15,6 +15,12 @@ merge ranks), ranks renumbered. The other rows keep their scores. ``fmr`` / ``fm
 descriptor's (calibrated on ``norm_score`` before the boost). An image that cannot be read leaves
 the row unverified (``inliers`` null) with the reason in ``geometric_error``: never a failed task.
 
+Cheap by default (docs/quality.md "The cheap rule"): only rows whose ``norm_score`` (``score``
+without normalisation) reaches ``gate`` are verified; a pair with fewer ratio-test matches than
+``min_inliers`` skips RANSAC (``iters`` at most); with ``early`` a row stops at the first match reaching
+``cap``, and the mirror and region crop are described only when a row gets that far. ``top: auto``
+is off here; ``retrieval run`` turns it on (:func:`run_top`).
+
 The pass runs in the search's write step (both engines, inside the tasks on Spark); each task keeps
 the local features of the images it described in an LRU (a gallery image matched by many queries is
 described once per process). Measured in docs/quality.md (tests/bench/bench_verify.py).
@@ -43,7 +49,7 @@ class Geometric:
     top: int = 0
     method: str = "orb"           # orb | sift
     model: str = "homography"     # homography | affine (partial affine: rotation, scale, shift)
-    features: int = 1000          # local features per image (the strongest)
+    features: int = 500           # local features per image (the strongest)
     ratio: float = 0.8            # Lowe's ratio test on the two nearest neighbours
     max_side: int = 512           # images downscaled to this longer side before description
     flip: bool = True             # also match the mirrored query
@@ -52,8 +58,8 @@ class Geometric:
     boost: float = 0.8            # added to score / norm_score at cap inliers or more
     cap: int = 100                # inliers at which the boost is full
     reproj: float = 5.0           # RANSAC reprojection threshold (pixels, at max_side)
-    iters: int = 2000             # RANSAC iterations at most
-    gate: float = -1e9            # rows whose norm_score (score without normalisation) is below: not verified
+    iters: int = 500              # RANSAC iterations at most
+    gate: float = 0.1             # rows whose norm_score (score without normalisation) is below: not verified
     early: bool = True            # stop a row's matches (mirror, region) once one reaches cap inliers
     cache: int = 4096             # images whose features a process keeps (LRU)
 

@@ -184,11 +184,14 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--split", default="tune", choices=("tune", "test"))
     ap.add_argument("--work", default="/tmp/bench_verify")
-    ap.add_argument("--set", action="append", default=[], help="search.geometric.* settings for the test run")
+    ap.add_argument("--set", action="append", default=[],
+                    help="search.geometric.* settings to measure (the test run; on tune: measure them, no grid)")
     ap.add_argument("--methods", default="orb,sift", help="tune: the local features compared")
     ap.add_argument("--regions", action="store_true", help="tune: the rule with search.geometric.regions")
     ap.add_argument("--features", default="1000", help="tune: local features per image, comma-separated")
     ap.add_argument("--iters", default="2000", help="tune: RANSAC iterations, comma-separated")
+    ap.add_argument("--also", action="append", default=[],
+                    help="measure: also this variant of the --set rule (k=v,k=v of search.geometric)")
     ap.add_argument("--before", action="store_true", help="test: also the previous rule (no gate, no early exit)")
     ap.add_argument("--encode", action="store_true", help="test: also time extract --role query on the queries")
     ap.add_argument("--slack", type=float, default=0.01,
@@ -204,7 +207,7 @@ def main() -> None:
     n_q = m0["counts"]["queries"]
     rows = [(f"without verification (search {m0['timings']['search_s']:.2f}s)", _metrics(base, truth))]
     print(f"report flags without truth, no verification: {_flags(base, m0, truth)}", flush=True)
-    if args.split == "tune":
+    if args.split == "tune" and not args.set:
         got = tune(base, truth, Geometric(top=TOP), args.methods.split(","), args.regions,
                    [int(x) for x in args.features.split(",")], [int(x) for x in args.iters.split(",")])
         for r in got[:15]:
@@ -226,7 +229,9 @@ def main() -> None:
     else:
         enc = _encode_s(os.path.join(sd, "queries"), f"{work}/queries_timed") if args.encode else None
         runs = ([("the previous rule (no gate, no early exit)", PREVIOUS)] if args.before else []) + [
-            ("this rule", args.set)]
+            ("this rule", args.set)] + [
+            (f"this rule with {also}", args.set + [f"search.geometric.{kv}" for kv in also.split(",")])
+            for also in args.also]
         for name, sets in runs:
             ver, m1 = run_search(q, idx, bg, f"{work}/search_geometric", sets)
             rows.append((f"{name}: {m1['params']['geometric']} (search {m1['timings']['search_s']:.2f}s)",

@@ -18,8 +18,11 @@ from retrieval.search import read_results, search
 
 pytest.importorskip("cv2")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# gate -1: every one of the top 3 rows verified (the default gate, 0.1 on the raw cosine here, would
+# leave unrelated photos' low-scoring rows out; it is tested in tests/unit/test_geometric.py and, on both
+# engines, by retrieval run in tests/integration/test_run.py)
 GEO = ["search.geometric.top=3", "search.geometric.min_inliers=15", "search.geometric.boost=0.5",
-       "search.geometric.cap=50", "search.geometric.regions=false", "search.k=5"]
+       "search.geometric.cap=50", "search.geometric.regions=false", "search.geometric.gate=-1", "search.k=5"]
 
 
 def _photo(name: str) -> Image.Image:
@@ -92,7 +95,7 @@ def test_search_verifies_top_rows_on_both_engines(world, spark, tmp_path):
 def test_regions_on_both_engines(world, spark, tmp_path):
     """search.geometric.regions: the rows' query regions (the default extract.query_regions) cropped
     and matched too, inside the tasks on Spark: the same rows as locally."""
-    sets = GEO[:-2] + ["search.geometric.regions=true", "search.k=5"]
+    sets = [x for x in GEO if "regions" not in x] + ["search.geometric.regions=true"]
     for label, engine in (("local", None), ("spark", spark)):
         search(str(world / "qf"), str(world / "idx"), str(tmp_path / label), config.load(sets=sets), engine=engine)
     assert _rows(str(tmp_path / "local")) == _rows(str(tmp_path / "spark"))
