@@ -215,7 +215,7 @@ STAGE = Stage(
         arg("--no-fit", action="store_true", help="use the configured model as it is (no retrieval fit)"),
         arg("--no-verify", action="store_true",
             help="no geometric verification of the top matches (on by default when OpenCV is installed: "
-                 "search.geometric.top auto; a number set in the config wins over the default)"),
+                 "search.geometric.top auto; a number set for it in the config replaces the default 10)"),
     ),
     run=_run,
     summary=_summary,

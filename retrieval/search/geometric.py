@@ -86,13 +86,13 @@ class Geometric:
 
 
 def run_top(top: Any, verify: bool = True) -> int:
-    """``retrieval run``'s ``search.geometric.top``: a number set in the configuration as it is;
-    ``auto`` (the default) is :data:`RUN_TOP` when ``verify`` and OpenCV is importable, else 0 (off;
-    without OpenCV with one warning)."""
-    if top != "auto":
-        return int(top)
+    """``retrieval run``'s ``search.geometric.top``: 0 without ``verify`` (``--no-verify``); else a
+    number set in the configuration as it is, and ``auto`` (the default) :data:`RUN_TOP` when OpenCV
+    is importable, else 0 (off, with one warning)."""
     if not verify:
         return 0
+    if top != "auto":
+        return int(top)
     try:
         require_cv2()
     except RuntimeError:

@@ -178,3 +178,21 @@ def test_on_spark_without_opencv_run_goes_on_unverified(sample, spark, tmp_path,
     assert len([r for r in caplog.records if "geometric verification" in r.getMessage()]) == 1
     assert outputs.read(m["results"], "search")["params"]["geometric"] is None
     assert pd.read_parquet(m["results"])["inliers"].isna().all()
+
+
+def test_on_spark_no_verify_turns_it_off_and_a_configured_top_wins(sample, spark, tmp_path):
+    from retrieval import config
+    from retrieval.recipes.run import run_all
+
+    out = str(tmp_path / "out")
+    sets = [s for s in FAST[1::2]]
+    m = run_all(sample["gallery"], sample["queries"], out, config.load(sets=sets), spark,
+                background=sample["background"], fit=False, verify=False)
+    assert outputs.read(m["results"], "search")["params"]["geometric"] is None
+    assert pd.read_parquet(m["results"])["inliers"].isna().all()
+    m = run_all(sample["gallery"], sample["queries"], out, config.load(sets=sets + ["search.geometric.top=3"]), spark,
+                background=sample["background"], fit=False)                   # a configured number wins over auto
+    steps = {s["name"]: s for s in m["steps"]}
+    assert not steps["results"]["skipped"] and steps["index"]["skipped"]      # only the search (and after) reran
+    assert outputs.read(m["results"], "search")["params"]["geometric"]["top"] == 3
+    assert 0 < pd.read_parquet(m["results"]).groupby("query_id")["inliers"].count().max() <= 3

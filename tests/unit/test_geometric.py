@@ -11,8 +11,8 @@ from PIL import Image
 
 from retrieval import config
 from retrieval.schema import RESULT_SCHEMA, conform_results
-from retrieval.search.geometric import (Geometric, Matcher, apply, count_rows, require_cv2, rows_to_check,
-                                        verify_table)
+from retrieval.search.geometric import (RUN_TOP, Geometric, Matcher, apply, count_rows, require_cv2, rows_to_check,
+                                        run_top, verify_table)
 
 pytest.importorskip("cv2")
 
@@ -131,6 +131,8 @@ def test_unreadable_images_are_recorded_not_raised(images):
 
 
 def test_config_off_by_default_checked_and_cv2_required(monkeypatch):
+    assert run_top("auto") == RUN_TOP == 10 and run_top(3.0) == 3 and run_top(10, verify=False) == 0
+    assert Geometric.from_config({"top": "auto"}) is None           # auto: off outside retrieval run
     assert Geometric.from_config(config.load().search.geometric) is None
     g = Geometric.from_config(config.load(sets=["search.geometric.top=5", "search.geometric.method=sift"]).search.geometric)
     assert (g.top, g.method, g.flip) == (5, "sift", True)
@@ -145,6 +147,7 @@ def test_config_off_by_default_checked_and_cv2_required(monkeypatch):
     with pytest.raises(RuntimeError, match="search.geometric.top=0"):
         Geometric.from_config({"top": 3})
     assert Geometric.from_config({"top": 0}) is None                # off: no OpenCV needed
+    assert run_top("auto") == 0 and run_top(5) == 5 and run_top("auto", verify=False) == 0   # cv2 blocked here
 
 
 def test_regions_match_the_query_region_cropped(tmp_path):
