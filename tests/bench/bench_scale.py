@@ -28,6 +28,14 @@ the same command again.
 6. **coarse diagnosis**, same sample: where a missed source is lost. The exact 128-d top-S over all
    gallery coarse codes (float32 brute force: the best ANY coarse index can do with these codes) and
    the IVF-PQ index's top-S at the search's nprobe (``store.search_shards``), for S = 100 ... 5000.
+--locality CACHE_MB,CHUNK (with --locality-only: only this, after the index): the rerank's read
+pattern with a vector cache far below the fine column - chunk-major once, then gallery-major over
+feature-file blocks (``search.fine_layout=files``) and over IVF lists of the list-ordered fine copy
+(``lists``), alternated ``--locality-rounds`` times, the query-vector cache cut to one chunk so each
+block reads the query chunks it needs as on its own executor: query-side and gallery bytes, wall,
+rows identical (else exit 1), and the copy's bytes and write time (``--copy-shards`` rewritten);
+``<workdir>/locality_C_Q.json``.
+
 7. **coarse rates** (for ``retrieval plan``): on one index shard, flat-quantizer assignment
    (multiply-adds/s), PQ code scanning (the same search at nprobe 1 and 128: extra codes / extra
    time), and the HNSW32 quantizer a billion-vector index gets (131,072 centroids, 256 cells per
