@@ -202,7 +202,7 @@ def block_task(block: ListBlock, items: Iterable[blocks_mod.Routed], copies: Seq
     yield block.block % max(1, n_chunks), Piece(-1, *blocks_mod._empty(Piece), meta={"block": stats})
 
 
-_TABLES: "OrderedDict[tuple, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+_TABLES: "OrderedDict[tuple, object]" = OrderedDict()
 
 
 def shard_lists(index_url: str, shard_no: int, manifest: dict, index, ids: np.ndarray, capacity: int) -> np.ndarray:
@@ -211,6 +211,6 @@ def shard_lists(index_url: str, shard_no: int, manifest: dict, index, ids: np.nd
     from retrieval.index import finecopy
 
     key = (index_url, shard_no, manifest["shards"][shard_no].get("sha256"))
-    table = lru_cached(_TABLES, key, lambda: finecopy.list_table(_ivf(index)[0]),
-                       lambda c: len(c) > max(1, capacity), "list table")
-    return finecopy.lists_of(table, ids)
+    lookup = lru_cached(_TABLES, key, lambda: finecopy.ListLookup(finecopy.list_table(_ivf(index)[0])),
+                        lambda c: len(c) > max(1, capacity), "list table")
+    return lookup(ids)
