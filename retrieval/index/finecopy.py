@@ -40,20 +40,65 @@ def copy_file(shard: int) -> str:
 
 
 def list_table(ivf) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids, lists)`` of every vector of an IVF index, ordered by id (for ``np.searchsorted``)."""
-    from faiss.contrib.inspect_tools import get_invlist
+    """``(ids, lists)`` of every vector of an IVF index, ordered by id (for ``np.searchsorted``);
+    only the inverted lists' ids are read (not their codes)."""
+    import faiss
 
-    invlists, ids, lists = ivf.invlists, [], []
-    for lst in range(ivf.nlist):
-        if invlists.list_size(lst):
-            lids, _ = get_invlist(invlists, lst)
-            ids.append(lids.copy())
-            lists.append(np.full(len(lids), lst, np.int32))
-    if not ids:
-        return np.zeros(0, np.int64), np.zeros(0, np.int32)
-    a, c = np.concatenate(ids).astype(np.int64), np.concatenate(lists)
-    o = np.argsort(a, kind="stable")
-    return a[o], c[o]
+    invlists = ivf.invlists
+    sizes = np.array([invlists.list_size(lst) for lst in range(ivf.nlist)], np.int64)
+    ids = np.empty(int(sizes.sum()), np.int64)
+    at = 0
+    for lst in np.flatnonzero(sizes).tolist():
+        n, ptr = int(sizes[lst]), invlists.get_ids(lst)
+        try:
+            ids[at:at + n] = faiss.rev_swig_ptr(ptr, n)
+        finally:
+            invlists.release_ids(lst, ptr)
+        at += n
+    lists = np.repeat(np.arange(ivf.nlist, dtype=np.int32), sizes)
+    o = np.argsort(ids, kind="stable")
+    return ids[o], lists[o]
+
+
+class ListLookup:
+    """A shard's id -> IVF list in O(1) per id: an id is ``(file_no << 32) | row`` and a shard holds a
+    run of rows of each of its files, so one int32 per row of those runs (holes: rows not in the
+    shard) replaces a binary search in the sorted ids. Falls back to the binary search when the runs
+    are much sparser than the shard."""
+
+    def __init__(self, table: tuple[np.ndarray, np.ndarray]) -> None:
+        self.table = table
+        ids, lists = table
+        files, rows = idmap.decode_ids(ids)
+        starts = np.flatnonzero(np.r_[True, files[1:] != files[:-1]]) if len(ids) else np.zeros(0, np.int64)
+        ends = np.r_[starts[1:], len(ids)].astype(np.int64)
+        nf = int(files[-1]) + 1 if len(ids) else 0
+        self.lo, self.hi = np.zeros(nf, np.int64), np.full(nf, -1, np.int64)      # rows lo..hi per file
+        self.lo[files[starts]], self.hi[files[starts]] = rows[starts], rows[ends - 1]
+        span = np.maximum(self.hi - self.lo + 1, 0)
+        self.offset = np.r_[0, np.cumsum(span)[:-1]].astype(np.int64) if nf else np.zeros(0, np.int64)
+        self.dense = None
+        if int(span.sum()) <= 2 * len(ids) + 4096:
+            self.dense = np.full(int(span.sum()), -2, np.int32)
+            self.dense[self.offset[files] + rows - self.lo[files]] = lists
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        if self.dense is None:
+            return lists_of(self.table, ids)
+        flat = ids.reshape(-1)
+        out = np.full(flat.shape, -1, np.int32)
+        valid = flat >= 0
+        if valid.any():
+            files, rows = idmap.decode_ids(flat[valid])
+            f = np.minimum(files, max(len(self.lo) - 1, 0))
+            ok = (files < len(self.lo)) & (rows >= self.lo[f]) & (rows <= self.hi[f]) if len(self.lo) else False
+            if not np.all(ok):
+                raise KeyError("a shortlist id is not in the shard's inverted lists")
+            got = self.dense[self.offset[f] + rows - self.lo[f]]
+            if (got < 0).any():
+                raise KeyError("a shortlist id is not in the shard's inverted lists")
+            out[valid] = got
+        return out.reshape(ids.shape)
 
 
 def lists_of(table: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> np.ndarray:

@@ -22,7 +22,6 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from retrieval import fsio
 from retrieval.schema import column_matrix, fine_matrix
@@ -126,33 +125,38 @@ def route(chunk: int, ids: np.ndarray, coarse: np.ndarray, lists: np.ndarray, qu
 
 
 def read_block(block: ListBlock, copies: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
-    """The block's rows of every shard's copy: ``(ids sorted, codes, scales)`` in that order, and
-    the read's figures."""
-    ids, codes, scales = [], [], []
+    """The block's rows of every shard's copy: ``(ids, codes, scales)`` row for row, shard after
+    shard (each shard's rows in (list, id) order), and the read's figures. A copy's rows are sorted
+    by list, so the block's lists are one slice of its row groups (no filter copy); the codes are
+    copied once, chunk by chunk, into one array."""
+    tables = []
     stats = {"row_groups": 0, "bytes_read": 0, "bytes_decoded": 0}
     for shard, g0, g1 in block.groups:
         groups = list(range(g0, g1))
         pf = fsio.parquet_file(copies[shard])
         cols = [c for c in ("list", "id", "fine", "fine_scale") if c in pf.schema_arrow.names]
         t = pf.read_row_groups(groups, columns=cols)
-        lst = t.column("list")
-        t = t.filter(pc.and_(pc.greater_equal(lst, block.lo), pc.less(lst, block.hi)))
+        lo, hi = np.searchsorted(t.column("list").to_numpy(), [block.lo, block.hi])
+        tables.append(t.slice(int(lo), int(hi - lo)))
         md = pf.metadata
         stats["row_groups"] += len(groups)
         stats["bytes_read"] += sum(md.row_group(g).column(j).total_compressed_size for g in groups
                                    for j in range(md.num_columns)
                                    if md.schema.column(j).path.split(".")[0] in ("fine", "fine_scale"))
-        ids.append(t.column("id").to_numpy())
-        codes.append(np.asarray(column_matrix(t.column("fine"))))
-        scales.append(t.column("fine_scale").to_numpy() if "fine_scale" in cols else None)
-    if not ids:
+    if not tables:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.int8), None, stats
-    all_ids = np.concatenate(ids)
-    order = np.argsort(all_ids, kind="stable")
-    c = np.concatenate(codes)[order]
-    s = np.concatenate(scales)[order].astype(np.float32) if scales[0] is not None else None
-    stats["bytes_decoded"] = int(c.nbytes + (s.nbytes if s is not None else 0))
-    return all_ids[order], c, s, stats
+    ids = np.concatenate([t.column("id").to_numpy() for t in tables])
+    chunks = [column_matrix(c) for t in tables for c in t.column("fine").chunks if len(c)]
+    if chunks:
+        codes = np.concatenate(chunks)
+    else:
+        ft = tables[0].schema.field("fine").type
+        codes = (np.zeros((0, ft.byte_width), np.int8) if pa.types.is_fixed_size_binary(ft)
+                 else np.zeros((0, ft.list_size), np.float32))
+    s = (np.concatenate([t.column("fine_scale").to_numpy() for t in tables]).astype(np.float32)
+         if "fine_scale" in tables[0].column_names else None)
+    stats["bytes_decoded"] = int(codes.nbytes + (s.nbytes if s is not None else 0))
+    return ids, codes, s, stats
 
 
 def block_task(block: ListBlock, items: Iterable[blocks_mod.Routed], copies: Sequence[str], width: int, k: int,
@@ -165,6 +169,8 @@ def block_task(block: ListBlock, items: Iterable[blocks_mod.Routed], copies: Seq
     items = list(items)
     pairs = [it for it in items if it.meta is None]
     ids, codes, scales, stats = read_block(block, copies)
+    order = np.argsort(ids, kind="stable")          # candidate id -> its row in ``codes``
+    ids = ids[order]
     t_read = time.monotonic() - t0
     score_s, out_bytes, kept, n_pairs, q_bytes = 0.0, 0, 0, 0, 0
     for it in pairs:
@@ -173,6 +179,7 @@ def block_task(block: ListBlock, items: Iterable[blocks_mod.Routed], copies: Seq
         if not len(ids) or (ids[row] != it.gid).any():
             raise KeyError(f"list block {block.block} (lists {block.lo}-{block.hi - 1}): a shortlist id is not in "
                            "the index's list-ordered fine copy (the copy does not match the shards)")
+        row = order[row]
         q = fine_matrix(it.queries)
         q_bytes += sum(it.queries.column(c).nbytes for c in it.queries.column_names)
         local = np.searchsorted(it.qrows, it.pos // width).astype(np.int64) * width + it.pos % width
@@ -195,7 +202,7 @@ def block_task(block: ListBlock, items: Iterable[blocks_mod.Routed], copies: Seq
     yield block.block % max(1, n_chunks), Piece(-1, *blocks_mod._empty(Piece), meta={"block": stats})
 
 
-_TABLES: "OrderedDict[tuple, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+_TABLES: "OrderedDict[tuple, object]" = OrderedDict()
 
 
 def shard_lists(index_url: str, shard_no: int, manifest: dict, index, ids: np.ndarray, capacity: int) -> np.ndarray:
@@ -204,6 +211,6 @@ def shard_lists(index_url: str, shard_no: int, manifest: dict, index, ids: np.nd
     from retrieval.index import finecopy
 
     key = (index_url, shard_no, manifest["shards"][shard_no].get("sha256"))
-    table = lru_cached(_TABLES, key, lambda: finecopy.list_table(_ivf(index)[0]),
-                       lambda c: len(c) > max(1, capacity), "list table")
-    return finecopy.lists_of(table, ids)
+    lookup = lru_cached(_TABLES, key, lambda: finecopy.ListLookup(finecopy.list_table(_ivf(index)[0])),
+                        lambda c: len(c) > max(1, capacity), "list table")
+    return lookup(ids)

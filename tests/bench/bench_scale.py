@@ -28,6 +28,14 @@ the same command again.
 6. **coarse diagnosis**, same sample: where a missed source is lost. The exact 128-d top-S over all
    gallery coarse codes (float32 brute force: the best ANY coarse index can do with these codes) and
    the IVF-PQ index's top-S at the search's nprobe (``store.search_shards``), for S = 100 ... 5000.
+--locality CACHE_MB,CHUNK (with --locality-only: only this, after the index): the rerank's read
+pattern with a vector cache far below the fine column - chunk-major once, then gallery-major over
+feature-file blocks (``search.fine_layout=files``) and over IVF lists of the list-ordered fine copy
+(``lists``), alternated ``--locality-rounds`` times, the query-vector cache cut to one chunk so each
+block reads the query chunks it needs as on its own executor: query-side and gallery bytes, wall,
+rows identical (else exit 1), and the copy's bytes and write time (``--copy-shards`` rewritten);
+``<workdir>/locality_C_Q.json``.
+
 7. **coarse rates** (for ``retrieval plan``): on one index shard, flat-quantizer assignment
    (multiply-adds/s), PQ code scanning (the same search at nprobe 1 and 128: extra codes / extra
    time), and the HNSW32 quantizer a billion-vector index gets (131,072 centroids, 256 cells per
@@ -44,7 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -83,7 +91,7 @@ def measured(step: str, work: Path, cmd: list[str]) -> dict:
     if out.exists():
         log(f"{step}: done earlier ({out})")
         return json.loads(out.read_text())
-    log(f"{step}: {' '.join(cmd[:4])} ... (log: {work / (step + '.log')}), load {load()}")
+    log(f"{step}: {' '.join(c if len(c) < 200 else '<script>' for c in cmd[:4])} ... (log: {work / (step + '.log')}), load {load()}")
     before = load()
     r = run_measured(cmd, log_path=work / f"{step}.log")
     r.update({"load_before": before, "load_after": load()})
@@ -305,34 +313,118 @@ def search_figures(work: Path, name: str, source: np.ndarray, feature_files: lis
     }
 
 
-def locality(work: Path, cli: list[str], qurl: str, sets: list[str], spec: str) -> dict:
+COPY_CHILD = r"""
+import json, os, shutil, sys, time
+import retrieval.index
+import faiss
+from retrieval.index import finecopy, store
+work, index, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+m = store.read_index_manifest(index)
+urls = store.feature_file_urls(m)
+out, runs = os.path.join(work, "copytime"), []
+shutil.rmtree(out, ignore_errors=True)
+os.makedirs(out)
+for shard in range(min(n, len(m["shards"]))):
+    loaded = store.load_shard(index, shard, m)          # kept referenced: ivf points into it
+    ivf = faiss.extract_index_ivf(loaded)
+    segments = [(f, urls[f], a, b) for f, a, b in m["shards"][shard]["segments"]]
+    t = time.monotonic()
+    entry = finecopy.write_copy(out, shard, ivf, segments)
+    runs.append({"shard": shard, "seconds": round(time.monotonic() - t, 2), "bytes": entry["bytes"],
+                 "rows": entry["rows"], "same_sha256": entry["sha256"] == m["shards"][shard]["fine_by_list"]["sha256"]})
+shutil.rmtree(out)
+json.dump(runs, open(os.path.join(work, "copytime.json"), "w"), indent=1)
+"""
+
+# the search CLI in a child, with the per-process cache of query vectors cut to one chunk: each
+# gallery-major block task reads the query chunks it needs, as on its own executor (as in
+# bench_fine_by_list.py); in one local process the blocks would otherwise share them
+LOCALITY_CLI = ("import sys; from retrieval.search import blocks; blocks.QUERY_CACHE_BYTES = 1; "
+                "from retrieval.cli import entry; entry(sys.argv[1:])")
+LOCALITY_MODES = {"chunk": ["search.rerank=chunk"],
+                  "files": ["search.rerank=gallery", "search.fine_layout=files"],
+                  "lists": ["search.rerank=gallery", "search.fine_layout=lists"]}
+
+
+def locality_run(work: Path, qurl: str, sets: list[str], name: str, mode_sets: list[str]) -> dict:
+    """One measured search of the locality comparison (resumable: kept in ``<work>/<name>.json``)."""
+    if not (work / name / "_manifest.json").exists():
+        (work / f"{name}.json").unlink(missing_ok=True)
+    run = measured(name, work, [PY, "-c", LOCALITY_CLI,
+                                "search", "--queries", qurl, "--index", str(work / "index"), "--output", str(work / name),
+                                "--engine", "local", *sets, *[x for s in mode_sets for x in ("--set", s)]])
+    m = json.loads((work / name / "_manifest.json").read_text())
+    io = m["io"]
+    return {"name": name, "run": run, "io": io, "timings": m["timings"], "chunks": m["counts"]["chunks"],
+            "blocks": m["params"]["blocks"], "nprobe": m["params"]["nprobe"],
+            "query_side_bytes": (io.get("query_fine_bytes_read") or 0) + (io.get("query_fine_bytes_shuffled") or 0)}
+
+
+def copy_cost(work: Path, copy_shards: int) -> dict:
+    """What the list-ordered fine copy adds to the index: its bytes (manifest) and the time to write
+    it, measured by rewriting ``copy_shards`` shards' copies serially (same sha256 checked)."""
+    im = json.loads((work / "index" / "_manifest.json").read_text())
+    copies = [s["fine_by_list"] for s in im["shards"] if s.get("fine_by_list")]
+    if not (work / "copytime.json").exists():
+        (work / "copy-time.json").unlink(missing_ok=True)
+    run = measured("copy-time", work, [PY, "-c", COPY_CHILD, str(work), str(work / "index"), str(copy_shards)])
+    per = json.loads((work / "copytime.json").read_text())
+    per_shard_s = sum(r["seconds"] for r in per) / max(1, len(per))
+    index_bytes = du(work / "index")
+    copy_bytes = sum(c["bytes"] for c in copies)
+    return {"shards": len(im["shards"]), "shards_with_copy": len(copies), "copy_bytes": copy_bytes,
+            "copy_rows": sum(c["rows"] for c in copies), "feature_files_bytes": du(work / "gallery"),
+            "index_bytes_on_disk": index_bytes, "index_bytes_without_copy": index_bytes - copy_bytes,
+            "rewrite_measured": per, "rewrite_run": run, "seconds_per_shard": round(per_shard_s, 2),
+            "seconds_all_shards_serial": round(per_shard_s * len(im["shards"]), 1),
+            "index_timings": im["timings"]}
+
+
+def locality(work: Path, qurl: str, sets: list[str], spec: str, rounds: int, copy_shards: int) -> dict:
     """The rerank's read pattern: the same search (a vector cache far below the fine column,
-    several query chunks) with the chunk-major and the gallery-major rerank, one after the other;
-    bytes read (search manifest ``io``), wall time, peak memory, and whether the rows are equal."""
+    several query chunks) chunk-major once, then gallery-major over feature-file blocks
+    (``search.fine_layout=files``) and over the list-ordered copy (``lists``), alternated ``rounds``
+    times; bytes read (search manifest ``io``), wall time, peak memory, rows equal to chunk-major's."""
     from retrieval.search import read_results
 
     cache_mb, chunk = (int(x) for x in spec.split(","))
-    out: dict = {"vector_cache_mb": cache_mb, "query_chunk": chunk}
-    for mode in ("chunk", "gallery"):
-        name = f"locality_{mode}_c{cache_mb}_q{chunk}"
-        if not (work / name / "_manifest.json").exists():
-            (work / f"{name}.json").unlink(missing_ok=True)
-        run = measured(name, work, cli + [
-            "search", "--queries", qurl, "--index", str(work / "index"), "--output", str(work / name),
-            "--engine", "local", *sets, "--set", f"search.vector_cache_mb={cache_mb}",
-            "--set", f"search.query_chunk={chunk}", "--set", f"search.rerank={mode}"])
-        m = json.loads((work / name / "_manifest.json").read_text())
-        out[mode] = {"run": run, "io": m["io"], "timings": m["timings"], "chunks": m["counts"]["chunks"],
-                     "blocks": m["params"]["blocks"]}
-    a = read_results(str(work / f"locality_chunk_c{cache_mb}_q{chunk}"))
-    b = read_results(str(work / f"locality_gallery_c{cache_mb}_q{chunk}"))
-    out["rows"] = a.num_rows
-    out["rows_identical"] = bool(a.equals(b))
-    c, g = out["chunk"], out["gallery"]
-    out["fine_bytes_read_chunk_over_gallery"] = round(
-        c["io"]["gallery_fine_bytes_read"] / max(1, g["io"]["gallery_fine_bytes_read"]), 2)
-    out["wall_chunk_over_gallery"] = round(c["run"]["wall_s"] / g["run"]["wall_s"], 2)
+    common = [*sets, "--set", f"search.vector_cache_mb={cache_mb}", "--set", f"search.query_chunk={chunk}"]
+    out: dict = {"vector_cache_mb": cache_mb, "query_chunk": chunk, "rounds": rounds, "query_cache": "one chunk",
+                 "runs": {m: [] for m in LOCALITY_MODES}}
+    out["runs"]["chunk"].append(locality_run(work, qurl, common, f"loc_chunk_c{cache_mb}_q{chunk}",
+                                             LOCALITY_MODES["chunk"]))
+    for r in range(rounds):
+        for mode in (("files", "lists") if r % 2 == 0 else ("lists", "files")):
+            out["runs"][mode].append(locality_run(work, qurl, common, f"loc_{mode}_c{cache_mb}_q{chunk}_r{r}",
+                                                  LOCALITY_MODES[mode]))
+    ref = read_results(str(work / out["runs"]["chunk"][0]["name"]))
+    out["rows"] = ref.num_rows
+    out["rows_identical"] = {r["name"]: bool(ref.equals(read_results(str(work / r["name"]))))
+                             for m in ("files", "lists") for r in out["runs"][m]}
+    summary = {}
+    for mode, runs in out["runs"].items():
+        walls = sorted(r["run"]["wall_s"] for r in runs)
+        io = runs[0]["io"]
+        summary[mode] = {"wall_s": walls, "median_wall_s": statistics.median(walls), "blocks": runs[0]["blocks"],
+                         "layout": io["gallery_fine_layout"], "query_fine_bytes_read": io["query_fine_bytes_read"],
+                         "query_fine_bytes_shuffled": io["query_fine_bytes_shuffled"],
+                         "query_side_bytes": runs[0]["query_side_bytes"],
+                         "gallery_fine_bytes_read": io["gallery_fine_bytes_read"],
+                         "gallery_fine_column_bytes": io["gallery_fine_column_bytes"],
+                         "gallery_fine_reads_per_column": io["gallery_fine_reads_per_column"],
+                         "peak_rss_mb_max": max(r["run"]["peak_rss_mb"] for r in runs),
+                         "loads": [[r["run"]["load_before"], r["run"]["load_avg"], r["run"]["load_after"]] for r in runs]}
+    out["summary"] = summary
+    files = out["runs"]["files"][0]
+    out["auto_picks"] = "lists" if files["blocks"] > files["nprobe"] else "files"
+    out["auto_rule"] = f"{files['blocks']} feature-file blocks > nprobe {files['nprobe']}"
+    out["query_side_files_over_lists"] = round(summary["files"]["query_side_bytes"]
+                                               / max(1, summary["lists"]["query_side_bytes"]), 2)
+    out["median_wall_files_over_lists"] = round(summary["files"]["median_wall_s"] / summary["lists"]["median_wall_s"], 2)
+    out["index_copy"] = copy_cost(work, copy_shards)
     (work / f"locality_c{cache_mb}_q{chunk}.json").write_text(json.dumps(out, indent=2))
+    if not all(out["rows_identical"].values()):
+        raise SystemExit(f"rows differ from the chunk-major rerank's: {out['rows_identical']}")
     return out
 
 
@@ -375,8 +467,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--locality", default="", metavar="CACHE_MB,CHUNK",
                     help="also search with search.vector_cache_mb=CACHE_MB and search.query_chunk=CHUNK, "
                          "chunk-major then gallery-major rerank: gallery fine bytes read, wall time, rows "
-                         "identical (issue 13: e.g. 256,1250)")
+                         "identical (issue 13: e.g. 256,1250); the gallery-major one over feature-file blocks "
+                         "and over the list-ordered fine copy (search.fine_layout files / lists)")
+    ap.add_argument("--locality-rounds", type=int, default=2,
+                    help="--locality: gallery-major files / lists runs, alternated (the chunk-major one runs once)")
+    ap.add_argument("--copy-shards", type=int, default=2,
+                    help="--locality: shards whose list-ordered fine copy is rewritten to time it")
     ap.add_argument("--locality-only", action="store_true", help="stop after the --locality searches")
+    ap.add_argument("--build-only", action="store_true", help="stop after the index build")
     args = ap.parse_args(argv)
     work = Path(args.workdir) / f"n{args.n}_q{args.match}_{args.nomatch}"
     work.mkdir(parents=True, exist_ok=True)
@@ -401,8 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     runs["index"] = measured("index", work, cli + [
         "index", *[x for p in parts for x in ("--features", p)], "--output", str(work / "index"),
         "--engine", "local", *sets])
+    if args.build_only:
+        return 0
     if args.locality:
-        loc = locality(work, cli, qurl, sets, args.locality)
+        loc = locality(work, qurl, sets, args.locality, args.locality_rounds, args.copy_shards)
         print(json.dumps(loc, indent=2), flush=True)
         if args.locality_only:
             return 0
