@@ -120,6 +120,20 @@ def positive_or_auto(v: Any) -> str | None:
     return None if v == "auto" or (not isinstance(v, str) and v > 0) else "must be 'auto' or > 0"
 
 
+def whole_or_auto(v: Any) -> str | None:
+    """``auto`` (choose for me) or a whole number >= 0."""
+    return None if v == "auto" or (not isinstance(v, str) and v >= 0 and v == int(v)) \
+        else "must be 'auto' or a whole number >= 0"
+
+
+def boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def number(v: Any) -> str | None:
+    return None if isinstance(v, (int, float)) and not isinstance(v, bool) else "must be a number"
+
+
 def between(low: float, high: float) -> Check:
     """``low <= value <= high``."""
     return lambda v: None if low <= v <= high else f"must be in [{low:g}, {high:g}]"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from retrieval.stage import Stage, arg, positive_or_auto, between, choice, non_negative, positive
+from retrieval.stage import Stage, arg, boolean, choice, non_negative, positive, positive_or_auto
 
 
 def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
@@ -67,7 +67,7 @@ STAGE = Stage(
         "index.kmeans": choice("auto", "flat", "two_level"),
         "index.kmeans_iters": positive,
         "index.vectors_per_shard": positive,
-        "index.fine_by_list": lambda v: None if isinstance(v, bool) else "must be true or false",
+        "index.fine_by_list": boolean,
         "index.nprobe": positive_or_auto,
         "index.max_nprobe": positive,
         "index.target_recall": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",

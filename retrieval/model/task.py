@@ -12,7 +12,6 @@ from retrieval import fsio
 
 # the model, once per process, with its model_version (hashing the weights: ~0.1-0.3 s a task otherwise)
 _MODELS: dict[str, Any] = {}
-_VERSIONS: dict[str, str] = {}
 
 
 def device_model_cfg(model_cfg: Mapping[str, Any], device: str) -> Mapping[str, Any]:
@@ -32,17 +31,14 @@ def get_model(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any], d
     if key not in _MODELS:
         model = model_from_config(model_cfg, preprocess_cfg).to(device).eval()
         object.__setattr__(model, "_precision", model_cfg.get("precision", "fp32"))   # what encode() runs
-        _VERSIONS[key] = model.model_version()     # of the weights as built: tasks never change them
+        object.__setattr__(model, "_built_version", model.model_version())   # tasks never change the weights
         _MODELS[key] = model
     return _MODELS[key]
 
 
 def built_version(model: Any) -> str:
     """The ``model_version`` of a model :func:`get_model` built (hashed once, when it was built)."""
-    for key, m in _MODELS.items():
-        if m is model:
-            return _VERSIONS[key]
-    return model.model_version()
+    return model.__dict__.get("_built_version") or model.model_version()
 
 
 def task_model(job, device: str | None = None):

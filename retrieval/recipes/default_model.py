@@ -155,12 +155,16 @@ def recipe_sets(schedule: str = "full") -> list[str]:
     return [f"{k}={text(v)}" for k, v in recipe_settings(schedule).items()]
 
 
+def default_max_images(schedule: str = "full") -> int:
+    """The training images a schedule uses unless ``--max-images`` says otherwise."""
+    return FINETUNE_MAX_IMAGES if schedule == "finetune" else MAX_IMAGES
+
+
 def reproduce_command(schedule: str, max_images: int, packages: str, sets: Sequence[str]) -> str:
     """The model card's command line that rebuilds the model (only the options that differ)."""
-    default_images = FINETUNE_MAX_IMAGES if schedule == "finetune" else MAX_IMAGES
     return ("bash scripts/training_sources.sh && python -m retrieval.recipes.default_model --output OUT_DIR "
             + (f"--schedule {schedule} " if schedule != "full" else "")
-            + (f"--max-images {max_images} " if max_images != default_images else "")
+            + (f"--max-images {max_images} " if max_images != default_max_images(schedule) else "")
             + (f"--packages {packages} " if packages != "shipped" else "")
             + " ".join(f"--set {s}" for s in sets)).strip()
 
@@ -221,8 +225,7 @@ def reproduce(output: str, asset: str, sets: list[str] = (), conf: list[str] = (
 
     t0 = time.monotonic()
     recipe = recipe_settings(schedule)
-    default_images = FINETUNE_MAX_IMAGES if schedule == "finetune" else MAX_IMAGES
-    max_images = default_images if max_images is None else max_images
+    max_images = default_max_images(schedule) if max_images is None else max_images
     from retrieval.train.sources import DEFAULT_MODEL_PACKAGES, TRAINING_PACKAGES
 
     pkgs = DEFAULT_MODEL_PACKAGES if packages == "shipped" else TRAINING_PACKAGES

@@ -126,8 +126,8 @@ def steps(job: SearchJob) -> tuple[list, list[Step]]:
                 Step(functools.partial(_chunk_step if chunk_major else _route_step, job), n_chunks,
                      progress="search", unit="chunks", combine=functools.partial(_fold, job))]
     if not chunk_major:        # block scoring, selection, label lookups by block, writing by chunk
-        scoring = (listtasks.block_task, len(job.list_blocks)) if job.list_blocks else (block_task, len(job.blocks))
-        plan += [Step(functools.partial(scoring[0], job), scoring[1], progress="search rerank", unit="blocks"),
+        scoring = listtasks.block_task if job.list_blocks else block_task
+        plan += [Step(functools.partial(scoring, job), job.scoring_blocks, progress="search rerank", unit="blocks"),
                  Step(functools.partial(_select_step, job), n_chunks),
                  Step(functools.partial(label_task, job), len(job.blocks), progress="search labels", unit="blocks"),
                  Step(functools.partial(_write_step, job), n_chunks)]

@@ -90,7 +90,7 @@ def search_gallery(index_url: str, index_manifest: dict, rows_url: str, cfg, eng
     if background is not None and tail is None:
         log.warning("no false-match rates (fmr columns null): %s", why)
     job = dataclasses.replace(job, calibration=tail)
-    n_blocks = len(job.list_blocks) or len(job.blocks)      # the scoring blocks (by IVF list, or by file)
+    n_blocks = job.scoring_blocks
     per_slice = slice_queries(slice_images, job.rerank, n_blocks, job.shortlist, slice_mb, sum(rows))
     slices = plan_slices(job.chunks, per_slice)
     log.info("gallery self-search: %d images in %d chunks, %d slices of <= %d, against %s (%d shards, nprobe %d, "

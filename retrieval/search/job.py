@@ -250,7 +250,7 @@ def search(queries_url: str, index_url: str, output_url: str, cfg, engine: Engin
     log.info("search %s (%d queries in %d chunks) against %s (%d shards, nprobe %d, shortlist %d, "
              "%d per shard, k %d; %s-major rerank%s)", qf_url, images, len(job.chunks), index_url,
              job.n_shards, job.nprobe, job.shortlist, job.shard_shortlist, job.k, job.rerank,
-             f" over {len(job.list_blocks) or len(job.blocks)} gallery blocks"
+             f" over {job.scoring_blocks} gallery blocks"
              f"{' of IVF lists' if job.list_blocks else ''}" if job.blocks else "")
     t1 = time.monotonic()
     stats = run(job, engine, search_cfg.progress_seconds)
@@ -311,7 +311,7 @@ def summarize(job: SearchJob, cfg, stats: list[dict], qrows: list[int], qman: di
                    "query_chunk": search_cfg.query_chunk, "shortlist_configured": search_cfg.shortlist,
                    "normalize": job.background.describe() if job.background is not None else None,
                    "rerank": job.rerank, "rerank_configured": search_cfg.rerank,
-                   "blocks": len(job.list_blocks) or len(job.blocks), "fine_by_list": bool(job.list_blocks),
+                   "blocks": job.scoring_blocks, "fine_by_list": bool(job.list_blocks),
                    "vector_cache_mb": job.vector_cache_mb, "collapse_groups": search_cfg.collapse_groups,
                    "query_regions": qman.get("query_regions") or [],
                    "region_margin": job.region_margin,

@@ -42,19 +42,24 @@ class ListBlock:
     decoded_bytes: int
 
 
+def _fine_bytes(md, groups: Iterable[int]) -> int:
+    """The stored bytes of the ``fine`` / ``fine_scale`` columns in row groups ``groups`` of a copy."""
+    fine = [j for j in range(md.num_columns) if md.schema.column(j).path.split(".")[0] in ("fine", "fine_scale")]
+    return sum(md.row_group(g).column(j).total_compressed_size for g in groups for j in fine)
+
+
 def _footer(url: str) -> tuple[np.ndarray, int, dict | None]:
     """``[(min list, max list, rows, stored fine bytes)]`` per row group of a copy, its row bytes and
     its key-value metadata (the rows of each list)."""
-    md = fsio.parquet_file(url).metadata
-    names = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)]
-    li = names.index("list")
-    fine = [j for j, n in enumerate(names) if n in ("fine", "fine_scale")]
+    pf = fsio.parquet_file(url)
+    md = pf.metadata
+    li = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)].index("list")
     out = []
     for g in range(md.num_row_groups):
         rg = md.row_group(g)
         st = rg.column(li).statistics
-        out.append((st.min, st.max, rg.num_rows, sum(rg.column(j).total_compressed_size for j in fine)))
-    schema = fsio.parquet_file(url).schema_arrow
+        out.append((st.min, st.max, rg.num_rows, _fine_bytes(md, (g,))))
+    schema = pf.schema_arrow
     row_bytes = _decoded_row_bytes(schema.field("fine").type, "fine_scale" in schema.names)
     return np.array(out, np.int64).reshape(-1, 4), int(row_bytes), md.metadata
 
@@ -138,11 +143,8 @@ def read_block(block: ListBlock, copies: Sequence[str]) -> tuple[np.ndarray, np.
         t = pf.read_row_groups(groups, columns=cols)
         lo, hi = np.searchsorted(t.column("list").to_numpy(), [block.lo, block.hi])
         tables.append(t.slice(int(lo), int(hi - lo)))
-        md = pf.metadata
         stats["row_groups"] += len(groups)
-        stats["bytes_read"] += sum(md.row_group(g).column(j).total_compressed_size for g in groups
-                                   for j in range(md.num_columns)
-                                   if md.schema.column(j).path.split(".")[0] in ("fine", "fine_scale"))
+        stats["bytes_read"] += _fine_bytes(pf.metadata, groups)
     if not tables:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.int8), None, stats
     ids = np.concatenate([t.column("id").to_numpy() for t in tables])

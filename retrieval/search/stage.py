@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from retrieval.stage import Stage, arg, positive_or_auto, choice, non_negative, positive
+from retrieval.stage import Stage, arg, boolean, choice, non_negative, number, positive, positive_or_auto, whole_or_auto
 
 
 def run(inputs: Mapping[str, Any], output: str | None, cfg: Any, engine: Any) -> dict:
@@ -53,24 +53,22 @@ STAGE = Stage(
         "search.normalize.beta": non_negative,
         "search.normalize.sample": positive,
         "search.normalize.seed": non_negative,
-        "search.geometric.top": lambda v: None if v == "auto" or (not isinstance(v, str) and v >= 0 and v == int(v))
-        else "must be 'auto' or a whole number >= 0",
+        "search.geometric.top": whole_or_auto,
         "search.geometric.method": choice("orb", "sift"),
         "search.geometric.model": choice("homography", "affine"),
         "search.geometric.features": positive,
         "search.geometric.ratio": lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]",
         "search.geometric.max_side": positive,
-        "search.geometric.flip": lambda v: None if isinstance(v, bool) else "must be true or false",
-        "search.geometric.regions": lambda v: None if isinstance(v, bool) else "must be true or false",
+        "search.geometric.flip": boolean,
+        "search.geometric.regions": boolean,
         "search.geometric.min_inliers": non_negative,
         "search.geometric.boost": non_negative,
         "search.geometric.cap": positive,
         "search.geometric.reproj": positive,
         "search.geometric.cache": positive,
         "search.geometric.iters": positive,
-        "search.geometric.gate": lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool)
-        else "must be a number",
-        "search.geometric.early": lambda v: None if isinstance(v, bool) else "must be true or false",
+        "search.geometric.gate": number,
+        "search.geometric.early": boolean,
     },
     nullable={"search.collapse_groups": str},
 )

@@ -79,6 +79,11 @@ class SearchJob:
     geometric: Any = None             # search.geometric: a geometric.Geometric (None: off)
     region_margin: float = 0.0        # search.region_margin: a region row's merge key minus this
 
+    @property
+    def scoring_blocks(self) -> int:
+        """The gallery-major rerank's scoring blocks: ranges of IVF lists, or runs of feature-file row groups."""
+        return len(self.list_blocks) or len(self.blocks)
+
 
 def part_name(chunk: int) -> str:
     return f"part-{chunk:05d}.parquet"
