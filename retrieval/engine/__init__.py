@@ -13,7 +13,7 @@ ships them by reference) and hands them to the engine:
   shuffle of ``(key, value)`` records and a task per key (Spark: ``partitionBy``; locally loops
   over dicts, a step's ``combine`` folding a key's values as they arrive): the search's plans;
 - :meth:`Engine.map_arrow`: one task per key of an Arrow table, over its rows as record batches
-  (Spark: ``mapInArrow`` after a shuffle by key): the extraction's shards;
+  (Spark: a partition per key holding its rows as Arrow IPC, no shuffle): the extraction's shards;
 - :meth:`Engine.find_duplicates`: the rows of tables read by tasks whose key repeats (Spark: one
   shuffle and a window count; locally a pyarrow group-by): the index's duplicate ids;
 - :meth:`Engine.connected_components`: the components of a graph whose edges tasks read (Spark:

@@ -28,6 +28,17 @@ def translate(exc: BaseException) -> BaseException | None:
     return TASK_ERRORS[m.group(1)](m.group(2)) if m else None
 
 
+def key_slices(table: Any, key: str) -> list:
+    """``table`` (a ``pyarrow.Table``) split by its column ``key``: one slice per value, values in
+    sorted order, each value's rows in their order (:meth:`Engine.map_arrow` on both engines)."""
+    if not table.num_rows:
+        return []
+    table = table.sort_by(key)          # stable: a value's rows keep their order
+    values = table.column(key).to_numpy(zero_copy_only=False)
+    bounds = [0, *(i for i in range(1, len(values)) if values[i] != values[i - 1]), len(values)]
+    return [table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 class Shared:
     """A broadcast value: ``.value`` in every task, ``destroy()`` when the stage is done."""
 

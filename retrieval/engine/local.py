@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Sequence
 
 from retrieval import progress as progress_mod
-from retrieval.engine.base import Engine, Step
+from retrieval.engine.base import Engine, Step, key_slices
 
 
 class LocalEngine(Engine):
@@ -70,13 +70,7 @@ class LocalEngine(Engine):
     def map_arrow(self, fn, table, key, schema, label, every=10.0):
         import pyarrow as pa
 
-        out = []
-        if table.num_rows:
-            table = table.sort_by(key)          # stable: a value's rows keep their order
-            values = table.column(key).to_numpy(zero_copy_only=False)
-            bounds = [0, *(i for i in range(1, len(values)) if values[i] != values[i - 1]), len(values)]
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                out.extend(fn(iter(table.slice(a, b - a).to_batches())))
+        out = [b for part in key_slices(table, key) for b in fn(iter(part.to_batches()))]
         return pa.Table.from_batches(out, schema=schema)
 
     def find_duplicates(self, fn, items, key, schema, label, rows=0, every=10.0):

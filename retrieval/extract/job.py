@@ -1,7 +1,7 @@
 """Feature extraction: images -> Parquet feature shards (``retrieval extract``).
 
 One function, :func:`extract_shard`, encodes one shard; the local path calls it shard after shard,
-the Spark path calls it inside ``mapInArrow`` with exactly one shard per task. So both paths give
+the Spark path calls it in a task that holds exactly one shard's listing rows. So both paths give
 the same bytes. Per shard, in this order, each file written atomically (temp + rename):
 ``errors/part-NNNNN.parquet``, ``part-NNNNN.parquet``, then ``_shards/part-NNNNN.json`` - the
 marker that says the shard is complete, with a fingerprint of the job and of the shard's inputs.
@@ -247,7 +247,7 @@ def _commit(run: _ShardRun, rows: list[tuple[str, str, str | None]], part_url: s
 # ---------------------------------------------------------------------------------------------
 # planning and running
 def _arrow_task(job: ExtractJob, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """A shard's task (``mapInArrow`` body on Spark): this partition holds exactly one shard's listing rows."""
+    """A shard's task (:meth:`~retrieval.engine.Engine.map_arrow`): these batches are exactly one shard's listing rows."""
     by_shard: dict[int, list[tuple[str, str, str | None]]] = {}
     for b in batches:
         d = b.to_pydict()
@@ -266,9 +266,9 @@ SHARD_STATS = pa.schema([("shard", pa.int32()), ("stats", pa.string())])
 
 
 def _run_shards(engine: Engine, job: ExtractJob, todo: dict[int, list]) -> list[dict]:
-    """One task per shard, in shard order (:meth:`~retrieval.engine.Engine.map_arrow`: on Spark the
-    listing rows shuffled to their shard's partition and encoded by ``mapInArrow``, so they travel
-    as Arrow, not in the task closures; locally shard after shard)."""
+    """One task per shard, in shard order (:meth:`~retrieval.engine.Engine.map_arrow`: on Spark a
+    partition per shard holding its listing rows as compressed Arrow, not in the task closures;
+    locally shard after shard)."""
     order = sorted(todo)
     rows = [(s, i, u, e) for s in order for (i, u, e) in todo[s]]
     listing = pa.table([pa.array([r[n] for r in rows], f.type) for n, f in enumerate(SHARD_ROWS)],

@@ -179,3 +179,33 @@ def test_task_failure_mid_shard_is_retried_to_an_identical_output(spark, zoo_dir
     assert a["image_id"].to_pylist() == b["image_id"].to_pylist()     # no duplicate, no missing row
     assert np.abs(fine_matrix(a) - fine_matrix(b)).max() < 1e-4
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def _build_in_task(cfgs: tuple, _item: int) -> tuple[int, int]:
+    """In a Spark task: the freeze count of the collector before and after the model is there."""
+    import gc
+
+    from retrieval.model.task import get_model
+
+    before = gc.get_freeze_count()
+    get_model(cfgs[0], cfgs[1], "cpu")
+    return before, gc.get_freeze_count()
+
+
+def test_a_task_freezes_its_model_out_of_the_collectors_scans(spark):
+    """PySpark's reused workers run gc.collect() after every task (0.18 s over torch, onnxruntime and a
+    model): a task that built the model has frozen it and the modules (gc.freeze); the driver does not."""
+    import functools
+    import gc
+
+    from retrieval.engine import SparkEngine
+    from retrieval.model.task import get_model
+
+    c = config.load(sets=["model.runtime=torch", "preprocess.decoder=pillow"])
+    cfgs = (c["model"].to_dict(), c["preprocess"].to_dict())
+    got = SparkEngine(spark).map(functools.partial(_build_in_task, cfgs), [0, 1], "t", every=60)
+    assert all(after >= 100_000 for _, after in got), got       # torch alone is > 100k objects
+    assert any(after > before for before, after in got) or all(before >= 100_000 for before, _ in got)
+    before = gc.get_freeze_count()
+    get_model(*cfgs, "cpu")
+    assert gc.get_freeze_count() == before == 0
