@@ -2,7 +2,8 @@
 by side in one run, on the bundled sample and on 1-12 MP photos (JPEG, plus PNG and WebP).
 
     SPARK_LOCAL_IP=127.0.0.1 .venv/bin/python tests/bench/bench_decode.py [--out /tmp/bench_decode] \
-        [--rounds 3] [--per-size 60] [--lossless-per-size 30] [--no-stages] [--no-local] [--no-spark]
+        [--rounds 3] [--per-size 60] [--lossless-per-size 30] [--no-stages] [--no-local] [--no-spark] \
+        [--sets sample,jpeg,png,webp]
 
 old = the 0.2 default: ``preprocess.decoder: pillow`` (Pillow decode with draft + Pillow resize), decoding
 inline between forwards (``extract.decode_threads: 0``), ``model.runtime: torch``. new = today's defaults
@@ -290,6 +291,7 @@ def main() -> None:
     ap.add_argument("--no-local", action="store_true", help="no --engine local job (section 2)")
     ap.add_argument("--no-stages", action="store_true")
     ap.add_argument("--sources", nargs="*", default=SOURCES)
+    ap.add_argument("--sets", default="sample,jpeg,png,webp", help="the jobs' input sets (sections 2 and 3)")
     args = ap.parse_args()
     from retrieval.model.checkpoints import model_from_config
     from retrieval.model.onnx_runtime import export_onnx
@@ -325,6 +327,9 @@ def main() -> None:
         return
     inputs = {"sample": sample_dir, "1-12MP jpeg": os.path.join(large, "jpeg"),
               "1,4MP png": os.path.join(large, "png"), "1,4MP webp": os.path.join(large, "webp")}
+    wanted = args.sets.split(",")
+    inputs = {k: v for k, v in inputs.items() if k == "sample" and "sample" in wanted
+              or k != "sample" and os.path.basename(v) in wanted}
     if not args.no_local:
         res = run_jobs(inputs, args.out, args.rounds, None, 1, 2, JOB_CONFIGS)
         print_jobs("2. extraction job, --engine local, extract.threads 1 (one core); task CPU = this process, "
