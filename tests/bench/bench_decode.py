@@ -327,9 +327,7 @@ def main() -> None:
         return
     inputs = {"sample": sample_dir, "1-12MP jpeg": os.path.join(large, "jpeg"),
               "1,4MP png": os.path.join(large, "png"), "1,4MP webp": os.path.join(large, "webp")}
-    wanted = args.sets.split(",")
-    inputs = {k: v for k, v in inputs.items() if k == "sample" and "sample" in wanted
-              or k != "sample" and os.path.basename(v) in wanted}
+    inputs = {k: v for k, v in inputs.items() if os.path.basename(v) in args.sets.split(",")}   # sample, jpeg, ...
     if not args.no_local:
         res = run_jobs(inputs, args.out, args.rounds, None, 1, 2, JOB_CONFIGS)
         print_jobs("2. extraction job, --engine local, extract.threads 1 (one core); task CPU = this process, "
